@@ -1,0 +1,108 @@
+"""Structured events: one `emit(kind, **fields)` for every layer, delivered to the sinks of
+the query that caused them.
+
+Which query, node and depth an event belongs to is carried in context variables, bound
+once where a node starts (`bind(...)`) and inherited by every task it spawns (anyio copies
+the context into child tasks), so no layer passes ids by hand.
+
+Events are plain data. Sinks (the trace writer, the live progress display, user hooks) are
+callables that must not block; an exception in a sink is logged and swallowed, because
+observing a run must never break it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+__all__ = ["Event", "EventSink", "bind", "current_ids", "emit", "sinks"]
+
+_log = structlog.get_logger("rlm_async")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: str
+    """Dotted name, e.g. "call.start", "call.finish", "cell.finish", "limiter.wait"."""
+    time: float
+    query_id: str | None
+    node_id: str | None
+    depth: int | None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "time": self.time,
+            "query_id": self.query_id,
+            "node_id": self.node_id,
+            "depth": self.depth,
+            **self.fields,
+        }
+
+
+EventSink = Callable[[Event], None]
+
+_query_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlm_query_id", default=None)
+_node_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlm_node_id", default=None)
+_depth: contextvars.ContextVar[int | None] = contextvars.ContextVar("rlm_depth", default=None)
+_sinks: contextvars.ContextVar[tuple[EventSink, ...]] = contextvars.ContextVar("rlm_sinks", default=())
+_clock: contextvars.ContextVar[Callable[[], float]] = contextvars.ContextVar(
+    "rlm_clock", default=time.monotonic
+)
+
+
+def current_ids() -> tuple[str | None, str | None, int | None]:
+    return _query_id.get(), _node_id.get(), _depth.get()
+
+
+@contextmanager
+def bind(
+    *,
+    query_id: str | None = None,
+    node_id: str | None = None,
+    depth: int | None = None,
+) -> Iterator[None]:
+    """Bind ids for everything emitted inside the block (and in tasks started inside it)."""
+    tokens: list[tuple[contextvars.ContextVar[Any], contextvars.Token[Any]]] = []
+    for var, value in ((_query_id, query_id), (_node_id, node_id), (_depth, depth)):
+        if value is not None:
+            tokens.append((var, var.set(value)))
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
+
+@contextmanager
+def sinks(*new: EventSink, clock: Callable[[], float] | None = None) -> Iterator[None]:
+    """Deliver events emitted inside the block to `new` as well as to the enclosing sinks."""
+    token = _sinks.set(_sinks.get() + new)
+    clock_token = _clock.set(clock) if clock is not None else None
+    try:
+        yield
+    finally:
+        _sinks.reset(token)
+        if clock_token is not None:
+            _clock.reset(clock_token)
+
+
+def emit(kind: str, **fields: Any) -> Event | None:
+    """Send an event to the current sinks. Costs one tuple lookup when nobody listens."""
+    targets = _sinks.get()
+    if not targets:
+        return None
+    event = Event(kind, _clock.get()(), _query_id.get(), _node_id.get(), _depth.get(), fields)
+    for sink in targets:
+        try:
+            sink(event)
+        except Exception:  # a broken observer must not break the run
+            _log.exception("event sink failed", sink=repr(sink), event_kind=kind)
+    return event

@@ -1,0 +1,65 @@
+"""Public test doubles: a scripted transport, at the lowest layer.
+
+    from rlm_async.testing import ScriptedTransport
+
+    def reply(request):
+        return "42"
+
+    transport = ScriptedTransport(reply)
+
+The handler may be sync or async and may return a `str` (usage is then estimated as
+characters / 4), a full `Completion`, or raise any `rlm_async.exceptions.TransportError`
+to simulate a failure. Every request is kept in `transport.requests`, in arrival order,
+and `transport.max_in_flight` records the peak number of concurrent calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Union
+
+from ._types import Completion, ModelRequest, Usage
+from .transport import Transport
+
+__all__ = ["Handler", "ScriptedTransport", "estimate_usage"]
+
+HandlerResult = Union[str, Completion]
+Handler = Callable[[ModelRequest], Union[HandlerResult, Awaitable[HandlerResult]]]
+
+
+def estimate_usage(request: ModelRequest, text: str) -> Usage:
+    """A deterministic stand-in for a tokenizer: four characters a token, at least one."""
+    return Usage(
+        prompt_tokens=max(1, request.prompt_chars() // 4),
+        completion_tokens=max(1, len(text) // 4),
+    )
+
+
+class ScriptedTransport(Transport):
+    """A `Transport` whose replies come from a function of the request. No network."""
+
+    def __init__(self, handler: Handler, *, endpoint: str = "scripted://") -> None:
+        self.endpoint = endpoint
+        self._handler = handler
+        self.requests: list[ModelRequest] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.closed = False
+
+    async def complete(self, request: ModelRequest) -> Completion:
+        self.requests.append(request)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            result = self._handler(request)
+            if inspect.isawaitable(result):
+                result = await result
+        finally:
+            self.in_flight -= 1
+        if isinstance(result, Completion):
+            return result
+        return Completion(text=result, usage=estimate_usage(request, result), model=request.model)
+
+    async def aclose(self) -> None:
+        self.closed = True
