@@ -8,6 +8,31 @@ the context into child tasks), so no layer passes ids by hand.
 Events are plain data. Sinks (the trace writer, the live progress display, user hooks) are
 callables that must not block; an exception in a sink is logged and swallowed, because
 observing a run must never break it.
+
+The vocabulary (every event also carries query_id, node_id and depth):
+
+    query.start       query_id, context_type, context_chars, root_prompt_chars, max_depth
+    query.finish      status, wall_s, calls, prompt_tokens, cached_tokens, completion_tokens, cost_usd
+    node.start        node_id, parent_id, depth, node_kind ("rlm" | "llm"), model, label
+    node.finish       node_id, status, error
+    iteration.start   iteration
+    iteration.finish  iteration, duration_s
+    call.start        call_id, node_id, parent_id, call_kind (root|sub|child|final), model, prompt_chars
+    call.retry        call_id, attempt, error, wait_s
+    call.finish       call_id, status, prompt_tokens, cached_tokens, completion_tokens, cost_usd,
+                      latency_s, attempts, from_journal, error
+    cell.start        iteration, cell
+    cell.finish       iteration, cell, duration_s, status, stdout_chars, stderr_chars, error
+    worker.start      pid, isolated
+    worker.kill       pid, reason
+    limiter.wait      endpoint, model, waited_s, reason
+    ratelimit.pause   endpoint, model, pause_s
+    budget.reserve    limit summary; budget.refuse  limit, cap, committed, requested; budget.settle
+    warmup.decision   decision, reason, prefix_tokens, batch_size
+    journal.hit       call_id
+
+A "node" is an RLM loop (node_kind "rlm": the query's root and every child RLM) or one
+model call (node_kind "llm"), so the tree of nodes is the task tree of the query.
 """
 
 from __future__ import annotations
