@@ -1,0 +1,247 @@
+"""`RLM`: the official package's constructor and methods, on the async engine.
+
+    from rlm_async import RLM
+    rlm = RLM(backend="openai", backend_kwargs={"model_name": "gpt-5-mini"})
+    print(rlm.completion(big_text, root_prompt="Who signed the treaty?").response)
+
+Keyword arguments map onto the native `RLMConfig`; pass `config=RLMConfig(...)` to use it
+directly. `completion` is synchronous (it runs its own event loop); `acompletion` is the
+async form, and any number of `acompletion` calls may run concurrently in one event loop:
+they share connection pools and the governor's run-wide limits, and nothing serialises them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from . import _events
+from ._config import ModelConfig, RLMConfig
+from ._context import Context, validate_context
+from ._engine import Engine
+from ._governor import BudgetLimits, Governor
+from ._journal import Journal
+from ._result import RLMResult
+from .exceptions import ConfigError
+from .transport import OpenAITransport, Transport
+
+__all__ = ["RLM"]
+
+_SUPPORTED_BACKENDS = ("openai", "vllm", "sglang", "llamacpp", "ollama", "openai_compatible")
+
+# One engine per (RLM instance, event loop): connection pools and limiters belong to a loop.
+_engines: anyio.lowlevel.RunVar[dict[int, Engine]] = anyio.lowlevel.RunVar("rlm_async_engines")
+_governors: anyio.lowlevel.RunVar[dict[Any, Governor]] = anyio.lowlevel.RunVar("rlm_async_governors")
+
+
+def _model_from_kwargs(backend: str, kwargs: dict[str, Any] | None, where: str) -> tuple[ModelConfig, str | None]:
+    if backend not in _SUPPORTED_BACKENDS:
+        raise ConfigError(
+            f"{where} backend {backend!r} is not supported; rlm_async speaks OpenAI-compatible chat "
+            f"completions: use one of {', '.join(_SUPPORTED_BACKENDS)} with base_url pointing at the server"
+        )
+    kw = dict(kwargs or {})
+    name = kw.pop("model_name", None) or kw.pop("model", None)
+    if not name:
+        raise ConfigError(f"{where}_kwargs needs 'model_name' (the model to call)")
+    api_key = kw.pop("api_key", None)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(kw) - fields
+    if unknown:
+        raise ConfigError(f"{where}_kwargs has unknown key(s) {sorted(unknown)}; valid: model_name, api_key, "
+                          f"{', '.join(sorted(fields - {'model'}))}")
+    if backend != "openai" and "base_url" not in kw:
+        raise ConfigError(f"{where} backend {backend!r} needs base_url in {where}_kwargs")
+    if backend != "openai":
+        kw.setdefault("api_key_env", None)
+    return ModelConfig(model=name, **kw), api_key
+
+
+class RLM:
+    """A Recursive Language Model: answers a query over a context of any size."""
+
+    def __init__(
+        self,
+        backend: str = "openai",
+        backend_kwargs: dict[str, Any] | None = None,
+        environment: str = "local",
+        environment_kwargs: dict[str, Any] | None = None,
+        depth: int = 0,
+        max_depth: int = 1,
+        max_iterations: int = 30,
+        max_budget: float | None = None,
+        max_timeout: float | None = None,
+        max_tokens: int | None = None,
+        custom_system_prompt: str | None = None,
+        other_backends: Sequence[str] | None = None,
+        other_backend_kwargs: Sequence[dict[str, Any]] | None = None,
+        verbose: bool = False,
+        persistent: bool = False,
+        on_subcall_start: Callable[[int, str, str], None] | None = None,
+        on_subcall_complete: Callable[[int, str, float, str | None], None] | None = None,
+        on_iteration_start: Callable[[int, int], None] | None = None,
+        on_iteration_complete: Callable[[int, int, float], None] | None = None,
+        *,
+        config: RLMConfig | None = None,
+        governor: Governor | None = None,
+        transport: Transport | Callable[[ModelConfig], Transport] | None = None,
+        event_sinks: Sequence[_events.EventSink] = (),
+        **unsupported: Any,
+    ) -> None:
+        if unsupported:
+            raise ConfigError(
+                f"RLM() got unsupported argument(s) {sorted(unsupported)}; rlm_async supports the official "
+                "package's core arguments plus config=, governor=, transport=, event_sinks="
+            )
+        if persistent:
+            raise ConfigError("persistent=True is not supported yet; create one RLM per conversation turn")
+        if environment not in ("local", "sandbox"):
+            raise ConfigError(
+                f"environment {environment!r} is not supported; rlm_async runs every REPL in its own "
+                "sandboxed worker process ('local'); configure it with config=RLMConfig(sandbox=...)"
+            )
+        if depth != 0:
+            raise ConfigError("depth is managed by the engine; leave it at 0 and set max_depth")
+        self._api_keys: dict[str, str] = {}
+        if config is None:
+            root, key = _model_from_kwargs(backend, backend_kwargs, "backend")
+            if key:
+                self._api_keys[root.model] = key
+            others: list[ModelConfig] = []
+            for i, b in enumerate(other_backends or ()):
+                kwargs = (other_backend_kwargs or [])[i] if other_backend_kwargs and i < len(other_backend_kwargs) else None
+                m, k = _model_from_kwargs(b, kwargs, "other_backend")
+                others.append(m)
+                if k:
+                    self._api_keys[m.model] = k
+            budget = BudgetLimits(max_usd=max_budget, max_total_tokens=max_tokens, max_seconds=max_timeout)
+            config = RLMConfig(
+                root=root,
+                # The official package uses its first other backend for sub-calls.
+                sub=others[0] if others else None,
+                others=tuple(others[1:]),
+                max_depth=max_depth,
+                max_iterations=max_iterations,
+                system_prompt=custom_system_prompt,
+                budget=budget,
+            )
+        elif backend_kwargs or other_backends:
+            raise ConfigError("pass either config= or backend_kwargs/other_backends, not both")
+        self.config = config
+        self._governor = governor
+        self._transport = transport
+        self._sinks = list(event_sinks)
+        hooks = (on_subcall_start, on_subcall_complete, on_iteration_start, on_iteration_complete)
+        if any(hooks):
+            from .hooks import OfficialCallbacks
+
+            self._sinks.append(OfficialCallbacks(*hooks))
+        self.verbose = verbose
+        self._query_count = 0
+
+    # ------------------------------------------------------------------ engine plumbing
+    def _make_transport(self, model: ModelConfig) -> Transport:
+        if isinstance(self._transport, Transport):
+            return self._transport
+        if self._transport is not None:
+            return self._transport(model)
+        return OpenAITransport(
+            model.base_url,
+            api_key=self._api_keys.get(model.model),
+            api_key_env=model.api_key_env,
+            timeout_s=model.timeout_s,
+        )
+
+    async def _engine(self) -> Engine:
+        try:
+            engines = _engines.get()
+        except LookupError:
+            engines = {}
+            _engines.set(engines)
+        engine = engines.get(id(self))
+        if engine is None:
+            journal = await Journal.open(self.config.journal_path) if self.config.journal_path else None
+            engine = Engine(
+                self.config,
+                transport_factory=self._make_transport,
+                governor=self._governor or _shared_governor(self.config),
+                journal=journal,
+            )
+            for model in self.config.all_models():  # fail fast on a missing key, before any work
+                engine.transport_for(model)
+            engines[id(self)] = engine
+        return engine
+
+    async def aclose(self) -> None:
+        """Close connection pools and the journal held for the current event loop."""
+        try:
+            engine = _engines.get().pop(id(self), None)
+        except LookupError:
+            return
+        if engine is not None:
+            await engine.aclose()
+            if engine.journal is not None:
+                await engine.journal.aclose()
+
+    async def __aenter__(self) -> RLM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ the API
+    async def acompletion(
+        self,
+        prompt: Context,
+        root_prompt: str | None = None,
+        *,
+        event_sinks: Sequence[_events.EventSink] = (),
+    ) -> RLMResult:
+        """Answer `root_prompt` over `prompt` (the context). Never raises for a run that
+        ends early (budget, deadline, iterations): the result's `status` says why."""
+        context = validate_context(prompt)
+        engine = await self._engine()
+        self._query_count += 1
+        return await engine.run(
+            context,
+            root_prompt,
+            sinks=(*self._sinks, *event_sinks),
+            query_id=f"q{self._query_count}",
+        )
+
+    def completion(self, prompt: Context, root_prompt: str | None = None) -> RLMResult:
+        """Synchronous `acompletion`: runs its own event loop, then closes what it opened."""
+
+        async def run() -> RLMResult:
+            try:
+                return await self.acompletion(prompt, root_prompt)
+            finally:
+                await self.aclose()
+
+        try:
+            return anyio.run(run)
+        except RuntimeError as exc:
+            if "already running" in str(exc):
+                raise ConfigError(
+                    "RLM.completion() was called inside a running event loop; use `await rlm.acompletion(...)`"
+                ) from None
+            raise
+
+
+def _shared_governor(config: RLMConfig) -> Governor:
+    """The process' governor for this event loop, so every query shares run-wide limits."""
+    try:
+        governors = _governors.get()
+    except LookupError:
+        governors = {}
+        _governors.set(governors)
+    key = config.governor
+    governor = governors.get(key)
+    if governor is None:
+        governor = governors[key] = Governor(config.governor)
+    return governor
+
