@@ -1,0 +1,319 @@
+"""The JSONL trace: a sink that writes one file per query, and the loader that reads it back.
+
+Format (version 1; `docs/trace-format.md` has the full description):
+
+    line 1     header  {"format": "rlm_async.trace", "version": 1, "query_id": "q-…",
+                        "created_unix": 1766000000.12, "clock_origin": 8812.5,
+                        "redacted": []}
+    line 2..n  event   {"kind": "call.finish", "time": 8813.9, "query_id": "q-…",
+                        "node_id": "n-7", "depth": 1, "fields": {...}}
+
+One JSON object per line, UTF-8, `\\n`-terminated, in emission order. `time` is the engine
+clock (monotonic seconds); `created_unix + (time - clock_origin)` turns it into wall-clock
+time. `fields` is the event's own payload, kept apart from the envelope because some
+events carry a `node_id` or `depth` of their own (`node.start` names the node it starts,
+while the envelope names the node that was current when it was emitted).
+
+A reader accepts any version up to its own and skips lines it cannot parse (a process
+killed mid-write leaves half a line), counting them in `Trace.bad_lines`.
+
+Prompt and output text are not in events unless the engine was asked to put them there
+(the `text` field of `call.finish`); `TraceWriter(redact=("text",))` drops them anyway.
+
+    with TraceWriter("traces/") as trace:
+        result = await rlm.acompletion(context, root_prompt, event_sinks=[trace])
+    summary = load_trace(trace.paths[query_id]).summarize()
+
+Writing is buffered and flushed at most once a second, at `query.finish` and at
+`close()`: a sink runs on the event loop and must not block it on disk for every event.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import structlog
+
+from ._events import Event
+from ._trace_summary import (
+    CallSpan,
+    CellSpan,
+    NodeSpan,
+    PathStep,
+    Totals,
+    TraceSummary,
+    summarize,
+)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "CallSpan",
+    "CellSpan",
+    "NodeSpan",
+    "PathStep",
+    "Totals",
+    "Trace",
+    "TraceSummary",
+    "TraceWriter",
+    "event_from_json",
+    "event_to_json",
+    "load_trace",
+    "summarize",
+    "write_trace",
+]
+
+FORMAT = "rlm_async.trace"
+FORMAT_VERSION = 1
+
+_log = structlog.get_logger("rlm_async.trace")
+_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
+_BUFFER_BYTES = 1 << 16
+
+
+def _jsonable(value: Any) -> Any:
+    # Fields are meant to be plain data; anything else (an exception, a Path) is kept as
+    # its text rather than failing the whole line.
+    return str(value)
+
+
+def event_to_json(event: Event, *, redact: frozenset[str] = frozenset()) -> str:
+    """One trace line (without the newline) for `event`."""
+    fields = event.fields
+    if redact and not redact.isdisjoint(fields):
+        fields = {k: v for k, v in fields.items() if k not in redact}
+    return json.dumps(
+        {
+            "kind": event.kind,
+            "time": event.time,
+            "query_id": event.query_id,
+            "node_id": event.node_id,
+            "depth": event.depth,
+            "fields": fields,
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+        default=_jsonable,
+    )
+
+
+def event_from_json(line: str) -> Event:
+    """The `Event` a trace line holds; `ValueError` if the line is not one."""
+    data = json.loads(line)
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
+        raise ValueError("not a trace event line")
+    fields = data.get("fields") or {}
+    if not isinstance(fields, dict):
+        raise ValueError("`fields` is not an object")
+    t = data.get("time")
+    if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
+        raise ValueError("`time` is not a finite number")
+    depth = data.get("depth")
+    return Event(
+        kind=data["kind"],
+        time=float(t),
+        query_id=data.get("query_id"),
+        node_id=data.get("node_id"),
+        depth=depth if isinstance(depth, int) else None,
+        fields=fields,
+    )
+
+
+def _header(query_id: str | None, clock_origin: float, redact: frozenset[str]) -> str:
+    return json.dumps(
+        {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "query_id": query_id,
+            "created_unix": time.time(),
+            "clock_origin": clock_origin,
+            "redacted": sorted(redact),
+        },
+        separators=(",", ":"),
+    )
+
+
+class TraceWriter:
+    """An event sink that writes `DIRECTORY/<query_id>.jsonl`, one file per query.
+
+    A file that exists already is never overwritten: the next free name is taken
+    (`q1-2.jsonl`, `q1-3.jsonl`, …), and so is a new one when a `query.start` reuses the id
+    of a query this writer has finished. Two queries in flight at once under the same id
+    cannot be told apart and share a file: ids must be unique among concurrent queries.
+
+    Events emitted outside any query (no `query_id`) have no file to go to and are only
+    counted, in `unbound_events`. A file is closed at its query's `query.finish`; an event
+    of that query arriving later is appended to it. Not thread-safe: like every sink, it
+    is called on the event loop's thread.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        redact: Iterable[str] = (),
+        flush_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.directory = Path(directory)
+        self.redact = frozenset(redact)
+        self.paths: dict[str, Path] = {}
+        """query_id -> the file its events went to (the latest, if the id was reused)."""
+        self.unbound_events = 0
+        self._files: dict[str, IO[str]] = {}
+        self._failed: set[str] = set()
+        self._flush_interval_s = flush_interval_s
+        self._clock = clock
+        self._last_flush = clock()
+
+    def _fresh_path(self, query_id: str) -> Path:
+        stem = _UNSAFE_FILENAME.sub("_", query_id)
+        path, n = self.directory / f"{stem}.jsonl", 1
+        while path.exists():
+            n += 1
+            path = self.directory / f"{stem}-{n}.jsonl"
+        return path
+
+    def __call__(self, event: Event) -> None:
+        query_id = event.query_id
+        if query_id is None:
+            self.unbound_events += 1
+            return
+        fresh = event.kind == "query.start" and query_id not in self._files
+        if fresh:
+            self._failed.discard(query_id)
+        elif query_id in self._failed:
+            return
+        try:
+            handle = self._files.get(query_id) or self._open(query_id, event.time, fresh=fresh)
+            handle.write(event_to_json(event, redact=self.redact))
+            handle.write("\n")
+            if event.kind == "query.finish":
+                self._close_one(query_id)
+            elif self._clock() - self._last_flush >= self._flush_interval_s:
+                self.flush()
+        except OSError:
+            # A full disk must not end the run, nor log once per event: give up on this
+            # query's trace, say so once.
+            self._failed.add(query_id)
+            _log.exception("trace write failed; tracing stopped for this query", query_id=query_id)
+            self._close_one(query_id)
+
+    def _open(self, query_id: str, clock_origin: float, *, fresh: bool) -> IO[str]:
+        path = self.paths.get(query_id)
+        if path is not None and not fresh:  # a straggler after query.finish: no second header
+            handle = path.open("a", encoding="utf-8", buffering=_BUFFER_BYTES)
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self._fresh_path(query_id)
+            # "x": should another writer have taken the name meanwhile, fail, never clobber.
+            handle = path.open("x", encoding="utf-8", buffering=_BUFFER_BYTES)
+            handle.write(_header(query_id, clock_origin, self.redact) + "\n")
+            self.paths[query_id] = path
+        self._files[query_id] = handle
+        return handle
+
+    def _close_one(self, query_id: str) -> None:
+        handle = self._files.pop(query_id, None)
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError:
+                _log.exception("trace close failed", query_id=query_id)
+
+    def flush(self) -> None:
+        self._last_flush = self._clock()
+        for handle in self._files.values():
+            handle.flush()
+
+    def close(self) -> None:
+        for query_id in list(self._files):
+            self._close_one(query_id)
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def write_trace(
+    events: Iterable[Event],
+    path: str | os.PathLike[str],
+    *,
+    redact: Iterable[str] = (),
+) -> Path:
+    """Write `events` to one trace file at `path` (whatever their queries); returns the path."""
+    path = Path(path)
+    drop = frozenset(redact)
+    iterator = iter(events)
+    first = next(iterator, None)
+    with path.open("w", encoding="utf-8") as handle:
+        origin = first.time if first is not None else 0.0
+        handle.write(_header(first.query_id if first else None, origin, drop) + "\n")
+        if first is not None:
+            handle.write(event_to_json(first, redact=drop) + "\n")
+        for event in iterator:
+            handle.write(event_to_json(event, redact=drop) + "\n")
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """A loaded trace file."""
+
+    header: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+    bad_lines: int = 0
+    """Lines that were not valid events (usually one, cut short when the writer died)."""
+
+    def summarize(self) -> TraceSummary:
+        return summarize(self.events)
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.strip():
+                yield line
+
+
+def load_trace(path: str | os.PathLike[str]) -> Trace:
+    """Read a trace file. `ValueError` if it is not one, or is newer than this reader."""
+    path = Path(path)
+    lines = _lines(path)
+    first = next(lines, None)
+    try:
+        header = json.loads(first) if first is not None else None
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an rlm_async trace: its first line is not a {FORMAT} header")
+    version = header.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is trace format version {version!r}; this rlm_async reads up to "
+            f"version {FORMAT_VERSION}: upgrade rlm_async to read it"
+        )
+    events: list[Event] = []
+    bad = 0
+    for line in lines:
+        try:
+            events.append(event_from_json(line))
+        except ValueError:  # JSONDecodeError is a ValueError
+            bad += 1
+    return Trace(header=header, events=events, bad_lines=bad)

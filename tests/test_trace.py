@@ -1,0 +1,354 @@
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+from _events_factory import CRITICAL_CALLS, T0, RunBuilder, standard_run
+
+from rlm_async._events import Event, bind, emit, sinks
+from rlm_async._rlm import RLM
+from rlm_async._trace import (
+    FORMAT,
+    FORMAT_VERSION,
+    TraceWriter,
+    load_trace,
+    summarize,
+    write_trace,
+)
+from rlm_async._types import ModelRequest
+from rlm_async.testing import ScriptedTransport
+from rlm_async.trace_view import render_html
+
+
+def _lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+class TestTraceWriter:
+    def test_writes_one_file_per_query_with_a_header(self, tmp_path: Path) -> None:
+        """Each query's events go to <dir>/<query_id>.jsonl, after one header line."""
+        a, b = standard_run().events(), RunBuilder(query_id="q-other")
+        b.emit("query.start", 0.0, budget_usd=None)
+        b.emit("query.finish", 1.0, status="ok", wall_s=1.0)
+        with TraceWriter(tmp_path) as writer:
+            for event in sorted(a + b.events(), key=lambda e: e.time):
+                writer(event)
+        assert set(writer.paths) == {"q-test", "q-other"}
+        lines = _lines(writer.paths["q-test"])
+        assert lines[0]["format"] == FORMAT and lines[0]["version"] == FORMAT_VERSION
+        assert lines[0]["query_id"] == "q-test" and lines[0]["clock_origin"] == T0
+        assert len(lines) == len(a) + 1
+        assert [line["kind"] for line in lines[1:]] == [e.kind for e in a]
+        assert len(_lines(writer.paths["q-other"])) == 3
+
+    def test_round_trip_through_emit_keeps_envelope_and_fields_apart(self, tmp_path: Path) -> None:
+        """Events emitted under `sinks(writer)` load back equal, even where a field shadows the envelope."""
+        writer = TraceWriter(tmp_path)
+        ticks = iter(range(100))
+        with writer, sinks(writer, clock=lambda: float(next(ticks))):
+            with bind(query_id="q 1/x", node_id="root", depth=0):
+                emit("query.start", budget_usd=2.5)
+                emit("node.start", node_id="child", parent_id="root", depth=1, node_kind="rlm")
+                emit("call.finish", call_id="c1", cost_usd=0.25, error=ValueError("boom"))
+                emit("query.finish", status="ok")
+        path = writer.paths["q 1/x"]
+        assert path.name == "q_1_x.jsonl"
+        events = load_trace(path).events
+        assert [e.kind for e in events] == ["query.start", "node.start", "call.finish", "query.finish"]
+        start = events[1]
+        assert (start.node_id, start.depth, start.fields["node_id"], start.fields["depth"]) == (
+            "root",
+            0,
+            "child",
+            1,
+        )
+        assert events[2].fields["error"] == "boom"  # non-JSON values are kept as text
+        assert events[3].time == 3.0
+
+    def test_redact_drops_the_text_field(self, tmp_path: Path) -> None:
+        """`redact=("text",)` keeps model output out of the file."""
+        with TraceWriter(tmp_path, redact=("text",)) as writer:
+            for event in standard_run().events():
+                writer(event)
+        body = writer.paths["q-test"].read_text(encoding="utf-8")
+        assert "FINAL(42)" not in body
+        assert _lines(writer.paths["q-test"])[0]["redacted"] == ["text"]
+
+    def test_events_outside_a_query_are_counted_not_written(self, tmp_path: Path) -> None:
+        """An event with no query_id has no file; it is counted in `unbound_events`."""
+        with TraceWriter(tmp_path) as writer:
+            writer(Event("worker.start", 1.0, None, None, None, {"pid": 1}))
+        assert writer.unbound_events == 1
+        assert list(tmp_path.iterdir()) == []
+
+    def test_query_finish_closes_the_file_and_late_events_are_appended(self, tmp_path: Path) -> None:
+        """The file is complete at query.finish; a straggler is appended without a second header."""
+        writer = TraceWriter(tmp_path)
+        writer(Event("query.start", 1.0, "q", None, None, {}))
+        writer(Event("query.finish", 2.0, "q", None, None, {"status": "ok"}))
+        assert len(_lines(writer.paths["q"])) == 3  # readable before close(): it was closed
+        writer(Event("node.finish", 3.0, "q", "n", 0, {"node_id": "n"}))
+        writer.close()
+        assert [line.get("kind") for line in _lines(writer.paths["q"])] == [
+            None,
+            "query.start",
+            "query.finish",
+            "node.finish",
+        ]
+
+    def test_never_overwrites_a_trace(self, tmp_path: Path) -> None:
+        """A reused query id, in this writer or an earlier one, gets the next free file name."""
+        (tmp_path / "q1.jsonl").write_text("an older run\n")
+        writer = TraceWriter(tmp_path)
+        for round_ in range(2):
+            writer(Event("query.start", 1.0 + round_, "q1", None, None, {}))
+            writer(Event("query.finish", 2.0 + round_, "q1", None, None, {"status": "ok"}))
+        assert writer.paths["q1"] == tmp_path / "q1-3.jsonl"
+        assert (tmp_path / "q1.jsonl").read_text() == "an older run\n"
+        assert [e.time for e in load_trace(tmp_path / "q1-2.jsonl").events] == [1.0, 2.0]
+        assert [e.time for e in load_trace(tmp_path / "q1-3.jsonl").events] == [2.0, 3.0]
+
+    def test_flushes_once_the_interval_has_passed(self, tmp_path: Path) -> None:
+        """Buffered lines reach the disk once `flush_interval_s` has passed on the writer's clock."""
+        now = [0.0]
+        writer = TraceWriter(tmp_path, flush_interval_s=1.0, clock=lambda: now[0])
+        writer(Event("query.start", 1.0, "q", None, None, {}))
+        assert writer.paths["q"].read_text(encoding="utf-8") == ""
+        now[0] = 1.5
+        writer(Event("node.start", 1.1, "q", None, None, {"node_id": "root"}))
+        assert len(_lines(writer.paths["q"])) == 3
+        writer.close()
+
+    def test_a_write_failure_stops_that_trace_without_raising(self, tmp_path: Path) -> None:
+        """When the file cannot be written, the sink gives up on that query and does not raise."""
+        blocker = tmp_path / "not-a-dir"
+        blocker.write_text("x")
+        writer = TraceWriter(blocker)
+        writer(Event("query.start", 1.0, "q", None, None, {}))
+        writer(Event("query.finish", 2.0, "q", None, None, {}))
+        assert writer.paths == {}
+
+
+class TestLoadTrace:
+    def test_rejects_a_file_without_a_header(self, tmp_path: Path) -> None:
+        """A file whose first line is not a trace header is refused with ValueError."""
+        path = tmp_path / "x.jsonl"
+        path.write_text('{"kind": "call.start", "time": 1}\n')
+        with pytest.raises(ValueError, match="not an rlm_async trace"):
+            load_trace(path)
+
+    def test_rejects_a_newer_format_version(self, tmp_path: Path) -> None:
+        """A trace from a newer format version is refused, naming both versions."""
+        path = tmp_path / "x.jsonl"
+        path.write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION + 1}) + "\n")
+        with pytest.raises(ValueError, match=f"version {FORMAT_VERSION + 1}.*up to version {FORMAT_VERSION}"):
+            load_trace(path)
+
+    def test_skips_a_line_cut_short(self, tmp_path: Path) -> None:
+        """A half-written last line (a killed process) is skipped and counted."""
+        events = standard_run().events()
+        path = write_trace(events, tmp_path / "t.jsonl")
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write('{"kind": "call.fin')
+        trace = load_trace(path)
+        assert trace.bad_lines == 1
+        assert trace.events == events
+
+
+@pytest.fixture(params=[True, False], ids=["engine-style", "explicit-style"])
+def engine_style(request: pytest.FixtureRequest) -> bool:
+    """Both ways of naming nodes in events (see _events_factory)."""
+    return bool(request.param)
+
+
+class TestSummarize:
+    def test_rebuilds_the_tree_with_parent_links_and_depths(self) -> None:
+        """Every node is found with its parent, depth, kind and children; each call hangs on its own node."""
+        s = summarize(standard_run().events())
+        assert len(s.nodes) == 115 and s.roots == ("root",)
+        root = s.nodes["root"]
+        assert (root.parent_id, root.depth, root.node_kind, root.iterations) == (None, 0, "rlm", 3)
+        assert len(root.children) == 107 and root.calls == ()
+        assert (s.nodes["r1.n"].parent_id, s.nodes["r1.n"].depth, s.nodes["r1.n"].calls) == (
+            "root",
+            0,
+            ("r1",),
+        )
+        assert s.nodes["s42"].parent_id == "root" and s.nodes["s42"].depth == 1
+        k1 = s.nodes["k1"]
+        assert (k1.node_kind, k1.depth, k1.iterations) == ("rlm", 1, 2)
+        assert k1.children == ("k1r1.n", *(f"k1n{j}" for j in range(5)), "k1r2.n")
+        assert all(s.nodes[f"k1n{j}"].depth == 2 for j in range(5))
+        assert s.nodes["s7"].status == "error" and s.nodes["s7"].error == "RateLimited: 429"
+
+    def test_explicit_node_fields_win_over_the_envelope(self) -> None:
+        """When node.start names its node in its fields and the envelope is the parent, the fields win."""
+        s = summarize(standard_run(engine_style=False).events())
+        assert len(s.nodes) == 110
+        root = s.nodes["root"]
+        assert len(root.children) == 104 and root.calls == ("r1", "r2", "r3")
+        assert s.nodes["k1"].children == tuple(f"k1n{j}" for j in range(5))
+        assert s.nodes["k1n3"].parent_id == "k1" and s.nodes["k1n3"].depth == 2
+
+    def test_totals_per_model_and_depth_match_the_calls(self, engine_style: bool) -> None:
+        """Calls, tokens and dollars add up overall, per model and per depth."""
+        run = standard_run(engine_style=engine_style)
+        s = summarize(run.events())
+        assert s.totals.calls == len(run.calls) == 113
+        assert s.totals.failed == 1 and s.retries == 2
+        for key, group in (("model", s.by_model), ("depth", s.by_depth)):
+            for value, totals in group.items():
+                mine = [c for c in run.calls if c[key] == value]
+                assert totals.calls == len(mine)
+                assert totals.prompt_tokens == sum(c["prompt"] for c in mine)
+                assert totals.cached_tokens == sum(c["cached"] for c in mine)
+                assert totals.completion_tokens == sum(c["completion"] for c in mine)
+                assert totals.cost_usd == pytest.approx(sum(c["cost"] for c in mine))
+        assert set(s.by_depth) == {0, 1, 2} and set(s.by_model) == {"big", "small"}
+        assert s.totals.cost_usd == pytest.approx(s.reported["cost_usd"])
+        assert s.totals.prompt_tokens == s.reported["prompt_tokens"]
+
+    def test_cache_ratio_per_depth(self) -> None:
+        """The cache-hit ratio of a depth is its cached over its prompt tokens; None without prompts."""
+        s = summarize(standard_run().events())
+        assert s.by_depth[0].cache_ratio == pytest.approx((0 + 2000 + 2600) / (2000 + 2600 + 3000))
+        assert s.by_depth[2].cache_ratio == 0.0
+        assert summarize([]).totals.cache_ratio is None
+
+    def test_wall_time_status_budget_and_relative_times(self) -> None:
+        """Wall time and status come from query.finish; times count from query.start."""
+        s = summarize(standard_run().events())
+        assert s.status == "ok" and s.budget_usd == 1.0 and s.query_id == "q-test"
+        assert s.wall_s == pytest.approx(s.reported["wall_s"])
+        r1 = next(c for c in s.calls if c.call_id == "r1")
+        assert (r1.start, r1.end) == (pytest.approx(0.0102), pytest.approx(1.0102))
+
+    def test_peak_calls_in_flight(self, engine_style: bool) -> None:
+        """Concurrency is swept from call starts and finishes, overall and per depth."""
+        s = summarize(standard_run(engine_style=engine_style).events())
+        assert s.peak_in_flight == 100
+        assert s.peak_in_flight_by_depth == {0: 1, 1: 100, 2: 5}
+        assert max(n for _, n in s.concurrency) == 100 and s.concurrency[-1][1] == 0
+
+    def test_critical_path_descends_through_the_slowest_children(self, engine_style: bool) -> None:
+        """The path runs through root calls and cells, and in each cell the slowest child, recursively."""
+        s = summarize(standard_run(engine_style=engine_style).events())
+        assert s.critical_calls == CRITICAL_CALLS
+        assert s.critical_path_s == pytest.approx(1.0 + 2.5 + 0.8 + 0.5 + 0.6 + 0.3 + 0.6)
+        # In engine style each root call also has its node ("r1.n"): leave those out here.
+        assert [(step.kind, step.id) for step in s.critical_path if not step.id.endswith(".n")][:5] == [
+            ("node", "root"),
+            ("call", "r1"),
+            ("cell", "root/1.0"),
+            ("node", "s42"),
+            ("call", "c42"),
+        ]
+        steps = [step for step in s.critical_path if step.kind == "call"]
+        assert all(a.end <= b.start for a, b in itertools.pairwise(steps))
+        assert s.critical_path_s <= s.wall_s
+
+    def test_sequential_waves_inside_one_cell_are_chained(self) -> None:
+        """Two llm_batch waves in one cell put the slowest call of each wave on the path."""
+        b = RunBuilder()
+        b.emit("query.start", 0.0)
+        b.node_start(0.0, "root", None, 0, "rlm", "big")
+        for wave, t in ((0, 0.1), (1, 2.1)):
+            for i, latency in enumerate((0.5, 1.9, 1.0)):
+                b.llm(t, latency, f"w{wave}c{i}", f"w{wave}n{i}", "root", 1, "sub", "small", prompt=10)
+        b.cell(0.05, 4.1, "root", 1)
+        b.node_finish(4.2, "root")
+        assert summarize(b.events()).critical_calls == ("w0c1", "w1c1")
+
+    def test_text_appears_only_where_the_engine_put_it(self) -> None:
+        """The optional `text` field of call.finish is carried on that call only."""
+        s = summarize(standard_run().events())
+        texts = {c.call_id: c.text for c in s.calls if c.text is not None}
+        assert texts == {"r3": "FINAL(42)"}
+
+    def test_an_unfinished_run_still_summarizes(self, engine_style: bool) -> None:
+        """Without query.finish or the root's node.finish, the run is "unfinished" up to its last event."""
+        events = standard_run(engine_style=engine_style, finish=False).events()
+        s = summarize(events)
+        assert s.status == "unfinished"
+        assert s.nodes["root"].status == "unfinished"
+        assert s.wall_s == pytest.approx(max(e.time for e in events) - T0)
+        assert s.critical_calls == CRITICAL_CALLS[:-1]
+
+    def test_a_call_without_its_start_is_placed_by_its_latency(self) -> None:
+        """A call.finish whose call.start is missing gets start = finish - latency_s."""
+        events = [
+            Event("query.start", 10.0, "q", None, None, {}),
+            Event("call.finish", 13.0, "q", "n1", 0, {"call_id": "c", "latency_s": 2.0, "status": "ok"}),
+        ]
+        s = summarize(events)
+        (call,) = s.calls
+        assert (call.start, call.end, call.node_id) == (1.0, 3.0, "n1")
+        assert s.nodes["n1"].status == "unfinished"
+
+    def test_several_queries_need_a_query_id(self) -> None:
+        """Events of two queries are refused unless `query_id=` picks one."""
+        events = [
+            Event("query.start", 1.0, "a", None, None, {}),
+            Event("query.start", 1.0, "b", None, None, {}),
+        ]
+        with pytest.raises(ValueError, match="2 queries"):
+            summarize(events)
+        assert summarize(events, query_id="b").query_id == "b"
+
+    def test_no_events_give_an_empty_summary(self) -> None:
+        """An empty event list summarizes to zeros, not an error."""
+        s = summarize([])
+        assert (s.totals.calls, s.wall_s, s.critical_path, s.status) == (0, 0.0, (), "unfinished")
+
+
+class TestWithTheEngine:
+    """The real engine, scripted transport: the trace must agree with the engine's own result."""
+
+    @staticmethod
+    def _reply(request: ModelRequest) -> str:
+        first_user = next(m.content for m in request.messages if m.role == "user")
+        turns = sum(m.role == "assistant" for m in request.messages)
+        if request.messages[-1].content.startswith("leaf"):
+            return "leaf answer"
+        if "CHILD-CTX" in first_user:  # the child RLM's own loop
+            return (
+                "```repl\nprint(llm_query_batched(['leaf 1', 'leaf 2']))\n```" if turns == 0 else "FINAL(7)"
+            )
+        return "```repl\nprint(rlm_query('CHILD-CTX'))\n```" if turns == 0 else "FINAL(42)"
+
+    @pytest.mark.asyncio
+    async def test_a_real_query_traces_summarizes_and_renders(self, tmp_path: Path) -> None:
+        """A depth-2 query's trace file rebuilds the engine's totals, its tree and a path into the child."""
+        subcalls: list[tuple[int, str, str]] = []
+        writer = TraceWriter(tmp_path)
+        rlm = RLM(
+            backend="openai",
+            backend_kwargs={"model_name": "gpt-5-mini", "api_key": "unused"},
+            max_depth=2,
+            transport=ScriptedTransport(self._reply),
+            event_sinks=[writer],
+            on_subcall_start=lambda *args: subcalls.append(args),
+        )
+        with writer:
+            async with rlm:
+                result = await rlm.acompletion("ctx " * 50, root_prompt="what?")
+        assert result.status == "ok" and result.response == "42"
+        (path,) = writer.paths.values()
+        s = load_trace(path).summarize()
+        assert s.status == "ok"
+        assert s.totals.calls == result.total.calls == len(result.calls) == 6
+        assert s.totals.prompt_tokens == result.total.prompt_tokens
+        assert s.totals.cost_usd == pytest.approx(result.total.cost_usd)
+        rlms = [n for n in s.nodes.values() if n.node_kind == "rlm"]
+        assert [(n.depth, n.parent_id) for n in rlms] == [(0, None), (1, s.roots[0])]
+        assert subcalls == [(1, "gpt-5-mini", "")]
+        by_id = {c.call_id: c for c in s.calls}
+        path_calls = [by_id[c] for c in s.critical_calls]
+        assert path_calls[0] == s.calls[0] and path_calls[-1] == s.calls[-1]
+        assert [c.depth for c in path_calls] == [0, 1, 2, 1, 0]
+        page = render_html(path)
+        data = re.search(r'id="trace-data">(.*?)</script>', page, re.S)
+        assert data is not None and len(json.loads(data.group(1))["calls"]) == 6
