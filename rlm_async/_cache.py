@@ -1,0 +1,452 @@
+"""The prefix-cache planner: how a batch of sub-calls should be sent so that providers'
+prefix caches serve the part every request shares. Pure logic: no I/O, no clock.
+
+An `llm_batch` fans out N requests that start with the same system prompt and static
+instructions and end with different chunks. Providers cache prompt prefixes, but a prefix
+is cached only once a request carrying it has been processed; N requests sent at the
+same moment all miss. So, when it pays:
+
+    plan = plan_batch(requests, settings, expected_latency_s=4.0)
+    emit("warmup.decision", **plan.event_fields())
+    send plan.requests[i] for i in plan.warmups; when they finish, send the rest.
+
+* **Warm, then fan out.** One request per cache bucket goes first; the rest of its bucket
+  follows once it has finished, and hits the cache.
+* **When it pays.** Warming never costs money: the warm-up is one of the batch's own
+  requests. It costs time — the rest of the batch waits about one request latency. What
+  it buys is prefill of the shared prefix at the cached price (50–90% off at OpenAI) for
+  every other request. Time and tokens do not compare without an exchange rate, so the
+  rule takes one, `min_saved_tokens_per_wait_s`: warm when
+
+        (requests that would hit) × (cacheable prefix tokens) / (expected wait, s)
+            ≥ min_saved_tokens_per_wait_s
+
+  The default, 2,000 tokens per second of waiting, warms a 4k-token prefix from about 6
+  requests and a bare 1,024-token prefix from about 21 (at a 10 s latency): small batches,
+  where the wait would double the batch's time for a few cents, go out at once. (Cached
+  prefill is also faster, but requests run in parallel, so that rarely wins the wait back.)
+  Before the rule: a prefix below the provider's cacheable minimum is never warmed (it
+  cannot be cached), nor a batch of one (nothing to share).
+* **Cache keys, bucketed.** OpenAI routes by a hash of about the first 256 tokens plus
+  `prompt_cache_key`, and one prefix+key keeps to a machine only up to ~15 requests a
+  minute; beyond that requests spill to cold machines. With `send_prompt_cache_key` the
+  batch is split into `ceil(N / (per_key_rpm × minutes the batch spans))` buckets, each
+  with its own key and its own warm-up. Keys are a hash of the model and the start of the
+  shared prefix plus the bucket index: byte-identical across runs, and the same for later
+  batches with the same instructions, so they land on machines already warm.
+
+What it is not: a guarantee of hits (providers evict, route and round as they please;
+`CacheStats` reports what actually happened), or a tokenizer (tokens are estimated as
+characters / `chars_per_token`, which under-counts code and non-English text — the safe
+direction for the cacheable-minimum test).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, NamedTuple
+
+from ._types import CallRecord, ModelRequest, Usage
+from .exceptions import ConfigError
+
+__all__ = [
+    "BatchPlan",
+    "CacheSettings",
+    "CacheStats",
+    "SharedPrefix",
+    "WarmReason",
+    "cache_hit_ratio",
+    "cache_stats",
+    "cache_stats_by_depth",
+    "cacheable_tokens",
+    "plan_batch",
+    "shared_prefix",
+]
+
+ReadyOn = Literal["first_token", "finish"]
+
+WarmReason = Literal[
+    "too_few_requests",
+    "prefix_below_minimum",
+    "disabled",
+    "already_warm",
+    "forced",
+    "batch_too_small",
+    "pays_off",
+]
+"""Why a batch was (not) warmed, as recorded in the `warmup.decision` event."""
+
+_KEY_WINDOW_CHARS = 4096
+"""How much of the shared prefix names its cache key. OpenAI routes on about the first 256
+tokens (~1,000 characters); hashing a little more than that, but not the whole prefix,
+keeps the key the same for later batches with the same instructions even when their
+chunks happen to share a few more leading characters."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheSettings:
+    """How one provider caches prompt prefixes, and how eagerly to warm it.
+
+    The default suits an unknown OpenAI-compatible server: cache from 1,024 tokens, warm
+    when it pays, send no cache key. Use `CacheSettings.openai()`, `.vllm()` or `.sglang()`
+    for those servers.
+    """
+
+    min_cacheable_tokens: int = 1024
+    """Shortest prefix the provider caches (OpenAI: 1,024; vLLM/SGLang: 0, any prefix)."""
+    step_tokens: int = 128
+    """The provider caches whole steps of this many tokens (OpenAI: 128; vLLM: its KV block
+    size, 16 by default; SGLang: 1). 0 or 1 means token granularity."""
+    warm: bool | Literal["auto"] = "auto"
+    """Warm-then-fan-out: always (`True`), never (`False`), or when the rule in the module
+    docstring says it pays (`"auto"`)."""
+    ready_on: ReadyOn = "finish"
+    """When the provider's cache entry becomes usable: after the first token ("first_token":
+    OpenAI, Anthropic — "wait for the first response before sending subsequent requests")
+    or only once the request finishes. The engine sends non-streaming calls and only sees
+    them finish, so it releases a bucket at finish either way; this records what a
+    streaming sender could do."""
+    send_prompt_cache_key: bool = False
+    """Set `prompt_cache_key` on requests (OpenAI). Off for servers that ignore or reject it."""
+    per_key_rpm: int | None = None
+    """Requests per minute one prefix+key may carry before the provider spills to cold
+    machines (OpenAI: about 15). `None`: no limit, one key for the whole batch."""
+    chars_per_token: float = 4.0
+    """For estimating tokens from characters (English prose is about 4)."""
+    assumed_latency_s: float = 10.0
+    """Latency assumed for a warm-up when the caller has no measurement to pass."""
+    min_saved_tokens_per_wait_s: float = 2000.0
+    """The exchange rate of the `"auto"` rule: warm only when the prefix tokens that would
+    hit the cache, divided by the seconds the batch waits for its warm-up, reach this."""
+
+    def __post_init__(self) -> None:
+        if self.min_cacheable_tokens < 0 or self.step_tokens < 0:
+            raise ConfigError(
+                f"min_cacheable_tokens ({self.min_cacheable_tokens}) and step_tokens "
+                f"({self.step_tokens}) must not be negative"
+            )
+        if self.warm not in (True, False, "auto"):
+            raise ConfigError(f"warm must be true, false or 'auto', not {self.warm!r}")
+        if self.ready_on not in ("first_token", "finish"):
+            raise ConfigError(f"ready_on must be 'first_token' or 'finish', not {self.ready_on!r}")
+        if self.per_key_rpm is not None and self.per_key_rpm < 1:
+            raise ConfigError(f"per_key_rpm is {self.per_key_rpm}; use at least 1, or None for no limit")
+        if not self.chars_per_token > 0:
+            raise ConfigError(f"chars_per_token is {self.chars_per_token}; it must be positive (about 4)")
+        if not self.assumed_latency_s > 0 or self.min_saved_tokens_per_wait_s < 0:
+            raise ConfigError(
+                f"assumed_latency_s ({self.assumed_latency_s}) must be positive and "
+                f"min_saved_tokens_per_wait_s ({self.min_saved_tokens_per_wait_s}) not negative"
+            )
+
+    @classmethod
+    def openai(cls) -> CacheSettings:
+        """OpenAI: automatic caching from 1,024 tokens in 128-token steps, usable once the
+        first request has been processed, routed by `prompt_cache_key`, ~15 RPM per key."""
+        return cls(
+            min_cacheable_tokens=1024,
+            step_tokens=128,
+            warm="auto",
+            ready_on="first_token",
+            send_prompt_cache_key=True,
+            per_key_rpm=15,
+        )
+
+    @classmethod
+    def vllm(cls) -> CacheSettings:
+        """vLLM with automatic prefix caching (on by default): any prefix, in KV blocks of 16.
+
+        No warm-up: a self-hosted server admits a burst a few requests per scheduler step
+        and caches each block as soon as it is computed, so a batch warms itself; waiting a
+        whole request latency would buy next to nothing. (Set `warm="auto"` to use the rule.)
+        """
+        return cls(min_cacheable_tokens=0, step_tokens=16, warm=False, ready_on="first_token")
+
+    @classmethod
+    def sglang(cls) -> CacheSettings:
+        """SGLang's RadixAttention: any prefix, token granularity; no warm-up, as for vLLM
+        (its scheduler also orders queued requests by shared prefix)."""
+        return cls(min_cacheable_tokens=0, step_tokens=1, warm=False, ready_on="first_token")
+
+
+class SharedPrefix(NamedTuple):
+    """The common start of a batch's prompts."""
+
+    chars: int
+    """Characters of message content (and role changes) every request starts with."""
+    tokens: int
+    """Estimated tokens: chars / `chars_per_token`, rounded down."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchPlan:
+    """How to send one batch. `requests` are the input requests in the input order, with
+    `prompt_cache_key` filled in where the plan assigns one."""
+
+    requests: tuple[ModelRequest, ...]
+    decision: Literal["warm", "skip"]
+    reason: WarmReason
+    detail: str
+    """The numbers behind `reason`, in words, for the trace."""
+    prefix_chars: int
+    prefix_tokens: int
+    """Estimated shared-prefix tokens."""
+    cacheable_tokens: int
+    """Of those, what the provider would cache: 0 below the minimum, else whole steps."""
+    buckets: tuple[str, ...]
+    """One id per cache bucket: its `prompt_cache_key`, or a prefix id when keys are off.
+    Remember the ids of buckets warmed recently and pass them as `already_warm`."""
+    bucket_of: tuple[int, ...]
+    """The bucket of each request (an index into `buckets`)."""
+    warmups: tuple[int, ...]
+    """Indices of the requests to send first, one per bucket to warm; empty when skipping."""
+    release_on: ReadyOn
+    """When a warm-up's bucket may follow (see `CacheSettings.ready_on`)."""
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.requests)
+
+    def gate(self, index: int) -> int | None:
+        """The warm-up request that request `index` must wait for, or `None` to send it now.
+
+        If a warm-up fails, release its bucket anyway: the rest then simply go cold.
+        """
+        if index in self.warmups:
+            return None
+        bucket = self.bucket_of[index]
+        return next((w for w in self.warmups if self.bucket_of[w] == bucket), None)
+
+    def event_fields(self) -> dict[str, Any]:
+        """Fields of the `warmup.decision` event."""
+        return {
+            "decision": self.decision,
+            "reason": self.reason,
+            "prefix_tokens": self.prefix_tokens,
+            "batch_size": self.batch_size,
+            "cacheable_tokens": self.cacheable_tokens,
+            "buckets": len(self.buckets),
+            "warmups": len(self.warmups),
+            "detail": self.detail,
+        }
+
+
+def shared_prefix(requests: Sequence[ModelRequest], *, chars_per_token: float = 4.0) -> SharedPrefix:
+    """The byte-identical common prefix of the batch's messages, in characters and estimated
+    tokens. Requests for different models share nothing (each model has its own cache)."""
+    chars = len(_shared_prefix_text(requests))
+    return SharedPrefix(chars, int(chars / chars_per_token))
+
+
+def cacheable_tokens(prefix_tokens: int, settings: CacheSettings) -> int:
+    """What the provider would cache of a prefix: nothing below its minimum, else the
+    prefix rounded down to whole steps."""
+    if prefix_tokens <= 0 or prefix_tokens < settings.min_cacheable_tokens:
+        return 0
+    step = settings.step_tokens
+    return prefix_tokens if step <= 1 else prefix_tokens // step * step
+
+
+def plan_batch(
+    requests: Sequence[ModelRequest],
+    settings: CacheSettings,
+    *,
+    expected_latency_s: float | None = None,
+    rpm_hint: float | None = None,
+    already_warm: Container[str] = frozenset(),
+) -> BatchPlan:
+    """Decide how to send `requests` (see the module docstring for the rule).
+
+    `expected_latency_s`: how long the warm-up is expected to take (e.g. a moving average of
+    recent calls to this model); `None` uses `settings.assumed_latency_s`.
+    `rpm_hint`: requests per minute this batch will actually go out at (the governor's RPM
+    limit for the model), to estimate how many minutes it spans and so how many requests
+    one cache key may carry; `None` assumes the whole batch goes within a minute.
+    `already_warm`: bucket ids (see `BatchPlan.buckets`) warmed recently enough to still be
+    cached; their buckets are sent at once.
+    """
+    n = len(requests)
+    text = _shared_prefix_text(requests)
+    prefix = SharedPrefix(len(text), int(len(text) / settings.chars_per_token))
+    cacheable = cacheable_tokens(prefix.tokens, settings)
+    model = requests[0].model if requests else ""
+
+    n_buckets = _bucket_count(n, settings, rpm_hint) if cacheable else 1
+    base_id = "rlm-" + _digest(model, text[:_KEY_WINDOW_CHARS])[:16]
+    keyed = settings.send_prompt_cache_key and cacheable > 0
+    buckets = tuple(f"{base_id}-{b}" for b in range(n_buckets)) if keyed else (base_id,)
+    bucket_of = tuple(i % n_buckets for i in range(n))
+    planned = tuple(
+        replace(r, prompt_cache_key=buckets[bucket_of[i]]) if keyed and r.prompt_cache_key is None else r
+        for i, r in enumerate(requests)
+    )
+    # The first request of every bucket not already warm; sent first if the batch is warmed.
+    first_of: dict[int, int] = {}
+    for i, b in enumerate(bucket_of):
+        first_of.setdefault(b, i)
+    cold = {b for b in first_of if buckets[b] not in already_warm}
+    firsts = tuple(sorted(first_of[b] for b in cold))
+
+    def plan(decision: Literal["warm", "skip"], reason: WarmReason, detail: str) -> BatchPlan:
+        return BatchPlan(
+            requests=planned,
+            decision=decision,
+            reason=reason,
+            detail=detail,
+            prefix_chars=prefix.chars,
+            prefix_tokens=prefix.tokens,
+            cacheable_tokens=cacheable,
+            buckets=buckets,
+            bucket_of=bucket_of,
+            warmups=firsts if decision == "warm" else (),
+            release_on=settings.ready_on,
+        )
+
+    if n < 2:
+        return plan("skip", "too_few_requests", f"{n} request(s): nothing to share")
+    if cacheable == 0:
+        return plan(
+            "skip",
+            "prefix_below_minimum",
+            f"shared prefix ~{prefix.tokens} tokens; the provider caches from "
+            f"{max(settings.min_cacheable_tokens, 1)}",
+        )
+    if settings.warm is False:
+        return plan("skip", "disabled", "warm-up is off for this provider")
+    if not firsts:
+        return plan("skip", "already_warm", f"all {len(buckets)} bucket(s) were warmed recently")
+    if settings.warm is True:
+        return plan("warm", "forced", f"warm-up forced; {len(firsts)} bucket(s) to warm")
+
+    latency = expected_latency_s if expected_latency_s is not None else settings.assumed_latency_s
+    cold_requests = sum(1 for b in bucket_of if b in cold)
+    saved = (cold_requests - len(firsts)) * cacheable
+    rate = saved / max(latency, 1e-3)
+    detail = (
+        f"~{saved} prefix tokens would hit for a ~{latency:g}s wait: {rate:.0f} tokens/s "
+        f"(threshold {settings.min_saved_tokens_per_wait_s:g})"
+    )
+    if rate < settings.min_saved_tokens_per_wait_s:
+        return plan("skip", "batch_too_small", detail)
+    return plan("warm", "pays_off", detail)
+
+
+def _bucket_count(n: int, settings: CacheSettings, rpm_hint: float | None) -> int:
+    if not settings.send_prompt_cache_key or settings.per_key_rpm is None or n == 0:
+        return 1
+    # A batch spread over several minutes (by the governor's RPM limit) lets each key carry
+    # per_key_rpm in each of them; anything sent within one minute counts against one.
+    minutes = max(1.0, n / rpm_hint) if rpm_hint else 1.0
+    return max(1, math.ceil(n / (settings.per_key_rpm * minutes)))
+
+
+def _render(request: ModelRequest) -> str:
+    # NUL separators: a role change or a message boundary ends the shared prefix, as it
+    # does in every chat template, and NUL does not occur in real prompts.
+    return "".join(f"\x00{m.role}\x00{m.content}" for m in request.messages)
+
+
+def _shared_prefix_text(requests: Sequence[ModelRequest]) -> str:
+    if not requests:
+        return ""
+    if any(r.model != requests[0].model for r in requests):
+        return ""
+    texts = [_render(r) for r in requests]
+    # The common prefix of the lexicographic min and max is the common prefix of all.
+    lo, hi = min(texts), max(texts)
+    # Binary search on slice equality: C-speed comparisons instead of a char-by-char loop.
+    good, bad = 0, min(len(lo), len(hi)) + 1
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if lo[:mid] == hi[:mid]:
+            good = mid
+        else:
+            bad = mid
+    common = lo[:good]
+    if common.count("\x00") % 2:
+        # It ends inside a role marker (the requests differ in a role): cut the partial role.
+        common = common[: common.rindex("\x00")]
+    # Count content (and role names, a fair stand-in for a template's per-message tokens),
+    # not our separators.
+    return common.replace("\x00", "")
+
+
+def _digest(model: str, text: str) -> str:
+    return hashlib.sha256(f"{model}\x00{text}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# -- reporting --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """Prompt-cache outcome of a set of calls, as the servers reported it."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prefix_tokens: int = 0
+    """Estimated shared-prefix tokens of the calls whose prefix is known (from their plan)."""
+    prefix_cached_tokens: int = 0
+    """Cached tokens of those calls, each capped at its shared prefix."""
+
+    def __add__(self, other: CacheStats) -> CacheStats:
+        return CacheStats(
+            self.calls + other.calls,
+            self.prompt_tokens + other.prompt_tokens,
+            self.cached_tokens + other.cached_tokens,
+            self.prefix_tokens + other.prefix_tokens,
+            self.prefix_cached_tokens + other.prefix_cached_tokens,
+        )
+
+    @property
+    def hit_ratio(self) -> float | None:
+        """Cached / prompt tokens; `None` without prompt tokens."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
+
+    @property
+    def prefix_hit_ratio(self) -> float | None:
+        """Cached / shared-prefix tokens: how much of what the batch shared was served from
+        cache. Below 1 even with every request hitting, by the provider's step rounding and
+        the first request per bucket; `None` where no prefix is known."""
+        return self.prefix_cached_tokens / self.prefix_tokens if self.prefix_tokens else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "prefix_tokens": self.prefix_tokens,
+            "hit_ratio": self.hit_ratio,
+            "prefix_hit_ratio": self.prefix_hit_ratio,
+        }
+
+
+def cache_stats(usage: Usage, prefix_tokens: int | None = None) -> CacheStats:
+    """The stats of one call; `prefix_tokens` is its plan's shared-prefix estimate, if any."""
+    known = prefix_tokens or 0
+    return CacheStats(1, usage.prompt_tokens, usage.cached_tokens, known, min(usage.cached_tokens, known))
+
+
+def cache_hit_ratio(usages: Iterable[Usage]) -> float | None:
+    """Cached / prompt tokens over `usages`; `None` without prompt tokens."""
+    total = sum(usages, Usage())
+    return total.cached_tokens / total.prompt_tokens if total.prompt_tokens else None
+
+
+def cache_stats_by_depth(
+    records: Iterable[CallRecord], *, prefix_tokens: Mapping[str, int] | None = None
+) -> dict[int, CacheStats]:
+    """Cache stats per depth over successful calls that reached a server (journal hits are
+    left out: they never met a cache). `prefix_tokens` maps call ids to their plan's
+    shared-prefix estimate."""
+    known = prefix_tokens or {}
+    by_depth: dict[int, CacheStats] = {}
+    for r in records:
+        if r.status != "ok" or r.from_journal:
+            continue
+        by_depth[r.depth] = by_depth.get(r.depth, CacheStats()) + cache_stats(r.usage, known.get(r.call_id))
+    return dict(sorted(by_depth.items()))
