@@ -1,0 +1,276 @@
+"""`Governor.call`: the one entry point every model call of every query passes through.
+
+    governor = Governor(GovernorConfig(process_budget=BudgetLimits(max_usd=20.0)))
+    ledger = governor.ledger(BudgetLimits(max_usd=1.00))       # one per query tree
+    governed = await governor.call(request, transport, ledger=ledger, depth=1)
+    governed.completion.text, governed.attempts, governed.cost_usd
+
+Each attempt, in order: reserve a budget upper bound (or raise `BudgetExceeded`, nothing
+sent) -> wait for the endpoint+model's limits -> send -> settle the ledger with reported
+usage and refund the rest, refund unused rate tokens, learn from headers and errors. Failed
+attempts that were sent count as calls (the server saw them) with no tokens (none were
+reported); attempts never sent are refunded in full. Retryable failures go round again
+through tenacity; everything else propagates at once.
+
+Budget first, then limits: a call that cannot be afforded fails at once instead of after
+queueing for a rate limit, at the price of holding its reservation while queued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import anyio
+import tenacity
+
+from .._events import emit
+from .._types import Completion, ModelRequest, Usage
+from ..exceptions import ConfigError
+from ..transport import Transport
+from ._budget import BudgetLedger, BudgetLimits, Charge
+from ._clock import Clock, Sleep
+from ._estimate import CharsPerTokenEstimator, TokenEstimator, Utf8BytesEstimator
+from ._limits import EndpointLimits, LimitRegistry, LimitState, Permit
+from ._prices import ModelPrice, PriceTable
+from ._retry import RetryConfig, make_retrying
+
+__all__ = ["GovernedCompletion", "Governor", "GovernorConfig"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GovernorConfig:
+    """Process-wide settings of the governor. Hashable, so it can key a shared instance."""
+
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    """The one retry layer."""
+    default_limits: EndpointLimits = field(default_factory=EndpointLimits)
+    """Limits for an endpoint+model that no caller configured."""
+    process_budget: BudgetLimits | None = None
+    """Caps over every query in the process (the parent of each query's ledger); `None`
+    caps nothing but still counts process totals."""
+    default_max_tokens: int = 8192
+    """Sent as `max_tokens` when a request has none, so output has a bound that budgets and
+    TPM meters can reserve."""
+    chars_per_token: float | None = None
+    """Budget estimator: `None` reserves UTF-8 bytes + template allowances, an upper bound
+    for any BPE tokenizer; a number reserves `ceil(chars / chars_per_token)`, an upper bound
+    only for a server whose tokenizer never packs more characters into a token (such as the
+    simulator)."""
+    rate_chars_per_token: float = 4.0
+    """Tokens-per-minute meters count prompts as characters / this: a fair guess, not a
+    bound (the server's own limiter is the authority; refunds correct it)."""
+    require_prices: bool = False
+    """An unpriced model is a `ConfigError` instead of $0 with a warning."""
+
+    def __post_init__(self) -> None:
+        if self.default_max_tokens < 1:
+            raise ConfigError(f"GovernorConfig.default_max_tokens is {self.default_max_tokens}; use >= 1")
+        if self.chars_per_token is not None and not self.chars_per_token > 0:
+            raise ConfigError(f"GovernorConfig.chars_per_token is {self.chars_per_token}; use > 0 or None")
+        if not self.rate_chars_per_token > 0:
+            raise ConfigError(f"GovernorConfig.rate_chars_per_token is {self.rate_chars_per_token}; use > 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GovernedCompletion:
+    """A completion and what it took to get it."""
+
+    completion: Completion
+    attempts: int
+    """Attempts sent, the successful one included."""
+    usage: Usage
+    """Reported usage (failed attempts report none)."""
+    cost_usd: float
+    """What this call cost, all attempts."""
+    reserved_input_tokens: int
+    """Prompt tokens reserved per attempt (the estimator's bound)."""
+    reserved_output_tokens: int
+    """Output tokens reserved per attempt (`max_tokens`)."""
+    reserved_usd: float
+    """Dollars reserved per attempt."""
+    waited_s: float
+    """Time spent queued for limits, all attempts."""
+    backoff_s: float
+    """Time slept between attempts."""
+
+
+class _Tally:
+    __slots__ = ("attempts", "backoff_s", "cost", "usage", "waited_s")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.usage = Usage()
+        self.cost = Decimal(0)
+        self.waited_s = 0.0
+        self.backoff_s = 0.0
+
+
+class Governor:
+    """Run-wide limits, the one retry layer, and budgets enforced before spending.
+
+    One instance per process and event loop is the intent: limits only work when every
+    query shares them. Time is injected (`clock`, `sleep`), as is randomness (`rng`)."""
+
+    def __init__(
+        self,
+        config: GovernorConfig | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = anyio.sleep,
+        rng: random.Random | None = None,
+        prices: PriceTable | None = None,
+        estimator: TokenEstimator | None = None,
+        rate_estimator: TokenEstimator | None = None,
+    ) -> None:
+        self.config = config = config or GovernorConfig()
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self.prices = prices or PriceTable(require_prices=config.require_prices)
+        self.estimator: TokenEstimator = estimator or (
+            Utf8BytesEstimator()
+            if config.chars_per_token is None
+            else CharsPerTokenEstimator(chars_per_token=config.chars_per_token)
+        )
+        self.rate_estimator: TokenEstimator = rate_estimator or CharsPerTokenEstimator(
+            chars_per_token=config.rate_chars_per_token
+        )
+        self.process_ledger = BudgetLedger(config.process_budget, name="process", clock=clock)
+        """Parent of every query ledger made by `ledger()`; counts process totals."""
+        self._registry = LimitRegistry(
+            config.default_limits, clock=clock, sleep=sleep, retry_after_cap_s=config.retry.retry_after_cap_s
+        )
+
+    def ledger(self, limits: BudgetLimits | None = None) -> BudgetLedger:
+        """A new query ledger under the process ledger."""
+        return BudgetLedger(limits, parent=self.process_ledger, clock=self._clock)
+
+    def configure_limits(self, endpoint: str, model: str, limits: EndpointLimits) -> None:
+        """Set the limits of one endpoint+model for every query from now on."""
+        self._registry.configure(endpoint, model, limits)
+
+    def limits(self, endpoint: str, model: str) -> LimitState:
+        """The live limits of one endpoint+model (inside the event loop): read them, or
+        `resize(max_concurrency=...)` them."""
+        return self._registry.get(endpoint, model)
+
+    async def call(
+        self,
+        request: ModelRequest,
+        transport: Transport,
+        *,
+        ledger: BudgetLedger | None = None,
+        depth: int = 0,
+        price: ModelPrice | None = None,
+        limits: EndpointLimits | None = None,
+    ) -> GovernedCompletion:
+        """Send `request` through limits, retries and the budget.
+
+        `ledger` defaults to the process ledger; `price` overrides the price table for this
+        model; `limits` configures this endpoint+model (the first time, or when changed).
+
+        Raises `BudgetExceeded` before sending when a reservation does not fit, `FatalError`
+        at once, the last `RetryableError` when attempts run out, `ConfigError` for a dollar
+        cap over an unpriced model. A raised error carries `.attempts` (attempts sent)."""
+        if request.max_tokens is None:
+            request = dataclasses.replace(request, max_tokens=self.config.default_max_tokens)
+        output_bound = request.max_tokens
+        assert output_bound is not None
+        model = request.model
+        ledger = ledger if ledger is not None else self.process_ledger
+        if ledger.caps_usd and not self.prices.is_priced(model, price):
+            raise ConfigError(
+                f"a dollar budget is set but no price is known for model {model!r}, so it could not "
+                "be enforced: give the model a ModelPrice (ModelPrice.free() for a self-hosted model)"
+            )
+        state = self._registry.get(transport.endpoint, model, limits)
+        prompt_bound = self.estimator.prompt_tokens(request)
+        reserve = Charge(
+            input_tokens=prompt_bound,
+            output_tokens=output_bound,
+            usd=self.prices.reserve_cost(model, prompt_bound, output_bound, override=price),
+            calls=1,
+        )
+        rate_tokens = self.rate_estimator.prompt_tokens(request) + output_bound
+        tally = _Tally()
+
+        def before_sleep(retry_state: tenacity.RetryCallState) -> None:
+            wait = retry_state.upcoming_sleep
+            tally.backoff_s += wait
+            error = retry_state.outcome.exception() if retry_state.outcome is not None else None
+            emit(
+                "call.retry",
+                attempt=retry_state.attempt_number,
+                error=f"{type(error).__name__}: {error}",
+                wait_s=wait,
+                model=model,
+                endpoint=transport.endpoint,
+            )
+
+        retrying = make_retrying(
+            self.config.retry, sleep=self._sleep, rng=self._rng, before_sleep=before_sleep
+        )
+        try:
+            completion: Completion = await retrying(
+                self._attempt, request, transport, state, ledger, depth, reserve, rate_tokens, price, tally
+            )
+        except Exception as exc:
+            try:
+                exc.attempts = tally.attempts  # type: ignore[attr-defined]
+            except AttributeError:  # an exception type with __slots__: the count is a nicety
+                pass
+            raise
+        return GovernedCompletion(
+            completion=completion,
+            attempts=tally.attempts,
+            usage=tally.usage,
+            cost_usd=float(tally.cost),
+            reserved_input_tokens=reserve.input_tokens,
+            reserved_output_tokens=reserve.output_tokens,
+            reserved_usd=float(reserve.usd),
+            waited_s=tally.waited_s,
+            backoff_s=tally.backoff_s,
+        )
+
+    async def _attempt(
+        self,
+        request: ModelRequest,
+        transport: Transport,
+        state: LimitState,
+        ledger: BudgetLedger,
+        depth: int,
+        reserve: Charge,
+        rate_tokens: int,
+        price: ModelPrice | None,
+        tally: _Tally,
+    ) -> Completion:
+        reservation = ledger.reserve(reserve, model=request.model, depth=depth)
+        permit: Permit | None = None
+        try:
+            permit = await state.acquire(rate_tokens, output_tokens=request.max_tokens or 0)
+            tally.waited_s += permit.waited_s
+            permit.sent = True
+            tally.attempts += 1
+            completion = await transport.complete(request)
+        except BaseException as exc:
+            # Synchronous cleanup only, so it completes even under cancellation.
+            sent = permit is not None and permit.sent
+            if permit is not None:
+                state.release(permit, error=exc)
+            if sent:
+                ledger.settle(reservation, Charge(calls=1))  # the server saw it; no usage reported
+            else:
+                ledger.release(reservation)
+            raise
+        try:
+            cost = self.prices.cost(request.model, completion.usage, override=price)
+        finally:
+            state.release(permit, completion=completion)
+        ledger.settle(reservation, Charge.of_usage(completion.usage, usd=cost))
+        tally.usage = tally.usage + completion.usage
+        tally.cost += cost
+        return completion
