@@ -11,6 +11,9 @@ The handler may be sync or async and may return a `str` (usage is then estimated
 characters / 4), a full `Completion`, or raise any `rlm_async.exceptions.TransportError`
 to simulate a failure. Every request is kept in `transport.requests`, in arrival order,
 and `transport.max_in_flight` records the peak number of concurrent calls.
+
+`ManualClock` and `wait_until_idle` (from the governor) move time by hand in tests of
+limits, retries and budgets: pass `clock=` and `sleep=` to `Governor`.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Union
 
+from ._governor import ManualClock, wait_until_idle
 from ._types import Completion, ModelRequest, Usage
 from .transport import Transport
 
-__all__ = ["Handler", "ScriptedTransport", "estimate_usage"]
+__all__ = ["Handler", "ManualClock", "ScriptedTransport", "estimate_usage", "wait_until_idle"]
 
 HandlerResult = Union[str, Completion]
 Handler = Callable[[ModelRequest], Union[HandlerResult, Awaitable[HandlerResult]]]
