@@ -38,10 +38,11 @@ class ModelConfig:
     """The endpoint's base URL, up to and including `/v1`."""
     api_key_env: str | None = "OPENAI_API_KEY"
     """Environment variable holding the API key. Keys never come from files in the repo;
-    `None` sends no key (a local server)."""
+    `None` (or `""` in TOML, which has no null) sends no key (a local server)."""
     max_tokens: int | None = 4096
     """Output cap per call, sent as `max_tokens`; also what budgets and TPM meters reserve
-    for output. `None` sends none (then budgets assume `GovernorConfig.default_max_tokens`)."""
+    for output. `None` sends `GovernorConfig.default_max_tokens`, so output always has a
+    bound that budgets can reserve."""
     temperature: float | None = None
     """Sampling temperature; `None` uses the server's default. The journal reuses only
     calls with temperature 0 unless told otherwise."""
@@ -49,11 +50,21 @@ class ModelConfig:
     """Per-request HTTP timeout."""
     prices: ModelPrice | None = None
     """Overrides the price table for this model (e.g. all zero for a self-hosted model)."""
-    limits: EndpointLimits = field(default_factory=EndpointLimits)
+    limits: EndpointLimits = field(default_factory=lambda: EndpointLimits(max_concurrency=1000))
     """Concurrency, requests/minute and tokens/minute for this endpoint+model, shared by
-    every query in the process."""
-    cache: CacheSettings = field(default_factory=CacheSettings)
-    """How this provider caches prompt prefixes (cacheable minimum, warm-up, cache keys)."""
+    every query in the process. The default caps only concurrency, at the size of the
+    transport's connection pool: rate limits are the provider's to state."""
+    cache: CacheSettings | None = None
+    """How this provider caches prompt prefixes (cacheable minimum, warm-up, cache keys).
+    `None` picks by `base_url`: `CacheSettings.openai()` for api.openai.com (cache keys
+    sent), else OpenAI-like semantics without cache keys."""
+
+    def cache_settings(self) -> CacheSettings:
+        if self.cache is not None:
+            return self.cache
+        if "api.openai.com" in self.base_url:
+            return CacheSettings.openai()
+        return CacheSettings()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,7 +135,7 @@ class RLMConfig:
             raise ConfigError(f"config file {p} does not exist; see configs/ for examples") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
-        data.pop("simulator", None)  # read by the CLI, which starts the simulator
+        data.pop("sim", None)  # the simulator's own table, read by the CLI that starts it
         return cls.from_dict(data, where=str(p))
 
     @classmethod
@@ -153,7 +164,7 @@ class RLMConfig:
         if data:
             raise ConfigError(
                 f"{where}: unknown table(s) {sorted(data)}; known: root, sub, others, depth_models, rlm, "
-                "budget, governor, sandbox, journal, simulator"
+                "budget, governor, sandbox, journal, sim"
             )
         return load_dataclass(cls, kwargs, where)
 

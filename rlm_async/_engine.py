@@ -31,8 +31,8 @@ from ._parsing import find_code_blocks, find_final, truncate_output
 from ._prompts import describe_context, first_user_message, root_system_prompt, sub_system_prompt
 from ._result import RLMResult, RunStatus, SubCallFailure, SubCallResult, UsageTotals
 from ._tree import CallTree, Node
-from ._types import CallKind, CallRecord, Completion, Message, ModelRequest
-from .exceptions import BudgetExceeded, FatalError, RetryableError, TransportError
+from ._types import CallKind, CallRecord, Completion, Message, ModelRequest, Usage
+from .exceptions import BudgetExceeded, ConfigError, FatalError, RetryableError, SandboxError, TransportError
 from .sandbox import CellResult, Worker, WorkerRequest, start_worker
 from .transport import Transport
 
@@ -79,7 +79,7 @@ class Engine:
         """Plan a fan-out for prefix caching, remembering which cache buckets are warm."""
         now = self.clock()
         warm = {b for b, t in self._warm_buckets.items() if now - t < _WARM_TTL_S}
-        plan = plan_batch(requests, model.cache, already_warm=warm)
+        plan = plan_batch(requests, model.cache_settings(), already_warm=warm)
         if len(requests) > 1:
             _events.emit("warmup.decision", **plan.event_fields())
         return plan
@@ -109,6 +109,7 @@ class Engine:
         query_id: str = "q1",
     ) -> RLMResult:
         query = Query(self, query_id=query_id)
+        query.check_prices()
         with _events.sinks(*sinks, clock=self.clock), _events.bind(query_id=query_id):
             return await query.run(context, root_prompt)
 
@@ -130,6 +131,21 @@ class Query:
         self.best_answer: str | None = None
         self.warnings: list[str] = []
         self._call_ids = 0
+
+    def check_prices(self) -> None:
+        """A dollar cap needs a price for every model the tree may call. Refused here, before
+        any work: found later by the governor inside a fan-out, the same ConfigError would
+        reach the caller wrapped in an ExceptionGroup from the sub-call task group."""
+        if not self.ledger.caps_usd:
+            return
+        prices = self.engine.governor.prices
+        models = self.config.all_models()
+        unpriced = sorted({m.model for m in models if not prices.is_priced(m.model, m.prices)})
+        if unpriced:
+            raise ConfigError(
+                f"a dollar budget is set but no price is known for model(s) {unpriced}, so it could not "
+                "be enforced: give each a ModelPrice (ModelPrice.free() for a self-hosted model)"
+            )
 
     # ------------------------------------------------------------------ the query
     async def run(self, context: Context, root_prompt: str | None) -> RLMResult:
@@ -257,7 +273,9 @@ class Query:
             it_started = self.engine.clock()
             _events.emit("iteration.start", iteration=iteration)
             try:
-                reply = await self._root_turn(node, model, depth, messages, kind="root")
+                # "child": the turn of a child RLM (see CallKind), so hooks and traces tell them apart.
+                kind: CallKind = "root" if depth == 0 else "child"
+                reply = await self._root_turn(node, model, depth, messages, kind=kind)
             except BudgetExceeded as exc:
                 return await self._finish_on_budget(node, model, depth, messages, exc)
             messages.append(Message("assistant", reply))
@@ -461,13 +479,23 @@ class Query:
         )
 
     async def _child(self, parent: Node, depth: int, prompt: str) -> str:
-        answer, status, detail, _limit = await self.run_rlm(prompt, None, depth=depth, parent=parent)
+        try:
+            answer, status, detail, _limit = await self.run_rlm(prompt, None, depth=depth, parent=parent)
+        except (_RunEnded, SandboxError) as exc:
+            # A child whose own model call failed (or whose worker could not start) ends that
+            # child only: its slot says why, like a failed plain sub-call. Left to propagate,
+            # it would tear down the parent's cell and reach the caller as an ExceptionGroup.
+            why = exc.detail if isinstance(exc, _RunEnded) else f"{type(exc).__name__}: {exc}"
+            self.failures.append(SubCallFailure(parent.node_id, depth, why))
+            return f"{_ERROR_PREFIX}child RLM failed: {why}"
         if status == "budget_exceeded" and answer is None:
             last = self.ledger.last_refusal
             if last is not None:  # a copy: the same exception object must not be raised in two tasks
                 raise BudgetExceeded(last.limit, last.cap, last.committed, last.requested)
         if answer is None:
-            return f"{_ERROR_PREFIX}child RLM ended without an answer ({status}: {detail})"
+            error = f"child RLM ended without an answer ({status}: {detail})"
+            self.failures.append(SubCallFailure(parent.node_id, depth, error))
+            return _ERROR_PREFIX + error
         self.subcall_results.append(SubCallResult(parent.node_id, depth, prompt[:_PREVIEW], answer))
         return answer
 
@@ -493,24 +521,21 @@ class Query:
             attempts, cost, from_journal = 0, 0.0, False
             try:
                 journal = self.engine.journal
-                if journal is not None and journal.reusable(request):
 
-                    async def send() -> Completion:
-                        nonlocal attempts, cost
-                        governed = await self.engine.governor.call(
-                            request, transport, ledger=self.ledger, depth=depth, price=model.prices, limits=model.limits
-                        )
-                        attempts, cost = governed.attempts, governed.cost_usd
-                        return governed.completion
-
-                    completion, from_journal = await journal.call(transport.endpoint, request, send)
-                    if from_journal:
-                        _events.emit("journal.hit", call_id=call_id)
-                else:
+                async def send() -> Completion:
+                    nonlocal attempts, cost
                     governed = await self.engine.governor.call(
                         request, transport, ledger=self.ledger, depth=depth, price=model.prices, limits=model.limits
                     )
-                    completion, attempts, cost = governed.completion, governed.attempts, governed.cost_usd
+                    attempts, cost = governed.attempts, governed.cost_usd
+                    return governed.completion
+
+                if journal is not None:
+                    # Every call goes through the journal: reusable ones are looked up (and
+                    # identical ones in flight sent once); all are recorded for a later resume.
+                    completion, from_journal = await journal.call(transport.endpoint, request, send, call_id=call_id)
+                else:
+                    completion = await send()
             except BaseException as exc:
                 status = _status_of(exc)
                 record = CallRecord(
@@ -552,7 +577,8 @@ class Query:
                 started_at=started,
                 finished_at=self.engine.clock(),
                 status="ok",
-                usage=completion.usage,
+                # A journal hit consumed no tokens: its usage belongs to the call that paid.
+                usage=Usage() if from_journal else completion.usage,
                 cost_usd=0.0 if from_journal else cost,
                 attempts=0 if from_journal else attempts,
                 from_journal=from_journal,
@@ -563,9 +589,9 @@ class Query:
                 "call.finish",
                 call_id=call_id,
                 status="ok",
-                prompt_tokens=completion.usage.prompt_tokens,
-                cached_tokens=completion.usage.cached_tokens,
-                completion_tokens=completion.usage.completion_tokens,
+                prompt_tokens=record.usage.prompt_tokens,
+                cached_tokens=record.usage.cached_tokens,
+                completion_tokens=record.usage.completion_tokens,
                 cost_usd=record.cost_usd,
                 latency_s=record.latency_s,
                 attempts=record.attempts,
