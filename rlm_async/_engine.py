@@ -14,12 +14,14 @@ journal, the governor (limits, retries, budget) and the call records meet.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
+import structlog
 
 from . import _events
 from ._cache import BatchPlan, plan_batch
@@ -38,8 +40,11 @@ from .transport import Transport
 
 __all__ = ["Engine", "Query"]
 
+_log = structlog.get_logger("rlm_async.engine")
+
 _ERROR_PREFIX = "Error: "
 _PREVIEW = 200
+_FINAL_MAX_TOKENS = 512
 # Providers keep a cached prefix for minutes after its last use (OpenAI: 5-10 min idle).
 _WARM_TTL_S = 300.0
 
@@ -128,7 +133,6 @@ class Query:
         self.failures: list[SubCallFailure] = []
         self.subcall_results: list[SubCallResult] = []
         self.iterations = 0
-        self.best_answer: str | None = None
         self.warnings: list[str] = []
         self._call_ids = 0
 
@@ -166,16 +170,16 @@ class Query:
         deadline = self.config.budget.max_seconds
         with anyio.move_on_after(math.inf if deadline is None else deadline) as scope:
             try:
-                answer, status, detail, limit = await self.run_rlm(
-                    context, root_prompt, depth=0, parent=None
-                )
+                answer, status, detail, limit = await self.run_rlm(context, root_prompt, depth=0, parent=None)
             except _RunEnded as ended:
                 status, detail, limit = ended.status, ended.detail, ended.limit
+            except anyio.get_cancelled_exc_class():
+                if not scope.cancel_called:  # cancelled from outside: say so, then let it propagate
+                    _events.emit("query.finish", status="cancelled", wall_s=self.engine.clock() - started)
+                raise
         if scope.cancelled_caught:
             status, limit = "timeout", "seconds"
             detail = f"deadline of {deadline:g} s reached; the run was cancelled and its workers killed"
-        if answer is None and status != "ok":
-            answer = self.best_answer
         result = self._result(answer, status, detail, limit, self.engine.clock() - started, root_prompt)
         _events.emit(
             "query.finish",
@@ -275,59 +279,62 @@ class Query:
             try:
                 # "child": the turn of a child RLM (see CallKind), so hooks and traces tell them apart.
                 kind: CallKind = "root" if depth == 0 else "child"
-                reply = await self._root_turn(node, model, depth, messages, kind=kind)
-            except BudgetExceeded as exc:
-                return await self._finish_on_budget(node, model, depth, messages, exc)
-            messages.append(Message("assistant", reply))
-            answer, observation = await self._execute_reply(node, worker, reply, iteration, on_request)
-            _events.emit("iteration.finish", iteration=iteration, duration_s=self.engine.clock() - it_started)
+                try:
+                    reply = await self._root_turn(node, model, depth, messages, kind=kind)
+                except BudgetExceeded as exc:
+                    note = (
+                        f"The budget is exhausted ({exc.limit} cap {exc.cap:g}). Give your best final answer "
+                        "now, from what you know, on a line of its own: FINAL(your answer)."
+                    )
+                    try:
+                        answer = await self._final_call(node, worker, model, depth, messages, note)
+                    except BudgetExceeded:
+                        answer = None
+                    return answer, "budget_exceeded", str(exc), exc.limit
+                messages.append(Message("assistant", reply))
+                answer, observation = await self._execute_reply(node, worker, reply, iteration, on_request)
+            finally:
+                _events.emit(
+                    "iteration.finish", iteration=iteration, duration_s=self.engine.clock() - it_started
+                )
             if answer is not None:
                 return answer, "ok", None, None
             messages.append(Message("user", self._feedback(observation, iteration)))
         # Out of iterations: one last call asks for the best answer from what is known.
-        messages.append(
-            Message(
-                "user",
-                f"You have used all {self.config.max_iterations} iterations. Give your best final answer "
-                "now, from what you know, on a line of its own: FINAL(your answer).",
-            )
+        note = (
+            f"You have used all {self.config.max_iterations} iterations. Give your best final answer "
+            "now, from what you know, on a line of its own: FINAL(your answer)."
         )
         detail = f"max_iterations ({self.config.max_iterations}) reached; the answer comes from a final call"
         try:
-            reply = await self._root_turn(node, model, depth, messages, kind="final")
+            answer = await self._final_call(node, worker, model, depth, messages, note)
         except BudgetExceeded as exc:
-            return self.best_answer, "budget_exceeded", f"{detail}, which the budget refused: {exc}", exc.limit
-        marker = find_final(reply)
-        answer = marker.value if marker is not None and marker.kind == "text" else None
-        if marker is not None and marker.kind == "var":
-            answer = await worker.get_variable(marker.value)
-        return answer if answer is not None else reply.strip(), "max_iterations", detail, None
+            return None, "budget_exceeded", f"{detail}, which the budget refused: {exc}", exc.limit
+        return answer, "max_iterations", detail, None
 
-    async def _finish_on_budget(
+    async def _final_call(
         self,
         node: Node,
+        worker: Worker,
         model: ModelConfig,
         depth: int,
         messages: list[Message],
-        exc: BudgetExceeded,
-    ) -> tuple[str | None, RunStatus, str | None, str | None]:
-        """The budget refused a root turn: ask once for a final answer if that still fits."""
-        detail = str(exc)
-        final_messages = [
-            *messages,
-            Message(
-                "user",
-                f"The budget is exhausted ({exc.limit} cap {exc.cap:g}). Give your best final answer now, "
-                "from what you know, on a line of its own: FINAL(your answer).",
-            ),
-        ]
-        try:
-            reply = await self._root_turn(node, model, depth, final_messages, kind="final")
-        except BudgetExceeded:
-            return self.best_answer, "budget_exceeded", detail, exc.limit
+        note: str,
+    ) -> str | None:
+        """One last root call that asks for the answer. Its output cap is small, so that it
+        still fits a budget that refused a full turn."""
+        final_model = dataclasses.replace(
+            model, max_tokens=min(model.max_tokens or _FINAL_MAX_TOKENS, _FINAL_MAX_TOKENS)
+        )
+        reply = await self._root_turn(
+            node, final_model, depth, [*messages, Message("user", note)], kind="final"
+        )
         marker = find_final(reply)
-        answer = marker.value if marker is not None and marker.kind == "text" else reply.strip()
-        return answer, "budget_exceeded", detail, exc.limit
+        if marker is None:
+            return reply.strip() or None
+        if marker.kind == "var":
+            return await worker.get_variable(marker.value)
+        return marker.value
 
     async def _root_turn(
         self, node: Node, model: ModelConfig, depth: int, messages: list[Message], *, kind: CallKind
@@ -431,12 +438,20 @@ class Query:
                 except TransportError as exc:
                     results[i] = f"{_ERROR_PREFIX}{exc}"
                     self.failures.append(SubCallFailure(node.node_id, depth + 1, str(exc)))
+                except Exception as exc:  # a bug below us must cost one slot, not the whole query
+                    _log.exception("sub-call failed unexpectedly", node_id=node.node_id)
+                    results[i] = f"{_ERROR_PREFIX}internal error: {type(exc).__name__}: {exc}"
+                    self.failures.append(
+                        SubCallFailure(node.node_id, depth + 1, f"{type(exc).__name__}: {exc}")
+                    )
 
             requests: list[ModelRequest | None] = [None] * len(request.prompts)
             gates: dict[int, anyio.Event] = {}
             plan = None
             if not recursive:
-                plan = self.engine.plan_batch([self._sub_request(p, sub_model) for p in request.prompts], sub_model)
+                plan = self.engine.plan_batch(
+                    [self._sub_request(p, sub_model) for p in request.prompts], sub_model
+                )
                 requests = list(plan.requests)
                 gates = {w: anyio.Event() for w in plan.warmups}
 
@@ -525,7 +540,12 @@ class Query:
                 async def send() -> Completion:
                     nonlocal attempts, cost
                     governed = await self.engine.governor.call(
-                        request, transport, ledger=self.ledger, depth=depth, price=model.prices, limits=model.limits
+                        request,
+                        transport,
+                        ledger=self.ledger,
+                        depth=depth,
+                        price=model.prices,
+                        limits=model.limits,
                     )
                     attempts, cost = governed.attempts, governed.cost_usd
                     return governed.completion
@@ -533,7 +553,9 @@ class Query:
                 if journal is not None:
                     # Every call goes through the journal: reusable ones are looked up (and
                     # identical ones in flight sent once); all are recorded for a later resume.
-                    completion, from_journal = await journal.call(transport.endpoint, request, send, call_id=call_id)
+                    completion, from_journal = await journal.call(
+                        transport.endpoint, request, send, call_id=call_id
+                    )
                 else:
                     completion = await send()
             except BaseException as exc:
@@ -624,4 +646,3 @@ def _cell_text(index: int, total: int, result: CellResult) -> str:
         body.append(f"[the cell ended with status: {result.status}]")
     text = "\n".join(body) if body else "(no output)"
     return f"{head}:\n{text}"
-

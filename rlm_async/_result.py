@@ -55,7 +55,10 @@ class UsageTotals:
     """Tokens, dollars and calls for one model or one depth."""
 
     calls: int = 0
+    """Calls sent (journal hits included, budget refusals not)."""
     failed_calls: int = 0
+    refused_calls: int = 0
+    """Calls the budget refused before sending."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -67,6 +70,9 @@ class UsageTotals:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     def add(self, record: CallRecord) -> None:
+        if record.status == "budget":
+            self.refused_calls += 1
+            return
         self.calls += 1
         if record.status != "ok":
             self.failed_calls += 1
@@ -80,6 +86,7 @@ class UsageTotals:
         return {
             "calls": self.calls,
             "failed_calls": self.failed_calls,
+            "refused_calls": self.refused_calls,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,

@@ -12,6 +12,7 @@ they share connection pools and the governor's run-wide limits, and nothing seri
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,7 +39,9 @@ _engines: anyio.lowlevel.RunVar[dict[int, Engine]] = anyio.lowlevel.RunVar("rlm_
 _governors: anyio.lowlevel.RunVar[dict[Any, Governor]] = anyio.lowlevel.RunVar("rlm_async_governors")
 
 
-def _model_from_kwargs(backend: str, kwargs: dict[str, Any] | None, where: str) -> tuple[ModelConfig, str | None]:
+def _model_from_kwargs(
+    backend: str, kwargs: dict[str, Any] | None, where: str
+) -> tuple[ModelConfig, str | None]:
     if backend not in _SUPPORTED_BACKENDS:
         raise ConfigError(
             f"{where} backend {backend!r} is not supported; rlm_async speaks OpenAI-compatible chat "
@@ -52,8 +55,10 @@ def _model_from_kwargs(backend: str, kwargs: dict[str, Any] | None, where: str) 
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = set(kw) - fields
     if unknown:
-        raise ConfigError(f"{where}_kwargs has unknown key(s) {sorted(unknown)}; valid: model_name, api_key, "
-                          f"{', '.join(sorted(fields - {'model'}))}")
+        raise ConfigError(
+            f"{where}_kwargs has unknown key(s) {sorted(unknown)}; valid: model_name, api_key, "
+            f"{', '.join(sorted(fields - {'model'}))}"
+        )
     if backend != "openai" and "base_url" not in kw:
         raise ConfigError(f"{where} backend {backend!r} needs base_url in {where}_kwargs")
     if backend != "openai":
@@ -113,7 +118,11 @@ class RLM:
                 self._api_keys[root.model] = key
             others: list[ModelConfig] = []
             for i, b in enumerate(other_backends or ()):
-                kwargs = (other_backend_kwargs or [])[i] if other_backend_kwargs and i < len(other_backend_kwargs) else None
+                kwargs = (
+                    (other_backend_kwargs or [])[i]
+                    if other_backend_kwargs and i < len(other_backend_kwargs)
+                    else None
+                )
                 m, k = _model_from_kwargs(b, kwargs, "other_backend")
                 others.append(m)
                 if k:
@@ -222,13 +231,21 @@ class RLM:
             finally:
                 await self.aclose()
 
+        inside_loop = ConfigError(
+            "RLM.completion() was called inside a running event loop; use `await rlm.acompletion(...)`"
+        )
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # no asyncio loop in this thread: the normal case
+        else:
+            raise inside_loop
         try:
             return anyio.run(run)
         except RuntimeError as exc:
-            if "already running" in str(exc):
-                raise ConfigError(
-                    "RLM.completion() was called inside a running event loop; use `await rlm.acompletion(...)`"
-                ) from None
+            # anyio says "Already running <library> in this thread" (e.g. under trio).
+            if "already running" in str(exc).lower():
+                raise inside_loop from None
             raise
 
 
@@ -244,4 +261,3 @@ def _shared_governor(config: RLMConfig) -> Governor:
     if governor is None:
         governor = governors[key] = Governor(config.governor)
     return governor
-
