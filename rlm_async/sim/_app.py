@@ -1,0 +1,586 @@
+"""The simulator as a raw ASGI application: one request's path from arrival to the log.
+
+A raw ASGI callable rather than a framework: per-request overhead is what benchmarks
+subtract from the latency model's lower bound, so the hot path is a dict lookup on the
+path, `json.loads`, the policy, `json.dumps` and two `send` calls — no routing layer, no
+validation models.
+
+Order of checks for `POST /v1/chat/completions` (each answers as OpenAI would):
+auth (401) -> JSON body (400) -> model (404) -> context window (400) -> RPM/TPM (429)
+-> injected 500/429 -> capacity queue (FIFO) -> prefix-cache lookup -> policy -> sleep
+the latency model's time -> cache insert -> response (or an injected drop / malformed body).
+
+If the client disconnects, the request is cancelled and logged as "cancelled": what a
+server that aborts abandoned generations (vLLM, SGLang) would record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from .._prompts import root_system_prompt, sub_system_prompt
+from .._types import Message
+from ._config import SimConfig
+from ._log import LogEntry, RequestLog
+from ._prefix_cache import PrefixCache
+from ._ratelimit import RateLimiter
+from ._tokens import CHARS_PER_TOKEN, count_tokens, serialize_messages
+from .policies import Policy, PolicyRequest, make_policy
+
+__all__ = ["SimApp"]
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+_JSON = (b"content-type", b"application/json")
+_MARKER_CHARS = 80  # how much of a system prompt identifies it
+
+
+@dataclass(slots=True)
+class _Draft:
+    """A log entry being filled in while its request is handled."""
+
+    id: str
+    seq: int
+    arrival: float
+    in_flight: int
+    start: float | None = None
+    served_until: float | None = None
+    kind: str = "other"
+    model: str | None = None
+    status: int | None = None
+    outcome: str = "cancelled"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    max_tokens: int | None = None
+    finish_reason: str | None = None
+    prompt_cache_key: str | None = None
+    policy: str | None = None
+    logged: bool = False
+
+    def done(self, status: int, outcome: str) -> None:
+        self.status, self.outcome = status, outcome
+
+    def entry(self, finish: float) -> LogEntry:
+        return LogEntry(
+            id=self.id,
+            seq=self.seq,
+            arrival=self.arrival,
+            start=self.start,
+            finish=self.served_until if self.served_until is not None else finish,
+            kind=self.kind,
+            model=self.model,
+            status=self.status or 0,
+            outcome=self.outcome,
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
+            completion_tokens=self.completion_tokens,
+            max_tokens=self.max_tokens,
+            in_flight=self.in_flight,
+            finish_reason=self.finish_reason,
+            prompt_cache_key=self.prompt_cache_key,
+            policy=self.policy,
+        )
+
+
+class _Refused(Exception):
+    """Ends a request early with an OpenAI-style error response."""
+
+    def __init__(
+        self,
+        status: int,
+        outcome: str,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.outcome = outcome
+        self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        self.headers = headers or {}
+
+
+class SimApp:
+    """The ASGI app behind `SimServer` and `SimProcess`. Serve it with any ASGI server on
+    asyncio or trio; state lives on the instance, one app per simulated deployment."""
+
+    def __init__(
+        self,
+        config: SimConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self.config = config = config or SimConfig()
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._sleep = sleep
+        self.log = RequestLog(config.log_path)
+        self.cache = PrefixCache(config.cache)
+        self.limiter = RateLimiter(config.rate_limits, clock())
+        self._policies: dict[str, Policy] = {
+            kind: make_policy(config.policies.for_kind(kind)) for kind in ("root", "sub", "other")
+        }
+        # Root turns and everything else run on separate deployments, as a big root model
+        # and a small sub model would; "other" shares the sub model's queue and latency.
+        self._capacity = {
+            kind: anyio.CapacityLimiter(cap) if (cap := config.latency.for_kind(kind).capacity) else None
+            for kind in ("root", "sub")
+        }
+        self._models = frozenset(config.models)
+        self._seed_key = hashlib.blake2b(str(config.seed).encode(), digest_size=16).digest()
+        self._root_marker = root_system_prompt()[:_MARKER_CHARS]
+        self._sub_marker = sub_system_prompt()[:_MARKER_CHARS]
+        self._seq = 0
+        self._seen: dict[bytes, int] = {}
+        self._active: set[anyio.CancelScope] = set()
+        self.in_flight = 0
+        """Requests inside the app right now (queued, served, or being answered)."""
+
+    # ------------------------------------------------------------ lifecycle
+
+    def cancel_all(self) -> None:
+        """Abandon every request in progress (used at shutdown so it does not wait for
+        simulated latencies to run out)."""
+        for scope in list(self._active):
+            scope.cancel()
+
+    def reset(self) -> None:
+        """Forget the log, the prefix cache, the rate-limit buckets and the seen-request
+        counts, as if the server had just started (in-flight requests go on)."""
+        self.log.clear()
+        self.cache.clear()
+        self.limiter = RateLimiter(self.config.rate_limits, self._clock())
+        self._seen.clear()
+
+    def close(self) -> None:
+        self.log.close()
+
+    # ------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan is off; websockets are not served
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/v1/chat/completions" and method == "POST":
+            await self._chat(scope, receive, send)
+            return
+        if path.startswith("/v1/") and not self._authorized(scope):
+            await _send_json(send, 401, _auth_error().body)
+            return
+        if method == "GET" and path == "/v1/models":
+            data = [_model_object(m) for m in self.config.models]
+            await _send_json(send, 200, {"object": "list", "data": data})
+        elif method == "GET" and path.startswith("/v1/models/"):
+            name = path[len("/v1/models/") :]
+            if name in self._models:
+                await _send_json(send, 200, _model_object(name))
+            else:
+                await _send_json(send, 404, _model_error(name).body)
+        elif method == "GET" and path == "/sim/log":
+            lines = "".join(json.dumps(e.to_dict(), separators=(",", ":")) + "\n" for e in self.log)
+            await _send(send, 200, lines.encode(), [(b"content-type", b"application/x-ndjson")])
+        elif method == "POST" and path == "/sim/reset":
+            self.reset()
+            await _send_json(send, 200, {"reset": True})
+        elif method == "GET" and path in ("/health", "/sim/health"):
+            await _send_json(send, 200, {"ok": True, "in_flight": self.in_flight})
+        else:
+            body = {"error": {"message": f"Unknown path {method} {path}", "type": "invalid_request_error"}}
+            await _send_json(send, 404, body)
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrival = self._clock()
+        seq = self._seq
+        self._seq += 1
+        self.in_flight += 1
+        draft = _Draft(id=f"chatcmpl-sim-{seq:06d}", seq=seq, arrival=arrival, in_flight=self.in_flight)
+        try:
+            with anyio.CancelScope() as whole:
+                # Registered before the body is read, so shutdown cancels every request.
+                self._active.add(whole)
+                try:
+                    body = await _read_body(receive)
+                    if body is None:  # the client left before sending its body
+                        return
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+                        try:
+                            await self._handle(scope, body, send, draft)
+                        except _Refused as refused:
+                            draft.done(refused.status, refused.outcome)
+                            self._finish(draft)
+                            await _send_json(send, refused.status, refused.body, refused.headers, draft.id)
+                        except Exception:
+                            draft.outcome = "internal_error"  # a bug here; the ASGI server answers 500
+                            raise
+                        tg.cancel_scope.cancel()
+                finally:
+                    self._active.discard(whole)
+        finally:
+            self._finish(draft)
+
+    def _finish(self, draft: _Draft) -> None:
+        """Log the request and count it out, once. Called just before the response is sent,
+        so a client holding a response can rely on its log entry being there."""
+        if not draft.logged:
+            draft.logged = True
+            self.in_flight -= 1
+            self.log.append(draft.entry(self._clock()))
+
+    # ------------------------------------------------------------ the pipeline
+
+    async def _handle(self, scope: Scope, body: bytes, send: Send, draft: _Draft) -> None:
+        cfg = self.config
+        if not self._authorized(scope):
+            raise _auth_error()
+        request = _parse_body(body)
+        model = request.get("model")
+        draft.model = model if isinstance(model, str) else None
+        messages = _parse_messages(request.get("messages"))
+        if not isinstance(model, str) or model not in self._models:
+            raise _model_error(str(model))
+        if request.get("stream"):
+            raise _Refused(
+                400, "bad_request", "The simulator does not stream; send stream=false.", param="stream"
+            )
+        max_tokens = _max_tokens(request)
+        draft.max_tokens = max_tokens
+        key = request.get("prompt_cache_key")
+        draft.prompt_cache_key = key if isinstance(key, str) else None
+        kind = draft.kind = self._kind(messages)
+        prompt_text = serialize_messages(messages)
+        prompt_tokens = draft.prompt_tokens = count_tokens(prompt_text)
+        asked = prompt_tokens + (max_tokens or 0)
+        if cfg.context_window is not None and asked > cfg.context_window:
+            raise _Refused(
+                400,
+                "context_length",
+                f"This model's maximum context length is {cfg.context_window} tokens. However, you "
+                f"requested {asked} tokens ({prompt_tokens} in the messages, {max_tokens or 0} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+
+        fault_u, jitter_u = self._draws(body)
+        fault = cfg.faults.script[draft.seq] if draft.seq < len(cfg.faults.script) else "ok"
+        if draft.seq >= len(cfg.faults.script):
+            fault = cfg.faults.draw(fault_u, kind)
+
+        admission = self.limiter.admit(prompt_tokens + (max_tokens or 0), self._clock(), model)
+        if not admission.allowed:
+            raise _Refused(
+                429,
+                "rate_limited",
+                admission.message or "Rate limit reached.",
+                type_=admission.limit_type or "requests",
+                code="rate_limit_exceeded",
+                headers=admission.headers,
+            )
+        headers = admission.headers
+        if fault == "error_500":
+            raise _Refused(
+                500,
+                "error_500",
+                "The server had an error while processing your request. Sorry about that!",
+                type_="server_error",
+                headers=headers,
+            )
+        if fault == "error_429":
+            wait = cfg.faults.retry_after_s
+            raise _Refused(
+                429,
+                "error_429",
+                "The engine is currently overloaded, please try again later.",
+                type_="requests",
+                code="rate_limit_exceeded",
+                headers={
+                    **headers,
+                    "retry-after": str(max(1, round(wait))),
+                    "retry-after-ms": str(round(wait * 1000)),
+                },
+            )
+
+        policy = self._policies[kind]
+        draft.policy = policy.name
+        capacity = self._capacity["root" if kind == "root" else "sub"]
+        async with capacity if capacity is not None else contextlib.nullcontext():
+            start = draft.start = self._clock()
+            namespace = model
+            if cfg.cache.partition_by_cache_key and draft.prompt_cache_key:
+                namespace += "\x00" + draft.prompt_cache_key
+            blocks = self.cache.blocks(namespace, prompt_text)
+            cached = draft.cached_tokens = self.cache.lookup(blocks, start)
+            try:
+                reply = policy(
+                    PolicyRequest(model=model, messages=messages, kind=kind, max_tokens=max_tokens)
+                )
+            except Exception as exc:  # a bug in a policy: say so instead of hanging the client
+                raise _Refused(
+                    500, "policy_error", f"policy {policy.name!r} failed: {exc!r}", type_="server_error"
+                ) from None
+            cap = max_tokens if max_tokens is not None else cfg.max_output_tokens
+            finish_reason = "stop"
+            if count_tokens(reply) > cap:
+                reply, finish_reason = reply[: cap * CHARS_PER_TOKEN], "length"
+            completion_tokens = draft.completion_tokens = count_tokens(reply)
+            draft.finish_reason = finish_reason
+            first, decode = cfg.latency.phases(
+                kind,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                cached_tokens=cached,
+                jitter_u=jitter_u,
+            )
+            if fault == "slow":
+                decode += cfg.faults.slow_extra_s
+            if first > 0:
+                await self._sleep(first)
+            if cfg.cache.available_at == "first_token":
+                self.cache.insert(blocks, self._clock())
+            if decode > 0:
+                await self._sleep(decode)
+            if cfg.cache.available_at == "finish":
+                self.cache.insert(blocks, self._clock())
+            # Logged as the finish: the moment the slot frees, so service intervals in the log
+            # never overlap more than `capacity` (sending the bytes is not model time).
+            draft.served_until = self._clock()
+            service_ms = int((draft.served_until - start) * 1000)
+
+        payload = _completion_json(
+            draft.id,
+            int(self._wall_clock()),
+            model,
+            reply,
+            finish_reason,
+            prompt_tokens,
+            completion_tokens,
+            cached,
+        )
+        headers = {**headers, "openai-processing-ms": str(service_ms)}
+        if fault == "drop":
+            # Headers and half the body, then the connection closes: the client sees a
+            # connection error mid-response. Returning here without finishing the body makes
+            # the ASGI server close the connection.
+            draft.done(0, "drop")
+            self._finish(draft)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": _headers(headers, len(payload), draft.id),
+                }
+            )
+            await send(
+                {"type": "http.response.body", "body": payload[: len(payload) // 2], "more_body": True}
+            )
+            return
+        if fault == "malformed":
+            payload = payload[: len(payload) // 2]
+        draft.done(200, fault if fault in ("malformed", "slow") else "ok")
+        self._finish(draft)
+        await _send(send, 200, payload, _headers(headers, len(payload), draft.id))
+
+    # ------------------------------------------------------------ helpers
+
+    def _authorized(self, scope: Scope) -> bool:
+        key = self.config.api_key
+        if key is None:
+            return True
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                return bool(value[:7].lower() == b"bearer " and value[7:] == key.encode())
+        return False
+
+    def _kind(self, messages: tuple[Message, ...]) -> str:
+        if messages and messages[0].role in ("system", "developer"):
+            head = messages[0].content[:_MARKER_CHARS]
+            if head == self._root_marker:
+                return "root"
+            if head == self._sub_marker:
+                return "sub"
+        return "other"
+
+    def _draws(self, body: bytes) -> tuple[float, float]:
+        """Two uniform draws for this request: faults and jitter. Keyed by the seed, the body
+        and how many times this exact body was seen, so a retry draws afresh and a run is
+        reproducible whatever order concurrent requests arrive in."""
+        digest = hashlib.blake2b(body, digest_size=16, key=self._seed_key).digest()
+        n = self._seen.get(digest, 0)
+        self._seen[digest] = n + 1
+        rng = random.Random(digest + n.to_bytes(8, "big"))
+        return rng.random(), rng.random()
+
+
+# ================================================================ request parsing
+
+
+def _parse_body(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _Refused(
+            400,
+            "bad_request",
+            f"We could not parse the JSON body of your request. ({exc})",
+        ) from None
+    if not isinstance(data, dict):
+        raise _Refused(400, "bad_request", "The request body must be a JSON object.")
+    return data
+
+
+def _parse_messages(raw: Any) -> tuple[Message, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise _Refused(400, "bad_request", "'messages' must be a non-empty array.", param="messages")
+    out: list[Message] = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _Refused(400, "bad_request", f"messages[{i}] needs a 'role'.", param=f"messages[{i}]")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise _Refused(
+                400, "bad_request", f"messages[{i}].content must be a string.", param=f"messages[{i}]"
+            )
+        out.append(Message(m["role"], content))
+    return tuple(out)
+
+
+def _max_tokens(request: dict[str, Any]) -> int | None:
+    value = request.get("max_completion_tokens")
+    if value is None:
+        value = request.get("max_tokens")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise _Refused(
+            400, "bad_request", f"max_tokens must be a positive integer, got {value!r}.", param="max_tokens"
+        )
+    return value
+
+
+def _auth_error() -> _Refused:
+    return _Refused(
+        401,
+        "unauthorized",
+        "Incorrect API key provided. The simulator was started with an API key; send it as a Bearer token.",
+        code="invalid_api_key",
+    )
+
+
+def _model_error(name: str) -> _Refused:
+    return _Refused(
+        404,
+        "not_found",
+        f"The model `{name}` does not exist or you do not have access to it.",
+        code="model_not_found",
+    )
+
+
+# ================================================================ responses
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "rlm-async-sim"}
+
+
+def _completion_json(
+    id_: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+) -> bytes:
+    body = {
+        "id": id_,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        },
+        "system_fingerprint": "rlm-async-sim",
+    }
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+def _headers(extra: dict[str, str], length: int, request_id: str | None) -> list[tuple[bytes, bytes]]:
+    out = [_JSON, (b"content-length", str(length).encode())]
+    if request_id is not None:
+        out.append((b"x-request-id", request_id.encode()))
+    out.extend((k.encode(), v.encode()) for k, v in extra.items())
+    return out
+
+
+async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    if not any(k == b"content-length" for k, _ in headers):
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json(
+    send: Send,
+    status: int,
+    obj: Any,
+    extra: dict[str, str] | None = None,
+    request_id: str | None = None,
+) -> None:
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    await _send(send, status, body, _headers(extra or {}, len(body), request_id))
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or `None` if the client disconnected first."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    """Cancel the request's handling when the client goes away."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return

@@ -1,0 +1,398 @@
+"""The simulator's configuration: frozen kw-only dataclasses, loadable from a TOML table.
+
+    [sim]
+    seed = 7
+    models = ["sim-model", "sim-mini"]
+
+    [sim.latency.root]            # the root model's turns
+    ttft_s = 0.5
+    prefill_s_per_token = 2e-5    # per *uncached* prompt token
+    output_s_per_token = 0.015
+    jitter = 0.1                  # latency x U[0.9, 1.1], seeded
+    capacity = 8                  # served at once; the rest queue FIFO
+
+    [sim.latency.sub]             # sub-calls and anything that is not a root turn
+    ttft_s = 0.2
+
+    [sim.cache]
+    available_at = "finish"
+
+    [sim.rate_limits]
+    rpm = 500
+    tpm = 2_000_000
+
+    [sim.faults]
+    error_500 = 0.01
+    drop = 0.01
+
+    [sim.policies.root]
+    name = "rlm"
+    chunk_chars = 50_000
+
+`None` (or leaving a key out) disables a limit. `SimConfig.from_dict` rejects unknown keys,
+naming them, so a typo in a benchmark's TOML fails loudly instead of silently meaning
+"default".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from ..exceptions import ConfigError
+
+__all__ = [
+    "CacheModel",
+    "Faults",
+    "KindLatency",
+    "LatencyModel",
+    "PolicySpec",
+    "RateLimits",
+    "SimConfig",
+]
+
+Kind = Literal["root", "sub", "other"]
+"""What a request is, judged from its system prompt: a root turn of an RLM loop (the
+package's root system prompt), a sub-call (the sub-call system prompt), or anything else."""
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KindLatency:
+    """How long one kind of request takes:
+    `(ttft_s + prefill_s_per_token * uncached_prompt_tokens + output_s_per_token * completion_tokens)
+    * U[1 - jitter, 1 + jitter]`."""
+
+    ttft_s: float = 0.0
+    """Fixed time before the first token, whatever the prompt (network, scheduling)."""
+    prefill_s_per_token: float = 0.0
+    """Time per prompt token that the prefix cache did not cover."""
+    output_s_per_token: float = 0.0
+    """Time per generated token."""
+    jitter: float = 0.0
+    """Relative half-width of the seeded multiplicative jitter; 0 makes latency exact."""
+    capacity: int | None = None
+    """Requests of this kind served at once; the rest wait in FIFO order. `None`: no limit."""
+
+    def __post_init__(self) -> None:
+        if min(self.ttft_s, self.prefill_s_per_token, self.output_s_per_token) < 0:
+            raise ConfigError("latency settings must be >= 0")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ConfigError(f"jitter must be in [0, 1), got {self.jitter}")
+        if self.capacity is not None and self.capacity < 1:
+            raise ConfigError(f"capacity must be >= 1 or None, got {self.capacity}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LatencyModel:
+    """Latency settings per kind. Benchmarks compute critical-path lower bounds with
+    `lower_bound(...)` from the same numbers the server sleeps by."""
+
+    root: KindLatency = field(default_factory=KindLatency)
+    """Root turns (and final-answer turns: they carry the root system prompt)."""
+    sub: KindLatency = field(default_factory=KindLatency)
+    """Sub-calls, and requests that are neither root nor sub."""
+
+    def for_kind(self, kind: str) -> KindLatency:
+        return self.root if kind == "root" else self.sub
+
+    def phases(
+        self,
+        kind: str,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int = 0,
+        jitter_u: float = 0.5,
+    ) -> tuple[float, float]:
+        """(seconds to the first token, seconds of decoding) for one request.
+
+        `jitter_u` is the request's uniform draw in [0, 1): 0.5 is the mean (no jitter),
+        0 the fastest the jitter allows."""
+        s = self.for_kind(kind)
+        factor = 1.0 + s.jitter * (2.0 * jitter_u - 1.0)
+        first = s.ttft_s + s.prefill_s_per_token * max(0, prompt_tokens - cached_tokens)
+        decode = s.output_s_per_token * completion_tokens
+        return first * factor, decode * factor
+
+    def latency(
+        self,
+        kind: str,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int = 0,
+        jitter_u: float = 0.5,
+    ) -> float:
+        """Service time of one request (queueing under `capacity` not included)."""
+        first, decode = self.phases(
+            kind,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+            jitter_u=jitter_u,
+        )
+        return first + decode
+
+    def lower_bound(
+        self, kind: str, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> float:
+        """The least service time the jitter allows for this request."""
+        return self.latency(
+            kind,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+            jitter_u=0.0,
+        )
+
+    @classmethod
+    def realistic(cls) -> LatencyModel:
+        """Rough hosted-API numbers (a large root model, a small sub model). Picked by hand to
+        be plausible, not measured from any provider."""
+        return cls(
+            root=KindLatency(ttft_s=0.5, prefill_s_per_token=2e-5, output_s_per_token=0.015, jitter=0.1),
+            sub=KindLatency(ttft_s=0.25, prefill_s_per_token=1e-5, output_s_per_token=0.006, jitter=0.1),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheModel:
+    """Automatic prompt-prefix caching with OpenAI's semantics."""
+
+    enabled: bool = True
+    min_tokens: int = 1024
+    """Prompts shorter than this are never cached, and no shorter prefix is ever a hit."""
+    step_tokens: int = 128
+    """Cached prefixes grow in steps of this many tokens (1024, 1152, 1280, ...)."""
+    available_at: Literal["finish", "first_token"] = "finish"
+    """When a request's prefix becomes usable by others: when it finished (the default, so
+    N simultaneous cold requests all miss), or when its first token would have been sent
+    (after ttft + prefill), as Anthropic documents for its cache."""
+    ttl_s: float | None = 600.0
+    """An entry unused for this long is evicted (OpenAI: 5-10 minutes idle). `None`: never."""
+    partition_by_cache_key: bool = False
+    """Whether `prompt_cache_key` partitions the cache (requests with different keys never
+    share entries). Off by default: OpenAI uses the key for routing, not isolation."""
+
+    def __post_init__(self) -> None:
+        if self.step_tokens < 1 or self.min_tokens < self.step_tokens:
+            raise ConfigError("cache needs step_tokens >= 1 and min_tokens >= step_tokens")
+        if self.available_at not in ("finish", "first_token"):
+            raise ConfigError(
+                f"cache.available_at must be 'finish' or 'first_token', got {self.available_at!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimits:
+    """OpenAI-style limits, enforced at arrival with continuously refilling buckets."""
+
+    rpm: int | None = None
+    """Requests per minute."""
+    tpm: int | None = None
+    """Tokens per minute, counting prompt tokens + `max_tokens` (0 if the request sent none),
+    as OpenAI counts them at admission: unused output is not refunded."""
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"rate_limits.{name} must be >= 1 or None, got {value}")
+
+
+FaultKind = Literal["ok", "error_500", "error_429", "drop", "malformed", "slow"]
+FAULT_KINDS: tuple[str, ...] = ("error_500", "error_429", "drop", "malformed", "slow")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Faults:
+    """Seeded failures. Each request draws once; the probabilities are exclusive bands."""
+
+    error_500: float = 0.0
+    """Answer 500 at once, with an OpenAI-style error body."""
+    error_429: float = 0.0
+    """Answer 429 at once (provider overload, not the configured limits), with `retry-after`."""
+    drop: float = 0.0
+    """Serve the request, then close the connection halfway through the response body."""
+    malformed: float = 0.0
+    """Serve the request, then send a 200 whose JSON body is cut short."""
+    slow: float = 0.0
+    """Serve the request `slow_extra_s` late."""
+    slow_extra_s: float = 5.0
+    retry_after_s: float = 1.0
+    """What an injected 429 (and 500) asks the client to wait."""
+    kinds: tuple[str, ...] = ("root", "sub", "other")
+    """Which kinds of request the probabilities apply to."""
+    script: tuple[str, ...] = ()
+    """Deterministic outcomes for the first requests, in arrival order ("ok" or a fault name),
+    before the probabilities take over; e.g. `("drop", "ok", "error_500")`."""
+
+    def __post_init__(self) -> None:
+        total = self.error_500 + self.error_429 + self.drop + self.malformed + self.slow
+        if min(self.error_500, self.error_429, self.drop, self.malformed, self.slow) < 0 or total > 1:
+            raise ConfigError(f"fault probabilities must be >= 0 and sum to <= 1, got a sum of {total}")
+        bad = [s for s in self.script if s != "ok" and s not in FAULT_KINDS]
+        if bad:
+            raise ConfigError(
+                f"unknown fault name(s) in faults.script: {bad}; use 'ok' or {list(FAULT_KINDS)}"
+            )
+
+    def draw(self, u: float, kind: str) -> str:
+        """The fault for a request of `kind` whose seeded uniform draw is `u`, or "ok"."""
+        if kind not in self.kinds:
+            return "ok"
+        edge = 0.0
+        for name in FAULT_KINDS:
+            edge += getattr(self, name)
+            if u < edge:
+                return name
+        return "ok"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicySpec:
+    """A policy (the simulated model) by registry name, with its options.
+
+    In TOML every key but `name` is an option: `[sim.policies.root] name = "rlm"
+    chunks = 100`."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PolicySpec:
+        if "name" not in data:
+            raise ConfigError(f"a policy table needs a name, got keys {sorted(data)}")
+        options = dict(data.get("options", {}))
+        options.update({k: v for k, v in data.items() if k not in ("name", "options")})
+        return cls(name=str(data["name"]), options=options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policies:
+    """Which policy answers which kind of request."""
+
+    root: PolicySpec = field(default_factory=lambda: PolicySpec(name="rlm"))
+    sub: PolicySpec = field(default_factory=lambda: PolicySpec(name="reader"))
+    other: PolicySpec = field(default_factory=lambda: PolicySpec(name="echo"))
+
+    def for_kind(self, kind: str) -> PolicySpec:
+        return self.root if kind == "root" else self.sub if kind == "sub" else self.other
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimConfig:
+    """Everything one simulated server needs."""
+
+    seed: int = 0
+    """Seeds jitter and faults. Draws are keyed by request content and how many times that
+    exact body was seen, so a run is reproducible whatever order concurrent requests arrive in."""
+    models: tuple[str, ...] = ("sim-model", "sim-mini")
+    """Model names served; any other answers 404 `model_not_found`."""
+    api_key: str | None = None
+    """If set, requests must send `Authorization: Bearer <api_key>` or get 401."""
+    max_output_tokens: int = 16_384
+    """Output cap when a request sends no `max_tokens`; longer replies end with
+    finish_reason "length"."""
+    context_window: int | None = None
+    """Prompt + max_tokens above this answers 400 `context_length_exceeded`. `None`: no limit."""
+    latency: LatencyModel = field(default_factory=LatencyModel)
+    cache: CacheModel = field(default_factory=CacheModel)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    faults: Faults = field(default_factory=Faults)
+    policies: Policies = field(default_factory=Policies)
+    log_path: str | None = None
+    """Append one JSON line per finished request here (the in-memory log is always kept)."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SimConfig:
+        return _build(cls, data, "sim")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, table: str | None = "sim") -> SimConfig:
+        """Read a TOML file; `table` names the table to use (dotted), `None` the whole file.
+        A file without that table is read whole."""
+        with open(path, "rb") as f:
+            data: Any = tomllib.load(f)
+        if table:
+            node = data
+            for part in table.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    node = None
+                    break
+                node = node[part]
+            if node is not None:
+                data = node
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data that `from_dict` reads back."""
+        data: dict[str, Any] = _dump(self)
+        return data
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"[{where}] must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{where}]: {unknown}; known: {sorted(names)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"[{where}]: {exc}") from None
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        hint = args[0] if len(args) == 1 else hint
+        origin = typing.get_origin(hint)
+    if hint is PolicySpec:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"[{where}] must be a table with a name, got {value!r}")
+        return PolicySpec.from_dict(value)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return _build(hint, value, where)
+    if origin is tuple and isinstance(value, list | tuple):
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _dump(obj: Any) -> Any:
+    if isinstance(obj, PolicySpec):
+        return obj.to_dict()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            out[f.name] = _dump(getattr(obj, f.name))
+        return out
+    if isinstance(obj, tuple):
+        return [_dump(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: _dump(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,108 @@
+"""Automatic prompt-prefix caching with OpenAI's semantics.
+
+- Only prompts of at least `min_tokens` (1024) are cached, and a hit is the longest cached
+  prefix that is a multiple of `step_tokens` (128): 1024, 1152, 1280, ... tokens.
+- A request's prefixes become usable by later requests only when it finishes (or, if so
+  configured, when its first token would have been sent). So N requests sent at the same
+  moment with the same cold prefix all miss; one sent after the first finished hits.
+- Hits are reported as `usage.prompt_tokens_details.cached_tokens` and skip prefill, so the
+  latency model charges prefill only for uncached tokens.
+
+How: the canonical serialization (see `_tokens`) is cut into blocks of `step_tokens * 4`
+characters, and each block boundary gets a digest of everything before it (one running
+BLAKE2b, copied at each boundary), so "the first k blocks match" is one dict lookup. Entries
+idle longer than `ttl_s` are evicted. Pure bookkeeping: time is passed in, nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from ._config import CacheModel
+from ._tokens import CHARS_PER_TOKEN
+
+__all__ = ["PrefixCache", "PromptBlocks"]
+
+_SWEEP_EVERY = 256  # inserts between sweeps of expired entries
+
+
+@dataclass(frozen=True, slots=True)
+class PromptBlocks:
+    """The cacheable prefixes of one prompt: `digests[i]` covers the first
+    `(first_block + i) * step_tokens` tokens."""
+
+    digests: tuple[bytes, ...]
+    first_block: int
+    step_tokens: int
+
+    def tokens_at(self, index: int) -> int:
+        return (self.first_block + index) * self.step_tokens
+
+
+_EMPTY = PromptBlocks((), 0, 0)
+
+
+class PrefixCache:
+    """The prefix cache of one simulated deployment (shared by every model it serves; the
+    model name is part of the key, so models never share entries)."""
+
+    def __init__(self, model: CacheModel) -> None:
+        self.model = model
+        self._block_chars = model.step_tokens * CHARS_PER_TOKEN
+        self._first_block = -(-model.min_tokens // model.step_tokens)
+        self._last_used: dict[bytes, float] = {}
+        self._inserts = 0
+
+    def __len__(self) -> int:
+        return len(self._last_used)
+
+    def blocks(self, namespace: str, prompt_text: str) -> PromptBlocks:
+        """Digest the cacheable prefixes of `prompt_text` (the canonical serialization).
+        `namespace` keeps models (and, if configured, cache keys) apart."""
+        if not self.model.enabled:
+            return _EMPTY
+        full_blocks = len(prompt_text) // self._block_chars
+        if full_blocks < self._first_block:
+            return _EMPTY
+        size = self._block_chars
+        h = hashlib.blake2b(namespace.encode("utf-8", "surrogatepass") + b"\x00", digest_size=16)
+        digests: list[bytes] = []
+        for k in range(full_blocks):
+            h.update(prompt_text[k * size : (k + 1) * size].encode("utf-8", "surrogatepass"))
+            if k + 1 >= self._first_block:
+                digests.append(h.copy().digest())
+        return PromptBlocks(tuple(digests), self._first_block, self.model.step_tokens)
+
+    def lookup(self, blocks: PromptBlocks, now: float) -> int:
+        """Cached tokens for this prompt at time `now` (0 on a miss); refreshes what it hit."""
+        ttl = self.model.ttl_s
+        hit = -1
+        for i, digest in enumerate(blocks.digests):
+            used = self._last_used.get(digest)
+            if used is None or (ttl is not None and now - used > ttl):
+                break
+            hit = i
+        if hit < 0:
+            return 0
+        for digest in blocks.digests[: hit + 1]:
+            self._last_used[digest] = now
+        return blocks.tokens_at(hit)
+
+    def insert(self, blocks: PromptBlocks, now: float) -> None:
+        """Make every cacheable prefix of this prompt usable from `now` on."""
+        for digest in blocks.digests:
+            self._last_used[digest] = now
+        self._inserts += 1
+        if self.model.ttl_s is not None and self._inserts % _SWEEP_EVERY == 0:
+            self._sweep(now)
+
+    def clear(self) -> None:
+        self._last_used.clear()
+
+    def _sweep(self, now: float) -> None:
+        ttl = self.model.ttl_s
+        assert ttl is not None
+        expired = [d for d, used in self._last_used.items() if now - used > ttl]
+        for d in expired:
+            del self._last_used[d]

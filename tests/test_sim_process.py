@@ -1,0 +1,65 @@
+"""The simulator in a child process: started, used over HTTP, its log read back, stopped."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlm_async._types import Message, ModelRequest
+from rlm_async.sim import KindLatency, LatencyModel, SimConfig, SimProcess
+from rlm_async.sim.server import build_parser, config_from_args
+from rlm_async.transport import OpenAITransport
+
+
+class TestSimProcess:
+    @pytest.mark.anyio
+    async def test_child_process_serves_its_config_and_its_log_outlives_it(self, tmp_path):
+        """SimProcess passes its config to the child (model names, latency), reports the port it
+        chose, and the JSONL log can be read while it runs and after it stopped."""
+        config = SimConfig(models=("proc-model",), latency=LatencyModel(sub=KindLatency(ttft_s=0.05)))
+        async with SimProcess(config, log_path=tmp_path / "log.jsonl") as sim:
+            assert sim.base_url == f"http://127.0.0.1:{sim.port}/v1"
+            transport = OpenAITransport(sim.base_url)
+            completion = await transport.complete(
+                ModelRequest(model="proc-model", messages=(Message("user", "ping"),))
+            )
+            await transport.aclose()
+            running = sim.read_log()
+        assert completion.text == "ECHO: ping"
+        assert [e.model for e in running] == ["proc-model"]
+        (entry,) = sim.read_log().entries
+        assert entry.outcome == "ok" and entry.finish - entry.start >= 0.049
+        assert (tmp_path / "log.jsonl").exists()
+
+    def test_sync_context_manager_and_temporary_log(self):
+        """Used synchronously without a log path, the log is kept in memory after the temp dir goes."""
+        with SimProcess() as sim:
+            pid = sim.pid
+            assert pid is not None and sim.port is not None
+        assert sim.pid is None
+        assert len(sim.read_log()) == 0
+
+
+class TestCommandLine:
+    def test_flags_override_the_config_file(self, tmp_path):
+        """--config reads the [sim] table; --seed, --models, --latency and policy flags override it."""
+        path = tmp_path / "sim.toml"
+        path.write_text('[sim]\nseed = 1\nmodels = ["x"]\n[sim.policies.root]\nname = "rlm"\nchunks = 4\n')
+        args = build_parser().parse_args(
+            [
+                "--config",
+                str(path),
+                "--seed",
+                "9",
+                "--models",
+                "a,b",
+                "--latency",
+                "realistic",
+                "--sub-policy",
+                "unhelpful",
+            ]
+        )
+        config = config_from_args(args)
+        assert config.seed == 9 and config.models == ("a", "b")
+        assert config.latency == LatencyModel.realistic()
+        assert config.policies.root.options == {"chunks": 4}
+        assert config.policies.sub.name == "unhelpful"
