@@ -120,7 +120,7 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 
 _CONTEXT_LENGTH_HINTS = ("context_length_exceeded", "maximum context length", "context length")
-DEFAULT_SHARDS = 32
+DEFAULT_SHARDS = 64
 _C = TypeVar("_C")
 
 

@@ -1,0 +1,284 @@
+"""`rlm-async`: the command line. The only module that prints.
+
+    rlm-async demo                                  the built-in demo (no API key, no network)
+    rlm-async run --context PATH|- --query TEXT [--config configs/NAME.toml] [--max-depth N] [--json]
+    rlm-async sim [--config sim.toml] [--port P]    the simulated OpenAI-compatible server
+    rlm-async trace view TRACE.jsonl -o run.html    a self-contained HTML timeline
+
+Errors the user can fix (a missing file, an unreachable endpoint, a missing key, an unknown
+model, a bad context) print one line naming the problem and the fix and exit 2; a
+traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tomllib
+from collections.abc import Sequence
+from contextlib import AsyncExitStack, ExitStack
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from . import _events
+from ._config import RLMConfig
+from ._context import Context
+from ._result import RLMResult
+from .exceptions import ConfigError, RLMError
+
+__all__ = ["main"]
+
+_SIM_BASE_URL = "sim"
+"""A model whose base_url is "sim" is served by the simulator that the config's [sim] table
+describes, started in-process by `rlm-async run`."""
+
+
+class CLIError(Exception):
+    """A one-line, user-fixable problem."""
+
+
+# ---------------------------------------------------------------------- arguments
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlm-async", description="Recursive Language Models, asynchronously.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="answer a query over a context file")
+    run.add_argument(
+        "--context", required=True, help="a text file, a .json file (list or dict), or - for stdin"
+    )
+    run.add_argument("--query", required=True, help="the question to answer over the context")
+    run.add_argument("--config", help="a TOML file from configs/ (default: OpenAI, key from OPENAI_API_KEY)")
+    run.add_argument("--max-depth", type=int, help="recursion depth (1 = the paper's setting)")
+    run.add_argument("--max-iterations", type=int, help="root-model turns before a forced final answer")
+    run.add_argument("--budget-usd", type=float, help="dollar cap over the whole call tree")
+    run.add_argument("--timeout", type=float, help="wall-clock deadline in seconds")
+    run.add_argument("--journal", help="SQLite response journal: completed calls are never paid for twice")
+    run.add_argument("--trace", help="directory to write the JSONL trace into")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--quiet", action="store_true", help="no live progress")
+
+    demo = sub.add_parser("demo", help="the built-in demo on the simulator (no key, no network)")
+    demo.add_argument("--task", default="oolong", choices=("oolong", "s-niah", "oolong-pairs"))
+    demo.add_argument("--tokens", default="1M", help="context size in simulator tokens (default 1M)")
+    demo.add_argument("--chunks", type=int, default=200, help="chunks the root model fans out to")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--trace", help="directory to write the JSONL trace into")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    demo.add_argument("--quiet", action="store_true", help="no live progress")
+
+    sim = sub.add_parser("sim", help="run the simulated OpenAI-compatible server", add_help=False)
+    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+
+    trace = sub.add_parser("trace", help="work with JSONL traces")
+    tsub = trace.add_subparsers(dest="trace_command", required=True)
+    view = tsub.add_parser("view", help="write a self-contained HTML timeline of a trace")
+    view.add_argument("trace_path")
+    view.add_argument("-o", "--output", help="the HTML file (default: beside the trace)")
+    return p
+
+
+# ---------------------------------------------------------------------- run
+def _read_context(spec: str) -> Context:
+    if spec == "-":
+        return sys.stdin.read()
+    path = Path(spec)
+    if not path.exists():
+        raise CLIError(f"context file {path} does not exist; pass a text file, a .json file, or - for stdin")
+    if path.is_dir():
+        raise CLIError(f"context {path} is a directory; pass a file (or join the files into one)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CLIError(
+            f"context file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it first"
+        ) from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CLIError(
+                f"context file {path} is not valid JSON ({exc}); rename it to .txt to read it as text"
+            ) from None
+        if not isinstance(data, (list, dict, str)):
+            raise CLIError(
+                f"context file {path} holds a JSON {type(data).__name__}; use a list, a dict or a string"
+            )
+        return data  # type: ignore[no-any-return]
+    return text
+
+
+def _load_config(args: argparse.Namespace) -> tuple[RLMConfig, dict[str, Any] | None]:
+    sim_table: dict[str, Any] | None = None
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise CLIError(f"config file {path} does not exist; see configs/ for one per provider")
+        config = RLMConfig.from_toml(path)
+        sim_table = tomllib.loads(path.read_text(encoding="utf-8")).get("sim")
+    else:
+        from ._config import ModelConfig
+
+        config = RLMConfig(root=ModelConfig(model="gpt-5-mini"))
+    changes: dict[str, Any] = {}
+    if args.max_depth is not None:
+        changes["max_depth"] = args.max_depth
+    if args.max_iterations is not None:
+        changes["max_iterations"] = args.max_iterations
+    if args.journal:
+        changes["journal_path"] = args.journal
+    budget_changes: dict[str, Any] = {}
+    if args.budget_usd is not None:
+        budget_changes["max_usd"] = args.budget_usd
+    if args.timeout is not None:
+        budget_changes["max_seconds"] = args.timeout
+    if budget_changes:
+        changes["budget"] = dataclasses.replace(config.budget, **budget_changes)
+    return (dataclasses.replace(config, **changes) if changes else config), sim_table
+
+
+def _point_at(config: RLMConfig, base_url: str) -> RLMConfig:
+    def fix(m: Any) -> Any:
+        return (
+            dataclasses.replace(m, base_url=base_url) if m is not None and m.base_url == _SIM_BASE_URL else m
+        )
+
+    return dataclasses.replace(
+        config,
+        root=fix(config.root),
+        sub=fix(config.sub),
+        depth_models=tuple(fix(m) for m in config.depth_models),
+        others=tuple(fix(m) for m in config.others),
+    )
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from ._progress import LiveProgress
+    from ._rlm import RLM
+    from ._trace import TraceWriter
+
+    context = _read_context(args.context)
+    config, sim_table = _load_config(args)
+    async with AsyncExitStack() as stack:
+        if any(m.base_url == _SIM_BASE_URL for m in config.all_models()):
+            from .sim import SimConfig, SimServer
+
+            sim = await stack.enter_async_context(SimServer(SimConfig.from_dict(sim_table or {})))
+            config = _point_at(config, sim.base_url)
+        sinks: list[_events.EventSink] = []
+        if args.trace:
+            sinks.append(stack.enter_context(TraceWriter(args.trace)))
+        sinks.append(stack.enter_context(LiveProgress(quiet=args.quiet or args.json)))
+        rlm = await stack.enter_async_context(RLM(config=config))
+        result = await rlm.acompletion(context, args.query, event_sinks=sinks)
+    _print_result(result, as_json=args.json)
+    return 0 if result.status in ("ok", "max_iterations") else 1
+
+
+def _print_result(result: RLMResult, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    print(result.response if result.response is not None else "(no answer)")
+    if result.status != "ok":
+        print(f"[{result.status}] {result.detail}", file=sys.stderr)
+    t = result.total
+    print(
+        f"[{t.calls} calls, {t.prompt_tokens:,} prompt tokens ({t.cached_tokens:,} cached), "
+        f"{t.completion_tokens:,} completion tokens, ${t.cost_usd:.4f}, {result.execution_time:.2f} s]",
+        file=sys.stderr,
+    )
+
+
+# ---------------------------------------------------------------------- demo
+async def _demo(args: argparse.Namespace) -> int:
+    from ._progress import LiveProgress
+    from ._trace import TraceWriter
+    from .demo import run_demo
+
+    with ExitStack() as stack:
+        sinks: list[_events.EventSink] = []
+        if args.trace:
+            sinks.append(stack.enter_context(TraceWriter(args.trace)))
+        if not args.json:
+            print(
+                f"rlm-async demo: {args.task} over a {args.tokens}-token synthetic context, "
+                f"{args.chunks} chunks, on the simulator (no key, no network)",
+                file=sys.stderr,
+            )
+        sinks.append(stack.enter_context(LiveProgress(quiet=args.quiet or args.json)))
+        report = await run_demo(
+            task=args.task, tokens=args.tokens, chunks=args.chunks, seed=args.seed, event_sinks=sinks
+        )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0 if report.correct else 1
+    r = report.result
+    t = r.total
+    rows = [
+        ("query", report.query if len(report.query) < 100 else report.query[:97] + "..."),
+        ("answer", str(r.response)),
+        ("right answer", str(report.truth)),
+        ("correct", "yes" if report.correct else "NO"),
+        ("status", r.status),
+        ("calls", f"{t.calls} ({report.requests} HTTP requests, peak {report.peak_in_flight} in flight)"),
+        (
+            "tokens",
+            f"{t.prompt_tokens:,} prompt ({t.cached_tokens:,} cached), {t.completion_tokens:,} completion",
+        ),
+        ("simulated cost", f"${t.cost_usd:.4f} (stand-in prices, see rlm_async/demo.py)"),
+        ("wall time", f"{r.execution_time:.2f} s"),
+        (
+            "critical-path bound",
+            f"{report.bound_s:.2f} s (wall / bound = {r.execution_time / report.bound_s:.2f})"
+            if report.bound_s
+            else "n/a",
+        ),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:>{width}}  {value}")
+    return 0 if report.correct else 1
+
+
+# ---------------------------------------------------------------------- entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "sim":
+            from .sim import main as sim_main
+
+            return sim_main(args.sim_args)
+        if args.command == "trace":
+            from .trace_view import main_view
+
+            out = main_view(args.trace_path, args.output)
+            print(f"wrote {out}")
+            return 0
+        runner = _run if args.command == "run" else _demo
+        return anyio.run(runner, args)
+    except (CLIError, RLMError) as exc:
+        if args.debug:
+            raise
+        kind = "configuration error" if isinstance(exc, ConfigError) else "error"
+        print(f"rlm-async: {kind}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlm-async: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"rlm-async: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
