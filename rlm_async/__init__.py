@@ -38,7 +38,7 @@ from .exceptions import (
     ServerError,
     TransportError,
 )
-from .sandbox import SandboxConfig
+from .sandbox import ReducedIsolationWarning, SandboxConfig
 from .transport import OpenAISDKTransport, OpenAITransport, Transport
 
 __version__ = "0.1.0"
@@ -76,6 +76,7 @@ __all__ = [
     "RLMError",
     "RLMResult",
     "RateLimited",
+    "ReducedIsolationWarning",
     "RetryConfig",
     "RetryableError",
     "SandboxConfig",

@@ -29,6 +29,8 @@ LAYERS: dict[str, int] = {
     "_sandbox_launch": 3,
     "_sandbox_procs": 3,
     "_sandbox_seccomp": 3,
+    "_sandbox_types": 3,
+    "_sandbox_worker": 3,
     "_worker": 3,
     "_tree": 3,
     "_result": 3,

@@ -1,0 +1,118 @@
+"""The engine's end of a worker's control socket: length-prefixed JSON frames.
+
+Frames from the worker are untrusted input. Every size is checked against
+`max_inbound` before anything is allocated, the JSON must be strict UTF-8 and an object
+with a string `op`, and the worker may never send a blob. Anything else raises
+`ProtocolViolation`, and the caller kills the worker: a broken frame costs the worker, never
+the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import anyio
+
+from ._worker.bootstrap import HEADER
+from .exceptions import SandboxError
+
+__all__ = ["Channel", "ChannelClosed", "ProtocolViolation"]
+
+_CHUNK = 1 << 20
+ATOMIC_SEND_S = 10.0
+"""How long an atomic send may take: the worker's reader thread drains its socket at once,
+so only a worker that stopped reading (hostile or wedged) hits this."""
+
+
+class ProtocolViolation(SandboxError):
+    """The worker sent something that is not a valid frame; it is killed."""
+
+
+class ChannelClosed(SandboxError):
+    """The worker's end of the socket closed (it exited, or closed the fd)."""
+
+
+class Channel:
+    def __init__(self, sock: socket.socket, *, max_inbound: int) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._max_inbound = max_inbound
+        self._buf = bytearray()
+        self._send_lock = anyio.Lock()
+        self.closed = False
+
+    async def send(
+        self, obj: dict[str, Any], blob: bytes | bytearray | memoryview = b"", *, atomic: bool = False
+    ) -> None:
+        """Send one frame. `atomic`: the frame is never left half-sent by a cancellation
+        (which would desynchronise a worker that lives on); it gets `ATOMIC_SEND_S` seconds,
+        after which the channel counts as broken (`ChannelClosed`) and the worker must go."""
+        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+        if self.closed:
+            raise ChannelClosed("the control channel is closed")
+        async with self._send_lock:
+            if not atomic:
+                await self._send_all(HEADER.pack(len(data), len(blob)) + data)
+                if blob:
+                    await self._send_all(blob)
+                return
+            with anyio.CancelScope(shield=True), anyio.move_on_after(ATOMIC_SEND_S) as scope:
+                await self._send_all(HEADER.pack(len(data), len(blob)) + data)
+                if blob:
+                    await self._send_all(blob)
+            if scope.cancelled_caught:
+                self.close()
+                raise ChannelClosed(f"the worker did not read a frame within {ATOMIC_SEND_S} s")
+
+    async def _send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self._sock.send(view[: 4 * _CHUNK])
+            except BlockingIOError:
+                await anyio.wait_writable(self._sock)
+                continue
+            except OSError as exc:  # EPIPE / ECONNRESET: the worker is gone
+                raise ChannelClosed(f"the worker closed its control channel ({exc})") from exc
+            view = view[sent:]
+
+    async def _fill(self, n: int) -> None:
+        while len(self._buf) < n:
+            try:
+                data = self._sock.recv(min(max(n - len(self._buf), 1 << 16), 4 * _CHUNK))
+            except BlockingIOError:
+                await anyio.wait_readable(self._sock)
+                continue
+            except OSError as exc:
+                raise ChannelClosed(f"the worker's control channel failed ({exc})") from exc
+            if not data:
+                raise ChannelClosed("the worker closed its control channel")
+            self._buf += data
+
+    async def receive(self) -> dict[str, Any]:
+        await self._fill(HEADER.size)
+        json_len, blob_len = HEADER.unpack_from(self._buf)
+        if blob_len:
+            raise ProtocolViolation(f"the worker sent a {blob_len}-byte blob; workers send none")
+        if json_len > self._max_inbound:
+            raise ProtocolViolation(
+                f"the worker sent a {json_len:,}-byte frame, over the limit of {self._max_inbound:,} bytes"
+            )
+        await self._fill(HEADER.size + json_len)
+        raw = bytes(self._buf[HEADER.size : HEADER.size + json_len])
+        del self._buf[: HEADER.size + json_len]
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise ProtocolViolation(f"the worker sent a frame that is not UTF-8 JSON ({exc})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("op"), str):
+            raise ProtocolViolation("the worker sent a frame that is not an object with an 'op'")
+        return obj
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            anyio.notify_closing(self._sock)
+            self._sock.close()

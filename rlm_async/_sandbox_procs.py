@@ -1,0 +1,173 @@
+"""Finding and killing every process a REPL worker started, by scanning `/proc`.
+
+A worker's processes are found three ways, because each alone can be escaped:
+its process group (the code can call `setsid`), its process tree (an orphan is re-parented
+away, unless the worker is a child subreaper) and its private uid (only when the engine
+runs as root and could give the worker one). Under bubblewrap the pid namespace already
+guarantees that killing the sandbox kills everything in it; these scans are what make the
+plain-subprocess fallback clean up too, and what lets tests prove nothing is left behind.
+
+Blocking (it reads `/proc`); the async side runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "Proc",
+    "count_user_tasks",
+    "kill_all",
+    "pick_free_uid",
+    "scan",
+    "survivors",
+]
+
+# systemd's "unused" uid range (1879048192-2147483647): no login user, no container range.
+_UID_LOW = 0x70000000
+_UID_HIGH = 0x7FFFFFF0
+
+
+@dataclass(frozen=True, slots=True)
+class Proc:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    uid: int
+    state: str
+    threads: int
+
+
+def _read_proc(pid: int) -> Proc | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        with open(f"/proc/{pid}/status", "rb") as f:
+            status = f.read().decode("ascii", "replace")
+    except OSError:  # it exited while we looked
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    uid = threads = -1
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            uid = int(line.split()[1])  # the real uid, the one RLIMIT_NPROC counts
+        elif line.startswith("Threads:"):
+            threads = int(line.split()[1])
+    return Proc(
+        pid=pid,
+        state=fields[0],
+        ppid=int(fields[1]),
+        pgid=int(fields[2]),
+        sid=int(fields[3]),
+        uid=uid,
+        threads=threads,
+    )
+
+
+def scan() -> list[Proc]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            proc = _read_proc(int(name))
+            if proc is not None:
+                out.append(proc)
+    return out
+
+
+def _members(procs: list[Proc], *, root: int | None, group: int | None, uid: int | None) -> set[int]:
+    """Pids belonging to a worker: same uid, same process group or session, or in its tree."""
+    found: set[int] = set()
+    for p in procs:
+        if (uid is not None and p.uid == uid) or (group is not None and group in (p.pgid, p.sid)):
+            found.add(p.pid)
+    if root is not None and any(p.pid == root for p in procs):
+        children: dict[int, list[int]] = {}
+        for p in procs:
+            children.setdefault(p.ppid, []).append(p.pid)
+        seen = {root}
+        todo = [root]
+        while todo:
+            pid = todo.pop()
+            found.add(pid)
+            for child in children.get(pid, ()):
+                if child not in seen:
+                    seen.add(child)
+                    todo.append(child)
+    found.discard(os.getpid())
+    found.discard(1)
+    return found
+
+
+def survivors(*, root: int | None, group: int | None, uid: int | None) -> list[Proc]:
+    """The worker's processes that still exist, zombies included."""
+    procs = scan()
+    members = _members(procs, root=root, group=group, uid=uid)
+    return [p for p in procs if p.pid in members]
+
+
+def _signal_all(pids: Iterable[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def kill_all(*, root: int | None, group: int | None, uid: int | None, wait_s: float = 5.0) -> list[int]:
+    """SIGKILL every process of the worker, then wait (up to `wait_s`) until none is left
+    running. Returns the pids still present at the end: normally only zombies, such as the
+    worker itself until the engine reaps it.
+
+    Processes are first stopped, and the scan repeated until it finds nothing new, so a
+    process cannot fork its way out between the scan and the kill."""
+    stopped: set[int] = set()
+    for _ in range(50):
+        live = {
+            p.pid
+            for p in survivors(root=root, group=group, uid=uid)
+            if p.state not in ("Z", "X") and p.pid not in stopped
+        }
+        if not live:
+            break
+        _signal_all(live, signal.SIGSTOP)
+        stopped |= live
+    if group is not None:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _signal_all(stopped, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while True:
+        now = {p.pid: p for p in survivors(root=None, group=group, uid=uid)}
+        for pid in stopped - now.keys():
+            proc = _read_proc(pid)
+            if proc is not None:
+                now[pid] = proc
+        running = [p.pid for p in now.values() if p.state not in ("Z", "X")]
+        if not running or time.monotonic() > deadline:
+            return sorted(now)
+        _signal_all(running, signal.SIGKILL)
+        time.sleep(0.01)
+
+
+def pick_free_uid() -> int:
+    """A uid no process uses now, from a range no user or container range occupies, so
+    RLIMIT_NPROC counts exactly this worker's processes and no file on the host is its."""
+    used = {p.uid for p in scan()}
+    while True:
+        uid = random.randrange(_UID_LOW, _UID_HIGH)
+        if uid not in used:
+            return uid
+
+
+def count_user_tasks(uid: int) -> int:
+    """Threads owned by `uid` (real uid) across the host: what RLIMIT_NPROC counts."""
+    return sum(max(p.threads, 1) for p in scan() if p.uid == uid)

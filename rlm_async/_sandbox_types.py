@@ -1,0 +1,166 @@
+"""The sandbox's plain data: its configuration, the requests a worker makes and the result
+of a cell. Re-exported by `rlm_async.sandbox`, where the rest of the API lives."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from .exceptions import ConfigError
+
+__all__ = [
+    "WORKER_DEAD_STATUSES",
+    "CellResult",
+    "CellStatus",
+    "RequestHandler",
+    "SandboxConfig",
+    "WorkerRequest",
+]
+
+_MiB = 1 << 20
+_GiB = 1 << 30
+
+CellStatus = Literal["ok", "error", "output_limit", "timeout", "memory", "cpu_limit", "crashed"]
+"""How a cell ended.
+
+- "ok": the code ran to its end.
+- "error": the code raised; `error` holds the end of the traceback. The worker lives on.
+- "output_limit": as "ok", but output past `output_limit_bytes` was discarded.
+- "timeout": the cell ran past `cell_timeout_s`; the worker was killed.
+- "memory": the code hit `memory_bytes` (a `MemoryError`); the worker was killed, since its
+  heap may still be full.
+- "cpu_limit": the worker used up `cpu_seconds` of CPU time; it was killed.
+- "crashed": the worker died (a signal, `os._exit`, a broken frame on the control channel).
+
+The last four set `worker_dead`: call `restart()`; every variable is gone.
+"""
+
+WORKER_DEAD_STATUSES = frozenset({"timeout", "memory", "cpu_limit", "crashed"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxConfig:
+    """Isolation and resource limits of REPL workers. `None` disables a limit."""
+
+    isolation: Literal["auto", "bwrap", "none"] = "auto"
+    """"auto": bubblewrap where it runs, else a plain subprocess and one
+    `ReducedIsolationWarning`. "bwrap": bubblewrap or `IsolationUnavailable`. "none": a plain
+    subprocess, no warning (trusted code only). Without bubblewrap the code can read every
+    file the worker's uid can read, reach the network (the engine's own loopback ports
+    included) and, if the worker keeps root's uid, read the engine's environment through
+    `/proc/<ppid>/environ` and kill the engine. The worker drops root only when the engine runs
+    as root and the interpreter lies in world-readable directories."""
+    require_isolation: bool = False
+    """Refuse to start a worker (`IsolationUnavailable`) unless bubblewrap runs."""
+    allow_network: bool = False
+    """Trusted mode for tools that need the network. Opens exactly: the host's network
+    namespace (every interface, so also services on this machine's loopback, the host's
+    abstract Unix sockets, and cloud metadata endpoints such as 169.254.169.254) and
+    read-only `/etc/resolv.conf`,
+    `/etc/hosts`, `/etc/host.conf`, `/etc/nsswitch.conf`, `/etc/gai.conf`, `/etc/services`,
+    `/etc/protocols`, `/etc/ssl`, `/etc/ca-certificates` and `/etc/pki` (name resolution
+    and TLS roots). Filesystem, pid, environment and limits stay as without it."""
+    cell_timeout_s: float | None = 60.0
+    """Wall-clock limit per cell, enforced by killing the worker's processes. Time the cell
+    spends blocked in `llm_query`/`llm_batch`/`rlm_*` does not count. Also bounds
+    `get_variable`."""
+    start_timeout_s: float | None = 30.0
+    """Limit on starting a worker and loading its context."""
+    memory_bytes: int | None = 2 * _GiB
+    """Address space per process (RLIMIT_AS). A str context costs about its UTF-8 size once
+    loaded (up to 4 bytes a character for non-Latin text), so 2 GiB leaves ample room for a
+    40 MB context and the code's own work."""
+    cpu_seconds: float | None = 600.0
+    """CPU time per worker process over its whole life, all threads together (RLIMIT_CPU;
+    rounded up to whole seconds). Bounds busy threads while the wall clock is paused for
+    sub-calls. Every process the code forks has its own allowance."""
+    file_size_bytes: int | None = 64 * _MiB
+    """Largest file the code may write (RLIMIT_FSIZE); writing past it raises `OSError`."""
+    tmp_size_bytes: int | None = 256 * _MiB
+    """Size of the private `/tmp` tmpfs under bubblewrap (its pages are RAM). The fallback
+    uses a private directory on the host's temp filesystem, which this does not cap."""
+    open_files: int | None = 256
+    """Open file descriptors per process (RLIMIT_NOFILE)."""
+    max_processes: int | None = 64
+    """Processes and threads the worker may have at once, the worker and its reader thread
+    included. Enforced by RLIMIT_NPROC on a uid of the worker's own (the engine runs as
+    root: it gives each worker a private unprivileged uid) or on the user namespace
+    bubblewrap creates (the engine runs unprivileged). Root keeps ignoring RLIMIT_NPROC, so
+    a fallback worker that cannot drop root has no process cap; it is still killed whole
+    at the deadline."""
+    output_limit_bytes: int = 1_000_000
+    """Bytes of stdout and of stderr kept per cell. Python-level output past it is counted
+    and discarded inside the worker; raw writes to fds 1 and 2 are drained and discarded
+    by the engine, so no amount of output reaches the engine's memory."""
+    max_message_bytes: int = 64 * _MiB
+    """Largest frame the worker may send: one `llm_batch` request with all its prompts, or
+    a final answer. A larger request raises `ValueError` in the REPL; a forged oversized
+    frame kills the worker."""
+    python: str | None = None
+    """Interpreter for workers (only its stdlib is used); `None` is `sys.executable`. A
+    venv's python runs as its base interpreter."""
+    bwrap_path: str | None = None
+    """The bubblewrap binary; `None` looks for `bwrap` on PATH and in /usr/bin."""
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ("auto", "bwrap", "none"):
+            raise ConfigError(
+                f"SandboxConfig.isolation must be 'auto', 'bwrap' or 'none', not {self.isolation!r}"
+            )
+        if self.require_isolation and self.isolation == "none":
+            raise ConfigError("SandboxConfig: require_isolation=True contradicts isolation='none'")
+        for name in (
+            "cell_timeout_s",
+            "start_timeout_s",
+            "memory_bytes",
+            "cpu_seconds",
+            "file_size_bytes",
+            "tmp_size_bytes",
+            "open_files",
+            "max_processes",
+        ):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"SandboxConfig.{name} must be positive or None, not {value!r}")
+        if self.open_files is not None and self.open_files < 16:
+            raise ConfigError("SandboxConfig.open_files must be at least 16: Python itself needs some")
+        if self.max_processes is not None and self.max_processes < 4:
+            raise ConfigError("SandboxConfig.max_processes must be at least 4 (the worker uses 2)")
+        if self.output_limit_bytes < 0:
+            raise ConfigError("SandboxConfig.output_limit_bytes must be >= 0")
+        if self.max_message_bytes < 64 * 1024:
+            raise ConfigError("SandboxConfig.max_message_bytes must be at least 64 KiB")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRequest:
+    """A sub-call the code asked for. Untrusted data: sizes are checked, content is not."""
+
+    op: Literal["llm_query", "llm_batch", "rlm_query", "rlm_batch"]
+    prompts: tuple[str, ...]
+    model: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CellResult:
+    stdout: str
+    """What the cell wrote to stdout (Python-level and raw fd 1), at most
+    `output_limit_bytes` of it; invalid UTF-8 is replaced."""
+    stderr: str
+    """Likewise for stderr."""
+    error: str | None
+    """The end of the traceback when the code raised, without the worker's own frames; or
+    what happened to the worker (timeout, memory, crash)."""
+    status: CellStatus
+    final_answer: str | None
+    """`str(answer["content"])` when the code left `answer["ready"] is True`."""
+    dropped_output_bytes: int
+    """Output bytes discarded because of `output_limit_bytes`."""
+    duration_s: float
+    """Wall-clock time of the cell, sub-calls included."""
+    worker_dead: bool
+    """The worker was killed or died: call `restart()`; the model's variables are gone."""
+
+
+RequestHandler = Callable[[WorkerRequest], Awaitable[list[str]]]

@@ -1,0 +1,593 @@
+"""The REPL worker: runs the model's code cells, inside the sandbox, one process per RLM.
+
+Run as a script (`python -I -S -B bootstrap.py CTL_FD`). It imports only the standard
+library and never `rlm_async`: inside the sandbox only this file and the interpreter's own
+install are visible. The engine imports this module too, for the protocol constants below.
+
+The control channel is the socket on CTL_FD, never stdout: whatever the code prints goes to
+fds 1 and 2, which the engine drains as plain data, so printed text cannot pose as a frame.
+A frame is a `HEADER` (JSON length, blob length) then UTF-8 JSON, then the blob.
+
+    engine -> worker   init {limits, uid, ...} + context blob | exec {cell, code}
+                       | getvar {name} | reply {id, results} or {id, error, message}
+    worker -> engine   ready {pid} | request {id, kind, prompts, model}
+                       | done {cell, status, error, final_answer, dropped} | var {found, value}
+
+Everything in this process, this module included, is reachable by the model's code, so
+nothing here is a security boundary: the engine treats every frame from here as untrusted.
+The code below only tries to keep honest code working when it does odd things (rebinding
+`sys.stdout`, tampering with `sys.modules`, calling `llm_query` from threads).
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import io
+import json
+import linecache
+import os
+import queue
+import resource
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">II")
+"""Every frame starts with (JSON length, blob length), both big-endian uint32."""
+REQUEST_KINDS = ("llm_query", "llm_batch", "rlm_query", "rlm_batch")
+EXIT_ENGINE_GONE = 0
+EXIT_MEMORY = 3
+EXIT_PROTOCOL = 4
+ERROR_TEXT_LIMIT = 10_000
+"""Characters of a formatted traceback kept (its end, where the exception is)."""
+HELPER_NAMES = frozenset(
+    {
+        "context",
+        "answer",
+        "llm_query",
+        "llm_batch",
+        "llm_query_batched",
+        "rlm_query",
+        "rlm_query_batched",
+        "SHOW_VARS",
+        "FINAL_VAR",
+        "BudgetExceeded",
+    }
+)
+
+_THIS_FILE = os.path.abspath(__file__)
+# Private references taken at start-up, so code that rebinds `json.dumps` or empties
+# `sys.modules` degrades its own worker rather than the protocol code.
+_dumps = json.dumps
+_loads = json.loads
+_monotonic = time.monotonic
+_MAIN_PID = [0]
+"""The worker's own pid, set at start-up, to tell it from children the code forks."""
+
+
+class BudgetExceeded(Exception):
+    """The engine refused this sub-call: a budget cap would be crossed. Catch it to stop."""
+
+
+# ---------------------------------------------------------------------------- framing
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], min(n - got, 1 << 22))
+        if k == 0:
+            raise EOFError("the engine closed the control channel")
+        got += k
+    return buf
+
+
+def encode_frame(obj: dict[str, Any], blob: bytes | bytearray | memoryview = b"") -> bytes:
+    """One frame: header, JSON, blob. Lone surrogates in strings become '?', so the JSON is
+    always valid UTF-8."""
+    data = _dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+    return HEADER.pack(len(data), len(blob)) + data
+
+
+class _Channel:
+    """The worker's end of the control socket: one reader thread, a lock for writers."""
+
+    def __init__(self, sock: socket.socket, max_message: int) -> None:
+        self.sock = sock
+        self.max_message = max_message
+        self.send_lock = threading.Lock()
+        self.commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.waiters: dict[int, list[Any]] = {}
+        self.waiters_lock = threading.Lock()
+        self.next_id = 0
+        self.cell_active = False
+
+    def recv(self) -> tuple[dict[str, Any], bytearray]:
+        head = _recv_exact(self.sock, HEADER.size)
+        json_len, blob_len = HEADER.unpack(head)
+        obj = _loads(bytes(_recv_exact(self.sock, json_len)).decode("utf-8"))
+        if not isinstance(obj, dict) or not isinstance(obj.get("op"), str):
+            raise ValueError("malformed frame from the engine")
+        blob = _recv_exact(self.sock, blob_len) if blob_len else bytearray()
+        return obj, blob
+
+    def send(self, obj: dict[str, Any]) -> None:
+        frame = encode_frame(obj)
+        with self.send_lock:
+            self.sock.sendall(frame)
+
+    def reader(self) -> None:
+        """Thread body: route replies to the threads waiting for them, commands to main."""
+        try:
+            while True:
+                obj, _ = self.recv()
+                if obj["op"] == "reply":
+                    with self.waiters_lock:
+                        slot = self.waiters.pop(obj.get("id"), None)  # type: ignore[arg-type]
+                    if slot is not None:
+                        slot[1] = obj
+                        slot[0].set()
+                else:
+                    self.commands.put(obj)
+        except EOFError:
+            os._exit(EXIT_ENGINE_GONE)
+        except MemoryError:
+            os._exit(EXIT_MEMORY)
+        except BaseException:
+            os._exit(EXIT_PROTOCOL)
+
+    def request(self, kind: str, prompts: list[str], model: str | None) -> list[str]:
+        """Send one request and block this thread until its reply. Thread-safe."""
+        event = threading.Event()
+        slot: list[Any] = [event, None]
+        with self.waiters_lock:
+            self.next_id += 1
+            rid = self.next_id
+            self.waiters[rid] = slot
+        try:
+            frame = encode_frame(
+                {"op": "request", "id": rid, "kind": kind, "prompts": prompts, "model": model}
+            )
+            if len(frame) > self.max_message:
+                raise ValueError(
+                    f"{kind}: the request is {len(frame):,} bytes, over the sandbox limit of "
+                    f"{self.max_message:,} bytes; send fewer or shorter prompts per call"
+                )
+            with self.send_lock:
+                # Checked under the lock that also sends `done`: no request can follow it.
+                if not self.cell_active:
+                    raise RuntimeError(f"{kind} can only be called while a cell is running")
+                self.sock.sendall(frame)
+        except BaseException:
+            with self.waiters_lock:
+                self.waiters.pop(rid, None)
+            raise
+        event.wait()
+        reply: dict[str, Any] = slot[1]
+        if "results" in reply:
+            results = reply["results"]
+            if isinstance(results, list) and len(results) == len(prompts):
+                return [r if isinstance(r, str) else str(r) for r in results]
+            raise RuntimeError(f"{kind}: malformed reply from the engine")
+        message = str(reply.get("message", "the engine refused the request"))
+        if reply.get("error") == "budget":
+            raise BudgetExceeded(message)
+        raise RuntimeError(message)
+
+
+# ---------------------------------------------------------------------------- output
+class _BinaryView:
+    """`sys.stdout.buffer`: bytes written here share the text stream's cap."""
+
+    def __init__(self, owner: _CappedWriter) -> None:
+        self._owner = owner
+
+    def write(self, data: bytes) -> int:
+        self._owner.write_bytes(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        self._owner.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._owner.fileno()
+
+
+class _CappedWriter(io.TextIOBase):
+    """`sys.stdout`/`sys.stderr` during a cell: writes to the real fd until `limit` bytes,
+    then counts and discards, so a huge print never costs more than counting it.
+
+    Writes go to the fd (not to memory) so the engine sees partial output of a cell it
+    kills. Small writes are batched: a newline flushes at most every 50 ms (the first line
+    of a cell at once), and everything is flushed before each sub-call."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        super().__init__()
+        self._fd = fd
+        self._name = name
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        self._limit = 0
+        self._written = 0
+        self.dropped = 0
+        self._last_flush = 0.0
+        self.buffer = _BinaryView(self)
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return "backslashreplace"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def reset(self, limit: int) -> None:
+        with self._lock:
+            self._flush_locked()
+            self._limit = limit
+            self._written = 0
+            self.dropped = 0
+            self._last_flush = 0.0  # a cell's first line goes out at once
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        self.flush()
+        return self._fd
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        self.write_bytes(s.encode("utf-8", "backslashreplace"))
+        return len(s)
+
+    def write_bytes(self, data: bytes) -> None:
+        with self._lock:
+            room = self._limit - self._written
+            if room <= 0:
+                self.dropped += len(data)
+                return
+            if len(data) > room:
+                self.dropped += len(data) - room
+                data = data[:room]
+            self._written += len(data)
+            self._buf += data
+            now = _monotonic()
+            if len(self._buf) >= 65536 or (b"\n" in data and now - self._last_flush >= 0.05):
+                self._flush_locked()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        self._last_flush = _monotonic()
+        while self._buf:
+            try:
+                n = os.write(self._fd, self._buf)
+            except InterruptedError:
+                continue
+            except OSError:  # the code closed or broke the fd: what is left is lost
+                self.dropped += len(self._buf)
+                self._buf.clear()
+                return
+            del self._buf[:n]
+
+
+# ---------------------------------------------------------------------------- the REPL
+def _format_exception(exc: BaseException) -> str:
+    """The end of the traceback, without this file's frames."""
+    try:
+        te = traceback.TracebackException.from_exception(exc, limit=None)
+        for cur in _chain(te):
+            frames = [f for f in cur.stack if os.path.abspath(f.filename) != _THIS_FILE]
+            cur.stack = traceback.StackSummary.from_list(frames[-10:])
+        text = "".join(te.format())
+    except MemoryError:
+        return f"{type(exc).__name__} (no memory left to format the traceback)"
+    except BaseException:
+        return f"{type(exc).__name__} (the exception could not be formatted)"
+    if len(text) > ERROR_TEXT_LIMIT:
+        text = "[... traceback truncated ...]\n" + text[-ERROR_TEXT_LIMIT:]
+    return text
+
+
+def _chain(te: traceback.TracebackException) -> list[traceback.TracebackException]:
+    out: list[traceback.TracebackException] = []
+    cur: traceback.TracebackException | None = te
+    while cur is not None and len(out) < 20:
+        out.append(cur)
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+    return out
+
+
+def _fit(text: str, max_bytes: int) -> str:
+    """Cut `text` so its JSON encoding surely fits in `max_bytes` (≤ 6 bytes a character)."""
+    keep = max(0, max_bytes // 8)
+    if len(text) <= keep:
+        return text
+    return text[:keep] + f"\n[... truncated: {len(text) - keep:,} more characters ...]"
+
+
+class _Repl:
+    def __init__(self, channel: _Channel, context: object, output_limit: int) -> None:
+        self.channel = channel
+        self.output_limit = output_limit
+        self.stdout = _CappedWriter(1, "<stdout>")
+        self.stderr = _CappedWriter(2, "<stderr>")
+        self.ns: dict[str, Any] = {
+            "__name__": "__main__",
+            "__builtins__": builtins,
+            "context": context,
+            "context_0": context,
+            "answer": {"content": None, "ready": False},
+            "llm_query": self._llm_query,
+            "llm_batch": self._llm_batch,
+            "llm_query_batched": self._llm_batch,
+            "rlm_query": self._rlm_query,
+            "rlm_query_batched": self._rlm_batch,
+            "SHOW_VARS": self._show_vars,
+            "FINAL_VAR": self._final_var,
+            "BudgetExceeded": BudgetExceeded,
+        }
+
+    # -- helpers visible to the code
+    @staticmethod
+    def _check_model(model: object) -> str | None:
+        if model is not None and not isinstance(model, str):
+            raise TypeError(f"model must be a str or None, not {type(model).__name__}")
+        return model
+
+    @staticmethod
+    def _check_prompts(name: str, prompts: object) -> list[str]:
+        if isinstance(prompts, str) or not isinstance(prompts, list | tuple):
+            raise TypeError(f"{name} takes a list of str prompts, not {type(prompts).__name__}")
+        for p in prompts:
+            if not isinstance(p, str):
+                raise TypeError(f"{name}: every prompt must be a str, got {type(p).__name__}")
+        return list(prompts)
+
+    def _request(self, kind: str, prompts: list[str], model: object) -> list[str]:
+        checked = self._check_model(model)
+        # Progress printed before a slow sub-call should be visible if the cell is killed.
+        self.stdout.flush()
+        self.stderr.flush()
+        return self.channel.request(kind, prompts, checked)
+
+    def _llm_query(self, prompt: str, model: str | None = None) -> str:
+        """Ask a sub-model one question; returns its reply."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"llm_query takes a str prompt, not {type(prompt).__name__}")
+        return self._request("llm_query", [prompt], model)[0]
+
+    def _llm_batch(self, prompts: list[str], model: str | None = None) -> list[str]:
+        """Ask a sub-model several questions concurrently; replies come back in order."""
+        return self._request("llm_batch", self._check_prompts("llm_batch", prompts), model)
+
+    def _rlm_query(self, prompt: str, model: str | None = None) -> str:
+        """Hand one question to a child RLM (a plain sub-call at the depth limit)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"rlm_query takes a str prompt, not {type(prompt).__name__}")
+        return self._request("rlm_query", [prompt], model)[0]
+
+    def _rlm_batch(self, prompts: list[str], model: str | None = None) -> list[str]:
+        """Hand several questions to child RLMs concurrently; replies come back in order."""
+        return self._request("rlm_batch", self._check_prompts("rlm_query_batched", prompts), model)
+
+    def _show_vars(self) -> str:
+        """The variables you created, with their types (and lengths where they have one)."""
+        lines = []
+        for name, value in list(self.ns.items()):
+            if name.startswith("_") or name in HELPER_NAMES or name == "context_0":
+                continue
+            if type(value).__name__ in ("module", "function", "type", "builtin_function_or_method"):
+                continue
+            desc = type(value).__name__
+            try:
+                desc += f", len {len(value)}"
+            except Exception:
+                pass
+            lines.append(f"{name}: {desc}")
+        return "Variables: " + (", ".join(lines) if lines else "(none yet)")
+
+    def _final_var(self, name: object) -> str:
+        """The value of the variable `name` as a string: what FINAL_VAR(name) will answer."""
+        if not isinstance(name, str):
+            return str(name)
+        key = name.strip().strip("'\"")
+        if key in self.ns:
+            return str(self.ns[key])
+        return f"Error: variable {key!r} is not defined. {self._show_vars()}"
+
+    # -- commands from the engine
+    def run_cell(self, cell: int, code: str) -> None:
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        self.stdout.reset(self.output_limit)
+        self.stderr.reset(self.output_limit)
+        with self.channel.send_lock:
+            self.channel.cell_active = True
+        status, error = "ok", None
+        try:
+            self._execute(cell, code)
+        except MemoryError as exc:
+            status, error = "memory", _format_exception(exc)
+        except BaseException as exc:
+            status, error = "error", _format_exception(exc)
+        if os.getpid() != _MAIN_PID[0]:
+            # A child the code forked ran to the end of the cell: it must not report as
+            # the worker (nor wait for commands meant for it).
+            self.stdout.flush()
+            self.stderr.flush()
+            os._exit(0)
+        self.stdout.flush()
+        self.stderr.flush()
+        final = None
+        try:
+            final = self._final_answer()
+        except MemoryError as exc:
+            status, error = "memory", _format_exception(exc)
+        except BaseException as exc:
+            if status == "ok":
+                status, error = (
+                    "error",
+                    "answer['content'] could not be made a str:\n" + _format_exception(exc),
+                )
+        budget = self.channel.max_message - 2 * ERROR_TEXT_LIMIT - 4096
+        done = {
+            "op": "done",
+            "cell": cell,
+            "status": status,
+            "error": error,
+            "final_answer": None if final is None else _fit(final, budget),
+            "dropped": [self.stdout.dropped, self.stderr.dropped],
+        }
+        frame = encode_frame(done)
+        with self.channel.send_lock:
+            self.channel.cell_active = False
+            self.channel.sock.sendall(frame)
+
+    def _execute(self, cell: int, code: str) -> None:
+        filename = f"<cell-{cell}>"
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        tree = ast.parse(code, filename, "exec")
+        last: ast.expr | None = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = tree.body[-1].value  # echoed like the interactive interpreter does
+            del tree.body[-1]
+        exec(compile(tree, filename, "exec"), self.ns)
+        if last is not None:
+            value = eval(compile(ast.Expression(last), filename, "eval"), self.ns)
+            if value is not None:
+                self.stdout.write(repr(value) + "\n")
+
+    def _final_answer(self) -> str | None:
+        box = self.ns.get("answer")
+        if isinstance(box, dict) and dict.get(box, "ready") is True:
+            return str(dict.get(box, "content"))
+        return None
+
+    def get_variable(self, name: object) -> None:
+        budget = self.channel.max_message - 4096
+        reply: dict[str, Any] = {"op": "var", "found": False, "value": None}
+        if isinstance(name, str) and name in self.ns:
+            try:
+                value = str(self.ns[name])
+            except BaseException as exc:
+                value = f"<str({name}) raised {_format_exception(exc).strip().splitlines()[-1]}>"
+            reply = {"op": "var", "found": True, "value": _fit(value, budget)}
+        self.channel.send(reply)
+
+
+# ---------------------------------------------------------------------------- start-up
+def _libc_prctl(option: int, arg: int) -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+    except Exception:  # best effort: no ctypes, no prctl
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+def _confine(init: dict[str, Any]) -> None:
+    """Apply resource limits, then drop root, before any untrusted code or data is touched."""
+    limits: dict[str, int | None] = init.get("limits", {})
+    table = {
+        "as": resource.RLIMIT_AS,
+        "cpu": resource.RLIMIT_CPU,
+        "fsize": resource.RLIMIT_FSIZE,
+        "nofile": resource.RLIMIT_NOFILE,
+        "nproc": resource.RLIMIT_NPROC,
+        "core": resource.RLIMIT_CORE,
+    }
+    for key, value in limits.items():
+        if value is None or key not in table:
+            continue
+        soft, hard = value, value
+        if key == "cpu":
+            hard = value + 2  # SIGXCPU at the soft limit; SIGKILL if the code ignores it
+        resource.setrlimit(table[key], (soft, hard))
+    # A file write past RLIMIT_FSIZE should be an OSError the code can see, not a kill.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if init.get("fallback"):
+        _libc_prctl(_PR_SET_NO_NEW_PRIVS, 1)
+    uid = init.get("uid")
+    if isinstance(uid, int):
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    if init.get("fallback"):
+        # Without a pid namespace: die with the engine, and keep orphans as our
+        # descendants so the engine can find and kill them.
+        _libc_prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        _libc_prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _load_context(kind: object, blob: bytearray) -> object:
+    if kind == "str":
+        return blob.decode("utf-8", "surrogatepass")
+    if kind == "json":
+        return _loads(blob.decode("utf-8", "surrogatepass"))
+    raise ValueError(f"unknown context type {kind!r}")
+
+
+def main(argv: list[str]) -> None:
+    _MAIN_PID[0] = os.getpid()
+    sock = socket.socket(fileno=int(argv[1]))
+    sock.setblocking(True)
+    channel = _Channel(sock, max_message=1 << 30)
+    head = _recv_exact(sock, HEADER.size)
+    json_len, blob_len = HEADER.unpack(head)
+    init = _loads(bytes(_recv_exact(sock, json_len)).decode("utf-8"))
+    if init.get("op") != "init" or init.get("version") != PROTOCOL_VERSION:
+        os._exit(EXIT_PROTOCOL)
+    _confine(init)
+    channel.max_message = int(init["max_message"])
+    try:
+        context = _load_context(init.get("context_type"), _recv_exact(sock, blob_len))
+    except MemoryError:
+        os._exit(EXIT_MEMORY)
+    repl = _Repl(channel, context, int(init["output_limit"]))
+    del context
+    sys.stdout, sys.stderr = repl.stdout, repl.stderr
+    threading.Thread(target=channel.reader, name="rlm-control", daemon=True).start()
+    channel.send({"op": "ready", "pid": os.getpid(), "uid": os.getuid()})
+    handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+        "exec": lambda c: repl.run_cell(int(c["cell"]), str(c["code"])),
+        "getvar": lambda c: repl.get_variable(c.get("name")),
+    }
+    while True:
+        command = channel.commands.get()
+        try:
+            handlers[command["op"]](command)
+        except MemoryError:
+            os._exit(EXIT_MEMORY)
+        except (KeyError, ValueError, TypeError):
+            os._exit(EXIT_PROTOCOL)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
