@@ -180,6 +180,16 @@ class Query:
         if scope.cancelled_caught:
             status, limit = "timeout", "seconds"
             detail = f"deadline of {deadline:g} s reached; the run was cancelled and its workers killed"
+        refused = [r for r in self.records if r.status == "budget"]
+        if status == "ok" and refused:
+            # The model answered, but without some sub-calls it asked for: never a silent "ok".
+            last = self.ledger.last_refusal
+            status, limit = "budget_exceeded", last.limit if last is not None else None
+            detail = (
+                f"{len(refused)} call(s) were refused by the budget"
+                + (f" ({last})" if last is not None else "")
+                + "; the model answered without their results, so the answer may be incomplete"
+            )
         result = self._result(answer, status, detail, limit, self.engine.clock() - started, root_prompt)
         _events.emit(
             "query.finish",

@@ -562,7 +562,8 @@ class TestBudget:
     @pytest.mark.asyncio
     async def test_a_budget_refusal_is_visible_to_the_code(self) -> None:
         """The code sees refused batch slots as "Error: budget exceeded" strings and a
-        refused llm_query as BudgetExceeded, and can still finish with what it has."""
+        refused llm_query as BudgetExceeded, and can still finish with what it has; the
+        result keeps that answer but says the budget cut calls (never a silent "ok")."""
         code = (
             "out = llm_batch(['a', 'b', 'c'])\n"
             "refused = sum(o.startswith('Error: budget exceeded') for o in out)\n"
@@ -573,7 +574,8 @@ class TestBudget:
         m = Model([repl(code)])
         result = await run(m, budget=BudgetLimits(max_calls=3))
         assert result.response == "1 refused, raised=True"
-        assert result.status == "ok"
+        assert (result.status, result.limit_hit) == ("budget_exceeded", "calls")
+        assert result.detail is not None and "2 call(s) were refused" in result.detail
         assert len(m.requests) == 3
 
     @pytest.mark.asyncio
