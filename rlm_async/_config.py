@@ -96,6 +96,11 @@ class RLMConfig:
     """Isolation and resource limits of the REPL workers."""
     journal_path: str | None = None
     """SQLite response journal; `None` keeps no journal."""
+    keep_events: bool = False
+    """Put the query's events in `RLMResult.events` (what a JSONL trace holds)."""
+    log_text: bool = False
+    """Put prompt and reply text in call events (and so in traces). Off by default: prompts
+    carry chunks of the context, which may be private."""
 
     def __post_init__(self) -> None:
         if self.max_depth < 1:

@@ -542,6 +542,8 @@ class Query:
                 call_kind=kind,
                 model=request.model,
                 prompt_chars=request.prompt_chars(),
+                # Prompt text may hold private data: only with log_text=True.
+                **({"prompt": request.messages[-1].content} if self.config.log_text else {}),
             )
             attempts, cost, from_journal = 0, 0.0, False
             try:
@@ -629,6 +631,7 @@ class Query:
                 attempts=record.attempts,
                 from_journal=from_journal,
                 error=None,
+                **({"text": completion.text} if self.config.log_text else {}),
             )
         return completion
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +34,9 @@ from .transport import OpenAITransport, Transport
 __all__ = ["RLM"]
 
 _SUPPORTED_BACKENDS = ("openai", "vllm", "sglang", "llamacpp", "ollama", "openai_compatible")
+
+# Query ids are unique in the process, so traces of several RLM instances never collide.
+_query_ids = itertools.count(1)
 
 # One engine per (RLM instance, event loop): connection pools and limiters belong to a loop.
 _engines: anyio.lowlevel.RunVar[dict[int, Engine]] = anyio.lowlevel.RunVar("rlm_async_engines")
@@ -150,7 +154,6 @@ class RLM:
 
             self._sinks.append(OfficialCallbacks(*hooks))
         self.verbose = verbose
-        self._query_count = 0
 
     # ------------------------------------------------------------------ engine plumbing
     def _make_transport(self, model: ModelConfig) -> Transport:
@@ -214,13 +217,14 @@ class RLM:
         ends early (budget, deadline, iterations): the result's `status` says why."""
         context = validate_context(prompt)
         engine = await self._engine()
-        self._query_count += 1
-        return await engine.run(
-            context,
-            root_prompt,
-            sinks=(*self._sinks, *event_sinks),
-            query_id=f"q{self._query_count}",
-        )
+        sinks = (*self._sinks, *event_sinks)
+        query_id = f"q{next(_query_ids)}"
+        if not self.verbose:
+            return await engine.run(context, root_prompt, sinks=sinks, query_id=query_id)
+        from ._progress import LiveProgress  # verbose=True: the official flag shows live progress
+
+        with LiveProgress() as progress:
+            return await engine.run(context, root_prompt, sinks=(*sinks, progress), query_id=query_id)
 
     def completion(self, prompt: Context, root_prompt: str | None = None) -> RLMResult:
         """Synchronous `acompletion`: runs its own event loop, then closes what it opened."""

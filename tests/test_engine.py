@@ -777,7 +777,33 @@ class TestEvents:
             index("query.finish"),
         ]
         assert order == sorted(order)
-        assert {e.query_id for e in events.events} == {"q1"}
+        ids = {e.query_id for e in events.events}
+        assert len(ids) == 1 and re.fullmatch(r"q\d+", ids.pop() or "")  # one query, ids unique per process
+
+
+class TestEventOptions:
+    @pytest.mark.asyncio
+    async def test_text_stays_out_of_events_by_default(self) -> None:
+        """Prompts and replies (which carry context chunks) are not in events unless log_text."""
+        code = "print(llm_query('SECRET-PROMPT'))\nanswer['content'] = 'x'\nanswer['ready'] = True"
+        result = await run(Model([repl(code)], sub=lambda r: "SECRET-REPLY"), keep_events=True)
+        dumped = json.dumps([e.to_dict() for e in result.events])
+        assert result.events and "SECRET-PROMPT" not in dumped and "SECRET-REPLY" not in dumped
+
+    @pytest.mark.asyncio
+    async def test_log_text_puts_prompt_and_reply_in_call_events(self) -> None:
+        """With log_text=True, call.start carries the prompt and call.finish the reply."""
+        code = "print(llm_query('SECRET-PROMPT'))\nanswer['content'] = 'x'\nanswer['ready'] = True"
+        result = await run(Model([repl(code)], sub=lambda r: "SECRET-REPLY"), keep_events=True, log_text=True)
+        starts = [e.fields.get("prompt") for e in result.events if e.kind == "call.start"]
+        finishes = [e.fields.get("text") for e in result.events if e.kind == "call.finish"]
+        assert "SECRET-PROMPT" in starts and "SECRET-REPLY" in finishes
+
+    @pytest.mark.asyncio
+    async def test_events_are_in_the_result_only_when_asked(self) -> None:
+        """keep_events=False (the default) leaves RLMResult.events empty."""
+        result = await run(Model([repl("answer['content'] = 'x'\nanswer['ready'] = True")]))
+        assert result.events == []
 
 
 # =========================================================================== concurrent queries
