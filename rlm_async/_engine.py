@@ -115,8 +115,13 @@ class Engine:
     ) -> RLMResult:
         query = Query(self, query_id=query_id)
         query.check_prices()
+        kept: list[_events.Event] = []
+        if self.config.keep_events:
+            sinks = (*sinks, kept.append)
         with _events.sinks(*sinks, clock=self.clock), _events.bind(query_id=query_id):
-            return await query.run(context, root_prompt)
+            result = await query.run(context, root_prompt)
+        result.events = kept
+        return result
 
 
 class Query:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import socket
 from collections.abc import Awaitable, Callable, Sequence
