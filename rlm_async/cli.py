@@ -175,6 +175,9 @@ async def _run(args: argparse.Namespace) -> int:
         sinks.append(stack.enter_context(LiveProgress(quiet=args.quiet or args.json)))
         rlm = await stack.enter_async_context(RLM(config=config))
         result = await rlm.acompletion(context, args.query, event_sinks=sinks)
+    if result.status == "error" and result.response is None and not args.json:
+        # The run could not get going (endpoint down, model unknown, key refused): one line.
+        raise CLIError(result.detail or "the run failed")
     _print_result(result, as_json=args.json)
     return 0 if result.status in ("ok", "max_iterations") else 1
 
@@ -246,8 +249,31 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- entry
+def _configure_logging(debug: bool) -> None:
+    """Logs go to stderr (stdout carries the answer or --json), as JSON off a terminal."""
+    import logging
+
+    import structlog
+
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if debug else logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _configure_logging(args.debug)
     try:
         if args.command == "sim":
             from .sim import main as sim_main

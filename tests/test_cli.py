@@ -1,0 +1,152 @@
+"""The command line, run as a real subprocess: answers, JSON, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SIM_TOML = REPO / "configs" / "sim.toml"
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI")}
+    return subprocess.run(
+        [sys.executable, "-m", "rlm_async.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**base, **(env or {})},
+        input=stdin,
+        cwd=REPO,
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The process failed with exit 2 and exactly one error line, no traceback. (Structured
+    log lines, such as a price warning, may precede it: they are JSON, not the error.)"""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("rlm-async: ")
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def context_file(tmp_path: Path) -> Path:
+    lines = [f"Date: Jan 1 || User: {i} || Instance: How far is the moon from the earth?" for i in range(50)]
+    path = tmp_path / "ctx.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class TestRun:
+    def test_answers_on_the_simulator_with_json(self, context_file: Path) -> None:
+        """`run --config configs/sim.toml --json` answers offline and prints the result as JSON."""
+        proc = cli(
+            "run",
+            "--config",
+            str(SIM_TOML),
+            "--context",
+            str(context_file),
+            "--query",
+            "How many records are there?",
+            "--json",
+        )
+        assert proc.returncode in (0, 1), proc.stderr
+        result = json.loads(proc.stdout)
+        assert result["status"] in ("ok", "max_iterations")
+        assert result["total"]["calls"] >= 2
+        assert result["usage_summary"]["model_usage_summaries"]
+
+    def test_reads_the_context_from_stdin(self) -> None:
+        """`--context -` reads standard input."""
+        proc = cli(
+            "run",
+            "--config",
+            str(SIM_TOML),
+            "--context",
+            "-",
+            "--query",
+            "What is here?",
+            "--json",
+            stdin="a short context\n",
+        )
+        assert proc.returncode in (0, 1), proc.stderr
+        assert json.loads(proc.stdout)["total"]["calls"] >= 1
+
+
+class TestBadInput:
+    def test_missing_context_file(self, tmp_path: Path) -> None:
+        """A missing context file names the path and what to pass instead."""
+        line = one_line_error(cli("run", "--context", str(tmp_path / "nope.txt"), "--query", "q"))
+        assert "does not exist" in line and "nope.txt" in line
+
+    def test_missing_api_key(self, context_file: Path) -> None:
+        """No OPENAI_API_KEY: the error names the variable to set, before any request."""
+        line = one_line_error(cli("run", "--context", str(context_file), "--query", "q"))
+        assert "OPENAI_API_KEY" in line
+
+    def test_unsupported_context_type(self, tmp_path: Path) -> None:
+        """A JSON context that is not a list, dict or string is refused with the fix."""
+        path = tmp_path / "n.json"
+        path.write_text("42")
+        line = one_line_error(cli("run", "--config", str(SIM_TOML), "--context", str(path), "--query", "q"))
+        assert "JSON int" in line
+
+    def test_unknown_model(self, tmp_path: Path, context_file: Path) -> None:
+        """A model the server does not serve: one line with the 404 and where to list models."""
+        toml = tmp_path / "bad.toml"
+        toml.write_text('[root]\nmodel = "nope"\nbase_url = "sim"\napi_key_env = ""\n[sim]\nseed = 0\n')
+        line = one_line_error(
+            cli("run", "--config", str(toml), "--context", str(context_file), "--query", "q")
+        )
+        assert "404" in line and "'nope'" in line and "/models" in line
+
+    def test_unreachable_endpoint(self, tmp_path: Path, context_file: Path) -> None:
+        """Nothing listening at base_url: one line naming the URL and what to check."""
+        toml = tmp_path / "down.toml"
+        toml.write_text(
+            '[root]\nmodel = "m"\nbase_url = "http://127.0.0.1:9/v1"\napi_key_env = ""\n'
+            "[governor.retry]\nmax_attempts = 1\n"
+        )
+        line = one_line_error(
+            cli("run", "--config", str(toml), "--context", str(context_file), "--query", "q")
+        )
+        assert "cannot reach http://127.0.0.1:9/v1" in line and "base_url" in line
+
+    def test_unknown_config_key(self, tmp_path: Path, context_file: Path) -> None:
+        """A typo in a config file is named, with the valid keys."""
+        toml = tmp_path / "typo.toml"
+        toml.write_text('[root]\nmodel = "m"\nbase_ulr = "x"\n')
+        line = one_line_error(
+            cli("run", "--config", str(toml), "--context", str(context_file), "--query", "q")
+        )
+        assert "base_ulr" in line and "valid keys" in line
+
+    def test_debug_shows_the_traceback(self, tmp_path: Path) -> None:
+        """--debug trades the one-line error for the traceback."""
+        proc = cli("--debug", "run", "--context", str(tmp_path / "nope.txt"), "--query", "q")
+        assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+class TestDemoAndTrace:
+    def test_small_demo_is_right_and_writes_a_trace(self, tmp_path: Path) -> None:
+        """The demo answers correctly (exit 0), and its trace renders to one HTML file."""
+        proc = cli("demo", "--tokens", "32k", "--chunks", "8", "--json", "--trace", str(tmp_path))
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["correct"] is True and report["requests"] >= 10
+        trace = next(tmp_path.glob("*.jsonl"))
+        out = tmp_path / "run.html"
+        view = cli("trace", "view", str(trace), "-o", str(out))
+        assert view.returncode == 0, view.stderr
+        assert out.read_text().lower().startswith("<!doctype html>")
