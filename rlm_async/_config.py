@@ -104,7 +104,9 @@ class RLMConfig:
 
     def __post_init__(self) -> None:
         if self.max_depth < 1:
-            raise ConfigError(f"max_depth is {self.max_depth}; it must be at least 1 (1 = the paper's setting)")
+            raise ConfigError(
+                f"max_depth is {self.max_depth}; it must be at least 1 (1 = the paper's setting)"
+            )
         if self.max_iterations < 1:
             raise ConfigError(f"max_iterations is {self.max_iterations}; it must be at least 1")
         if self.output_limit_chars < 100:

@@ -96,9 +96,12 @@ def bind(
 ) -> Iterator[None]:
     """Bind ids for everything emitted inside the block (and in tasks started inside it)."""
     tokens: list[tuple[contextvars.ContextVar[Any], contextvars.Token[Any]]] = []
-    for var, value in ((_query_id, query_id), (_node_id, node_id), (_depth, depth)):
-        if value is not None:
-            tokens.append((var, var.set(value)))
+    if query_id is not None:
+        tokens.append((_query_id, _query_id.set(query_id)))
+    if node_id is not None:
+        tokens.append((_node_id, _node_id.set(node_id)))
+    if depth is not None:
+        tokens.append((_depth, _depth.set(depth)))
     try:
         yield
     finally:

@@ -108,7 +108,7 @@ def _read_context(spec: str) -> Context:
             raise CLIError(
                 f"context file {path} holds a JSON {type(data).__name__}; use a list, a dict or a string"
             )
-        return data  # type: ignore[no-any-return]
+        return data
     return text
 
 

@@ -19,7 +19,7 @@ from ._governor import GovernorConfig, ModelPrice
 from ._result import RLMResult
 from ._rlm import RLM
 from .sim import KindLatency, LatencyModel, Policies, PolicySpec, SimConfig, SimProcess
-from .sim._log import RequestLog
+from .sim.bound import critical_path_bound
 from .workloads import Workload, make_workload
 
 __all__ = ["DEMO_PRICES", "DemoReport", "critical_path_bound", "demo_config", "run_demo"]
@@ -35,42 +35,6 @@ DEMO_LATENCY = LatencyModel(
     root=KindLatency(ttft_s=0.4, prefill_s_per_token=1e-5, output_s_per_token=0.004, jitter=0.1),
     sub=KindLatency(ttft_s=0.3, prefill_s_per_token=1e-5, output_s_per_token=0.004, jitter=0.1),
 )
-
-
-def critical_path_bound(log: RequestLog, latency: LatencyModel, *, capacity: int | None = None) -> float:
-    """The least wall time the simulator's latency model allows for the requests it served.
-
-    Root turns are sequential; the sub-calls sent between two root turns form one fan-out,
-    which can finish no sooner than its slowest member (jitter at its minimum), or, with a
-    capacity of C requests at once, than the sum of its members' service times divided by C.
-    Requests that failed before service (429s, faults) add nothing.
-    """
-    bound = 0.0
-    wave: list[float] = []
-
-    def close_wave() -> None:
-        nonlocal bound
-        if wave:
-            slowest = max(wave)
-            bound += max(slowest, sum(wave) / capacity) if capacity else slowest
-            wave.clear()
-
-    for entry in log.by_arrival():
-        if entry.start is None or entry.status != 200:
-            continue
-        lb = latency.lower_bound(
-            entry.kind if entry.kind in ("root", "sub") else "sub",
-            prompt_tokens=entry.prompt_tokens,
-            completion_tokens=entry.completion_tokens,
-            cached_tokens=entry.cached_tokens,
-        )
-        if entry.kind == "root":
-            close_wave()
-            bound += lb
-        else:
-            wave.append(lb)
-    close_wave()
-    return bound
 
 
 def demo_config(base_url: str, *, cache: bool = True) -> RLMConfig:

@@ -27,7 +27,7 @@ import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -124,14 +124,14 @@ DEFAULT_SHARDS = 64
 _C = TypeVar("_C")
 
 
-class _Shards:
+class _Shards(Generic[_C]):
     """Round-robin over a few pooled clients, so no one pool holds hundreds of connections."""
 
     def __init__(self, clients: list[_C]) -> None:
         self.clients = clients
         self._next = 0
 
-    def pick(self) -> Any:
+    def pick(self) -> _C:
         client = self.clients[self._next]
         self._next = (self._next + 1) % len(self.clients)
         return client
@@ -213,7 +213,7 @@ class OpenAITransport(Transport):
         self._shards = _Shards(_http_clients(shards, max_connections, timeout_s))
 
     async def complete(self, request: ModelRequest) -> Completion:
-        client: httpx.AsyncClient = self._shards.pick()
+        client = self._shards.pick()
         content = json.dumps(_body(request), ensure_ascii=False).encode()
         try:
             response = await client.post(self._url, content=content, headers=self._headers)
@@ -286,7 +286,9 @@ def _status_error(
     detail = _error_detail(body) or text.strip() or "no detail"
     where = f"{endpoint} answered {code} for model {model!r}"
     if code == 429:
-        return RateLimited(f"{where}: rate limited", status_code=code, retry_after=retry_after_seconds(headers))
+        return RateLimited(
+            f"{where}: rate limited", status_code=code, retry_after=retry_after_seconds(headers)
+        )
     if code in (408, 409) or code >= 500:
         return ServerError(f"{where}: {detail}", status_code=code, retry_after=retry_after_seconds(headers))
     if code in (401, 403):
@@ -299,8 +301,7 @@ def _status_error(
         )
     if any(h in detail.lower() for h in _CONTEXT_LENGTH_HINTS):
         return ContextLengthExceeded(
-            f"{where}: prompt too long for the model's context window ({detail}); "
-            "send smaller chunks",
+            f"{where}: prompt too long for the model's context window ({detail}); send smaller chunks",
             status_code=code,
         )
     return BadRequest(f"{where}: {detail}", status_code=code)

@@ -57,4 +57,6 @@ class TestMetadata:
     def test_metadata_is_deterministic(self) -> None:
         """The same context gives byte-identical messages (prefix caching depends on it)."""
         ctx = {"b": "2", "a": "1"}
-        assert first_user_message(describe_context(ctx), "q") == first_user_message(describe_context(ctx), "q")
+        assert first_user_message(describe_context(ctx), "q") == first_user_message(
+            describe_context(ctx), "q"
+        )

@@ -71,7 +71,9 @@ def _internal_imports(path: Path) -> list[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rlm_async."):
             found.append(node.module.removeprefix("rlm_async."))
         elif isinstance(node, ast.Import):
-            found.extend(a.name.removeprefix("rlm_async.") for a in node.names if a.name.startswith("rlm_async."))
+            found.extend(
+                a.name.removeprefix("rlm_async.") for a in node.names if a.name.startswith("rlm_async.")
+            )
     return found
 
 

@@ -39,8 +39,14 @@ What it simulates
   API key 401 (when one is configured), `context_length_exceeded` past `context_window`.
 - **A request log** (`sim.log`, and JSONL at `log_path`): arrival, service start, finish,
   kind (root/sub/other, from the system prompt), model, prompt/cached/completion tokens,
-  status, outcome, requests in flight at arrival. Helpers: `max_in_flight()`,
-  `peak_concurrency()`, `by_arrival()`, `totals()`.
+  status, outcome, requests in flight at arrival, a SHA-256 of the request body
+  (`body_sha256`, to spot repeated requests). Helpers: `max_in_flight()`,
+  `peak_concurrency()`, `by_arrival()`, `totals()`. Each served request also logs
+  `modeled_s`, the service time the latency model drew for it (jitter included).
+- **Critical-path bounds** (`critical_path(log, latency)`, `critical_path_bound(...)`, in
+  `rlm_async.sim.bound`): the least wall time the latency model allows for the requests a
+  run made (root turns in sequence, plus the slowest sub-call of each fan-out, or the
+  capacity / rate-limit terms when larger), to judge how close an engine comes to it.
 
 Policies are chosen by name per kind (`SimConfig.policies`): `rlm` (root), `reader` (sub),
 `echo`, `fixed`, and misbehaving ones: `no_code`, `syntax_error`, `endless`,
@@ -66,11 +72,14 @@ from ._log import LogEntry, RequestLog
 from ._prefix_cache import PrefixCache
 from ._ratelimit import RateLimiter, go_duration
 from ._tokens import count_tokens, prompt_tokens, serialize_messages
+from .bound import CriticalPath, FanoutBound, critical_path, critical_path_bound
 from .policies import PolicyRequest, make_policy, policy_names
 from .server import SimProcess, SimServer, main, serve
 
 __all__ = [
     "CacheModel",
+    "CriticalPath",
+    "FanoutBound",
     "Faults",
     "KindLatency",
     "LatencyModel",
@@ -86,6 +95,8 @@ __all__ = [
     "SimProcess",
     "SimServer",
     "count_tokens",
+    "critical_path",
+    "critical_path_bound",
     "go_duration",
     "main",
     "make_policy",

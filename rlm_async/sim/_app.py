@@ -8,7 +8,8 @@ validation models.
 Order of checks for `POST /v1/chat/completions` (each answers as OpenAI would):
 auth (401) -> JSON body (400) -> model (404) -> context window (400) -> RPM/TPM (429)
 -> injected 500/429 -> capacity queue (FIFO) -> prefix-cache lookup -> policy -> sleep
-the latency model's time -> cache insert -> response (or an injected drop / malformed body).
+until the latency model's time has passed since service began (the lookup and the policy
+run inside it) -> cache insert -> response (or an injected drop / malformed body).
 
 If the client disconnects, the request is cancelled and logged as "cancelled": what a
 server that aborts abandoned generations (vLLM, SGLang) would record.
@@ -67,6 +68,8 @@ class _Draft:
     finish_reason: str | None = None
     prompt_cache_key: str | None = None
     policy: str | None = None
+    modeled_s: float | None = None
+    body_sha256: str | None = None
     logged: bool = False
 
     def done(self, status: int, outcome: str) -> None:
@@ -91,6 +94,8 @@ class _Draft:
             finish_reason=self.finish_reason,
             prompt_cache_key=self.prompt_cache_key,
             policy=self.policy,
+            modeled_s=self.modeled_s,
+            body_sha256=self.body_sha256,
         )
 
 
@@ -219,6 +224,7 @@ class SimApp:
                     body = await _read_body(receive)
                     if body is None:  # the client left before sending its body
                         return
+                    draft.body_sha256 = hashlib.sha256(body).hexdigest()
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
                         try:
@@ -351,12 +357,16 @@ class SimApp:
             )
             if fault == "slow":
                 decode += cfg.faults.slow_extra_s
+            draft.modeled_s = first + decode
+            # Deadlines counted from `start`: the simulator's own work since then (cache
+            # lookup, policy) is spent inside the modeled time, not added to it.
+            first_due = start + first
             if first > 0:
-                await self._sleep(first)
+                await self._sleep_until(first_due)
             if cfg.cache.available_at == "first_token":
                 self.cache.insert(blocks, self._clock())
             if decode > 0:
-                await self._sleep(decode)
+                await self._sleep_until(first_due + decode)
             if cfg.cache.available_at == "finish":
                 self.cache.insert(blocks, self._clock())
             # Logged as the finish: the moment the slot frees, so service intervals in the log
@@ -399,6 +409,9 @@ class SimApp:
         await _send(send, 200, payload, _headers(headers, len(payload), draft.id))
 
     # ------------------------------------------------------------ helpers
+
+    async def _sleep_until(self, deadline: float) -> None:
+        await self._sleep(max(0.0, deadline - self._clock()))
 
     def _authorized(self, scope: Scope) -> bool:
         key = self.config.api_key

@@ -54,6 +54,14 @@ class LogEntry:
     finish_reason: str | None = None
     prompt_cache_key: str | None = None
     policy: str | None = None
+    modeled_s: float | None = None
+    """The service time the latency model drew for this request, jitter included (and a
+    "slow" fault's extra time): what `finish - start` would be on an idle, infinitely fast
+    server. `None` when the request was refused before service. The excess of the logged
+    `finish - start` over it is the simulator's own lag."""
+    body_sha256: str | None = None
+    """Hex SHA-256 of the request body as received: equal for byte-identical requests, so
+    a test can tell which requests of a re-run repeat ones an earlier run already sent."""
 
     @property
     def latency_s(self) -> float:

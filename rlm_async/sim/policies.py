@@ -48,6 +48,7 @@ __all__ = [
     "make_policy",
     "policy_names",
     "split_sub_prompt",
+    "sub_prompt_header",
 ]
 
 _OPEN, _CLOSE = "<<<CHUNK\n", "\nCHUNK>>>"
@@ -252,6 +253,18 @@ _REMINDER = "Reminder: answer from this chunk alone, in exactly the format asked
 _FANOUTS = tuple(_FANOUT_CODE)
 
 
+def _pad_lines(pad_chars: int) -> int:
+    return -(-pad_chars // len(_REMINDER)) if pad_chars > 0 else 0
+
+
+def sub_prompt_header(query: str | None, *, pad_chars: int = 4_800) -> str:
+    """The text every sub-call prompt that the ``rlm`` root policy writes for `query` starts
+    with, byte for byte (a top-level query; ``pad_chars`` as the policy's option): what a
+    benchmark needs to know how many prompt tokens the sub-calls share."""
+    task = parse_query(query) if query else None
+    return task_line(task) + "\n" + _instruction(task, query) + _REMINDER * _pad_lines(pad_chars)
+
+
 def _fence(code: str) -> str:
     return f"```repl\n{code}\n```"
 
@@ -358,7 +371,7 @@ class RLMRootPolicy:
         n, plan = self._plan_chunks(request, first, child)
         kind = task.kind if task is not None else "ask"
         header = task_line(task) + "\n" + _instruction(task, query)
-        pad_lines = -(-self.pad_chars // len(_REMINDER)) if self.pad_chars > 0 else 0
+        pad_lines = _pad_lines(self.pad_chars)
         parts = [_TEXT_CODE]
         if child:
             parts.append(_CHILD_CODE)
