@@ -23,7 +23,7 @@ import anyio
 
 from rlm_async import Message, ModelRequest
 from rlm_async.sim import Policies, PolicySpec, SimConfig, SimProcess
-from rlm_async.transport import OpenAISDKTransport, OpenAITransport, Transport
+from rlm_async.transport import DEFAULT_SHARDS, OpenAISDKTransport, OpenAITransport, Transport
 
 RESULTS = Path(__file__).parent / "results" / "transport.json"
 CHUNK = "record: a line of a long document about invoices and help-desk questions\n" * 270  # ~20K chars
@@ -60,9 +60,9 @@ async def main_async(in_flight: int, rounds: int) -> list[dict[str, object]]:
         base = sim.base_url
         variants: list[tuple[str, Callable[[], Transport]]] = [
             ("httpx + json, 1 pool", lambda: OpenAITransport(base, api_key_env=None, shards=1)),
-            ("httpx + json, 32 pools (default)", lambda: OpenAITransport(base, api_key_env=None)),
+            (f"httpx + json, {DEFAULT_SHARDS} pools (default)", lambda: OpenAITransport(base, api_key_env=None)),
             ("openai SDK, 1 pool", lambda: OpenAISDKTransport(base, api_key_env=None, shards=1)),
-            ("openai SDK, 32 pools", lambda: OpenAISDKTransport(base, api_key_env=None)),
+            (f"openai SDK, {DEFAULT_SHARDS} pools", lambda: OpenAISDKTransport(base, api_key_env=None)),
         ]
         for name, make in variants:
             cpu, wall = await _measure(make(), in_flight, rounds)
@@ -78,9 +78,7 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    print(
-        f"{args.in_flight} requests in flight x {args.rounds} rounds, ~20K-char prompts, simulator in a child process"
-    )
+    print(f"{args.in_flight} requests in flight x {args.rounds} rounds, ~20K-char prompts, simulator in a child")
     rows = anyio.run(main_async, args.in_flight, args.rounds)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(

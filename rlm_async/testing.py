@@ -29,7 +29,7 @@ from .transport import Transport
 __all__ = ["Handler", "ManualClock", "ScriptedTransport", "estimate_usage", "wait_until_idle"]
 
 HandlerResult = Union[str, Completion]
-Handler = Callable[[ModelRequest], Union[HandlerResult, Awaitable[HandlerResult]]]
+Handler = Callable[[ModelRequest], HandlerResult | Awaitable[HandlerResult]]
 
 
 def estimate_usage(request: ModelRequest, text: str) -> Usage:
