@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Union
 
 from ._governor import ManualClock, wait_until_idle
 from ._types import Completion, ModelRequest, Usage
@@ -28,7 +27,7 @@ from .transport import Transport
 
 __all__ = ["Handler", "ManualClock", "ScriptedTransport", "estimate_usage", "wait_until_idle"]
 
-HandlerResult = Union[str, Completion]
+HandlerResult = str | Completion
 Handler = Callable[[ModelRequest], HandlerResult | Awaitable[HandlerResult]]
 
 
