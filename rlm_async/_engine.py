@@ -33,7 +33,7 @@ from ._parsing import find_code_blocks, find_final, truncate_output
 from ._prompts import describe_context, first_user_message, root_system_prompt, sub_system_prompt
 from ._result import RLMResult, RunStatus, SubCallFailure, SubCallResult, UsageTotals
 from ._tree import CallTree, Node
-from ._types import CallKind, CallRecord, Completion, Message, ModelRequest, Usage
+from ._types import CallKind, CallRecord, CallStatus, Completion, Message, ModelRequest, Usage
 from .exceptions import BudgetExceeded, ConfigError, FatalError, RetryableError, SandboxError, TransportError
 from .sandbox import CellResult, Worker, WorkerRequest, start_worker
 from .transport import Transport
@@ -45,6 +45,7 @@ _log = structlog.get_logger("rlm_async.engine")
 _ERROR_PREFIX = "Error: "
 _PREVIEW = 200
 _FINAL_MAX_TOKENS = 512
+_NO_USAGE = Usage()
 # Providers keep a cached prefix for minutes after its last use (OpenAI: 5-10 min idle).
 _WARM_TTL_S = 300.0
 
@@ -576,72 +577,86 @@ class Query:
                 else:
                     completion = await send()
             except BaseException as exc:
-                status = _status_of(exc)
-                record = CallRecord(
-                    call_id=call_id,
-                    node_id=node.node_id,
-                    parent_id=parent.node_id,
-                    depth=depth,
-                    kind=kind,
-                    model=request.model,
-                    started_at=started,
-                    finished_at=self.engine.clock(),
-                    status=status,
+                self._finish_call(
+                    node,
+                    call_id,
+                    kind,
+                    request,
+                    started,
+                    _status_of(exc),
                     attempts=max(attempts, getattr(exc, "attempts", 1)),
                     error=f"{type(exc).__name__}: {exc}",
                 )
-                self.records.append(record)
-                self.tree.close(node, status, record.error)
-                _events.emit(
-                    "call.finish",
-                    call_id=call_id,
-                    status=status,
-                    prompt_tokens=0,
-                    cached_tokens=0,
-                    completion_tokens=0,
-                    cost_usd=0.0,
-                    latency_s=record.latency_s,
-                    attempts=record.attempts,
-                    from_journal=False,
-                    error=record.error,
-                )
                 raise
-            record = CallRecord(
-                call_id=call_id,
-                node_id=node.node_id,
-                parent_id=parent.node_id,
-                depth=depth,
-                kind=kind,
-                model=request.model,
-                started_at=started,
-                finished_at=self.engine.clock(),
-                status="ok",
+            self._finish_call(
+                node,
+                call_id,
+                kind,
+                request,
+                started,
+                "ok",
                 # A journal hit consumed no tokens: its usage belongs to the call that paid.
                 usage=Usage() if from_journal else completion.usage,
-                cost_usd=0.0 if from_journal else cost,
+                cost=0.0 if from_journal else cost,
                 attempts=0 if from_journal else attempts,
                 from_journal=from_journal,
-            )
-            self.records.append(record)
-            self.tree.close(node, "ok")
-            _events.emit(
-                "call.finish",
-                call_id=call_id,
-                status="ok",
-                prompt_tokens=record.usage.prompt_tokens,
-                cached_tokens=record.usage.cached_tokens,
-                completion_tokens=record.usage.completion_tokens,
-                cost_usd=record.cost_usd,
-                latency_s=record.latency_s,
-                attempts=record.attempts,
-                from_journal=from_journal,
-                error=None,
-                **({"text": completion.text} if self.config.log_text else {}),
+                text=completion.text,
             )
         return completion
 
+    def _finish_call(
+        self,
+        node: Node,
+        call_id: str,
+        kind: CallKind,
+        request: ModelRequest,
+        started: float,
+        status: CallStatus,
+        *,
+        usage: Usage = _NO_USAGE,
+        cost: float = 0.0,
+        attempts: int,
+        from_journal: bool = False,
+        error: str | None = None,
+        text: str | None = None,
+    ) -> None:
+        """Record a finished call (paid, failed, refused or cancelled): nothing is lost."""
+        assert node.parent_id is not None
+        record = CallRecord(
+            call_id=call_id,
+            node_id=node.node_id,
+            parent_id=node.parent_id,
+            depth=node.depth,
+            kind=kind,
+            model=request.model,
+            started_at=started,
+            finished_at=self.engine.clock(),
+            status=status,
+            usage=usage,
+            cost_usd=cost,
+            attempts=attempts,
+            from_journal=from_journal,
+            error=error,
+        )
+        self.records.append(record)
+        self.tree.close(node, status, error)
+        _events.emit(
+            "call.finish",
+            call_id=call_id,
+            status=status,
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost_usd=cost,
+            latency_s=record.latency_s,
+            attempts=attempts,
+            from_journal=from_journal,
+            error=error,
+            **({"text": text} if self.config.log_text and text is not None else {}),
+        )
 
-def _status_of(exc: BaseException) -> Any:
+
+def _status_of(exc: BaseException) -> CallStatus:
     if isinstance(exc, BudgetExceeded):
         return "budget"
     if isinstance(exc, anyio.get_cancelled_exc_class()):
