@@ -96,6 +96,9 @@ class RLMConfig:
     """Isolation and resource limits of the REPL workers."""
     journal_path: str | None = None
     """SQLite response journal; `None` keeps no journal."""
+    journal_reuse_nondeterministic: bool = False
+    """Also answer sampled calls (temperature unset or above 0) from the journal, e.g. to
+    resume a crashed run exactly as it went. Off: only temperature-0 calls are reused."""
     keep_events: bool = False
     """Put the query's events in `RLMResult.events` (what a JSONL trace holds)."""
     log_text: bool = False
@@ -167,7 +170,14 @@ class RLMConfig:
             if key in data:
                 kwargs[key] = load_dataclass(typ, data.pop(key), f"{where} [{key}]")
         if "journal" in data:
-            kwargs["journal_path"] = dict(data.pop("journal")).get("path")
+            journal = dict(data.pop("journal"))
+            unknown = set(journal) - {"path", "reuse_nondeterministic"}
+            if unknown:
+                raise ConfigError(
+                    f"{where} [journal]: unknown key(s) {sorted(unknown)}; known: path, reuse_nondeterministic"
+                )
+            kwargs["journal_path"] = journal.get("path")
+            kwargs["journal_reuse_nondeterministic"] = bool(journal.get("reuse_nondeterministic", False))
         if data:
             raise ConfigError(
                 f"{where}: unknown table(s) {sorted(data)}; known: root, sub, others, depth_models, rlm, "

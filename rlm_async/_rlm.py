@@ -176,7 +176,14 @@ class RLM:
             _engines.set(engines)
         engine = engines.get(id(self))
         if engine is None:
-            journal = await Journal.open(self.config.journal_path) if self.config.journal_path else None
+            journal = (
+                await Journal.open(
+                    self.config.journal_path,
+                    reuse_nondeterministic=self.config.journal_reuse_nondeterministic,
+                )
+                if self.config.journal_path
+                else None
+            )
             engine = Engine(
                 self.config,
                 transport_factory=self._make_transport,

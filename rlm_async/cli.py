@@ -191,7 +191,7 @@ def _print_result(result: RLMResult, *, as_json: bool) -> None:
         print(f"[{result.status}] {result.detail}", file=sys.stderr)
     t = result.total
     print(
-        f"[{t.calls} calls, {t.prompt_tokens:,} prompt tokens ({t.cached_tokens:,} cached), "
+        f"[{t.calls} calls ({t.journal_hits} from the journal), {t.prompt_tokens:,} prompt tokens ({t.cached_tokens:,} cached), "
         f"{t.completion_tokens:,} completion tokens, ${t.cost_usd:.4f}, {result.execution_time:.2f} s]",
         file=sys.stderr,
     )
@@ -275,35 +275,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args.debug)
     try:
-        if args.command == "sim":
-            from .sim import main as sim_main
-
-            return sim_main(args.sim_args)
-        if args.command == "trace":
-            from .trace_view import main_view
-
-            out = main_view(args.trace_path, args.output)
-            print(f"wrote {out}")
-            return 0
-        runner = _run if args.command == "run" else _demo
-        return anyio.run(runner, args)
-    except (CLIError, RLMError) as exc:
+        return _dispatch(args)
+    except BaseException as raised:
         if args.debug:
             raise
-        kind = "configuration error" if isinstance(exc, ConfigError) else "error"
-        print(f"rlm-async: {kind}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rlm-async: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if args.debug:
+        # Task groups (the in-process simulator's, say) wrap what the run raised in an
+        # ExceptionGroup: report a lone error as itself.
+        exc = _lone(raised)
+        if isinstance(exc, (CLIError, RLMError)):
+            kind = "configuration error" if isinstance(exc, ConfigError) else "error"
+            print(f"rlm-async: {kind}: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, KeyboardInterrupt):
+            print("rlm-async: interrupted", file=sys.stderr)
+            return 130
+        if not isinstance(exc, Exception):
             raise
         print(
             f"rlm-async: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
             file=sys.stderr,
         )
         return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "sim":
+        from .sim import main as sim_main
+
+        return sim_main(args.sim_args)
+    if args.command == "trace":
+        from .trace_view import main_view
+
+        out = main_view(args.trace_path, args.output)
+        print(f"wrote {out}")
+        return 0
+    runner = _run if args.command == "run" else _demo
+    return anyio.run(runner, args)
+
+
+def _lone(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":  # pragma: no cover
