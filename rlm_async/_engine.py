@@ -187,7 +187,7 @@ class Query:
             status, limit = "timeout", "seconds"
             detail = f"deadline of {deadline:g} s reached; the run was cancelled and its workers killed"
         refused = [r for r in self.records if r.status == "budget"]
-        if status == "ok" and refused:
+        if status in ("ok", "max_iterations") and refused:
             # The model answered, but without some sub-calls it asked for: never a silent "ok".
             last = self.ledger.last_refusal
             status, limit = "budget_exceeded", last.limit if last is not None else None

@@ -38,8 +38,6 @@ _SUPPORTED_BACKENDS = ("openai", "vllm", "sglang", "llamacpp", "ollama", "openai
 # Query ids are unique in the process, so traces of several RLM instances never collide.
 _query_ids = itertools.count(1)
 
-# One engine per (RLM instance, event loop): connection pools and limiters belong to a loop.
-_engines: anyio.lowlevel.RunVar[dict[int, Engine]] = anyio.lowlevel.RunVar("rlm_async_engines")
 _governors: anyio.lowlevel.RunVar[dict[Any, Governor]] = anyio.lowlevel.RunVar("rlm_async_governors")
 
 
@@ -154,6 +152,7 @@ class RLM:
 
             self._sinks.append(OfficialCallbacks(*hooks))
         self.verbose = verbose
+        self._engines: dict[object, Engine] = {}
 
     # ------------------------------------------------------------------ engine plumbing
     def _make_transport(self, model: ModelConfig) -> Transport:
@@ -169,12 +168,10 @@ class RLM:
         )
 
     async def _engine(self) -> Engine:
-        try:
-            engines = _engines.get()
-        except LookupError:
-            engines = {}
-            _engines.set(engines)
-        engine = engines.get(id(self))
+        # One engine per event loop: connection pools and limiters belong to a loop. Held by
+        # this instance, so an RLM that is dropped without aclose() takes its pools with it.
+        loop = anyio.lowlevel.current_token()
+        engine = self._engines.get(loop)
         if engine is None:
             journal = (
                 await Journal.open(
@@ -192,15 +189,12 @@ class RLM:
             )
             for model in self.config.all_models():  # fail fast on a missing key, before any work
                 engine.transport_for(model)
-            engines[id(self)] = engine
+            self._engines[loop] = engine
         return engine
 
     async def aclose(self) -> None:
         """Close connection pools and the journal held for the current event loop."""
-        try:
-            engine = _engines.get().pop(id(self), None)
-        except LookupError:
-            return
+        engine = self._engines.pop(anyio.lowlevel.current_token(), None)
         if engine is not None:
             await engine.aclose()
             if engine.journal is not None:
