@@ -26,7 +26,8 @@ import json
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -125,16 +126,23 @@ _C = TypeVar("_C")
 
 
 class _Shards(Generic[_C]):
-    """Round-robin over a few pooled clients, so no one pool holds hundreds of connections."""
+    """Spreads requests over several pooled clients, so no one pool holds hundreds of
+    connections. The least busy client wins, lowest index first: a trickle of calls (root
+    turns, a one-at-a-time run) keeps reusing one warm keep-alive connection instead of
+    rotating over cold pools and paying a TCP (and TLS) handshake per call."""
 
     def __init__(self, clients: list[_C]) -> None:
         self.clients = clients
-        self._next = 0
+        self._busy = [0] * len(clients)
 
-    def pick(self) -> _C:
-        client = self.clients[self._next]
-        self._next = (self._next + 1) % len(self.clients)
-        return client
+    @contextmanager
+    def use(self) -> Iterator[_C]:
+        i = self._busy.index(min(self._busy))
+        self._busy[i] += 1
+        try:
+            yield self.clients[i]
+        finally:
+            self._busy[i] -= 1
 
 
 def _http_clients(shards: int, max_connections: int, timeout_s: float) -> list[httpx.AsyncClient]:
@@ -144,7 +152,11 @@ def _http_clients(shards: int, max_connections: int, timeout_s: float) -> list[h
     return [
         httpx.AsyncClient(
             verify=tls,
-            limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
+            # Idle connections live 60 s (httpx's default is 5 s): a root turn that takes longer
+            # than 5 s would otherwise find every connection closed.
+            limits=httpx.Limits(
+                max_connections=per_shard, max_keepalive_connections=per_shard, keepalive_expiry=60.0
+            ),
             timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
         )
         for _ in range(shards)
@@ -213,10 +225,10 @@ class OpenAITransport(Transport):
         self._shards = _Shards(_http_clients(shards, max_connections, timeout_s))
 
     async def complete(self, request: ModelRequest) -> Completion:
-        client = self._shards.pick()
         content = json.dumps(_body(request), ensure_ascii=False).encode()
         try:
-            response = await client.post(self._url, content=content, headers=self._headers)
+            with self._shards.use() as client:
+                response = await client.post(self._url, content=content, headers=self._headers)
         except httpx.TimeoutException:
             raise ConnectionFailed(f"request to {self.endpoint} timed out") from None
         except httpx.ConnectError as exc:
@@ -351,9 +363,9 @@ class OpenAISDKTransport(Transport):
 
     async def complete(self, request: ModelRequest) -> Completion:
         openai = self._openai
-        client = self._shards.pick()
         try:
-            raw = await client.chat.completions.with_raw_response.create(**_body(request))
+            with self._shards.use() as client:
+                raw = await client.chat.completions.with_raw_response.create(**_body(request))
             data = json.loads(raw.http_response.content)
         except openai.APIStatusError as exc:
             raise _status_error(
