@@ -217,7 +217,7 @@ class TestWarmFanOut:
         """Exactly one sub-call reaches the server before the first sub-call finishes — the
         warm-up, which misses — and every other one arrives after it finished, the 999 then
         in flight together: the batch waits for one sub-call, nothing more. (The benchmark
-        in `tests/_bench_warmup.py` puts a number on it: warm minus cold wall time is about
+        `benchmarks/caching.py` puts a number on it: warm minus cold fan-out time is about
         the warm-up's own latency.)"""
         first_finish = warm_run.first_sub_finish()
         early = [e for e in warm_run.subs if e.arrival < first_finish]
