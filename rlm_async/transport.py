@@ -7,13 +7,13 @@ httpx too: one HTTP stack), for users who want the SDK's own request handling.
 
 Why the default does not go through the SDK: measured against the simulator at 200
 requests in flight (`benchmarks/transport.py`), the SDK's parameter transformation and
-pydantic parsing cost about 0.7 ms of CPU per call on top of the HTTP work, more than
-the whole budget of 1 ms of engine CPU per sub-call.
+pydantic parsing cost 0.7-0.9 ms of CPU per call on top of the HTTP work, most of the
+budget of 1 ms of engine CPU per sub-call.
 
 Both shard their connection pool over several `httpx.AsyncClient`s: httpcore's pool scans
 every connection on every request event, so one pool with hundreds of connections in
-flight costs O(N) per event, O(N^2) per fan-out (measured: 9 ms of CPU per request with
-one pool at 200 in flight, 1 ms with 32 shards).
+flight costs O(N) per event, O(N^2) per fan-out (measured: several ms, up to tens of ms,
+of CPU per request with one pool at 200 in flight; under 1 ms with 64 shards).
 
 This is the only module that imports `openai` or `httpx`, and it translates their
 exceptions into `rlm_async.exceptions` once, here. It never retries: the one retry layer
