@@ -2,9 +2,9 @@
 
 Frames from the worker are untrusted input. Every size is checked against
 `max_inbound` before anything is allocated, the JSON must be strict UTF-8 and an object
-with a string `op`, and the worker may never send a blob. Anything else raises
-`ProtocolViolation`, and the caller kills the worker: a broken frame costs the worker, never
-the engine.
+with a string `op`, and only a `request` frame may carry a blob (its prompts, which
+`_sandbox_worker` splits and decodes). Anything else raises `ProtocolViolation`, and the
+caller kills the worker: a broken frame costs the worker, never the engine.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Channel:
         sock.setblocking(False)
         self._sock = sock
         self._max_inbound = max_inbound
-        self._buf = bytearray()
+        self._mid_frame = False
         self._send_lock = anyio.Lock()
         self.closed = False
 
@@ -78,38 +78,55 @@ class Channel:
                 raise ChannelClosed(f"the worker closed its control channel ({exc})") from exc
             view = view[sent:]
 
-    async def _fill(self, n: int) -> None:
-        while len(self._buf) < n:
-            try:
-                data = self._sock.recv(min(max(n - len(self._buf), 1 << 16), 4 * _CHUNK))
-            except BlockingIOError:
-                await anyio.wait_readable(self._sock)
-                continue
-            except OSError as exc:
-                raise ChannelClosed(f"the worker's control channel failed ({exc})") from exc
-            if not data:
-                raise ChannelClosed("the worker closed its control channel")
-            self._buf += data
+    async def _read(self, n: int) -> bytearray:
+        """Exactly `n` bytes, received straight into one buffer of that size: a 40 MB blob
+        is neither grown piece by piece nor copied afterwards. `n` is checked by the caller."""
+        buf = bytearray(n)
+        with memoryview(buf) as view:
+            got = 0
+            while got < n:
+                try:
+                    k = self._sock.recv_into(view[got:])
+                except BlockingIOError:
+                    await anyio.wait_readable(self._sock)
+                    continue
+                except OSError as exc:
+                    raise ChannelClosed(f"the worker's control channel failed ({exc})") from exc
+                if not k:
+                    raise ChannelClosed("the worker closed its control channel")
+                got += k
+        return buf
 
-    async def receive(self) -> dict[str, Any]:
-        await self._fill(HEADER.size)
-        json_len, blob_len = HEADER.unpack_from(self._buf)
-        if blob_len:
-            raise ProtocolViolation(f"the worker sent a {blob_len}-byte blob; workers send none")
-        if json_len > self._max_inbound:
+    async def receive(self) -> tuple[dict[str, Any], bytearray]:
+        """The next frame: its JSON object and its blob (empty unless a `request` sent one).
+
+        A receive cancelled (or refused) mid-frame leaves the rest of that frame unread, so
+        the channel refuses to go on (`ChannelClosed`); every caller kills the worker then
+        anyway."""
+        if self._mid_frame:
+            raise ChannelClosed("an earlier receive stopped mid-frame; the channel is out of step")
+        self._mid_frame = True
+        json_len, blob_len = HEADER.unpack(await self._read(HEADER.size))
+        if json_len + blob_len > self._max_inbound:
             raise ProtocolViolation(
-                f"the worker sent a {json_len:,}-byte frame, over the limit of {self._max_inbound:,} bytes"
+                f"the worker sent a {json_len + blob_len:,}-byte frame ({json_len:,} JSON, "
+                f"{blob_len:,} blob), over the limit of {self._max_inbound:,} bytes"
             )
-        await self._fill(HEADER.size + json_len)
-        raw = bytes(self._buf[HEADER.size : HEADER.size + json_len])
-        del self._buf[: HEADER.size + json_len]
+        raw = await self._read(json_len)
         try:
             obj = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise ProtocolViolation(f"the worker sent a frame that is not UTF-8 JSON ({exc})") from None
+        del raw
         if not isinstance(obj, dict) or not isinstance(obj.get("op"), str):
             raise ProtocolViolation("the worker sent a frame that is not an object with an 'op'")
-        return obj
+        if blob_len and obj["op"] != "request":
+            raise ProtocolViolation(
+                f"the worker sent a {blob_len:,}-byte blob with a {obj['op']!r:.40} frame; only requests carry one"
+            )
+        blob = await self._read(blob_len)
+        self._mid_frame = False
+        return obj, blob
 
     def close(self) -> None:
         if not self.closed:

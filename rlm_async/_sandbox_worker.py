@@ -170,23 +170,59 @@ def _clean(text: str) -> str:
     return text
 
 
-def _parse_request(msg: dict[str, Any]) -> tuple[int, WorkerRequest]:
-    rid, kind, prompts, model = msg.get("id"), msg.get("kind"), msg.get("prompts"), msg.get("model")
+def _split_prompts(lengths: object, blob: bytearray) -> tuple[str, ...]:
+    """A request's blob cut at `lengths` (bytes), each piece strict UTF-8: the decoder
+    refuses lone surrogates and broken sequences, so what `_clean` ensures for JSON strings
+    holds here without a second pass (an honest worker already sent '?' for a surrogate)."""
+    if not isinstance(lengths, list) or not set(map(type, lengths)) <= {int}:
+        raise ProtocolViolation("request lengths must be a list of integers")
+    if min(lengths, default=0) < 0:
+        raise ProtocolViolation(f"request lengths must not be negative (got {min(lengths)})")
+    total = sum(lengths)
+    if total != len(blob):
+        raise ProtocolViolation(f"request lengths add up to {total:,} bytes but the blob has {len(blob):,}")
+    prompts: list[str] = []
+    pos = 0
+    with memoryview(blob) as view:
+        for n in lengths:
+            try:
+                prompts.append(str(view[pos : pos + n], "utf-8"))
+            except UnicodeDecodeError as exc:
+                raise ProtocolViolation(
+                    f"request prompt {len(prompts)} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                ) from None
+            pos += n
+    return tuple(prompts)
+
+
+def _parse_request(msg: dict[str, Any], blob: bytearray) -> tuple[int, WorkerRequest]:
+    """Validate a request frame. Its prompts come as a blob with `lengths`, or (as older
+    workers and hand-made frames send them) as a JSON list `prompts` with no blob."""
+    rid, kind, model = msg.get("id"), msg.get("kind"), msg.get("model")
     if not isinstance(rid, int) or isinstance(rid, bool):
         raise ProtocolViolation("request without an integer id")
     if kind not in proto.REQUEST_KINDS:
         raise ProtocolViolation(f"unknown request kind {kind!r}")
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise ProtocolViolation("request prompts must be a list of str")
-    if kind in ("llm_query", "rlm_query") and len(prompts) != 1:
-        raise ProtocolViolation(f"{kind} carries exactly one prompt")
     if model is not None and not isinstance(model, str):
         raise ProtocolViolation("request model must be a str or null")
-    return rid, WorkerRequest(
-        op=kind,
-        prompts=tuple(_clean(p) for p in prompts),
-        model=None if model is None else _clean(model),
-    )
+    single = kind in ("llm_query", "rlm_query")
+    if "lengths" in msg:
+        if "prompts" in msg:
+            raise ProtocolViolation("a request carries either prompts or lengths, not both")
+        lengths = msg["lengths"]
+        if single and isinstance(lengths, list) and len(lengths) != 1:
+            raise ProtocolViolation(f"{kind} carries exactly one prompt")
+        prompts = _split_prompts(lengths, blob)
+    else:
+        raw = msg.get("prompts")
+        if blob:
+            raise ProtocolViolation("a request with a blob must give its prompts' lengths")
+        if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+            raise ProtocolViolation("request prompts must be a list of str")
+        if single and len(raw) != 1:
+            raise ProtocolViolation(f"{kind} carries exactly one prompt")
+        prompts = tuple(_clean(p) for p in raw)
+    return rid, WorkerRequest(op=kind, prompts=prompts, model=None if model is None else _clean(model))
 
 
 def _parse_done(msg: dict[str, Any]) -> _Outcome:
@@ -392,7 +428,7 @@ class Worker:
                     with anyio.fail_after(cfg.start_timeout_s):
                         await self._channel.send(init, blob)
                         del blob
-                        ready = await self._channel.receive()
+                        ready, _ = await self._channel.receive()
                     if ready.get("op") != "ready":
                         failure = f"its first frame was {ready.get('op')!r}, not 'ready'"
                 except TimeoutError:
@@ -574,10 +610,11 @@ class Worker:
                 try:
                     await channel.send({"op": "exec", "cell": cell, "code": code})
                     while outcome is None:
-                        msg = await channel.receive()
+                        msg, blob = await channel.receive()
                         op = msg["op"]
                         if op == "request":
-                            rid, request = _parse_request(msg)
+                            rid, request = _parse_request(msg, blob)
+                            del blob  # its text is in request.prompts now
                             if rid in pending:
                                 raise ProtocolViolation(f"request id {rid} reused while pending")
                             size = sum(map(len, request.prompts))
@@ -702,7 +739,7 @@ class Worker:
                     with anyio.fail_after(timeout):
                         await channel.send({"op": "getvar", "name": name})
                         while True:
-                            msg = await channel.receive()
+                            msg, blob = await channel.receive()
                             if msg["op"] == "var":
                                 found, raw = msg.get("found"), msg.get("value")
                                 if found is True and isinstance(raw, str):
@@ -711,7 +748,7 @@ class Worker:
                                     raise ProtocolViolation("malformed 'var' frame")
                                 break
                             if msg["op"] == "request":
-                                rid, _ = _parse_request(msg)
+                                rid, _ = _parse_request(msg, blob)
                                 await channel.send(
                                     {
                                         "op": "reply",

@@ -4,9 +4,13 @@ variables, restarts, limits, configuration and the isolation fallback."""
 from __future__ import annotations
 
 import json
+import socket
 import textwrap
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import anyio
 import pytest
@@ -22,6 +26,10 @@ from test_sandbox_support import (
 
 from rlm_async import _events
 from rlm_async import sandbox as sandbox_mod
+from rlm_async._sandbox_channel import Channel, ChannelClosed, ProtocolViolation
+from rlm_async._sandbox_worker import _parse_request
+from rlm_async._worker import bootstrap
+from rlm_async._worker.bootstrap import HEADER
 from rlm_async.exceptions import (
     BudgetExceeded,
     ConfigError,
@@ -385,6 +393,252 @@ class TestSubCalls:
             assert not worker.alive
             pid, uid = worker.pid, worker.uid
             await assert_nothing_left(pid, uid)
+
+
+def _request(kind: str = "llm_batch", **fields: object) -> dict[str, object]:
+    return {"op": "request", "id": 7, "kind": kind, "model": None, **fields}
+
+
+class TestRequestParsing:
+    def test_blob_is_cut_at_lengths_and_decoded(self) -> None:
+        """A blob request becomes its prompts, cut at byte lengths, multi-byte text and empty prompts included."""
+        prompts = ["héllo", "", "𝄞 x\n", "plain"]
+        parts = [p.encode() for p in prompts]
+        rid, request = _parse_request(_request(lengths=[len(b) for b in parts]), bytearray(b"".join(parts)))
+        assert (rid, request.op, request.prompts, request.model) == (7, "llm_batch", tuple(prompts), None)
+
+    def test_an_empty_batch_has_no_blob(self) -> None:
+        """lengths [] with an empty blob is a batch of no prompts."""
+        assert _parse_request(_request(lengths=[]), bytearray())[1].prompts == ()
+
+    @pytest.mark.parametrize(
+        ("lengths", "blob", "match"),
+        [
+            pytest.param([2, 2], b"abc", "add up to 4 bytes but the blob has 3", id="sum-over"),
+            pytest.param([1], b"abc", "add up to 1 bytes but the blob has 3", id="sum-under"),
+            pytest.param([-1, 4], b"abc", "must not be negative", id="negative"),
+            pytest.param([True, 2], b"abc", "list of integers", id="bool"),
+            pytest.param([1.0, 2], b"abc", "list of integers", id="float"),
+            pytest.param(["3"], b"abc", "list of integers", id="str"),
+            pytest.param({"a": 3}, b"abc", "list of integers", id="not-a-list"),
+            pytest.param(None, b"", "list of integers", id="null"),
+        ],
+    )
+    def test_bad_lengths_are_a_protocol_violation(self, lengths: object, blob: bytes, match: str) -> None:
+        """lengths must be non-negative integers adding up to exactly the blob's size."""
+        with pytest.raises(ProtocolViolation, match=match):
+            _parse_request(_request(lengths=lengths), bytearray(blob))
+
+    @pytest.mark.parametrize("kind", ["llm_query", "rlm_query"])
+    @pytest.mark.parametrize("lengths", [[], [1, 1]])
+    def test_single_prompt_kinds_carry_exactly_one(self, kind: str, lengths: list[int]) -> None:
+        """llm_query and rlm_query frames with zero or two lengths are refused."""
+        with pytest.raises(ProtocolViolation, match="exactly one prompt"):
+            _parse_request(_request(kind, lengths=lengths), bytearray(b"x" * sum(lengths)))
+
+    @pytest.mark.parametrize(
+        ("lengths", "blob"),
+        [
+            pytest.param([2], b"a\xff", id="invalid-byte"),
+            pytest.param([3], b"\xed\xa0\x80", id="encoded-lone-surrogate"),
+            pytest.param([1, 1], "é".encode(), id="cut-inside-a-character"),
+            pytest.param([4], b"\xf4\x90\x80\x80", id="beyond-u10ffff"),
+        ],
+    )
+    def test_prompts_that_are_not_utf8_are_refused(self, lengths: list[int], blob: bytes) -> None:
+        """Each slice is decoded strictly: no lone surrogate or invalid byte reaches the engine."""
+        with pytest.raises(ProtocolViolation, match="not valid UTF-8"):
+            _parse_request(_request(lengths=lengths), bytearray(blob))
+
+    def test_prompts_and_lengths_together_are_refused(self) -> None:
+        """A frame naming both forms of prompts is ambiguous."""
+        with pytest.raises(ProtocolViolation, match="not both"):
+            _parse_request(_request(lengths=[1], prompts=["x"]), bytearray(b"x"))
+
+    def test_a_blob_needs_lengths(self) -> None:
+        """A request with JSON prompts may not also carry a blob."""
+        with pytest.raises(ProtocolViolation, match="lengths"):
+            _parse_request(_request(prompts=["x"]), bytearray(b"x"))
+
+    def test_json_prompts_still_have_surrogates_cleaned(self) -> None:
+        """The JSON-list form (hand-made frames) keeps _clean: a lone surrogate becomes '?'."""
+        request = _parse_request(_request(prompts=["a\ud800b"], model="m\udcff"), bytearray())[1]
+        assert (request.prompts, request.model) == (("a?b",), "m?")
+
+
+class TestWorkerRequestEncoding:
+    def test_prompts_become_utf8_with_lone_surrogates_as_question_marks(self) -> None:
+        """Each prompt is one UTF-8 piece; a lone surrogate becomes '?', as encode_frame makes it in JSON."""
+        assert bootstrap.encode_prompts(["a\ud800b", "é𝄞", ""]) == [b"a?b", "é𝄞".encode(), b""]
+
+    @pytest.mark.parametrize("size", [5000, 50_000])
+    def test_parts_arrive_whole_and_in_order(self, size: int) -> None:
+        """_send_parts delivers the head and every piece in order, joined (mostly tiny pieces)
+        or gathered over many short sendmsg calls (big ones)."""
+        parts = [bytes([i % 256]) * (i * 37 % size) for i in range(2000)]
+        expected = b"HEAD" + b"".join(parts)
+        got = bytearray()
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+        def read() -> None:
+            while len(got) < len(expected) and (data := b.recv(1 << 16)):
+                got.extend(data)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            bootstrap._send_parts(a, b"HEAD", parts)
+        finally:
+            reader.join(10)
+            a.close()
+            b.close()
+        assert got == expected
+
+
+@contextmanager
+def channel_pair(max_inbound: int) -> Iterator[tuple[Channel, socket.socket]]:
+    """An engine-side Channel and the raw socket a test writes forged frames into."""
+    a, b = socket.socketpair()
+    channel = Channel(a, max_inbound=max_inbound)
+    try:
+        yield channel, b
+    finally:
+        channel.close()
+        b.close()
+
+
+def frame(obj: dict[str, object], blob: bytes = b"", blob_len: int | None = None) -> bytes:
+    data = json.dumps(obj).encode()
+    return HEADER.pack(len(data), len(blob) if blob_len is None else blob_len) + data + blob
+
+
+class TestChannelReceive:
+    async def test_request_blob_arrives_whole(self) -> None:
+        """A request's blob, bigger than the socket buffer, comes back byte for byte with its JSON."""
+        blob = bytes(range(256)) * 40_000  # 10 MB
+        data = frame(_request(lengths=[len(blob)]), blob)
+        with channel_pair(64 << 20) as (channel, peer):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, lambda: peer.sendall(data))
+                with anyio.fail_after(10):
+                    obj, got = await channel.receive()
+        assert obj["lengths"] == [len(blob)] and got == blob
+
+    async def test_frames_without_a_blob_come_back_with_an_empty_one(self) -> None:
+        """Back-to-back frames are read one at a time, each exactly."""
+        with channel_pair(1 << 16) as (channel, peer):
+            peer.sendall(frame({"op": "var", "found": False}) + frame({"op": "ready", "pid": 2}))
+            with anyio.fail_after(5):
+                assert await channel.receive() == ({"op": "var", "found": False}, bytearray())
+                assert await channel.receive() == ({"op": "ready", "pid": 2}, bytearray())
+
+    @pytest.mark.parametrize("op", ["done", "var", "ready", "reply"])
+    async def test_a_blob_on_any_other_op_is_refused_before_it_is_read(self, op: str) -> None:
+        """Only a request may carry a blob; the refusal comes from the header and JSON alone."""
+        with channel_pair(1 << 20) as (channel, peer):
+            peer.sendall(frame({"op": op}, blob_len=1000))  # the blob itself never comes
+            with anyio.fail_after(5), pytest.raises(ProtocolViolation, match="only requests carry one"):
+                await channel.receive()
+
+    @pytest.mark.parametrize(("json_len", "blob_len"), [(70_000, 0), (10, 65_527), (2**32 - 1, 2**32 - 1)])
+    async def test_an_oversized_frame_is_refused_from_its_header(self, json_len: int, blob_len: int) -> None:
+        """JSON and blob together over max_inbound: refused before anything else is read or allocated."""
+        with channel_pair(65_536) as (channel, peer):
+            peer.sendall(HEADER.pack(json_len, blob_len))
+            with (
+                anyio.fail_after(5),
+                pytest.raises(ProtocolViolation, match="over the limit of 65,536 bytes"),
+            ):
+                await channel.receive()
+
+    async def test_a_receive_cancelled_mid_frame_closes_the_channel(self) -> None:
+        """The rest of a half-read frame would be misread as a header: the channel refuses to go on."""
+        with channel_pair(1 << 20) as (channel, peer):
+            peer.sendall(frame({"op": "request"}, blob_len=100))
+            with anyio.move_on_after(0.2):
+                await channel.receive()
+            with pytest.raises(ChannelClosed, match="stopped mid-frame"):
+                await channel.receive()
+
+
+_FORGE = """
+import os, json, struct, socket, time
+for fd in range(3, 64):
+    try:
+        if socket.socket(fileno=os.dup(fd)).type == socket.SOCK_STREAM:
+            break
+    except OSError:
+        pass
+body = json.dumps({fields}).encode()
+os.write(fd, struct.pack('>II', len(body), len({blob!r})) + body + {blob!r})
+time.sleep(30)
+"""
+
+
+class TestRequestBlobs:
+    async def test_surrogates_in_prompts_arrive_as_question_marks(self) -> None:
+        """Lone surrogates in prompts and model become '?' (as in the JSON frames); other text is exact."""
+        recorder = Recorder()
+        code = "print(llm_batch(['a\\ud800b', '\\udcff', 'é𝄞\\n', ''], model='m\\ud800'))"
+        async with open_worker() as worker:
+            result = await worker.run_cell(code, recorder)
+        assert result.status == "ok", result
+        assert [(r.prompts, r.model) for r in recorder.requests] == [(("a?b", "?", "é𝄞\n", ""), "m?")]
+
+    async def test_a_big_batch_arrives_intact(self) -> None:
+        """1,500 distinct multi-byte prompts (more than one sendmsg of 512 pieces) arrive whole and in order."""
+        recorder = Recorder(reply="")
+        code = "prompts = [f'{i} ' + 'ü€𝄞x' * (i % 700) for i in range(1500)]\nprint(llm_batch(prompts) == prompts)"
+        async with open_worker() as worker:
+            result = await worker.run_cell(code, recorder)
+        assert result.stdout == "True\n", result
+        assert recorder.requests[0].prompts == tuple(f"{i} " + "ü€𝄞x" * (i % 700) for i in range(1500))
+
+    async def test_the_size_limit_counts_the_blob(self) -> None:
+        """The limit counts the blob's UTF-8 bytes, not characters: 40 M characters of 'é' are
+        80 MB, over max_message_bytes, a ValueError in the REPL; nothing is sent."""
+        recorder = Recorder()
+        code = "try:\n    llm_batch(['é' * 40_000] * 1000)\nexcept ValueError as e:\n    print('too big')"
+        async with open_worker(max_message_bytes=64 * 2**20) as worker:
+            result = await worker.run_cell(code, recorder)
+        assert result.stdout == "too big\n"
+        assert recorder.requests == []
+
+    @pytest.mark.parametrize(
+        ("fields", "blob", "match"),
+        [
+            pytest.param(
+                {
+                    "op": "done",
+                    "cell": 1,
+                    "status": "ok",
+                    "error": None,
+                    "final_answer": None,
+                    "dropped": [0, 0],
+                },
+                b"hello",
+                "only requests carry one",
+                id="blob-on-done",
+            ),
+            pytest.param(_request(lengths=[3, 3]), b"hello", "add up to 6 bytes", id="lengths-mismatch"),
+            pytest.param(_request(lengths=[-1, 6]), b"hello", "negative", id="negative-length"),
+            pytest.param(_request(lengths=[5]), b"he\xffl\xed", "not valid UTF-8", id="invalid-utf8"),
+            pytest.param(
+                _request("llm_query", lengths=[2, 3]), b"hello", "exactly one", id="two-in-llm-query"
+            ),
+        ],
+    )
+    async def test_forged_blob_frames_kill_only_the_worker(
+        self, fields: dict[str, object], blob: bytes, match: str
+    ) -> None:
+        """Bad blob frames written to the control socket end the cell as a protocol violation."""
+        recorder = Recorder()
+        async with open_worker() as worker:
+            result = await worker.run_cell(_FORGE.format(fields=fields, blob=blob), recorder)
+            assert result.status == "crashed" and result.worker_dead, result
+            assert "protocol violation" in (result.error or "") and match in (result.error or "")
+        assert recorder.requests == []
 
 
 class TestForkedChildren:

@@ -10,8 +10,11 @@ A frame is a `HEADER` (JSON length, blob length) then UTF-8 JSON, then the blob.
 
     engine -> worker   init {limits, uid, ...} + context blob | exec {cell, code}
                        | getvar {name} | reply {id, results} or {id, error, message}
-    worker -> engine   ready {pid} | request {id, kind, prompts, model}
+    worker -> engine   ready {pid} | request {id, kind, lengths, model} + prompts blob
                        | done {cell, status, error, final_answer, dropped} | var {found, value}
+
+A request's prompts travel as one blob, each prompt UTF-8 and `lengths` giving its size in
+bytes, so neither side escapes, parses or copies 40 MB of JSON for a big fan-out.
 
 Everything in this process, this module included, is reachable by the model's code, so
 nothing here is a security boundary: the engine treats every frame from here as untrusted.
@@ -90,11 +93,39 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def encode_frame(obj: dict[str, Any], blob: bytes | bytearray | memoryview = b"") -> bytes:
-    """One frame: header, JSON, blob. Lone surrogates in strings become '?', so the JSON is
-    always valid UTF-8."""
+def encode_frame(obj: dict[str, Any], blob_len: int = 0) -> bytes:
+    """A frame's header and JSON; the caller sends the `blob_len` bytes of blob after them.
+    Lone surrogates in strings become '?', so the JSON is always valid UTF-8."""
     data = _dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
-    return HEADER.pack(len(data), len(blob)) + data
+    return HEADER.pack(len(data), blob_len) + data
+
+
+def encode_prompts(prompts: list[str]) -> list[bytes]:
+    """A request's prompts, each as UTF-8: the pieces of its blob. Lone surrogates become
+    '?', as `encode_frame` makes them in JSON."""
+    return [p.encode("utf-8", "replace") for p in prompts]
+
+
+def _send_parts(sock: socket.socket, head: bytes, parts: list[bytes]) -> None:
+    """`sendall` of `head` and then `parts`. Big prompts go out as they are, not joined into
+    one more copy of them all; tiny ones are joined, as sending many small pieces is slower
+    than one copy (measured on 40 MB: 256-byte pieces 4x slower than joining, 4 KiB pieces
+    a fifth of its time)."""
+    blob_len = sum(map(len, parts))
+    if blob_len < 4096 * len(parts):
+        sock.sendall(head + b"".join(parts))
+        return
+    views = [memoryview(head)] + [memoryview(b) for b in parts if b]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i : i + 512])  # under IOV_MAX
+        while sent:
+            n = views[i].nbytes
+            if sent < n:
+                views[i] = views[i][sent:]
+                break
+            sent -= n
+            i += 1
 
 
 class _Channel:
@@ -153,19 +184,24 @@ class _Channel:
             rid = self.next_id
             self.waiters[rid] = slot
         try:
-            frame = encode_frame(
-                {"op": "request", "id": rid, "kind": kind, "prompts": prompts, "model": model}
+            parts = encode_prompts(prompts)
+            lengths = [len(b) for b in parts]
+            blob_len = sum(lengths)
+            head = encode_frame(
+                {"op": "request", "id": rid, "kind": kind, "lengths": lengths, "model": model}, blob_len
             )
-            if len(frame) > self.max_message:
+            size = len(head) + blob_len
+            if size > self.max_message:
                 raise ValueError(
-                    f"{kind}: the request is {len(frame):,} bytes, over the sandbox limit of "
+                    f"{kind}: the request is {size:,} bytes, over the sandbox limit of "
                     f"{self.max_message:,} bytes; send fewer or shorter prompts per call"
                 )
             with self.send_lock:
                 # Checked under the lock that also sends `done`: no request can follow it.
                 if not self.cell_active:
                     raise RuntimeError(f"{kind} can only be called while a cell is running")
-                self.sock.sendall(frame)
+                _send_parts(self.sock, head, parts)
+            del parts
         except BaseException:
             with self.waiters_lock:
                 self.waiters.pop(rid, None)
