@@ -12,7 +12,7 @@ import asyncio
 import ipaddress
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import cache
@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import pytest
 import pytest_asyncio
+import structlog
 
 from rlm_async import _sandbox_launch as launch
 from rlm_async._config import ModelConfig, RLMConfig
@@ -214,3 +215,11 @@ async def sim() -> AsyncIterator[SimServer]:
     finally:
         stop.set()
         await task
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """Tests that call the CLI in-process configure structlog for the whole process: put
+    its defaults back after every test, so no test inherits another's log destination."""
+    yield
+    structlog.reset_defaults()
