@@ -24,8 +24,17 @@ Prompt and output text are not in events unless the engine was asked to put them
         result = await rlm.acompletion(context, root_prompt, event_sinks=[trace])
     summary = load_trace(trace.paths[query_id]).summarize()
 
-Writing is buffered and flushed at most once a second, at `query.finish` and at
-`close()`: a sink runs on the event loop and must not block it on disk for every event.
+A sink runs on the event loop, on every event, so the writer does as little as it can
+there: it keeps the event (the `Event` itself, not yet a line) and returns. Lines are made
+and written in batches, when a second has passed since the last write (checked as events
+arrive), when `max_buffered` events are waiting, at the query's `query.finish`, at
+`close()`, and when an unclosed writer is collected or the interpreter exits normally.
+
+Durability: a trace is a diagnostic, not a journal. A process killed hard (SIGKILL,
+`os._exit`, a crash of the interpreter) loses the events not yet written, up to a second's
+or `max_buffered` events' worth; what is on disk is still a valid trace, perhaps with half a
+last line. Because an event is serialised when its batch is written, its fields must not be
+changed after it is emitted (`emit` builds a fresh dict, and sinks must leave it alone).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import math
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +87,6 @@ FORMAT_VERSION = 1
 
 _log = structlog.get_logger("rlm_async.trace")
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
-_BUFFER_BYTES = 1 << 16
 
 
 def _jsonable(value: Any) -> Any:
@@ -86,12 +95,20 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+# Built once: `json.dumps` with any option set builds a new encoder for every call. No
+# circular check: fields are plain data, and a self-containing value fails with
+# RecursionError instead of ValueError (either way, that event is left out).
+_encode = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, default=_jsonable, check_circular=False
+).encode
+
+
 def event_to_json(event: Event, *, redact: frozenset[str] = frozenset()) -> str:
     """One trace line (without the newline) for `event`."""
     fields = event.fields
     if redact and not redact.isdisjoint(fields):
         fields = {k: v for k, v in fields.items() if k not in redact}
-    return json.dumps(
+    return _encode(
         {
             "kind": event.kind,
             "time": event.time,
@@ -99,11 +116,24 @@ def event_to_json(event: Event, *, redact: frozenset[str] = frozenset()) -> str:
             "node_id": event.node_id,
             "depth": event.depth,
             "fields": fields,
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
-        default=_jsonable,
+        }
     )
+
+
+def _event_lines(events: list[Event], redact: frozenset[str]) -> str:
+    """`events` as trace lines, each ending in a newline. An event that cannot be written
+    (a field whose `str()` raises, say) is left out and logged; the others are kept."""
+    try:
+        lines = [event_to_json(event, redact=redact) for event in events]
+    except Exception:
+        lines = []
+        for event in events:
+            try:
+                lines.append(event_to_json(event, redact=redact))
+            except Exception:
+                _log.exception("trace: an event could not be serialised; left out", event_kind=event.kind)
+    lines.append("")
+    return "\n".join(lines)
 
 
 def event_from_json(line: str) -> Event:
@@ -151,9 +181,12 @@ class TraceWriter:
     cannot be told apart and share a file: ids must be unique among concurrent queries.
 
     Events emitted outside any query (no `query_id`) have no file to go to and are only
-    counted, in `unbound_events`. A file is closed at its query's `query.finish`; an event
-    of that query arriving later is appended to it. Not thread-safe: like every sink, it
-    is called on the event loop's thread.
+    counted, in `unbound_events`. A file is complete and closed at its query's
+    `query.finish`; an event of that query arriving later is appended to it. Before that,
+    events wait in memory and are written in batches: at most `flush_interval_s` seconds
+    (on `clock`, checked as events arrive) or `max_buffered` events after the last write.
+    That is what a hard kill of the process can lose (see the module docstring). Not
+    thread-safe: like every sink, it is called on the event loop's thread.
     """
 
     def __init__(
@@ -162,6 +195,7 @@ class TraceWriter:
         *,
         redact: Iterable[str] = (),
         flush_interval_s: float = 1.0,
+        max_buffered: int = 512,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.directory = Path(directory)
@@ -170,10 +204,16 @@ class TraceWriter:
         """query_id -> the file its events went to (the latest, if the id was reused)."""
         self.unbound_events = 0
         self._files: dict[str, IO[str]] = {}
+        self._pending: dict[str, list[Event]] = {}
+        """Open queries (the same keys as `_files`) -> their events not yet written."""
+        self._buffered = 0
         self._failed: set[str] = set()
         self._flush_interval_s = flush_interval_s
+        self._max_buffered = max_buffered
         self._clock = clock
         self._last_flush = clock()
+        # Not a reference to self: the writer can still be collected, and then this runs.
+        weakref.finalize(self, _write_and_close, self._pending, self._files, self.redact)
 
     def _fresh_path(self, query_id: str) -> Path:
         stem = _UNSAFE_FILENAME.sub("_", query_id)
@@ -184,58 +224,94 @@ class TraceWriter:
         return path
 
     def __call__(self, event: Event) -> None:
+        # The common case costs a dict lookup and an append; the rest is in `flush`.
         query_id = event.query_id
         if query_id is None:
             self.unbound_events += 1
             return
-        fresh = event.kind == "query.start" and query_id not in self._files
+        pending = self._pending.get(query_id)
+        if pending is None:
+            pending = self._start(query_id, event)
+            if pending is None:
+                return
+        pending.append(event)
+        if event.kind == "query.finish":
+            self._close_one(query_id)
+            return
+        self._buffered += 1
+        if self._buffered >= self._max_buffered or self._clock() - self._last_flush >= self._flush_interval_s:
+            self.flush()
+
+    def _start(self, query_id: str, event: Event) -> list[Event] | None:
+        """Open the file of a query that has none open; its pending list, or None to drop the event."""
+        fresh = event.kind == "query.start"
         if fresh:
             self._failed.discard(query_id)
         elif query_id in self._failed:
-            return
+            return None
         try:
-            handle = self._files.get(query_id) or self._open(query_id, event.time, fresh=fresh)
-            handle.write(event_to_json(event, redact=self.redact))
-            handle.write("\n")
-            if event.kind == "query.finish":
-                self._close_one(query_id)
-            elif self._clock() - self._last_flush >= self._flush_interval_s:
-                self.flush()
+            self._open(query_id, event.time, fresh=fresh)
         except OSError:
-            # A full disk must not end the run, nor log once per event: give up on this
-            # query's trace, say so once.
-            self._failed.add(query_id)
-            _log.exception("trace write failed; tracing stopped for this query", query_id=query_id)
-            self._close_one(query_id)
+            self._fail(query_id)
+            return None
+        return self._pending[query_id]
 
-    def _open(self, query_id: str, clock_origin: float, *, fresh: bool) -> IO[str]:
+    def _open(self, query_id: str, clock_origin: float, *, fresh: bool) -> None:
         path = self.paths.get(query_id)
         if path is not None and not fresh:  # a straggler after query.finish: no second header
-            handle = path.open("a", encoding="utf-8", buffering=_BUFFER_BYTES)
+            handle = path.open("a", encoding="utf-8")
         else:
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self._fresh_path(query_id)
             # "x": should another writer have taken the name meanwhile, fail, never clobber.
-            handle = path.open("x", encoding="utf-8", buffering=_BUFFER_BYTES)
+            handle = path.open("x", encoding="utf-8")
             handle.write(_header(query_id, clock_origin, self.redact) + "\n")
             self.paths[query_id] = path
         self._files[query_id] = handle
-        return handle
+        self._pending[query_id] = []
 
-    def _close_one(self, query_id: str) -> None:
+    def _fail(self, query_id: str) -> None:
+        # A full disk must not end the run, nor log once per event: give up on this
+        # query's trace, say so once.
+        _log.exception("trace write failed; tracing stopped for this query", query_id=query_id)
+        self._failed.add(query_id)
+        self._pending.pop(query_id, None)
         handle = self._files.pop(query_id, None)
         if handle is not None:
             try:
                 handle.close()
             except OSError:
-                _log.exception("trace close failed", query_id=query_id)
+                pass  # the buffer it could not write: said above
+
+    def _close_one(self, query_id: str) -> None:
+        handle = self._files.get(query_id)
+        if handle is None:
+            return
+        pending = self._pending[query_id]
+        try:
+            if pending:
+                handle.write(_event_lines(pending, self.redact))
+            handle.close()
+        except OSError:
+            self._fail(query_id)
+            return
+        del self._files[query_id], self._pending[query_id]
 
     def flush(self) -> None:
+        """Write every buffered event, and hand the files' buffers to the operating system."""
         self._last_flush = self._clock()
-        for handle in self._files.values():
-            handle.flush()
+        self._buffered = 0
+        for query_id, pending in list(self._pending.items()):
+            try:
+                if pending:
+                    self._files[query_id].write(_event_lines(pending, self.redact))
+                    pending.clear()
+                self._files[query_id].flush()
+            except OSError:
+                self._fail(query_id)
 
     def close(self) -> None:
+        """Write what is buffered and close every file. Events that come later reopen theirs."""
         for query_id in list(self._files):
             self._close_one(query_id)
 
@@ -249,6 +325,22 @@ class TraceWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _write_and_close(
+    pending: dict[str, list[Event]], files: dict[str, IO[str]], redact: frozenset[str]
+) -> None:
+    # A writer collected, or the interpreter exiting, without close(): what a file object
+    # would do, write its buffer and close. Quietly: there is nobody left to tell.
+    for query_id, handle in list(files.items()):
+        try:
+            events = pending.pop(query_id, None)
+            if events:
+                handle.write(_event_lines(events, redact))
+            handle.close()
+        except (OSError, ValueError):
+            pass
+    files.clear()
 
 
 def write_trace(

@@ -1,19 +1,24 @@
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import structlog
 from _events_factory import CRITICAL_CALLS, T0, RunBuilder, standard_run
 
-from rlm_async._events import Event, bind, emit, sinks
+from rlm_async._events import Event, bind, current_ids, emit, sinks
 from rlm_async._rlm import RLM
 from rlm_async._trace import (
     FORMAT,
     FORMAT_VERSION,
     TraceWriter,
+    event_to_json,
     load_trace,
     summarize,
     write_trace,
@@ -130,6 +135,119 @@ class TestTraceWriter:
         writer(Event("query.start", 1.0, "q", None, None, {}))
         writer(Event("query.finish", 2.0, "q", None, None, {}))
         assert writer.paths == {}
+
+    def test_writes_in_batches_of_max_buffered(self, tmp_path: Path) -> None:
+        """With the clock standing still, buffered events reach the file once `max_buffered` are waiting."""
+        writer = TraceWriter(tmp_path, max_buffered=3, clock=lambda: 0.0)
+        writer(Event("query.start", 1.0, "q", None, None, {}))
+        writer(Event("node.start", 1.1, "q", "root", 0, {}))
+        assert writer.paths["q"].read_text(encoding="utf-8") == ""
+        writer(Event("node.finish", 1.2, "q", "root", 0, {}))
+        assert [line.get("kind") for line in _lines(writer.paths["q"])] == [
+            None,
+            "query.start",
+            "node.start",
+            "node.finish",
+        ]
+        writer.close()
+
+    def test_an_unclosed_writer_writes_its_buffer_when_collected(self, tmp_path: Path) -> None:
+        """A writer dropped without close() still writes what it buffered, as a file object would."""
+        writer = TraceWriter(tmp_path)
+        writer(Event("query.start", 1.0, "q", None, None, {}))
+        writer(Event("node.start", 1.1, "q", "root", 0, {}))
+        path = writer.paths["q"]
+        del writer
+        gc.collect()
+        assert [e.kind for e in load_trace(path).events] == ["query.start", "node.start"]
+
+    def test_an_unclosed_writer_writes_its_buffer_at_exit(self, tmp_path: Path) -> None:
+        """A process that ends normally without close() leaves every event it buffered on disk."""
+        script = (
+            "import sys\n"
+            "from rlm_async._events import Event\n"
+            "from rlm_async._trace import TraceWriter\n"
+            "writer = TraceWriter(sys.argv[1])\n"
+            "writer(Event('query.start', 1.0, 'q', None, None, {}))\n"
+            "writer(Event('node.start', 1.1, 'q', 'root', 0, {}))\n"
+        )
+        subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=60)
+        assert [e.kind for e in load_trace(tmp_path / "q.jsonl").events] == ["query.start", "node.start"]
+
+    def test_an_event_that_cannot_be_written_is_left_out_and_logged(self, tmp_path: Path) -> None:
+        """A field that fails even as text costs its own event, logged; the events around it are kept."""
+
+        class Unprintable:
+            def __str__(self) -> str:
+                raise RuntimeError("no text")
+
+        with structlog.testing.capture_logs() as logs, TraceWriter(tmp_path) as writer:
+            writer(Event("query.start", 1.0, "q", None, None, {}))
+            writer(Event("call.finish", 1.1, "q", "n", 0, {"error": Unprintable()}))
+            writer(Event("query.finish", 1.2, "q", None, None, {"status": "ok"}))
+        assert [e.kind for e in load_trace(writer.paths["q"]).events] == ["query.start", "query.finish"]
+        assert [(log["event"], log["event_kind"]) for log in logs] == [
+            ("trace: an event could not be serialised; left out", "call.finish")
+        ]
+
+    @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+    def test_a_full_disk_at_a_flush_stops_that_query_only(self, tmp_path: Path) -> None:
+        """A write that fails when the buffer is flushed ends that query's trace, logged once; others go on."""
+        writer = TraceWriter(tmp_path)
+        writer(Event("query.start", 1.0, "full", None, None, {}))
+        writer(Event("query.finish", 1.1, "full", None, None, {}))
+        # Its straggler reopens the file for appending: make that file a full disk.
+        writer.paths["full"].unlink()
+        writer.paths["full"].symlink_to("/dev/full")
+        writer(Event("query.start", 2.0, "ok", None, None, {}))
+        with structlog.testing.capture_logs() as logs:
+            writer(Event("node.finish", 2.1, "full", "n", 0, {}))
+            writer.flush()
+            writer(Event("node.finish", 2.2, "full", "n", 0, {}))
+            writer.flush()
+        writer(Event("query.finish", 2.3, "ok", None, None, {}))
+        assert [log["event"] for log in logs] == ["trace write failed; tracing stopped for this query"]
+        assert [e.kind for e in load_trace(writer.paths["ok"]).events] == ["query.start", "query.finish"]
+
+    def test_the_documented_line_byte_for_byte(self) -> None:
+        """The call.finish example of docs/trace-format.md is what the writer produces, to the byte."""
+        doc = (Path(__file__).parents[1] / "docs" / "trace-format.md").read_text(encoding="utf-8")
+        line = next(ln for ln in doc.splitlines() if ln.startswith('{"kind":"call.finish"'))
+        fields = json.loads(line)["fields"]
+        assert event_to_json(Event("call.finish", 8813.941, "q1", "n7", 1, fields)) == line
+        assert event_to_json(Event("k", 1.0, "q", None, None, {"text": "déjà vu"})).endswith(
+            '"fields":{"text":"déjà vu"}}'
+        )
+
+
+class TestEmit:
+    def test_bind_overrides_only_the_ids_it_names(self) -> None:
+        """A nested `bind` replaces the ids it is given, keeps the others, and restores all on exit."""
+        assert current_ids() == (None, None, None)
+        with bind(query_id="q", node_id="root", depth=0):
+            with bind(node_id="child"):
+                assert current_ids() == ("q", "child", 0)
+                with bind(depth=1):
+                    assert current_ids() == ("q", "child", 1)
+            assert current_ids() == ("q", "root", 0)
+        assert current_ids() == (None, None, None)
+
+    def test_a_failing_sink_is_logged_and_the_others_still_get_the_event(self) -> None:
+        """An exception in one sink is logged and swallowed; the sinks after it see the event."""
+        seen: list[Event] = []
+
+        def broken(event: Event) -> None:
+            raise RuntimeError("observer bug")
+
+        with structlog.testing.capture_logs() as logs, sinks(broken, seen.append, clock=lambda: 5.0):
+            with bind(query_id="q", node_id="n", depth=2):
+                returned = emit("call.finish", call_id="c1")
+        assert seen == [Event("call.finish", 5.0, "q", "n", 2, {"call_id": "c1"})] and returned is seen[0]
+        assert [(log["event"], log["event_kind"]) for log in logs] == [("event sink failed", "call.finish")]
+
+    def test_nobody_listening_builds_no_event(self) -> None:
+        """Without sinks, emit returns None."""
+        assert emit("call.finish", call_id="c1") is None
 
 
 class TestLoadTrace:
