@@ -371,3 +371,38 @@ class TestSyncCompletion:
         with pytest.raises(ConfigError, match=r"await rlm\.acompletion"):
             rlm.completion("ctx", "q")
         assert len(sim.log) == 0
+
+
+# ============================================================================ the official constructor
+
+
+class TestOfficialConstructor:
+    @pytest.mark.asyncio
+    async def test_official_arguments_run_against_an_openai_compatible_server(self, sim: SimServer) -> None:
+        """Code written for the official package (backend_kwargs, other_backends for the
+        sub-calls, max_budget) runs unchanged, and the result has the official fields."""
+        w = oolong_counting("32k", seed=9)
+        rlm = RLM(
+            backend="openai",
+            backend_kwargs={"model_name": "sim-model", "base_url": sim.base_url, "api_key": "sk-test"},
+            other_backends=["openai"],
+            other_backend_kwargs=[{"model_name": "sim-mini", "base_url": sim.base_url, "api_key": "sk-test"}],
+            max_depth=1,
+            max_iterations=10,
+            max_tokens=10_000_000,
+            max_timeout=120,
+        )
+        async with rlm:
+            result = await rlm.acompletion(w.context, root_prompt=w.query)
+        assert result.status == "ok" and w.score(result.response)
+        assert result.root_model == "sim-model" and result.prompt == w.query
+        usage = result.usage_summary.model_usage_summaries
+        assert set(usage) == {"sim-model", "sim-mini"}
+        assert usage["sim-mini"].total_calls == len(sim.log.of_kind("sub"))
+        assert usage["sim-model"].total_calls == len(sim.log.of_kind("root"))
+        assert result.execution_time > 0
+
+    def test_unsupported_backend_names_the_fix(self) -> None:
+        """A backend rlm_async does not speak is refused at construction, naming what works."""
+        with pytest.raises(ConfigError, match="OpenAI-compatible"):
+            RLM(backend="anthropic", backend_kwargs={"model_name": "claude"})
