@@ -97,13 +97,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 
 from rlm_async import RLM
 from rlm_async._config import ModelConfig, RLMConfig
 from rlm_async._types import Completion, ModelRequest
 from rlm_async.demo import DEMO_LATENCY, DEMO_PRICES, demo_config, sim_config
-from rlm_async.sim import LatencyModel, LogEntry, SimProcess, serialize_messages
+from rlm_async.sim import LatencyModel, LogTail, SimProcess, priced, serialize_messages
 from rlm_async.transport import OpenAITransport, Transport
 from rlm_async.workloads import oolong_counting
 
@@ -214,59 +213,6 @@ def _run_child(spec: dict[str, Any], timeout_s: float = 180.0) -> dict[str, Any]
     return data
 
 
-def priced(entries: list[LogEntry]) -> float:
-    """Dollars for the requests the server answered (status 200), at the demo prices."""
-    total = 0.0
-    for e in entries:
-        if e.status != 200:
-            continue
-        assert e.model is not None
-        p = DEMO_PRICES[e.model]
-        assert p.cached_input_per_mtok is not None
-        total += (
-            (e.prompt_tokens - e.cached_tokens) * p.input_per_mtok
-            + e.cached_tokens * p.cached_input_per_mtok
-            + e.completion_tokens * p.output_per_mtok
-        ) / 1e6
-    return total
-
-
-class LogTail:
-    """Counts the sub-calls a running server has answered, reading only what its JSONL log
-    gained since the last look."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.partial = b""
-        self.completed_subs = 0
-
-    def poll(self) -> int:
-        if self.path.exists():
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-            self.offset += len(data)
-            *lines, self.partial = (self.partial + data).split(b"\n")
-            for line in lines:
-                entry = json.loads(line)
-                if entry["kind"] == "sub" and entry["status"] == 200:
-                    self.completed_subs += 1
-        return self.completed_subs
-
-
-def _wait_until_idle(sim: SimProcess, deadline_s: float = 60.0) -> None:
-    """Wait until the server holds no request: it has noticed that the killed client's
-    connections are gone and logged their requests (as cancelled)."""
-    assert sim.base_url is not None
-    health = sim.base_url.removesuffix("/v1") + "/health"
-    give_up = time.monotonic() + deadline_s
-    while httpx.get(health).json()["in_flight"] > 0:
-        if time.monotonic() > give_up:
-            raise RuntimeError("the simulator kept requests of the killed run in flight")
-        time.sleep(0.05)
-
-
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -306,7 +252,7 @@ def caching_run(warm: bool, latency: str) -> dict[str, Any]:
             "depth1_hit_ratio": run["depth1"]["cache_hit_ratio"],
             "all_calls_hit_ratio": run["total"]["cache_hit_ratio"],
             "cost_usd": run["total"]["cost_usd"],
-            "cost_from_log_usd": priced(log),
+            "cost_from_log_usd": priced(log, DEMO_PRICES),
             "wall_s": run["wall_s"],
             "fanout_s": max(e.finish for e in subs) - fanned_out,
             "warmup_alone": went_alone,
@@ -410,7 +356,7 @@ def resume_row(tmp: Path, progress: Callable[[str], None]) -> dict[str, Any]:
             first = subprocess.Popen(_command(spec), stdout=out, stderr=out, cwd=ROOT, start_new_session=True)
             try:
                 give_up = time.monotonic() + 120
-                while tail.poll() < CHUNKS // 2:
+                while tail.answered() < CHUNKS // 2:
                     if first.poll() is not None:
                         raise RuntimeError(
                             "the run to kill ended first:\n" + (tmp / "killed.out").read_text()
@@ -423,7 +369,7 @@ def resume_row(tmp: Path, progress: Callable[[str], None]) -> dict[str, Any]:
                 first.wait()
             finally:
                 _kill_group(first.pid)
-        _wait_until_idle(sim)
+        sim.wait_until_idle()
         run1 = sim.read_log().entries
         resumed_at = time.monotonic()
         resumed = _run_child(spec)
@@ -434,7 +380,7 @@ def resume_row(tmp: Path, progress: Callable[[str], None]) -> dict[str, Any]:
     done = {e.body_sha256 for e in completed}
     resent = [e for e in run2 if e.body_sha256 in done]
     answered_after_kill = [e for e in run1 if e.status == 200 and e.finish >= killed_at]
-    killed_cost = priced(run1)
+    killed_cost = priced(run1, DEMO_PRICES)
     resumed_cost = resumed["total"]["cost_usd"]
     fresh_cost = fresh["total"]["cost_usd"]
     run2_subs = [e for e in run2 if e.kind == "sub"]
@@ -449,7 +395,7 @@ def resume_row(tmp: Path, progress: Callable[[str], None]) -> dict[str, Any]:
                 "requests": len(fresh_log),
                 "calls": fresh["total"]["calls"],
                 "cost_usd": fresh_cost,
-                "cost_from_log_usd": priced(fresh_log),
+                "cost_from_log_usd": priced(fresh_log, DEMO_PRICES),
                 "wall_s": fresh["wall_s"],
             },
             "killed": {
@@ -472,7 +418,7 @@ def resume_row(tmp: Path, progress: Callable[[str], None]) -> dict[str, Any]:
                 "journal_hits": resumed["total"]["journal_hits"],
                 "resent_completed": len(resent),
                 "cost_usd": resumed_cost,
-                "cost_from_log_usd": priced(run2),
+                "cost_from_log_usd": priced(run2, DEMO_PRICES),
                 "wall_s": resumed["wall_s"],
             },
             "kill_plus_resume_usd": killed_cost + resumed_cost,

@@ -40,6 +40,7 @@ from rlm_async.sim import (
     PolicySpec,
     SimConfig,
     SimProcess,
+    priced,
     serialize_messages,
 )
 from rlm_async.transport import OpenAITransport, Transport
@@ -174,24 +175,6 @@ def cold_run() -> Iterator[CountRun]:
     yield count_run(warm=False)
 
 
-def priced_cost(entries: list[LogEntry]) -> float:
-    """Dollars for the requests the server answered, at the demo prices: uncached prompt
-    tokens at the input price, cached ones at the cached-input price."""
-    total = 0.0
-    for e in entries:
-        if e.status != 200:
-            continue
-        assert e.model is not None
-        p = DEMO_PRICES[e.model]
-        assert p.cached_input_per_mtok is not None
-        total += (
-            (e.prompt_tokens - e.cached_tokens) * p.input_per_mtok
-            + e.cached_tokens * p.cached_input_per_mtok
-            + e.completion_tokens * p.output_per_mtok
-        ) / 1e6
-    return total
-
-
 # ============================================================================ warm, then fan out
 
 
@@ -253,9 +236,9 @@ class TestWarmFanOut:
     def test_cached_tokens_are_priced_at_the_cached_input_price(self, warm_run: CountRun) -> None:
         """The run's cost equals the server log priced with cached tokens at the cached-input
         price — well below the same tokens at the full input price."""
-        assert warm_run.result.total.cost_usd == pytest.approx(priced_cost(warm_run.log), rel=1e-9)
+        assert warm_run.result.total.cost_usd == pytest.approx(priced(warm_run.log, DEMO_PRICES), rel=1e-9)
         uncached = [dataclasses.replace(e, cached_tokens=0) for e in warm_run.log]
-        assert warm_run.result.total.cost_usd < 0.5 * priced_cost(uncached)
+        assert warm_run.result.total.cost_usd < 0.5 * priced(uncached, DEMO_PRICES)
 
 
 # ============================================================================ warming off
@@ -282,8 +265,8 @@ class TestColdFanOut:
         assert warm_run.prefix_tokens() == cold_run.prefix_tokens()
         assert warm_run.prefix_cached_ratio() >= 0.90
         assert cold_run.prefix_cached_ratio() < 0.5
-        assert priced_cost(warm_run.log) < priced_cost(cold_run.log)
-        assert cold_run.result.total.cost_usd == pytest.approx(priced_cost(cold_run.log), rel=1e-9)
+        assert priced(warm_run.log, DEMO_PRICES) < priced(cold_run.log, DEMO_PRICES)
+        assert cold_run.result.total.cost_usd == pytest.approx(priced(cold_run.log, DEMO_PRICES), rel=1e-9)
 
 
 # ============================================================================ not worth warming

@@ -22,14 +22,22 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from conftest import bwrap_works, open_sim, sim_config
 
 from rlm_async._result import RLMResult
 from rlm_async._rlm import RLM
 from rlm_async.cli import main as cli_main
-from rlm_async.sim import KindLatency, LatencyModel, LogEntry, Policies, PolicySpec, SimConfig, SimProcess
+from rlm_async.sim import (
+    KindLatency,
+    LatencyModel,
+    LogEntry,
+    LogTail,
+    Policies,
+    PolicySpec,
+    SimConfig,
+    SimProcess,
+)
 from rlm_async.workloads import CountingWorkload, oolong_counting
 
 pytestmark = pytest.mark.e2e
@@ -96,41 +104,6 @@ def run_command(config: Path, context: Path, query: str, journal: Path) -> list[
     ]
 
 
-class LogTail:
-    """Counts the sub-calls a running server has answered, reading only what its JSONL log
-    gained since the last look."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.partial = b""
-        self.completed_subs = 0
-
-    def poll(self) -> int:
-        if self.path.exists():
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-            self.offset += len(data)
-            *lines, self.partial = (self.partial + data).split(b"\n")
-            for line in lines:
-                entry = json.loads(line)
-                if entry["kind"] == "sub" and entry["status"] == 200:
-                    self.completed_subs += 1
-        return self.completed_subs
-
-
-def wait_until_idle(sim: SimProcess, deadline_s: float = 60.0) -> None:
-    """Wait until the server holds no request: it has noticed that the killed client's
-    connections are gone and logged their requests (as cancelled)."""
-    assert sim.base_url is not None
-    health = sim.base_url.removesuffix("/v1") + "/health"
-    give_up = time.monotonic() + deadline_s
-    while httpx.get(health).json()["in_flight"] > 0:
-        assert time.monotonic() < give_up, "the simulator kept requests of the killed run in flight"
-        time.sleep(0.05)
-
-
 def kill_group(pid: int) -> None:
     """Remove what the killed CLI left behind (its REPL worker), all in its own session."""
     try:
@@ -168,7 +141,7 @@ class TestCrashAndResume:
                 first = subprocess.Popen(command, stdout=out, stderr=out, start_new_session=True)
                 try:
                     give_up = time.monotonic() + 120
-                    while tail.poll() < CHUNKS // 2:
+                    while tail.answered() < CHUNKS // 2:
                         assert first.poll() is None, (tmp_path / "run1.out").read_text()
                         assert time.monotonic() < give_up, "run 1 never got halfway"
                         time.sleep(0.01)
@@ -178,7 +151,7 @@ class TestCrashAndResume:
                 finally:
                     kill_group(first.pid)
             assert first.returncode == -signal.SIGKILL
-            wait_until_idle(sim)
+            sim.wait_until_idle()
             run1 = sim.read_log().entries
             completed = [e for e in run1 if e.status == 200 and e.finish < killed_at]
             completed_subs = [e for e in completed if e.kind == "sub"]

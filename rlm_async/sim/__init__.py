@@ -68,7 +68,7 @@ from ._config import (
     RateLimits,
     SimConfig,
 )
-from ._log import LogEntry, RequestLog
+from ._log import LogEntry, LogTail, RequestLog, priced
 from ._prefix_cache import PrefixCache
 from ._ratelimit import RateLimiter, go_duration
 from ._tokens import count_tokens, prompt_tokens, serialize_messages
@@ -84,6 +84,7 @@ __all__ = [
     "KindLatency",
     "LatencyModel",
     "LogEntry",
+    "LogTail",
     "Policies",
     "PolicyRequest",
     "PolicySpec",
@@ -101,6 +102,7 @@ __all__ = [
     "main",
     "make_policy",
     "policy_names",
+    "priced",
     "prompt_tokens",
     "serialize_messages",
     "serve",

@@ -11,14 +11,17 @@ when the server notices the disconnect (`wait_for` waits for that).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
 import anyio
 
-__all__ = ["LogEntry", "RequestLog"]
+from .._governor import ModelPrice
+from .._types import Usage
+
+__all__ = ["LogEntry", "LogTail", "RequestLog", "priced"]
 
 SERVED_OUTCOMES = frozenset({"ok", "slow"})
 
@@ -188,3 +191,40 @@ class RequestLog:
             "cached_tokens": sum(e.cached_tokens for e in served),
             "completion_tokens": sum(e.completion_tokens for e in served),
         }
+
+
+class LogTail:
+    """Follows a request log that a running server (say a `SimProcess`) is still writing,
+    reading only what the JSONL file gained since the last look."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._offset = 0
+        self._partial = b""
+        self.entries: list[dict[str, Any]] = []
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Read new complete lines; returns every entry seen so far."""
+        if self.path.exists():
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+            self._offset += len(data)
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            self.entries.extend(json.loads(line) for line in lines if line.strip())
+        return self.entries
+
+    def answered(self, kind: str = "sub") -> int:
+        """Requests of `kind` the server has answered (status 200) so far."""
+        return sum(1 for e in self.poll() if e["kind"] == kind and e["status"] == 200)
+
+
+def priced(entries: Iterable[LogEntry], prices: Mapping[str, ModelPrice]) -> float:
+    """Dollars for the requests the server answered (status 200), from the usage it
+    reported, at `prices` (cached tokens at the cached-input price)."""
+    total = 0.0
+    for e in entries:
+        if e.status == 200 and e.model is not None:
+            usage = Usage(e.prompt_tokens, e.completion_tokens, e.cached_tokens)
+            total += float(prices[e.model].cost(usage))
+    return total

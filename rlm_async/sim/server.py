@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -277,6 +278,20 @@ class SimProcess:
         if self._final_log is not None:
             return self._final_log
         return RequestLog.load(self.log_path)
+
+    def wait_until_idle(self, deadline_s: float = 60.0) -> None:
+        """Block until the server holds no request: after a client was killed, until it has
+        noticed the dropped connections and logged their requests (as cancelled)."""
+        assert self.base_url is not None, "the simulator is not running"
+        health = self.base_url.removesuffix("/v1") + "/health"
+        give_up = time.monotonic() + deadline_s
+        while True:
+            with urllib.request.urlopen(health, timeout=5) as response:  # loopback only
+                if json.loads(response.read())["in_flight"] == 0:
+                    return
+            if time.monotonic() > give_up:
+                raise TimeoutError(f"the simulator still held requests after {deadline_s:g} s")
+            time.sleep(0.05)
 
     def start(self) -> SimProcess:
         self._tmp = Path(tempfile.mkdtemp(prefix="rlm-sim-"))
