@@ -36,13 +36,16 @@ _TOL = 1e-9
 @dataclass(frozen=True, slots=True)
 class Totals:
     calls: int = 0
+    """Calls sent (journal hits included), as `RLMResult.total.calls` counts them."""
     failed: int = 0
-    """Calls whose status is not "ok" (error, budget, cancelled, unfinished)."""
+    """Sent calls whose status is not "ok" (error, cancelled, unfinished)."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
     """A subset of `prompt_tokens`, as the provider reports it."""
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    refused: int = 0
+    """Calls the budget refused before sending (status "budget"): not in `calls`."""
 
     @property
     def cache_ratio(self) -> float | None:
@@ -511,16 +514,19 @@ def _cell_spans(
 
 
 def _totals(calls: Iterable[CallSpan]) -> Totals:
-    n = failed = prompt = cached = completion = 0
+    n = failed = prompt = cached = completion = refused = 0
     cost = 0.0
     for c in calls:
+        if c.status == "budget":  # never sent: counted apart, as the result counts them
+            refused += 1
+            continue
         n += 1
         failed += c.status != "ok"
         prompt += c.prompt_tokens
         cached += c.cached_tokens
         completion += c.completion_tokens
         cost += c.cost_usd
-    return Totals(n, failed, prompt, cached, completion, cost)
+    return Totals(n, failed, prompt, cached, completion, cost, refused)
 
 
 def _grouped(calls: Iterable[CallSpan], key: Any) -> dict[Any, Totals]:

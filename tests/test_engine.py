@@ -24,6 +24,7 @@ from rlm_async._governor import BudgetLimits, Governor, GovernorConfig, ModelPri
 from rlm_async._prompts import root_system_prompt, sub_system_prompt
 from rlm_async._result import RLMResult
 from rlm_async._rlm import RLM
+from rlm_async._trace import summarize
 from rlm_async._types import Completion, ModelRequest, Usage
 from rlm_async.exceptions import BadRequest, ConfigError, ContextTypeError, SandboxError, ServerError
 from rlm_async.testing import ScriptedTransport
@@ -573,8 +574,10 @@ class TestBudget:
             "answer['content'] = f'{refused} refused, raised={raised}'\nanswer['ready'] = True"
         )
         m = Model([repl(code)])
-        result = await run(m, budget=BudgetLimits(max_calls=3))
+        result = await run(m, budget=BudgetLimits(max_calls=3), keep_events=True)
         assert result.response == "1 refused, raised=True"
+        totals = summarize(result.events).totals  # the trace counts calls as the result does
+        assert (totals.calls, totals.refused) == (result.total.calls, result.total.refused_calls) == (3, 2)
         assert (result.status, result.limit_hit) == ("budget_exceeded", "calls")
         assert result.detail is not None and "2 call(s) were refused" in result.detail
         assert len(m.requests) == 3
