@@ -50,7 +50,7 @@ class ModelConfig:
     """Per-request HTTP timeout."""
     prices: ModelPrice | None = None
     """Overrides the price table for this model (e.g. all zero for a self-hosted model)."""
-    limits: EndpointLimits = field(default_factory=lambda: EndpointLimits(max_concurrency=1000))
+    limits: EndpointLimits = field(default_factory=EndpointLimits)
     """Concurrency, requests/minute and tokens/minute for this endpoint+model, shared by
     every query in the process. The default caps only concurrency, at the size of the
     transport's connection pool: rate limits are the provider's to state."""

@@ -50,8 +50,9 @@ class RequestTooLarge(FatalError):
 class EndpointLimits:
     """Limits for one endpoint+model, shared by every query in the process. `None` disables."""
 
-    max_concurrency: int | None = 64
-    """Requests in flight at once; the adaptive limit never goes above it."""
+    max_concurrency: int | None = 1000
+    """Requests in flight at once; the adaptive limit never goes above it. The default is
+    the transport's connection-pool size: rate limits, not this, are what providers state."""
     min_concurrency: int = 1
     """Floor for the adaptive limit."""
     adaptive: bool = True
