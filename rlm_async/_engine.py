@@ -139,7 +139,6 @@ class Query:
         self.failures: list[SubCallFailure] = []
         self.subcall_results: list[SubCallResult] = []
         self.iterations = 0
-        self.warnings: list[str] = []
         self._call_ids = 0
 
     def check_prices(self) -> None:
@@ -241,7 +240,6 @@ class Query:
             by_depth=by_depth,
             total=total,
             limit_hit=limit,
-            warnings=list(self.warnings),
         )
 
     # ------------------------------------------------------------------ one RLM node

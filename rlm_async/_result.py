@@ -138,7 +138,6 @@ class RLMResult:
     """Which budget limit ended the run ("usd", "total_tokens", "calls", "seconds", ...)."""
     events: list[Any] = field(default_factory=list)
     """The query's events when tracing was requested (see `rlm_async._trace`)."""
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def usage_summary(self) -> UsageSummary:
@@ -165,5 +164,4 @@ class RLMResult:
             "by_depth": {str(d): t.to_dict() for d, t in sorted(self.by_depth.items())},
             "failures": [{"node_id": f.node_id, "depth": f.depth, "error": f.error} for f in self.failures],
             "usage_summary": self.usage_summary.to_dict(),
-            "warnings": list(self.warnings),
         }
