@@ -81,11 +81,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
-import shlex
 import signal
 import statistics
 import subprocess
@@ -97,6 +94,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from _provenance import provenance
 
 from rlm_async import RLM
 from rlm_async._config import ModelConfig, RLMConfig
@@ -564,20 +562,14 @@ def main(argv: list[str] | None = None) -> int:
     caching = {name: caching_row(args.reps, name, progress) for name in names}
     with tempfile.TemporaryDirectory(prefix="caching-bench-") as tmp:
         resume = resume_row(Path(tmp), progress)
-    command = ".venv/bin/python benchmarks/caching.py" + (
-        " " + shlex.join(argv if argv is not None else sys.argv[1:])
-    )
     result = {
-        "command": command.rstrip(),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "load_avg_before": load_before,
-            "load_avg_after": os.getloadavg(),
-            "note": "shared machine: other processes ran alongside",
-        },
+        **provenance(
+            "caching.py",
+            argv,
+            load_avg_before=load_before,
+            load_avg_after=os.getloadavg(),
+            note="shared machine: other processes ran alongside",
+        ),
         "workload": {"task": "oolong_counting", "tokens": TOKENS, "seed": SEED, "chunks": CHUNKS},
         "prices_usd_per_mtok": {m: dataclasses.asdict(p) for m, p in DEMO_PRICES.items()},
         "latency": {

@@ -80,15 +80,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import dataclasses
-import datetime
 import io
 import itertools
 import json
 import os
-import platform
 import pstats
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -99,6 +96,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from _provenance import provenance
 
 from rlm_async import RLM, EndpointLimits
 from rlm_async._cache import CacheSettings
@@ -966,18 +964,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{probe['with_llm_batch_wall_s']:.3f} s (engine CPU {probe['with_llm_batch_engine_cpu_s']:.3f} s)"
             )
 
-    command = ".venv/bin/python benchmarks/fanout.py" + (
-        " " + shlex.join(argv if argv is not None else sys.argv[1:])
-    )
     result = {
-        "command": command.rstrip(),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "note": "shared machine: other processes ran alongside (see load_avg_* per run)",
-        },
+        **provenance(
+            "fanout.py", argv, note="shared machine: other processes ran alongside (see load_avg_* per run)"
+        ),
         "latency_model": {
             "name": args.latency,
             "root": dataclasses.asdict(LATENCIES[args.latency].root),

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+from _provenance import provenance
 
 from rlm_async import Message, ModelRequest
 from rlm_async.sim import Policies, PolicySpec, SimConfig, SimProcess
@@ -60,7 +59,10 @@ async def main_async(in_flight: int, rounds: int) -> list[dict[str, object]]:
         base = sim.base_url
         variants: list[tuple[str, Callable[[], Transport]]] = [
             ("httpx + json, 1 pool", lambda: OpenAITransport(base, api_key_env=None, shards=1)),
-            (f"httpx + json, {DEFAULT_SHARDS} pools (default)", lambda: OpenAITransport(base, api_key_env=None)),
+            (
+                f"httpx + json, {DEFAULT_SHARDS} pools (default)",
+                lambda: OpenAITransport(base, api_key_env=None),
+            ),
             ("openai SDK, 1 pool", lambda: OpenAISDKTransport(base, api_key_env=None, shards=1)),
             (f"openai SDK, {DEFAULT_SHARDS} pools", lambda: OpenAISDKTransport(base, api_key_env=None)),
         ]
@@ -78,7 +80,9 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    print(f"{args.in_flight} requests in flight x {args.rounds} rounds, ~20K-char prompts, simulator in a child")
+    print(
+        f"{args.in_flight} requests in flight x {args.rounds} rounds, ~20K-char prompts, simulator in a child"
+    )
     rows = anyio.run(main_async, args.in_flight, args.rounds)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
@@ -87,7 +91,7 @@ def main() -> None:
                 "benchmark": "transport",
                 "in_flight": args.in_flight,
                 "rounds": args.rounds,
-                "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+                **provenance("transport.py"),
                 "rows": rows,
             },
             indent=2,
