@@ -1,0 +1,170 @@
+"""The choke point: every model call of a query's tree passes `CallPath.call_model`.
+
+In order: a node in the call tree and a `call.start` event; the journal (a reusable call
+found there is not sent, identical calls in flight are sent once); the governor, which
+reserves the call's budget before sending, waits for rate limits and concurrency, retries,
+and settles the reservation with the reported usage; then one `CallRecord` and one
+`call.finish` event for every outcome — paid, failed, refused or cancelled — so nothing
+already paid for is lost.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+
+from .. import _events
+from .._config import ModelConfig
+from .._tree import Node
+from .._types import CallKind, CallRecord, CallStatus, Completion, ModelRequest, Usage
+from ..exceptions import BudgetExceeded
+from .state import QueryState
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["CallPath"]
+
+_NO_USAGE = Usage()
+
+
+class CallPath:
+    """Journal -> governor -> transport -> record, for one query."""
+
+    def __init__(self, engine: Engine, state: QueryState) -> None:
+        self._engine = engine
+        self._state = state
+        self._log_text = engine.config.log_text
+
+    async def call_model(
+        self, parent: Node, depth: int, kind: CallKind, request: ModelRequest, model: ModelConfig
+    ) -> Completion:
+        """Make one model call under the query's budget; raises what the call raised
+        (`BudgetExceeded`, a `TransportError`, cancellation) after recording it."""
+        node = self._state.tree.open(parent=parent, depth=depth, kind="llm", model=request.model, label=kind)
+        call_id = self._state.next_call_id()
+        transport = self._engine.transport_for(model)
+        started = self._engine.clock()
+        with _events.bind(node_id=node.node_id, depth=depth):
+            _events.emit(
+                "call.start",
+                call_id=call_id,
+                parent_id=parent.node_id,
+                call_kind=kind,
+                model=request.model,
+                prompt_chars=request.prompt_chars(),
+                # Prompt text may hold private data: only with log_text=True.
+                **({"prompt": request.messages[-1].content} if self._log_text else {}),
+            )
+            attempts, cost = 0, 0.0
+            try:
+
+                async def send() -> Completion:
+                    nonlocal attempts, cost
+                    governed = await self._engine.governor.call(
+                        request,
+                        transport,
+                        ledger=self._state.ledger,
+                        depth=depth,
+                        price=model.prices,
+                        limits=model.limits,
+                    )
+                    attempts, cost = governed.attempts, governed.cost_usd
+                    return governed.completion
+
+                journal = self._engine.journal
+                if journal is not None:
+                    # Every call goes through the journal: reusable ones are looked up (and
+                    # identical ones in flight sent once); all are recorded for a later resume.
+                    completion, from_journal = await journal.call(
+                        transport.endpoint, request, send, call_id=call_id
+                    )
+                else:
+                    completion, from_journal = await send(), False
+            except BaseException as exc:
+                self._record(
+                    node,
+                    call_id,
+                    kind,
+                    request,
+                    started,
+                    _status_of(exc),
+                    attempts=max(attempts, getattr(exc, "attempts", 1)),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                raise
+            self._record(
+                node,
+                call_id,
+                kind,
+                request,
+                started,
+                "ok",
+                # A journal hit consumed no tokens: its usage belongs to the call that paid.
+                usage=_NO_USAGE if from_journal else completion.usage,
+                cost=0.0 if from_journal else cost,
+                attempts=0 if from_journal else attempts,
+                from_journal=from_journal,
+                text=completion.text,
+            )
+        return completion
+
+    def _record(
+        self,
+        node: Node,
+        call_id: str,
+        kind: CallKind,
+        request: ModelRequest,
+        started: float,
+        status: CallStatus,
+        *,
+        usage: Usage = _NO_USAGE,
+        cost: float = 0.0,
+        attempts: int,
+        from_journal: bool = False,
+        error: str | None = None,
+        text: str | None = None,
+    ) -> None:
+        """Record a finished call (paid, failed, refused or cancelled): nothing is lost."""
+        assert node.parent_id is not None
+        record = CallRecord(
+            call_id=call_id,
+            node_id=node.node_id,
+            parent_id=node.parent_id,
+            depth=node.depth,
+            kind=kind,
+            model=request.model,
+            started_at=started,
+            finished_at=self._engine.clock(),
+            status=status,
+            usage=usage,
+            cost_usd=cost,
+            attempts=attempts,
+            from_journal=from_journal,
+            error=error,
+        )
+        self._state.records.append(record)
+        self._state.tree.close(node, status, error)
+        _events.emit(
+            "call.finish",
+            call_id=call_id,
+            status=status,
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost_usd=cost,
+            latency_s=record.latency_s,
+            attempts=attempts,
+            from_journal=from_journal,
+            error=error,
+            **({"text": text} if self._log_text and text is not None else {}),
+        )
+
+
+def _status_of(exc: BaseException) -> CallStatus:
+    if isinstance(exc, BudgetExceeded):
+        return "budget"
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        return "cancelled"
+    return "error"

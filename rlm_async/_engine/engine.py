@@ -1,0 +1,88 @@
+"""What queries share: configuration, transports (connection pools), the governor
+(run-wide limits), the journal, and which prefix-cache buckets are warm. One per `RLM`
+instance and event loop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import anyio
+
+from .. import _events
+from .._cache import BatchPlan, plan_batch
+from .._config import ModelConfig, RLMConfig
+from .._context import Context
+from .._governor import Governor
+from .._journal import Journal
+from .._result import RLMResult
+from .._types import ModelRequest
+from ..transport import Transport
+from .query import Query
+
+__all__ = ["Engine"]
+
+# Providers keep a cached prefix for minutes after its last use (OpenAI: 5-10 min idle).
+_WARM_TTL_S = 300.0
+
+
+class Engine:
+    def __init__(
+        self,
+        config: RLMConfig,
+        *,
+        transport_factory: Callable[[ModelConfig], Transport],
+        governor: Governor,
+        journal: Journal | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.governor = governor
+        self.journal = journal
+        self.clock = clock
+        self._transport_factory = transport_factory
+        self._transports: dict[tuple[str, str | None], Transport] = {}
+        self._warm_buckets: dict[str, float] = {}
+
+    def plan_batch(self, requests: list[ModelRequest], model: ModelConfig) -> BatchPlan:
+        """Plan a fan-out for prefix caching, remembering which cache buckets are warm."""
+        now = self.clock()
+        warm = {b for b, t in self._warm_buckets.items() if now - t < _WARM_TTL_S}
+        plan = plan_batch(requests, model.cache_settings(), already_warm=warm)
+        if len(requests) > 1:
+            _events.emit("warmup.decision", **plan.event_fields())
+        return plan
+
+    def mark_warm(self, bucket: str) -> None:
+        self._warm_buckets[bucket] = self.clock()
+
+    def transport_for(self, model: ModelConfig) -> Transport:
+        key = (model.base_url, model.api_key_env)
+        transport = self._transports.get(key)
+        if transport is None:
+            transport = self._transports[key] = self._transport_factory(model)
+        return transport
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for transport in self._transports.values():
+                await transport.aclose()
+            self._transports.clear()
+
+    async def run(
+        self,
+        context: Context,
+        root_prompt: str | None,
+        *,
+        sinks: tuple[_events.EventSink, ...] = (),
+        query_id: str = "q1",
+    ) -> RLMResult:
+        query = Query(self, query_id=query_id)
+        query.check_prices()
+        kept: list[_events.Event] = []
+        if self.config.keep_events:
+            sinks = (*sinks, kept.append)
+        with _events.sinks(*sinks, clock=self.clock), _events.bind(query_id=query_id):
+            result = await query.run(context, root_prompt)
+        result.events = kept
+        return result
