@@ -27,11 +27,11 @@ from . import _events
 from ._cache import BatchPlan, plan_batch
 from ._config import ModelConfig, RLMConfig
 from ._context import Context
-from ._governor import BudgetLedger, Governor
+from ._governor import BudgetLedger, CallTally, Governor
 from ._journal import Journal
 from ._parsing import find_code_blocks, find_final, truncate_output
 from ._prompts import describe_context, first_user_message, root_system_prompt, sub_system_prompt
-from ._result import RLMResult, RunStatus, SubCallFailure, SubCallResult, UsageTotals
+from ._result import RLMResult, RunStatus, SubCallFailure, SubCallResult
 from ._tree import CallTree, Node
 from ._types import CallKind, CallRecord, CallStatus, Completion, Message, ModelRequest, Usage
 from .exceptions import BudgetExceeded, ConfigError, FatalError, RetryableError, SandboxError, TransportError
@@ -217,13 +217,13 @@ class Query:
         wall: float,
         root_prompt: str | None,
     ) -> RLMResult:
-        by_model: dict[str, UsageTotals] = {}
-        by_depth: dict[int, UsageTotals] = {}
-        total = UsageTotals()
+        by_model: dict[str, Usage] = {}
+        by_depth: dict[int, Usage] = {}
+        total = Usage()
         for r in self.records:
-            by_model.setdefault(r.model, UsageTotals()).add(r)
-            by_depth.setdefault(r.depth, UsageTotals()).add(r)
-            total.add(r)
+            by_model[r.model] = by_model.get(r.model, Usage()) + r.totals
+            by_depth[r.depth] = by_depth.get(r.depth, Usage()) + r.totals
+            total += r.totals
         return RLMResult(
             response=answer,
             status=status,
@@ -549,21 +549,19 @@ class Query:
                 # Prompt text may hold private data: only with log_text=True.
                 **({"prompt": request.messages[-1].content} if self.config.log_text else {}),
             )
-            attempts, cost, from_journal = 0, 0.0, False
+            tally, from_journal = CallTally(), False
             try:
                 journal = self.engine.journal
 
                 async def send() -> Completion:
-                    nonlocal attempts, cost
                     governed = await self.engine.governor.call(
                         request,
                         transport,
                         ledger=self.ledger,
-                        depth=depth,
                         price=model.prices,
                         limits=model.limits,
+                        tally=tally,
                     )
-                    attempts, cost = governed.attempts, governed.cost_usd
                     return governed.completion
 
                 if journal is not None:
@@ -582,7 +580,7 @@ class Query:
                     request,
                     started,
                     _status_of(exc),
-                    attempts=max(attempts, getattr(exc, "attempts", 1)),
+                    attempts=tally.attempts,
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 raise
@@ -595,8 +593,8 @@ class Query:
                 "ok",
                 # A journal hit consumed no tokens: its usage belongs to the call that paid.
                 usage=Usage() if from_journal else completion.usage,
-                cost=0.0 if from_journal else cost,
-                attempts=0 if from_journal else attempts,
+                cost=0.0 if from_journal else float(tally.spent.usd),
+                attempts=0 if from_journal else tally.attempts,
                 from_journal=from_journal,
                 text=completion.text,
             )
