@@ -26,10 +26,6 @@ from test_sandbox_support import (
 
 from rlm_async import _events
 from rlm_async import sandbox as sandbox_mod
-from rlm_async._sandbox_channel import Channel, ChannelClosed, ProtocolViolation
-from rlm_async._sandbox_worker import _parse_request
-from rlm_async._worker import bootstrap
-from rlm_async._worker.bootstrap import HEADER
 from rlm_async.exceptions import (
     BudgetExceeded,
     ConfigError,
@@ -38,6 +34,10 @@ from rlm_async.exceptions import (
     SandboxError,
 )
 from rlm_async.sandbox import ReducedIsolationWarning, SandboxConfig, WorkerRequest, start_worker
+from rlm_async.sandbox import _bootstrap as bootstrap
+from rlm_async.sandbox._bootstrap import HEADER
+from rlm_async.sandbox._channel import Channel, ChannelClosed, ProtocolViolation
+from rlm_async.sandbox._worker import _parse_request
 
 pytestmark = pytest.mark.anyio
 

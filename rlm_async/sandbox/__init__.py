@@ -30,9 +30,10 @@ from typing import Any
 
 import anyio
 
-from . import _events
-from . import _sandbox_launch as launch
-from ._sandbox_types import (
+from .. import _events
+from ..exceptions import ContextTypeError, IsolationUnavailable
+from . import _launch as launch
+from ._config import (
     WORKER_DEAD_STATUSES,
     CellResult,
     CellStatus,
@@ -40,8 +41,7 @@ from ._sandbox_types import (
     SandboxConfig,
     WorkerRequest,
 )
-from ._sandbox_worker import Plan, Worker
-from .exceptions import ContextTypeError, IsolationUnavailable
+from ._worker import Plan, Worker
 
 __all__ = [
     "WORKER_DEAD_STATUSES",

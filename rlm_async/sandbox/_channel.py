@@ -15,8 +15,8 @@ from typing import Any
 
 import anyio
 
-from ._worker.bootstrap import HEADER
-from .exceptions import SandboxError
+from ..exceptions import SandboxError
+from ._bootstrap import HEADER
 
 __all__ = ["Channel", "ChannelClosed", "ProtocolViolation"]
 

@@ -20,12 +20,14 @@ from typing import Any
 import anyio
 from anyio.abc import Process
 
-from . import _events
-from . import _sandbox_launch as launch
-from . import _sandbox_procs as procs
-from . import _sandbox_seccomp as seccomp
-from ._sandbox_channel import Channel, ChannelClosed, ProtocolViolation
-from ._sandbox_types import (
+from .. import _events
+from ..exceptions import BudgetExceeded, ContextTypeError, SandboxError
+from . import _bootstrap as proto
+from . import _launch as launch
+from . import _procs as procs
+from . import _seccomp as seccomp
+from ._channel import Channel, ChannelClosed, ProtocolViolation
+from ._config import (
     WORKER_DEAD_STATUSES,
     CellResult,
     CellStatus,
@@ -33,8 +35,6 @@ from ._sandbox_types import (
     SandboxConfig,
     WorkerRequest,
 )
-from ._worker import bootstrap as proto
-from .exceptions import BudgetExceeded, ContextTypeError, SandboxError
 
 __all__ = ["Plan", "Worker"]
 

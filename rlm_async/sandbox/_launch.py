@@ -21,8 +21,8 @@ from pathlib import Path
 
 import anyio
 
-from . import _sandbox_seccomp as seccomp
-from .exceptions import SandboxError
+from ..exceptions import SandboxError
+from . import _seccomp as seccomp
 
 __all__ = [
     "BOOTSTRAP_PATH",
@@ -37,7 +37,7 @@ __all__ = [
     "probe_bwrap",
 ]
 
-BOOTSTRAP_PATH = str(Path(__file__).with_name("_worker") / "bootstrap.py")
+BOOTSTRAP_PATH = str(Path(__file__).with_name("_bootstrap.py"))
 SANDBOX_BOOTSTRAP = "/rlm/bootstrap.py"
 _PYTHON_FLAGS = ("-I", "-S", "-B")
 """Isolated mode (no PYTHON* variables, no user site, no script dir on sys.path), no

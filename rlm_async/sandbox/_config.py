@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from .exceptions import ConfigError
+from ..exceptions import ConfigError
 
 __all__ = [
     "WORKER_DEAD_STATUSES",
