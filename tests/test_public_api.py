@@ -112,6 +112,23 @@ class TestLayers:
             if isinstance(node, ast.Import):
                 assert all(not a.name.startswith("rlm_async") for a in node.names)
 
+    def test_the_sandbox_is_reached_only_through_its_public_face(self) -> None:
+        """Outside rlm_async/sandbox/, no module imports a private module of the sandbox."""
+        offenders = []
+        for path in PACKAGE.rglob("*.py"):
+            rel = path.relative_to(PACKAGE).with_suffix("")
+            if rel.parts[0] == "sandbox":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom):
+                    names = [f"{node.module or ''}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                offenders += [f"{'.'.join(rel.parts)}: {n}" for n in names if "sandbox._" in n]
+        assert offenders == []
+
     def test_only_transport_imports_the_wire_libraries(self) -> None:
         """httpx and openai are imported by the transport alone (the simulator is a server)."""
         offenders = []

@@ -24,27 +24,11 @@ cap across processes: RLIMIT_AS is per process.
 
 from __future__ import annotations
 
-import os
-import warnings
-from typing import Any
-
-import anyio
-
-from .. import _events
-from ..exceptions import ContextTypeError, IsolationUnavailable
-from . import _launch as launch
-from ._config import (
-    WORKER_DEAD_STATUSES,
-    CellResult,
-    CellStatus,
-    RequestHandler,
-    SandboxConfig,
-    WorkerRequest,
-)
-from ._worker import Plan, Worker
+from ._config import CellResult, CellStatus, RequestHandler, SandboxConfig, WorkerRequest
+from ._isolation import ReducedIsolationWarning
+from ._worker import Worker, start_worker
 
 __all__ = [
-    "WORKER_DEAD_STATUSES",
     "CellResult",
     "CellStatus",
     "ReducedIsolationWarning",
@@ -54,57 +38,3 @@ __all__ = [
     "WorkerRequest",
     "start_worker",
 ]
-
-
-class ReducedIsolationWarning(UserWarning):
-    """bubblewrap cannot run here: REPL workers run as plain subprocesses (once per process)."""
-
-
-_warned = False
-
-
-def _warn_reduced(why: str) -> None:
-    global _warned
-    _events.emit("sandbox.reduced_isolation", reason=why)
-    if _warned:
-        return
-    _warned = True
-    warnings.warn(
-        f"rlm_async: bubblewrap cannot run here ({why}). REPL workers run as plain subprocesses "
-        "with REDUCED ISOLATION: model-written code can read any file the worker's user can read, "
-        "reach the network including this machine's loopback services, and, when the worker cannot "
-        "drop root, read the engine's environment (API keys) through /proc and kill the engine. "
-        "Install bubblewrap, or set SandboxConfig(require_isolation=True) to refuse to run without it.",
-        ReducedIsolationWarning,
-        stacklevel=4,
-    )
-
-
-async def _plan(config: SandboxConfig) -> Plan:
-    interp = await launch.find_interpreter(config.python)
-    root = os.geteuid() == 0
-    if config.isolation != "none":
-        bwrap = launch.find_bwrap(config.bwrap_path)
-        if bwrap is None:
-            why: str | None = "no bwrap executable found"
-        else:
-            why = await launch.probe_bwrap(bwrap, interp, allow_network=config.allow_network, may_setuid=root)
-        if why is None:
-            return Plan(isolated=True, interp=interp, bwrap=bwrap, drop_uid=root)
-        if config.isolation == "bwrap" or config.require_isolation:
-            raise IsolationUnavailable(f"bubblewrap isolation is required but cannot run: {why}")
-        _warn_reduced(why)
-    drop = root and await anyio.to_thread.run_sync(launch.can_drop_uid_unsandboxed, interp)
-    return Plan(isolated=False, interp=interp, bwrap=None, drop_uid=drop)
-
-
-async def start_worker(context: str | list[Any] | dict[str, Any], config: SandboxConfig) -> Worker:
-    """Start a worker with `context` (and `context_0`) loaded. Raises `ContextTypeError` for
-    an unsupported context, `IsolationUnavailable` when isolation is required but cannot
-    run, `SandboxError` when the worker does not come up (the message says why)."""
-    if not isinstance(context, str | list | tuple | dict):
-        raise ContextTypeError(f"the context must be a str, list or dict, not {type(context).__name__}")
-    plan = await _plan(config)
-    worker = Worker(context, config, plan)
-    await worker._spawn()
-    return worker
