@@ -141,16 +141,17 @@ class WorkerProcess:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmpdir, ignore_errors=True))
 
 
-def encode_context(context: object) -> tuple[str, bytes]:
+def encode_context(context: Context) -> tuple[str, bytes]:
+    """The context as the worker loads it: a str as UTF-8, a list or dict as JSON. Its type
+    was checked where it entered (`validate_context`); the values nested in a list or dict
+    are first looked at here, by `json.dumps`."""
     if isinstance(context, str):
         return "str", context.encode("utf-8", "surrogatepass")
-    if isinstance(context, list | tuple | dict):
-        try:
-            text = json.dumps(context, ensure_ascii=False)
-        except (TypeError, ValueError) as exc:
-            raise ContextTypeError(f"a list or dict context must be JSON-serialisable: {exc}") from exc
-        return "json", text.encode("utf-8", "surrogatepass")
-    raise ContextTypeError(f"the context must be a str, list or dict, not {type(context).__name__}")
+    try:
+        text = json.dumps(context, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ContextTypeError(f"a list or dict context must be JSON-serialisable: {exc}") from exc
+    return "json", text.encode("utf-8", "surrogatepass")
 
 
 async def launch_process(context: Context, config: SandboxConfig, plan: Plan) -> WorkerProcess:

@@ -9,8 +9,7 @@ import time
 import anyio
 
 from .. import _events
-from .._context import Context
-from ..exceptions import ContextTypeError
+from .._context import Context, validate_context
 from ._cell import CellExchange
 from ._channel import ChannelClosed, ProtocolViolation
 from ._config import WORKER_DEAD_STATUSES, CellResult, RequestHandler, SandboxConfig
@@ -28,8 +27,7 @@ async def start_worker(context: Context, config: SandboxConfig) -> Worker:
     """Start a worker with `context` (and `context_0`) loaded. Raises `ContextTypeError` for
     an unsupported context, `IsolationUnavailable` when isolation is required but cannot
     run, `SandboxError` when the worker does not come up (the message says why)."""
-    if not isinstance(context, str | list | tuple | dict):
-        raise ContextTypeError(f"the context must be a str, list or dict, not {type(context).__name__}")
+    context = validate_context(context)  # a public entry of its own, as RLM.acompletion is
     plan = await plan_isolation(config)
     return await Worker.start(context, config, plan)
 
