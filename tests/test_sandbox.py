@@ -90,7 +90,7 @@ class TestContextLoading:
     async def test_non_json_list_is_refused(self) -> None:
         """A list holding something JSON cannot carry is a ContextTypeError."""
         with pytest.raises(ContextTypeError):
-            await start_worker([object()], config())
+            await start_worker([object()], config())  # type: ignore[list-item]
 
     async def test_40_mb_context_loads(self) -> None:
         """A 40 MB str context loads whole (the time is printed, not asserted)."""
