@@ -38,7 +38,7 @@ from .exceptions import (
     ServerError,
     TransportError,
 )
-from .sandbox import ReducedIsolationWarning, SandboxConfig
+from .sandbox import SandboxConfig
 from .transport import OpenAISDKTransport, OpenAITransport, Transport
 
 __version__ = "0.1.0"
@@ -76,7 +76,6 @@ __all__ = [
     "RLMError",
     "RLMResult",
     "RateLimited",
-    "ReducedIsolationWarning",
     "RetryConfig",
     "RetryableError",
     "SandboxConfig",

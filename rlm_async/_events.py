@@ -23,7 +23,7 @@ The vocabulary (every event also carries query_id, node_id and depth):
                       latency_s, attempts, from_journal, error
     cell.start        iteration, cell
     cell.finish       iteration, cell, duration_s, status, stdout_chars, stderr_chars, error
-    worker.start      pid, isolated
+    worker.start      pid, isolated, tier ("bubblewrap" | "landlock" | "none"), uid, context_bytes, duration_s
     worker.kill       pid, reason
     limiter.wait      endpoint, model, waited_s, reason
     ratelimit.pause   endpoint, model, pause_s

@@ -99,6 +99,9 @@ class RLMResult:
     """Which budget limit ended the run ("usd", "total_tokens", "calls", "seconds", ...)."""
     events: list[Any] = field(default_factory=list)
     """The query's events when tracing was requested (see `rlm_async._trace`)."""
+    isolation: str | None = None
+    """The sandbox tier the query's REPL workers ran under: "bubblewrap", "landlock" or
+    "none" (None when no worker started). See docs/security.md for what each isolates."""
 
     @property
     def usage_summary(self) -> UsageSummary:
@@ -120,6 +123,7 @@ class RLMResult:
             "execution_time": self.execution_time,
             "iterations": self.iterations,
             "limit_hit": self.limit_hit,
+            "isolation": self.isolation,
             "total": self.total.to_dict(),
             "by_model": {m: t.to_dict() for m, t in self.by_model.items()},
             "by_depth": {str(d): t.to_dict() for d, t in sorted(self.by_depth.items())},

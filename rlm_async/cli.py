@@ -4,6 +4,7 @@
     rlm-async run --context PATH|- --query TEXT [--config configs/NAME.toml] [--max-depth N] [--json]
     rlm-async sim [--config sim.toml] [--port P]    the simulated OpenAI-compatible server
     rlm-async trace view TRACE.jsonl -o run.html    a self-contained HTML timeline
+    rlm-async doctor [--isolation TIER] [--json]    which sandbox tiers work here (exit 2: none)
 
 Errors the user can fix (a missing file, an unreachable endpoint, a missing key, an unknown
 model, a bad context) print one line naming the problem and the fix and exit 2; a
@@ -29,6 +30,7 @@ from ._config import RLMConfig
 from ._context import Context
 from ._result import RLMResult
 from .exceptions import ConfigError, RLMError
+from .sandbox import ISOLATION_TIERS, SandboxConfig, diagnose, render
 
 __all__ = ["main"]
 
@@ -61,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--trace", help="directory to write the JSONL trace into")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--quiet", action="store_true", help="no live progress")
+    run.add_argument(
+        "--isolation", choices=ISOLATION_TIERS, help="sandbox tier (default: the config's, auto)"
+    )
 
     demo = sub.add_parser("demo", help="the built-in demo on the simulator (no key, no network)")
     demo.add_argument("--task", default="oolong", choices=("oolong", "s-niah", "oolong-pairs"))
@@ -73,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("sim", help="run the simulated OpenAI-compatible server", add_help=False)
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+
+    doctor = sub.add_parser("doctor", help="which sandbox tiers work here, and what each isolates")
+    doctor.add_argument("--isolation", choices=ISOLATION_TIERS, default="auto")
+    doctor.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
 
     trace = sub.add_parser("trace", help="work with JSONL traces")
     tsub = trace.add_subparsers(dest="trace_command", required=True)
@@ -131,6 +140,8 @@ def _load_config(args: argparse.Namespace) -> tuple[RLMConfig, dict[str, Any] | 
         changes["max_iterations"] = args.max_iterations
     if args.journal:
         changes["journal_path"] = args.journal
+    if args.isolation:
+        changes["sandbox"] = dataclasses.replace(config.sandbox, isolation=args.isolation)
     budget_changes: dict[str, Any] = {}
     if args.budget_usd is not None:
         budget_changes["max_usd"] = args.budget_usd
@@ -313,6 +324,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = main_view(args.trace_path, args.output)
         print(f"wrote {out}")
         return 0
+    if args.command == "doctor":
+        found = anyio.run(diagnose, SandboxConfig(isolation=args.isolation))
+        print(json.dumps(found.to_dict(), indent=2) if args.json else render(found))
+        return 0 if found.chosen is not None and not (found.worker_check or "").startswith("FAILED") else 2
     runner = _run if args.command == "run" else _demo
     return anyio.run(runner, args)
 

@@ -1,11 +1,16 @@
-"""Hostile code in the REPL worker. Each case asserts that the engine-side API survives, the
-cell ends with a clear status (or the worker carries on), no secret leaks, and no process is
-left behind (`open_worker` scans /proc for the worker's group, session and uid after
-`aclose`).
+"""Hostile code in the REPL worker, run under every isolating tier (bubblewrap, and the
+unprivileged landlock tier; each skipped where it cannot run, never "none"). Each case
+asserts that the engine-side API survives, the cell ends with a clear status (or the
+worker carries on), no secret leaks, and no process is left behind (`open_worker` scans
+/proc for the worker's group, session and uid after `aclose`).
 
-Network cases target only 127.0.0.1, 169.254.169.254 and DNS, and only from inside the
-sandbox, whose network namespace is empty: nothing leaves the machine. They never run in
-the unsandboxed fallback.
+Network cases target only loopback (127.0.0.1, ::1), except the metadata-endpoint and DNS
+case, which runs only under bubblewrap, inside a network namespace with no route out:
+nothing leaves the machine. The landlock tier has no network namespace, so its block is
+proven by what it refuses on loopback (socket creation and `connect` for every family).
+The engine-in-a-subprocess cases (`TestEngineSecrets`) give an engine real secrets in its
+initial environment, command line, working directory and home, and ship everything the
+code can find through `llm_query`.
 """
 
 from __future__ import annotations
@@ -16,19 +21,18 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from test_sandbox_support import (
-    SYSTEM_PYTHON,
+    ISOLATING_TIERS,
     Recorder,
     assert_no_secret,
     assert_nothing_left,
-    needs_bwrap,
-    needs_root,
-    needs_system_python,
 )
 from test_sandbox_support import open_worker as _open_worker
 
@@ -36,13 +40,22 @@ from rlm_async.exceptions import BudgetExceeded
 from rlm_async.sandbox import Worker, WorkerRequest
 from rlm_async.sandbox import _seccomp as seccomp
 
-pytestmark = [pytest.mark.anyio, needs_bwrap]
+pytestmark = [pytest.mark.anyio]
+
+_TIER = ["bubblewrap"]
+
+
+@pytest.fixture(params=ISOLATING_TIERS, autouse=True)
+def tier(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every case runs once per isolating tier that works here."""
+    _TIER[0] = request.param
+    yield request.param
 
 
 def open_worker(context: Any = "", **overrides: Any) -> AbstractAsyncContextManager[Worker]:
-    """Always bubblewrap unless a test says otherwise: some attacks below would hit the host
-    for real without the sandbox (only the cleanup cases run in the fallback on purpose)."""
-    overrides.setdefault("isolation", "bwrap")
+    """A worker of the tier under test, never "none": the attacks below would hit the host
+    for real without a sandbox."""
+    overrides.setdefault("isolation", _TIER[0])
     return _open_worker(context, **overrides)
 
 
@@ -175,8 +188,7 @@ class TestProcesses:
             result = await worker.run_cell(code, refuse)
         assert result.status == "timeout" and result.worker_dead
 
-    @pytest.mark.parametrize("isolation", ["bwrap", "none"])
-    async def test_children_that_ignore_sigterm_and_hold_pipes(self, isolation: str) -> None:
+    async def test_children_that_ignore_sigterm_and_hold_pipes(self, tier: str) -> None:
         """A child that ignores SIGTERM and keeps stdout open neither blocks the cell nor survives aclose."""
         code = textwrap.dedent(
             """
@@ -187,19 +199,20 @@ class TestProcesses:
             print(p.pid)
             """
         )
-        async with open_worker(isolation=isolation) as worker:
+        async with open_worker() as worker:
             result = await worker.run_cell(code, refuse)
             assert result.status == "ok"
             child = int(result.stdout.split()[0])
-        if isolation == "none":
+        if tier != "bubblewrap":  # under bubblewrap the pid is of its own namespace
             await assert_nothing_left(worker.pid, worker.uid, [child])
 
-    @pytest.mark.parametrize("isolation", ["bwrap", "none"])
-    async def test_orphaned_grandchildren_are_killed(self, isolation: str) -> None:
-        """A double-forked, setsid'd grandchild (escaping the process group) is still killed."""
+    async def test_orphaned_grandchildren_are_killed(self, tier: str) -> None:
+        """A double-forked, setsid'd grandchild that first cleared the child-subreaper flag
+        (escaping the process group and the worker's tree) is still killed."""
         code = textwrap.dedent(
             """
-            import os, time
+            import ctypes, os, time
+            ctypes.CDLL(None).prctl(36, 0, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER off
             r, w = os.pipe()
             if os.fork() == 0:
                 os.setsid()
@@ -210,40 +223,36 @@ class TestProcesses:
             print(os.read(r, 100).decode())
             """
         )
-        async with open_worker(isolation=isolation) as worker:
+        async with open_worker() as worker:
             result = await worker.run_cell(code, refuse)
             grandchild = int(result.stdout.strip())
-        if isolation == "none":
+        if tier != "bubblewrap":
             await assert_nothing_left(worker.pid, worker.uid, [grandchild])
 
-    async def test_killing_the_parent_does_not_reach_the_engine(self) -> None:
-        """os.kill(os.getppid(), 9) hits bwrap's reaper at most, never the engine."""
+    async def test_killing_the_parent_does_not_reach_the_engine(self, tier: str) -> None:
+        """os.kill(os.getppid(), 9) hits bwrap's reaper at most, never the engine; in the
+        landlock tier the parent (the supervisor) refuses it: EPERM."""
         code = KILL_PARENT
         async with open_worker() as worker:
             result = await worker.run_cell(code, refuse)
             assert result.status in ("ok", "crashed")
+            if tier == "landlock":
+                assert result.stdout.strip() == "refused 1", result
             await worker.restart()
             assert (await worker.run_cell("print(1)", refuse)).stdout == "1\n"
         assert os.getppid() > 0  # and this test process is obviously still running
 
-    async def test_kill_everything_it_can(self) -> None:
+    async def test_kill_everything_it_can(self, tier: str) -> None:
         """os.kill(-1, 9) reaches only the worker's own processes (none but itself here):
-        the reaper, the engine and the host are out of its reach."""
+        the reaper or supervisor, the engine and the host are out of its reach."""
         async with open_worker() as worker:
-            result = await worker.run_cell("import os\nos.kill(-1, 9)", refuse)
+            result = await worker.run_cell("import os\nos.kill(-1, 9)\nprint('sent')", refuse)
             after = await worker.run_cell("print('alive')", refuse)
-        assert result.status == "error" and "ProcessLookupError" in (result.error or "")
+        if tier == "bubblewrap":
+            assert result.status == "error" and "ProcessLookupError" in (result.error or "")
+        else:  # kill(-1) succeeds when every target refused it: nothing was signalled
+            assert result.stdout == "sent\n", result
         assert after.stdout == "alive\n"
-
-    @needs_root
-    @needs_system_python
-    async def test_fallback_with_dropped_root_cannot_kill_the_engine(self) -> None:
-        """Even unsandboxed, a worker that dropped root gets EPERM signalling the engine."""
-        code = KILL_PARENT
-        async with open_worker(isolation="none", python=SYSTEM_PYTHON) as worker:
-            assert worker.uid is not None
-            result = await worker.run_cell(code, refuse)
-        assert result.stdout.strip() == "refused 1"
 
 
 class TestSecrets:
@@ -255,13 +264,16 @@ class TestSecrets:
         assert set(json.loads(result.stdout.replace("'", '"'))) <= {"PATH", "LANG", "TMPDIR", "PWD"}
 
     async def test_proc_environ_files_hold_no_secret(self) -> None:
-        """/proc/self, /proc/1 and /proc/<ppid> environ and cmdline hold nothing of the engine."""
+        """/proc/self, /proc/1, /proc/<ppid> and /proc/<engine> environ and cmdline hold
+        nothing of the engine (or cannot be read at all)."""
         code = textwrap.dedent(
-            """
+            f"""
             import os, glob
             out = []
             paths = glob.glob('/proc/*/environ') + glob.glob('/proc/*/cmdline')
-            for path in sorted(set(paths + ['/proc/%d/environ' % os.getppid()])):
+            pids = ['self', 1, os.getppid(), {os.getpid()}]
+            paths += ['/proc/%s/%s' % (p, f) for p in pids for f in ('environ', 'cmdline')]
+            for path in sorted(set(paths)):
                 try:
                     out.append(path + ' ' + repr(open(path, 'rb').read()))
                 except OSError as e:
@@ -276,58 +288,6 @@ class TestSecrets:
         assert "RLM_TEST_SECRET" not in result.stdout
 
     @pytest.mark.parametrize(
-        ("isolation", "python", "leaks"),
-        [
-            pytest.param("bwrap", None, False, id="bwrap"),
-            pytest.param(
-                "none",
-                SYSTEM_PYTHON,
-                False,
-                id="fallback-dropped-root",
-                marks=[needs_system_python, needs_root],
-            ),
-            pytest.param("none", None, True, id="fallback-as-root-leaks", marks=[needs_root]),
-        ],
-    )
-    def test_engine_initial_environment_is_unreachable(
-        self, isolation: str, python: str | None, leaks: bool
-    ) -> None:
-        """An engine started with a secret in its environment: the code searches every
-        /proc/*/environ it can read. Under bwrap (and with dropped root) it finds nothing.
-        The fallback that keeps root finds it: that is what the warning says."""
-        secret = "initial-env-secret-" + os.urandom(8).hex()
-        script = textwrap.dedent(
-            f"""
-            import anyio, glob
-            from rlm_async.sandbox import SandboxConfig, start_worker
-            CODE = '''
-            import glob
-            hits = []
-            for path in glob.glob('/proc/*/environ'):
-                try:
-                    if {secret[:12]!r} + {secret[12:]!r} in open(path, 'rb').read().decode('latin-1'):
-                        hits.append(path)
-                except OSError:
-                    pass
-            print('HITS', len(hits))
-            '''
-            async def main():
-                w = await start_worker('', SandboxConfig(isolation={isolation!r}, python={python!r}))
-                r = await w.run_cell(CODE, None)
-                print(r.stdout.strip())
-                await w.aclose()
-            anyio.run(main)
-            """
-        )
-        env = {**os.environ, "RLM_ENGINE_SECRET": secret}
-        proc = subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
-        )
-        assert proc.returncode == 0, proc.stderr
-        hits = int(proc.stdout.split("HITS")[1].split()[0])
-        assert (hits > 0) is leaks, proc.stdout
-
-    @pytest.mark.parametrize(
         "path",
         [
             "/etc/shadow",
@@ -339,11 +299,22 @@ class TestSecrets:
         ],
     )
     async def test_host_files_are_not_visible(self, path: str) -> None:
-        """Files outside the interpreter install do not exist inside the sandbox."""
-        code = f"import os\np = os.path.expanduser({path!r})\nprint(os.path.exists(p))"
+        """Files outside the interpreter install do not exist inside the sandbox (bubblewrap),
+        or cannot be opened or listed (landlock: a name can still be stat()ed)."""
+        code = textwrap.dedent(
+            f"""
+            import os
+            p = os.path.expanduser({path!r})
+            try:
+                os.listdir(p) if os.path.isdir(p) else open(p, 'rb').read(1)
+                print('readable' if os.path.exists(p) else 'absent')
+            except OSError as e:
+                print(type(e).__name__)
+            """
+        )
         async with open_worker() as worker:
             result = await worker.run_cell(code, refuse)
-        assert result.stdout == "False\n"
+        assert result.stdout.strip() in {"PermissionError", "FileNotFoundError", "absent"}, result
 
     async def test_context_instructs_exfiltration_through_llm_query(self) -> None:
         """Code obeying a hostile context sends all it can find through llm_query: no secret."""
@@ -371,17 +342,21 @@ class TestSecrets:
 
 
 class TestFilesystem:
-    async def test_writes_outside_tmp_fail(self, tmp_path: Path) -> None:
+    async def test_writes_outside_tmp_fail(self, tmp_path: Path, tier: str) -> None:
         """Creating, appending to or deleting anything but /tmp fails; a host file is untouched.
 
         (Probes that would be harmless on the host if they succeeded: append-mode opens that
         write nothing, mkdir of a fresh name, removal of this test's own canary.)"""
         canary = tmp_path / "canary.txt"
         canary.write_text("keep me")
-        targets = ["/x", "/usr/rlm-x", "/etc/x", "/root/x", "/proc/x", "/dev/x", "/rlm/new", str(canary)]
+        home = str(Path.home())
+        targets = ["/x", "/usr/rlm-x", "/etc/x", "/root/x", "/proc/x", "/dev/x", "/rlm/new"]
+        if tier != "bubblewrap":  # the host's /tmp (bubblewrap's /tmp is a private tmpfs)
+            targets.append("/tmp/rlm-x")
+        targets += [str(canary), os.path.join(os.getcwd(), "rlm-x"), os.path.join(home, "rlm-x")]
         code = textwrap.dedent(
             f"""
-            import os
+            import os, tempfile
             results = []
             for t in {targets!r} + [os.__file__, '/rlm/bootstrap.py']:
                 try:
@@ -400,18 +375,23 @@ class TestFilesystem:
                 results.append('removed canary')
             except OSError:
                 pass
-            open('/tmp/ok', 'w').write('fine')
-            print(results, open('/tmp/ok').read())
+            ok = os.path.join(tempfile.gettempdir(), 'ok')
+            open(ok, 'w').write('fine')
+            print(results, open(ok).read())
             """
         )
         async with open_worker() as worker:
             result = await worker.run_cell(code, refuse)
         assert result.stdout == "[] fine\n", result
         assert canary.read_text() == "keep me"
+        made = ["/usr/rlm-x", "/tmp/rlm-x", os.path.join(os.getcwd(), "rlm-x"), os.path.join(home, "rlm-x")]
+        assert [p for p in made if os.access(p, os.F_OK)] == []
 
     @pytest.mark.parametrize("where", ["/tmp", "/dev/shm"])
-    async def test_filling_the_disk_stops_at_the_tmpfs_size(self, where: str) -> None:
+    async def test_filling_the_disk_stops_at_the_tmpfs_size(self, where: str, tier: str) -> None:
         """Writing files until it fails ends at the tmpfs cap (ENOSPC), not the host's disk or RAM."""
+        if tier != "bubblewrap":
+            pytest.skip("only bubblewrap mounts a size-capped tmpfs (docs/security.md)")
         code = textwrap.dedent(
             f"""
             import errno
@@ -456,8 +436,92 @@ class TestNetwork:
         finally:
             listener.close()
 
-    async def test_metadata_endpoint_and_dns_are_unreachable(self) -> None:
-        """169.254.169.254 and DNS resolution both fail: the namespace has no route anywhere."""
+    async def test_udp_and_tcp_to_loopback_never_arrive(self, tier: str) -> None:
+        """Datagrams and connections to listeners of the engine on 127.0.0.1 and ::1 never
+        arrive, whatever the family or port."""
+        tcp = socket.create_server(("127.0.0.1", 0))
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        udp6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        udp6.bind(("::1", 0))
+        for s in (tcp, udp, udp6):
+            s.setblocking(False)
+        targets = [("127.0.0.1", tcp.getsockname()[1]), ("127.0.0.1", udp.getsockname()[1])]
+        code = textwrap.dedent(
+            f"""
+            import socket
+            out = []
+            for family, kind, addr in [(socket.AF_INET, socket.SOCK_STREAM, {targets[0]!r}),
+                                       (socket.AF_INET, socket.SOCK_DGRAM, {targets[1]!r}),
+                                       (socket.AF_INET6, socket.SOCK_DGRAM, ('::1', {udp6.getsockname()[1]}))]:
+                try:
+                    s = socket.socket(family, kind)
+                    s.settimeout(2)
+                    s.connect(addr) if kind == socket.SOCK_STREAM else s.sendto(b'canary', addr)
+                    out.append('sent')
+                except OSError as e:
+                    out.append(type(e).__name__)
+            print(out)
+            """
+        )
+        try:
+            async with open_worker() as worker:
+                result = await worker.run_cell(code, refuse)
+            assert result.status == "ok", result
+            if tier == "landlock":  # no socket of these families can even be created
+                assert result.stdout.strip() == str(["PermissionError"] * 3), result
+            await anyio.sleep(0.2)
+            with pytest.raises(BlockingIOError):
+                tcp.accept()
+            for s in (udp, udp6):
+                with pytest.raises(BlockingIOError):
+                    s.recv(100)
+        finally:
+            for s in (tcp, udp, udp6):
+                s.close()
+
+    async def test_every_socket_family_is_refused_without_a_namespace(self, tier: str) -> None:
+        """Landlock tier (no network namespace): creating any socket but an AF_UNIX stream
+        one fails, and connect() fails even for AF_UNIX, so no address, local or remote, can
+        be reached. Only loopback and the worker's own sockets are named here."""
+        if tier != "landlock":
+            pytest.skip("bubblewrap has its own empty network namespace instead")
+        code = textwrap.dedent(
+            """
+            import socket, errno
+            out = []
+            for family in (socket.AF_INET, socket.AF_INET6, socket.AF_PACKET, socket.AF_NETLINK, 40):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW):
+                    try:
+                        socket.socket(family, kind).close()
+                        out.append(f'{family}/{kind} created')
+                    except OSError as e:
+                        out.append(errno.errorcode[e.errno])
+            try:
+                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                out.append('unix dgram created')
+            except OSError as e:
+                out.append(errno.errorcode[e.errno])
+            u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                u.connect('\\0rlm-abstract-probe')
+                out.append('unix connected')
+            except OSError as e:
+                out.append(errno.errorcode[e.errno])
+            a, b = socket.socketpair()
+            a.sendall(b'pair ok'); out.append(b.recv(10).decode())
+            print(sorted(set(out)))
+            """
+        )
+        async with open_worker() as worker:
+            result = await worker.run_cell(code, refuse)
+        assert result.stdout.strip() == "['EPERM', 'pair ok']", result
+
+    async def test_metadata_endpoint_and_dns_are_unreachable(self, tier: str) -> None:
+        """169.254.169.254 and DNS resolution both fail: the namespace has no route anywhere.
+        Only inside bubblewrap's empty network namespace: other tiers probe loopback only."""
+        if tier != "bubblewrap":
+            pytest.skip("a non-loopback address is probed only inside a network namespace")
         code = textwrap.dedent(
             """
             import socket
@@ -719,3 +783,175 @@ class TestHugeBatches:
             result = await worker.run_cell(code, recorder)
         assert result.stdout == "too big\n"
         assert recorder.requests == []
+
+
+ENGINE_SCRIPT = r"""
+import ctypes, json, os, socket, sys
+import anyio
+from rlm_async.sandbox import SandboxConfig, start_worker
+
+tier, code_template = sys.argv[1], sys.argv[2]  # sys.argv[3] is --token=<canary>
+memory_canary = ctypes.create_string_buffer(("mem-canary-" + os.urandom(8).hex()).encode())
+tcp = socket.create_server(("127.0.0.1", 0))
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("127.0.0.1", 0))
+for s in (tcp, udp):
+    s.setblocking(False)
+code = code_template.format(
+    engine=os.getpid(), cwd=os.getcwd(), home=os.environ["HOME"], addr=ctypes.addressof(memory_canary),
+    size=len(memory_canary.raw), tcp=tcp.getsockname()[1], udp=udp.getsockname()[1],
+)
+prompts = []
+
+async def on_request(request):
+    prompts.extend(request.prompts)
+    return ["ok"] * len(request.prompts)
+
+async def main():
+    worker = await start_worker("", SandboxConfig(isolation=tier, cell_timeout_s=60, start_timeout_s=60))
+    result = await worker.run_cell(code, on_request)
+    await worker.aclose()
+    return result
+
+result = anyio.run(main)
+arrived = []
+try:
+    tcp.accept()
+    arrived.append("tcp")
+except BlockingIOError:
+    pass
+try:
+    udp.recv(100)
+    arrived.append("udp")
+except BlockingIOError:
+    pass
+escapees = []
+for pid in os.listdir("/proc"):
+    try:
+        if pid.isdigit() and open(f"/proc/{pid}/comm").read().strip() == "rlm-escapee":
+            stat = open(f"/proc/{pid}/stat").read()
+            if stat[stat.rfind(")") + 2] not in "ZX":  # a zombie has exited: init reaps it lazily
+                escapees.append(pid)
+    except OSError:
+        pass
+print(json.dumps({
+    "status": result.status, "stdout": result.stdout, "stderr": result.stderr, "prompts": prompts,
+    "memory_canary": memory_canary.value.decode(), "arrived": arrived, "escapees": escapees,
+}))
+"""
+
+HOSTILE_CODE = r"""
+import ctypes, glob, os, socket, time
+libc = ctypes.CDLL(None, use_errno=True)
+loot, log = [repr(dict(os.environ))], []
+
+def attempt(name, fn):
+    try:
+        got = fn()
+        if got:
+            loot.append(got if isinstance(got, str) else got.decode('latin-1'))
+        log.append(name + ' ok')
+    except Exception as e:
+        log.append(name + ' ' + type(e).__name__)
+
+def read(path):
+    with open(path, 'rb') as f:
+        return f.read()
+
+pids = ['self', 1, os.getppid(), {engine}]
+paths = glob.glob('/proc/*/environ') + glob.glob('/proc/*/cmdline')
+paths += ['/proc/%s/%s' % (p, f) for p in pids for f in ('environ', 'cmdline')]
+paths += ['{cwd}/.env', '{home}/.netrc', '/etc/shadow']
+for path in sorted(set(paths)):
+    attempt(path, lambda: read(path))
+
+def proc_mem():
+    with open('/proc/{engine}/mem', 'rb') as f:
+        f.seek({addr})
+        return f.read({size})
+attempt('/proc/engine/mem', proc_mem)
+
+class IOV(ctypes.Structure):
+    _fields_ = [('base', ctypes.c_void_p), ('len', ctypes.c_size_t)]
+
+def vm_readv():
+    buf = ctypes.create_string_buffer({size})
+    local, remote = IOV(ctypes.addressof(buf), {size}), IOV({addr}, {size})
+    n = libc.process_vm_readv({engine}, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n < 0:
+        raise OSError(ctypes.get_errno(), 'process_vm_readv')
+    return buf.raw
+attempt('process_vm_readv', vm_readv)
+
+def ptrace():
+    if libc.ptrace(16, {engine}, 0, 0) != 0:  # PTRACE_ATTACH
+        raise OSError(ctypes.get_errno(), 'ptrace')
+    return 'ptrace attached'
+attempt('ptrace', ptrace)
+
+def tcp():
+    socket.create_connection(('127.0.0.1', {tcp}), timeout=2).sendall(b'loot')
+attempt('tcp', tcp)
+
+def udp():
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'loot', ('127.0.0.1', {udp}))
+attempt('udp', udp)
+
+for target in ('{cwd}/pwned', '{home}/pwned', '/usr/pwned'):
+    attempt('write ' + target, lambda: open(target, 'w').write('pwned') and None)
+
+r, w = os.pipe()
+if os.fork() == 0:
+    libc.prctl(36, 0, 0, 0, 0)  # no child subreaper
+    os.setsid()
+    if os.fork() == 0:
+        libc.prctl(15, b'rlm-escapee', 0, 0, 0)  # PR_SET_NAME: the engine looks for it after
+        os.write(w, b'x')
+        time.sleep(300)
+    os._exit(0)
+os.read(r, 1)
+
+attempt('kill engine', lambda: os.kill({engine}, 9))
+attempt('kill parent', lambda: os.kill(os.getppid(), 9))
+print('\n'.join(log))
+llm_query('\n'.join(loot))
+llm_batch(loot)
+"""
+
+
+class TestEngineSecrets:
+    def test_hostile_code_finds_nothing_of_a_real_engine(self, tier: str, tmp_path: Path) -> None:
+        """An engine (a subprocess, as in production) holds an API key and another secret in
+        its initial environment, a --token=... argument, a .env in its working directory,
+        a ~/.netrc and a secret in its memory, and listens on loopback TCP and UDP. The code
+        tries /proc/*/environ and cmdline, /proc/<engine>/mem, process_vm_readv, ptrace,
+        both listeners, writes into the engine's directories, a double-forked setsid
+        grandchild without the subreaper flag, and killing the engine, then ships all it
+        found through llm_query. No canary reaches a request, nothing arrives, nothing is
+        written, the engine survives, and no process outlives the query."""
+        canaries = {
+            name: f"{name}-canary-{os.urandom(8).hex()}"
+            for name in ("apikey", "other", "argv", "dotenv", "netrc")
+        }
+        cwd, home = tmp_path / "engine-cwd", tmp_path / "engine-home"
+        cwd.mkdir()
+        home.mkdir()
+        (cwd / ".env").write_text(f"OPENAI_API_KEY={canaries['dotenv']}\n")
+        (home / ".netrc").write_text(f"machine api.example password {canaries['netrc']}\n")
+        env = {**os.environ, "OPENAI_API_KEY": canaries["apikey"], "RLM_OTHER_SECRET": canaries["other"]}
+        env["HOME"] = str(home)
+        argv = [sys.executable, "-c", ENGINE_SCRIPT, tier, HOSTILE_CODE, f"--token={canaries['argv']}"]
+        proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]  # the engine survived
+        report = json.loads(proc.stdout.splitlines()[-1])
+        assert report["status"] == "ok", report
+        shipped = "\n".join(report["prompts"]) + report["stdout"]
+        assert report["prompts"], report
+        for name, canary in {**canaries, "memory": report["memory_canary"]}.items():
+            assert canary not in shipped, f"the {name} canary leaked: {report['stdout']}"
+        assert report["arrived"] == [] and report["escapees"] == [], report
+        for where in (cwd / "pwned", home / "pwned", Path("/usr/pwned")):
+            assert not where.exists(), where
+        log = report["stdout"]
+        for attack in ("process_vm_readv", "ptrace", "tcp", "kill engine", "/proc/engine/mem"):
+            assert f"{attack} ok" not in log, log

@@ -1,5 +1,5 @@
 """The REPL worker's normal behaviour: loading contexts, cells, sub-calls, answers,
-variables, restarts, limits, configuration and the isolation fallback."""
+variables, restarts, limits and configuration. Isolation tiers: test_sandbox_tiers.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import socket
 import textwrap
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -32,7 +31,7 @@ from rlm_async.exceptions import (
     IsolationUnavailable,
     SandboxError,
 )
-from rlm_async.sandbox import ReducedIsolationWarning, SandboxConfig, WorkerRequest, _isolation, start_worker
+from rlm_async.sandbox import SandboxConfig, WorkerRequest, start_worker
 from rlm_async.sandbox import _bootstrap as bootstrap
 from rlm_async.sandbox._bootstrap import HEADER
 from rlm_async.sandbox._channel import Channel, ChannelClosed, ProtocolViolation
@@ -765,7 +764,6 @@ class TestConfigAndIsolation:
         "kwargs",
         [
             {"isolation": "docker"},
-            {"isolation": "none", "require_isolation": True},
             {"cell_timeout_s": 0},
             {"memory_bytes": -1},
             {"open_files": 3},
@@ -778,37 +776,17 @@ class TestConfigAndIsolation:
         with pytest.raises(ConfigError):
             SandboxConfig(**kwargs)  # type: ignore[arg-type]
 
-    async def test_bwrap_required_but_missing(self) -> None:
-        """isolation="bwrap" without a working bwrap raises IsolationUnavailable."""
-        with pytest.raises(IsolationUnavailable):
-            await start_worker("", config(isolation="bwrap", bwrap_path="/nonexistent/bwrap"))
-
-    async def test_require_isolation_in_auto_mode(self) -> None:
-        """require_isolation=True refuses the fallback too."""
-        with pytest.raises(IsolationUnavailable):
-            await start_worker(
-                "", config(isolation="auto", require_isolation=True, bwrap_path="/nonexistent/bwrap")
-            )
-
-    async def test_auto_falls_back_with_one_warning(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """isolation="auto" without bwrap runs unsandboxed and warns once per process."""
-        monkeypatch.setattr(_isolation, "_warned", False)
-        cfg = config(isolation="auto", bwrap_path="/nonexistent/bwrap")
-        with pytest.warns(ReducedIsolationWarning, match="REDUCED ISOLATION"):
-            async with open_worker(isolation="auto", bwrap_path="/nonexistent/bwrap") as worker:
-                assert not worker.isolated
-                assert (await worker.run_cell("print(len(context))", no_requests)).stdout == "0\n"
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            second = await start_worker("", cfg)
-            await second.aclose()
+    async def test_bubblewrap_required_but_missing(self) -> None:
+        """isolation="bubblewrap" without a working bwrap raises IsolationUnavailable."""
+        with pytest.raises(IsolationUnavailable, match="bubblewrap: no bwrap executable"):
+            await start_worker("", config(isolation="bubblewrap", bwrap_path="/nonexistent/bwrap"))
 
     @needs_bwrap
     async def test_isolated_worker_reports_itself(self) -> None:
         """Under bwrap the worker is isolated, and (as root) runs as a private uid."""
-        async with open_worker(isolation="bwrap") as worker:
+        async with open_worker(isolation="bubblewrap") as worker:
             result = await worker.run_cell("import os; print(os.getuid(), os.getpid())", no_requests)
-        assert worker.isolated
+        assert worker.isolated and worker.tier == "bubblewrap"
         uid, pid = map(int, result.stdout.split())
         assert pid == 2  # pid 1 is bwrap's reaper, in a pid namespace of its own
         assert uid == (worker.uid if worker.uid is not None else uid)
@@ -818,7 +796,7 @@ class TestConfigAndIsolation:
         """A fallback worker whose interpreter is world-readable runs as a private uid."""
         async with open_worker(isolation="none", python=SYSTEM_PYTHON) as worker:
             result = await worker.run_cell("import os; print(os.getuid())", no_requests)
-            assert not worker.isolated
+            assert not worker.isolated and worker.tier == "none"
         if worker.uid is not None:
             assert result.stdout.strip() == str(worker.uid)
 

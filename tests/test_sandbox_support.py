@@ -22,6 +22,7 @@ import pytest
 from rlm_async.sandbox import SandboxConfig, Worker, WorkerRequest, start_worker
 from rlm_async.sandbox import _launch as launch
 from rlm_async.sandbox import _procs as procs
+from rlm_async.sandbox import _unprivileged as unprivileged
 
 pytestmark = pytest.mark.anyio
 
@@ -43,16 +44,33 @@ def _bwrap_works() -> bool:
     return why is None
 
 
+def _landlock_unavailable() -> str | None:
+    interp = anyio.run(launch.find_interpreter, None)
+    return anyio.run(lambda: unprivileged.unavailable(interp, allow_network=False))
+
+
 BWRAP_WORKS = _bwrap_works()
+LANDLOCK_WHY_NOT = _landlock_unavailable()
+LANDLOCK_WORKS = LANDLOCK_WHY_NOT is None
 needs_bwrap = pytest.mark.skipif(not BWRAP_WORKS, reason="bubblewrap cannot run here")
+needs_landlock = pytest.mark.skipif(
+    not LANDLOCK_WORKS, reason=f"the landlock tier cannot run here: {LANDLOCK_WHY_NOT}"
+)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (private worker uids)")
 needs_system_python = pytest.mark.skipif(SYSTEM_PYTHON is None, reason="no /usr/bin/python3.11")
 
+ISOLATING_TIERS = [
+    pytest.param("bubblewrap", marks=needs_bwrap),
+    pytest.param("landlock", marks=needs_landlock),
+]
+"""Every tier that isolates: the adversarial suite runs each case under each of them."""
 
-DEFAULT_ISOLATION = os.environ.get("RLM_TEST_SANDBOX_ISOLATION") or ("bwrap" if BWRAP_WORKS else "none")
-"""The functional tests run under bubblewrap where it works, else in the fallback (set
-RLM_TEST_SANDBOX_ISOLATION=none to run them there anyway). The adversarial suite always
-requires bubblewrap: its attacks are only safe inside the sandbox."""
+DEFAULT_ISOLATION = os.environ.get("RLM_TEST_SANDBOX_ISOLATION") or (
+    "bubblewrap" if BWRAP_WORKS else "landlock" if LANDLOCK_WORKS else "none"
+)
+"""The functional tests run under the strongest tier that works here (set
+RLM_TEST_SANDBOX_ISOLATION to run them under another). The adversarial suite runs under
+every isolating tier and never under "none": its attacks are only safe inside a sandbox."""
 
 
 def config(**overrides: Any) -> SandboxConfig:

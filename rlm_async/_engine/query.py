@@ -136,4 +136,5 @@ class Query:
             by_depth=by_depth,
             total=total,
             limit_hit=outcome.limit,
+            isolation=state.isolation,
         )

@@ -25,6 +25,8 @@ class QueryState:
     """Every sub-call answer already paid for, kept even when the run ends early."""
     iterations: int = 0
     """Root-loop iterations started (depth 0 only)."""
+    isolation: str | None = None
+    """The sandbox tier of the query's workers, set when one starts."""
     _call_ids: int = 0
 
     def next_call_id(self) -> str:

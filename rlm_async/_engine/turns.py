@@ -66,6 +66,7 @@ class RLMLoop:
         try:
             with _events.bind(node_id=node.node_id, depth=depth):
                 worker = await start_worker(context, self._config.sandbox)
+                self._state.isolation = worker.tier
                 outcome = await self._loop(node, worker, context, root_prompt, depth, model)
             tree.close(node, "ok" if outcome.status == "ok" else "error", outcome.detail)
             return outcome

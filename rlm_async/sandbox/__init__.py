@@ -4,37 +4,49 @@
     result = await worker.run_cell("print(len(context))", on_request)
     await worker.aclose()
 
-The code a model writes is untrusted. Where bubblewrap runs, the worker gets its own pid,
-network, ipc, uts and mount namespaces, a read-only view of `/usr` and the interpreter's
-install, a private size-capped `/tmp`, no home directory, no host `/proc`, an empty
-environment, a seccomp filter against namespace, mount, ptrace, bpf, io_uring and keyring
-calls (x86-64), and (when the engine runs as root) a private unprivileged uid with no
-capabilities. Elsewhere it falls back to a plain subprocess with a clean environment and
-the same resource limits, and warns once (`ReducedIsolationWarning`) that isolation is
-reduced; `require_isolation=True` refuses instead. The `SandboxConfig.isolation` and
-`allow_network` docs say exactly what each mode opens.
+The code a model writes is untrusted. It runs under the strongest isolation tier that
+works here (`SandboxConfig.isolation="auto"`), and where none does, it does not run:
+`IsolationUnavailable` names what is missing and the fix.
+
+- "bubblewrap": its own pid, network, ipc, uts and mount namespaces, a read-only view of
+  `/usr` and the interpreter's install, a private size-capped `/tmp`, no home directory,
+  no host `/proc`, an empty environment, a seccomp filter, and (as root) a private
+  unprivileged uid with no capabilities.
+- "landlock", for containers and hosts where bubblewrap cannot create namespaces: a
+  Landlock allowlist (read-only `/usr` and the interpreter, a private temp directory, no
+  `/proc`), TCP and every non-UNIX socket denied (Landlock + seccomp, no `connect`),
+  signals and ptrace confined to the worker, `no_new_privs`, a private uid when the engine
+  runs as root, a non-dumpable engine, and a supervisor that reaps every orphan.
+- "none", only when asked for by name: a plain subprocess, for trusted code.
+
+`rlm-async doctor` (`diagnose()`) says which tiers work here and what each isolates.
 
 Sub-calls (`llm_query` and friends) travel over a socket passed to the worker as an extra
 fd, not over stdout, so nothing the code prints can pose as a request. Every frame from the
 worker is validated; a malformed one kills that worker (status "crashed"), never the engine.
 
-Not a defence against kernel exploits (the worker shares the host kernel), nor a memory
+Not a defence against kernel exploits (every tier shares the host kernel), nor a memory
 cap across processes: RLIMIT_AS is per process.
 """
 
 from __future__ import annotations
 
-from ._config import CellResult, CellStatus, RequestHandler, SandboxConfig, WorkerRequest
-from ._isolation import ReducedIsolationWarning
+from ._config import ISOLATION_TIERS, CellResult, CellStatus, RequestHandler, SandboxConfig, WorkerRequest
+from ._doctor import Diagnosis, diagnose, render
+from ._isolation import Tier
 from ._worker import Worker, start_worker
 
 __all__ = [
+    "ISOLATION_TIERS",
     "CellResult",
     "CellStatus",
-    "ReducedIsolationWarning",
+    "Diagnosis",
     "RequestHandler",
     "SandboxConfig",
+    "Tier",
     "Worker",
     "WorkerRequest",
+    "diagnose",
+    "render",
     "start_worker",
 ]

@@ -549,8 +549,23 @@ _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_NO_NEW_PRIVS = 38
 
 
-def _confine(init: dict[str, Any]) -> None:
-    """Apply resource limits, then drop root, before any untrusted code or data is touched."""
+def _load_sibling(name: str) -> Any:
+    """A stdlib-only module beside this file (`_confine`), loaded by path: no package here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "rlm_sandbox" + name, os.path.join(os.path.dirname(_THIS_FILE), name + ".py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _confine(init: dict[str, Any], confine: Any) -> None:
+    """Apply resource limits, then the tier's own confinement, before any untrusted code or
+    data is touched: bubblewrap's worker drops root; the landlock tier's locks itself down
+    (`_confine.lock_down`); the none tier only drops root when it can."""
     limits: dict[str, int | None] = init.get("limits", {})
     table = {
         "as": resource.RLIMIT_AS,
@@ -569,14 +584,18 @@ def _confine(init: dict[str, Any]) -> None:
         resource.setrlimit(table[key], (soft, hard))
     # A file write past RLIMIT_FSIZE should be an OSError the code can see, not a kill.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    if init.get("fallback"):
+    tier = init.get("tier")
+    if confine is not None:
+        confine.lock_down(init["lockdown"])
+        return
+    if tier == "none":
         _libc_prctl(_PR_SET_NO_NEW_PRIVS, 1)
     uid = init.get("uid")
     if isinstance(uid, int):
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
-    if init.get("fallback"):
+    if tier == "none":
         # Without a pid namespace: die with the engine, and keep orphans as our
         # descendants so the engine can find and kill them.
         _libc_prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
@@ -592,7 +611,6 @@ def _load_context(kind: object, blob: bytearray) -> object:
 
 
 def main(argv: list[str]) -> None:
-    _MAIN_PID[0] = os.getpid()
     sock = socket.socket(fileno=int(argv[1]))
     sock.setblocking(True)
     channel = _Channel(sock, max_message=1 << 30)
@@ -601,7 +619,12 @@ def main(argv: list[str]) -> None:
     init = _loads(bytes(_recv_exact(sock, json_len)).decode("utf-8"))
     if init.get("op") != "init" or init.get("version") != PROTOCOL_VERSION:
         os._exit(EXIT_PROTOCOL)
-    _confine(init)
+    confine = None
+    if init.get("tier") == "landlock":
+        confine = _load_sibling("_confine")
+        confine.fork_supervisor(sock.fileno())  # returns in the worker; the parent supervises
+    _MAIN_PID[0] = os.getpid()
+    _confine(init, confine)
     channel.max_message = int(init["max_message"])
     try:
         context = _load_context(init.get("context_type"), _recv_exact(sock, blob_len))

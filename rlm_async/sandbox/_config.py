@@ -10,6 +10,7 @@ from typing import Literal
 from ..exceptions import ConfigError
 
 __all__ = [
+    "ISOLATION_TIERS",
     "WORKER_DEAD_STATUSES",
     "CellResult",
     "CellStatus",
@@ -17,6 +18,8 @@ __all__ = [
     "SandboxConfig",
     "WorkerRequest",
 ]
+
+ISOLATION_TIERS = ("auto", "bubblewrap", "landlock", "none")
 
 _MiB = 1 << 20
 _GiB = 1 << 30
@@ -43,16 +46,24 @@ WORKER_DEAD_STATUSES = frozenset({"timeout", "memory", "cpu_limit", "crashed"})
 class SandboxConfig:
     """Isolation and resource limits of REPL workers. `None` disables a limit."""
 
-    isolation: Literal["auto", "bwrap", "none"] = "auto"
-    """"auto": bubblewrap where it runs, else a plain subprocess and one
-    `ReducedIsolationWarning`. "bwrap": bubblewrap or `IsolationUnavailable`. "none": a plain
-    subprocess, no warning (trusted code only). Without bubblewrap the code can read every
-    file the worker's uid can read, reach the network (the engine's own loopback ports
-    included) and, if the worker keeps root's uid, read the engine's environment through
-    `/proc/<ppid>/environ` and kill the engine. The worker drops root only when the engine runs
-    as root and the interpreter lies in world-readable directories."""
-    require_isolation: bool = False
-    """Refuse to start a worker (`IsolationUnavailable`) unless bubblewrap runs."""
+    isolation: Literal["auto", "bubblewrap", "landlock", "none"] = "auto"
+    """Which isolation tier runs the model's code (`rlm-async doctor` shows what works here).
+
+    - "auto": the strongest tier that works here, bubblewrap then landlock; where neither
+      does, starting a worker raises `IsolationUnavailable` naming what is missing and the
+      fix. It never falls back to no isolation.
+    - "bubblewrap": namespaces (own pid, network, ipc, mount view), or `IsolationUnavailable`.
+    - "landlock": the unprivileged tier for containers without user namespaces: a Landlock
+      filesystem allowlist and TCP denial, a seccomp filter (AF_UNIX stream sockets only,
+      no `connect`, no ptrace), a private uid when the engine runs as root, and a
+      non-dumpable engine; or `IsolationUnavailable`.
+    - "none": a plain subprocess with a clean environment and the resource limits, for
+      trusted code only: the code can read every file the worker's uid can read, reach the
+      network (the engine's own loopback ports included) and, when the worker keeps root's
+      uid, read the engine's environment through `/proc` and kill the engine.
+
+    "bwrap" is accepted as the old name of "bubblewrap". `RLMResult.isolation`, the
+    `worker.start` event and `Worker.tier` say which tier ran."""
     allow_network: bool = False
     """Trusted mode for tools that need the network. Opens exactly: the host's network
     namespace (every interface, so also services on this machine's loopback, the host's
@@ -78,17 +89,19 @@ class SandboxConfig:
     file_size_bytes: int | None = 64 * _MiB
     """Largest file the code may write (RLIMIT_FSIZE); writing past it raises `OSError`."""
     tmp_size_bytes: int | None = 256 * _MiB
-    """Size of the private `/tmp` tmpfs under bubblewrap (its pages are RAM). The fallback
-    uses a private directory on the host's temp filesystem, which this does not cap."""
+    """Size of the private `/tmp` tmpfs under bubblewrap (its pages are RAM). The landlock
+    and none tiers use a private directory on the host's temp filesystem, which this does
+    not cap (each file is still capped by `file_size_bytes`)."""
     open_files: int | None = 256
     """Open file descriptors per process (RLIMIT_NOFILE)."""
     max_processes: int | None = 64
     """Processes and threads the worker may have at once, the worker and its reader thread
     included. Enforced by RLIMIT_NPROC on a uid of the worker's own (the engine runs as
-    root: it gives each worker a private unprivileged uid) or on the user namespace
-    bubblewrap creates (the engine runs unprivileged). Root keeps ignoring RLIMIT_NPROC, so
-    a fallback worker that cannot drop root has no process cap; it is still killed whole
-    at the deadline."""
+    root: it gives each worker a private unprivileged uid), on the user namespace
+    bubblewrap creates (the engine runs unprivileged), or on the engine's uid counting its
+    other processes too (landlock tier, engine unprivileged). Root keeps ignoring
+    RLIMIT_NPROC, so a "none" worker that cannot drop root has no process cap; it is still
+    killed whole at the deadline."""
     output_limit_bytes: int = 1_000_000
     """Bytes of stdout and of stderr kept per cell. Python-level output past it is counted
     and discarded inside the worker; raw writes to fds 1 and 2 are drained and discarded
@@ -104,12 +117,13 @@ class SandboxConfig:
     """The bubblewrap binary; `None` looks for `bwrap` on PATH and in /usr/bin."""
 
     def __post_init__(self) -> None:
-        if self.isolation not in ("auto", "bwrap", "none"):
+        if self.isolation == "bwrap":  # type: ignore[comparison-overlap]  # the old name
+            object.__setattr__(self, "isolation", "bubblewrap")
+        if self.isolation not in ISOLATION_TIERS:
             raise ConfigError(
-                f"SandboxConfig.isolation must be 'auto', 'bwrap' or 'none', not {self.isolation!r}"
+                "SandboxConfig.isolation must be one of "
+                f"{', '.join(map(repr, ISOLATION_TIERS))}, not {self.isolation!r}"
             )
-        if self.require_isolation and self.isolation == "none":
-            raise ConfigError("SandboxConfig: require_isolation=True contradicts isolation='none'")
         for name in (
             "cell_timeout_s",
             "start_timeout_s",

@@ -26,24 +26,27 @@ from . import _seccomp as seccomp
 
 __all__ = [
     "BOOTSTRAP_PATH",
+    "NETWORK_ETC",
+    "PYTHON_FLAGS",
     "SANDBOX_BOOTSTRAP",
+    "SYSTEM_LINKS",
     "Interpreter",
     "bwrap_argv",
     "can_drop_uid_unsandboxed",
-    "fallback_argv",
-    "fallback_env",
     "find_bwrap",
     "find_interpreter",
+    "plain_argv",
+    "plain_env",
     "probe_bwrap",
 ]
 
 BOOTSTRAP_PATH = str(Path(__file__).with_name("_bootstrap.py"))
 SANDBOX_BOOTSTRAP = "/rlm/bootstrap.py"
-_PYTHON_FLAGS = ("-I", "-S", "-B")
+PYTHON_FLAGS = ("-I", "-S", "-B")
 """Isolated mode (no PYTHON* variables, no user site, no script dir on sys.path), no
 `site` import (the worker needs only the stdlib; it also starts faster), no .pyc writes."""
-_SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
-_NETWORK_ETC = (
+SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+NETWORK_ETC = (
     "/etc/resolv.conf",
     "/etc/hosts",
     "/etc/host.conf",
@@ -80,7 +83,7 @@ async def find_interpreter(python: str | None) -> Interpreter:
     if cached is not None:
         return cached
     executable = await anyio.to_thread.run_sync(_resolve_executable, name)
-    result = await anyio.run_process([executable, *_PYTHON_FLAGS, "-c", _PROBE_CODE], env={}, check=False)
+    result = await anyio.run_process([executable, *PYTHON_FLAGS, "-c", _PROBE_CODE], env={}, check=False)
     if result.returncode != 0:
         raise SandboxError(
             f"{executable} -c ... failed (exit {result.returncode}): "
@@ -159,20 +162,20 @@ def bwrap_argv(
     argv.append("--")
     if command is not None:
         return argv + command
-    return [*argv, interp.executable, *_PYTHON_FLAGS, SANDBOX_BOOTSTRAP, str(ctl_fd)]
+    return [*argv, interp.executable, *PYTHON_FLAGS, SANDBOX_BOOTSTRAP, str(ctl_fd)]
 
 
 def _filesystem_args(interp: Interpreter, *, allow_network: bool, tmp_size_bytes: int | None) -> list[str]:
     """The worker's root: read-only binds, the bootstrap, /proc, /dev and the tmpfs mounts."""
     argv = ["--ro-bind", "/usr", "/usr"]
-    for link in _SYSTEM_LINKS:
+    for link in SYSTEM_LINKS:
         if os.path.islink(link):
             argv += ["--symlink", os.readlink(link), link]
         elif os.path.isdir(link):
             argv += ["--ro-bind", link, link]
     argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     if allow_network:
-        for path in _NETWORK_ETC:
+        for path in NETWORK_ETC:
             argv += ["--ro-bind-try", path, path]
     made: set[str] = {"/", "/usr", "/tmp", "/etc"}
     for root in interp.roots:
@@ -200,11 +203,11 @@ def _parents(path: str) -> list[str]:
     return [str(p) for p in reversed(parts) if str(p) != "/"]
 
 
-def fallback_argv(interp: Interpreter, ctl_fd: int) -> list[str]:
-    return [interp.executable, *_PYTHON_FLAGS, BOOTSTRAP_PATH, str(ctl_fd)]
+def plain_argv(interp: Interpreter, ctl_fd: int) -> list[str]:
+    return [interp.executable, *PYTHON_FLAGS, BOOTSTRAP_PATH, str(ctl_fd)]
 
 
-def fallback_env(tmpdir: str) -> dict[str, str]:
+def plain_env(tmpdir: str) -> dict[str, str]:
     return {**_SANDBOX_ENV, "TMPDIR": tmpdir}
 
 
@@ -226,7 +229,7 @@ async def probe_bwrap(
         ctl_fd=-1,
         may_setuid=may_setuid,
         seccomp_fd=seccomp_fd,
-        command=[interp.executable, *_PYTHON_FLAGS, "-c", "import os; os.listdir('/tmp')"],
+        command=[interp.executable, *PYTHON_FLAGS, "-c", "import os; os.listdir('/tmp')"],
     )
     try:
         result = await anyio.run_process(

@@ -1,5 +1,5 @@
-"""One worker process and the host resources it holds: launching it (under bubblewrap or as
-the plain fallback), loading the context into it (the `init`/`ready` handshake), killing
+"""One worker process and the host resources it holds: launching it (under bubblewrap, or as
+a plain subprocess that confines itself (landlock tier) or not (none tier)), loading the context into it (the `init`/`ready` handshake), killing
 every process it started, and closing its channel, pipes and temporary directory."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from . import _bootstrap as proto
 from . import _launch as launch
 from . import _procs as procs
 from . import _seccomp as seccomp
+from . import _unprivileged as unprivileged
 from ._channel import Channel, ChannelClosed, ProtocolViolation
 from ._config import SandboxConfig
 from ._isolation import Plan
@@ -36,8 +37,8 @@ _MiB = 1 << 20
 
 class WorkerProcess:
     """A started worker process: its control channel, the read ends of its stdout and
-    stderr pipes (non-blocking, drained by the owner) and, in the fallback, its private temp
-    directory. `kill` ends every process it started; `release` closes the rest after it."""
+    stderr pipes (non-blocking, drained by the owner) and, outside bubblewrap, its private
+    temp directory. `kill` ends every process it started; `release` closes the rest after it."""
 
     def __init__(
         self,
@@ -54,7 +55,8 @@ class WorkerProcess:
         self._proc = proc
         self._config = config
         self.pid = proc.pid
-        """Host pid of the top process (bwrap, or the interpreter in the fallback)."""
+        """Host pid of the top process (bwrap, the landlock tier's supervisor, or the
+        interpreter in the none tier)."""
         self.uid = uid
         """The private host uid the worker runs as, or None when it keeps the engine's uid."""
         self.channel = channel
@@ -190,7 +192,7 @@ async def launch_process(context: Context, config: SandboxConfig, plan: Plan) ->
         except OSError:
             pass
     channel = Channel(parent_sock, max_inbound=config.max_message_bytes)
-    init = _init_frame(config, plan, kind=kind, uid=uid, nproc=nproc)
+    init = _init_frame(config, plan, kind=kind, uid=uid, nproc=nproc, tmpdir=tmpdir)
     return WorkerProcess(
         proc, channel, (out_r, err_r), config=config, uid=uid, tmpdir=tmpdir, init=init, blob=blob
     )
@@ -202,7 +204,7 @@ async def _process_limit(config: SandboxConfig, plan: Plan, uid: int | None) -> 
     if config.max_processes is None:
         return None
     root = os.geteuid() == 0
-    if uid is not None or (plan.isolated and not root):
+    if uid is not None or (plan.tier == "bubblewrap" and not root):
         return config.max_processes  # counts only this worker's processes
     if not root:  # counts all of the user's processes: allow that many more
         return await anyio.to_thread.run_sync(procs.count_user_tasks, os.getuid()) + config.max_processes
@@ -212,13 +214,13 @@ async def _process_limit(config: SandboxConfig, plan: Plan, uid: int | None) -> 
 async def _open_process(
     config: SandboxConfig, plan: Plan, uid: int | None, ctl_fd: int, out_w: int, err_w: int
 ) -> tuple[Process, str | None]:
-    """Run the worker's command: bwrap, or the fallback in a private temp directory (which
-    it returns). Removes that directory again when it fails."""
+    """Run the worker's command: bwrap, or the interpreter in a private temp directory
+    (which it returns). Removes that directory again when it fails."""
     pass_fds = [ctl_fd]
     seccomp_fd: int | None = None
     tmpdir: str | None = None
     try:
-        if plan.isolated:
+        if plan.tier == "bubblewrap":
             assert plan.bwrap is not None
             program = seccomp.build()
             if program is not None:
@@ -239,8 +241,8 @@ async def _open_process(
             tmpdir = tempfile.mkdtemp(prefix="rlm-worker-")
             if uid is not None:
                 os.chown(tmpdir, uid, uid)
-            argv = launch.fallback_argv(plan.interp, ctl_fd)
-            env = launch.fallback_env(tmpdir)
+            argv = launch.plain_argv(plan.interp, ctl_fd)
+            env = launch.plain_env(tmpdir)
             cwd = tmpdir
         proc = await anyio.open_process(
             argv,
@@ -263,9 +265,15 @@ async def _open_process(
 
 
 def _init_frame(
-    config: SandboxConfig, plan: Plan, *, kind: str, uid: int | None, nproc: int | None
+    config: SandboxConfig, plan: Plan, *, kind: str, uid: int | None, nproc: int | None, tmpdir: str | None
 ) -> dict[str, Any]:
     """The `init` frame: how the bootstrap confines itself and loads the context."""
+    lockdown = None
+    if plan.tier == "landlock":
+        assert tmpdir is not None
+        lockdown = unprivileged.lockdown_spec(
+            plan.interp, tmpdir, uid=uid, allow_network=config.allow_network
+        )
     return {
         "op": "init",
         "version": proto.PROTOCOL_VERSION,
@@ -278,8 +286,9 @@ def _init_frame(
             "nproc": nproc,
             "core": 0,
         },
-        "uid": uid,
-        "fallback": not plan.isolated,
+        "uid": None if lockdown is not None else uid,  # the lock-down switches uid itself
+        "tier": plan.tier,
+        "lockdown": lockdown,
         "output_limit": config.output_limit_bytes,
         "max_message": config.max_message_bytes,
     }

@@ -13,7 +13,7 @@ from .._context import Context, validate_context
 from ._cell import CellExchange
 from ._channel import ChannelClosed, ProtocolViolation
 from ._config import WORKER_DEAD_STATUSES, CellResult, RequestHandler, SandboxConfig
-from ._isolation import Plan, plan_isolation
+from ._isolation import Plan, Tier, plan_isolation
 from ._output import Capture, drain, drain_now
 from ._process import WorkerProcess, launch_process
 from ._protocol import Outcome, clean, describe_exit, parse_request
@@ -25,8 +25,8 @@ _MiB = 1 << 20
 
 async def start_worker(context: Context, config: SandboxConfig) -> Worker:
     """Start a worker with `context` (and `context_0`) loaded. Raises `ContextTypeError` for
-    an unsupported context, `IsolationUnavailable` when isolation is required but cannot
-    run, `SandboxError` when the worker does not come up (the message says why)."""
+    an unsupported context, `IsolationUnavailable` when no tier `config.isolation` allows
+    can run here, `SandboxError` when the worker does not come up (the message says why)."""
     context = validate_context(context)  # a public entry of its own, as RLM.acompletion is
     plan = await plan_isolation(config)
     return await Worker.start(context, config, plan)
@@ -37,9 +37,12 @@ class Worker:
     time. Always `aclose()` it: that kills and reaps every process of the worker."""
 
     pid: int
-    """Host pid of the top process (bwrap, or the interpreter in the fallback). 0 when none runs."""
+    """Host pid of the top process (bwrap, the landlock tier's supervisor, or the interpreter
+    in the none tier). 0 when none runs."""
+    tier: Tier
+    """The isolation tier it runs under: "bubblewrap", "landlock" or "none"."""
     isolated: bool
-    """True under bubblewrap."""
+    """Any tier but "none"."""
     uid: int | None
     """The private host uid the worker runs as, or None when it keeps the engine's uid."""
 
@@ -48,6 +51,7 @@ class Worker:
         self._context = context
         self._config = config
         self._plan = plan
+        self.tier = plan.tier
         self.isolated = plan.isolated
         self.pid = 0
         self.uid = None
@@ -87,6 +91,7 @@ class Worker:
             "worker.start",
             pid=process.pid,
             isolated=self.isolated,
+            tier=self.tier,
             uid=process.uid,
             context_bytes=process.context_bytes,
             duration_s=time.monotonic() - started,
@@ -217,7 +222,7 @@ class Worker:
         rc = None
         with anyio.move_on_after(2):
             rc = await process.wait()
-        status, message = describe_exit(rc, self.isolated, self._config)
+        status, message = describe_exit(rc, self.tier == "bubblewrap", self._config)
         return Outcome(status, error=message, kill=True)
 
     # -- variables
