@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/sandbox_overhead.py [--repeats 10] [--cells 200]
                                                     [--out benchmarks/results/sandbox_overhead.json]
 
-For each mode (bubblewrap, and the plain-subprocess fallback), measured on this machine:
+For each isolation tier (bubblewrap, the unprivileged landlock tier, and "none", the
+plain subprocess), measured on this machine:
 
 * `start_ms`      start_worker("") until the worker is ready (spawn, sandbox set-up,
                   interpreter start, bootstrap), then aclose (not timed)
@@ -14,7 +15,7 @@ For each mode (bubblewrap, and the plain-subprocess fallback), measured on this 
 * `close_ms`      aclose: kill every process, reap, verify none is left
 
 Each figure is the median over the repeats, with min and max. The first start of each mode
-(interpreter probe, bubblewrap probe) is excluded. Wall-clock on a shared machine: compare
+(interpreter probe, tier probe) is excluded. Wall-clock on a shared machine: compare
 modes within one run, not across machines.
 """
 
@@ -26,13 +27,12 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from rlm_async.sandbox import ReducedIsolationWarning, SandboxConfig, WorkerRequest, start_worker
+from rlm_async.sandbox import SandboxConfig, WorkerRequest, start_worker
 
 _CONTEXT_40MB = ("lorem ipsum dolor sit amet, " * 1_500_000)[:40_000_000]
 
@@ -50,6 +50,7 @@ async def _measure(mode: str, repeats: int, cells: int) -> dict[str, Any]:
     config = SandboxConfig(isolation=mode)  # type: ignore[arg-type]
     warm = await start_worker("", config)  # probes, caches
     isolated = warm.isolated
+    tier = warm.tier
     await warm.aclose()
     start, close, load = [], [], []
     for _ in range(repeats):
@@ -79,6 +80,7 @@ async def _measure(mode: str, repeats: int, cells: int) -> dict[str, Any]:
         await worker.aclose()
     return {
         "mode": mode,
+        "tier": tier,
         "isolated": isolated,
         "start_ms": _summary(start),
         "cell_ms": _summary(cell),
@@ -102,13 +104,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 async def _measure_all(repeats: int, cells: int) -> list[dict[str, Any]]:
     rows = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ReducedIsolationWarning)
-        for mode in ("bwrap", "none"):
-            try:
-                rows.append(await _measure(mode, repeats, cells))
-            except Exception as exc:  # e.g. bwrap missing: report, measure the rest
-                print(f"{mode}: not measured ({type(exc).__name__}: {exc})")
+    for mode in ("bubblewrap", "landlock", "none"):
+        try:
+            rows.append(await _measure(mode, repeats, cells))
+        except Exception as exc:  # e.g. bwrap missing: report, measure the rest
+            print(f"{mode}: not measured ({type(exc).__name__}: {exc})")
     return rows
 
 

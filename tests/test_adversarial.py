@@ -694,7 +694,8 @@ class TestTampering:
             assert (await worker.run_cell("print(3)", refuse)).stdout == "3\n"
 
     async def test_ctypes_cannot_regain_root(self) -> None:
-        """ctypes setuid(0) fails: no capabilities are left after the uid switch."""
+        """ctypes setuid(0) fails: no capabilities are left after the uid switch (or, under
+        an unprivileged engine's bubblewrap, uid 0 does not exist in its user namespace)."""
         code = textwrap.dedent(
             """
             import ctypes, os
@@ -705,7 +706,8 @@ class TestTampering:
         )
         async with open_worker() as worker:
             result = await worker.run_cell(code, refuse)
-        assert result.stdout.splitlines() == ["-1 1", "True"]
+        # EPERM: no capability left; EINVAL: an unprivileged engine's bubblewrap maps no uid 0.
+        assert result.stdout.splitlines() in (["-1 1", "True"], ["-1 22", "True"]), result
 
     @pytest.mark.skipif(seccomp.build() is None, reason="no seccomp filter on this architecture")
     async def test_kernel_surface_syscalls_are_refused(self) -> None:
