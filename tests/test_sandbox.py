@@ -15,6 +15,7 @@ import anyio
 import pytest
 from test_sandbox_support import (
     SYSTEM_PYTHON,
+    DEFAULT_ISOLATION,
     Recorder,
     assert_nothing_left,
     config,
@@ -653,6 +654,8 @@ class TestForkedChildren:
 
     async def test_multiprocessing_pool_works(self) -> None:
         """multiprocessing (fork start method) works inside the sandbox: /dev/shm is a small tmpfs."""
+        if DEFAULT_ISOLATION == "landlock":
+            pytest.skip("the landlock tier has no private /dev/shm (docs/security.md)")
         code = textwrap.dedent(
             """
             import multiprocessing as mp
