@@ -46,20 +46,29 @@ def _summary(samples: list[float]) -> dict[str, float]:
     return {"median": statistics.median(ms), "min": min(ms), "max": max(ms), "n": len(ms)}
 
 
-async def _measure(mode: str, repeats: int, cells: int) -> dict[str, Any]:
+async def _starts(modes: list[str], repeats: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Start and close times per mode, the modes interleaved so that a shared machine's load
+    weighs on each alike."""
+    out: dict[str, tuple[list[float], list[float]]] = {m: ([], []) for m in modes}
+    for _ in range(repeats):
+        for mode in modes:
+            config = SandboxConfig(isolation=mode)  # type: ignore[arg-type]
+            t0 = time.perf_counter()
+            worker = await start_worker("", config)
+            out[mode][0].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await worker.aclose()
+            out[mode][1].append(time.perf_counter() - t0)
+    return out
+
+
+async def _measure(mode: str, repeats: int, cells: int, start: list[float], close: list[float]) -> dict[str, Any]:
     config = SandboxConfig(isolation=mode)  # type: ignore[arg-type]
-    warm = await start_worker("", config)  # probes, caches
+    warm = await start_worker("", config)
     isolated = warm.isolated
     tier = warm.tier
     await warm.aclose()
-    start, close, load = [], [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        worker = await start_worker("", config)
-        start.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        await worker.aclose()
-        close.append(time.perf_counter() - t0)
+    load = []
     for _ in range(max(3, repeats // 3)):
         t0 = time.perf_counter()
         worker = await start_worker(_CONTEXT_40MB, config)
@@ -103,13 +112,16 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 async def _measure_all(repeats: int, cells: int) -> list[dict[str, Any]]:
-    rows = []
+    modes = []
     for mode in ("bubblewrap", "landlock", "none"):
-        try:
-            rows.append(await _measure(mode, repeats, cells))
+        try:  # the first start of each mode probes and fills caches: not timed
+            warm = await start_worker("", SandboxConfig(isolation=mode))  # type: ignore[arg-type]
+            await warm.aclose()
+            modes.append(mode)
         except Exception as exc:  # e.g. bwrap missing: report, measure the rest
             print(f"{mode}: not measured ({type(exc).__name__}: {exc})")
-    return rows
+    starts = await _starts(modes, repeats)
+    return [await _measure(mode, repeats, cells, *starts[mode]) for mode in modes]
 
 
 def main(argv: list[str]) -> None:
