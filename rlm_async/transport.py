@@ -190,6 +190,7 @@ class OpenAITransport(Transport):
         api_key_env: str | None = "OPENAI_API_KEY",
         timeout_s: float = 600.0,
         max_connections: int | None = None,
+        connect_timeout_s: float = 10.0,
         extra_headers: Mapping[str, str] | None = None,
     ) -> None:
         self.endpoint = base_url.rstrip("/")
@@ -204,7 +205,8 @@ class OpenAITransport(Transport):
             self._headers["authorization"] = f"Bearer {key}"
         self.max_connections = _pool_size(max_connections)
         """Requests in flight at once on this transport; more wait for a connection."""
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s))
+        # `total` covers waiting for a pooled connection too; `sock_connect` the TCP handshake.
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s))
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
