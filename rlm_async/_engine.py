@@ -569,9 +569,7 @@ class Query:
                 if journal is not None:
                     # Every call goes through the journal: reusable ones are looked up (and
                     # identical ones in flight sent once); all are recorded for a later resume.
-                    completion, from_journal = await journal.call(
-                        transport.endpoint, request, send, call_id=call_id
-                    )
+                    completion, from_journal = await journal.call(request, send, call_id=call_id)
                 else:
                     completion = await send()
             except BaseException as exc:
