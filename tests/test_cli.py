@@ -230,6 +230,17 @@ class TestJournal:
 
 
 class TestDemoAndTrace:
+    def test_the_demo_and_the_timeline_name_their_two_numbers_apart(self, tmp_path: Path) -> None:
+        """The terminal's number is the simulator's lower bound, the timeline's the measured
+        critical path: two numbers, two names."""
+        proc = cli("demo", "--tokens", "32k", "--chunks", "4", "--quiet", "--trace", str(tmp_path))
+        assert proc.returncode == 0, proc.stderr
+        assert "lower bound" in proc.stdout and "critical" not in proc.stdout
+        out = tmp_path / "run.html"
+        assert cli("trace", "view", str(next(tmp_path.glob("*.jsonl"))), "-o", str(out)).returncode == 0
+        html = out.read_text()
+        assert "measured critical path" in html and "lower bound" not in html
+
     def test_small_demo_is_right_and_writes_a_trace(self, tmp_path: Path) -> None:
         """The demo answers correctly (exit 0), and its trace renders to one HTML file."""
         proc = cli("demo", "--tokens", "32k", "--chunks", "8", "--json", "--trace", str(tmp_path))
