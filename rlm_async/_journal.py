@@ -2,22 +2,30 @@
 never paid for twice — across a crash, a re-run, or identical calls in flight together.
 
     journal = await Journal.open("run.journal")
-    completion, from_journal = await journal.call(transport.endpoint, request, send)
+    completion, from_journal = await journal.call(request, send)
     ...
     await journal.aclose()
 
 What it is:
 
-* **Keyed by output-affecting content.** `key()` hashes the endpoint and every field of
-  `ModelRequest` that can change the answer (model, messages, temperature, max_tokens, and
-  any field added later), but not `prompt_cache_key`, which only routes the request.
-* **Reused only where reuse is honest.** A call is looked up only when `reusable()`:
-  `temperature == 0`, or the journal was opened with `reuse_nondeterministic=True` (say, to
-  resume a crashed run exactly as it went). `temperature=None` means "the server's
-  default", which is 1.0 at OpenAI and most servers: sampled, so not reused. Every
-  completed call is recorded either way, so a later opt-in can replay it. The first row
+* **Keyed by what was asked.** `key()` hashes every field of `ModelRequest` that can
+  change the answer (model, messages, temperature, max_tokens, and any field added later),
+  but not `prompt_cache_key`, which only routes the request, and not the endpoint's URL:
+  where a request travelled (a port picked at random, a proxy, `localhost` or `127.0.0.1`)
+  is not part of what was asked, so a re-run against a restarted server still finds its
+  calls. A journal file therefore belongs to one deployment of each model name: two
+  servers that serve different weights under the same model name must not share a file.
+* **A re-run replays the run.** A greedy call (`temperature == 0`) is one answer, however
+  often it is asked. A sampled call (`temperature` unset or above 0) is one draw: the n-th
+  identical sampled call made through an open journal is keyed as the n-th occurrence, so
+  five identical sampled sub-calls stay five different answers, and a re-run (or a resume
+  after a crash) gets the same five back instead of paying for them again. That is the
+  default (`reuse_nondeterministic=True`): a journal is asked for to never pay twice, and
+  some models (OpenAI's reasoning models) accept no temperature but their default. With
+  `reuse_nondeterministic=False` only greedy calls are looked up; sampled ones are sent
+  afresh every time, and recorded, so a later run can still replay them. The first row
   written for a key wins; later ones are ignored, so a replay is stable.
-* **Single-flight.** Identical reusable calls in flight together are sent once; the others
+* **Single-flight.** Identical greedy calls in flight together are sent once; the others
   wait for that one. If it fails or is cancelled, a waiting call takes over and sends, so
   nothing hangs and nothing is lost. (Within one process: two processes sharing a file may
   both send the same call; the first row written wins.)
@@ -73,8 +81,9 @@ APPLICATION_ID = 0x524C4D4A
 SCHEMA_VERSION = 1
 """Bumped whenever the tables change; a journal of another version is refused, not migrated."""
 
-_KEY_SCHEME = "rlm_async.journal.key/v1"
-"""Hashed into every key, so a change to how keys are built can never collide with old rows."""
+_KEY_SCHEME = "rlm_async.journal.key/v2"
+"""Hashed into every key, so a change to how keys are built can never collide with old rows.
+v1 also hashed the endpoint URL; v2 leaves it out and numbers sampled calls' occurrences."""
 
 _NOT_OUTPUT_AFFECTING = frozenset({"prompt_cache_key"})
 """`ModelRequest` fields that do not change the answer and so stay out of the key. Every
@@ -109,6 +118,7 @@ class Journal:
         self.reuse_nondeterministic = reuse_nondeterministic
         self._clock = clock
         self._flights: dict[str, _Flight] = {}
+        self._occurrences: dict[str, int] = {}  # sampled-call key -> how many were made
         self._reads: _Group[str, str | None] = _Group(_state.read_many, keep_on_cancel=False)
         # A `put` cancelled while queued still gets its row committed: the call was paid for.
         self._writes: _Group[tuple[str, str, str, float], None] = _Group(
@@ -123,14 +133,15 @@ class Journal:
         cls,
         path: str | os.PathLike[str],
         *,
-        reuse_nondeterministic: bool = False,
+        reuse_nondeterministic: bool = True,
         busy_timeout_s: float = 30.0,
         synchronous: Synchronous = "full",
         clock: Callable[[], float] = time.time,
     ) -> Journal:
         """Open the journal at `path`, creating it if the file is missing or empty.
 
-        `reuse_nondeterministic`: also reuse calls with `temperature != 0` (or unset).
+        `reuse_nondeterministic`: also replay sampled calls (`temperature != 0` or unset),
+        each occurrence its own row (the default); `False` looks up greedy calls only.
         `busy_timeout_s`: how long a write waits for another process' write to finish.
         `synchronous`: "full" (default) fsyncs the WAL on every commit, so a committed row
         survives a power cut; "normal" skips that fsync — a committed row still survives
@@ -168,20 +179,21 @@ class Journal:
 
     # -- keys and policy ----------------------------------------------------------------
 
-    def key(self, endpoint: str, request: ModelRequest) -> str:
-        """The journal key of `request` sent to `endpoint`: hex SHA-256, stable across runs,
-        processes and Python versions (no `hash()`, no ids, no timestamps)."""
-        return request_key(endpoint, request)
+    def key(self, request: ModelRequest) -> str:
+        """The journal key of `request`: hex SHA-256 of what was asked (not where it was
+        sent), stable across runs, processes and Python versions (no `hash()`, no ids, no
+        timestamps). A sampled call's row is keyed by `occurrence_key(key, n)`."""
+        return request_key(request)
 
     def reusable(self, request: ModelRequest) -> bool:
         """Whether a stored answer may stand in for sending `request`.
 
-        Only greedy decoding (`temperature == 0`) is treated as deterministic. `None` means
-        the server's default temperature — 1.0 at OpenAI and most servers — so it is a
-        sample, and reusing one sample for every identical call would silently remove the
-        variety a caller asked for (e.g. majority voting over identical sub-calls).
+        Greedy decoding (`temperature == 0`) always. A sample (`None` means the server's
+        default temperature, 1.0 at OpenAI and most servers) only with
+        `reuse_nondeterministic`, and then occurrence by occurrence, so identical sampled
+        calls keep their variety (e.g. majority voting over identical sub-calls).
         """
-        return self.reuse_nondeterministic or request.temperature == 0
+        return self.reuse_nondeterministic or _greedy(request)
 
     # -- storage ------------------------------------------------------------------------
 
@@ -200,7 +212,6 @@ class Journal:
 
     async def call(
         self,
-        endpoint: str,
         request: ModelRequest,
         send: Callable[[], Awaitable[Completion]],
         *,
@@ -216,11 +227,9 @@ class Journal:
         locked past `busy_timeout_s`) needs fixing before more money is spent.
         """
         self._check_open()
-        key = self.key(endpoint, request)
-        if not self.reusable(request):
-            completion = await send()
-            await self.put(key, completion)
-            return completion, False
+        key = self.key(request)
+        if not _greedy(request):
+            return await self._call_sampled(key, request, send, call_id)
 
         while (flight := self._flights.get(key)) is not None:
             await flight.done.wait()
@@ -246,6 +255,26 @@ class Journal:
         finally:
             del self._flights[key]
             flight.done.set()
+
+    async def _call_sampled(
+        self,
+        key: str,
+        request: ModelRequest,
+        send: Callable[[], Awaitable[Completion]],
+        call_id: str | None,
+    ) -> tuple[Completion, bool]:
+        """A sampled call: the n-th identical one is its own row, never shared in flight."""
+        n = self._occurrences.get(key, 0) + 1
+        self._occurrences[key] = n
+        key = occurrence_key(key, n)
+        if self.reusable(request):
+            stored = await self.get(key)
+            if stored is not None:
+                emit("journal.hit", call_id=call_id, source="journal", key=key)
+                return stored, True
+        completion = await send()
+        await self.put(key, completion)
+        return completion, False
 
     async def verify(self) -> None:
         """Run SQLite's full `integrity_check` (reads the whole file); raise `JournalError`
@@ -282,10 +311,10 @@ _FIX_CORRUPT = (
 # -- keys ---------------------------------------------------------------------------------
 
 
-def request_key(endpoint: str, request: ModelRequest) -> str:
+def request_key(request: ModelRequest) -> str:
     """See `Journal.key`. Fields that are `None` are left out, so adding an optional field
     to `ModelRequest` does not change the keys of existing rows."""
-    body: dict[str, Any] = {"scheme": _KEY_SCHEME, "endpoint": endpoint}
+    body: dict[str, Any] = {"scheme": _KEY_SCHEME}
     for f in dataclasses.fields(request):
         if f.name in _NOT_OUTPUT_AFFECTING:
             continue
@@ -294,6 +323,16 @@ def request_key(endpoint: str, request: ModelRequest) -> str:
             body[f.name] = _canonical(value, f.name)
     text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def occurrence_key(key: str, n: int) -> str:
+    """The row key of the `n`-th (from 1) identical sampled call with request key `key`."""
+    return hashlib.sha256(f"{key}#{n}".encode("ascii")).hexdigest()
+
+
+def _greedy(request: ModelRequest) -> bool:
+    """Greedy decoding: one answer however often it is asked."""
+    return request.temperature == 0
 
 
 def _canonical(value: Any, where: str) -> Any:
