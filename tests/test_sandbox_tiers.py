@@ -20,9 +20,9 @@ from test_sandbox_support import (
     SYSTEM_PYTHON,
     assert_nothing_left,
     config,
+    needs_droppable_root,
     needs_landlock,
     needs_root,
-    needs_system_python,
     open_worker,
 )
 
@@ -249,7 +249,7 @@ class TestNoneTierCleanup:
         await assert_nothing_left(worker.pid, worker.uid, [grandchild])
 
     @needs_root
-    @needs_system_python
+    @needs_droppable_root
     async def test_dropped_root_cannot_kill_the_engine(self) -> None:
         """A "none" worker that dropped root gets EPERM signalling the engine."""
         code = "import os\ntry:\n    os.kill(os.getppid(), 9)\nexcept OSError as e:\n    print('refused', e.errno)"

@@ -151,11 +151,11 @@ def _kill_descendants(wait_s: float = 5.0) -> None:
 def lock_down(spec: dict[str, Any]) -> dict[str, Any]:
     """Confine this process for good, as `spec` (built by the engine's `_tiers`) says.
     Raises OSError when any step fails: the worker must then not run code."""
+    landlock = _sibling("_landlock")  # while this directory is still reachable (a 0700 clone)
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
     uid = spec.get("uid")
     if isinstance(uid, int):
         _drop_root(uid, keep_read_search=bool(spec.get("keep_read_search")))
-    landlock = _sibling("_landlock")
     rules = [(str(path), int(access)) for path, access in spec["rules"]]
     abi = landlock.restrict(rules, deny_tcp=bool(spec["deny_tcp"]), scope=True)
     program = spec.get("seccomp")
