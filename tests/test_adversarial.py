@@ -160,7 +160,7 @@ class TestMemoryAndRecursion:
 
 
 class TestProcesses:
-    async def test_fork_count_is_capped(self) -> None:
+    async def test_fork_count_is_capped(self, tier: str) -> None:
         """Forking stops at max_processes: os.fork raises, the cell goes on."""
         code = textwrap.dedent(
             """
@@ -179,7 +179,11 @@ class TestProcesses:
         async with open_worker(max_processes=16) as worker:
             result = await worker.run_cell(code, refuse)
         words = result.stdout.split()
-        assert words[0] == "stopped" and int(words[1]) < 16
+        # An unprivileged engine's landlock worker shares its uid: RLIMIT_NPROC counts the
+        # user's other tasks too, so the cap is 16 more than it counted at start, and tasks
+        # of earlier tests that exit meanwhile leave a little more room.
+        shared_uid = tier == "landlock" and os.geteuid() != 0
+        assert words[0] == "stopped" and int(words[1]) < (32 if shared_uid else 16), result
 
     async def test_fork_bomb_is_contained_and_killed(self) -> None:
         """A real fork bomb hits the process cap, runs to the deadline, and is killed whole."""
