@@ -59,7 +59,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from ._events import emit
+from ._events import JournalHit, emit
 from ._types import Completion, Message, ModelRequest, Usage
 from .exceptions import JournalError
 
@@ -257,7 +257,7 @@ class Journal:
             await flight.done.wait()
             if flight.result is not None:
                 self.shared += 1
-                emit("journal.hit", call_id=call_id, source="in_flight", key=key)
+                emit(JournalHit, call_id=call_id, source="in_flight", key=key)
                 return flight.result, True
             # The leader failed or was cancelled: loop, and lead unless another waiter did.
 
@@ -268,7 +268,7 @@ class Journal:
             if stored is not None:
                 self.hits += 1
                 flight.resolve(stored)
-                emit("journal.hit", call_id=call_id, source="journal", key=key)
+                emit(JournalHit, call_id=call_id, source="journal", key=key)
                 return stored, True
             self.misses += 1
             completion = await send()

@@ -457,7 +457,7 @@ class Worker:
                 + (f"; its stderr: {detail[-1500:]}" if detail else "")
             )
         _events.emit(
-            "worker.start",
+            _events.WorkerStart,
             pid=proc.pid,
             isolated=plan.isolated,
             uid=uid,
@@ -495,7 +495,7 @@ class Worker:
                 self._dead = reason
             if proc is None:
                 return
-            _events.emit("worker.kill", pid=proc.pid, reason=reason)
+            _events.emit(_events.WorkerKill, pid=proc.pid, reason=reason)
             # The tree root only while it is unreaped: a reaped pid may be reused.
             root = proc.pid if proc.returncode is None else None
             uid = self.uid
@@ -589,7 +589,7 @@ class Worker:
             worker_dead=status in WORKER_DEAD_STATUSES,
         )
         _events.emit(
-            "worker.cell",
+            _events.WorkerCell,
             pid=self.pid,
             status=result.status,
             duration_s=result.duration_s,

@@ -48,14 +48,14 @@ class CallPath:
         started = self._engine.clock()
         with _events.bind(node_id=node.node_id, depth=depth):
             _events.emit(
-                "call.start",
+                _events.CallStart,
                 call_id=call_id,
                 parent_id=parent.node_id,
                 call_kind=kind,
                 model=request.model,
                 prompt_chars=request.prompt_chars(),
                 # Prompt text may hold private data: only with log_text=True.
-                **({"prompt": request.messages[-1].content} if self._log_text else {}),
+                prompt=request.messages[-1].content if self._log_text else None,
             )
             attempts, cost = 0, 0.0
             try:
@@ -69,6 +69,7 @@ class CallPath:
                         depth=depth,
                         price=model.prices,
                         limits=model.limits,
+                        call_id=call_id,  # so that its call.retry events name the call
                     )
                     attempts, cost = governed.attempts, governed.cost_usd
                     return governed.completion
@@ -147,7 +148,7 @@ class CallPath:
         self._state.records.append(record)
         self._state.tree.close(node, status, error)
         _events.emit(
-            "call.finish",
+            _events.CallFinish,
             call_id=call_id,
             status=status,
             prompt_tokens=usage.prompt_tokens,
@@ -158,7 +159,7 @@ class CallPath:
             attempts=attempts,
             from_journal=from_journal,
             error=error,
-            **({"text": text} if self._log_text and text is not None else {}),
+            text=text if self._log_text else None,
         )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from .._events import emit
+from .._events import BudgetRefuse, BudgetReserve, BudgetSettle, emit
 from .._types import Usage
 from ..exceptions import BudgetExceeded, ConfigError
 from ._clock import Clock
@@ -284,7 +284,7 @@ class BudgetLedger:
                         refused.refusals += 1
                         refused.last_refusal = exc
                     emit(
-                        "budget.refuse",
+                        BudgetRefuse,
                         limit=exc.limit,
                         cap=exc.cap,
                         committed=exc.committed,
@@ -295,7 +295,7 @@ class BudgetLedger:
         for ledger in self.chain():
             ledger._reserved.add(charge)
         emit(
-            "budget.reserve",
+            BudgetReserve,
             model=model,
             input_tokens=charge.input_tokens,
             output_tokens=charge.output_tokens,
@@ -338,7 +338,7 @@ class BudgetLedger:
                 caps_crossed=overrun,
             )
         emit(
-            "budget.settle",
+            BudgetSettle,
             model=reservation.model,
             input_tokens=actual.input_tokens,
             cached_tokens=actual.cached_tokens,

@@ -19,6 +19,7 @@ queueing for a rate limit, at the price of holding its reservation while queued.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from decimal import Decimal
 import anyio
 import tenacity
 
-from .._events import emit
+from .._events import CallRetry, emit
 from .._types import Completion, ModelRequest, Usage
 from ..exceptions import ConfigError
 from ..transport import Transport
@@ -39,6 +40,9 @@ from ._prices import ModelPrice, PriceTable
 from ._retry import RetryConfig, make_retrying
 
 __all__ = ["GovernedCompletion", "Governor", "GovernorConfig"]
+
+# Ids for the calls of a governor used without the engine (which passes its own).
+_standalone_call_ids = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,11 +171,14 @@ class Governor:
         depth: int = 0,
         price: ModelPrice | None = None,
         limits: EndpointLimits | None = None,
+        call_id: str | None = None,
     ) -> GovernedCompletion:
         """Send `request` through limits, retries and the budget.
 
         `ledger` defaults to the process ledger; `price` overrides the price table for this
-        model; `limits` configures this endpoint+model (the first time, or when changed).
+        model; `limits` configures this endpoint+model (the first time, or when changed);
+        `call_id` names the call in its `call.retry` events (the engine's id; a governor used
+        on its own numbers its calls "g1", "g2", ...).
 
         Raises `BudgetExceeded` before sending when a reservation does not fit, `FatalError`
         at once, the last `RetryableError` when attempts run out, `ConfigError` for a dollar
@@ -197,13 +204,15 @@ class Governor:
         )
         rate_tokens = self.rate_estimator.prompt_tokens(request) + output_bound
         tally = _Tally()
+        retry_id = call_id if call_id is not None else f"g{next(_standalone_call_ids)}"
 
         def before_sleep(retry_state: tenacity.RetryCallState) -> None:
             wait = retry_state.upcoming_sleep
             tally.backoff_s += wait
             error = retry_state.outcome.exception() if retry_state.outcome is not None else None
             emit(
-                "call.retry",
+                CallRetry,
+                call_id=retry_id,
                 attempt=retry_state.attempt_number,
                 error=f"{type(error).__name__}: {error}",
                 wait_s=wait,

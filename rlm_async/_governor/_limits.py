@@ -32,7 +32,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from .._events import emit
+from .._events import LimiterResize, LimiterWait, RateLimitPause, emit
 from .._types import Completion, RateLimitInfo
 from ..exceptions import ConfigError, FatalError, RateLimited, RetryableError
 from ._clock import Clock, Sleep
@@ -276,7 +276,7 @@ class LimitState:
         permit.waited_s = self._clock() - started
         if permit.waited_s > 0:
             emit(
-                "limiter.wait",
+                LimiterWait,
                 endpoint=self.endpoint,
                 model=self.model,
                 waited_s=permit.waited_s,
@@ -336,7 +336,7 @@ class LimitState:
             self._limiter.total_tokens = current + 1
             self.grows += 1
             emit(
-                "limiter.resize",
+                LimiterResize,
                 endpoint=self.endpoint,
                 model=self.model,
                 concurrency=current + 1,
@@ -351,7 +351,7 @@ class LimitState:
             if self.gate.pause(seconds):
                 self.pauses += 1
                 emit(
-                    "ratelimit.pause",
+                    RateLimitPause,
                     endpoint=self.endpoint,
                     model=self.model,
                     seconds=seconds,
@@ -368,7 +368,7 @@ class LimitState:
             self._limiter.total_tokens = shrunk
             self.shrinks += 1
             emit(
-                "limiter.resize",
+                LimiterResize,
                 endpoint=self.endpoint,
                 model=self.model,
                 concurrency=shrunk,
