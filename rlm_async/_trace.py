@@ -65,7 +65,6 @@ from ._trace_summary import (
     CellSpan,
     NodeSpan,
     PathStep,
-    Totals,
     TraceSummary,
     summarize,
 )
@@ -78,7 +77,6 @@ __all__ = [
     "CellSpan",
     "NodeSpan",
     "PathStep",
-    "Totals",
     "Trace",
     "TraceSummary",
     "TraceWriter",

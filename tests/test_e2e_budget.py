@@ -30,9 +30,9 @@ from rlm_async._governor import BudgetLimits, Governor, GovernorConfig
 from rlm_async._prompts import sub_system_prompt
 from rlm_async._result import RLMResult
 from rlm_async._rlm import RLM
-from rlm_async._sandbox_launch import BOOTSTRAP_PATH, SANDBOX_BOOTSTRAP
 from rlm_async._types import Completion, ModelRequest
 from rlm_async.demo import DEMO_PRICES
+from rlm_async.sandbox._launch import BOOTSTRAP_PATH, SANDBOX_BOOTSTRAP
 from rlm_async.sim import Faults, KindLatency, LatencyModel, Policies, PolicySpec, SimConfig, SimServer
 from rlm_async.transport import OpenAITransport, Transport
 from rlm_async.workloads import oolong_counting
@@ -101,7 +101,7 @@ def priced(config: RLMConfig, *, sub_max_tokens: int = 2048, **changes: Any) -> 
 
 RUNS = 200
 AT_ONCE = 48
-FANOUTS = {
+FANOUTS: dict[str, tuple[dict[str, Any], int, int]] = {
     # name: (root policy options, max_depth, the sub model's max_tokens)
     "batch": ({"fanout": "llm_batch"}, 1, 256),
     "sequential": ({"fanout": "llm_query"}, 1, 256),
@@ -237,8 +237,10 @@ def check_run(run: Run) -> None:
 
     # Every sub-call answer the server sent is in the result, under the node that asked.
     text_of = {p.node_id: p.text for p in run.paid if p.sub}
-    sent = Counter((c.parent_id, text_of[c.node_id]) for c in r.calls if c.kind == "sub" and c.status == "ok")
-    kept = Counter((s.node_id, s.response) for s in r.subcall_results)
+    sent = Counter[tuple[str | None, str]](
+        (c.parent_id, text_of[c.node_id]) for c in r.calls if c.kind == "sub" and c.status == "ok"
+    )
+    kept = Counter[tuple[str | None, str]]((s.node_id, s.response) for s in r.subcall_results)
     assert not sent - kept, f"{where}: sub-call answers missing from the result: {sent - kept}"
 
 
@@ -326,7 +328,7 @@ class TestDeadline:
         sent = Counter(
             (c.parent_id, sub_texts[c.node_id]) for c in result.calls if c.kind == "sub" and c.status == "ok"
         )
-        kept = Counter((s.node_id, s.response) for s in result.subcall_results)
+        kept = Counter[tuple[str | None, str]]((s.node_id, s.response) for s in result.subcall_results)
         assert sent and not sent - kept
         assert any(c.status == "cancelled" for c in result.calls)
 

@@ -65,7 +65,7 @@ class TestRetriesInTheTrace:
         summary = load_trace(path).summarize()
         assert summary.retries == len(retried)
         # Each retry is the call's: its call_id names a call of the trace, whose attempts agree.
-        per_call = Counter(e.call_id for e in retries)
+        per_call = Counter(e.call_id for e in retries.of(CallRetry))
         assert sum(per_call.values()) == len(retried)
         by_id = {c.call_id: c for c in summary.calls}
         assert all(

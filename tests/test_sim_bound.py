@@ -56,7 +56,7 @@ def entry(
 
 
 class TestShape:
-    def test_root_turns_add_and_each_fanout_costs_its_slowest_member(self):
+    def test_root_turns_add_and_each_fanout_costs_its_slowest_member(self) -> None:
         """Two root turns around a fan-out of three: 1 + max(0.3, 0.5, 0.4) + 2, whatever the
         order the sub-calls were logged in."""
         log = [
@@ -74,14 +74,14 @@ class TestShape:
         assert path.sequential_s == pytest.approx(4.2)
         assert path.source == "sampled"
 
-    def test_fanouts_are_split_by_root_turns(self):
+    def test_fanouts_are_split_by_root_turns(self) -> None:
         """Sub-calls separated by a root turn are two fan-outs, each bounded on its own."""
         log = [entry(0, "root", 1.0), entry(1, "sub", 0.5), entry(2, "root", 1.0), entry(3, "sub", 0.7)]
         path = critical_path(log)
         assert [f.slowest_s for f in path.fanouts] == [0.5, 0.7]
         assert path.bound_s == pytest.approx(3.2)
 
-    def test_failed_and_refused_requests_add_nothing(self):
+    def test_failed_and_refused_requests_add_nothing(self) -> None:
         """A 429 refused before service, an injected 500, a dropped reply and a cancelled request
         are left out; a "slow" fault was served and counts."""
         log = [
@@ -95,12 +95,12 @@ class TestShape:
         path = critical_path(log)
         assert path.excluded == 4 and path.bound_s == pytest.approx(1.6)
 
-    def test_empty_log(self):
+    def test_empty_log(self) -> None:
         assert critical_path_bound([]) == 0.0
 
 
 class TestLimits:
-    def test_capacity_makes_the_sum_over_capacity_the_bound_when_larger(self):
+    def test_capacity_makes_the_sum_over_capacity_the_bound_when_larger(self) -> None:
         """Ten sub-calls of 0.2 s through 2 slots take at least 1 s; one at a time, 2 s."""
         log = [entry(0, "root", 1.0), *(entry(i, "sub", 0.2) for i in range(1, 11))]
         assert critical_path_bound(log) == pytest.approx(1.2)
@@ -108,12 +108,12 @@ class TestLimits:
         assert two.fanouts[0].limited_by == "capacity" and two.bound_s == pytest.approx(2.0)
         assert critical_path_bound(log, capacity=1) == pytest.approx(3.0)
 
-    def test_capacity_defaults_to_the_latency_models_sub_capacity(self):
+    def test_capacity_defaults_to_the_latency_models_sub_capacity(self) -> None:
         latency = LatencyModel(sub=KindLatency(ttft_s=0.2, capacity=5))
         log = [entry(i, "sub", 0.2) for i in range(10)]
         assert critical_path_bound(log, latency) == pytest.approx(0.4)
 
-    def test_rate_limits_bound_admission_from_full_buckets(self):
+    def test_rate_limits_bound_admission_from_full_buckets(self) -> None:
         """120 requests at 60 RPM: a full bucket admits 60 at once, the other 60 need 60 s,
         then the last one still needs its service time."""
         log = [entry(i, "sub", 0.5) for i in range(120)]
@@ -132,7 +132,7 @@ class TestSource:
         sub=KindLatency(ttft_s=0.5, prefill_s_per_token=0.001, jitter=0.2),
     )
 
-    def test_without_modeled_s_the_jitter_minimum_is_used(self):
+    def test_without_modeled_s_the_jitter_minimum_is_used(self) -> None:
         """(1.0 + 0.001 x (100 - 20) uncached) x 0.8 + 0.01 x 10 x 0.8 for the root turn."""
         log = [entry(0, "root", None, cached=20), entry(1, "sub", None)]
         path = critical_path(log, self.latency)
@@ -140,17 +140,17 @@ class TestSource:
         assert path.root_turns_s[0] == pytest.approx((1.0 + 0.08 + 0.1) * 0.8)
         assert path.fanouts[0].slowest_s == pytest.approx((0.5 + 0.1) * 0.8)
 
-    def test_sampled_false_ignores_the_draws(self):
+    def test_sampled_false_ignores_the_draws(self) -> None:
         log = [entry(0, "root", 5.0), entry(1, "sub", 5.0)]
         assert critical_path(log, self.latency).bound_s == pytest.approx(10.0)
         path = critical_path(log, self.latency, sampled=False)
         assert path.source == "jitter_min" and path.bound_s < 2.0
 
-    def test_a_log_missing_some_draws_is_mixed(self):
+    def test_a_log_missing_some_draws_is_mixed(self) -> None:
         path = critical_path([entry(0, "root", 5.0), entry(1, "sub", None)], self.latency)
         assert path.source == "mixed"
 
-    def test_without_draws_or_a_latency_model_it_says_what_is_missing(self):
+    def test_without_draws_or_a_latency_model_it_says_what_is_missing(self) -> None:
         with pytest.raises(ValueError, match="modeled_s"):
             critical_path([entry(0, "sub", None)])
 
@@ -163,7 +163,7 @@ def _request(kind: str, text: str) -> ModelRequest:
 
 
 class TestAgainstTheServer:
-    async def test_the_server_logs_its_draws_and_a_fanout_takes_at_least_the_bound(self):
+    async def test_the_server_logs_its_draws_and_a_fanout_takes_at_least_the_bound(self) -> None:
         """Over real HTTP: every served request logs the service time it drew (jitter
         included, within the jitter band of the model); a root turn then a 20-way fan-out
         takes no less than the bound, and not much more on loopback."""
@@ -192,6 +192,7 @@ class TestAgainstTheServer:
         for e in log:
             base = 0.15 if e.kind == "root" else 0.1
             assert e.modeled_s is not None and base * 0.7 <= e.modeled_s <= base * 1.3
+            assert e.finish is not None and e.start is not None
             assert e.finish - e.start >= e.modeled_s - 1e-3  # the server slept at least its draw
         assert len({round(d or 0, 6) for d in draws}) > 10  # the draws differ: jitter is on
         path = critical_path(log, latency)

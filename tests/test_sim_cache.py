@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from rlm_async._types import Message, ModelRequest
+from rlm_async._types import Completion, Message, ModelRequest
 from rlm_async.sim import CacheModel, KindLatency, LatencyModel, PrefixCache, SimConfig, SimServer
 from rlm_async.transport import OpenAITransport
 
@@ -20,7 +20,7 @@ def text_of(tokens: int, tail: str = "") -> str:
 
 
 class TestPrefixCacheBookkeeping:
-    def test_prompts_under_1024_tokens_are_never_cached(self):
+    def test_prompts_under_1024_tokens_are_never_cached(self) -> None:
         """A 1023-token prompt misses even when the identical prompt was inserted before."""
         cache = PrefixCache(CacheModel())
         blocks = cache.blocks("m", text_of(1023))
@@ -28,7 +28,7 @@ class TestPrefixCacheBookkeeping:
         assert cache.lookup(blocks, now=1.0) == 0
         assert len(cache) == 0
 
-    def test_hits_are_the_longest_shared_prefix_in_128_token_steps(self):
+    def test_hits_are_the_longest_shared_prefix_in_128_token_steps(self) -> None:
         """A prompt sharing 1500 tokens with a cached one gets 1408 cached tokens (11 x 128)."""
         cache = PrefixCache(CacheModel())
         cache.insert(cache.blocks("m", text_of(1500, "x" * 4000)), now=0.0)
@@ -36,7 +36,7 @@ class TestPrefixCacheBookkeeping:
         assert cache.lookup(cache.blocks("m", text_of(1100, "y" * 4000)), now=1.0) == 1024
         assert cache.lookup(cache.blocks("m", text_of(1000, "y" * 4000)), now=1.0) == 0
 
-    def test_an_identical_prompt_hits_all_its_full_blocks(self):
+    def test_an_identical_prompt_hits_all_its_full_blocks(self) -> None:
         """Resending a 1300-token prompt reports 1280 cached tokens: the last partial block is not cached."""
         cache = PrefixCache(CacheModel())
         blocks = cache.blocks("m", text_of(1300))
@@ -44,13 +44,13 @@ class TestPrefixCacheBookkeeping:
         cache.insert(blocks, now=0.0)
         assert cache.lookup(blocks, now=0.5) == 1280
 
-    def test_models_do_not_share_entries(self):
+    def test_models_do_not_share_entries(self) -> None:
         """The same prompt cached for one model is a miss for another."""
         cache = PrefixCache(CacheModel())
         cache.insert(cache.blocks("model-a", text_of(2048)), now=0.0)
         assert cache.lookup(cache.blocks("model-b", text_of(2048)), now=0.0) == 0
 
-    def test_idle_entries_expire_after_ttl_and_hits_refresh_them(self):
+    def test_idle_entries_expire_after_ttl_and_hits_refresh_them(self) -> None:
         """An entry unused for longer than ttl_s misses; each hit restarts its idle clock."""
         cache = PrefixCache(CacheModel(ttl_s=10.0))
         blocks = cache.blocks("m", text_of(2048))
@@ -59,7 +59,7 @@ class TestPrefixCacheBookkeeping:
         assert cache.lookup(blocks, now=18.0) == 2048  # 9 s after the refresh at t=9
         assert cache.lookup(blocks, now=28.5) == 0
 
-    def test_disabled_cache_never_hits(self):
+    def test_disabled_cache_never_hits(self) -> None:
         """With enabled=False nothing is cached."""
         cache = PrefixCache(CacheModel(enabled=False))
         blocks = cache.blocks("m", text_of(4096))
@@ -83,12 +83,12 @@ def config(**cache: object) -> SimConfig:
 
 
 class TestPrefixCacheOverHTTP:
-    async def test_simultaneous_cold_requests_all_miss_and_a_later_one_hits(self):
+    async def test_simultaneous_cold_requests_all_miss_and_a_later_one_hits(self) -> None:
         """Five requests sent together with the same cold prefix all report 0 cached tokens;
         one sent after they finished reports the shared prefix, in 128-token steps."""
         async with SimServer(config()) as sim:
             transport = OpenAITransport(sim.base_url)
-            results = [None] * 5
+            results: list[Completion | None] = [None] * 5
 
             async def one(i: int) -> None:
                 results[i] = await transport.complete(request(i))
@@ -98,13 +98,13 @@ class TestPrefixCacheOverHTTP:
                     tg.start_soon(one, i)
             later = await transport.complete(request(99))
             await transport.aclose()
-        assert [r.usage.cached_tokens for r in results] == [0] * 5
+        assert [r.usage.cached_tokens if r else None for r in results] == [0] * 5
         assert later.usage.cached_tokens >= 1024 and later.usage.cached_tokens % 128 == 0
         assert later.usage.cached_tokens <= later.usage.prompt_tokens
         assert [e.cached_tokens for e in sim.log.by_arrival()] == [0] * 5 + [later.usage.cached_tokens]
         assert sim.log.peak_concurrency(phase="service") == 5  # they really overlapped
 
-    async def test_first_token_mode_lets_a_request_hit_while_the_writer_is_still_decoding(self):
+    async def test_first_token_mode_lets_a_request_hit_while_the_writer_is_still_decoding(self) -> None:
         """With available_at="first_token", a request that arrives after the first one's
         prefill but before it finished hits; with "finish" it misses."""
         for mode, expect_hit in (("first_token", True), ("finish", False)):
@@ -123,7 +123,7 @@ class TestPrefixCacheOverHTTP:
             assert second_entry.arrival < first_entry.finish, "precondition: the second overlapped the first"
             assert (second.usage.cached_tokens > 0) is expect_hit, mode
 
-    async def test_cache_key_partitions_only_when_configured(self):
+    async def test_cache_key_partitions_only_when_configured(self) -> None:
         """prompt_cache_key routes but does not isolate by default; partition_by_cache_key isolates."""
         for partition, expect_hit in ((False, True), (True, False)):
             async with SimServer(config(partition_by_cache_key=partition)) as sim:

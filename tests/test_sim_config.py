@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,7 +58,7 @@ fanout = "rlm_query_batched"
 
 
 class TestConfig:
-    def test_from_toml_reads_every_table(self, tmp_path):
+    def test_from_toml_reads_every_table(self, tmp_path: Path) -> None:
         """A [sim] TOML table fills every nested dataclass, with policy options flattened."""
         path = tmp_path / "sim.toml"
         path.write_text(TOML)
@@ -75,12 +76,12 @@ class TestConfig:
         )
         assert config.policies.sub.name == "reader"
 
-    def test_unknown_key_is_named(self):
+    def test_unknown_key_is_named(self) -> None:
         """A typo in a table raises ConfigError naming the key and where it was."""
         with pytest.raises(ConfigError, match=r"unknown key\(s\) in \[sim.latency.root\]: \['ttft'\]"):
             SimConfig.from_dict({"latency": {"root": {"ttft": 1}}})
 
-    def test_round_trip_through_json(self):
+    def test_round_trip_through_json(self) -> None:
         """to_dict() is JSON-ready and from_dict() reads it back to an equal config, None included."""
         config = SimConfig(
             seed=3,
@@ -91,7 +92,7 @@ class TestConfig:
         again = SimConfig.from_dict(json.loads(json.dumps(config.to_dict())))
         assert again == config
 
-    def test_invalid_values_raise_at_construction(self):
+    def test_invalid_values_raise_at_construction(self) -> None:
         """Fault probabilities over 1, unknown scripted faults and bad jitter are refused up front."""
         with pytest.raises(ConfigError, match="sum"):
             Faults(error_500=0.6, drop=0.6)
@@ -100,7 +101,7 @@ class TestConfig:
         with pytest.raises(ConfigError, match="jitter"):
             KindLatency(jitter=1.5)
 
-    def test_fault_draw_uses_exclusive_bands(self):
+    def test_fault_draw_uses_exclusive_bands(self) -> None:
         """Each fault owns a band of [0, 1) in a fixed order; kinds outside `kinds` never fault."""
         faults = Faults(error_500=0.1, error_429=0.1, drop=0.1, malformed=0.1, slow=0.1, kinds=("sub",))
         assert [faults.draw(u, "sub") for u in (0.05, 0.15, 0.25, 0.35, 0.45, 0.55)] == [
@@ -115,7 +116,7 @@ class TestConfig:
 
 
 class TestTokens:
-    def test_four_characters_of_the_serialization_make_a_token(self):
+    def test_four_characters_of_the_serialization_make_a_token(self) -> None:
         """Prompt tokens are ceil(len(serialization) / 4), and clients can compute them exactly."""
         messages = [Message("system", "abc"), Message("user", "hello")]
         text = serialize_messages(messages)
@@ -128,7 +129,7 @@ class TestTokens:
 
 
 class TestLatencyModel:
-    def test_latency_is_ttft_plus_uncached_prefill_plus_decode(self):
+    def test_latency_is_ttft_plus_uncached_prefill_plus_decode(self) -> None:
         """Latency charges prefill only for uncached tokens, and root and sub have separate settings."""
         model = LatencyModel(
             root=KindLatency(ttft_s=1.0, prefill_s_per_token=0.001, output_s_per_token=0.01),
@@ -141,7 +142,7 @@ class TestLatencyModel:
         assert model.latency("sub", prompt_tokens=2000, completion_tokens=100) == pytest.approx(0.1)
         assert model.latency("other", prompt_tokens=2000, completion_tokens=100) == pytest.approx(0.1)
 
-    def test_jitter_scales_both_phases_within_its_band(self):
+    def test_jitter_scales_both_phases_within_its_band(self) -> None:
         """Jitter multiplies by U[1-j, 1+j]; lower_bound is the fastest the jitter allows."""
         model = LatencyModel(sub=KindLatency(ttft_s=1.0, output_s_per_token=0.01, jitter=0.2))
         kw = {"prompt_tokens": 10, "completion_tokens": 100}
@@ -149,4 +150,4 @@ class TestLatencyModel:
         assert model.lower_bound("sub", **kw) == pytest.approx(1.6)
         assert model.latency("sub", **kw, jitter_u=0.999999) == pytest.approx(2.4, rel=1e-5)
         first, decode = model.phases("sub", **kw, jitter_u=0.0)
-        assert (first, decode) == (pytest.approx(0.8), pytest.approx(0.8))
+        assert first == pytest.approx(0.8) and decode == pytest.approx(0.8)

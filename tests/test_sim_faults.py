@@ -34,7 +34,7 @@ async def outcomes_of(config: SimConfig, n: int, **transport_kw: object) -> tupl
 
 
 class TestEachFault:
-    async def test_scripted_faults_raise_the_matching_transport_errors(self):
+    async def test_scripted_faults_raise_the_matching_transport_errors(self) -> None:
         """500 -> ServerError, injected 429 -> RateLimited with retry_after, drop -> ConnectionFailed,
         malformed JSON -> ServerError; an "ok" after them succeeds."""
         config = SimConfig(
@@ -52,7 +52,7 @@ class TestEachFault:
         assert [e.status for e in log] == [500, 429, 0, 200, 200]
         assert log[0].start is None and log[2].start is not None  # refused before service vs. served then cut
 
-    async def test_slow_response_times_the_client_out_and_the_server_sees_it_leave(self):
+    async def test_slow_response_times_the_client_out_and_the_server_sees_it_leave(self) -> None:
         """A slow response outlasts the client's timeout (ConnectionFailed); the server logs the
         request as cancelled when the client disconnects, long before the slow reply was due."""
         config = SimConfig(faults=Faults(script=("slow",), slow_extra_s=30.0))
@@ -61,14 +61,14 @@ class TestEachFault:
         (entry,) = sim.log.entries
         assert entry.outcome == "cancelled" and entry.status == 0
 
-    async def test_slow_response_is_served_when_the_client_waits(self):
+    async def test_slow_response_is_served_when_the_client_waits(self) -> None:
         """A slow response still arrives, well-formed, to a client that waits for it."""
         config = SimConfig(faults=Faults(script=("slow",), slow_extra_s=0.2))
         results, sim = await outcomes_of(config, 1)
         assert not isinstance(results[0], Exception)
         assert sim.log.entries[0].outcome == "slow" and sim.log.entries[0].status == 200
 
-    async def test_faults_apply_only_to_the_configured_kinds(self):
+    async def test_faults_apply_only_to_the_configured_kinds(self) -> None:
         """With kinds=("root",), plain requests (kind "other") never fault."""
         config = SimConfig(faults=Faults(error_500=1.0, kinds=("root",)))
         results, _ = await outcomes_of(config, 3)
@@ -76,7 +76,7 @@ class TestEachFault:
 
 
 class TestSeededFaults:
-    async def test_same_seed_gives_the_same_faults_and_a_retry_draws_afresh(self):
+    async def test_same_seed_gives_the_same_faults_and_a_retry_draws_afresh(self) -> None:
         """Two servers with one seed fault the same requests; resending a failed request
         draws again (so retries can succeed), and a different seed gives a different pattern."""
         faults = Faults(error_500=0.5)
@@ -105,7 +105,7 @@ class TestSeededFaults:
 
 
 class TestLatencyUnderFaults:
-    async def test_drop_happens_after_the_service_time(self):
+    async def test_drop_happens_after_the_service_time(self) -> None:
         """A dropped request is served first (its service start and finish are logged) and cut at the end."""
         config = SimConfig(faults=Faults(script=("drop",)), latency=LatencyModel(sub=KindLatency(ttft_s=0.1)))
         results, sim = await outcomes_of(config, 1)

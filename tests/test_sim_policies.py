@@ -123,7 +123,9 @@ class TestRootPolicySolvesWorkloads:
         ],
         ids=["answer-dict", "FINAL", "FINAL_VAR-no-peek", "llm_query-loop"],
     )
-    def test_every_workload_is_answered_right(self, all_workloads, options):
+    def test_every_workload_is_answered_right(
+        self, all_workloads: list[Workload], options: dict[str, Any]
+    ) -> None:
         """The root policy's code, run for real against the reader policy, answers every
         workload and context shape correctly, with one sub-call per chunk."""
         for w in all_workloads:
@@ -133,7 +135,9 @@ class TestRootPolicySolvesWorkloads:
             expected_chunks = options.get("chunks") or -(-w.context_chars // 20_000)
             assert len(loop.sub_prompts) in (expected_chunks, expected_chunks - 1), w.name
 
-    def test_depth_two_uses_child_rlms_whose_root_is_the_same_policy(self, all_workloads):
+    def test_depth_two_uses_child_rlms_whose_root_is_the_same_policy(
+        self, all_workloads: list[Workload]
+    ) -> None:
         """With rlm_query_batched and max_depth=2, each chunk goes to a child RLM whose root
         (the same policy) reads its task from the prompt it was given and answers in the
         sub-call format; the parent still gets every workload right."""
@@ -147,7 +151,7 @@ class TestRootPolicySolvesWorkloads:
             assert w.score(answer), (w.name, answer and answer[:200])
             assert len(loop.sub_prompts) == 6  # 3 children x 2 chunks each
 
-    def test_sub_prompts_share_a_long_identical_prefix_with_the_chunk_last(self):
+    def test_sub_prompts_share_a_long_identical_prefix_with_the_chunk_last(self) -> None:
         """Every sub-call prompt of a fan-out starts with the same >= 1024-token prefix (system
         prompt included) and ends with its chunk between the markers."""
         w = oolong_counting("64k", seed=5)
@@ -165,7 +169,7 @@ class TestRootPolicySolvesWorkloads:
         chunks = [split_sub_prompt(p)[1] for p in loop.sub_prompts]
         assert "".join(chunks) == w.context  # the chunks tile the context, at line boundaries
 
-    def test_peek_turn_comes_first_and_its_output_is_read(self):
+    def test_peek_turn_comes_first_and_its_output_is_read(self) -> None:
         """Turn one only looks at the context; turn two says what it read from the REPL output."""
         w = s_niah("32k", seed=9)
         loop = MiniLoop(make_policy("rlm", chunk_chars=50_000), make_policy("reader"))
@@ -174,7 +178,7 @@ class TestRootPolicySolvesWorkloads:
         assert "llm_batch" not in first and "print(" in first
         assert f"From the REPL output: a str of {len(w.context)} characters" in second
 
-    def test_final_answer_request_gets_a_final_line(self):
+    def test_final_answer_request_gets_a_final_line(self) -> None:
         """When the engine asks for a final answer, the root replies FINAL(...) with the value its
         code printed earlier."""
         root = make_policy("rlm")
@@ -192,7 +196,7 @@ class TestRootPolicySolvesWorkloads:
 
 
 class TestReaderPolicy:
-    def test_reader_answers_from_the_chunk_in_each_format(self):
+    def test_reader_answers_from_the_chunk_in_each_format(self) -> None:
         """The reader finds needles, counts categories and lists users, from the chunk alone."""
         reader = make_policy("reader")
 
@@ -221,7 +225,7 @@ class TestReaderPolicy:
         )
         assert ask(f"TASK pairs labels=human,numeric\nList.\n<<<CHUNK\n{records}\nCHUNK>>>") == "USERS: NONE"
 
-    def test_reader_understands_a_workload_question_without_the_task_line(self):
+    def test_reader_understands_a_workload_question_without_the_task_line(self) -> None:
         """A prompt some other root wrote ("question + text") is answered if it holds a known question."""
         w = s_niah("8k", seed=11)
         reader = make_policy("reader")
@@ -237,34 +241,34 @@ class TestMisbehavingPolicies:
             messages += [Message("assistant", "..."), Message("user", "REPL output:\n")]
         return PolicyRequest(model="m", messages=tuple(messages), kind="root")
 
-    def test_no_code_never_writes_code_or_final(self):
+    def test_no_code_never_writes_code_or_final(self) -> None:
         """no_code replies with prose only."""
         reply = make_policy("no_code")(self.request())
         assert find_code_blocks(reply) == [] and find_final(reply) is None
 
-    def test_syntax_error_code_does_not_compile(self):
+    def test_syntax_error_code_does_not_compile(self) -> None:
         """syntax_error writes a ```repl block that is not valid Python."""
         (code,) = find_code_blocks(make_policy("syntax_error")(self.request()))
         with pytest.raises(SyntaxError):
             compile(code, "<repl>", "exec")
 
-    def test_endless_reply_is_as_long_as_configured(self):
+    def test_endless_reply_is_as_long_as_configured(self) -> None:
         """endless writes `chars` characters (the server then cuts it at max_tokens)."""
         assert len(make_policy("endless", chars=123_456)(self.request())) == 123_456
 
-    def test_never_answers_keeps_writing_harmless_code(self):
+    def test_never_answers_keeps_writing_harmless_code(self) -> None:
         """never_answers writes runnable code every turn and the loop ends without an answer."""
         loop = MiniLoop(make_policy("never_answers"), make_policy("reader"), max_turns=4)
         assert loop.run("some context", "anything") is None
         assert len(loop.root_replies) == 4 and all(find_code_blocks(r) for r in loop.root_replies)
 
-    def test_huge_fanout_asks_n_questions_in_one_batch(self):
+    def test_huge_fanout_asks_n_questions_in_one_batch(self) -> None:
         """huge_fanout sends one llm_batch of n prompts, then answers."""
         loop = MiniLoop(make_policy("huge_fanout", n=250), make_policy("reader"))
         assert loop.run("ctx", "anything") == "250"
         assert len(loop.sub_prompts) == 250
 
-    def test_unhelpful_sub_policy_makes_the_root_answer_wrong_but_finish(self):
+    def test_unhelpful_sub_policy_makes_the_root_answer_wrong_but_finish(self) -> None:
         """With an unhelpful sub model the root still finishes, with a wrong answer."""
         w = oolong_counting("16k", seed=1)
         answer = MiniLoop(make_policy("rlm"), make_policy("unhelpful")).run(w.context, w.query)
@@ -272,7 +276,7 @@ class TestMisbehavingPolicies:
 
 
 class TestRegistry:
-    def test_unknown_names_and_options_are_config_errors(self):
+    def test_unknown_names_and_options_are_config_errors(self) -> None:
         """make_policy names what is known when given an unknown policy or option."""
         assert {"rlm", "reader", "echo", "no_code", "endless"} <= set(policy_names())
         with pytest.raises(ConfigError, match="unknown policy 'nope'"):
@@ -285,7 +289,7 @@ class TestRegistry:
 
 class TestOverHTTP:
     @pytest.mark.anyio
-    async def test_the_loop_runs_over_http_and_the_second_fanout_hits_the_prefix_cache(self):
+    async def test_the_loop_runs_over_http_and_the_second_fanout_hits_the_prefix_cache(self) -> None:
         """Root turns and sub-calls served by SimServer solve the task; a batch of cold
         sub-calls sent together all miss the cache, and the same fan-out run again hits it."""
         w = oolong_counting("64k", seed=21)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rlm_async._types import Message, ModelRequest
@@ -12,7 +14,7 @@ from rlm_async.transport import OpenAITransport
 
 class TestSimProcess:
     @pytest.mark.anyio
-    async def test_child_process_serves_its_config_and_its_log_outlives_it(self, tmp_path):
+    async def test_child_process_serves_its_config_and_its_log_outlives_it(self, tmp_path: Path) -> None:
         """SimProcess passes its config to the child (model names, latency), reports the port it
         chose, and the JSONL log can be read while it runs and after it stopped."""
         config = SimConfig(models=("proc-model",), latency=LatencyModel(sub=KindLatency(ttft_s=0.05)))
@@ -27,10 +29,11 @@ class TestSimProcess:
         assert completion.text == "ECHO: ping"
         assert [e.model for e in running] == ["proc-model"]
         (entry,) = sim.read_log().entries
+        assert entry.finish is not None and entry.start is not None
         assert entry.outcome == "ok" and entry.finish - entry.start >= 0.049
         assert (tmp_path / "log.jsonl").exists()
 
-    def test_sync_context_manager_and_temporary_log(self):
+    def test_sync_context_manager_and_temporary_log(self) -> None:
         """Used synchronously without a log path, the log is kept in memory after the temp dir goes."""
         with SimProcess() as sim:
             pid = sim.pid
@@ -40,7 +43,7 @@ class TestSimProcess:
 
 
 class TestCommandLine:
-    def test_flags_override_the_config_file(self, tmp_path):
+    def test_flags_override_the_config_file(self, tmp_path: Path) -> None:
         """--config reads the [sim] table; --seed, --models, --latency and policy flags override it."""
         path = tmp_path / "sim.toml"
         path.write_text('[sim]\nseed = 1\nmodels = ["x"]\n[sim.policies.root]\nname = "rlm"\nchunks = 4\n')

@@ -26,14 +26,14 @@ class TestGoDuration:
             (3723, "1h2m3s"),
         ],
     )
-    def test_formats_like_go_and_parses_back(self, seconds, text):
+    def test_formats_like_go_and_parses_back(self, seconds: float, text: str) -> None:
         """Resets are Go durations, as OpenAI sends them, and the transport parses them back."""
         assert go_duration(seconds) == text
         assert parse_duration(text) == pytest.approx(seconds, abs=1e-3)
 
 
 class TestBuckets:
-    def test_rpm_refuses_the_request_over_the_limit_and_says_when_to_retry(self):
+    def test_rpm_refuses_the_request_over_the_limit_and_says_when_to_retry(self) -> None:
         """With rpm=3 the fourth request at once is refused, told to wait 20 s, and fits after that."""
         limiter = RateLimiter(RateLimits(rpm=3), now=0.0)
         assert all(limiter.admit(10, now=0.0).allowed for _ in range(3))
@@ -45,7 +45,7 @@ class TestBuckets:
         assert refused.headers["x-ratelimit-reset-requests"] == "1m0s"
         assert limiter.admit(10, now=20.0).allowed
 
-    def test_tpm_counts_prompt_plus_max_tokens(self):
+    def test_tpm_counts_prompt_plus_max_tokens(self) -> None:
         """TPM reserves prompt + max_tokens at admission; the remaining-tokens header shows it."""
         limiter = RateLimiter(RateLimits(tpm=6000), now=0.0)
         first = limiter.admit(1000 + 4000, now=0.0)
@@ -55,7 +55,7 @@ class TestBuckets:
         assert not refused.allowed and refused.limit_type == "tokens"
         assert refused.retry_after_s == pytest.approx(10.0)  # 1000 missing tokens at 100 tokens/s
 
-    def test_a_request_larger_than_the_tpm_limit_is_refused_without_retry_after(self):
+    def test_a_request_larger_than_the_tpm_limit_is_refused_without_retry_after(self) -> None:
         """A request that could never fit is refused with OpenAI's 'Request too large' and no retry-after."""
         limiter = RateLimiter(RateLimits(tpm=1000), now=0.0)
         refused = limiter.admit(5000, now=0.0)
@@ -68,7 +68,7 @@ def req(max_tokens: int | None = None) -> ModelRequest:
 
 
 class TestOverHTTP:
-    async def test_rpm_429_reaches_the_transport_as_rate_limited_with_retry_after(self):
+    async def test_rpm_429_reaches_the_transport_as_rate_limited_with_retry_after(self) -> None:
         """Successes carry x-ratelimit-* headers; the request over the RPM limit raises RateLimited
         with the server's retry-after."""
         async with SimServer(SimConfig(rate_limits=RateLimits(rpm=2))) as sim:
@@ -85,7 +85,7 @@ class TestOverHTTP:
         assert raised.value.retry_after == pytest.approx(30.0, abs=0.5)
         assert [e.outcome for e in sim.log.by_arrival()] == ["ok", "ok", "rate_limited"]
 
-    async def test_tpm_429_has_openai_headers_and_error_body(self):
+    async def test_tpm_429_has_openai_headers_and_error_body(self) -> None:
         """A TPM refusal is a 429 with retry-after, retry-after-ms, x-ratelimit-* and an OpenAI error body."""
         async with SimServer(SimConfig(rate_limits=RateLimits(rpm=100, tpm=1000))) as sim:
             body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 900}

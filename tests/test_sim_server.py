@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anyio
 import httpx
@@ -54,7 +55,7 @@ async def raw_post(port: int, payload: bytes) -> tuple[int, bytes]:
 
 
 class TestOpenAISurface:
-    async def test_completion_carries_text_usage_and_finish_reason(self):
+    async def test_completion_carries_text_usage_and_finish_reason(self) -> None:
         """A chat completion returns the policy's text, usage from the documented tokenizer, and "stop"."""
         async with SimServer() as sim:
             transport = OpenAITransport(sim.base_url)
@@ -67,7 +68,7 @@ class TestOpenAISurface:
         assert completion.usage.completion_tokens == -(-len(completion.text) // 4)
         assert completion.usage.cached_tokens == 0
 
-    async def test_models_endpoint_lists_configured_models(self):
+    async def test_models_endpoint_lists_configured_models(self) -> None:
         """GET /v1/models lists the configured names; GET /v1/models/{id} finds one or 404s."""
         async with (
             SimServer(SimConfig(models=("big", "small"))) as sim,
@@ -79,7 +80,7 @@ class TestOpenAISurface:
         assert [m["id"] for m in listing["data"]] == ["big", "small"] and listing["object"] == "list"
         assert one.json()["id"] == "small" and missing.status_code == 404
 
-    async def test_unknown_model_is_404_model_not_found(self):
+    async def test_unknown_model_is_404_model_not_found(self) -> None:
         """An unknown model answers 404 with code model_not_found, raised as ModelNotFound."""
         async with SimServer() as sim:
             transport = OpenAITransport(sim.base_url)
@@ -88,14 +89,15 @@ class TestOpenAISurface:
             await transport.aclose()
         assert sim.log.entries[0].outcome == "not_found" and sim.log.entries[0].status == 404
 
-    async def test_bad_json_is_400_with_an_error_body(self):
+    async def test_bad_json_is_400_with_an_error_body(self) -> None:
         """A body that is not JSON answers 400 with an OpenAI-style error object."""
         async with SimServer() as sim:
+            assert sim.port is not None
             status, body = await raw_post(sim.port, b"{not json")
         assert status == 400 and "could not parse the JSON body" in json.loads(body)["error"]["message"]
         assert sim.log.entries[0].outcome == "bad_request"
 
-    async def test_api_key_is_enforced_when_configured(self):
+    async def test_api_key_is_enforced_when_configured(self) -> None:
         """With an api_key configured, a wrong key is 401 (AuthenticationFailed) and the right one works."""
         async with SimServer(SimConfig(api_key="sk-sim")) as sim:
             wrong = OpenAITransport(sim.base_url, api_key="sk-wrong")
@@ -106,7 +108,7 @@ class TestOpenAISurface:
             await wrong.aclose()
             await right.aclose()
 
-    async def test_context_window_and_max_tokens(self):
+    async def test_context_window_and_max_tokens(self) -> None:
         """Prompt + max_tokens over context_window is 400 context_length_exceeded; a reply longer
         than max_tokens is cut to it with finish_reason "length"."""
         config = SimConfig(
@@ -125,7 +127,7 @@ class TestOpenAISurface:
 
 
 class TestRequestLog:
-    async def test_log_records_kind_tokens_and_order_and_is_written_as_jsonl(self, tmp_path):
+    async def test_log_records_kind_tokens_and_order_and_is_written_as_jsonl(self, tmp_path: Path) -> None:
         """Each request is logged with its kind (from the system prompt), tokens, status and
         times; the JSONL file holds the same records."""
         path = tmp_path / "log.jsonl"
@@ -142,12 +144,13 @@ class TestRequestLog:
         assert [e.seq for e in entries] == [0, 1, 2]
         assert all(e.status == 200 and e.outcome == "ok" for e in entries)
         root = entries[0]
+        assert root.start is not None and root.finish is not None
         assert root.max_tokens == 500 and root.prompt_tokens > 0 and root.completion_tokens > 0
         assert root.arrival <= root.start <= root.finish and root.finish - root.start >= 0.049
         assert RequestLog.load(path).entries == sim.log.entries
         assert sim.log.totals()["requests"] == 3
 
-    async def test_sim_endpoints_serve_the_log_and_reset(self):
+    async def test_sim_endpoints_serve_the_log_and_reset(self) -> None:
         """GET /sim/log returns the log as JSONL; POST /sim/reset clears it."""
         async with SimServer() as sim:
             transport = OpenAITransport(sim.base_url)
@@ -162,17 +165,19 @@ class TestRequestLog:
 
 
 class TestConcurrency:
-    async def test_a_thousand_concurrent_requests_are_all_in_flight_at_once(self):
+    async def test_a_thousand_concurrent_requests_are_all_in_flight_at_once(self) -> None:
         """1000 simultaneous requests are all inside the server together (counted at arrival)
         and all answered."""
         n = 1000
         config = SimConfig(latency=LatencyModel(sub=KindLatency(ttft_s=1.0)))
         statuses: list[int] = []
         async with SimServer(config) as sim:
+            port = sim.port
+            assert port is not None
 
             async def one(i: int) -> None:
                 body = json.dumps({"model": "sim-model", "messages": [{"role": "user", "content": f"q{i}"}]})
-                status, _ = await raw_post(sim.port, body.encode())
+                status, _ = await raw_post(port, body.encode())
                 statuses.append(status)
 
             async with anyio.create_task_group() as tg:
@@ -183,7 +188,7 @@ class TestConcurrency:
         assert sim.log.max_in_flight() == n
         assert sim.log.peak_concurrency(phase="service") == n
 
-    async def test_capacity_serves_requests_in_fifo_order(self):
+    async def test_capacity_serves_requests_in_fifo_order(self) -> None:
         """With capacity 2, six simultaneous requests are served two at a time, in arrival order."""
         config = SimConfig(latency=LatencyModel(sub=KindLatency(ttft_s=0.1, capacity=2)))
         async with SimServer(config) as sim:
@@ -196,11 +201,14 @@ class TestConcurrency:
         assert sim.log.peak_concurrency(phase="service") == 2
         assert sim.log.max_in_flight() == 6  # the rest waited inside the server
         starts = [e.start for e in entries]
-        assert starts == sorted(starts)  # FIFO: service starts in arrival order
-        assert entries[2].start >= min(entries[0].finish, entries[1].finish)  # the third waited for a slot
+        assert all(t is not None for t in starts)
+        assert starts == sorted(t for t in starts if t is not None)  # FIFO: service starts in arrival order
+        first, second, third = entries[0], entries[1], entries[2]
+        assert first.finish is not None and second.finish is not None and third.start is not None
+        assert third.start >= min(first.finish, second.finish)  # the third waited for a slot
         assert entries[5].queue_s > entries[0].queue_s
 
-    async def test_root_and_sub_have_separate_capacity(self):
+    async def test_root_and_sub_have_separate_capacity(self) -> None:
         """A full sub-call queue does not hold up a root turn: each kind has its own capacity."""
         config = SimConfig(
             latency=LatencyModel(
@@ -217,5 +225,6 @@ class TestConcurrency:
             await transport.aclose()
         root = sim.log.of_kind("root")[0]
         subs = sim.log.of_kind("sub")
-        assert root.start < max(s.start for s in subs)  # it did not queue behind the sub-calls
-        assert root.finish < max(s.finish for s in subs)
+        assert root.start is not None and root.finish is not None
+        assert root.start < max(s.start or 0.0 for s in subs)  # it did not queue behind the sub-calls
+        assert root.finish < max(s.finish or 0.0 for s in subs)

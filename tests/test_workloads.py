@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from itertools import combinations
 
 import pytest
 
 from rlm_async.workloads import (
     CATEGORIES,
+    Shape,
+    Workload,
     classify_question,
     make_workload,
     oolong_counting,
@@ -18,6 +21,8 @@ from rlm_async.workloads import (
     parse_size,
     s_niah,
 )
+
+Factory = Callable[..., Workload]
 
 RECORD = re.compile(r"^Date: \w{3} \d{2}, \d{4} \|\| User: (\d+) \|\| Instance: (.+)$")
 
@@ -44,7 +49,7 @@ def recount(context: object) -> list[tuple[int, str]]:
 
 
 class TestSizes:
-    def test_parse_size(self):
+    def test_parse_size(self) -> None:
         """Sizes read as tokens: 8k is 8192, 1m is a million."""
         assert [parse_size(s) for s in ("8k", "128K", "1m", "10m", "5000", 77)] == [
             8192,
@@ -59,21 +64,24 @@ class TestSizes:
 
     @pytest.mark.parametrize("factory", [s_niah, oolong_counting, oolong_pairs])
     @pytest.mark.parametrize("size", ["8k", "256k"])
-    def test_context_is_within_a_few_percent_of_the_requested_tokens(self, factory, size):
+    def test_context_is_within_a_few_percent_of_the_requested_tokens(
+        self, factory: Factory, size: str
+    ) -> None:
         """A workload of N tokens has about 4N characters (the simulator's tokenizer)."""
         w = factory(size, seed=1)
         assert abs(w.context_chars / (4 * w.tokens) - 1) < 0.03
 
-    def test_ten_million_tokens_of_niah_builds(self):
+    def test_ten_million_tokens_of_niah_builds(self) -> None:
         """S-NIAH at 10M tokens builds a 40M-character context with the needle in it once."""
         w = s_niah("10m", seed=4)
+        assert isinstance(w.context, str)
         assert abs(len(w.context) - 40_000_000) < 40_000
         assert w.context.count("special magic number") == 1
 
 
 class TestDeterminism:
     @pytest.mark.parametrize("factory", [s_niah, oolong_counting, oolong_pairs])
-    def test_same_seed_same_workload_other_seed_other_workload(self, factory):
+    def test_same_seed_same_workload_other_seed_other_workload(self, factory: Factory) -> None:
         """Generation is a pure function of (size, seed, options)."""
         a, b, c = factory("16k", seed=5), factory("16k", seed=5), factory("16k", seed=6)
         assert a.context == b.context and a.query == b.query and a.truth == b.truth
@@ -81,9 +89,10 @@ class TestDeterminism:
 
 
 class TestNiah:
-    def test_one_needle_at_the_requested_depth_and_scoring(self):
+    def test_one_needle_at_the_requested_depth_and_scoring(self) -> None:
         """The needle line appears once, near the requested depth; the answer is scored by its number."""
         w = s_niah("64k", seed=2, depth=0.25)
+        assert isinstance(w.context, str)
         needle = f"One of the special magic numbers for {w.key} is: {w.truth}."
         assert w.context.count(needle) == 1 and f"\n{needle}\n" in w.context
         assert abs(w.context.index(needle) / len(w.context) - 0.25) < 0.05
@@ -92,7 +101,7 @@ class TestNiah:
         assert not w.score("1234") and not w.score(None)
 
     @pytest.mark.parametrize("shape", ["list", "dict"])
-    def test_list_and_dict_shapes_hold_the_same_kind_of_data(self, shape):
+    def test_list_and_dict_shapes_hold_the_same_kind_of_data(self, shape: Shape) -> None:
         """Shaped contexts are documents whose text joins to a haystack with exactly one needle."""
         w = s_niah("64k", seed=3, shape=shape)
         assert isinstance(w.context, list if shape == "list" else dict) and len(w.context) > 1
@@ -101,7 +110,7 @@ class TestNiah:
 
 class TestCounting:
     @pytest.mark.parametrize("shape", ["str", "list", "dict"])
-    def test_truth_matches_an_independent_recount(self, shape):
+    def test_truth_matches_an_independent_recount(self, shape: Shape) -> None:
         """The ground truth is the number of records whose question belongs to the asked category."""
         w = oolong_counting("64k", seed=7, shape=shape)
         rows = recount(w.context)
@@ -109,12 +118,12 @@ class TestCounting:
         assert Counter(c for _, c in rows)[w.label] == w.truth > 0
         assert f"'{w.label}'" in w.query
 
-    def test_every_category_is_present_and_questions_have_one_category(self):
+    def test_every_category_is_present_and_questions_have_one_category(self) -> None:
         """Records cover all six categories, and the oracle gives each question exactly one."""
         w = oolong_counting("128k", seed=1)
         assert {c for _, c in recount(w.context)} == set(CATEGORIES)
 
-    def test_scoring_reads_the_first_integer(self):
+    def test_scoring_reads_the_first_integer(self) -> None:
         """The answer is right when its first integer is the count (thousands separators allowed)."""
         w = oolong_counting("256k", seed=1, label="human")
         assert w.truth > 1000
@@ -124,14 +133,14 @@ class TestCounting:
 
 class TestPairs:
     @pytest.mark.parametrize("shape", ["str", "list"])
-    def test_truth_is_every_pair_of_qualifying_users(self, shape):
+    def test_truth_is_every_pair_of_qualifying_users(self, shape: Shape) -> None:
         """The truth is all pairs (lower id first) of users with a record in either category."""
         w = oolong_pairs("64k", seed=3, shape=shape)
         users = sorted({u for u, c in recount(w.context) if c in w.labels})
         assert set(w.truth) == set(combinations(users, 2)) and len(users) >= 2
         assert tuple(users) == w.qualifying_users
 
-    def test_scoring_needs_exactly_the_right_set(self):
+    def test_scoring_needs_exactly_the_right_set(self) -> None:
         """Order and spacing do not matter; a missing or extra pair fails; f1 measures partial answers."""
         w = oolong_pairs("32k", seed=4)
         pairs = sorted(w.truth)
@@ -143,15 +152,17 @@ class TestPairs:
 
 
 class TestQueries:
-    def test_each_generator_query_is_recognised(self):
+    def test_each_generator_query_is_recognised(self) -> None:
         """parse_query recovers the task from each generator's query text."""
         n, c, p = s_niah("8k", seed=1), oolong_counting("8k", seed=1), oolong_pairs("8k", seed=1)
-        assert parse_query(n.query).kind == "niah" and parse_query(n.query).key == n.key
-        assert parse_query(c.query).kind == "count" and parse_query(c.query).label == c.label
-        assert parse_query(p.query).kind == "pairs" and parse_query(p.query).labels == p.labels
+        qn, qc, qp = parse_query(n.query), parse_query(c.query), parse_query(p.query)
+        assert qn is not None and qc is not None and qp is not None
+        assert qn.kind == "niah" and qn.key == n.key
+        assert qc.kind == "count" and qc.label == c.label
+        assert qp.kind == "pairs" and qp.labels == p.labels
         assert parse_query("What is the capital of France?") is None
 
-    def test_registry_builds_by_name(self):
+    def test_registry_builds_by_name(self) -> None:
         """make_workload builds each workload by registry name."""
         assert make_workload("s-niah", "8k", seed=1).name == "s-niah-8k"
         assert make_workload("oolong", "8k").name == "oolong-8k"
