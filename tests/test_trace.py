@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import json
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +305,30 @@ class TestEmit:
         """Without sinks, emit returns None and builds nothing (not even a wrong event)."""
         assert emit(IterationStart, iteration=1) is None
         assert emit(IterationStart) is None  # type: ignore[call-arg]  # never built: nobody listens
+
+    def test_emit_builds_what_the_class_builds(self) -> None:
+        """For every kind, the event `emit` builds (through its fast constructor) equals the
+        one the class's own constructor builds, defaults included; a missing or unknown
+        field is a TypeError either way."""
+        samples: dict[object, object] = {int: 3, float: 2.5, str: "x", bool: True}
+        for cls in EVENT_TYPES.values():
+            hints = typing.get_type_hints(cls)
+            required = {
+                f.name: samples[
+                    typing.get_args(hints[f.name])[0] if typing.get_args(hints[f.name]) else hints[f.name]
+                ]
+                for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.name in payload_fields(cls)
+            }
+            with capture_events() as events, bind(query_id="q", node_id="n", depth=2):
+                emit(cls, **required)
+            assert events == [cls(time=events[0].time, query_id="q", node_id="n", depth=2, **required)]
+            assert type(events[0]) is cls
+            with capture_events(), pytest.raises(TypeError):
+                emit(cls, **required, no_such_field=1)
+            if required:
+                with capture_events(), pytest.raises(TypeError):
+                    emit(cls)
 
     def test_the_registry_holds_every_kind_once(self) -> None:
         """Every event class is registered under its own dotted kind, with its payload apart
