@@ -49,14 +49,14 @@ class CallPath:
         started = self._engine.clock()
         with _events.bind(node_id=node.node_id, depth=depth):
             _events.emit(
-                "call.start",
+                _events.CallStart,
                 call_id=call_id,
                 parent_id=parent.node_id,
                 call_kind=kind,
                 model=request.model,
                 prompt_chars=request.prompt_chars(),
                 # Prompt text may hold private data: only with log_text=True.
-                **({"prompt": request.messages[-1].content} if self._log_text else {}),
+                prompt=request.messages[-1].content if self._log_text else None,
             )
             tally = CallTally()
             try:
@@ -69,6 +69,7 @@ class CallPath:
                         price=model.prices,
                         limits=model.limits,
                         tally=tally,
+                        call_id=call_id,  # so that its call.retry events name the call
                     )
                     return governed.completion
 
@@ -144,7 +145,7 @@ class CallPath:
         self._state.records.append(record)
         self._state.tree.close(node, status, error)
         _events.emit(
-            "call.finish",
+            _events.CallFinish,
             call_id=call_id,
             status=status,
             prompt_tokens=usage.prompt_tokens,
@@ -155,7 +156,7 @@ class CallPath:
             attempts=attempts,
             from_journal=from_journal,
             error=error,
-            **({"text": text} if self._log_text and text is not None else {}),
+            text=text if self._log_text else None,
         )
 
 
