@@ -27,6 +27,7 @@ from test_sandbox_support import (
 )
 
 from rlm_async import RLM
+from rlm_async._events import WorkerStart
 from rlm_async._types import ModelRequest
 from rlm_async.cli import main as cli_main
 from rlm_async.exceptions import IsolationUnavailable
@@ -119,8 +120,8 @@ class TestReporting:
             result = await rlm.acompletion("abc", "q")
         assert result.status == "ok" and result.isolation == "landlock"
         assert result.to_dict()["isolation"] == "landlock"
-        starts = [e for e in events.events if e.kind == "worker.start"]
-        assert starts and all(e.fields["tier"] == "landlock" for e in starts)
+        starts = [e for e in events.events if isinstance(e, WorkerStart)]
+        assert starts and all(e.tier == "landlock" for e in starts)
 
     async def test_doctor_refuses_where_no_tier_works(self, no_landlock: None) -> None:
         """The doctor reports every tier unavailable (with why) and the refusal."""
