@@ -328,7 +328,7 @@ class WorkerCell(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SandboxReducedIsolation(Event):
-    """Workers run as plain subprocesses because bubblewrap cannot run here."""
+    """No longer emitted: isolation refuses rather than falls back (kept so older traces read)."""
 
     kind: ClassVar[str] = "sandbox.reduced_isolation"
     reason: str
