@@ -18,12 +18,13 @@ from .. import _events
 from .._config import ModelConfig
 from .._governor import CallTally
 from .._tree import Node
-from .._types import CallKind, CallRecord, CallStatus, Completion, ModelRequest, Usage
+from .._types import CallKind, CallRecord, CallStatus, Completion, HedgeSummary, ModelRequest, Usage
 from ..exceptions import BudgetExceeded
 from .state import QueryState
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .hedge import FanoutHedger
 
 __all__ = ["CallPath"]
 
@@ -39,10 +40,19 @@ class CallPath:
         self._log_text = engine.config.log_text
 
     async def call_model(
-        self, parent: Node, depth: int, kind: CallKind, request: ModelRequest, model: ModelConfig
+        self,
+        parent: Node,
+        depth: int,
+        kind: CallKind,
+        request: ModelRequest,
+        model: ModelConfig,
+        *,
+        hedge: tuple[FanoutHedger, int] | None = None,
     ) -> Completion:
         """Make one model call under the query's budget; raises what the call raised
-        (`BudgetExceeded`, a `TransportError`, cancellation) after recording it."""
+        (`BudgetExceeded`, a `TransportError`, cancellation) after recording it. With
+        `hedge` (a fan-out's hedger and this call's slot), copies race inside the journal's
+        one logical call."""
         node = self._state.tree.open(parent=parent, depth=depth, kind="llm", model=request.model, label=kind)
         call_id = self._state.next_call_id()
         transport = self._engine.transport_for(model)
@@ -59,18 +69,29 @@ class CallPath:
                 **({"prompt": request.messages[-1].content} if self._log_text else {}),
             )
             tally = CallTally()
+            hedged: list[HedgeSummary] = []
             try:
 
-                async def send() -> Completion:
+                async def send_copy(copy_tally: CallTally) -> Completion:
                     governed = await self._engine.governor.call(
                         request,
                         transport,
                         ledger=self._state.ledger,
                         price=model.prices,
                         limits=model.limits,
-                        tally=tally,
+                        tally=copy_tally,
+                        bill_cancelled_prompt=hedge is not None,
                     )
                     return governed.completion
+
+                async def send() -> Completion:
+                    if hedge is None:
+                        return await send_copy(tally)
+                    hedger, slot = hedge
+                    completion, summary = await hedger.race(slot, call_id, send_copy, tally)
+                    if summary is not None:
+                        hedged.append(summary)
+                    return completion
 
                 journal = self._engine.journal
                 if journal is not None:
@@ -91,6 +112,8 @@ class CallPath:
                     _status_of(exc),
                     attempts=tally.attempts,
                     error=f"{type(exc).__name__}: {exc}",
+                    usage=tally.spent.as_usage() if hedge is not None else _NO_USAGE,
+                    cost=float(tally.spent.usd) if hedge is not None else 0.0,
                 )
                 raise
             self._record(
@@ -101,11 +124,13 @@ class CallPath:
                 started,
                 "ok",
                 # A journal hit consumed no tokens: its usage belongs to the call that paid.
-                usage=_NO_USAGE if from_journal else completion.usage,
+                # A hedged call's usage is every copy's (losers billed their input).
+                usage=_NO_USAGE if from_journal else (tally.spent.as_usage() if hedged else completion.usage),
                 cost=0.0 if from_journal else float(tally.spent.usd),
                 attempts=0 if from_journal else tally.attempts,
                 from_journal=from_journal,
                 text=completion.text,
+                hedge=hedged[0] if hedged else None,
             )
         return completion
 
@@ -124,6 +149,7 @@ class CallPath:
         from_journal: bool = False,
         error: str | None = None,
         text: str | None = None,
+        hedge: HedgeSummary | None = None,
     ) -> None:
         """Record a finished call (paid, failed, refused or cancelled): nothing is lost."""
         assert node.parent_id is not None
@@ -142,6 +168,7 @@ class CallPath:
             attempts=attempts,
             from_journal=from_journal,
             error=error,
+            hedge=hedge,
         )
         self._state.records.append(record)
         self._state.tree.close(node, status, error)
@@ -157,6 +184,7 @@ class CallPath:
             attempts=attempts,
             from_journal=from_journal,
             error=error,
+            **({"hedges_sent": hedge.sent, "hedge_won": hedge.won} if hedge is not None else {}),
             **({"text": text} if self._log_text and text is not None else {}),
         )
 
