@@ -21,7 +21,10 @@ The vocabulary (every event also carries query_id, node_id and depth):
     call.start        call_id, node_id, parent_id, call_kind (root|sub|child|final), model, prompt_chars
     call.retry        call_id, attempt, error, wait_s
     call.finish       call_id, status, prompt_tokens, cached_tokens, completion_tokens, cost_usd,
-                      latency_s, attempts, from_journal, error
+                      latency_s, attempts, from_journal, error (+ hedges_sent, hedge_won if hedged)
+    call.hedge        call_id, copy (1, 2, ...), reason ("stage" | "quantile" | "straggler"), age_s
+    call.hedge_end    call_id, copy (0 = the original), outcome ("won" | "cancelled" | "failed" |
+                      "refused" | "late"), prompt_tokens, completion_tokens, cost_usd
     cell.start        iteration, cell
     cell.finish       iteration, cell, duration_s, status, stdout_chars, stderr_chars, error
     worker.start      pid, isolated

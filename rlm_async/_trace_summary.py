@@ -55,6 +55,10 @@ class CallSpan:
     attempts: int = 1
     retries: int = 0
     """`call.retry` events seen for this call."""
+    hedges: tuple[float, ...] = ()
+    """When each hedge copy of this call was sent (`call.hedge`), on the trace's clock."""
+    hedge_won: bool = False
+    """A hedge copy's answer was the one used."""
     from_journal: bool = False
     error: str | None = None
     text: str | None = None
@@ -205,7 +209,7 @@ class _Node:
 
 
 class _Call:
-    __slots__ = ("end", "event_depth", "fields", "finish", "node_id", "retries", "start")
+    __slots__ = ("end", "event_depth", "fields", "finish", "hedges", "node_id", "retries", "start")
 
     def __init__(self, e: Event, start: float) -> None:
         self.fields = e.fields
@@ -216,6 +220,7 @@ class _Call:
         self.finish: Mapping[str, Any] = {}
         self.event_depth = e.depth
         self.retries = 0
+        self.hedges: list[float] = []
 
 
 def _int(value: Any) -> int:
@@ -288,6 +293,10 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
             call_id = _str(f.get("call_id"))
             if call_id in calls:
                 calls[call_id].retries += 1
+        elif kind == "call.hedge":
+            call_id = _str(f.get("call_id"))
+            if call_id in calls:
+                calls[call_id].hedges.append(e.time)
         elif kind == "node.start":
             node_id = _str(f.get("node_id", e.node_id))
             if node_id is None:
@@ -408,6 +417,8 @@ def _call_spans(
                 cost_usd=_float(fin.get("cost_usd")),
                 attempts=_int(fin.get("attempts")) or 1,
                 retries=c.retries,
+                hedges=tuple(t - t0 for t in c.hedges),
+                hedge_won=bool(fin.get("hedge_won")),
                 from_journal=bool(fin.get("from_journal")),
                 error=_str(fin.get("error")),
                 text=_str(fin.get("text")),

@@ -16,6 +16,7 @@ a `HedgeBook`, one per governor, as the governor's limits are.
 
 from __future__ import annotations
 
+import bisect
 import math
 import sys
 import weakref
@@ -37,6 +38,9 @@ __all__ = ["FanoutHedger", "HedgeBook", "book_for"]
 
 _HISTORY = 2000
 """Latencies kept per model: recent enough to follow a provider's drift."""
+_TICK_S = 0.02
+"""Least time between two decisions: each scans every running call, and a 1,000-way
+fan-out finishes calls far more often than a hedge needs deciding."""
 
 
 class HedgeBook:
@@ -150,6 +154,11 @@ class FanoutHedger:
     async def monitor(self) -> None:
         """Until every slot is done: decide, order the copies, sleep until something changes."""
         while self._finished < self._total:
+            history = self._book.history(self._model)
+            if not self._policy.may_hedge(total=self._total, finished=self._finished, history_size=len(history)):
+                self._changed = anyio.Event()
+                await self._changed.wait()
+                continue
             now = self._clock()
             running = [
                 Running(i, len(s.copy_starts), now - s.copy_starts[-1])
@@ -161,7 +170,7 @@ class FanoutHedger:
                 total=self._total,
                 finished_latencies=self._latencies,
                 running=running,
-                history=self._book.history(self._model),
+                history=history,
                 allowance=allowance,
             )
             for slot, why in decision.hedge:
@@ -171,11 +180,12 @@ class FanoutHedger:
                 self._requested += 1
                 self._book.in_flight += 1
                 s.orders[0].send_nowait(why)
-            self._changed = anyio.Event()
-            wait = math.inf if decision.recheck_in_s is None else decision.recheck_in_s
-            # A short floor: a threshold due "now" must not spin the loop.
-            with anyio.move_on_after(max(wait, 0.005)):
-                await self._changed.wait()
+            self._changed = anyio.Event()  # before the tick: a change during it is not lost
+            await anyio.sleep(_TICK_S)
+            if decision.recheck_in_s is None or decision.recheck_in_s > _TICK_S:
+                wait = math.inf if decision.recheck_in_s is None else decision.recheck_in_s - _TICK_S
+                with anyio.move_on_after(wait):
+                    await self._changed.wait()
 
     async def race(self, slot: int, call_id: str, send_copy: SendCopy, tally: CallTally) -> tuple[Completion, HedgeSummary | None]:
         """Run slot `slot`'s copies until one answers; `tally` receives what every copy took."""
@@ -251,8 +261,7 @@ class FanoutHedger:
                 self._book.in_flight -= 1
             receive.close()
         if winner:
-            self._latencies.append(self._clock() - started)
-            self._latencies.sort()
+            bisect.insort(self._latencies, self._clock() - started)
             race.won = winner[0][0] != 0
             return winner[0][1], race.summary()
         raise errors[0]

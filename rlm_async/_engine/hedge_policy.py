@@ -65,6 +65,13 @@ class HedgePolicy:
         """More copies this fan-out may send, given `sent` already."""
         return max(1, math.floor(self.config.max_share * total)) - sent
 
+    def may_hedge(self, *, total: int, finished: int, history_size: int) -> bool:
+        """Whether any rule can fire yet: before the first stage, with too little history,
+        `decide` would hedge nothing and need no ages (saves a scan of every running call)."""
+        cfg = self.config
+        past_stage = bool(cfg.stages) and total > 0 and finished / total >= cfg.stages[0]
+        return past_stage or (cfg.quantile is not None and history_size >= cfg.min_samples)
+
     def decide(
         self,
         *,
