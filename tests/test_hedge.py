@@ -94,6 +94,14 @@ class TestHedgePolicy:
         twice = policy.decide(total=1, finished_latencies=[], running=[Running(0, 2, 200.0)], history=history, allowance=1)
         assert twice.hedge == ()
 
+    def test_a_later_stage_judges_the_calls_own_age(self) -> None:
+        """A call hedged at an earlier stage gets its third copy at the next stage even if
+        its second copy is young: the floor applies to the call's age."""
+        d = self.policy(stages=(0.5, 0.8), straggler_factor=None).decide(
+            total=10, finished_latencies=[1.0] * 8, running=[Running(9, 2, 0.1, 3.0)], history=[], allowance=5
+        )
+        assert d.hedge == ((9, "stage"),)
+
     def test_stragglers_after_the_last_stage_get_fresh_copies(self) -> None:
         """After every stage, a copy older than straggler_factor x median gets a sibling, up to max_copies."""
         policy = self.policy(stages=(0.5,), max_copies=3)
@@ -287,3 +295,27 @@ class TestHedgeBudgetFuzz:
         assert result.total.cost_usd <= cap + 1e-12
         billed = sum(e.prompt_tokens * 1.0 + e.completion_tokens * 4.0 for e in subs) / 1e6
         assert billed <= cap + 1e-12
+
+
+class TestSimulatorTail:
+    """The simulator's lognormal tail and the cancel frame's validation."""
+
+    def test_sigma_keeps_the_median_and_stretches_the_tail(self) -> None:
+        """exp(sigma z): the median draw is unchanged, p99 is exp(2.326 sigma) x it."""
+        import math
+
+        model = LatencyModel(sub=KindLatency(ttft_s=0.8, sigma=0.6))
+        assert model.latency("sub", prompt_tokens=0, completion_tokens=0, jitter_u=0.5) == pytest.approx(0.8)
+        p99 = model.latency("sub", prompt_tokens=0, completion_tokens=0, jitter_u=0.99)
+        assert p99 == pytest.approx(0.8 * math.exp(0.6 * 2.3263), rel=1e-3)
+        assert model.lower_bound("sub", prompt_tokens=0, completion_tokens=0) > 0
+
+    def test_cancel_frames_are_validated(self) -> None:
+        """A cancel carries an integer id and nothing else; anything else is a violation."""
+        from rlm_async.sandbox._channel import ProtocolViolation
+        from rlm_async.sandbox._protocol import parse_cancel
+
+        assert parse_cancel({"op": "cancel", "id": 3}) == 3
+        for bad in ({"op": "cancel"}, {"op": "cancel", "id": True}, {"op": "cancel", "id": 1, "x": 2}):
+            with pytest.raises(ProtocolViolation):
+                parse_cancel(bad)

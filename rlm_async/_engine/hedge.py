@@ -161,7 +161,7 @@ class FanoutHedger:
                 continue
             now = self._clock()
             running = [
-                Running(i, len(s.copy_starts), now - s.copy_starts[-1])
+                Running(i, len(s.copy_starts), now - s.copy_starts[-1], now - s.copy_starts[0])
                 for i, s in enumerate(self._slots)
                 if s.copy_starts and not s.done and s.orders is not None
             ]

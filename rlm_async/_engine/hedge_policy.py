@@ -34,11 +34,17 @@ HedgeReason = Literal["stage", "quantile", "straggler"]
 
 @dataclass(frozen=True, slots=True)
 class Running:
-    """A sub-call still running: its slot, copies sent so far, its newest copy's age."""
+    """A sub-call still running: its slot, copies sent so far, its newest copy's age, and
+    its own age (since the original was sent; the newest copy's when omitted)."""
 
     slot: int
     copies: int
     newest_age_s: float
+    age_s: float | None = None
+
+    @property
+    def call_age_s(self) -> float:
+        return self.newest_age_s if self.age_s is None else self.age_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,19 +112,21 @@ class HedgePolicy:
         for r in running:
             if r.copies >= cfg.max_copies:
                 continue
-            if r.copies < stage_copies and r.newest_age_s >= stage_cut:
+            # A stage judges the call's own age (its newest copy may be young: a stage adds
+            # to calls an earlier stage hedged); the straggler rule judges the newest copy.
+            if r.copies < stage_copies and r.call_age_s >= stage_cut:
                 wanted.append((r.newest_age_s, r.slot, "stage"))
             elif r.copies == 1 and r.newest_age_s >= history_cut:
                 wanted.append((r.newest_age_s, r.slot, "quantile"))
             elif r.newest_age_s >= straggler_cut:
                 wanted.append((r.newest_age_s, r.slot, "straggler"))
             else:
-                cut = min(
-                    stage_cut if r.copies < stage_copies else math.inf,
-                    history_cut if r.copies == 1 else math.inf,
-                    straggler_cut,
+                due = min(
+                    stage_cut - r.call_age_s if r.copies < stage_copies else math.inf,
+                    history_cut - r.newest_age_s if r.copies == 1 else math.inf,
+                    straggler_cut - r.newest_age_s,
                 )
-                recheck = min(recheck, cut - r.newest_age_s)
+                recheck = min(recheck, due)
         wanted.sort(key=lambda w: -w[0])
         chosen = tuple((slot, why) for _, slot, why in wanted[: max(0, allowance)])
         if len(wanted) > len(chosen):
