@@ -19,6 +19,7 @@ from conftest import EventLog, open_sim, sim_config
 
 from rlm_async._config import HedgeConfig, RLMConfig
 from rlm_async._engine.hedge_policy import HedgePolicy, Running, quantile
+from rlm_async._events import CallHedge
 from rlm_async._governor import BudgetLimits, GovernorConfig, ModelPrice
 from rlm_async._rlm import RLM
 from rlm_async.exceptions import ConfigError
@@ -157,17 +158,18 @@ class TestHedgingOverHttp:
             config = sim_config(sim, sub_overrides={"hedge": hedge, "prices": PRICE})
             async with RLM(config=config, event_sinks=[events]) as rlm:
                 result = await rlm.acompletion("ctx", "q")
-            await _settled(sim, 11 + len(events.of("call.hedge")))  # root, ten, each copy
+            await _settled(sim, 11 + len(events.of(CallHedge)))  # root, ten, each copy
             subs = _subs(sim)
         assert result.response == "|".join(f"ECHO: item {i}" for i in range(10))
         slow = next(e for e in subs if e.seq == 3)
         assert slow.outcome == "cancelled"  # its connection was closed, not left to finish
         assert slow.prompt_tokens > 0 and slow.completion_tokens == 0  # billed input only
         twin = [e for e in subs if e.body_sha256 == slow.body_sha256 and e.seq != 3]
-        # Its duplicates are the same request byte for byte; one answered, any other was cancelled.
+        # Its duplicates are the same request byte for byte; one answered (a second fast copy
+        # may finish at the server before it sees the disconnect), any other was cancelled.
         assert set(e.outcome for e in twin) <= {"ok", "cancelled"}
-        assert Counter(e.outcome for e in twin)["ok"] == 1
-        hedges = events.of("call.hedge")
+        assert Counter(e.outcome for e in twin)["ok"] >= 1
+        hedges = events.of(CallHedge)
         assert len(subs) == 10 + len(hedges)
         records = [r for r in result.calls if r.kind == "sub"]
         assert len(records) == 10  # one logical call each
@@ -222,11 +224,12 @@ class TestCompletionOrder:
     async def test_yields_in_the_order_the_server_finished(self) -> None:
         """Indices come in the order the server finished them, every one exactly once."""
         code = (
-            'prompts = ["x" * (40 * (6 - i)) for i in range(6)]\n'
+            'prompts = ["x" * (30 * (6 - i)) for i in range(6)]\n'
             "order = [i for i, a in llm_batch_as_completed(prompts)]\n"
             'answer["content"] = ",".join(map(str, order))\nanswer["ready"] = True'
         )
-        async with open_sim(_sim(_code(code), output_s_per_token=0.01)) as sim:
+        # Replies echo the prompt (up to 200 characters): about 7 tokens x 20 ms apart.
+        async with open_sim(_sim(_code(code), output_s_per_token=0.02)) as sim:
             async with RLM(config=sim_config(sim, completion_order=True)) as rlm:
                 result = await rlm.acompletion("ctx", "q")
             subs = sorted(_subs(sim), key=lambda e: e.finish)

@@ -10,6 +10,7 @@ already paid for is lost.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
@@ -20,6 +21,7 @@ from .._governor import CallTally
 from .._tree import Node
 from .._types import CallKind, CallRecord, CallStatus, Completion, HedgeSummary, ModelRequest, Usage
 from ..exceptions import BudgetExceeded
+from ..transport import Transport
 from .state import QueryState
 
 if TYPE_CHECKING:
@@ -29,6 +31,19 @@ if TYPE_CHECKING:
 __all__ = ["CallPath"]
 
 _NO_USAGE = Usage()
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One model call on its way: what the record and the events need to name it."""
+
+    node: Node
+    call_id: str
+    kind: CallKind
+    request: ModelRequest
+    transport: Transport
+    hedge: tuple[FanoutHedger, int] | None = None
+    """A fan-out's hedger and this call's slot: copies race inside one logical call."""
 
 
 class CallPath:
@@ -54,75 +69,41 @@ class CallPath:
         `hedge` (a fan-out's hedger and this call's slot), copies race inside the journal's
         one logical call."""
         node = self._state.tree.open(parent=parent, depth=depth, kind="llm", model=request.model, label=kind)
-        call_id = self._state.next_call_id()
-        transport = self._engine.transport_for(model)
+        call = _Call(node, self._state.next_call_id(), kind, request, self._engine.transport_for(model), hedge)
         started = self._engine.clock()
         with _events.bind(node_id=node.node_id, depth=depth):
             _events.emit(
-                "call.start",
-                call_id=call_id,
+                _events.CallStart,
+                call_id=call.call_id,
                 parent_id=parent.node_id,
                 call_kind=kind,
                 model=request.model,
                 prompt_chars=request.prompt_chars(),
                 # Prompt text may hold private data: only with log_text=True.
-                **({"prompt": request.messages[-1].content} if self._log_text else {}),
+                prompt=request.messages[-1].content if self._log_text else None,
             )
             tally = CallTally()
             hedged: list[HedgeSummary] = []
             try:
-
-                async def send_copy(copy_tally: CallTally) -> Completion:
-                    governed = await self._engine.governor.call(
-                        request,
-                        transport,
-                        ledger=self._state.ledger,
-                        price=model.prices,
-                        limits=model.limits,
-                        tally=copy_tally,
-                        bill_cancelled_prompt=hedge is not None,
-                    )
-                    return governed.completion
-
-                async def send() -> Completion:
-                    if hedge is None:
-                        return await send_copy(tally)
-                    hedger, slot = hedge
-                    completion, summary = await hedger.race(slot, call_id, send_copy, tally)
-                    if summary is not None:
-                        hedged.append(summary)
-                    return completion
-
-                journal = self._engine.journal
-                if journal is not None:
-                    # Every call goes through the journal: reusable ones are looked up (and
-                    # identical temperature-0 ones in flight sent once); all are recorded.
-                    completion, from_journal = await journal.call(request, send, call_id=call_id)
-                else:
-                    completion, from_journal = await send(), False
+                completion, from_journal = await self._send(call, model, tally, hedged)
             except BaseException as exc:
                 self._record(
-                    node,
-                    call_id,
-                    kind,
-                    request,
+                    call,
                     started,
                     _status_of(exc),
                     attempts=tally.attempts,
                     error=f"{type(exc).__name__}: {exc}",
+                    # Hedge copies may have billed their input before the call failed.
                     usage=tally.spent.as_usage() if hedge is not None else _NO_USAGE,
                     cost=float(tally.spent.usd) if hedge is not None else 0.0,
                 )
                 raise
             self._record(
-                node,
-                call_id,
-                kind,
-                request,
+                call,
                 started,
                 "ok",
                 # A journal hit consumed no tokens: its usage belongs to the call that paid.
-                # A hedged call's usage is every copy's (losers billed their input).
+                # A hedged call's usage is every copy's (cancelled losers billed their input).
                 usage=_NO_USAGE if from_journal else (tally.spent.as_usage() if hedged else completion.usage),
                 cost=0.0 if from_journal else float(tally.spent.usd),
                 attempts=0 if from_journal else tally.attempts,
@@ -132,12 +113,45 @@ class CallPath:
             )
         return completion
 
+    async def _send(
+        self, call: _Call, model: ModelConfig, tally: CallTally, hedged: list[HedgeSummary]
+    ) -> tuple[Completion, bool]:
+        """Through the journal, if any, to the governor (which reserves the budget, waits for
+        the rate limits, sends and retries), or to the hedger's race of governed copies.
+        Returns the completion and whether it came from the journal."""
+
+        async def send_copy(copy_tally: CallTally) -> Completion:
+            governed = await self._engine.governor.call(
+                call.request,
+                call.transport,
+                ledger=self._state.ledger,
+                price=model.prices,
+                limits=model.limits,
+                tally=copy_tally,
+                call_id=call.call_id,  # so that its call.retry events name the call
+                bill_cancelled_prompt=call.hedge is not None,
+            )
+            return governed.completion
+
+        async def send() -> Completion:
+            if call.hedge is None:
+                return await send_copy(tally)
+            hedger, slot = call.hedge
+            completion, summary = await hedger.race(slot, call.call_id, send_copy, tally)
+            if summary is not None:
+                hedged.append(summary)
+            return completion
+
+        journal = self._engine.journal
+        if journal is None:
+            return await send(), False
+        # Every call goes through the journal: reusable ones are looked up (and identical
+        # temperature-0 ones in flight sent once); all are recorded.
+        return await journal.call(call.request, send, call_id=call.call_id)
+
     def _record(
         self,
-        node: Node,
-        call_id: str,
-        kind: CallKind,
-        request: ModelRequest,
+        call: _Call,
         started: float,
         status: CallStatus,
         *,
@@ -150,14 +164,15 @@ class CallPath:
         hedge: HedgeSummary | None = None,
     ) -> None:
         """Record a finished call (paid, failed, refused or cancelled): nothing is lost."""
+        node = call.node
         assert node.parent_id is not None
         record = CallRecord(
-            call_id=call_id,
+            call_id=call.call_id,
             node_id=node.node_id,
             parent_id=node.parent_id,
             depth=node.depth,
-            kind=kind,
-            model=request.model,
+            kind=call.kind,
+            model=call.request.model,
             started_at=started,
             finished_at=self._engine.clock(),
             status=status,
@@ -171,8 +186,8 @@ class CallPath:
         self._state.records.append(record)
         self._state.tree.close(node, status, error)
         _events.emit(
-            "call.finish",
-            call_id=call_id,
+            _events.CallFinish,
+            call_id=call.call_id,
             status=status,
             prompt_tokens=usage.prompt_tokens,
             cached_tokens=usage.cached_tokens,
@@ -182,8 +197,7 @@ class CallPath:
             attempts=attempts,
             from_journal=from_journal,
             error=error,
-            **({"hedges_sent": hedge.sent, "hedge_won": hedge.won} if hedge is not None else {}),
-            **({"text": text} if self._log_text and text is not None else {}),
+            text=text if self._log_text else None,
         )
 
 

@@ -208,7 +208,9 @@ class FanoutHedger:
                     mine = CallTally()
                     outcome = "cancelled"
                     if n:
-                        _events.emit("call.hedge", call_id=call_id, copy=n, reason=why, age_s=self._clock() - started)
+                        _events.emit(
+                            _events.CallHedge, call_id=call_id, copy=n, reason=str(why), age_s=self._clock() - started
+                        )
                     try:
                         completion = await send_copy(mine)
                     except BudgetExceeded as exc:
@@ -232,7 +234,7 @@ class FanoutHedger:
                         self._account(race, n, outcome, mine)
                         if n or launched:
                             _events.emit(
-                                "call.hedge_end",
+                                _events.CallHedgeEnd,
                                 call_id=call_id,
                                 copy=n,
                                 outcome=outcome,
