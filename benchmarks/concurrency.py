@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-
 from _provenance import provenance
+
 from rlm_async import _events
 from rlm_async._rlm import RLM
 from rlm_async.demo import DEMO_LATENCY, demo_config, sim_config
