@@ -7,13 +7,21 @@ only through the functions here, so such a change is made once, in this module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _events
 from .._result import RLMResult
+from .._types import Usage
 
-__all__ = ["PROGRESS_KINDS", "Usage", "event_fields", "progress_of", "usage_of"]
+__all__ = [
+    "PROGRESS_KINDS",
+    "event_fields",
+    "openai_usage",
+    "progress_of",
+    "result_summary",
+    "usage_of",
+    "usage_of_event",
+]
 
 PROGRESS_KINDS = frozenset(
     {
@@ -67,52 +75,40 @@ def progress_of(event: _events.Event) -> dict[str, Any] | None:
     return record
 
 
-@dataclass(slots=True)
-class Usage:
-    """Running totals of one query, from its events while it runs (so a cancelled query
-    keeps what it spent) and from its result when it ends."""
-
-    calls: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    by_kind: dict[str, int] = field(default_factory=dict)
-
-    def add_event(self, event: _events.Event) -> None:
-        if event.kind != "call.finish":
-            return
-        f = event.fields
-        if f.get("status") == "budget":
-            return
-        self.calls += 1
-        self.prompt_tokens += int(f.get("prompt_tokens") or 0)
-        self.cached_tokens += int(f.get("cached_tokens") or 0)
-        self.completion_tokens += int(f.get("completion_tokens") or 0)
-        self.cost_usd += float(f.get("cost_usd") or 0.0)
-
-    def to_openai(self) -> dict[str, Any]:
-        """OpenAI's `usage` object, with `cached_tokens` where OpenAI puts it, plus the cost."""
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-            "rlm_calls": self.calls,
-            "rlm_cost_usd": round(self.cost_usd, 8),
-        }
+def usage_of_event(event: _events.Event) -> Usage | None:
+    """What a `call.finish` event adds to a query's running totals (so a cancelled query
+    keeps what it spent); `None` for other kinds."""
+    if event.kind != "call.finish":
+        return None
+    f = event.fields
+    tokens = Usage(
+        int(f.get("prompt_tokens") or 0),
+        int(f.get("completion_tokens") or 0),
+        int(f.get("cached_tokens") or 0),
+    )
+    return Usage.of_call(
+        str(f.get("status")),
+        tokens,
+        cost_usd=float(f.get("cost_usd") or 0.0),
+        from_journal=bool(f.get("from_journal")),
+    )
 
 
 def usage_of(result: RLMResult) -> Usage:
     """The whole tree's totals from a finished result."""
-    t = result.total
-    return Usage(
-        calls=t.calls,
-        prompt_tokens=t.prompt_tokens,
-        cached_tokens=t.cached_tokens,
-        completion_tokens=t.completion_tokens,
-        cost_usd=t.cost_usd,
-    )
+    return result.total
+
+
+def openai_usage(usage: Usage) -> dict[str, Any]:
+    """OpenAI's `usage` object, `cached_tokens` where OpenAI puts it, plus calls and dollars."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "rlm_calls": usage.calls,
+        "rlm_cost_usd": round(usage.cost_usd, 8),
+    }
 
 
 def result_summary(result: RLMResult) -> dict[str, Any]:

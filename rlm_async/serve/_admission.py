@@ -145,11 +145,19 @@ class Tenants:
         left that the last call refused on it would not fit (calls are also refused one by
         one by the governor, before they are sent)."""
         ledger = state.ledger
-        hit = ledger.exhausted_by
+        limits = ledger.limits
+        spent, reserved = ledger.spent, ledger.reserved
+        left = {
+            "usd": None if limits.max_usd is None else limits.max_usd - spent.cost_usd - reserved.cost_usd,
+            "total_tokens": None
+            if limits.max_total_tokens is None
+            else limits.max_total_tokens - spent.total_tokens - reserved.total_tokens,
+        }
+        hit = next((f"tenant.{dim}" for dim, room in left.items() if room is not None and room <= 0), None)
         last = ledger.last_refusal
         if hit is None and last is not None and last.limit.startswith("tenant."):
-            left = getattr(ledger.remaining(), last.limit.removeprefix("tenant."), None)
-            if left is not None and left < last.requested:
+            room = left.get(last.limit.removeprefix("tenant."))
+            if room is not None and room < last.requested:
                 hit = last.limit
         if hit is not None:
             spent = ledger.spent

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ._adapter import openai_usage
 from ._auth import KeyRing
 from ._errors import APIError, error_body
 from ._jobs import Job
@@ -164,7 +165,7 @@ def create_app(service: Service, keys: KeyRing) -> Starlette:
                 completion_id=completion_id,
                 model=model,
                 answer=result["answer"] or "",
-                usage=job.usage.to_openai(),
+                usage=openai_usage(job.usage),
                 rlm=rlm,
             )
         )
@@ -208,7 +209,7 @@ def create_app(service: Service, keys: KeyRing) -> Starlette:
                         )
                     )
                 )
-            usage = job.usage.to_openai()
+            usage = openai_usage(job.usage)
             rlm = {k: v for k, v in result.items() if k != "answer"} | {"job_id": job.id}
             finish = "stop" if result["status"] == "ok" else "length"
             yield ServerSentEvent(

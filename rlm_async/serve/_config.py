@@ -97,7 +97,7 @@ _SERVE_KEYS = {f.name for f in dataclasses.fields(ServeConfig)} - {"profiles", "
 
 def _rlm_config(data: Mapping[str, Any], where: str) -> RLMConfig:
     rlm = {k: v for k, v in data.items() if k not in ("serve", "sim")}
-    return RLMConfig.from_dict(rlm, where=where)
+    return RLMConfig.from_dict(rlm, source=where)
 
 
 def load_serve_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig:

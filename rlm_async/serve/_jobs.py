@@ -23,7 +23,8 @@ import anyio
 
 from .. import _events
 from .._result import RLMResult
-from ._adapter import Usage, progress_of, result_summary, usage_of
+from .._types import Usage
+from ._adapter import openai_usage, progress_of, result_summary, usage_of, usage_of_event
 
 __all__ = ["Job", "JobState", "JobStore"]
 
@@ -64,7 +65,9 @@ class Job:
 
     def sink(self, event: _events.Event) -> None:
         """The event sink given to the engine: synchronous, never blocks."""
-        self.usage.add_event(event)
+        added = usage_of_event(event)
+        if added is not None:
+            self.usage = self.usage + added
         record = progress_of(event)
         if record is not None:
             self._publish("progress", record)
@@ -132,7 +135,7 @@ class Job:
             "status": self.result["status"] if self.result else None,
             "answer": self.result["answer"] if self.result else None,
             "detail": (self.result or {}).get("detail") or self.error,
-            "usage": self.usage.to_openai(),
+            "usage": openai_usage(self.usage),
             "result": self.result,
         }
 
