@@ -213,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 if n == 1 and (base is None or rep == 0):
                     base = r["wall_s"]
-                print(f"  {label} n={n} rep={rep}: wall {r['wall_s']:.2f} s, correct {r['correct']}/{n}",
-                      file=sys.stderr)
+                print(
+                    f"  {label} n={n} rep={rep}: wall {r['wall_s']:.2f} s, correct {r['correct']}/{n}",
+                    file=sys.stderr,
+                )
     base_wall = statistics.median(r["wall_s"] for r in runs if r["n"] == 1) if 1 in sizes else None
     print(
         "| config | N | correct | wall s | ratio | start s | 1st call s | root s | fan-out s | cells s "
