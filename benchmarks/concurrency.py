@@ -2,7 +2,7 @@
 the wall time of one query alone, and where the extra time goes.
 
     .venv/bin/python benchmarks/concurrency.py [--queries 1,20,100] [--tokens 100K] [--chunks 20]
-        [--repeat 1] [--pool N] [--out benchmarks/results/concurrency.json] [--label NAME]
+        [--repeat 1] [--separate-scans] [--out benchmarks/results/concurrency.json] [--label NAME]
 
 Each query is COUNT (OOLONG-like counting) over its own seeded context of `--tokens`
 simulator tokens, fanned out to `--chunks` sub-calls, all on one shared `RLM` (one engine,
@@ -20,14 +20,12 @@ one clock, and the simulator's log):
 * `cells s`    REPL cells (their sub-calls included) minus the fan-outs: the worker's own
                work and the control channel
 * `gov wait s` time queued in the governor's limiters (all calls, summed per query)
-* `client lag s` per request: the engine's latency minus the server's (arrival -> finish):
-               event-loop delay, HTTP, JSON (mean over requests)
 * `sim lag s`  per request: the server's finish - start minus the latency it drew (its
                own CPU share), mean
 * `cpu ms/q`   CPU of the engine process over the batch / N (workload generation excluded)
 
-With `--pool N`, `RLMConfig(sandbox=...)` keeps N pre-started workers (see
-`rlm_async.sandbox`); 0 (the default) starts one worker per query.
+`--separate-scans` is the A/B switch for the sandbox's /proc scans: each kill and each
+worker start reads /proc itself, as before concurrent scans shared one pass.
 """
 
 from __future__ import annotations
@@ -119,19 +117,12 @@ class _Collector:
         }
 
 
-async def _batch(base_url: str, n: int, tokens: int, seed0: int, pool: int) -> dict[str, Any]:
-    import dataclasses
-
+async def _batch(base_url: str, n: int, tokens: int, seed0: int) -> dict[str, Any]:
     workloads = [oolong_counting(tokens, seed=seed0 + i) for i in range(n)]
     config = demo_config(base_url)
-    if pool:
-        config = dataclasses.replace(config, sandbox=dataclasses.replace(config.sandbox, pool_size=pool))
     collectors = [_Collector() for _ in range(n)]
     results: list[Any] = [None] * n
     async with RLM(config=config) as rlm:
-        if pool:  # a service starts its pool at start-up, not inside the measured window
-            await rlm.prestart()
-
         async def one(i: int) -> None:
             w = workloads[i]
             results[i] = await rlm.acompletion(w.context, w.query, event_sinks=[collectors[i]])
@@ -175,7 +166,7 @@ def _row(label: str, r: dict[str, Any], base: float | None) -> str:
     return (
         f"| {label} | {r['n']} | {r['correct']}/{r['n']} | {r['wall_s']:.2f} | {ratio} | "
         f"{m['start_s']:.3f} | {m['first_call_s']:.3f} | {m['root_s']:.2f} | {m['fanout_s']:.2f} | "
-        f"{m['cells_s']:.3f} | {m['gov_wait_s']:.3f} | {r.get('client_lag_s', 0.0):.3f} | "
+        f"{m['cells_s']:.3f} | {m['gov_wait_s']:.3f} | "
         f"{r.get('sim_lag_s', 0.0):.3f} | {r['cpu_ms_per_query']:.0f} |"
     )
 
@@ -186,13 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", default="100K")
     p.add_argument("--chunks", type=int, default=20)
     p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--pool", type=int, default=0, help="pre-started REPL workers (0: one per query)")
     p.add_argument("--label", default="", help="names this configuration in the JSON and the table")
+    p.add_argument(
+        "--separate-scans",
+        action="store_true",
+        help="A/B: every /proc scan of the sandbox reads /proc itself (as before the shared scan)",
+    )
     p.add_argument("--out", default=str(RESULTS / "concurrency.json"))
     args = p.parse_args(argv)
+    if args.separate_scans:
+        from rlm_async.sandbox import _procs
+
+        _procs.scan = _procs._scan_now
     sizes = [int(x) for x in args.queries.split(",")]
     tokens = parse_size(args.tokens)
-    label = args.label or ("pool" if args.pool else "per-query worker")
+    label = args.label or ("separate /proc scans" if args.separate_scans else "shared /proc scan")
     runs: list[dict[str, Any]] = []
     with SimProcess(sim_config(args.chunks, latency=DEMO_LATENCY)) as sim:
         assert sim.base_url is not None
@@ -201,15 +200,12 @@ def main(argv: list[str] | None = None) -> int:
             for n in sizes:
                 load0 = os.getloadavg()[0]
                 since = time.monotonic()
-                r = anyio.run(_batch, sim.base_url, n, tokens, 1000 * rep, args.pool)
+                r = anyio.run(_batch, sim.base_url, n, tokens, 1000 * rep)
                 sim.wait_until_idle()
                 r.update(_sim_lags(sim.read_log(), since))
-                # The engine's view of a request minus the server's: sum over queries of the
-                # calls' engine latency, against the log's arrival -> finish.
                 r["repeat"] = rep
                 r["loadavg_before"] = load0
                 r["label"] = label
-                r["pool"] = args.pool
                 runs.append(r)
                 if n == 1 and (base is None or rep == 0):
                     base = r["wall_s"]
@@ -220,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     base_wall = statistics.median(r["wall_s"] for r in runs if r["n"] == 1) if 1 in sizes else None
     print(
         "| config | N | correct | wall s | ratio | start s | 1st call s | root s | fan-out s | cells s "
-        "| gov wait s | client lag s | sim lag s | cpu ms/q |"
+        "| gov wait s | sim lag s | cpu ms/q |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         mine = sorted((r for r in runs if r["n"] == n), key=lambda r: r["wall_s"])
         print(_row(label, mine[len(mine) // 2], base_wall))
