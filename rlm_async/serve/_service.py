@@ -257,8 +257,16 @@ class Service:
             if job.kind == "job":
                 with anyio.CancelScope(shield=True):
                     await self._save(job)
+                self._forget_old_jobs()
             else:
                 self.jobs.pop(job.id, None)
+
+    def _forget_old_jobs(self, keep: int = 1000) -> None:
+        """Finished jobs stay in memory (their event feeds, for resuming) up to `keep`; older
+        ones are read from the store."""
+        finished = [j for j in self.jobs.values() if j.done]
+        for old in finished[: max(0, len(finished) - keep)]:
+            del self.jobs[old.id]
 
     async def _save(self, job: Job) -> None:
         assert self.store is not None
