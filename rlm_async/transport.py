@@ -59,6 +59,7 @@ __all__ = [
     "Transport",
     "parse_duration",
     "parse_rate_limit_headers",
+    "require_api_key",
 ]
 
 
@@ -141,6 +142,12 @@ def _resolve_key(endpoint: str, api_key: str | None, api_key_env: str | None) ->
         f"no API key for {endpoint}: set the environment variable {api_key_env} "
         "(or pass api_key=..., or api_key_env=None for a server that needs no key)"
     )
+
+
+def require_api_key(endpoint: str, api_key: str | None, api_key_env: str | None) -> None:
+    """Raise `MissingAPIKey` (naming the variable to set) where `OpenAITransport` would have
+    no key for `endpoint`: what `RLM(...)` checks at construction."""
+    _resolve_key(endpoint.rstrip("/"), api_key, api_key_env)
 
 
 def _is_loopback(url: str) -> bool:
