@@ -74,7 +74,7 @@ class _Collector:
         ev = self.events
         t0 = next(e.time for e in ev if e.kind == "query.start")
         t1 = next(e.time for e in ev if e.kind == "query.finish")
-        start = sum(e.fields.get("duration_s", 0.0) for e in ev if e.kind == "worker.start")
+        start = sum(e.payload().get("duration_s", 0.0) for e in ev if e.kind == "worker.start")
         kinds: dict[str, str] = {}
         starts: dict[str, float] = {}
         root = 0.0
@@ -82,13 +82,13 @@ class _Collector:
         sub_spans: list[tuple[float, float]] = []
         for e in ev:
             if e.kind == "call.start":
-                cid = e.fields["call_id"]
-                kinds[cid] = e.fields["call_kind"]
+                cid = e.payload()["call_id"]
+                kinds[cid] = e.payload()["call_kind"]
                 starts[cid] = e.time
                 if first_call is None:
                     first_call = e.time
             elif e.kind == "call.finish":
-                cid = e.fields["call_id"]
+                cid = e.payload()["call_id"]
                 if kinds.get(cid) in ("root", "final"):
                     root += e.time - starts[cid]
                 elif cid in starts:
@@ -105,7 +105,7 @@ class _Collector:
                 fanout += span
                 cells += (e.time - cell_start) - span
                 cell_start = None
-        waited = sum(e.fields.get("waited_s", 0.0) for e in ev if e.kind == "limiter.wait")
+        waited = sum(e.payload().get("waited_s", 0.0) for e in ev if e.kind == "limiter.wait")
         return {
             "wall_s": t1 - t0,
             "start_s": start,

@@ -59,15 +59,16 @@ _PROGRESS_FIELDS = {
 
 
 def event_fields(event: _events.Event) -> dict[str, Any]:
-    """The event's own fields (kind, ids and time apart)."""
-    return dict(event.fields)
+    """The event's own fields (kind, ids and time apart), by name: the one place the
+    service reads an event's payload."""
+    return event.payload()
 
 
 def progress_of(event: _events.Event) -> dict[str, Any] | None:
     """A small JSON-ready progress record for a client, or `None` for kinds not shown."""
     if event.kind not in PROGRESS_KINDS:
         return None
-    fields = event.fields
+    fields = event_fields(event)
     record: dict[str, Any] = {"kind": event.kind, "depth": event.depth}
     for name in _PROGRESS_FIELDS.get(event.kind, ()):
         if name in fields:
@@ -80,7 +81,7 @@ def usage_of_event(event: _events.Event) -> Usage | None:
     keeps what it spent); `None` for other kinds."""
     if event.kind != "call.finish":
         return None
-    f = event.fields
+    f = event_fields(event)
     tokens = Usage(
         int(f.get("prompt_tokens") or 0),
         int(f.get("completion_tokens") or 0),

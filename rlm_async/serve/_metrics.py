@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from .. import _events
+from ._adapter import event_fields
 
 __all__ = ["Metrics"]
 
@@ -52,7 +53,7 @@ class Metrics:
 
         def observe(event: _events.Event) -> None:
             kind = event.kind
-            f = event.fields
+            f = event_fields(event)
             if kind == "call.finish":
                 status = str(f.get("status"))
                 self.subcalls[(("status", status), ("tenant", tenant))] += 1
