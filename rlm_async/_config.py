@@ -23,9 +23,64 @@ from ._governor import BudgetLimits, EndpointLimits, GovernorConfig, ModelPrice
 from .exceptions import ConfigError
 from .sandbox import SandboxConfig
 
-__all__ = ["ModelConfig", "RLMConfig", "load_dataclass", "read_toml"]
+__all__ = ["HedgeConfig", "ModelConfig", "RLMConfig", "load_dataclass", "read_toml"]
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HedgeConfig:
+    """Hedged sub-calls: a duplicate of a straggling sub-call, the first answer wins and the
+    other request is cancelled. Off by default; `HedgeConfig(enabled=True)` (in TOML
+    `[sub.hedge]` with `enabled = true`) turns on the defaults, which a simulation of
+    lognormal latency (sigma 0.6) tuned for about 12-14 % extra requests. Every copy is a
+    governed call with its own budget reservation: no reservation, no hedge.
+
+    Not a way to get several samples: a sampled call (temperature > 0) returns the one
+    sample that finished first."""
+
+    enabled: bool = False
+    """Send hedges for this model's sub-calls (plain `llm_*` sub-calls, not child RLMs)."""
+    stages: tuple[float, ...] = (0.9, 0.97, 0.99)
+    """Finished shares of a fan-out: once this share of it has finished, every sub-call
+    still running gets one more copy (the n-th stage allows n + 1 copies in all)."""
+    quantile: float | None = 0.95
+    """A sub-call whose only copy has run longer than this quantile of the latencies seen
+    for this model in this process (completed fan-outs only: an unfinished one shows only
+    its fast calls) gets a hedge; what hedges a single `llm_query`. `None`: off."""
+    min_samples: int = 20
+    """Latencies needed before `quantile` is trusted."""
+    straggler_factor: float | None = 1.2
+    """After the last stage, a sub-call whose newest copy has run longer than this many
+    times the fan-out's median latency gets another copy. `None`: off."""
+    min_ratio: float = 1.25
+    """No rule sends a copy of a sub-call younger than this many times the median latency
+    (the fan-out's, or for `quantile` the model's history): without a tail, the last 10 %
+    of a fan-out finish moments after the rest and must not be hedged."""
+    max_copies: int = 5
+    """Copies of one sub-call at most, the original included."""
+    max_share: float = 0.15
+    """Extra copies per fan-out at most, as a share of its size (at least 1)."""
+    max_in_flight: int | None = 256
+    """Hedge copies in flight at once in the process (over every fan-out); `None`: no cap."""
+
+    def __post_init__(self) -> None:
+        if any(not 0.0 < s < 1.0 for s in self.stages) or list(self.stages) != sorted(self.stages):
+            raise ConfigError(f"hedge stages must be increasing shares in (0, 1), got {self.stages}")
+        if self.quantile is not None and not 0.0 < self.quantile < 1.0:
+            raise ConfigError(f"hedge quantile must be in (0, 1) or None, got {self.quantile}")
+        if self.min_samples < 1:
+            raise ConfigError(f"hedge min_samples is {self.min_samples}; use >= 1")
+        if self.straggler_factor is not None and not self.straggler_factor > 0:
+            raise ConfigError(f"hedge straggler_factor is {self.straggler_factor}; use > 0 or None")
+        if not self.min_ratio >= 0:
+            raise ConfigError(f"hedge min_ratio is {self.min_ratio}; use >= 0")
+        if self.max_copies < 1:
+            raise ConfigError(f"hedge max_copies is {self.max_copies}; use >= 1")
+        if not 0.0 <= self.max_share <= 10.0:
+            raise ConfigError(f"hedge max_share is {self.max_share}; use a share in [0, 10]")
+        if self.max_in_flight is not None and self.max_in_flight < 0:
+            raise ConfigError(f"hedge max_in_flight is {self.max_in_flight}; use >= 0 or None")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +114,8 @@ class ModelConfig:
     """How this provider caches prompt prefixes (cacheable minimum, warm-up, cache keys).
     `None` picks by `base_url`: `CacheSettings.openai()` for api.openai.com (cache keys
     sent), else OpenAI-like semantics without cache keys."""
+    hedge: HedgeConfig = field(default_factory=HedgeConfig)
+    """Hedged sub-calls for this model (off by default); see `HedgeConfig`."""
 
     def cache_settings(self) -> CacheSettings:
         if self.cache is not None:
@@ -107,6 +164,9 @@ class RLMConfig:
     log_text: bool = False
     """Put prompt and reply text in call events (and so in traces). Off by default: prompts
     carry chunks of the context, which may be private."""
+    completion_order: bool = False
+    """Tell the root model about `llm_batch_as_completed(prompts)`, which yields
+    `(index, answer)` as each sub-call finishes (the REPL has it either way)."""
 
     def __post_init__(self) -> None:
         if self.max_depth < 1:

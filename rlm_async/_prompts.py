@@ -29,8 +29,17 @@ def _read(name: str) -> str:
     return resources.files("rlm_async.prompts").joinpath(name).read_text(encoding="utf-8")
 
 
-def root_system_prompt() -> str:
-    return _read("root_system.txt")
+_AS_COMPLETED = (
+    "\n\n`llm_batch_as_completed(prompts, model=None)` is `llm_batch` in completion order: it yields "
+    "`(index, answer)` as each sub-call finishes, so you can start combining answers before the "
+    "slowest returns. Leaving the loop early (`break`) cancels the sub-calls still running."
+)
+
+
+def root_system_prompt(*, completion_order: bool = False) -> str:
+    """The built-in root prompt; `completion_order` adds `llm_batch_as_completed`."""
+    base = _read("root_system.txt")
+    return base + _AS_COMPLETED if completion_order else base
 
 
 def sub_system_prompt() -> str:

@@ -26,6 +26,8 @@ from typing import Any
 
 from ._events import (
     CallFinish,
+    CallHedge,
+    CallHedgeEnd,
     CallRetry,
     CallStart,
     CellFinish,
@@ -83,7 +85,7 @@ class _Node:
 
 
 class _Call:
-    __slots__ = ("end", "finish", "retries", "start", "started")
+    __slots__ = ("end", "finish", "hedge_won", "hedges", "retries", "start", "started")
 
     def __init__(self, started: CallStart | CallFinish, start: float) -> None:
         self.started = started
@@ -92,6 +94,8 @@ class _Call:
         self.end: float | None = None
         self.finish: CallFinish | None = None
         self.retries = 0
+        self.hedges: list[float] = []
+        self.hedge_won = False
 
 
 class _Fold:
@@ -117,7 +121,7 @@ class _Fold:
         if e.node_id is not None:
             self.last_seen[e.node_id] = e.time
         match e:
-            case CallStart() | CallFinish() | CallRetry():
+            case CallStart() | CallFinish() | CallRetry() | CallHedge() | CallHedgeEnd():
                 self._add_call(e)
             case NodeStart() | NodeFinish() | IterationStart():
                 if e.node_id is not None:
@@ -131,7 +135,7 @@ class _Fold:
             case QueryFinish():
                 self.query_finish = e
 
-    def _add_call(self, e: CallStart | CallFinish | CallRetry) -> None:
+    def _add_call(self, e: CallStart | CallFinish | CallRetry | CallHedge | CallHedgeEnd) -> None:
         calls = self.calls
         match e:
             case CallStart():
@@ -144,6 +148,12 @@ class _Fold:
             case CallRetry():
                 if e.call_id in calls:
                     calls[e.call_id].retries += 1
+            case CallHedge():
+                if e.call_id in calls:
+                    calls[e.call_id].hedges.append(e.time)
+            case CallHedgeEnd():
+                if e.call_id in calls and e.copy > 0 and e.outcome == "won":
+                    calls[e.call_id].hedge_won = True
 
     @staticmethod
     def _add_node(e: NodeStart | NodeFinish | IterationStart, n: _Node) -> None:
@@ -276,6 +286,8 @@ def _call_spans(
                 cost_usd=fin.cost_usd if fin is not None else 0.0,
                 attempts=(fin.attempts if fin is not None else 0) or 1,
                 retries=c.retries,
+                hedges=tuple(t - t0 for t in c.hedges),
+                hedge_won=c.hedge_won,
                 from_journal=fin.from_journal if fin is not None else False,
                 error=fin.error if fin is not None else None,
                 text=fin.text if fin is not None else None,

@@ -16,7 +16,7 @@
     │       └── BadRequest           any other 4xx
     ├── BudgetExceeded               a per-query or per-process cap would be crossed
     ├── SandboxError                 the REPL worker could not be run as configured
-    │   └── IsolationUnavailable     isolation was required but bubblewrap cannot run
+    │   └── IsolationUnavailable     no isolation tier can run here: model code is refused
     └── JournalError                 the response journal is corrupt or foreign
 
 An error in code the model wrote is never raised: it becomes an observation the model sees.
@@ -120,7 +120,8 @@ class SandboxError(RLMError):
 
 
 class IsolationUnavailable(SandboxError):
-    """Isolation was required (`require_isolation=True`) but bubblewrap cannot run here."""
+    """No isolation tier that `SandboxConfig.isolation` allows can run here; no model code
+    runs. The message names what each tier lacks and the fix (`rlm-async doctor`)."""
 
 
 class JournalError(RLMError):

@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "_rlm": 6,
     "sim": 7,
     "demo": 8,
+    "serve": 8,
     "cli": 9,
     "__init__": 9,
 }

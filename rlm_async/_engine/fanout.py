@@ -1,10 +1,15 @@
-"""The sub-calls a cell asks for: `llm_query`, `llm_batch`, `rlm_query`, `rlm_query_batched`.
+"""The sub-calls a cell asks for: `llm_query`, `llm_batch`, `llm_batch_as_completed`,
+`rlm_query`, `rlm_query_batched`.
 
 One `FanOut` per request from a worker: every prompt is one task in the asking node's task
 group — never a thread per blocked call, never a per-batch concurrency cap (the governor's
 run-wide limits are the only cap). Plain sub-calls are planned for prefix caching first:
 the warm-up request of each cache bucket goes alone, and the rest of its bucket waits on a
 gate until it has finished. Below `max_depth`, `rlm_*` prompts become child RLM loops.
+
+A model with hedging on gets a `FanoutHedger` per fan-out of plain sub-calls: its monitor
+runs in the same task group, and each sub-call races its copies (`hedge.py`). A request that
+streams (`llm_batch_as_completed`) hears of each slot as it is filled.
 
 A failing slot never fails the batch: it holds an `"Error: ..."` string, and the failure is
 kept in the query's state.
@@ -26,8 +31,9 @@ from .._result import SubCallFailure, SubCallResult
 from .._tree import Node
 from .._types import Message, ModelRequest
 from ..exceptions import BudgetExceeded, SandboxError, TransportError
-from ..sandbox import WorkerRequest
+from ..sandbox import OnResult, WorkerRequest
 from .calls import CallPath
+from .hedge import FanoutHedger, book_for
 from .outcome import RunEnded, RunOutcome
 from .state import QueryState
 
@@ -75,7 +81,9 @@ class SubCallHandler:
         sub_model = self._sub_model(request.model)
         if isinstance(sub_model, str):  # unknown model name: every slot says so
             return [ERROR_PREFIX + sub_model] * len(request.prompts)
-        fanout = _FanOut(self._engine, self, request.prompts, sub_model, recursive=recursive)
+        fanout = _FanOut(
+            self._engine, self, request.prompts, sub_model, recursive=recursive, on_result=request.on_result
+        )
         await fanout.run()
         if fanout.refused and request.op in ("llm_query", "rlm_query"):
             raise fanout.refused[0]
@@ -96,8 +104,16 @@ class SubCallHandler:
         self._state.failures.append(SubCallFailure(self._node.node_id, self._depth + 1, why))
         return ERROR_PREFIX + shown_as + why
 
-    async def plain(self, prompt: str, request: ModelRequest, model: ModelConfig) -> str:
-        completion = await self._calls.call_model(self._node, self._depth + 1, "sub", request, model)
+    async def plain(
+        self,
+        prompt: str,
+        request: ModelRequest,
+        model: ModelConfig,
+        hedge: tuple[FanoutHedger, int] | None = None,
+    ) -> str:
+        completion = await self._calls.call_model(
+            self._node, self._depth + 1, "sub", request, model, hedge=hedge
+        )
         self._keep(prompt, completion.text)
         return completion.text
 
@@ -139,6 +155,7 @@ class _FanOut:
         model: ModelConfig,
         *,
         recursive: bool,
+        on_result: OnResult | None = None,
     ) -> None:
         self._engine = engine
         self._handler = handler
@@ -149,6 +166,8 @@ class _FanOut:
         self.refused: list[BudgetExceeded] = []
         self._plan: BatchPlan | None = None
         self._gates: dict[int, anyio.Event] = {}
+        self._on_result = on_result
+        self._hedger: FanoutHedger | None = None
 
     async def run(self) -> None:
         if not self._recursive:
@@ -156,8 +175,18 @@ class _FanOut:
                 [_sub_request(p, self._model) for p in self._prompts], self._model
             )
             self._gates = {w: anyio.Event() for w in self._plan.warmups}
+            if self._model.hedge.enabled and self._prompts:
+                self._hedger = FanoutHedger(
+                    self._model.hedge,
+                    book_for(self._engine.governor),
+                    model=self._model.model,
+                    total=len(self._prompts),
+                    clock=self._engine.clock,
+                )
         with long_lived_frozen(len(self._prompts)):
             async with anyio.create_task_group() as tg:
+                if self._hedger is not None:
+                    tg.start_soon(self._hedger.monitor)
                 for i in range(len(self._prompts)):
                     tg.start_soon(self._gated, i)
 
@@ -168,7 +197,11 @@ class _FanOut:
             await self._gates[gate].wait()
         try:
             await self._one(i)
+            if self._on_result is not None:
+                await self._on_result(i, self.results[i])
         finally:
+            if self._hedger is not None:
+                self._hedger.finish(i)
             if i in self._gates:  # a failed warm-up releases its bucket too: the rest go cold
                 assert plan is not None
                 self._gates[i].set()
@@ -180,7 +213,8 @@ class _FanOut:
             if self._plan is None:
                 self.results[i] = await self._handler.child(prompt)
             else:
-                self.results[i] = await self._handler.plain(prompt, self._plan.requests[i], self._model)
+                hedge = None if self._hedger is None else (self._hedger, i)
+                self.results[i] = await self._handler.plain(prompt, self._plan.requests[i], self._model, hedge)
         except BudgetExceeded as exc:
             self.refused.append(exc)
             self.results[i] = f"{ERROR_PREFIX}{exc}"

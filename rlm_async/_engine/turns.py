@@ -99,7 +99,7 @@ class RLMLoop:
     ) -> RunOutcome:
         config = self._config
         messages: list[Message] = [
-            Message("system", config.system_prompt or root_system_prompt()),
+            Message("system", config.system_prompt or root_system_prompt(completion_order=config.completion_order)),
             Message("user", first_user_message(describe_context(context), root_prompt)),
         ]
         handler = SubCallHandler(

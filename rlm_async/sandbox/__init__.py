@@ -31,7 +31,15 @@ cap across processes: RLIMIT_AS is per process.
 
 from __future__ import annotations
 
-from ._config import ISOLATION_TIERS, CellResult, CellStatus, RequestHandler, SandboxConfig, WorkerRequest
+from ._config import (
+    ISOLATION_TIERS,
+    CellResult,
+    CellStatus,
+    OnResult,
+    RequestHandler,
+    SandboxConfig,
+    WorkerRequest,
+)
 from ._doctor import Diagnosis, diagnose, render
 from ._isolation import Tier
 from ._worker import Worker, start_worker
@@ -41,6 +49,7 @@ __all__ = [
     "CellResult",
     "CellStatus",
     "Diagnosis",
+    "OnResult",
     "RequestHandler",
     "SandboxConfig",
     "Tier",

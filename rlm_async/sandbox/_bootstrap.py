@@ -11,7 +11,9 @@ A frame is a `HEADER` (JSON length, blob length) then UTF-8 JSON, then the blob.
 
     engine -> worker   init {limits, uid, ...} + context blob | exec {cell, code}
                        | getvar {name} | reply {id, results} or {id, error, message}
+                       | result {id, index, text} ... then reply {id, end}   (a stream)
     worker -> engine   ready {pid} | request {id, kind, lengths, model} + prompts blob
+                       | cancel {id}   (a stream the code stopped iterating)
                        | done {cell, status, error, final_answer, dropped} | var {found, value}
 
 A request's prompts travel as one blob, each prompt UTF-8 and `lengths` giving its size in
@@ -41,12 +43,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">II")
 """Every frame starts with (JSON length, blob length), both big-endian uint32."""
-REQUEST_KINDS = ("llm_query", "llm_batch", "rlm_query", "rlm_batch")
+REQUEST_KINDS = ("llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch")
 EXIT_ENGINE_GONE = 0
 EXIT_MEMORY = 3
 EXIT_PROTOCOL = 4
@@ -58,6 +60,7 @@ HELPER_NAMES = frozenset(
         "answer",
         "llm_query",
         "llm_batch",
+        "llm_batch_as_completed",
         "llm_query_batched",
         "rlm_query",
         "rlm_query_batched",
@@ -141,6 +144,9 @@ class _Channel:
         self.waiters_lock = threading.Lock()
         self.next_id = 0
         self.cell_active = False
+        self.deferred_cancels: list[int] = []
+        """Streams dropped while this thread was sending (a GC pass inside `send`): their
+        `cancel` goes out with the next frame instead of interleaving with this one."""
 
     def recv(self) -> tuple[dict[str, Any], bytearray]:
         head = _recv_exact(self.sock, HEADER.size)
@@ -161,10 +167,14 @@ class _Channel:
         try:
             while True:
                 obj, _ = self.recv()
-                if obj["op"] == "reply":
+                op = obj["op"]
+                if op in ("reply", "result"):
                     with self.waiters_lock:
-                        slot = self.waiters.pop(obj.get("id"), None)  # type: ignore[arg-type]
-                    if slot is not None:
+                        rid = obj.get("id")
+                        slot = self.waiters.get(rid) if op == "result" else self.waiters.pop(rid, None)  # type: ignore[arg-type]
+                    if isinstance(slot, queue.SimpleQueue):
+                        slot.put(obj)  # a stream: results, then its reply
+                    elif slot is not None and op == "reply":
                         slot[1] = obj
                         slot[0].set()
                 else:
@@ -180,6 +190,36 @@ class _Channel:
         """Send one request and block this thread until its reply. Thread-safe."""
         event = threading.Event()
         slot: list[Any] = [event, None]
+        self._send_request(kind, prompts, model, slot)
+        event.wait()
+        reply: dict[str, Any] = slot[1]
+        if "results" in reply:
+            results = reply["results"]
+            if isinstance(results, list) and len(results) == len(prompts):
+                return [r if isinstance(r, str) else str(r) for r in results]
+            raise RuntimeError(f"{kind}: malformed reply from the engine")
+        _raise_refusal(reply)
+
+    def stream(self, prompts: list[str], model: str | None) -> _ResultStream:
+        """Send a streaming request; its results arrive on the returned iterator."""
+        results: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        rid = self._send_request("llm_batch_stream", prompts, model, results)
+        return _ResultStream(self, rid, len(prompts), results)
+
+    def cancel(self, rid: int) -> None:
+        """Stop a stream's sub-calls; safe from `__del__` (see `deferred_cancels`)."""
+        with self.waiters_lock:
+            self.waiters.pop(rid, None)
+        if self.send_lock.acquire(blocking=False):
+            try:
+                if self.cell_active:
+                    self.sock.sendall(encode_frame({"op": "cancel", "id": rid}))
+            finally:
+                self.send_lock.release()
+        else:
+            self.deferred_cancels.append(rid)
+
+    def _send_request(self, kind: str, prompts: list[str], model: str | None, slot: Any) -> int:
         with self.waiters_lock:
             self.next_id += 1
             rid = self.next_id
@@ -201,23 +241,76 @@ class _Channel:
                 # Checked under the lock that also sends `done`: no request can follow it.
                 if not self.cell_active:
                     raise RuntimeError(f"{kind} can only be called while a cell is running")
+                while self.deferred_cancels:
+                    self.sock.sendall(encode_frame({"op": "cancel", "id": self.deferred_cancels.pop()}))
                 _send_parts(self.sock, head, parts)
             del parts
         except BaseException:
             with self.waiters_lock:
                 self.waiters.pop(rid, None)
             raise
-        event.wait()
-        reply: dict[str, Any] = slot[1]
-        if "results" in reply:
-            results = reply["results"]
-            if isinstance(results, list) and len(results) == len(prompts):
-                return [r if isinstance(r, str) else str(r) for r in results]
-            raise RuntimeError(f"{kind}: malformed reply from the engine")
-        message = str(reply.get("message", "the engine refused the request"))
-        if reply.get("error") == "budget":
-            raise BudgetExceeded(message)
-        raise RuntimeError(message)
+        return rid
+
+
+def _raise_refusal(reply: dict[str, Any]) -> NoReturn:
+    message = str(reply.get("message", "the engine refused the request"))
+    if reply.get("error") == "budget":
+        raise BudgetExceeded(message)
+    raise RuntimeError(message)
+
+
+class _ResultStream:
+    """`llm_batch_as_completed`'s iterator: `(index, answer)` as each sub-call finishes.
+    Leaving it early (`break`, `close()`, a `with` block, or dropping it) cancels the
+    sub-calls still running; their unspent budget goes back."""
+
+    def __init__(self, channel: _Channel, rid: int, n: int, results: queue.SimpleQueue[dict[str, Any]]) -> None:
+        self._channel = channel
+        self._rid = rid
+        self._n = n
+        self._results = results
+        self._seen = 0
+        self._finished = False
+
+    def __iter__(self) -> _ResultStream:
+        return self
+
+    def __next__(self) -> tuple[int, str]:
+        if self._finished:
+            raise StopIteration
+        obj = self._results.get()
+        if obj["op"] == "result":
+            index, text = obj.get("index"), obj.get("text")
+            if not isinstance(index, int) or not 0 <= index < self._n or not isinstance(text, str):
+                self.close()
+                raise RuntimeError("llm_batch_as_completed: malformed result from the engine")
+            self._seen += 1
+            return index, text
+        self._finished = True
+        if obj.get("end") == self._n == self._seen:
+            raise StopIteration
+        _raise_refusal(obj)
+
+
+    def __len__(self) -> int:
+        return self._n
+
+    def close(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._channel.cancel(self._rid)
+
+    def __enter__(self) -> _ResultStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except BaseException:
+            pass  # at interpreter exit or with a broken socket: nothing to stop any more
 
 
 # ---------------------------------------------------------------------------- output
@@ -379,6 +472,7 @@ class _Repl:
             "answer": {"content": None, "ready": False},
             "llm_query": self._llm_query,
             "llm_batch": self._llm_batch,
+            "llm_batch_as_completed": self._llm_batch_as_completed,
             "llm_query_batched": self._llm_batch,
             "rlm_query": self._rlm_query,
             "rlm_query_batched": self._rlm_batch,
@@ -419,6 +513,15 @@ class _Repl:
     def _llm_batch(self, prompts: list[str], model: str | None = None) -> list[str]:
         """Ask a sub-model several questions concurrently; replies come back in order."""
         return self._request("llm_batch", self._check_prompts("llm_batch", prompts), model)
+
+    def _llm_batch_as_completed(self, prompts: list[str], model: str | None = None) -> _ResultStream:
+        """Like llm_batch, but yields (index, answer) as each sub-call finishes; leaving the
+        loop early cancels the rest."""
+        checked = self._check_prompts("llm_batch_as_completed", prompts)
+        model = self._check_model(model)
+        self.stdout.flush()
+        self.stderr.flush()
+        return self.channel.stream(checked, model)
 
     def _rlm_query(self, prompt: str, model: str | None = None) -> str:
         """Hand one question to a child RLM (a plain sub-call at the depth limit)."""

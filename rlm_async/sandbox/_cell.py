@@ -4,6 +4,7 @@ are outstanding."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,7 +15,7 @@ from anyio.abc import TaskGroup
 from ..exceptions import BudgetExceeded, SandboxError
 from ._channel import Channel, ChannelClosed, ProtocolViolation
 from ._config import RequestHandler, SandboxConfig, WorkerRequest
-from ._protocol import Outcome, parse_done, parse_request
+from ._protocol import Outcome, parse_cancel, parse_done, parse_request
 
 __all__ = ["CellExchange"]
 
@@ -78,6 +79,8 @@ class CellExchange:
         self._clock = _CellClock(config.cell_timeout_s)
         self._pending: dict[int, int] = {}
         """Request id -> characters of prompts held."""
+        self._streams: dict[int, anyio.CancelScope] = {}
+        """Streaming requests being served, which the worker may cancel."""
         self.handler_error: BaseException | None = None
 
     async def run(self, cell: int, code: str) -> Outcome:
@@ -120,6 +123,10 @@ class CellExchange:
                 self._admit(rid, request)
                 self._clock.pause()
                 tg.start_soon(self._serve, rid, request, deadline)
+            elif op == "cancel":
+                scope = self._streams.get(parse_cancel(msg))
+                if scope is not None:
+                    scope.cancel()
             elif op == "done":
                 number = msg.get("cell")
                 if isinstance(number, int) and number < cell:
@@ -149,14 +156,24 @@ class CellExchange:
 
     async def _serve(self, rid: int, request: WorkerRequest, deadline: anyio.CancelScope) -> None:
         """Answer one request. Cancelled (the cell ended first), it stays in `_pending` and
-        the worker's waiting thread is told it was abandoned."""
+        the worker's waiting thread is told it was abandoned.
+
+        A streaming request (`llm_batch_stream`) is answered with one `result` frame per
+        slot as it is filled, then a `reply` with `end`; the worker may `cancel` it, which
+        cancels its sub-calls (unsent ones release their reservations) and sends nothing more."""
         try:
+            reply: dict[str, Any] | None = None
             try:
-                results = _check_results(await self._on_request(request), len(request.prompts))
-                reply: dict[str, Any] = {"op": "reply", "id": rid, "results": results}
+                if request.op == "llm_batch_stream":
+                    reply = await self._serve_stream(rid, request)
+                else:
+                    results = _check_results(await self._on_request(request), len(request.prompts))
+                    reply = {"op": "reply", "id": rid, "results": results}
             except BudgetExceeded as exc:
                 reply = {"op": "reply", "id": rid, "error": "budget", "message": str(exc)}
             self._pending.pop(rid, None)
+            if reply is None:  # cancelled by the worker: it no longer listens
+                return
             try:
                 await self._channel.send(reply, atomic=True)
             except ChannelClosed:
@@ -169,6 +186,31 @@ class CellExchange:
             deadline.cancel()
         finally:
             self._clock.resume()
+
+    async def _serve_stream(self, rid: int, request: WorkerRequest) -> dict[str, Any] | None:
+        n = len(request.prompts)
+        sent: set[int] = set()
+
+        async def on_result(index: int, text: str) -> None:
+            if not (0 <= index < n) or index in sent or not isinstance(text, str):
+                raise SandboxError(f"on_result: slot {index!r} of {n} reported twice, out of range or not str")
+            sent.add(index)
+            try:
+                await self._channel.send({"op": "result", "id": rid, "index": index, "text": text}, atomic=True)
+            except ChannelClosed:
+                pass  # the worker died or stopped reading; the cell loop sees it
+
+        with anyio.CancelScope() as scope:
+            self._streams[rid] = scope
+            try:
+                _check_results(await self._on_request(dataclasses.replace(request, on_result=on_result)), n)
+            finally:
+                del self._streams[rid]
+        if scope.cancelled_caught:
+            return None
+        if len(sent) != n:
+            raise SandboxError(f"on_request reported {len(sent)} of {n} slots of a streaming request")
+        return {"op": "reply", "id": rid, "end": n}
 
     async def _abandon_pending(self, outcome: Outcome) -> Outcome:
         """Threads of the code still wait on sub-calls the cell no longer serves: tell them."""

@@ -4,7 +4,7 @@ of a cell. Re-exported by `rlm_async.sandbox`, the public face."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ..exceptions import ConfigError
@@ -14,6 +14,7 @@ __all__ = [
     "WORKER_DEAD_STATUSES",
     "CellResult",
     "CellStatus",
+    "OnResult",
     "RequestHandler",
     "SandboxConfig",
     "WorkerRequest",
@@ -147,13 +148,21 @@ class SandboxConfig:
             raise ConfigError("SandboxConfig.max_message_bytes must be at least 64 KiB")
 
 
+OnResult = Callable[[int, str], Awaitable[None]]
+"""Told each slot's answer as soon as it is filled: (index, answer)."""
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerRequest:
     """A sub-call the code asked for. Untrusted data: sizes are checked, content is not."""
 
-    op: Literal["llm_query", "llm_batch", "rlm_query", "rlm_batch"]
+    op: Literal["llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch"]
     prompts: tuple[str, ...]
     model: str | None
+    on_result: OnResult | None = field(default=None, compare=False)
+    """Set by the sandbox for `llm_batch_stream` (the REPL's `llm_batch_as_completed`): the
+    handler calls it as each slot is filled, so the worker can yield answers in completion
+    order."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

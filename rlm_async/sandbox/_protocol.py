@@ -12,7 +12,7 @@ from . import _bootstrap as proto
 from ._channel import ProtocolViolation
 from ._config import CellStatus, SandboxConfig, WorkerRequest
 
-__all__ = ["Outcome", "clean", "describe_exit", "parse_done", "parse_request"]
+__all__ = ["Outcome", "clean", "describe_exit", "parse_cancel", "parse_done", "parse_request"]
 
 
 @dataclass(slots=True)
@@ -89,6 +89,18 @@ def parse_request(msg: dict[str, Any], blob: bytearray) -> tuple[int, WorkerRequ
             raise ProtocolViolation(f"{kind} carries exactly one prompt")
         prompts = tuple(clean(p) for p in raw)
     return rid, WorkerRequest(op=kind, prompts=prompts, model=None if model is None else clean(model))
+
+
+def parse_cancel(msg: dict[str, Any]) -> int:
+    """Validate a `cancel` frame: the worker stopped iterating `llm_batch_as_completed`, so
+    the engine stops that request's sub-calls. Only the id is read; an id that is not (or no
+    longer) pending is ignored by the caller: the request may have just finished."""
+    rid = msg.get("id")
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        raise ProtocolViolation("cancel without an integer id")
+    if set(msg) != {"op", "id"}:
+        raise ProtocolViolation(f"cancel frame with unexpected keys {sorted(set(msg) - {'op', 'id'})}")
+    return rid
 
 
 def parse_done(msg: dict[str, Any]) -> Outcome:
