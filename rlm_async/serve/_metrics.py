@@ -70,7 +70,7 @@ class Metrics:
             elif kind == "call.retry" and "RateLimited" in str(f.get("error", "")):
                 self.upstream_429 += 1
             elif kind == "worker.start":
-                self.sandbox_tiers["bubblewrap" if f.get("isolated") else "subprocess"] += 1
+                self.sandbox_tiers[str(f.get("tier") or "unknown")] += 1
 
         return observe
 
