@@ -30,6 +30,8 @@ The vocabulary (every event also carries query_id, node_id and depth):
     budget.reserve    limit summary; budget.refuse  limit, cap, committed, requested; budget.settle
     warmup.decision   decision, reason, prefix_tokens, batch_size
     journal.hit       call_id
+    subcalls.refused  model, depth, count, reason   (prompts refused at admission, before any work)
+    usage.estimated   endpoint, model, prompt_tokens, completion_tokens, usd   (no usage reported)
 
 A "node" is an RLM loop (node_kind "rlm": the query's root and every child RLM) or one
 model call (node_kind "llm"), so the tree of nodes is the task tree of the query.

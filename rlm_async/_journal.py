@@ -60,6 +60,7 @@ import anyio.to_thread
 import structlog
 
 from ._events import emit
+from ._text import scrub
 from ._types import Completion, Message, ModelRequest, Usage
 from .exceptions import JournalError
 
@@ -324,7 +325,7 @@ def _canonical(value: Any, where: str) -> Any:
 def _encode_completion(c: Completion) -> str:
     return json.dumps(
         {
-            "text": c.text,
+            "text": scrub(c.text),
             "model": c.model,
             "finish_reason": c.finish_reason,
             "usage": [c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.cached_tokens],

@@ -163,6 +163,9 @@ class Completion:
     model: str
     finish_reason: str | None = None
     rate_limit: RateLimitInfo | None = None
+    usage_reported: bool = True
+    """False when the server sent no usage (or no prompt tokens): `usage` is then not the
+    truth, and the governor charges the call's reservation instead."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,6 +186,8 @@ class CallRecord:
     attempts: int = 1
     from_journal: bool = False
     error: str | None = None
+    usage_estimated: bool = False
+    """The server reported no usage: `usage` and `cost_usd` are the reservation, an upper bound."""
 
     @property
     def latency_s(self) -> float:
@@ -209,4 +214,5 @@ class CallRecord:
             "attempts": self.attempts,
             "from_journal": self.from_journal,
             "error": self.error,
+            "usage_estimated": self.usage_estimated,
         }

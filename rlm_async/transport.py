@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
+from ._text import decode_utf8, scrub
 from ._types import Completion, ModelRequest, RateLimitInfo, Usage
 from .exceptions import (
     AuthenticationFailed,
@@ -183,7 +184,8 @@ def _is_loopback(url: str) -> bool:
 def _body(request: ModelRequest) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": request.model,
-        "messages": [m.to_dict() for m in request.messages],
+        # Lone surrogates cannot be encoded as UTF-8 (nor sent by the SDK): replaced here.
+        "messages": [{"role": m.role, "content": scrub(m.content)} for m in request.messages],
     }
     if request.max_tokens is not None:
         body["max_tokens"] = request.max_tokens
@@ -192,6 +194,14 @@ def _body(request: ModelRequest) -> dict[str, Any]:
     if request.prompt_cache_key is not None:
         body["prompt_cache_key"] = request.prompt_cache_key
     return body
+
+
+def _encode_body(request: ModelRequest) -> bytes:
+    text = json.dumps(_body(request), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate that reached a message: never a crash
+        return scrub(text).encode()
 
 
 class OpenAITransport(Transport):
@@ -225,7 +235,7 @@ class OpenAITransport(Transport):
         self._shards = _Shards(_http_clients(shards, max_connections, timeout_s))
 
     async def complete(self, request: ModelRequest) -> Completion:
-        content = json.dumps(_body(request), ensure_ascii=False).encode()
+        content = _encode_body(request)
         try:
             with self._shards.use() as client:
                 response = await client.post(self._url, content=content, headers=self._headers)
@@ -260,7 +270,8 @@ class OpenAITransport(Transport):
 
 def _json_or_none(content: bytes) -> Any:
     try:
-        return json.loads(content)
+        # Invalid UTF-8 in a body becomes U+FFFD rather than a "malformed" retry.
+        return json.loads(decode_utf8(content))
     except ValueError:
         return None
 
@@ -282,7 +293,10 @@ def _parse_completion(
         if not isinstance(text, str):
             raise TypeError("message content is not a string")
         return Completion(
-            text=text,
+            # A server without usage (or with zero prompt tokens, which no chat request has)
+            # told us nothing: the governor charges the reservation instead.
+            usage_reported=u.prompt_tokens > 0,
+            text=scrub(text),
             usage=u,
             model=data.get("model") or model,
             finish_reason=choice.get("finish_reason"),

@@ -106,6 +106,7 @@ class CallPath:
                 attempts=0 if from_journal else tally.attempts,
                 from_journal=from_journal,
                 text=completion.text,
+                usage_estimated=not from_journal and not completion.usage_reported,
             )
         return completion
 
@@ -124,6 +125,7 @@ class CallPath:
         from_journal: bool = False,
         error: str | None = None,
         text: str | None = None,
+        usage_estimated: bool = False,
     ) -> None:
         """Record a finished call (paid, failed, refused or cancelled): nothing is lost."""
         assert node.parent_id is not None
@@ -142,6 +144,7 @@ class CallPath:
             attempts=attempts,
             from_journal=from_journal,
             error=error,
+            usage_estimated=usage_estimated,
         )
         self._state.records.append(record)
         self._state.tree.close(node, status, error)

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 import anyio
+import structlog
 import tenacity
 
 from .._events import emit
@@ -42,6 +43,8 @@ from ._prices import ModelPrice, PriceTable
 from ._retry import RetryConfig, make_retrying
 
 __all__ = ["CallTally", "GovernedCompletion", "Governor", "GovernorConfig"]
+
+_log = structlog.get_logger("rlm_async.governor")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -257,11 +260,39 @@ class Governor:
             else:
                 ledger.release(reservation)
             raise
+        if not completion.usage_reported:
+            completion = self._estimated(completion, reserve, transport.endpoint)
         try:
-            cost = self.prices.cost(request.model, completion.usage, override=price)
+            cost = (
+                self.prices.cost(request.model, completion.usage, override=price)
+                if completion.usage_reported
+                else reserve.usd
+            )
         finally:
             state.release(permit, completion=completion)
         paid = Charge.of_usage(completion.usage, usd=cost)
         ledger.settle(reservation, paid)
         tally.spent += paid
         return completion
+
+    @staticmethod
+    def _estimated(completion: Completion, reserve: Charge, endpoint: str) -> Completion:
+        """A server that reports no usage is charged the call's reservation, the upper bound
+        the call could have used; never zero, which would let a budget be crossed silently."""
+        usage = reserve.usage
+        _log.warning(
+            "the server reported no usage; the call is charged its reservation (an upper bound)",
+            endpoint=endpoint,
+            model=completion.model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
+        emit(
+            "usage.estimated",
+            endpoint=endpoint,
+            model=completion.model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            usd=float(reserve.usd),
+        )
+        return dataclasses.replace(completion, usage=Usage(usage.prompt_tokens, usage.completion_tokens))
