@@ -267,6 +267,7 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
         return found
 
     last_seen: dict[str, float] = {}
+    unsent = 0
     for e in selected:
         kind, f = e.kind, e.fields
         qid = qid or e.query_id
@@ -315,6 +316,8 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
             record["start" if kind == "cell.start" else "end"] = e.time
             if kind == "cell.finish":
                 record.update(finish=f)
+        elif kind == "subcalls.refused":  # refused at admission: counted, never calls
+            unsent += _int(f.get("count"))
         elif kind == "query.start":
             query_start = f
         elif kind == "query.finish":
@@ -338,7 +341,7 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
         roots=roots,
         calls=call_spans,
         cells=cell_spans,
-        totals=_totals(call_spans),
+        totals=_totals(call_spans) + Usage(refused_calls=unsent),
         by_model=_grouped(call_spans, lambda c: c.model),
         by_depth=dict(sorted(_grouped(call_spans, lambda c: c.depth).items())),
         peak_in_flight=peak,

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from ..exceptions import BudgetExceeded, SandboxError
@@ -51,6 +52,10 @@ class _CellClock:
         if self._outstanding == 0:
             self._since = anyio.current_time()
             self._scope.deadline = self._since + self._left
+
+
+_OFF_LOOP_BYTES = 4 << 20
+_OFF_LOOP_PROMPTS = 2_000
 
 
 def _check_results(results: object, n: int) -> list[str]:
@@ -115,7 +120,14 @@ class CellExchange:
             msg, blob = await self._channel.receive()
             op = msg["op"]
             if op == "request":
-                rid, request = parse_request(msg, blob)
+                if len(blob) > _OFF_LOOP_BYTES or len(msg.get("lengths") or ()) > _OFF_LOOP_PROMPTS:
+                    # Cutting a large blob into prompts is work proportional to the batch:
+                    # done in a thread, so the event loop (every other query) keeps running.
+                    rid, request = await anyio.to_thread.run_sync(
+                        parse_request, msg, blob, self._config.max_batch_prompts
+                    )
+                else:
+                    rid, request = parse_request(msg, blob, self._config.max_batch_prompts)
                 del blob  # its text is in request.prompts now
                 self._admit(rid, request)
                 self._clock.pause()
