@@ -191,6 +191,12 @@ def _print_result(result: RLMResult, *, as_json: bool) -> None:
     print(result.response if result.response is not None else "(no answer)")
     if result.status != "ok":
         print(f"[{result.status}] {result.detail}", file=sys.stderr)
+    if result.usage_estimated:
+        print(
+            "[usage estimated] the server reported no usage for some calls: they are counted at their "
+            "reservation, an upper bound",
+            file=sys.stderr,
+        )
     t = result.total
     print(
         f"[{t.calls} calls ({t.journal_hits} from the journal), {t.prompt_tokens:,} prompt tokens ({t.cached_tokens:,} cached), "
