@@ -47,8 +47,9 @@ _log = structlog.get_logger("rlm_async.engine")
 
 ERROR_PREFIX = "Error: "
 _PREVIEW = 200
-_CHUNK = 500
-"""Prompts handled between two checkpoints of the event loop (planning, starting tasks)."""
+_CHUNK = 2_000
+"""Tasks started between two checkpoints of the event loop: a batch up to this size is
+in flight at once, as before; a larger one lets other tasks run while it starts."""
 _OFF_LOOP = 2_000
 """Batches at least this large are planned in a worker thread, off the event loop."""
 
