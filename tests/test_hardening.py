@@ -34,7 +34,8 @@ from rlm_async._governor import (
     TokenizerEstimator,
     Utf8BytesEstimator,
 )
-from rlm_async._journal import _decode_completion, _encode_completion
+from rlm_async._journal.keys import decode_completion as _decode_completion
+from rlm_async._journal.keys import encode_completion as _encode_completion
 from rlm_async._prompts import describe_context, first_user_message
 from rlm_async._result import RLMResult
 from rlm_async._rlm import RLM
@@ -43,7 +44,8 @@ from rlm_async._trace import TraceWriter, event_to_json
 from rlm_async._types import Completion, Message, ModelRequest, Usage
 from rlm_async.sim import Policies, PolicySpec, SimConfig, SimServer
 from rlm_async.sim._tokens import count_tokens, prompt_tokens
-from rlm_async.transport import _encode_body, _parse_completion
+from rlm_async.transport import _parse_completion
+from rlm_async.transport import encode_body as _encode_body
 
 pytestmark = pytest.mark.e2e
 

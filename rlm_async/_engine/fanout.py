@@ -28,6 +28,7 @@ import structlog
 
 from .._cache import BatchPlan
 from .._config import ModelConfig
+from .._gc import long_lived_frozen
 from .._prompts import sub_system_prompt
 from .._result import SubCallFailure, SubCallResult
 from .._tree import Node
@@ -212,11 +213,12 @@ class _FanOut:
             self._plan = await anyio.to_thread.run_sync(plan) if n >= _OFF_LOOP else plan()
             self._engine.announce_plan(self._plan)
             self._gates = {w: anyio.Event() for w in self._plan.warmups}
-        async with anyio.create_task_group() as tg:
-            for i in range(n):
-                tg.start_soon(self._gated, i)
-                if i % _CHUNK == _CHUNK - 1:
-                    await anyio.lowlevel.checkpoint()
+        with long_lived_frozen(n):
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(self._gated, i)
+                    if i % _CHUNK == _CHUNK - 1:
+                        await anyio.lowlevel.checkpoint()
 
     async def _gated(self, i: int) -> None:
         plan = self._plan
