@@ -44,7 +44,7 @@ from rlm_async._trace import TraceWriter, event_to_json
 from rlm_async._types import Completion, Message, ModelRequest, Usage
 from rlm_async.sim import Policies, PolicySpec, SimConfig, SimServer
 from rlm_async.sim._tokens import count_tokens, prompt_tokens
-from rlm_async.transport import _parse_completion
+from rlm_async.transport import _json_or_none, _parse_completion
 from rlm_async.transport import encode_body as _encode_body
 
 pytestmark = pytest.mark.e2e
@@ -280,8 +280,10 @@ class TestHostileText:
             json.loads(_encode_body(request).decode("utf-8"))
             body = {"choices": [{"message": {"content": text}}], "usage": {"prompt_tokens": 1}}
             raw = json.dumps(body).encode()  # a server escapes surrogates: "\\ud800"
-            reply = _parse_completion(json.loads(raw), {}, "m", "e").text
+            reply = _parse_completion(_json_or_none(raw), {}, "m", "e").text
             reply.encode("utf-8")
+            invalid = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
+            _parse_completion(_json_or_none(invalid), {}, "m", "e").text.encode("utf-8")
             meta = describe_context(text)
             first_user_message(meta, text).encode("utf-8")
             stored = _encode_completion(Completion(text=text, usage=Usage(1, 1), model="m"))
