@@ -38,7 +38,7 @@ from _provenance import provenance
 
 from rlm_async import RLM
 from rlm_async._config import ModelConfig, RLMConfig
-from rlm_async._events import Event
+from rlm_async._events import BudgetReserve, BudgetSettle, Event
 from rlm_async._governor import (
     BudgetLimits,
     Governor,
@@ -73,13 +73,10 @@ async def _run_one(
     settled: list[int] = []
 
     def sink(event: Event) -> None:
-        f = event.fields
-        if f.get("model") != "sim-mini":
-            return
-        if event.kind == "budget.reserve":
-            reserved.append(int(f["input_tokens"]) + int(f["output_tokens"]))
-        elif event.kind == "budget.settle" and int(f.get("input_tokens", 0)) > 0:
-            settled.append(int(f["input_tokens"]) + int(f["output_tokens"]))
+        if isinstance(event, BudgetReserve) and event.model == "sim-mini":
+            reserved.append(event.input_tokens + event.output_tokens)
+        elif isinstance(event, BudgetSettle) and event.model == "sim-mini" and event.input_tokens > 0:
+            settled.append(event.input_tokens + event.output_tokens)
 
     async with SimServer(sim_config) as sim:
 

@@ -1,7 +1,8 @@
 """Rebuild the figures of one query from its events: the tree, the totals, the critical path.
 
 `summarize(events)` works on any sequence of `Event`s — a loaded trace file or events
-captured in memory — and tolerates gaps (a killed run leaves calls and nodes without a
+captured in memory. It trusts their fields (typed, and checked by the trace reader where
+they come from a file), but tolerates gaps (a killed run leaves calls and nodes without a
 finish; they end at the last event and have status "unfinished").
 
 All times in the result are seconds relative to the query's `query.start`.
@@ -25,7 +26,20 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._events import Event
+from ._events import (
+    CallFinish,
+    CallRetry,
+    CallStart,
+    CellFinish,
+    CellStart,
+    Event,
+    IterationStart,
+    NodeFinish,
+    NodeStart,
+    QueryFinish,
+    QueryStart,
+    SubcallsRefused,
+)
 from ._types import Usage
 
 __all__ = ["CallSpan", "CellSpan", "NodeSpan", "PathStep", "TraceSummary", "summarize"]
@@ -205,29 +219,15 @@ class _Node:
 
 
 class _Call:
-    __slots__ = ("end", "event_depth", "fields", "finish", "node_id", "retries", "start")
+    __slots__ = ("end", "finish", "retries", "start", "started")
 
-    def __init__(self, e: Event, start: float) -> None:
-        self.fields = e.fields
-        # The engine emits a call inside its node's bind(); a field, if any, is more precise.
-        self.node_id = _str(e.fields.get("node_id", e.node_id))
+    def __init__(self, started: CallStart | CallFinish, start: float) -> None:
+        self.started = started
+        """Its call.start, or its call.finish when the start was lost."""
         self.start = start
         self.end: float | None = None
-        self.finish: Mapping[str, Any] = {}
-        self.event_depth = e.depth
+        self.finish: CallFinish | None = None
         self.retries = 0
-
-
-def _int(value: Any) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
-
-
-def _float(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
-
-
-def _str(value: Any) -> str | None:
-    return None if value is None else str(value)
 
 
 def _select(events: Iterable[Event], query_id: str | None) -> list[Event]:
@@ -254,10 +254,9 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
 
     nodes: dict[str, _Node] = {}
     calls: dict[str, _Call] = {}
-    cells: dict[tuple[str | None, Any, Any], dict[str, Any]] = {}
-    query_start: Mapping[str, Any] = {}
-    reported: Mapping[str, Any] = {}
-    finish_time: float | None = None
+    cells: dict[tuple[str | None, int, int], dict[str, Any]] = {}
+    query_start: QueryStart | None = None
+    query_finish: QueryFinish | None = None
     qid = query_id
 
     def node(node_id: str) -> _Node:
@@ -269,74 +268,65 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
     last_seen: dict[str, float] = {}
     unsent = 0
     for e in selected:
-        kind, f = e.kind, e.fields
         qid = qid or e.query_id
         if e.node_id is not None:
             last_seen[e.node_id] = e.time
-        if kind == "call.start":
-            call_id = _str(f.get("call_id"))
-            if call_id is not None:
-                calls[call_id] = _Call(e, e.time)
-        elif kind == "call.finish":
-            call_id = _str(f.get("call_id"))
-            if call_id is None:
-                continue
-            call = calls.get(call_id)
-            if call is None:  # the start was lost: place it by its latency
-                call = calls[call_id] = _Call(e, e.time - _float(f.get("latency_s")))
-            call.end, call.finish = e.time, f
-        elif kind == "call.retry":
-            call_id = _str(f.get("call_id"))
-            if call_id in calls:
-                calls[call_id].retries += 1
-        elif kind == "node.start":
-            node_id = _str(f.get("node_id", e.node_id))
-            if node_id is None:
-                continue
-            n = node(node_id)
-            n.start = e.time
-            n.parent_id = _str(f.get("parent_id"))
-            depth = f.get("depth", e.depth)
-            n.depth = depth if isinstance(depth, int) else None
-            n.node_kind = _str(f.get("node_kind"))
-            n.model = _str(f.get("model"))
-            n.label = _str(f.get("label"))
-        elif kind == "node.finish":
-            node_id = _str(f.get("node_id", e.node_id))
-            if node_id is not None:
-                n = node(node_id)
-                n.end, n.status, n.error = e.time, _str(f.get("status")), _str(f.get("error"))
-                n.finished = True
-        elif kind == "iteration.start" and e.node_id is not None:
-            n = node(e.node_id)
-            n.iterations = max(n.iterations, _int(f.get("iteration")))
-        elif kind in ("cell.start", "cell.finish"):
-            key = (e.node_id, f.get("iteration"), f.get("cell"))
-            record = cells.setdefault(key, {})
-            record["start" if kind == "cell.start" else "end"] = e.time
-            if kind == "cell.finish":
-                record.update(finish=f)
-        elif kind == "subcalls.refused":  # refused at admission: counted, never calls
-            unsent += _int(f.get("count"))
-        elif kind == "query.start":
-            query_start = f
-        elif kind == "query.finish":
-            reported, finish_time = dict(f), e.time
+        match e:
+            case CallStart():
+                calls[e.call_id] = _Call(e, e.time)
+            case CallFinish():
+                call = calls.get(e.call_id)
+                if call is None:  # the start was lost: place it by its latency
+                    call = calls[e.call_id] = _Call(e, e.time - e.latency_s)
+                call.end, call.finish = e.time, e
+            case CallRetry():
+                if e.call_id in calls:
+                    calls[e.call_id].retries += 1
+            case NodeStart():
+                if e.node_id is None:
+                    continue
+                n = node(e.node_id)
+                n.start = e.time
+                n.parent_id = e.parent_id
+                n.depth = e.depth
+                n.node_kind = e.node_kind
+                n.model = e.model
+                n.label = e.label
+            case NodeFinish():
+                if e.node_id is not None:
+                    n = node(e.node_id)
+                    n.end, n.status, n.error = e.time, e.status, e.error
+                    n.finished = True
+            case SubcallsRefused():  # refused at admission: counted, never calls
+                unsent += e.count
+            case IterationStart():
+                if e.node_id is not None:
+                    n = node(e.node_id)
+                    n.iterations = max(n.iterations, e.iteration)
+            case CellStart():
+                cells.setdefault((e.node_id, e.iteration, e.cell), {})["start"] = e.time
+            case CellFinish():
+                record = cells.setdefault((e.node_id, e.iteration, e.cell), {})
+                record.update(end=e.time, finish=e)
+            case QueryStart():
+                query_start = e
+            case QueryFinish():
+                query_finish = e
 
     call_spans = _call_spans(calls, nodes, t0, last)
     node_spans, roots = _node_spans(nodes, call_spans, last_seen, t0, last)
     cell_spans = _cell_spans(cells, t0, last)
-    wall = reported.get("wall_s")
-    if not isinstance(wall, int | float) or isinstance(wall, bool):
-        wall = (finish_time if finish_time is not None else last) - t0
+    if query_finish is not None:
+        wall = query_finish.wall_s
+    else:
+        wall = last - t0
     concurrency, peak, peak_by_depth = _concurrency(call_spans)
     path = _critical_path(node_spans, roots, call_spans, cell_spans)
-    budget = query_start.get("budget_usd")
     return TraceSummary(
         query_id=qid,
-        status=_str(reported.get("status")) or "unfinished",
-        wall_s=float(wall),
-        budget_usd=float(budget) if isinstance(budget, int | float) else None,
+        status=query_finish.status if query_finish is not None else "unfinished",
+        wall_s=wall,
+        budget_usd=query_start.budget_usd if query_start is not None else None,
         nodes=node_spans,
         roots=roots,
         calls=call_spans,
@@ -350,7 +340,7 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
         critical_path=tuple(path),
         critical_path_s=sum(step.duration for step in path if step.kind == "call"),
         retries=sum(c.retries for c in call_spans),
-        reported=reported,
+        reported=query_finish.payload() if query_finish is not None else {},
     )
 
 
@@ -384,14 +374,15 @@ def _call_spans(
     """The calls, each also attached to its node (created if it never announced itself)."""
     spans = []
     for call_id, c in calls.items():
-        f, fin, node_id = c.fields, c.finish, c.node_id
-        parent_id = _str(f.get("parent_id"))
-        depth = c.event_depth
+        # The engine emits a call inside its own node's bind(): the envelope names the node.
+        first, fin, node_id = c.started, c.finish, c.started.node_id
+        parent_id = first.parent_id if isinstance(first, CallStart) else None
+        depth = first.depth
         if node_id is not None:
             n = nodes.get(node_id)
             if n is None:  # its kind is settled later, from whether it has children
                 n = nodes[node_id] = _Node(node_id)
-                n.parent_id, n.depth = parent_id, c.event_depth
+                n.parent_id, n.depth = parent_id, first.depth
             n.calls.append(call_id)
             depth = n.depth if n.depth is not None else depth
         spans.append(
@@ -400,20 +391,20 @@ def _call_spans(
                 node_id=node_id,
                 parent_id=parent_id,
                 depth=depth or 0,
-                call_kind=_str(f.get("call_kind")) or "sub",
-                model=_str(f.get("model") or fin.get("model")) or "?",
+                call_kind=first.call_kind if isinstance(first, CallStart) else "sub",
+                model=first.model if isinstance(first, CallStart) else "?",
                 start=c.start - t0,
                 end=(c.end if c.end is not None else last) - t0,
-                status=_str(fin.get("status")) or ("unfinished" if c.end is None else "ok"),
-                prompt_tokens=_int(fin.get("prompt_tokens")),
-                cached_tokens=_int(fin.get("cached_tokens")),
-                completion_tokens=_int(fin.get("completion_tokens")),
-                cost_usd=_float(fin.get("cost_usd")),
-                attempts=_int(fin.get("attempts")) or 1,
+                status=fin.status if fin is not None else "unfinished",
+                prompt_tokens=fin.prompt_tokens if fin is not None else 0,
+                cached_tokens=fin.cached_tokens if fin is not None else 0,
+                completion_tokens=fin.completion_tokens if fin is not None else 0,
+                cost_usd=fin.cost_usd if fin is not None else 0.0,
+                attempts=(fin.attempts if fin is not None else 0) or 1,
                 retries=c.retries,
-                from_journal=bool(fin.get("from_journal")),
-                error=_str(fin.get("error")),
-                text=_str(fin.get("text")),
+                from_journal=fin.from_journal if fin is not None else False,
+                error=fin.error if fin is not None else None,
+                text=fin.text if fin is not None else None,
             )
         )
     spans.sort(key=lambda s: s.start)
@@ -478,26 +469,26 @@ def _node_spans(
 
 
 def _cell_spans(
-    cells: Mapping[tuple[str | None, Any, Any], dict[str, Any]],
+    cells: Mapping[tuple[str | None, int, int], dict[str, Any]],
     t0: float,
     last: float,
 ) -> tuple[CellSpan, ...]:
     spans = []
     for (node_id, iteration, cell), record in cells.items():
-        fin = record.get("finish", {})
+        fin: CellFinish | None = record.get("finish")
         end = record.get("end", last)
-        start = record.get("start", end - _float(fin.get("duration_s")))
+        start = record.get("start", end - (fin.duration_s if fin is not None else 0.0))
         spans.append(
             CellSpan(
                 node_id=node_id,
-                iteration=iteration if isinstance(iteration, int) else None,
-                cell=cell if isinstance(cell, int) else None,
+                iteration=iteration,
+                cell=cell,
                 start=start - t0,
                 end=end - t0,
-                status=_str(fin.get("status")) or ("unfinished" if "end" not in record else "ok"),
-                error=_str(fin.get("error")),
-                stdout_chars=fin.get("stdout_chars"),
-                stderr_chars=fin.get("stderr_chars"),
+                status=fin.status if fin is not None else "unfinished",
+                error=fin.error if fin is not None else None,
+                stdout_chars=fin.stdout_chars if fin is not None else None,
+                stderr_chars=fin.stderr_chars if fin is not None else None,
             )
         )
     spans.sort(key=lambda s: s.start)

@@ -24,7 +24,7 @@ from test_engine import Model, repl
 from test_engine import run as run_scripted
 
 from rlm_async._engine.slots import WorkerSlots
-from rlm_async._events import Event
+from rlm_async._events import CallFinish, SubcallsRefused, UsageEstimated, WorkerStart
 from rlm_async._governor import (
     BudgetLimits,
     CharsPerTokenEstimator,
@@ -105,8 +105,8 @@ class TestAdmissionBeforeWork:
         assert len(result.calls) <= 12
         assert result.status == "budget_exceeded" and result.limit_hit == "calls"
         assert result.total.refused_calls >= 100_000 - 10
-        refused = events.of("subcalls.refused")
-        assert len(refused) == 1 and refused[0].fields["count"] >= 99_990
+        refused = events.of(SubcallsRefused)
+        assert len(refused) == 1 and refused[0].count >= 99_990
         assert gap[0] < 3.0, f"the event loop was held for {gap[0]:.1f} s"
 
     @pytest.mark.asyncio
@@ -160,13 +160,13 @@ class TestWorkerCap:
             result, events = await run_sim(sim, w.context, w.query, max_depth=2, max_workers=3)
         assert result.status == "ok" and w.score(result.response)
         live = peak = 0
-        for e in events.events:
+        for e in events:
             if e.kind == "worker.start":
                 live += 1
                 peak = max(peak, live)
             elif e.kind == "worker.kill":
                 live -= 1
-        assert len(events.of("worker.start")) == 7
+        assert len(events.of(WorkerStart)) == 7
         assert peak <= 3
 
     @pytest.mark.asyncio
@@ -217,7 +217,7 @@ class TestUnreportedUsage:
         assert result.usage_estimated and result.status == "budget_exceeded"
         assert 0 < result.total.cost_usd <= 0.50
         assert result.total.prompt_tokens >= sum(e.prompt_tokens for e in subs)
-        assert len(events.of("usage.estimated")) == result.total.calls
+        assert len(events.of(UsageEstimated)) == result.total.calls
         assert all(r.usage_estimated for r in result.calls if r.status == "ok")
 
     def test_a_body_without_usage_is_marked_unreported(self) -> None:
@@ -289,7 +289,23 @@ class TestHostileText:
             stored = _encode_completion(Completion(text=text, usage=Usage(1, 1), model="m"))
             stored.encode("utf-8")
             assert _decode_completion(stored).text == scrub(text)
-            event = Event("call.finish", float(i), "q1", "n1", 0, {"text": text, "error": text})
+            event = CallFinish(
+                time=float(i),
+                query_id="q1",
+                node_id="n1",
+                depth=0,
+                call_id="c1",
+                status="error",
+                prompt_tokens=0,
+                cached_tokens=0,
+                completion_tokens=0,
+                cost_usd=0.0,
+                latency_s=0.0,
+                attempts=1,
+                from_journal=False,
+                text=text,
+                error=text,
+            )
             event_to_json(event)
             writer(event)
         writer.close()
@@ -537,11 +553,11 @@ class TestHostileReplyFuzz:
             assert took <= deadline + 1.0, (result.status, took)
         assert peak[0] - base < 1 << 30, f"RSS grew by {(peak[0] - base) >> 20} MB"
         live = most = 0
-        for e in events.events:
+        for e in events:
             live += {"worker.start": 1, "worker.kill": -1}.get(e.kind, 0)
             most = max(most, live)
         assert most <= 6
-        pids = {e.fields["pid"] for e in events.of("worker.start")}
-        uids = {e.fields["uid"] for e in events.of("worker.start") if e.fields.get("uid") is not None}
+        pids = {e.pid for e in events.of(WorkerStart)}
+        uids = {e.uid for e in events.of(WorkerStart) if e.uid is not None}
         assert worker_processes_left(pids, uids) == []
 

@@ -7,6 +7,7 @@ import importlib
 from pathlib import Path
 
 import rlm_async
+import rlm_async.testing
 
 PACKAGE = Path(rlm_async.__file__).parent
 BOOTSTRAP = PACKAGE / "sandbox" / "_bootstrap.py"
@@ -86,6 +87,12 @@ class TestExports:
         """Every exported name exists on the package."""
         for name in rlm_async.__all__:
             assert hasattr(rlm_async, name), name
+
+    def test_testing_exports_its_doubles(self) -> None:
+        """`rlm_async.testing` has a sorted __all__ naming importable doubles, capture_events among them."""
+        names = rlm_async.testing.__all__
+        assert names == sorted(names) and "capture_events" in names
+        assert all(hasattr(rlm_async.testing, name) for name in names)
 
     def test_official_entry_points(self) -> None:
         """The official package's entry points exist under the same names."""

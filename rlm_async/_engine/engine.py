@@ -67,7 +67,7 @@ class Engine:
 
     def announce_plan(self, plan: BatchPlan) -> None:
         if len(plan.requests) > 1:
-            _events.emit("warmup.decision", **plan.event_fields())
+            _events.emit(_events.WarmupDecision, **plan.event_fields())
 
     def mark_warm(self, bucket: str) -> None:
         self._warm_buckets[bucket] = self.clock()

@@ -40,7 +40,7 @@ class QueryState:
         key = (model, depth)
         self.unsent[key] = self.unsent.get(key, 0) + count
         self.last_unsent = why
-        _events.emit("subcalls.refused", model=model, depth=depth, count=count, reason=str(why))
+        _events.emit(_events.SubcallsRefused, model=model, count=count, reason=str(why))
 
     def next_call_id(self) -> str:
         self._call_ids += 1

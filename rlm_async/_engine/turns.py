@@ -115,7 +115,7 @@ class RLMLoop:
             if depth == 0:
                 self._state.iterations = iteration
             it_started = self._engine.clock()
-            _events.emit("iteration.start", iteration=iteration)
+            _events.emit(_events.IterationStart, iteration=iteration)
             try:
                 try:
                     reply = await self._root_turn(node, model, depth, messages, kind=kind)
@@ -125,7 +125,7 @@ class RLMLoop:
                 turn = await self._execute_reply(worker, reply, iteration, handler)
             finally:
                 _events.emit(
-                    "iteration.finish", iteration=iteration, duration_s=self._engine.clock() - it_started
+                    _events.IterationFinish, iteration=iteration, duration_s=self._engine.clock() - it_started
                 )
             if turn.answer is not None:
                 return RunOutcome(turn.answer, "ok")
@@ -221,16 +221,16 @@ class RLMLoop:
                 parts.append(_not_run(index, len(blocks), turn_limit))
                 break
             await self._ensure_alive(worker, parts)
-            _events.emit("cell.start", iteration=iteration, cell=index)
+            _events.emit(_events.CellStart, iteration=iteration, cell=index)
             result: CellResult | None = None
             with anyio.move_on_after(math.inf if left is None else left):
                 result = await worker.run_cell(code, handler)
             if result is None:  # the turn's bound ran out inside this block
                 _events.emit(
-                    "cell.finish",
+                    _events.CellFinish,
                     iteration=iteration,
                     cell=index,
-                    duration_s=left,
+                    duration_s=left or 0.0,
                     status="turn_timeout",
                     stdout_chars=0,
                     stderr_chars=0,
@@ -245,7 +245,7 @@ class RLMLoop:
                     parts.append(_not_run(index + 1, len(blocks), turn_limit))
                 break
             _events.emit(
-                "cell.finish",
+                _events.CellFinish,
                 iteration=iteration,
                 cell=index,
                 duration_s=result.duration_s,
