@@ -1,3 +1,4 @@
+# Over 500 lines by design: the whole event schema is one contract, read in one place.
 """Structured events: one frozen dataclass per event kind, the contract between the layers
 that emit them and the readers (trace writer and summary, progress display, hooks, HTML
 view) that rely on them.

@@ -1,3 +1,4 @@
+# Over 500 lines: the writer and the reader of one file format stay together, so they cannot drift.
 """The JSONL trace: a sink that writes one file per query, and the loader that reads it back.
 
 Format (version 2; `docs/trace-format.md` has the full description):

@@ -20,11 +20,9 @@ run could not go below however widely it fanned out, unless those calls got fast
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from ._events import (
     CallFinish,
@@ -40,147 +38,14 @@ from ._events import (
     QueryStart,
     SubcallsRefused,
 )
+from ._trace_path import critical_path
+from ._trace_spans import CallSpan, CellSpan, NodeSpan, PathStep, TraceSummary
 from ._types import Usage
 
 __all__ = ["CallSpan", "CellSpan", "NodeSpan", "PathStep", "TraceSummary", "summarize"]
 
 # Times on one monotonic clock, compared after subtraction: only float noise to absorb.
 _TOL = 1e-9
-
-
-@dataclass(frozen=True, slots=True)
-class CallSpan:
-    """One model call, from `call.start` to `call.finish`."""
-
-    call_id: str
-    node_id: str | None
-    parent_id: str | None
-    depth: int
-    call_kind: str
-    model: str
-    start: float
-    end: float
-    status: str
-    """As the engine reported it ("ok", "error", "budget", "cancelled"), or "unfinished"."""
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    attempts: int = 1
-    retries: int = 0
-    """`call.retry` events seen for this call."""
-    from_journal: bool = False
-    error: str | None = None
-    text: str | None = None
-    """Output text, only when the engine was told to put it in events."""
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-    @property
-    def totals(self) -> Usage:
-        """What this call adds to totals (`Usage.of_call`)."""
-        tokens = Usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
-        return Usage.of_call(self.status, tokens, cost_usd=self.cost_usd, from_journal=self.from_journal)
-
-
-@dataclass(frozen=True, slots=True)
-class CellSpan:
-    """One REPL cell an RLM node ran."""
-
-    node_id: str | None
-    iteration: int | None
-    cell: int | None
-    start: float
-    end: float
-    status: str
-    error: str | None = None
-    stdout_chars: int | None = None
-    stderr_chars: int | None = None
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-
-@dataclass(frozen=True, slots=True)
-class NodeSpan:
-    """A node of the call tree: an RLM loop ("rlm") or one model call ("llm")."""
-
-    node_id: str
-    parent_id: str | None
-    """`None` for a root, or when the parent never appeared in the events."""
-    depth: int
-    node_kind: str
-    model: str | None
-    label: str | None
-    start: float
-    end: float
-    status: str
-    error: str | None = None
-    children: tuple[str, ...] = ()
-    calls: tuple[str, ...] = ()
-    iterations: int = 0
-    """Highest iteration number seen in this node's `iteration.start` events."""
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-
-@dataclass(frozen=True, slots=True)
-class PathStep:
-    """One step of the critical path, in pre-order: a node, then what it waited on."""
-
-    kind: Literal["node", "call", "cell"]
-    id: str
-    """node_id, call_id, or "<node_id>/<iteration>.<cell>" for a cell."""
-    node_id: str | None
-    depth: int
-    start: float
-    end: float
-    model: str | None = None
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-
-@dataclass(frozen=True, slots=True)
-class TraceSummary:
-    query_id: str | None
-    status: str
-    """query.finish's status, or "unfinished"."""
-    wall_s: float
-    budget_usd: float | None
-    nodes: Mapping[str, NodeSpan]
-    """Every node, in order of start."""
-    roots: tuple[str, ...]
-    calls: tuple[CallSpan, ...]
-    """Every call, in order of start."""
-    cells: tuple[CellSpan, ...]
-    totals: Usage
-    """Every call's `CallSpan.totals` added up, counted as `RLMResult.total` counts them."""
-    by_model: Mapping[str, Usage]
-    by_depth: Mapping[int, Usage]
-    peak_in_flight: int
-    peak_in_flight_by_depth: Mapping[int, int]
-    concurrency: tuple[tuple[float, int], ...]
-    """(time, calls in flight from then on), one point per change."""
-    critical_path: tuple[PathStep, ...]
-    critical_path_s: float
-    """Model-call time on the critical path (see the module docstring)."""
-    retries: int = 0
-    reported: Mapping[str, Any] = field(default_factory=dict)
-    """query.finish's fields as the engine sent them, to compare with the rebuilt totals."""
-
-    @property
-    def critical_calls(self) -> tuple[str, ...]:
-        return tuple(step.id for step in self.critical_path if step.kind == "call")
-
-
-# -- building ---------------------------------------------------------------------------
 
 
 class _Node:
@@ -230,6 +95,74 @@ class _Call:
         self.retries = 0
 
 
+class _Fold:
+    """The events of one query folded into nodes, calls and cells, in the order they came."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, _Node] = {}
+        self.calls: dict[str, _Call] = {}
+        self.cells: dict[tuple[str | None, int, int], dict[str, Any]] = {}
+        self.query_start: QueryStart | None = None
+        self.query_finish: QueryFinish | None = None
+        self.query_id: str | None = None
+        self.last_seen: dict[str, float] = {}
+        self.unsent = 0
+        """Sub-calls refused at admission (`SubcallsRefused`): refused calls, never calls."""
+
+    def node(self, node_id: str) -> _Node:
+        found = self.nodes.get(node_id)
+        if found is None:
+            found = self.nodes[node_id] = _Node(node_id)
+        return found
+
+    def add(self, e: Event) -> None:
+        self.query_id = self.query_id or e.query_id
+        if e.node_id is not None:
+            self.last_seen[e.node_id] = e.time
+        match e:
+            case CallStart() | CallFinish() | CallRetry():
+                self._add_call(e)
+            case NodeStart() | NodeFinish() | IterationStart():
+                if e.node_id is not None:
+                    self._add_node(e, self.node(e.node_id))
+            case CellStart():
+                self.cells.setdefault((e.node_id, e.iteration, e.cell), {})["start"] = e.time
+            case CellFinish():
+                self.cells.setdefault((e.node_id, e.iteration, e.cell), {}).update(end=e.time, finish=e)
+            case QueryStart():
+                self.query_start = e
+            case QueryFinish():
+                self.query_finish = e
+            case SubcallsRefused():
+                self.unsent += e.count
+
+    def _add_call(self, e: CallStart | CallFinish | CallRetry) -> None:
+        calls = self.calls
+        match e:
+            case CallStart():
+                calls[e.call_id] = _Call(e, e.time)
+            case CallFinish():
+                call = calls.get(e.call_id)
+                if call is None:  # the start was lost: place it by its latency
+                    call = calls[e.call_id] = _Call(e, e.time - e.latency_s)
+                call.end, call.finish = e.time, e
+            case CallRetry():
+                if e.call_id in calls:
+                    calls[e.call_id].retries += 1
+
+    @staticmethod
+    def _add_node(e: NodeStart | NodeFinish | IterationStart, n: _Node) -> None:
+        match e:
+            case NodeStart():
+                n.start, n.parent_id, n.depth = e.time, e.parent_id, e.depth
+                n.node_kind, n.model, n.label = e.node_kind, e.model, e.label
+            case NodeFinish():
+                n.end, n.status, n.error = e.time, e.status, e.error
+                n.finished = True
+            case IterationStart():
+                n.iterations = max(n.iterations, e.iteration)
+
+
 def _select(events: Iterable[Event], query_id: str | None) -> list[Event]:
     events = list(events)
     if query_id is None:
@@ -252,66 +185,12 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
     t0 = starts[0] if starts else min(e.time for e in selected)
     last = max(e.time for e in selected)
 
-    nodes: dict[str, _Node] = {}
-    calls: dict[str, _Call] = {}
-    cells: dict[tuple[str | None, int, int], dict[str, Any]] = {}
-    query_start: QueryStart | None = None
-    query_finish: QueryFinish | None = None
-    qid = query_id
-
-    def node(node_id: str) -> _Node:
-        found = nodes.get(node_id)
-        if found is None:
-            found = nodes[node_id] = _Node(node_id)
-        return found
-
-    last_seen: dict[str, float] = {}
-    unsent = 0
+    fold = _Fold()
     for e in selected:
-        qid = qid or e.query_id
-        if e.node_id is not None:
-            last_seen[e.node_id] = e.time
-        match e:
-            case CallStart():
-                calls[e.call_id] = _Call(e, e.time)
-            case CallFinish():
-                call = calls.get(e.call_id)
-                if call is None:  # the start was lost: place it by its latency
-                    call = calls[e.call_id] = _Call(e, e.time - e.latency_s)
-                call.end, call.finish = e.time, e
-            case CallRetry():
-                if e.call_id in calls:
-                    calls[e.call_id].retries += 1
-            case NodeStart():
-                if e.node_id is None:
-                    continue
-                n = node(e.node_id)
-                n.start = e.time
-                n.parent_id = e.parent_id
-                n.depth = e.depth
-                n.node_kind = e.node_kind
-                n.model = e.model
-                n.label = e.label
-            case NodeFinish():
-                if e.node_id is not None:
-                    n = node(e.node_id)
-                    n.end, n.status, n.error = e.time, e.status, e.error
-                    n.finished = True
-            case SubcallsRefused():  # refused at admission: counted, never calls
-                unsent += e.count
-            case IterationStart():
-                if e.node_id is not None:
-                    n = node(e.node_id)
-                    n.iterations = max(n.iterations, e.iteration)
-            case CellStart():
-                cells.setdefault((e.node_id, e.iteration, e.cell), {})["start"] = e.time
-            case CellFinish():
-                record = cells.setdefault((e.node_id, e.iteration, e.cell), {})
-                record.update(end=e.time, finish=e)
-            case QueryStart():
-                query_start = e
-            case QueryFinish():
-                query_finish = e
+        fold.add(e)
+    nodes, calls, cells = fold.nodes, fold.calls, fold.cells
+    query_start, query_finish, last_seen = fold.query_start, fold.query_finish, fold.last_seen
+    qid = query_id or fold.query_id
 
     call_spans = _call_spans(calls, nodes, t0, last)
     node_spans, roots = _node_spans(nodes, call_spans, last_seen, t0, last)
@@ -321,7 +200,7 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
     else:
         wall = last - t0
     concurrency, peak, peak_by_depth = _concurrency(call_spans)
-    path = _critical_path(node_spans, roots, call_spans, cell_spans)
+    path = critical_path(node_spans, roots, call_spans, cell_spans)
     return TraceSummary(
         query_id=qid,
         status=query_finish.status if query_finish is not None else "unfinished",
@@ -331,7 +210,7 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
         roots=roots,
         calls=call_spans,
         cells=cell_spans,
-        totals=_totals(call_spans) + Usage(refused_calls=unsent),
+        totals=_totals(call_spans) + Usage(refused_calls=fold.unsent),
         by_model=_grouped(call_spans, lambda c: c.model),
         by_depth=dict(sorted(_grouped(call_spans, lambda c: c.depth).items())),
         peak_in_flight=peak,
@@ -531,90 +410,3 @@ def _concurrency(
 
 
 # -- critical path ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Item:
-    start: float
-    end: float
-    kind: Literal["node", "call", "cell"]
-    ref: Any
-
-
-def _chain(items: list[_Item]) -> list[_Item]:
-    """Walking back from the end: what finished last, then what finished last before that
-    started, and so on. Strictly earlier starts only, so concurrent equals are not chained.
-
-    A container's own end is no bound: a node's call may finish a hair after the node
-    (the engine closes the node, then emits call.finish)."""
-    if not items:
-        return []
-    # Among equal ends, the one that started first (the longest) goes last: it is the pick.
-    ordered = sorted(items, key=lambda it: (it.end, -it.start))
-    ends = [it.end for it in ordered]
-    chosen: list[_Item] = []
-    cursor = float("inf")
-    j = len(ordered) - 1
-    while j >= 0:
-        item = ordered[j]
-        if item.start < cursor:
-            chosen.append(item)
-            cursor = item.start
-            j = bisect_right(ends, cursor + _TOL, 0, j) - 1
-        else:
-            j -= 1
-    chosen.reverse()
-    return chosen
-
-
-def _critical_path(
-    nodes: Mapping[str, NodeSpan],
-    roots: tuple[str, ...],
-    calls: tuple[CallSpan, ...],
-    cells: tuple[CellSpan, ...],
-) -> list[PathStep]:
-    calls_of: dict[str | None, list[CallSpan]] = defaultdict(list)
-    for c in calls:
-        calls_of[c.node_id].append(c)
-    cells_of: dict[str | None, list[CellSpan]] = defaultdict(list)
-    for cell in cells:
-        cells_of[cell.node_id].append(cell)
-
-    out: list[PathStep] = []
-    expanded: set[str] = set()
-
-    def expand(node_id: str) -> None:
-        if node_id in expanded:  # guards against a malformed parent cycle
-            return
-        expanded.add(node_id)
-        n = nodes[node_id]
-        out.append(PathStep("node", node_id, node_id, n.depth, n.start, n.end, n.model))
-        own_cells = cells_of.get(node_id, [])  # sorted by start, sequential within a node
-        cell_starts = [cell.start for cell in own_cells]
-        in_cell: dict[int, list[_Item]] = defaultdict(list)
-        items = [_Item(c.start, c.end, "call", c) for c in calls_of.get(node_id, [])]
-        items += [_Item(cell.start, cell.end, "cell", i) for i, cell in enumerate(own_cells)]
-        for child_id in n.children:
-            child = nodes[child_id]
-            item = _Item(child.start, child.end, "node", child_id)
-            i = bisect_right(cell_starts, child.start + _TOL) - 1
-            if i >= 0 and child.start <= own_cells[i].end + _TOL:
-                in_cell[i].append(item)
-            else:
-                items.append(item)
-        for item in _chain(items):
-            if item.kind == "call":
-                c = item.ref
-                out.append(PathStep("call", c.call_id, c.node_id, c.depth, c.start, c.end, c.model))
-            elif item.kind == "cell":
-                cell = own_cells[item.ref]
-                cell_id = f"{node_id}/{cell.iteration}.{cell.cell}"
-                out.append(PathStep("cell", cell_id, node_id, n.depth, cell.start, cell.end))
-                for sub in _chain(in_cell[item.ref]):
-                    expand(sub.ref)
-            else:
-                expand(item.ref)
-
-    if roots:
-        expand(max(roots, key=lambda r: nodes[r].end))
-    return out

@@ -36,6 +36,8 @@ LAYERS: dict[str, int] = {
     "_result": 3,
     "_trace": 3,
     "_trace_summary": 3,
+    "_trace_spans": 3,
+    "_trace_path": 3,
     "_progress": 3,
     "hooks": 3,
     "trace_view": 3,
