@@ -4,6 +4,7 @@
     rlm-async run --context PATH|- --query TEXT [--config configs/NAME.toml] [--max-depth N] [--json]
     rlm-async sim [--config sim.toml] [--port P]    the simulated OpenAI-compatible server
     rlm-async trace view TRACE.jsonl -o run.html    a self-contained HTML timeline
+    rlm-async serve [--config X.toml] [--host H] [--port P]   an OpenAI-compatible server
 
 Errors the user can fix (a missing file, an unreachable endpoint, a missing key, an unknown
 model, a bad context) print one line naming the problem and the fix and exit 2; a
@@ -83,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run the simulated OpenAI-compatible server (a scripted stand-in, not a model)",
         description=sim_args.description,
     )
+
+    serve = sub.add_parser("serve", help="serve RLMs over an OpenAI-compatible API (default: the simulator)")
+    serve.add_argument("--config", help="a TOML file from configs/ (default: the bundled simulator)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1; others need API keys)")
+    serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--otel", action="store_true", default=None, help="export OpenTelemetry spans")
 
     trace = sub.add_parser("trace", help="work with JSONL traces")
     tsub = trace.add_subparsers(dest="trace_command", required=True)
@@ -351,6 +358,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         out = main_view(args.trace_path, args.output)
         print(f"wrote {out}")
+        return 0
+    if args.command == "serve":
+        from .serve import load_serve_config, run_server
+
+        config = load_serve_config(args.config, host=args.host, port=args.port, otel=args.otel)
+        def ready(url: str, note: str) -> None:
+            print(f"rlm-async serve: listening on {url} ({note})", file=sys.stderr, flush=True)
+
+        anyio.run(lambda: run_server(config, on_ready=ready))
         return 0
     runner = _run if args.command == "run" else _demo
     return anyio.run(runner, args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import rlm_async
@@ -46,6 +47,7 @@ LAYERS: dict[str, int] = {
     "_rlm": 6,
     "sim": 7,
     "demo": 8,
+    "serve": 8,
     "cli": 9,
     "__init__": 9,
 }
@@ -167,3 +169,17 @@ class TestLayers:
             if path == BOOTSTRAP or rel.name == "__main__":
                 continue
             importlib.import_module(".".join(["rlm_async", *rel.parts]).removesuffix(".__init__"))
+
+
+class TestLayout:
+    def test_the_readme_layout_names_every_module(self) -> None:
+        """The README's Layout block names every module and subpackage of rlm_async, and
+        nothing that is gone, so the map a new reader starts from cannot fall behind."""
+        readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+        block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+        # Entries are indented two spaces; deeper lines continue the entry above.
+        listed = {line.split()[0].rstrip("/") for line in block.splitlines() if re.match(r"  \S", line)}
+        not_modules = {"__init__.py", "__pycache__", "py.typed", "prompts", "_trace_view"}
+        present = {p.name for p in PACKAGE.iterdir()} - not_modules
+        assert sorted(present - listed) == [], "README.md's Layout does not name these"
+        assert sorted(listed - present) == [], "README.md's Layout names these, which do not exist"

@@ -14,7 +14,7 @@ from .. import _events
 from .._cache import BatchPlan, plan_batch
 from .._config import ModelConfig, RLMConfig
 from .._context import Context
-from .._governor import Governor
+from .._governor import BudgetLedger, Governor
 from .._journal import Journal
 from .._result import RLMResult
 from .._types import ModelRequest
@@ -50,6 +50,22 @@ class Engine:
         self._transport_factory = transport_factory
         self._transports: dict[tuple[str, str | None], Transport] = {}
         self._warm_buckets: dict[str, float] = {}
+
+    def with_config(self, config: RLMConfig) -> Engine:
+        """An engine for `config` (the same models; other limits, depth or budget) that shares
+        this one's transports, governor, journal and warm buckets: per-request limits in a
+        service, without a connection pool per request."""
+        derived = Engine(
+            config,
+            transport_factory=self._transport_factory,
+            governor=self.governor,
+            journal=self.journal,
+            clock=self.clock,
+            slots=self.slots,  # the process' cap on workers holds across per-request configs
+        )
+        derived._transports = self._transports
+        derived._warm_buckets = self._warm_buckets
+        return derived
 
     def planner(
         self,
@@ -92,8 +108,9 @@ class Engine:
         *,
         sinks: tuple[_events.EventSink, ...] = (),
         query_id: str = "q1",
+        ledger_parent: BudgetLedger | None = None,
     ) -> RLMResult:
-        query = Query(self, query_id=query_id)
+        query = Query(self, query_id=query_id, ledger_parent=ledger_parent)
         query.check_prices()
         kept: list[_events.Event] = []
         if self.config.keep_events:

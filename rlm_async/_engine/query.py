@@ -11,6 +11,7 @@ import anyio
 from .. import _events
 from .._context import Context
 from .._descriptors import connection_budget
+from .._governor import BudgetLedger
 from .._prompts import describe_context
 from .._result import RLMResult
 from .._tree import CallTree
@@ -30,13 +31,13 @@ __all__ = ["Query"]
 class Query:
     """The root of one `acompletion`: wires the state, the call path and the turn loop."""
 
-    def __init__(self, engine: Engine, *, query_id: str) -> None:
+    def __init__(self, engine: Engine, *, query_id: str, ledger_parent: BudgetLedger | None = None) -> None:
         self._engine = engine
         self._config = engine.config
         self.state = QueryState(
             query_id=query_id,
             tree=CallTree(engine.clock),
-            ledger=engine.governor.ledger(self._config.budget),
+            ledger=engine.governor.ledger(self._config.budget, parent=ledger_parent),
         )
         self._loop = RLMLoop(engine, self.state, CallPath(engine, self.state))
 

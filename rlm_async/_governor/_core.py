@@ -164,9 +164,10 @@ class Governor:
             config.default_limits, clock=clock, sleep=sleep, retry_after_cap_s=config.retry.retry_after_cap_s
         )
 
-    def ledger(self, limits: BudgetLimits | None = None) -> BudgetLedger:
-        """A new query ledger under the process ledger."""
-        return BudgetLedger(limits, parent=self.process_ledger, clock=self._clock)
+    def ledger(self, limits: BudgetLimits | None = None, *, parent: BudgetLedger | None = None) -> BudgetLedger:
+        """A new query ledger under `parent` (a tenant's ledger, say, itself under the process
+        ledger), by default directly under the process ledger."""
+        return BudgetLedger(limits, parent=parent or self.process_ledger, clock=self._clock)
 
     async def call(
         self,
