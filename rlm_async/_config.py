@@ -143,7 +143,25 @@ class RLMConfig:
     max_iterations: int = 30
     """Root-model turns per RLM loop before one last call asks for a final answer."""
     output_limit_chars: int = 20_000
-    """Each code block's output is cut to this many characters, once, when appended."""
+    """Each code block's output is cut to this many characters, once, when appended; the
+    whole observation of one turn to four times as many."""
+    turn_timeout_s: float | None = 300.0
+    """Wall-clock bound on running all the code blocks of one reply together, sub-calls
+    included. A block still running at the bound is stopped (its worker is killed and
+    replaced), the blocks after it are not run, and the model is told which. `None`: no
+    bound (each block still has `SandboxConfig.cell_timeout_s`)."""
+    max_pending_subcalls: int | None = 10_000
+    """Sub-call prompts one query may have admitted and unanswered at once, over its whole
+    tree. Prompts of a request past it (or past the calls the budget has left, or after the
+    deadline) are refused before any work, in one piece: their slots hold an "Error:"
+    string. Bounds the engine's memory and CPU per query whatever batch the code asks for."""
+    max_workers: int | None = 32
+    """REPL workers alive at once in the process (all queries of this event loop that share
+    this number), roots and child RLMs together; more wait for a slot. Each worker is one
+    Python process: about 50 MB resident plus its context (up to
+    `SandboxConfig.memory_bytes`), so size it as the memory you give workers divided by
+    that. Deeper workers are always left a slot (see `_engine/slots.py`), so nested RLMs
+    cannot deadlock; it must be at least `max_depth`. `None`: no cap."""
     system_prompt: str | None = None
     """Replaces the built-in root system prompt."""
     budget: BudgetLimits = field(default_factory=BudgetLimits)
@@ -177,6 +195,15 @@ class RLMConfig:
             raise ConfigError(f"max_iterations is {self.max_iterations}; it must be at least 1")
         if self.output_limit_chars < 100:
             raise ConfigError(f"output_limit_chars is {self.output_limit_chars}; use at least 100")
+        if self.turn_timeout_s is not None and not self.turn_timeout_s > 0:
+            raise ConfigError(f"turn_timeout_s is {self.turn_timeout_s}; use a number > 0, or None")
+        if self.max_pending_subcalls is not None and self.max_pending_subcalls < 1:
+            raise ConfigError(f"max_pending_subcalls is {self.max_pending_subcalls}; use >= 1, or None")
+        if self.max_workers is not None and self.max_workers < self.max_depth:
+            raise ConfigError(
+                f"max_workers is {self.max_workers} but max_depth is {self.max_depth}: a chain of nested "
+                "RLMs needs one worker per level; use max_workers >= max_depth, or None"
+            )
 
     def model_for_depth(self, depth: int) -> ModelConfig:
         if depth < len(self.depth_models):

@@ -72,6 +72,8 @@ __all__ = [
     "QueryStart",
     "RateLimitPause",
     "SandboxReducedIsolation",
+    "SubcallsRefused",
+    "UsageEstimated",
     "WarmupDecision",
     "WorkerCell",
     "WorkerKill",
@@ -488,6 +490,30 @@ class JournalHit(Event):
     key: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubcallsRefused(Event):
+    """Sub-call prompts refused at admission, before any work: past the calls the budget
+    has left, the deadline, or `max_pending_subcalls`. One event for all of them; they are
+    counted as refused calls, never made calls."""
+
+    kind: ClassVar[str] = "subcalls.refused"
+    model: str
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageEstimated(Event):
+    """A server answered without reporting usage: the call is charged its reservation."""
+
+    kind: ClassVar[str] = "usage.estimated"
+    endpoint: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    usd: float
+
+
 # --------------------------------------------------------------------------- the registry
 
 EVENT_TYPES: Mapping[str, type[Event]] = {
@@ -519,6 +545,8 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         BudgetSettle,
         WarmupDecision,
         JournalHit,
+        SubcallsRefused,
+        UsageEstimated,
     )
 }
 """Every event kind, by its dotted name."""

@@ -11,6 +11,7 @@ from functools import cache
 from importlib import resources
 
 from ._context import Context
+from ._text import scrub
 
 __all__ = [
     "ContextMetadata",
@@ -55,7 +56,8 @@ class ContextMetadata:
         self.type_name = type_name
         self.lengths = lengths
         self.total_length = sum(lengths)
-        self.preview = preview
+        # The preview goes into the first prompt: a lone surrogate in it must not break it.
+        self.preview = scrub(preview)
 
 
 def describe_context(context: Context) -> ContextMetadata:
@@ -97,7 +99,7 @@ def first_user_message(meta: ContextMetadata, root_prompt: str | None) -> str:
         "",
     ]
     if root_prompt:
-        lines += [f"Query: {root_prompt}", ""]
+        lines += [f"Query: {scrub(root_prompt)}", ""]
     lines.append(
         "Think step by step about how to use the REPL to answer, then write your first ```repl block. "
         "You have not looked at the context yet."

@@ -38,6 +38,7 @@ from ._events import (
     NodeStart,
     QueryFinish,
     QueryStart,
+    SubcallsRefused,
 )
 from ._trace_path import critical_path
 from ._trace_spans import CallSpan, CellSpan, NodeSpan, PathStep, TraceSummary
@@ -109,6 +110,8 @@ class _Fold:
         self.query_finish: QueryFinish | None = None
         self.query_id: str | None = None
         self.last_seen: dict[str, float] = {}
+        self.unsent = 0
+        """Sub-calls refused at admission (`SubcallsRefused`): refused calls, never calls."""
 
     def node(self, node_id: str) -> _Node:
         found = self.nodes.get(node_id)
@@ -134,6 +137,8 @@ class _Fold:
                 self.query_start = e
             case QueryFinish():
                 self.query_finish = e
+            case SubcallsRefused():
+                self.unsent += e.count
 
     def _add_call(self, e: CallStart | CallFinish | CallRetry | CallHedge | CallHedgeEnd) -> None:
         calls = self.calls
@@ -215,7 +220,7 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
         roots=roots,
         calls=call_spans,
         cells=cell_spans,
-        totals=_totals(call_spans),
+        totals=_totals(call_spans) + Usage(refused_calls=fold.unsent),
         by_model=_grouped(call_spans, lambda c: c.model),
         by_depth=dict(sorted(_grouped(call_spans, lambda c: c.depth).items())),
         peak_in_flight=peak,

@@ -163,6 +163,9 @@ class Completion:
     model: str
     finish_reason: str | None = None
     rate_limit: RateLimitInfo | None = None
+    usage_reported: bool = True
+    """False when the server sent no usage (or no prompt tokens): `usage` is then not the
+    truth, and the governor charges the call's reservation instead."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -213,6 +216,8 @@ class CallRecord:
     error: str | None = None
     hedge: HedgeSummary | None = None
     """Set when hedge copies were sent for this call; `usage` and `cost_usd` include them."""
+    usage_estimated: bool = False
+    """The server reported no usage: `usage` and `cost_usd` are the reservation, an upper bound."""
 
     @property
     def latency_s(self) -> float:
@@ -240,4 +245,5 @@ class CallRecord:
             "from_journal": self.from_journal,
             "error": self.error,
             **({"hedge": self.hedge.to_dict()} if self.hedge is not None else {}),
+            "usage_estimated": self.usage_estimated,
         }

@@ -69,7 +69,9 @@ class CallPath:
         `hedge` (a fan-out's hedger and this call's slot), copies race inside the journal's
         one logical call."""
         node = self._state.tree.open(parent=parent, depth=depth, kind="llm", model=request.model, label=kind)
-        call = _Call(node, self._state.next_call_id(), kind, request, self._engine.transport_for(model), hedge)
+        call = _Call(
+            node, self._state.next_call_id(), kind, request, self._engine.transport_for(model), hedge
+        )
         started = self._engine.clock()
         with _events.bind(node_id=node.node_id, depth=depth):
             _events.emit(
@@ -110,6 +112,7 @@ class CallPath:
                 from_journal=from_journal,
                 text=completion.text,
                 hedge=hedged[0] if hedged else None,
+                usage_estimated=not from_journal and not completion.usage_reported,
             )
         return completion
 
@@ -162,6 +165,7 @@ class CallPath:
         error: str | None = None,
         text: str | None = None,
         hedge: HedgeSummary | None = None,
+        usage_estimated: bool = False,
     ) -> None:
         """Record a finished call (paid, failed, refused or cancelled): nothing is lost."""
         node = call.node
@@ -182,6 +186,7 @@ class CallPath:
             from_journal=from_journal,
             error=error,
             hedge=hedge,
+            usage_estimated=usage_estimated,
         )
         self._state.records.append(record)
         self._state.tree.close(node, status, error)

@@ -155,7 +155,9 @@ class FanoutHedger:
         """Until every slot is done: decide, order the copies, sleep until something changes."""
         while self._finished < self._total:
             history = self._book.history(self._model)
-            if not self._policy.may_hedge(total=self._total, finished=self._finished, history_size=len(history)):
+            if not self._policy.may_hedge(
+                total=self._total, finished=self._finished, history_size=len(history)
+            ):
                 self._changed = anyio.Event()
                 await self._changed.wait()
                 continue
@@ -165,7 +167,9 @@ class FanoutHedger:
                 for i, s in enumerate(self._slots)
                 if s.copy_starts and not s.done and s.orders is not None
             ]
-            allowance = min(self._policy.allowance(self._total, self._requested), self._book.allowance(self._config))
+            allowance = min(
+                self._policy.allowance(self._total, self._requested), self._book.allowance(self._config)
+            )
             decision = self._policy.decide(
                 total=self._total,
                 finished_latencies=self._latencies,
@@ -187,12 +191,16 @@ class FanoutHedger:
                 with anyio.move_on_after(wait):
                     await self._changed.wait()
 
-    async def race(self, slot: int, call_id: str, send_copy: SendCopy, tally: CallTally) -> tuple[Completion, HedgeSummary | None]:
+    async def race(
+        self, slot: int, call_id: str, send_copy: SendCopy, tally: CallTally
+    ) -> tuple[Completion, HedgeSummary | None]:
         """Run slot `slot`'s copies until one answers; `tally` receives what every copy took."""
         s = self._slots[slot]
         started = self._clock()
         s.copy_starts = [started]
-        send, receive = anyio.create_memory_object_stream[HedgeReason](max_buffer_size=self._config.max_copies)
+        send, receive = anyio.create_memory_object_stream[HedgeReason](
+            max_buffer_size=self._config.max_copies
+        )
         s.orders = (send, receive)
         self._poke()
         race = _Tally()
@@ -209,7 +217,11 @@ class FanoutHedger:
                     outcome = "cancelled"
                     if n:
                         _events.emit(
-                            _events.CallHedge, call_id=call_id, copy=n, reason=str(why), age_s=self._clock() - started
+                            _events.CallHedge,
+                            call_id=call_id,
+                            copy=n,
+                            reason=str(why),
+                            age_s=self._clock() - started,
                         )
                     try:
                         completion = await send_copy(mine)

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import structlog
 import tenacity
 
-from .._events import CallRetry, emit
+from .._events import CallRetry, UsageEstimated, emit
 from .._types import Completion, ModelRequest, Usage
 from ..exceptions import ConfigError, RetryableError
 from ..transport import Transport
@@ -46,6 +47,7 @@ from ._retry import RetryConfig, make_retrying
 
 __all__ = ["CallTally", "GovernedCompletion", "Governor", "GovernorConfig"]
 
+_log = structlog.get_logger("rlm_async.governor")
 # Ids for the calls of a governor used without the engine (which passes its own).
 _standalone_call_ids = itertools.count(1)
 
@@ -162,7 +164,9 @@ class Governor:
             config.default_limits, clock=clock, sleep=sleep, retry_after_cap_s=config.retry.retry_after_cap_s
         )
 
-    def ledger(self, limits: BudgetLimits | None = None, *, parent: BudgetLedger | None = None) -> BudgetLedger:
+    def ledger(
+        self, limits: BudgetLimits | None = None, *, parent: BudgetLedger | None = None
+    ) -> BudgetLedger:
         """A new query ledger under `parent` (a tenant's ledger, say, itself under the process
         ledger), by default directly under the process ledger."""
         return BudgetLedger(limits, parent=parent or self.process_ledger, clock=self._clock)
@@ -313,11 +317,39 @@ class Governor:
             else:
                 ledger.release(reservation)
             raise
+        if not completion.usage_reported:
+            completion = self._estimated(completion, reserve, transport.endpoint)
         try:
-            cost = self.prices.cost(request.model, completion.usage, override=price)
+            cost = (
+                self.prices.cost(request.model, completion.usage, override=price)
+                if completion.usage_reported
+                else reserve.usd
+            )
         finally:
             state.release(permit, completion=completion)
         paid = Charge.of_usage(completion.usage, usd=cost)
         ledger.settle(reservation, paid)
         tally.spent += paid
         return completion
+
+    @staticmethod
+    def _estimated(completion: Completion, reserve: Charge, endpoint: str) -> Completion:
+        """A server that reports no usage is charged the call's reservation, the upper bound
+        the call could have used; never zero, which would let a budget be crossed silently."""
+        usage = reserve.usage
+        _log.warning(
+            "the server reported no usage; the call is charged its reservation (an upper bound)",
+            endpoint=endpoint,
+            model=completion.model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
+        emit(
+            UsageEstimated,
+            endpoint=endpoint,
+            model=completion.model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            usd=float(reserve.usd),
+        )
+        return dataclasses.replace(completion, usage=Usage(usage.prompt_tokens, usage.completion_tokens))

@@ -135,6 +135,9 @@ def _send_parts(sock: socket.socket, head: bytes, parts: list[bytes]) -> None:
 class _Channel:
     """The worker's end of the control socket: one reader thread, a lock for writers."""
 
+    max_prompts = 1 << 62
+    """Prompts one request may carry (`SandboxConfig.max_batch_prompts`)."""
+
     def __init__(self, sock: socket.socket, max_message: int) -> None:
         self.sock = sock
         self.max_message = max_message
@@ -188,6 +191,12 @@ class _Channel:
 
     def request(self, kind: str, prompts: list[str], model: str | None) -> list[str]:
         """Send one request and block this thread until its reply. Thread-safe."""
+        if len(prompts) > self.max_prompts:
+            # Checked before any work: a batch this large is one error, not millions of frames' worth.
+            raise ValueError(
+                f"{kind}: {len(prompts):,} prompts in one call, over the sandbox limit of "
+                f"{self.max_prompts:,} (SandboxConfig.max_batch_prompts); send fewer prompts per call"
+            )
         event = threading.Event()
         slot: list[Any] = [event, None]
         self._send_request(kind, prompts, model, slot)
@@ -264,7 +273,9 @@ class _ResultStream:
     Leaving it early (`break`, `close()`, a `with` block, or dropping it) cancels the
     sub-calls still running; their unspent budget goes back."""
 
-    def __init__(self, channel: _Channel, rid: int, n: int, results: queue.SimpleQueue[dict[str, Any]]) -> None:
+    def __init__(
+        self, channel: _Channel, rid: int, n: int, results: queue.SimpleQueue[dict[str, Any]]
+    ) -> None:
         self._channel = channel
         self._rid = rid
         self._n = n
@@ -290,7 +301,6 @@ class _ResultStream:
         if obj.get("end") == self._n == self._seen:
             raise StopIteration
         _raise_refusal(obj)
-
 
     def __len__(self) -> int:
         return self._n
@@ -458,12 +468,24 @@ def _fit(text: str, max_bytes: int) -> str:
     return text[:keep] + f"\n[... truncated: {len(text) - keep:,} more characters ...]"
 
 
+def _identity(fd: int) -> tuple[int, int] | None:
+    """(device, inode) of what `fd` is open on, or None when it is closed."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 class _Repl:
     def __init__(self, channel: _Channel, context: object, output_limit: int) -> None:
         self.channel = channel
         self.output_limit = output_limit
         self.stdout = _CappedWriter(1, "<stdout>")
         self.stderr = _CappedWriter(2, "<stderr>")
+        self.streams = {name: _identity(fd) for fd, name in ((1, "stdout"), (2, "stderr"))}
+        """What fds 1 and 2 are at start: the engine's pipes. Code that closes or redirects
+        them is reported, since nothing it prints could reach the engine afterwards."""
         self.ns: dict[str, Any] = {
             "__name__": "__main__",
             "__builtins__": builtins,
@@ -600,6 +622,13 @@ class _Repl:
             "final_answer": None if final is None else _fit(final, budget),
             "dropped": [self.stdout.dropped, self.stderr.dropped],
         }
+        broken = [
+            f"{name} (fd {fd}) was {'closed' if now is None else 'redirected'}"
+            for (name, was), fd in zip(self.streams.items(), (1, 2), strict=True)
+            if (now := _identity(fd)) != was
+        ]
+        if broken:
+            done["streams"] = broken
         frame = encode_frame(done)
         with self.channel.send_lock:
             self.channel.cell_active = False
@@ -729,6 +758,7 @@ def main(argv: list[str]) -> None:
     _MAIN_PID[0] = os.getpid()
     _confine(init, confine)
     channel.max_message = int(init["max_message"])
+    channel.max_prompts = int(init.get("max_prompts") or channel.max_prompts)
     try:
         context = _load_context(init.get("context_type"), _recv_exact(sock, blob_len))
     except MemoryError:

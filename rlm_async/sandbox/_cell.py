@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from ..exceptions import BudgetExceeded, SandboxError
@@ -52,6 +53,10 @@ class _CellClock:
         if self._outstanding == 0:
             self._since = anyio.current_time()
             self._scope.deadline = self._since + self._left
+
+
+_OFF_LOOP_BYTES = 4 << 20
+_OFF_LOOP_PROMPTS = 2_000
 
 
 def _check_results(results: object, n: int) -> list[str]:
@@ -118,7 +123,14 @@ class CellExchange:
             msg, blob = await self._channel.receive()
             op = msg["op"]
             if op == "request":
-                rid, request = parse_request(msg, blob)
+                if len(blob) > _OFF_LOOP_BYTES or len(msg.get("lengths") or ()) > _OFF_LOOP_PROMPTS:
+                    # Cutting a large blob into prompts is work proportional to the batch:
+                    # done in a thread, so the event loop (every other query) keeps running.
+                    rid, request = await anyio.to_thread.run_sync(
+                        parse_request, msg, blob, self._config.max_batch_prompts
+                    )
+                else:
+                    rid, request = parse_request(msg, blob, self._config.max_batch_prompts)
                 del blob  # its text is in request.prompts now
                 self._admit(rid, request)
                 self._clock.pause()
@@ -193,10 +205,14 @@ class CellExchange:
 
         async def on_result(index: int, text: str) -> None:
             if not (0 <= index < n) or index in sent or not isinstance(text, str):
-                raise SandboxError(f"on_result: slot {index!r} of {n} reported twice, out of range or not str")
+                raise SandboxError(
+                    f"on_result: slot {index!r} of {n} reported twice, out of range or not str"
+                )
             sent.add(index)
             try:
-                await self._channel.send({"op": "result", "id": rid, "index": index, "text": text}, atomic=True)
+                await self._channel.send(
+                    {"op": "result", "id": rid, "index": index, "text": text}, atomic=True
+                )
             except ChannelClosed:
                 pass  # the worker died or stopped reading; the cell loop sees it
 

@@ -25,7 +25,9 @@ ISOLATION_TIERS = ("auto", "bubblewrap", "landlock", "none")
 _MiB = 1 << 20
 _GiB = 1 << 30
 
-CellStatus = Literal["ok", "error", "output_limit", "timeout", "memory", "cpu_limit", "crashed"]
+CellStatus = Literal[
+    "ok", "error", "output_limit", "timeout", "memory", "cpu_limit", "crashed", "stream_closed"
+]
 """How a cell ended.
 
 - "ok": the code ran to its end.
@@ -36,11 +38,13 @@ CellStatus = Literal["ok", "error", "output_limit", "timeout", "memory", "cpu_li
   heap may still be full.
 - "cpu_limit": the worker used up `cpu_seconds` of CPU time; it was killed.
 - "crashed": the worker died (a signal, `os._exit`, a broken frame on the control channel).
+- "stream_closed": the code closed or redirected fd 1 or 2, so no later output could reach
+  the engine; the worker was killed (to be replaced).
 
-The last four set `worker_dead`: call `restart()`; every variable is gone.
+The last five set `worker_dead`: call `restart()`; every variable is gone.
 """
 
-WORKER_DEAD_STATUSES = frozenset({"timeout", "memory", "cpu_limit", "crashed"})
+WORKER_DEAD_STATUSES = frozenset({"timeout", "memory", "cpu_limit", "crashed", "stream_closed"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +115,11 @@ class SandboxConfig:
     """Largest frame the worker may send: one `llm_batch` request with all its prompts, or
     a final answer. A larger request raises `ValueError` in the REPL; a forged oversized
     frame kills the worker."""
+    max_batch_prompts: int = 100_000
+    """Most prompts one `llm_batch`/`rlm_query_batched` call may carry. A larger call raises
+    `ValueError` in the REPL before anything is sent; a forged frame past it kills the
+    worker. Bounds the work of reading one request (the engine's admission then bounds how
+    many prompts of a query run at once: `RLMConfig.max_pending_subcalls`)."""
     python: str | None = None
     """Interpreter for workers (only its stdlib is used); `None` is `sys.executable`. A
     venv's python runs as its base interpreter."""
@@ -144,6 +153,8 @@ class SandboxConfig:
             raise ConfigError("SandboxConfig.max_processes must be at least 4 (the worker uses 2)")
         if self.output_limit_bytes < 0:
             raise ConfigError("SandboxConfig.output_limit_bytes must be >= 0")
+        if self.max_batch_prompts < 1:
+            raise ConfigError("SandboxConfig.max_batch_prompts must be at least 1")
         if self.max_message_bytes < 64 * 1024:
             raise ConfigError("SandboxConfig.max_message_bytes must be at least 64 KiB")
 

@@ -1,4 +1,5 @@
-"""How a worker process is launched: the bubblewrap command line, or the plain fallback.
+"""How a worker process is launched: the bubblewrap command line, or a plain interpreter (the
+landlock tier confines itself; the none tier does not).
 
 Under bubblewrap the worker sees a root made of: `/usr` (and the `/bin`, `/lib*` links into
 it), the interpreter's install prefix, `/etc/ld.so.cache`, this package's bootstrap file at

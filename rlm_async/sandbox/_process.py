@@ -291,4 +291,5 @@ def _init_frame(
         "lockdown": lockdown,
         "output_limit": config.output_limit_bytes,
         "max_message": config.max_message_bytes,
+        "max_prompts": config.max_batch_prompts,
     }

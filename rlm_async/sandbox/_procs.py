@@ -5,7 +5,7 @@ its process group (the code can call `setsid`), its process tree (an orphan is r
 away, unless the worker is a child subreaper) and its private uid (only when the engine
 runs as root and could give the worker one). Under bubblewrap the pid namespace already
 guarantees that killing the sandbox kills everything in it; these scans are what make the
-plain-subprocess fallback clean up too, and what lets tests prove nothing is left behind.
+landlock and none tiers clean up too, and what lets tests prove nothing is left behind.
 
 Blocking (it reads `/proc`); the async side runs it in a worker thread.
 """

@@ -390,6 +390,7 @@ class SimApp:
             prompt_tokens,
             completion_tokens,
             cached,
+            report_usage=cfg.report_usage,
         )
         headers = {**headers, "openai-processing-ms": str(service_ms)}
         if fault == "drop":
@@ -533,8 +534,10 @@ def _completion_json(
     prompt_tokens: int,
     completion_tokens: int,
     cached_tokens: int,
+    *,
+    report_usage: bool = True,
 ) -> bytes:
-    body = {
+    body: dict[str, Any] = {
         "id": id_,
         "object": "chat.completion",
         "created": created,
@@ -556,6 +559,8 @@ def _completion_json(
         },
         "system_fingerprint": "rlm-async-sim",
     }
+    if not report_usage:
+        del body["usage"]
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 

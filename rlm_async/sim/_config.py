@@ -325,6 +325,9 @@ class SimConfig:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     faults: Faults = field(default_factory=Faults)
     policies: Policies = field(default_factory=Policies)
+    report_usage: bool = True
+    """Send a `usage` object in each completion. False plays a server that reports none
+    (some proxies and self-hosted servers), so a client cannot learn what it spent."""
     log_path: str | None = None
     """Append one JSON line per finished request here (the in-memory log is always kept)."""
 
