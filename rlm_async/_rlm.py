@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -25,11 +25,14 @@ from . import _events
 from ._config import ModelConfig, RLMConfig
 from ._context import Context, validate_context
 from ._engine import Engine
-from ._governor import BudgetLimits, Governor
+from ._governor import BudgetLedger, BudgetLimits, Governor
 from ._journal import Journal
 from ._result import RLMResult
 from .exceptions import ConfigError
 from .transport import OpenAITransport, Transport
+
+if TYPE_CHECKING:
+    from .batch import BatchControl, BatchItem, BatchRow, InvalidItem
 
 __all__ = ["RLM"]
 
@@ -213,19 +216,78 @@ class RLM:
         root_prompt: str | None = None,
         *,
         event_sinks: Sequence[_events.EventSink] = (),
+        budget_parent: BudgetLedger | None = None,
     ) -> RLMResult:
         """Answer `root_prompt` over `prompt` (the context). Never raises for a run that
-        ends early (budget, deadline, iterations): the result's `status` says why."""
+        ends early (budget, deadline, iterations): the result's `status` says why.
+
+        `budget_parent`: the ledger this query's ledger charges into (a batch's), which
+        must itself chain to the governor's process ledger; default the process ledger."""
         context = validate_context(prompt)
         engine = await self._engine()
         sinks = (*self._sinks, *event_sinks)
         query_id = f"q{next(_query_ids)}"
         if not self.verbose:
-            return await engine.run(context, root_prompt, sinks=sinks, query_id=query_id)
+            return await engine.run(
+                context, root_prompt, sinks=sinks, query_id=query_id, budget_parent=budget_parent
+            )
         from ._progress import LiveProgress  # verbose=True: the official flag shows live progress
 
         with LiveProgress() as progress:
-            return await engine.run(context, root_prompt, sinks=(*sinks, progress), query_id=query_id)
+            return await engine.run(
+                context,
+                root_prompt,
+                sinks=(*sinks, progress),
+                query_id=query_id,
+                budget_parent=budget_parent,
+            )
+
+    async def abatch(
+        self,
+        items: Iterable[BatchItem | InvalidItem | Mapping[str, Any]],
+        *,
+        concurrency: int = 8,
+        budget: BudgetLimits | None = None,
+        control: BatchControl | None = None,
+        event_sinks: Sequence[_events.EventSink] = (),
+    ) -> AsyncGenerator[BatchRow, None]:
+        """Answer many queries under one batch budget; yields one `BatchRow` per item as
+        each finishes (see `rlm_async.batch` and docs/batch.md)."""
+        from .batch import stream_rows
+
+        engine = await self._engine()
+
+        async def run_query(query: str, context: Context, parent: BudgetLedger) -> RLMResult:
+            return await self.acompletion(context, query, event_sinks=event_sinks, budget_parent=parent)
+
+        async with stream_rows(
+            run_query,
+            items,
+            config=self.config,
+            governor=engine.governor,
+            concurrency=concurrency,
+            budget=budget,
+            control=control,
+        ) as rows:
+            async for row in rows:
+                yield row
+
+    def batch(
+        self,
+        items: Iterable[BatchItem | InvalidItem | Mapping[str, Any]],
+        *,
+        concurrency: int = 8,
+        budget: BudgetLimits | None = None,
+    ) -> list[BatchRow]:
+        """Synchronous `abatch`: every row, in the order the queries finished."""
+
+        async def run() -> list[BatchRow]:
+            try:
+                return [row async for row in self.abatch(items, concurrency=concurrency, budget=budget)]
+            finally:
+                await self.aclose()
+
+        return anyio.run(run)
 
     def completion(self, prompt: Context, root_prompt: str | None = None) -> RLMResult:
         """Synchronous `acompletion`: runs its own event loop, then closes what it opened."""

@@ -13,7 +13,7 @@ from .. import _events
 from .._cache import BatchPlan, plan_batch
 from .._config import ModelConfig, RLMConfig
 from .._context import Context
-from .._governor import Governor
+from .._governor import BudgetLedger, Governor
 from .._journal import Journal
 from .._result import RLMResult
 from .._types import ModelRequest
@@ -76,8 +76,9 @@ class Engine:
         *,
         sinks: tuple[_events.EventSink, ...] = (),
         query_id: str = "q1",
+        budget_parent: BudgetLedger | None = None,
     ) -> RLMResult:
-        query = Query(self, query_id=query_id)
+        query = Query(self, query_id=query_id, budget_parent=budget_parent)
         query.check_prices()
         kept: list[_events.Event] = []
         if self.config.keep_events:

@@ -10,6 +10,7 @@ import anyio
 
 from .. import _events
 from .._context import Context
+from .._governor import BudgetLedger
 from .._prompts import describe_context
 from .._result import RLMResult, UsageTotals
 from .._tree import CallTree
@@ -28,13 +29,13 @@ __all__ = ["Query"]
 class Query:
     """The root of one `acompletion`: wires the state, the call path and the turn loop."""
 
-    def __init__(self, engine: Engine, *, query_id: str) -> None:
+    def __init__(self, engine: Engine, *, query_id: str, budget_parent: BudgetLedger | None = None) -> None:
         self._engine = engine
         self._config = engine.config
         self.state = QueryState(
             query_id=query_id,
             tree=CallTree(engine.clock),
-            ledger=engine.governor.ledger(self._config.budget),
+            ledger=engine.governor.ledger(self._config.budget, parent=budget_parent),
         )
         self._loop = RLMLoop(engine, self.state, CallPath(engine, self.state))
 

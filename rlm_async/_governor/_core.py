@@ -145,9 +145,10 @@ class Governor:
             config.default_limits, clock=clock, sleep=sleep, retry_after_cap_s=config.retry.retry_after_cap_s
         )
 
-    def ledger(self, limits: BudgetLimits | None = None) -> BudgetLedger:
-        """A new query ledger under the process ledger."""
-        return BudgetLedger(limits, parent=self.process_ledger, clock=self._clock)
+    def ledger(self, limits: BudgetLimits | None = None, *, parent: BudgetLedger | None = None) -> BudgetLedger:
+        """A new query ledger under `parent` (a batch's ledger, itself under the process
+        ledger), or directly under the process ledger."""
+        return BudgetLedger(limits, parent=parent or self.process_ledger, clock=self._clock)
 
     def configure_limits(self, endpoint: str, model: str, limits: EndpointLimits) -> None:
         """Set the limits of one endpoint+model for every query from now on."""
