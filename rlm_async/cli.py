@@ -4,6 +4,8 @@
     rlm-async run --context PATH|- --query TEXT [--config configs/NAME.toml] [--max-depth N] [--json]
     rlm-async sim [--config sim.toml] [--port P]    the simulated OpenAI-compatible server
     rlm-async trace view TRACE.jsonl -o run.html    a self-contained HTML timeline
+    rlm-async batch INPUT.jsonl --out OUT.jsonl [--config ...] [--concurrency N] [--budget-usd X]
+              [--budget-tokens N] [--journal PATH]    many queries under one budget, resumable
 
 Errors the user can fix (a missing file, an unreachable endpoint, a missing key, an unknown
 model, a bad context) print one line naming the problem and the fix and exit 2; a
@@ -73,6 +75,18 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("sim", help="run the simulated OpenAI-compatible server", add_help=False)
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+
+    batch = sub.add_parser("batch", help="answer a JSONL/CSV file of queries under one budget, resumably")
+    batch.add_argument("input", help='JSONL ({"id", "query", "context" or "context_file"} a line) or CSV')
+    batch.add_argument("--out", required=True, help="JSONL output, one row per input; rerun to resume")
+    batch.add_argument("--config", help="a TOML file from configs/ (per-query caps go in its [budget])")
+    batch.add_argument("--concurrency", type=int, default=8, help="queries at once (default 8)")
+    batch.add_argument("--budget-usd", type=float, help="dollar cap over the whole batch")
+    batch.add_argument("--budget-tokens", type=int, help="total-token cap over the whole batch")
+    batch.add_argument("--journal", help="SQLite response journal: a rerun pays nothing twice")
+    batch.add_argument("--max-context-chars", type=int, help="refuse larger contexts (default 100M)")
+    batch.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    batch.add_argument("--quiet", action="store_true", help="no live progress")
 
     trace = sub.add_parser("trace", help="work with JSONL traces")
     tsub = trace.add_subparsers(dest="trace_command", required=True)
@@ -197,6 +211,54 @@ def _print_result(result: RLMResult, *, as_json: bool) -> None:
     )
 
 
+# ---------------------------------------------------------------------- batch
+async def _batch(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ._governor import BudgetLimits
+    from ._rlm import RLM
+    from .batch import DEFAULT_MAX_CONTEXT_CHARS, BatchProgress, render_summary, run_file
+
+    source = Path(args.input)
+    if not await anyio.Path(source).is_file():
+        raise CLIError(f"batch input {source} does not exist; pass a .jsonl or .csv file")
+    if args.concurrency < 1:
+        raise CLIError(f"--concurrency is {args.concurrency}; use at least 1")
+    # --budget-* cap the batch, not each query: per-query caps come from the config.
+    plain = argparse.Namespace(
+        config=args.config, max_depth=None, max_iterations=None, journal=None, budget_usd=None, timeout=None
+    )
+    config, sim_table = _load_config(plain)
+    if args.journal:
+        # Resuming a batch means replaying it as it went, sampled calls included.
+        config = dataclasses.replace(config, journal_path=args.journal, journal_reuse_nondeterministic=True)
+    budget = BudgetLimits(max_usd=args.budget_usd, max_total_tokens=args.budget_tokens)
+    console = Console(stderr=True)
+    async with AsyncExitStack() as stack:
+        if any(m.base_url == _SIM_BASE_URL for m in config.all_models()):
+            from .sim import SimConfig, SimServer
+
+            sim = await stack.enter_async_context(SimServer(SimConfig.from_dict(sim_table or {})))
+            config = _point_at(config, sim.base_url)
+        progress = stack.enter_context(BatchProgress(total=0, console=console, quiet=args.quiet or args.json))
+        rlm = await stack.enter_async_context(RLM(config=config))
+        summary = await run_file(
+            rlm,
+            source,
+            Path(args.out),
+            concurrency=args.concurrency,
+            budget=budget,
+            max_context_chars=args.max_context_chars or DEFAULT_MAX_CONTEXT_CHARS,
+            progress=progress,
+            handle_sigint=True,
+        )
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        console.print(render_summary(summary))
+    return summary.exit_code
+
+
 # ---------------------------------------------------------------------- demo
 async def _demo(args: argparse.Namespace) -> int:
     from ._progress import LiveProgress
@@ -311,7 +373,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = main_view(args.trace_path, args.output)
         print(f"wrote {out}")
         return 0
-    runner = _run if args.command == "run" else _demo
+    runner = {"run": _run, "batch": _batch}.get(args.command, _demo)
     return anyio.run(runner, args)
 
 

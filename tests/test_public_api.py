@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "_config": 4,
     "_engine": 5,
     "_rlm": 6,
+    "batch": 6,
     "sim": 7,
     "demo": 8,
     "cli": 9,

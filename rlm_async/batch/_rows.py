@@ -1,0 +1,182 @@
+"""Output rows: one per input, the batch's machine-readable result.
+
+    {"id": "q1", "line": 1, "status": "ok", "answer": "42", "error": null,
+     "usage": {"calls": 7, "prompt_tokens": 9120, "cached_tokens": 4096, "completion_tokens": 380,
+               "total_tokens": 9500, "journal_hits": 0, "failed_calls": 0, "refused_calls": 0},
+     "cost_usd": 0.0151, "cache_hit_ratio": 0.4491, "limit_hit": null,
+     "started_at": "2026-12-01T10:00:00.123+00:00", "wall_s": 3.2}
+
+Statuses: the query's own (`ok`, `max_iterations`, `budget_exceeded`, `timeout`, `error`),
+`invalid` (bad input: `error` names the line and the problem), and `not_started` (the
+batch cap could not cover the query: `error` starts with "budget:"). Every status but
+`not_started` is final: a resumed batch keeps those rows and skips their items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from .._result import RLMResult
+
+__all__ = ["FINAL_STATUSES", "BatchRow", "RowStatus", "RowUsage"]
+
+RowStatus = Literal["ok", "max_iterations", "budget_exceeded", "timeout", "error", "invalid", "not_started"]
+FINAL_STATUSES: frozenset[str] = frozenset(
+    {"ok", "max_iterations", "budget_exceeded", "timeout", "error", "invalid"}
+)
+ANSWERED: frozenset[str] = frozenset({"ok", "max_iterations"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowUsage:
+    """A query's tokens and calls (journal hits cost nothing: their usage is not counted)."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    journal_hits: int = 0
+    failed_calls: int = 0
+    refused_calls: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "calls": self.calls,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "journal_hits": self.journal_hits,
+            "failed_calls": self.failed_calls,
+            "refused_calls": self.refused_calls,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RowUsage:
+        if not isinstance(data, dict):
+            return cls()
+        names = (
+            "calls",
+            "prompt_tokens",
+            "cached_tokens",
+            "completion_tokens",
+            "journal_hits",
+            "failed_calls",
+            "refused_calls",
+        )
+        return cls(**{n: int(data.get(n) or 0) for n in names})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchRow:
+    """The outcome of one input."""
+
+    id: str | int | None
+    line: int | None
+    status: RowStatus
+    answer: str | None = None
+    error: str | None = None
+    """Why the query did not answer (or answered only partly); `None` for "ok"."""
+    usage: RowUsage = field(default_factory=RowUsage)
+    cost_usd: float = 0.0
+    limit_hit: str | None = None
+    """Which cap ended or prevented the query ("usd", "batch.usd", ...)."""
+    started_at: float | None = None
+    """Unix time the query started; `None` if it never did."""
+    wall_s: float | None = None
+    result: RLMResult | None = field(default=None, compare=False, repr=False)
+    """The full result (Python API only; not written to the output file)."""
+
+    @property
+    def key(self) -> str:
+        return str(self.id) if self.id is not None else f"#line{self.line}"
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+    @property
+    def cache_hit_ratio(self) -> float:
+        u = self.usage
+        return u.cached_tokens / u.prompt_tokens if u.prompt_tokens else 0.0
+
+    @classmethod
+    def of_result(cls, id: str | int, line: int | None, result: RLMResult, started_at: float) -> BatchRow:
+        t = result.total
+        return cls(
+            id=id,
+            line=line,
+            status=result.status,
+            answer=result.response,
+            error=result.detail if result.status != "ok" else None,
+            usage=RowUsage(
+                calls=t.calls,
+                prompt_tokens=t.prompt_tokens,
+                cached_tokens=t.cached_tokens,
+                completion_tokens=t.completion_tokens,
+                journal_hits=t.journal_hits,
+                failed_calls=t.failed_calls,
+                refused_calls=t.refused_calls,
+            ),
+            cost_usd=t.cost_usd,
+            limit_hit=result.limit_hit,
+            started_at=started_at,
+            wall_s=result.execution_time,
+            result=result,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "line": self.line,
+            "status": self.status,
+            "answer": self.answer,
+            "error": self.error,
+            "usage": self.usage.to_dict(),
+            "cost_usd": round(self.cost_usd, 8),
+            "cache_hit_ratio": round(self.cache_hit_ratio, 4),
+            "limit_hit": self.limit_hit,
+            "started_at": _iso(self.started_at),
+            "wall_s": None if self.wall_s is None else round(self.wall_s, 4),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BatchRow:
+        """A row read back from an output file (for resume and the summary)."""
+        status = data.get("status")
+        if status not in FINAL_STATUSES and status != "not_started":
+            raise ValueError(f"unknown status {status!r}")
+        wall = data.get("wall_s")
+        return cls(
+            id=data.get("id"),
+            line=data.get("line"),
+            status=status,
+            answer=data.get("answer"),
+            error=data.get("error"),
+            usage=RowUsage.from_dict(data.get("usage")),
+            cost_usd=float(data.get("cost_usd") or 0.0),
+            limit_hit=data.get("limit_hit"),
+            started_at=_parse_iso(data.get("started_at")),
+            wall_s=float(wall) if isinstance(wall, int | float) else None,
+        )
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+
+
+def _parse_iso(text: object) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
