@@ -207,14 +207,19 @@ class Lease:
         """What the query may still commit, by its estimate."""
         return max(self.estimate[dim] - _committed(self.ledger, dim), Decimal(0))
 
-    def close(self, *, learn: bool) -> None:
-        """The query ended; `learn`: it ran, so what it held teaches the estimator."""
+    def close(self, *, learn: bool, cut_short: bool = False) -> None:
+        """The query ended; `learn`: it ran, so what it held teaches the estimator;
+        `cut_short`: a budget refused some of its calls, so it needed more than it held,
+        and more than its lease: the lesson is at least the lease."""
         if self.closed:
             return
         self.closed = True
         self._budget._leases.discard(self)
         if learn:
-            self._budget.estimator.observe(self.prior, {d: _peak(self.ledger, d) for d in _DIMS})
+            peak = {d: _peak(self.ledger, d) for d in _DIMS}
+            if cut_short:
+                peak = {d: max(peak[d], self.estimate[d]) for d in _DIMS}
+            self._budget.estimator.observe(self.prior, peak)
 
 
 class BatchBudget:

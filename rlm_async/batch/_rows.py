@@ -9,7 +9,8 @@
 Statuses: the query's own (`ok`, `max_iterations`, `budget_exceeded`, `timeout`, `error`),
 `invalid` (bad input: `error` names the line and the problem), and `not_started` (the
 batch cap could not cover the query: `error` starts with "budget:"). Every status but
-`not_started` is final: a resumed batch keeps those rows and skips their items.
+`not_started` is final (and `budget_exceeded` by the batch's cap, `limit_hit` "batch.usd"
+or "batch.total_tokens"): a resumed batch keeps those rows and skips their items.
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ class BatchRow:
 
     @property
     def final(self) -> bool:
+        """Whether a resumed batch keeps this row: not for `not_started`, nor for a query
+        cut short by the batch's cap (rather than its own), which a rerun resumes."""
+        if self.status == "budget_exceeded" and (self.limit_hit or "").startswith("batch."):
+            return False
         return self.status in FINAL_STATUSES
 
     @property

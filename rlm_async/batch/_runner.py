@@ -183,7 +183,7 @@ class BatchRunner:
     ) -> None:
         started = self._wall()
         row: BatchRow | None = None
-        learn = False
+        learn = cut_short = False
         try:
             try:
                 context = await anyio.to_thread.run_sync(item.load_context)
@@ -210,8 +210,9 @@ class BatchRunner:
             row = BatchRow.of_result(item.id, item.line, result, started)
             # Even a query cut short by a budget held at least what it held: learn from it.
             learn = True
+            cut_short = result.status == "budget_exceeded"
         finally:
-            lease.close(learn=learn)
+            lease.close(learn=learn, cut_short=cut_short)
             self._notify()
             if row is not None:
                 await self._deliver(deliver, row)
