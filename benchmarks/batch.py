@@ -96,7 +96,11 @@ async def run(queries: int, rpm: int, concurrency: int, seed: int) -> dict[str, 
         )
         correct = 0
         statuses: dict[str, int] = {}
-        cpu_self, cpu_children, wall = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
+        cpu_self, cpu_children, wall = (
+            cpu(resource.RUSAGE_SELF),
+            cpu(resource.RUSAGE_CHILDREN),
+            time.perf_counter(),
+        )
         async with RLM(config=config) as rlm:
             async for row in rlm.abatch(items, concurrency=concurrency):
                 statuses[row.status] = statuses.get(row.status, 0) + 1

@@ -36,7 +36,7 @@ same moment all miss. So, when it pays:
   batches with the same instructions, so they land on machines already warm.
 
 What it is not: a guarantee of hits (providers evict, route and round as they please;
-`CacheStats` reports what actually happened), or a tokenizer (tokens are estimated as
+`RLMResult.by_depth[d].cache_hit_ratio` reports what actually happened), or a tokenizer (tokens are estimated as
 characters / `chars_per_token`, which under-counts code and non-English text — the safe
 direction for the cacheable-minimum test).
 """
@@ -45,22 +45,18 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
-from ._types import CallRecord, ModelRequest, Usage
+from ._types import ModelRequest
 from .exceptions import ConfigError
 
 __all__ = [
     "BatchPlan",
     "CacheSettings",
-    "CacheStats",
     "SharedPrefix",
     "WarmReason",
-    "cache_hit_ratio",
-    "cache_stats",
-    "cache_stats_by_depth",
     "cacheable_tokens",
     "plan_batch",
     "shared_prefix",
@@ -376,77 +372,3 @@ def _shared_prefix_text(requests: Sequence[ModelRequest]) -> str:
 
 def _digest(model: str, text: str) -> str:
     return hashlib.sha256(f"{model}\x00{text}".encode("utf-8", "surrogatepass")).hexdigest()
-
-
-# -- reporting --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class CacheStats:
-    """Prompt-cache outcome of a set of calls, as the servers reported it."""
-
-    calls: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    prefix_tokens: int = 0
-    """Estimated shared-prefix tokens of the calls whose prefix is known (from their plan)."""
-    prefix_cached_tokens: int = 0
-    """Cached tokens of those calls, each capped at its shared prefix."""
-
-    def __add__(self, other: CacheStats) -> CacheStats:
-        return CacheStats(
-            self.calls + other.calls,
-            self.prompt_tokens + other.prompt_tokens,
-            self.cached_tokens + other.cached_tokens,
-            self.prefix_tokens + other.prefix_tokens,
-            self.prefix_cached_tokens + other.prefix_cached_tokens,
-        )
-
-    @property
-    def hit_ratio(self) -> float | None:
-        """Cached / prompt tokens; `None` without prompt tokens."""
-        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
-
-    @property
-    def prefix_hit_ratio(self) -> float | None:
-        """Cached / shared-prefix tokens: how much of what the batch shared was served from
-        cache. Below 1 even with every request hitting, by the provider's step rounding and
-        the first request per bucket; `None` where no prefix is known."""
-        return self.prefix_cached_tokens / self.prefix_tokens if self.prefix_tokens else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "calls": self.calls,
-            "prompt_tokens": self.prompt_tokens,
-            "cached_tokens": self.cached_tokens,
-            "prefix_tokens": self.prefix_tokens,
-            "hit_ratio": self.hit_ratio,
-            "prefix_hit_ratio": self.prefix_hit_ratio,
-        }
-
-
-def cache_stats(usage: Usage, prefix_tokens: int | None = None) -> CacheStats:
-    """The stats of one call; `prefix_tokens` is its plan's shared-prefix estimate, if any."""
-    known = prefix_tokens or 0
-    return CacheStats(1, usage.prompt_tokens, usage.cached_tokens, known, min(usage.cached_tokens, known))
-
-
-def cache_hit_ratio(usages: Iterable[Usage]) -> float | None:
-    """Cached / prompt tokens over `usages`; `None` without prompt tokens."""
-    total = sum(usages, Usage())
-    return total.cached_tokens / total.prompt_tokens if total.prompt_tokens else None
-
-
-def cache_stats_by_depth(
-    records: Iterable[CallRecord], *, prefix_tokens: Mapping[str, int] | None = None
-) -> dict[int, CacheStats]:
-    """Cache stats per depth over successful calls that reached a server (journal hits are
-    left out: they never met a cache). `prefix_tokens` maps call ids to their plan's
-    shared-prefix estimate."""
-    known = prefix_tokens or {}
-    by_depth: dict[int, CacheStats] = {}
-    for r in records:
-        if r.status != "ok" or r.from_journal:
-            continue
-        by_depth[r.depth] = by_depth.get(r.depth, CacheStats()) + cache_stats(r.usage, known.get(r.call_id))
-    return dict(sorted(by_depth.items()))

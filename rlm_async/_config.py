@@ -13,7 +13,7 @@ import dataclasses
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +23,7 @@ from ._governor import BudgetLimits, EndpointLimits, GovernorConfig, ModelPrice
 from .exceptions import ConfigError
 from .sandbox import SandboxConfig
 
-__all__ = ["ModelConfig", "RLMConfig", "load_dataclass"]
+__all__ = ["ModelConfig", "RLMConfig", "load_dataclass", "read_toml"]
 
 T = TypeVar("T")
 
@@ -138,83 +138,123 @@ class RLMConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> RLMConfig:
         """Read a config file (see `configs/`). Unknown keys are errors that name the key."""
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} does not exist; see configs/ for examples") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        data = read_toml(path)
         data.pop("sim", None)  # the simulator's own table, read by the CLI that starts it
-        return cls.from_dict(data, where=str(p))
+        return cls.from_dict(data, source=str(path))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, where: str = "config") -> RLMConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> RLMConfig:
+        """The tables of a config file: `[rlm]` holds `RLMConfig`'s plain fields, the others
+        one nested setting each."""
         data = dict(data)
-        rlm = dict(data.pop("rlm", {}))
+        kwargs: dict[str, Any] = dict(data.pop("rlm", {}))
         if "root" not in data:
-            raise ConfigError(f"{where}: a [root] table with at least `model = ...` is required")
-        kwargs: dict[str, Any] = {**rlm}
-        kwargs["root"] = load_dataclass(ModelConfig, data.pop("root"), f"{where} [root]")
+            raise ConfigError(f"{source}: a [root] table with at least `model = ...` is required")
+
+        def load(typ: type[T], value: Any, table: str) -> T:
+            return load_dataclass(typ, value, table, source=source)
+
+        kwargs["root"] = load(ModelConfig, data.pop("root"), "root")
         if "sub" in data:
-            kwargs["sub"] = load_dataclass(ModelConfig, data.pop("sub"), f"{where} [sub]")
-        if "others" in data:
-            kwargs["others"] = tuple(
-                load_dataclass(ModelConfig, o, f"{where} [[others]]") for o in data.pop("others")
-            )
-        if "depth_models" in data:
-            kwargs["depth_models"] = tuple(
-                load_dataclass(ModelConfig, o, f"{where} [[depth_models]]") for o in data.pop("depth_models")
-            )
+            kwargs["sub"] = load(ModelConfig, data.pop("sub"), "sub")
+        for key in ("others", "depth_models"):
+            if key in data:
+                kwargs[key] = tuple(load(ModelConfig, o, f"[{key}]") for o in data.pop(key))
         for key, typ in (("budget", BudgetLimits), ("governor", GovernorConfig), ("sandbox", SandboxConfig)):
             if key in data:
-                kwargs[key] = load_dataclass(typ, data.pop(key), f"{where} [{key}]")
+                kwargs[key] = load(typ, data.pop(key), key)
         if "journal" in data:
-            journal = dict(data.pop("journal"))
-            unknown = set(journal) - {"path", "reuse_nondeterministic"}
-            if unknown:
-                raise ConfigError(
-                    f"{where} [journal]: unknown key(s) {sorted(unknown)}; known: path, reuse_nondeterministic"
-                )
-            kwargs["journal_path"] = journal.get("path")
-            kwargs["journal_reuse_nondeterministic"] = bool(journal.get("reuse_nondeterministic", False))
+            journal = load(_JournalTable, data.pop("journal"), "journal")
+            kwargs["journal_path"] = journal.path
+            kwargs["journal_reuse_nondeterministic"] = journal.reuse_nondeterministic
         if data:
             raise ConfigError(
-                f"{where}: unknown table(s) {sorted(data)}; known: root, sub, others, depth_models, rlm, "
+                f"{source}: unknown table(s) {sorted(data)}; known: root, sub, others, depth_models, rlm, "
                 "budget, governor, sandbox, journal, sim"
             )
-        return load_dataclass(cls, kwargs, where)
+        return load(cls, kwargs, "rlm")
 
 
-def load_dataclass(cls: type[T], data: Mapping[str, Any], where: str) -> T:
-    """Build a (nested) config dataclass from a TOML table, naming any unknown key."""
+@dataclass(frozen=True, kw_only=True)
+class _JournalTable:
+    """The `[journal]` table, read into `RLMConfig.journal_path` and
+    `journal_reuse_nondeterministic`."""
+
+    path: str | None = None
+    reuse_nondeterministic: bool = False
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file's tables; a missing or malformed file is a `ConfigError` naming it."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist; see configs/ for examples") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+
+
+Reader = Callable[[Mapping[str, Any]], Any]
+"""Builds a value of one type from its table, where the table is not the type's fields
+(the simulator's `PolicySpec`: a name plus free options)."""
+
+
+def load_dataclass(
+    cls: type[T],
+    data: Any,
+    table: str,
+    *,
+    source: str = "config",
+    readers: Mapping[type, Reader] | None = None,
+) -> T:
+    """Build a frozen config dataclass, nested ones included, from a TOML table.
+
+    The one TOML-to-dataclass loader (the simulator's configuration uses it too). `table`
+    is the table's dotted name and `source` the file it came from: every error names both,
+    and an unknown key is named with the valid keys. A dataclass-typed field reads a nested
+    table, a `tuple` field a TOML array, a `float` field an integer; `None` passes for an
+    optional field; a value that already has the field's type passes unchanged. Values are
+    otherwise checked by the dataclass itself (`__post_init__`), not here."""
+    return _load(cls, data, table, source, readers or {})
+
+
+def _load(cls: type[T], data: Any, table: str, source: str, readers: Mapping[type, Reader]) -> T:
     if isinstance(data, cls):
         return data
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+        raise ConfigError(f"{source}: [{table}] must be a table, got {type(data).__name__}")
+    reader = readers.get(cls)
+    if reader is not None:
+        built: T = reader(data)
+        return built
     assert dataclasses.is_dataclass(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(fields)}")
+        raise ConfigError(f"{source}: unknown key(s) in [{table}]: {unknown}; valid keys: {names}")
     hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        nested = _dataclass_in(hints[name])
-        if nested is not None and isinstance(value, Mapping):
-            value = load_dataclass(nested, value, f"{where}.{name}")
-        kwargs[name] = value
+    kwargs = {
+        name: _convert(hints[name], value, f"{table}.{name}", source, readers) for name, value in data.items()
+    }
     try:
         return cls(**kwargs)
     except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{source}: [{table}]: {exc}") from None
 
 
-def _dataclass_in(hint: Any) -> type | None:
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        return hint
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        for arg in typing.get_args(hint):
-            if dataclasses.is_dataclass(arg) and isinstance(arg, type):
-                return arg
-    return None
+def _convert(hint: Any, value: Any, table: str, source: str, readers: Mapping[type, Reader]) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) != 1:
+            return value
+        hint = args[0]
+    if isinstance(hint, type) and (hint in readers or dataclasses.is_dataclass(hint)):
+        return _load(hint, value, table, source, readers)
+    if typing.get_origin(hint) is tuple and isinstance(value, list | tuple):
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value

@@ -63,7 +63,7 @@ from ._events import emit
 from ._types import Completion, Message, ModelRequest, Usage
 from .exceptions import JournalError
 
-__all__ = ["Journal", "JournalStats"]
+__all__ = ["Journal"]
 
 _log = structlog.get_logger("rlm_async.journal")
 
@@ -99,25 +99,6 @@ _SCHEMA = (
 Synchronous = Literal["full", "normal"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class JournalStats:
-    """What a `Journal` did for the calls that went through `Journal.call`."""
-
-    hits: int
-    """Answered from the file without sending."""
-    shared: int
-    """Answered by an identical call that was in flight at the same time (single-flight)."""
-    misses: int
-    """Reusable calls that were not in the file and were sent."""
-    bypassed: int
-    """Calls that were not reusable (sampled): sent without a lookup, then recorded."""
-    writes: int
-    """Rows this process committed (including rows another process had already written)."""
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-
 class Journal:
     """A persistent, shareable record of completed model calls. Open with `Journal.open`."""
 
@@ -134,11 +115,6 @@ class Journal:
             _state.write_many, keep_on_cancel=True
         )
         self._closed = False
-        self.hits = 0
-        self.shared = 0
-        self.misses = 0
-        self.bypassed = 0
-        self.writes = 0
 
     # -- opening and closing ------------------------------------------------------------
 
@@ -207,11 +183,6 @@ class Journal:
         """
         return self.reuse_nondeterministic or request.temperature == 0
 
-    def stats(self) -> JournalStats:
-        return JournalStats(
-            hits=self.hits, shared=self.shared, misses=self.misses, bypassed=self.bypassed, writes=self.writes
-        )
-
     # -- storage ------------------------------------------------------------------------
 
     async def get(self, key: str) -> Completion | None:
@@ -226,7 +197,6 @@ class Journal:
         self._check_open()
         row = (key, completion.model, _encode_completion(completion), self._clock())
         await self._writes.submit(row)
-        self.writes += 1
 
     async def call(
         self,
@@ -248,7 +218,6 @@ class Journal:
         self._check_open()
         key = self.key(endpoint, request)
         if not self.reusable(request):
-            self.bypassed += 1
             completion = await send()
             await self.put(key, completion)
             return completion, False
@@ -256,7 +225,6 @@ class Journal:
         while (flight := self._flights.get(key)) is not None:
             await flight.done.wait()
             if flight.result is not None:
-                self.shared += 1
                 emit("journal.hit", call_id=call_id, source="in_flight", key=key)
                 return flight.result, True
             # The leader failed or was cancelled: loop, and lead unless another waiter did.
@@ -266,11 +234,9 @@ class Journal:
         try:
             stored = await self.get(key)
             if stored is not None:
-                self.hits += 1
                 flight.resolve(stored)
                 emit("journal.hit", call_id=call_id, source="journal", key=key)
                 return stored, True
-            self.misses += 1
             completion = await send()
             # Release the followers now; the flight stays registered until the row is
             # committed, so a call arriving meanwhile takes this result instead of sending.

@@ -36,6 +36,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from ._events import Event
+from ._types import Usage
 
 __all__ = ["LiveProgress", "ProgressSnapshot", "ProgressState", "RowSnapshot", "render_snapshot"]
 
@@ -109,13 +110,11 @@ class ProgressSnapshot:
     """"waiting" before query.start, "running", then query.finish's status."""
     elapsed_s: float
     calls: int
+    """Calls started, those in flight included."""
     in_flight: int
-    failed: int
     retries: int
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    cost_usd: float
+    totals: Usage
+    """The finished calls, counted as `RLMResult.total` counts them."""
     budget_usd: float | None
     rows: tuple[RowSnapshot, ...]
     """At most `max_rows` RLM nodes, parents before children: the roots, then the running
@@ -145,12 +144,8 @@ class ProgressState:
         self._wall_s: float | None = None
         self._budget: float | None = None
         self._calls_started = 0
-        self._failed = 0
         self._retries = 0
-        self._prompt = 0
-        self._cached = 0
-        self._completion = 0
-        self._cost = 0.0
+        self._totals = Usage()
 
     def __call__(self, event: Event) -> None:
         kind, f = event.kind, event.fields
@@ -231,14 +226,14 @@ class ProgressState:
     def _call_finish(self, event: Event) -> None:
         f = event.fields
         row_id, own = self._calls.pop(str(f.get("call_id")), (None, False))
-        failed = f.get("status", "ok") != "ok"
+        status = str(f.get("status", "ok"))
+        failed = status != "ok"
         cost = f.get("cost_usd")
         cost = float(cost) if isinstance(cost, int | float) else 0.0
-        self._failed += failed
-        self._prompt += _count(f.get("prompt_tokens"))
-        self._cached += _count(f.get("cached_tokens"))
-        self._completion += _count(f.get("completion_tokens"))
-        self._cost += cost
+        tokens = Usage(
+            _count(f.get("prompt_tokens")), _count(f.get("completion_tokens")), _count(f.get("cached_tokens"))
+        )
+        self._totals += Usage.of_call(status, tokens, cost_usd=cost, from_journal=bool(f.get("from_journal")))
         row = self._rows.get(row_id) if row_id is not None else None
         if row is None:
             return
@@ -287,12 +282,8 @@ class ProgressState:
                 elapsed_s=elapsed,
                 calls=self._calls_started,
                 in_flight=len(self._calls),
-                failed=self._failed,
                 retries=self._retries,
-                prompt_tokens=self._prompt,
-                cached_tokens=self._cached,
-                completion_tokens=self._completion,
-                cost_usd=self._cost,
+                totals=self._totals,
                 budget_usd=self._budget,
                 rows=rows,
                 hidden_rows=len(self._rows) - len(rows),
@@ -365,25 +356,28 @@ def render_snapshot(snap: ProgressSnapshot) -> RenderableType:
     head.append(f"  {snap.status}", style=_STATUS_STYLE.get(snap.status, "red"))
     head.append(f"  {snap.elapsed_s:.1f}s")
 
+    t = snap.totals
     stats = Text()
     stats.append(f"calls {snap.calls}  in flight {snap.in_flight}  ")
-    stats.append(f"failed {snap.failed}", style="red" if snap.failed else "dim")
+    stats.append(f"failed {t.failed_calls}", style="red" if t.failed_calls else "dim")
+    if t.refused_calls:
+        stats.append(f"  refused {t.refused_calls}", style="red")
     stats.append(f"  retries {snap.retries}", style="dim")
-    stats.append(f"   tokens in {_human(snap.prompt_tokens)}")
-    if snap.prompt_tokens:
-        stats.append(f" ({snap.cached_tokens / snap.prompt_tokens:.0%} cached)", style="dim")
-    stats.append(f"  out {_human(snap.completion_tokens)}")
+    stats.append(f"   tokens in {_human(t.prompt_tokens)}")
+    if t.cache_hit_ratio is not None:
+        stats.append(f" ({t.cache_hit_ratio:.0%} cached)", style="dim")
+    stats.append(f"  out {_human(t.completion_tokens)}")
 
     money = Table.grid(padding=(0, 1))
     if snap.budget_usd:
-        share = snap.cost_usd / snap.budget_usd
+        share = t.cost_usd / snap.budget_usd
         money.add_row(
-            Text(f"{_usd(snap.cost_usd)} of {_usd(snap.budget_usd)}"),
-            ProgressBar(total=snap.budget_usd, completed=min(snap.cost_usd, snap.budget_usd), width=30),
+            Text(f"{_usd(t.cost_usd)} of {_usd(snap.budget_usd)}"),
+            ProgressBar(total=snap.budget_usd, completed=min(t.cost_usd, snap.budget_usd), width=30),
             Text(f"{share:.0%}", style="red" if share >= 0.9 else ""),
         )
     else:
-        money.add_row(Text(f"{_usd(snap.cost_usd)} (no budget cap)"))
+        money.add_row(Text(f"{_usd(t.cost_usd)} (no budget cap)"))
 
     parts: list[RenderableType] = [head, stats, money]
     branches: dict[str, Tree] = {}

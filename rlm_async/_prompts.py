@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
-from typing import Any
+
+from ._context import Context
 
 __all__ = [
     "ContextMetadata",
@@ -48,8 +49,8 @@ class ContextMetadata:
         self.preview = preview
 
 
-def describe_context(context: Any) -> ContextMetadata:
-    """Measure a context already checked by `_context.validate_context`."""
+def describe_context(context: Context) -> ContextMetadata:
+    """Measure a context already checked by `_context.validate_context` (trusted here)."""
     if isinstance(context, str):
         return ContextMetadata("str", [len(context)], context[:PREVIEW_CHARS])
     if isinstance(context, list):

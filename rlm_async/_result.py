@@ -3,7 +3,8 @@
 `RLMResult` carries the official package's fields (`response`, `usage_summary`,
 `execution_time`, `root_model`, `prompt`) so code written for it reads results unchanged,
 plus our own: the status and which limit ended the run, every call record, the tree,
-per-model and per-depth usage and dollars, sub-call failures, journal hits, cache ratios.
+per-model and per-depth `Usage` (tokens, dollars, calls, journal hits, cache hit ratio),
+sub-call failures.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._types import CallRecord
+from ._types import CallRecord, Usage
 
 __all__ = [
     "ModelUsageSummary",
@@ -50,50 +51,9 @@ class UsageSummary:
         return {"model_usage_summaries": {m: u.to_dict() for m, u in self.model_usage_summaries.items()}}
 
 
-@dataclass(slots=True)
-class UsageTotals:
-    """Tokens, dollars and calls for one model or one depth."""
-
-    calls: int = 0
-    """Calls sent (journal hits included, budget refusals not)."""
-    failed_calls: int = 0
-    refused_calls: int = 0
-    """Calls the budget refused before sending."""
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    journal_hits: int = 0
-
-    @property
-    def cache_hit_ratio(self) -> float:
-        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
-    def add(self, record: CallRecord) -> None:
-        if record.status == "budget":
-            self.refused_calls += 1
-            return
-        self.calls += 1
-        if record.status != "ok":
-            self.failed_calls += 1
-        self.prompt_tokens += record.usage.prompt_tokens
-        self.cached_tokens += record.usage.cached_tokens
-        self.completion_tokens += record.usage.completion_tokens
-        self.cost_usd += record.cost_usd
-        self.journal_hits += int(record.from_journal)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "calls": self.calls,
-            "failed_calls": self.failed_calls,
-            "refused_calls": self.refused_calls,
-            "prompt_tokens": self.prompt_tokens,
-            "cached_tokens": self.cached_tokens,
-            "completion_tokens": self.completion_tokens,
-            "cost_usd": round(self.cost_usd, 8),
-            "journal_hits": self.journal_hits,
-            "cache_hit_ratio": round(self.cache_hit_ratio, 4),
-        }
+UsageTotals = Usage
+"""The name `RLMResult.total`, `by_model` and `by_depth` had before there was one usage
+type: they are `Usage` now (frozen, added with `+`; see the README's "Changes")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +91,10 @@ class RLMResult:
     nodes: list[dict[str, Any]] = field(default_factory=list)
     failures: list[SubCallFailure] = field(default_factory=list)
     subcall_results: list[SubCallResult] = field(default_factory=list)
-    by_model: dict[str, UsageTotals] = field(default_factory=dict)
-    by_depth: dict[int, UsageTotals] = field(default_factory=dict)
-    total: UsageTotals = field(default_factory=UsageTotals)
+    by_model: dict[str, Usage] = field(default_factory=dict)
+    by_depth: dict[int, Usage] = field(default_factory=dict)
+    total: Usage = field(default_factory=Usage)
+    """Every call's `CallRecord.totals` added up (as are `by_model` and `by_depth`)."""
     limit_hit: str | None = None
     """Which budget limit ended the run ("usd", "total_tokens", "calls", "seconds", ...)."""
     events: list[Any] = field(default_factory=list)

@@ -59,7 +59,6 @@ from ._trace_summary import (
     CellSpan,
     NodeSpan,
     PathStep,
-    Totals,
     TraceSummary,
     summarize,
 )
@@ -71,7 +70,6 @@ __all__ = [
     "CellSpan",
     "NodeSpan",
     "PathStep",
-    "Totals",
     "Trace",
     "TraceSummary",
     "TraceWriter",

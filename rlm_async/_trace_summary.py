@@ -26,31 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._events import Event
+from ._types import Usage
 
-__all__ = ["CallSpan", "CellSpan", "NodeSpan", "PathStep", "Totals", "TraceSummary", "summarize"]
+__all__ = ["CallSpan", "CellSpan", "NodeSpan", "PathStep", "TraceSummary", "summarize"]
 
 # Times on one monotonic clock, compared after subtraction: only float noise to absorb.
 _TOL = 1e-9
-
-
-@dataclass(frozen=True, slots=True)
-class Totals:
-    calls: int = 0
-    """Calls sent (journal hits included), as `RLMResult.total.calls` counts them."""
-    failed: int = 0
-    """Sent calls whose status is not "ok" (error, cancelled, unfinished)."""
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    """A subset of `prompt_tokens`, as the provider reports it."""
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    refused: int = 0
-    """Calls the budget refused before sending (status "budget"): not in `calls`."""
-
-    @property
-    def cache_ratio(self) -> float | None:
-        """cached / prompt tokens; `None` when no prompt tokens were reported."""
-        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +63,12 @@ class CallSpan:
     @property
     def duration(self) -> float:
         return self.end - self.start
+
+    @property
+    def totals(self) -> Usage:
+        """What this call adds to totals (`Usage.of_call`)."""
+        tokens = Usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        return Usage.of_call(self.status, tokens, cost_usd=self.cost_usd, from_journal=self.from_journal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +146,10 @@ class TraceSummary:
     calls: tuple[CallSpan, ...]
     """Every call, in order of start."""
     cells: tuple[CellSpan, ...]
-    totals: Totals
-    by_model: Mapping[str, Totals]
-    by_depth: Mapping[int, Totals]
+    totals: Usage
+    """Every call's `CallSpan.totals` added up, counted as `RLMResult.total` counts them."""
+    by_model: Mapping[str, Usage]
+    by_depth: Mapping[int, Usage]
     peak_in_flight: int
     peak_in_flight_by_depth: Mapping[int, int]
     concurrency: tuple[tuple[float, int], ...]
@@ -373,7 +361,7 @@ def _empty(query_id: str | None) -> TraceSummary:
         roots=(),
         calls=(),
         cells=(),
-        totals=Totals(),
+        totals=Usage(),
         by_model={},
         by_depth={},
         peak_in_flight=0,
@@ -513,27 +501,15 @@ def _cell_spans(
     return tuple(spans)
 
 
-def _totals(calls: Iterable[CallSpan]) -> Totals:
-    n = failed = prompt = cached = completion = refused = 0
-    cost = 0.0
-    for c in calls:
-        if c.status == "budget":  # never sent: counted apart, as the result counts them
-            refused += 1
-            continue
-        n += 1
-        failed += c.status != "ok"
-        prompt += c.prompt_tokens
-        cached += c.cached_tokens
-        completion += c.completion_tokens
-        cost += c.cost_usd
-    return Totals(n, failed, prompt, cached, completion, cost, refused)
+def _totals(calls: Iterable[CallSpan]) -> Usage:
+    return sum((c.totals for c in calls), Usage())
 
 
-def _grouped(calls: Iterable[CallSpan], key: Any) -> dict[Any, Totals]:
-    groups: dict[Any, list[CallSpan]] = defaultdict(list)
+def _grouped(calls: Iterable[CallSpan], key: Any) -> dict[Any, Usage]:
+    groups: dict[Any, Usage] = {}
     for c in calls:
-        groups[key(c)].append(c)
-    return {k: _totals(v) for k, v in groups.items()}
+        groups[key(c)] = groups.get(key(c), Usage()) + c.totals
+    return groups
 
 
 def _concurrency(

@@ -6,7 +6,7 @@ conversion to JSON-ready dicts. Nothing here imports from the rest of the packag
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
@@ -46,11 +46,29 @@ class ModelRequest:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Tokens as the server reported them. `cached_tokens` is a subset of `prompt_tokens`."""
+    """Tokens, dollars and calls: what one response reported, or the sum over any set of
+    calls (a query, a model, a depth, a ledger, a trace). The one usage type: every layer
+    that counts adds `Usage`s together with `+` and reads these names, the OpenAI wire's.
+
+    A response's usage (`Completion.usage`, `CallRecord.usage`) carries tokens only; what a
+    call adds to totals, its status counted, is `Usage.of_call(...)`. `cached_tokens` is a
+    subset of `prompt_tokens`. Dollars are a float here, a sum for reports; where a cap is
+    enforced the ledger pairs a `Usage` with exact `Decimal` dollars (`_governor.Charge`)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    _: KW_ONLY
+    cost_usd: float = 0.0
+    calls: int = 0
+    """Calls sent (each retry attempt counted by the ledger; journal hits counted by totals
+    of call records); budget refusals are not calls."""
+    failed_calls: int = 0
+    """Of `calls`, those whose status is not "ok" (error, cancelled, unfinished)."""
+    refused_calls: int = 0
+    """Calls the budget refused before sending: not in `calls`."""
+    journal_hits: int = 0
+    """Of `calls`, those answered from the response journal (no tokens, no dollars)."""
 
     @property
     def total_tokens(self) -> int:
@@ -60,19 +78,67 @@ class Usage:
     def uncached_prompt_tokens(self) -> int:
         return self.prompt_tokens - self.cached_tokens
 
+    @property
+    def cache_hit_ratio(self) -> float | None:
+        """cached / prompt tokens; `None` when no prompt tokens were reported (no call, or
+        only journal hits), so "nothing to measure" never reads as "every prompt missed"."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
+
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
             self.cached_tokens + other.cached_tokens,
+            cost_usd=self.cost_usd + other.cost_usd,
+            calls=self.calls + other.calls,
+            failed_calls=self.failed_calls + other.failed_calls,
+            refused_calls=self.refused_calls + other.refused_calls,
+            journal_hits=self.journal_hits + other.journal_hits,
         )
 
-    def to_dict(self) -> dict[str, int]:
+    def __neg__(self) -> Usage:
+        return Usage(
+            -self.prompt_tokens,
+            -self.completion_tokens,
+            -self.cached_tokens,
+            cost_usd=-self.cost_usd,
+            calls=-self.calls,
+            failed_calls=-self.failed_calls,
+            refused_calls=-self.refused_calls,
+            journal_hits=-self.journal_hits,
+        )
+
+    @classmethod
+    def of_call(
+        cls, status: str, tokens: Usage, *, cost_usd: float = 0.0, from_journal: bool = False
+    ) -> Usage:
+        """What one finished call adds to totals: a budget refusal counts apart (nothing was
+        sent); any other status is a call, failed unless "ok", with its tokens and dollars."""
+        if status == "budget":
+            return cls(refused_calls=1)
+        return cls(
+            tokens.prompt_tokens,
+            tokens.completion_tokens,
+            tokens.cached_tokens,
+            cost_usd=cost_usd,
+            calls=1,
+            failed_calls=int(status != "ok"),
+            journal_hits=int(from_journal),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        ratio = self.cache_hit_ratio
         return {
+            "calls": self.calls,
+            "failed_calls": self.failed_calls,
+            "refused_calls": self.refused_calls,
             "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
+            "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "cost_usd": round(self.cost_usd, 8),
+            "journal_hits": self.journal_hits,
+            "cache_hit_ratio": None if ratio is None else round(ratio, 4),
         }
 
 
@@ -122,6 +188,11 @@ class CallRecord:
     def latency_s(self) -> float:
         return self.finished_at - self.started_at
 
+    @property
+    def totals(self) -> Usage:
+        """What this call adds to totals: tokens, dollars, and how it counts (`Usage.of_call`)."""
+        return Usage.of_call(self.status, self.usage, cost_usd=self.cost_usd, from_journal=self.from_journal)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "call_id": self.call_id,
@@ -133,7 +204,7 @@ class CallRecord:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "status": self.status,
-            "usage": self.usage.to_dict(),
+            "usage": self.totals.to_dict(),
             "cost_usd": self.cost_usd,
             "attempts": self.attempts,
             "from_journal": self.from_journal,

@@ -181,7 +181,9 @@ async def _run(args: argparse.Namespace) -> int:
         if any(m.base_url == _SIM_BASE_URL for m in config.all_models()):
             from .sim import SimConfig, SimServer
 
-            sim = await stack.enter_async_context(SimServer(SimConfig.from_dict(sim_table or {})))
+            sim = await stack.enter_async_context(
+                SimServer(SimConfig.from_dict(sim_table or {}, source=args.config or "sim"))
+            )
             config = _point_at(config, sim.base_url)
         sinks: list[_events.EventSink] = []
         if args.trace:

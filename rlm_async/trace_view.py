@@ -27,7 +27,8 @@ from typing import Any
 
 from ._events import Event
 from ._trace import Trace, load_trace
-from ._trace_summary import CallSpan, Totals, TraceSummary, summarize
+from ._trace_summary import CallSpan, TraceSummary, summarize
+from ._types import Usage
 
 __all__ = ["main_view", "render_html"]
 
@@ -154,20 +155,20 @@ def _cards(s: TraceSummary) -> str:
                 _seconds(s.critical_path_s),
                 f"model time on the chain, {crit_share:.0%} of wall; {len(s.critical_calls)} calls",
             ),
-            _card("calls", str(t.calls), f"{t.failed} failed, {s.retries} retries"),
+            _card("calls", str(t.calls), f"{t.failed_calls} failed, {s.retries} retries"),
             _card("peak in flight", str(s.peak_in_flight), f"{len(s.nodes)} nodes"),
-            _card("tokens in", f"{t.prompt_tokens:,}", f"{_pct(t.cache_ratio)} cached"),
+            _card("tokens in", f"{t.prompt_tokens:,}", f"{_pct(t.cache_hit_ratio)} cached"),
             _card("tokens out", f"{t.completion_tokens:,}"),
             _card("cost", _usd(t.cost_usd), budget),
         ]
     )
 
 
-def _totals_table(title: str, head: str, rows: Iterable[tuple[str, Totals, str]], extra: str) -> str:
+def _totals_table(title: str, head: str, rows: Iterable[tuple[str, Usage, str]], extra: str) -> str:
     e = html.escape
     body = "".join(
-        f"<tr><td>{e(key)}</td><td>{t.calls}</td><td>{t.failed}</td><td>{t.prompt_tokens:,}</td>"
-        f"<td>{t.cached_tokens:,}</td><td>{_pct(t.cache_ratio)}</td><td>{t.completion_tokens:,}</td>"
+        f"<tr><td>{e(key)}</td><td>{t.calls}</td><td>{t.failed_calls}</td><td>{t.prompt_tokens:,}</td>"
+        f"<td>{t.cached_tokens:,}</td><td>{_pct(t.cache_hit_ratio)}</td><td>{t.completion_tokens:,}</td>"
         f"<td>{_usd(t.cost_usd)}</td>" + (f"<td>{e(more)}</td>" if extra else "") + "</tr>"
         for key, t, more in rows
     )

@@ -23,11 +23,11 @@ import pytest
 import pytest_asyncio
 import structlog
 
-from rlm_async import _sandbox_launch as launch
 from rlm_async._config import ModelConfig, RLMConfig
 from rlm_async._events import Event
 from rlm_async._governor import ModelPrice
 from rlm_async.sandbox import SandboxConfig
+from rlm_async.sandbox import _launch as launch
 from rlm_async.sim import SimConfig, SimServer
 
 # --------------------------------------------------------------------------- network guard

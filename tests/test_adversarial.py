@@ -32,9 +32,9 @@ from test_sandbox_support import (
 )
 from test_sandbox_support import open_worker as _open_worker
 
-from rlm_async import _sandbox_seccomp as seccomp
 from rlm_async.exceptions import BudgetExceeded
 from rlm_async.sandbox import Worker, WorkerRequest
+from rlm_async.sandbox import _seccomp as seccomp
 
 pytestmark = [pytest.mark.anyio, needs_bwrap]
 

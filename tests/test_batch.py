@@ -11,6 +11,7 @@ import pytest
 
 from rlm_async._config import ModelConfig, RLMConfig
 from rlm_async._governor import BudgetLedger, BudgetLimits, Charge, ModelPrice, PriceTable
+from rlm_async._types import Usage
 from rlm_async.batch import (
     BatchBudget,
     BatchItem,
@@ -20,7 +21,6 @@ from rlm_async.batch import (
     CostEstimator,
     InvalidItem,
     OutputFile,
-    RowUsage,
     read_items,
 )
 from rlm_async.exceptions import ConfigError
@@ -147,13 +147,13 @@ class TestAdmission:
         """With nothing learnt, a query whose prior exceeds the cap still starts alone,
         holding the whole cap; once it finished, the estimate comes from what it held."""
         b = self.budget(0.05)
-        prior = Charge(input_tokens=10_000, output_tokens=10_000, usd=Decimal("0.2"))
+        prior = Charge(Usage(10_000, 10_000), Decimal("0.2"))
         lease = b.admit(prior)
         assert lease is not None and lease.estimate["usd"] == Decimal("0.05")
         assert b.admit(prior) is None  # nothing beside a probe
         q = BudgetLedger(parent=lease.ledger)
-        r = q.reserve(Charge(usd=Decimal("0.01"), calls=1))
-        q.settle(r, Charge(usd=Decimal("0.004"), calls=1))
+        r = q.reserve(Charge(Usage(calls=1), Decimal("0.01")))
+        q.settle(r, Charge(Usage(calls=1), Decimal("0.004")))
         lease.close(learn=True)
         # Learnt: held 0.01 of a 0.2 prior -> 0.05 of the prior, x1.25 margin.
         nxt = b.admit(prior)
@@ -186,7 +186,7 @@ class TestAdmission:
     def test_a_per_query_cap_bounds_the_estimate(self) -> None:
         """With a per-query dollar cap, no estimate exceeds it."""
         b = self.budget(1.0, cfg=config(max_usd=0.002))
-        lease = b.admit(Charge(usd=Decimal("0.5"), input_tokens=1, output_tokens=1))
+        lease = b.admit(Charge(Usage(1, 1), Decimal("0.5")))
         assert lease is not None and lease.estimate["usd"] == Decimal("0.002")
 
     def test_only_dollars_and_total_tokens_are_batch_caps(self) -> None:
@@ -199,8 +199,8 @@ class TestSummary:
     def test_exit_code_and_counts(self) -> None:
         """Rows by status, dollars and latency quantiles; the exit code says the worst."""
         rows = [
-            row("a", usage=RowUsage(calls=2, prompt_tokens=100, cached_tokens=50), cost_usd=0.5, wall_s=1.0),
-            row("b", usage=RowUsage(calls=1, prompt_tokens=100), cost_usd=0.25, wall_s=3.0),
+            row("a", usage=Usage(100, 0, 50, calls=2), cost_usd=0.5, wall_s=1.0),
+            row("b", usage=Usage(100, 0, 0, calls=1), cost_usd=0.25, wall_s=3.0),
         ]
         s = BatchSummary.of_rows(rows, expected=2)
         assert s.by_status == {"ok": 2} and s.exit_code == 0 and s.cache_hit_ratio == 0.25

@@ -86,8 +86,8 @@ def amounts(ledger: BudgetLedger, which: str) -> dict[str, Decimal | int]:
     totals = ledger.spent if which == "spent" else ledger.reserved
     return {
         "usd": ledger.spent_usd if which == "spent" else ledger.reserved_usd,
-        "input_tokens": totals.input_tokens,
-        "output_tokens": totals.output_tokens,
+        "input_tokens": totals.prompt_tokens,
+        "output_tokens": totals.completion_tokens,
         "total_tokens": totals.total_tokens,
         "calls": totals.calls,
     }
@@ -159,8 +159,9 @@ async def one_run(seed: int) -> tuple[int, int]:
     refusals: list[tuple[ModelRequest, BudgetExceeded]] = []
 
     async def one(r: ModelRequest) -> None:
+        rng.randint(0, 2)  # was a depth for the ledger; still drawn so the seeded runs stay the same
         try:
-            await gov.call(r, transport, ledger=ledger, depth=rng.randint(0, 2), price=price)
+            await gov.call(r, transport, ledger=ledger, price=price)
         except BudgetExceeded as exc:
             refusals.append((r, exc))
         except (RateLimited, ServerError, BadRequest):

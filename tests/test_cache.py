@@ -10,15 +10,12 @@ import pytest
 from rlm_async._cache import (
     BatchPlan,
     CacheSettings,
-    CacheStats,
     SharedPrefix,
-    cache_hit_ratio,
-    cache_stats_by_depth,
     cacheable_tokens,
     plan_batch,
     shared_prefix,
 )
-from rlm_async._types import CallRecord, Message, ModelRequest, Usage
+from rlm_async._types import Message, ModelRequest, Usage
 from rlm_async.exceptions import ConfigError
 
 SYSTEM = "You are a careful reader answering questions about one chunk of a long document. " * 20
@@ -242,47 +239,8 @@ class TestSettings:
         assert isinstance(plan, BatchPlan)
 
 
-def record(call_id: str, depth: int, usage: Usage, **kw: object) -> CallRecord:
-    fields: dict[str, object] = {
-        "call_id": call_id,
-        "node_id": "n",
-        "parent_id": None,
-        "depth": depth,
-        "kind": "sub",
-        "model": "m",
-        "started_at": 0.0,
-        "finished_at": 1.0,
-        "status": "ok",
-        "usage": usage,
-    }
-    fields.update(kw)
-    return CallRecord(**fields)  # type: ignore[arg-type]
-
-
 class TestStats:
     def test_hit_ratio_is_cached_over_prompt_tokens(self) -> None:
         """The ratio the servers reported; None when there is nothing to divide."""
-        assert cache_hit_ratio([Usage(1000, 10, 0), Usage(1000, 10, 500)]) == 0.25
-        assert cache_hit_ratio([]) is None
-
-    def test_stats_by_depth_skip_journal_hits_and_failures(self) -> None:
-        """Per depth; calls that never reached a server do not dilute the ratio."""
-        records = [
-            record("r", 0, Usage(4000, 100, 3000)),
-            record("a", 1, Usage(3000, 50, 0)),
-            record("b", 1, Usage(3000, 50, 2048)),
-            record("c", 1, Usage(3000, 50, 3000), from_journal=True),
-            record("d", 1, Usage(), status="error"),
-        ]
-        stats = cache_stats_by_depth(records, prefix_tokens={"a": 2100, "b": 2100})
-        assert list(stats) == [0, 1]
-        assert stats[0] == CacheStats(1, 4000, 3000, 0, 0) and stats[0].prefix_hit_ratio is None
-        assert stats[1].calls == 2 and stats[1].hit_ratio == pytest.approx(2048 / 6000)
-        assert stats[1].prefix_hit_ratio == pytest.approx(2048 / 4200)
-        assert stats[1].to_dict()["prefix_tokens"] == 4200
-
-    def test_prefix_ratio_caps_each_call_at_its_prefix(self) -> None:
-        """Cached tokens beyond the shared prefix (an earlier turn of the same conversation)
-        do not push the prefix ratio past 1."""
-        stats = cache_stats_by_depth([record("a", 1, Usage(5000, 10, 4800))], prefix_tokens={"a": 2000})
-        assert stats[1].prefix_hit_ratio == 1.0
+        assert sum([Usage(1000, 10, 0), Usage(1000, 10, 500)], Usage()).cache_hit_ratio == 0.25
+        assert Usage().cache_hit_ratio is None

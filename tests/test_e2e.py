@@ -25,9 +25,9 @@ from rlm_async._parsing import find_final
 from rlm_async._prompts import sub_system_prompt
 from rlm_async._result import RLMResult
 from rlm_async._rlm import RLM
-from rlm_async._sandbox_launch import BOOTSTRAP_PATH, SANDBOX_BOOTSTRAP
 from rlm_async._types import Completion, ModelRequest
 from rlm_async.exceptions import ConfigError
+from rlm_async.sandbox._launch import BOOTSTRAP_PATH, SANDBOX_BOOTSTRAP
 from rlm_async.sim import KindLatency, LatencyModel, Policies, PolicySpec, SimConfig, SimServer
 from rlm_async.sim.policies import split_sub_prompt
 from rlm_async.transport import OpenAITransport, Transport

@@ -29,9 +29,9 @@ from rlm_async._governor import BudgetLimits, Governor, GovernorConfig
 from rlm_async._prompts import sub_system_prompt
 from rlm_async._result import RLMResult
 from rlm_async._rlm import RLM
-from rlm_async._sandbox_launch import BOOTSTRAP_PATH, SANDBOX_BOOTSTRAP
 from rlm_async._types import Completion, ModelRequest
 from rlm_async.demo import DEMO_PRICES
+from rlm_async.sandbox._launch import BOOTSTRAP_PATH, SANDBOX_BOOTSTRAP
 from rlm_async.sim import Faults, KindLatency, LatencyModel, Policies, PolicySpec, SimConfig, SimServer
 from rlm_async.transport import OpenAITransport, Transport
 from rlm_async.workloads import oolong_counting

@@ -231,7 +231,7 @@ class TestWarmFanOut:
         cached, prompt = sum(e.cached_tokens for e in subs), sum(e.prompt_tokens for e in subs)
         assert (depth1.calls, depth1.cached_tokens, depth1.prompt_tokens) == (CHUNKS, cached, prompt)
         assert depth1.cache_hit_ratio == pytest.approx(cached / prompt, rel=1e-12)
-        assert depth1.cache_hit_ratio > 0.8
+        assert depth1.cache_hit_ratio is not None and depth1.cache_hit_ratio > 0.8
 
     def test_cached_tokens_are_priced_at_the_cached_input_price(self, warm_run: CountRun) -> None:
         """The run's cost equals the server log priced with cached tokens at the cached-input
@@ -253,11 +253,13 @@ class TestColdFanOut:
     def test_simultaneous_cold_requests_all_miss(self, cold_run: CountRun) -> None:
         """Sent at once, the batch is in flight before any of it finishes, so nothing is
         cached yet for any of them: every request that arrived before the first finish
-        missed, and that is most of the batch."""
+        missed, and that is most of the batch. The server looks the prefix up when service
+        starts (after its capacity queue), so "before" is judged on the service start."""
         first_finish = cold_run.first_sub_finish()
         early = [e for e in cold_run.subs if e.arrival < first_finish]
         assert len(early) >= 0.5 * CHUNKS
-        assert all(e.cached_tokens == 0 for e in early)
+        served_early = [e for e in early if e.start is not None and e.start < first_finish]
+        assert served_early and all(e.cached_tokens == 0 for e in served_early)
 
     def test_warming_turns_the_misses_into_hits(self, warm_run: CountRun, cold_run: CountRun) -> None:
         """The same batch has >= 90% of its shared prefix cached when warmed, under half

@@ -577,7 +577,9 @@ class TestBudget:
         result = await run(m, budget=BudgetLimits(max_calls=3), keep_events=True)
         assert result.response == "1 refused, raised=True"
         totals = summarize(result.events).totals  # the trace counts calls as the result does
-        assert (totals.calls, totals.refused) == (result.total.calls, result.total.refused_calls) == (3, 2)
+        assert (
+            (totals.calls, totals.refused_calls) == (result.total.calls, result.total.refused_calls) == (3, 2)
+        )
         assert (result.status, result.limit_hit) == ("budget_exceeded", "calls")
         assert result.detail is not None and "2 call(s) were refused" in result.detail
         assert len(m.requests) == 3

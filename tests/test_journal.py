@@ -188,7 +188,6 @@ class TestStorage:
             for i in range(1000):
                 tg.start_soon(journal.put, f"k{i}", completion(str(i)))
         assert await journal.count() == 1000
-        assert journal.stats().writes == 1000
         got = await journal.get("k999")
         assert got is not None and got.text == "999"
 
@@ -253,7 +252,6 @@ class TestCall:
         assert (first.text, from_journal, send.calls) == ("42", False, 1)
         again, from_journal = await journal.call("e", request(prompt_cache_key="other"), send)
         assert (again, from_journal, send.calls) == (first, True, 1)
-        assert journal.stats().to_dict() == {"hits": 1, "shared": 0, "misses": 1, "bypassed": 0, "writes": 1}
 
     async def test_hit_emits_journal_hit(self, journal: Journal) -> None:
         """A hit is visible in the trace, labelled with the caller's call id."""
@@ -273,7 +271,7 @@ class TestCall:
             for _ in range(2):
                 _, from_journal = await j.call("e", request(temperature=None), send)
                 assert not from_journal
-            assert send.calls == 2 and j.stats().bypassed == 2
+            assert send.calls == 2
         async with await Journal.open(path, reuse_nondeterministic=True) as j:
             _, from_journal = await j.call("e", request(temperature=None), send)
             assert from_journal and send.calls == 2
@@ -309,7 +307,7 @@ class TestCall:
         assert send.calls == 1
         assert len(results) == 100 and len({id(c) for c, _ in results}) == 1
         assert sorted(f for _, f in results) == [False] + [True] * 99
-        assert journal.stats().shared == 99 and await journal.count() == 1
+        assert await journal.count() == 1
 
     async def test_leader_failure_hands_over_to_a_follower(self, journal: Journal) -> None:
         """When the call being waited on fails, one waiter sends instead; nobody hangs."""

@@ -40,10 +40,11 @@ class TestProgressState:
         for event in run.events():
             state(event)
         snap = state.snapshot()
-        assert (snap.status, snap.calls, snap.in_flight, snap.failed, snap.retries) == ("ok", 113, 0, 1, 2)
-        assert snap.prompt_tokens == sum(c["prompt"] for c in run.calls)
-        assert snap.cached_tokens == sum(c["cached"] for c in run.calls)
-        assert snap.cost_usd == pytest.approx(sum(c["cost"] for c in run.calls))
+        t = snap.totals
+        assert (snap.status, snap.calls, snap.in_flight, t.failed_calls, snap.retries) == ("ok", 113, 0, 1, 2)
+        assert snap.totals.prompt_tokens == sum(c["prompt"] for c in run.calls)
+        assert snap.totals.cached_tokens == sum(c["cached"] for c in run.calls)
+        assert snap.totals.cost_usd == pytest.approx(sum(c["cost"] for c in run.calls))
         assert snap.budget_usd == 1.0 and snap.hidden_rows == 0
         root, k1 = snap.rows
         assert (root.node_id, root.own_done, root.sub_done, root.sub_failed, root.iteration) == (
@@ -54,7 +55,7 @@ class TestProgressState:
             3,
         )
         assert (k1.parent_id, k1.depth, k1.own_done, k1.sub_done, k1.status) == ("root", 1, 2, 5, "ok")
-        assert root.cost_usd + k1.cost_usd == pytest.approx(snap.cost_usd)
+        assert root.cost_usd + k1.cost_usd == pytest.approx(snap.totals.cost_usd)
 
     def test_mid_run_shows_calls_in_flight_and_a_running_cell(self, engine_style: bool) -> None:
         """Part-way through a fan-out, in-flight counts equal calls started minus calls finished."""

@@ -9,6 +9,8 @@ from pathlib import Path
 import rlm_async
 
 PACKAGE = Path(rlm_async.__file__).parent
+BOOTSTRAP = PACKAGE / "sandbox" / "_bootstrap.py"
+"""Runs inside the sandbox as a script, where nothing of rlm_async is importable."""
 
 # Lower number = lower layer. A module may import only from its own layer or below.
 LAYERS: dict[str, int] = {
@@ -25,13 +27,6 @@ LAYERS: dict[str, int] = {
     "_journal": 2,
     "testing": 3,
     "sandbox": 3,
-    "_sandbox_channel": 3,
-    "_sandbox_launch": 3,
-    "_sandbox_procs": 3,
-    "_sandbox_seccomp": 3,
-    "_sandbox_types": 3,
-    "_sandbox_worker": 3,
-    "_worker": 3,
     "_tree": 3,
     "_result": 3,
     "_trace": 3,
@@ -101,7 +96,7 @@ class TestLayers:
         violations = []
         for path in PACKAGE.rglob("*.py"):
             rel = path.relative_to(PACKAGE).with_suffix("")
-            if rel.parts[0] == "_worker":
+            if path == BOOTSTRAP:
                 continue  # runs inside the sandbox and imports nothing of ours (checked below)
             module = ".".join(rel.parts)
             own = _layer(module)
@@ -112,12 +107,28 @@ class TestLayers:
 
     def test_worker_bootstrap_imports_only_the_stdlib(self) -> None:
         """The worker bootstrap runs inside the sandbox, where rlm_async is not importable."""
-        for path in (PACKAGE / "_worker").rglob("*.py"):
-            assert _internal_imports(path) == [], path
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Import):
-                    assert all(not a.name.startswith("rlm_async") for a in node.names)
+        assert _internal_imports(BOOTSTRAP) == []
+        tree = ast.parse(BOOTSTRAP.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert all(not a.name.startswith("rlm_async") for a in node.names)
+
+    def test_the_sandbox_is_reached_only_through_its_public_face(self) -> None:
+        """Outside rlm_async/sandbox/, no module imports a private module of the sandbox."""
+        offenders = []
+        for path in PACKAGE.rglob("*.py"):
+            rel = path.relative_to(PACKAGE).with_suffix("")
+            if rel.parts[0] == "sandbox":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom):
+                    names = [f"{node.module or ''}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                offenders += [f"{'.'.join(rel.parts)}: {n}" for n in names if "sandbox._" in n]
+        assert offenders == []
 
     def test_only_transport_imports_the_wire_libraries(self) -> None:
         """httpx and openai are imported by the transport alone (the simulator is a server)."""
@@ -141,6 +152,6 @@ class TestLayers:
         """Every module imports on its own (no import cycles hidden by import order)."""
         for path in PACKAGE.rglob("*.py"):
             rel = path.relative_to(PACKAGE).with_suffix("")
-            if rel.parts[0] == "_worker" or rel.name == "__main__":
+            if path == BOOTSTRAP or rel.name == "__main__":
                 continue
             importlib.import_module(".".join(["rlm_async", *rel.parts]).removesuffix(".__init__"))

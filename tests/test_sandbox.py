@@ -25,11 +25,6 @@ from test_sandbox_support import (
 )
 
 from rlm_async import _events
-from rlm_async import sandbox as sandbox_mod
-from rlm_async._sandbox_channel import Channel, ChannelClosed, ProtocolViolation
-from rlm_async._sandbox_worker import _parse_request
-from rlm_async._worker import bootstrap
-from rlm_async._worker.bootstrap import HEADER
 from rlm_async.exceptions import (
     BudgetExceeded,
     ConfigError,
@@ -37,7 +32,11 @@ from rlm_async.exceptions import (
     IsolationUnavailable,
     SandboxError,
 )
-from rlm_async.sandbox import ReducedIsolationWarning, SandboxConfig, WorkerRequest, start_worker
+from rlm_async.sandbox import ReducedIsolationWarning, SandboxConfig, WorkerRequest, _isolation, start_worker
+from rlm_async.sandbox import _bootstrap as bootstrap
+from rlm_async.sandbox._bootstrap import HEADER
+from rlm_async.sandbox._channel import Channel, ChannelClosed, ProtocolViolation
+from rlm_async.sandbox._protocol import parse_request as _parse_request
 
 pytestmark = pytest.mark.anyio
 
@@ -91,7 +90,7 @@ class TestContextLoading:
     async def test_non_json_list_is_refused(self) -> None:
         """A list holding something JSON cannot carry is a ContextTypeError."""
         with pytest.raises(ContextTypeError):
-            await start_worker([object()], config())
+            await start_worker([object()], config())  # type: ignore[list-item]
 
     async def test_40_mb_context_loads(self) -> None:
         """A 40 MB str context loads whole (the time is printed, not asserted)."""
@@ -793,7 +792,7 @@ class TestConfigAndIsolation:
 
     async def test_auto_falls_back_with_one_warning(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """isolation="auto" without bwrap runs unsandboxed and warns once per process."""
-        monkeypatch.setattr(sandbox_mod, "_warned", False)
+        monkeypatch.setattr(_isolation, "_warned", False)
         cfg = config(isolation="auto", bwrap_path="/nonexistent/bwrap")
         with pytest.warns(ReducedIsolationWarning, match="REDUCED ISOLATION"):
             async with open_worker(isolation="auto", bwrap_path="/nonexistent/bwrap") as worker:

@@ -19,9 +19,9 @@ from typing import Any
 import anyio
 import pytest
 
-from rlm_async import _sandbox_launch as launch
-from rlm_async import _sandbox_procs as procs
 from rlm_async.sandbox import SandboxConfig, Worker, WorkerRequest, start_worker
+from rlm_async.sandbox import _launch as launch
+from rlm_async.sandbox import _procs as procs
 
 pytestmark = pytest.mark.anyio
 

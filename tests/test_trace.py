@@ -316,7 +316,7 @@ class TestSummarize:
         run = standard_run(engine_style=engine_style)
         s = summarize(run.events())
         assert s.totals.calls == len(run.calls) == 113
-        assert s.totals.failed == 1 and s.retries == 2
+        assert s.totals.failed_calls == 1 and s.retries == 2
         for key, group in (("model", s.by_model), ("depth", s.by_depth)):
             for value, totals in group.items():
                 mine = [c for c in run.calls if c[key] == value]
@@ -329,12 +329,12 @@ class TestSummarize:
         assert s.totals.cost_usd == pytest.approx(s.reported["cost_usd"])
         assert s.totals.prompt_tokens == s.reported["prompt_tokens"]
 
-    def test_cache_ratio_per_depth(self) -> None:
+    def test_cache_hit_ratio_per_depth(self) -> None:
         """The cache-hit ratio of a depth is its cached over its prompt tokens; None without prompts."""
         s = summarize(standard_run().events())
-        assert s.by_depth[0].cache_ratio == pytest.approx((0 + 2000 + 2600) / (2000 + 2600 + 3000))
-        assert s.by_depth[2].cache_ratio == 0.0
-        assert summarize([]).totals.cache_ratio is None
+        assert s.by_depth[0].cache_hit_ratio == pytest.approx((0 + 2000 + 2600) / (2000 + 2600 + 3000))
+        assert s.by_depth[2].cache_hit_ratio == 0.0
+        assert summarize([]).totals.cache_hit_ratio is None
 
     def test_wall_time_status_budget_and_relative_times(self) -> None:
         """Wall time and status come from query.finish; times count from query.start."""

@@ -16,6 +16,7 @@ import anyio
 
 from .. import _events
 from .._config import ModelConfig
+from .._governor import CallTally
 from .._tree import Node
 from .._types import CallKind, CallRecord, CallStatus, Completion, ModelRequest, Usage
 from ..exceptions import BudgetExceeded
@@ -57,20 +58,18 @@ class CallPath:
                 # Prompt text may hold private data: only with log_text=True.
                 **({"prompt": request.messages[-1].content} if self._log_text else {}),
             )
-            attempts, cost = 0, 0.0
+            tally = CallTally()
             try:
 
                 async def send() -> Completion:
-                    nonlocal attempts, cost
                     governed = await self._engine.governor.call(
                         request,
                         transport,
                         ledger=self._state.ledger,
-                        depth=depth,
                         price=model.prices,
                         limits=model.limits,
+                        tally=tally,
                     )
-                    attempts, cost = governed.attempts, governed.cost_usd
                     return governed.completion
 
                 journal = self._engine.journal
@@ -90,7 +89,7 @@ class CallPath:
                     request,
                     started,
                     _status_of(exc),
-                    attempts=max(attempts, getattr(exc, "attempts", 1)),
+                    attempts=tally.attempts,
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 raise
@@ -103,8 +102,8 @@ class CallPath:
                 "ok",
                 # A journal hit consumed no tokens: its usage belongs to the call that paid.
                 usage=_NO_USAGE if from_journal else completion.usage,
-                cost=0.0 if from_journal else cost,
-                attempts=0 if from_journal else attempts,
+                cost=0.0 if from_journal else float(tally.spent.usd),
+                attempts=0 if from_journal else tally.attempts,
                 from_journal=from_journal,
                 text=completion.text,
             )

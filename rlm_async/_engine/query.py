@@ -12,8 +12,9 @@ from .. import _events
 from .._context import Context
 from .._governor import BudgetLedger
 from .._prompts import describe_context
-from .._result import RLMResult, UsageTotals
+from .._result import RLMResult
 from .._tree import CallTree
+from .._types import Usage
 from ..exceptions import ConfigError
 from .calls import CallPath
 from .outcome import RunEnded, RunOutcome
@@ -113,13 +114,13 @@ class Query:
 
     def _result(self, outcome: RunOutcome, wall: float, root_prompt: str | None) -> RLMResult:
         state = self.state
-        by_model: dict[str, UsageTotals] = {}
-        by_depth: dict[int, UsageTotals] = {}
-        total = UsageTotals()
+        by_model: dict[str, Usage] = {}
+        by_depth: dict[int, Usage] = {}
+        total = Usage()
         for r in state.records:
-            by_model.setdefault(r.model, UsageTotals()).add(r)
-            by_depth.setdefault(r.depth, UsageTotals()).add(r)
-            total.add(r)
+            by_model[r.model] = by_model.get(r.model, Usage()) + r.totals
+            by_depth[r.depth] = by_depth.get(r.depth, Usage()) + r.totals
+            total += r.totals
         return RLMResult(
             response=outcome.answer,
             status=outcome.status,

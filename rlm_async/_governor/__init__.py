@@ -9,9 +9,9 @@ acquire starves), it cannot refund, and it reads the asyncio loop's clock, so a 
 of our own meters both requests and tokens.
 """
 
-from ._budget import BudgetLedger, BudgetLimits, BudgetRemaining, Charge, Reservation, Totals
+from ._budget import BudgetLedger, BudgetLimits, Charge, Reservation
 from ._clock import Clock, ManualClock, Sleep, wait_until_idle
-from ._core import GovernedCompletion, Governor, GovernorConfig
+from ._core import CallTally, GovernedCompletion, Governor, GovernorConfig
 from ._estimate import CharsPerTokenEstimator, TokenEstimator, Utf8BytesEstimator
 from ._limits import EndpointLimits, LimitState, PauseGate, RequestTooLarge
 from ._prices import ModelPrice, PriceTable
@@ -21,7 +21,7 @@ from ._token_bucket import TokenBucket
 __all__ = [
     "BudgetLedger",
     "BudgetLimits",
-    "BudgetRemaining",
+    "CallTally",
     "Charge",
     "CharsPerTokenEstimator",
     "Clock",
@@ -40,7 +40,6 @@ __all__ = [
     "Sleep",
     "TokenBucket",
     "TokenEstimator",
-    "Totals",
     "Utf8BytesEstimator",
     "backoff_s",
     "wait_until_idle",

@@ -5,8 +5,8 @@ child RLMs); its optional `parent` (the process ledger) sees every charge too, a
 reservation must fit in every ledger up the chain.
 
     ledger = BudgetLedger(BudgetLimits(max_usd=1.00, max_total_tokens=50_000), parent=process)
-    r = ledger.reserve(Charge(input_tokens=900, output_tokens=512, usd=Decimal("0.002"), calls=1),
-                       model="gpt-5-mini", depth=1)     # raises BudgetExceeded: nothing is sent
+    r = ledger.reserve(Charge(Usage(900, 512, calls=1), Decimal("0.002")),
+                       model="gpt-5-mini")              # raises BudgetExceeded: nothing is sent
     ...                                                   # the call
     ledger.settle(r, Charge.of_usage(usage, usd=cost))    # the truth; the rest is refunded
 
@@ -16,15 +16,17 @@ dollar). `settle` replaces a reservation by what the server reported; when that 
 than what was reserved (the estimator is an upper bound, see `_estimate.py`), spent stays
 <= cap. When a server reports more, the ledger records the truth, counts an overrun and
 logs it: the bill is what it is. Everything here is synchronous and safe under cancellation.
+
+The ledger enforces caps; it is not a second set of books. Per-model and per-depth figures
+come from the call records (`RLMResult.by_model`, `by_depth`), not from here.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Any
 
 import structlog
 
@@ -33,7 +35,7 @@ from .._types import Usage
 from ..exceptions import BudgetExceeded, ConfigError
 from ._clock import Clock
 
-__all__ = ["BudgetLedger", "BudgetLimits", "BudgetRemaining", "Charge", "Reservation", "Totals"]
+__all__ = ["BudgetLedger", "BudgetLimits", "Charge", "Reservation"]
 
 _log = structlog.get_logger("rlm_async.governor")
 
@@ -100,124 +102,60 @@ class BudgetLimits:
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class Charge:
-    """An amount to reserve or to record: tokens, exact dollars, calls."""
+    """An amount to reserve or to record: a `Usage` (tokens, calls) and its exact dollars.
 
-    input_tokens: int = 0
-    cached_tokens: int = 0
-    """Of `input_tokens`, how many the provider served from its prefix cache."""
-    output_tokens: int = 0
+    Why not the usage's float `cost_usd`: caps are enforced on sums of charges, and float
+    sums drift (ten $0.10 charges do not add up to $1.00 in binary), which would let a
+    reservation cross a cap by a hair or refuse one that fits exactly. So the ledger adds
+    Decimal dollars and shows them as the float `cost_usd` only when read (`spent`)."""
+
+    usage: Usage = field(default_factory=Usage)
+    """Tokens and calls; its `cost_usd` is ignored (the dollars are `usd`)."""
     usd: Decimal = Decimal(0)
-    calls: int = 0
 
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
+    def __add__(self, other: Charge) -> Charge:
+        return Charge(self.usage + other.usage, self.usd + other.usd)
+
+    def __sub__(self, other: Charge) -> Charge:
+        return Charge(self.usage + -other.usage, self.usd - other.usd)
+
+    def dim(self, dim: str) -> Decimal | int:
+        """The amount a cap named `dim` ("usd", "input_tokens", ...) counts."""
+        if dim == "usd":
+            return self.usd
+        return int(getattr(self.usage, _USAGE_FIELD[dim]))
+
+    def as_usage(self) -> Usage:
+        """The usage with the exact dollars shown as its float `cost_usd`."""
+        return replace(self.usage, cost_usd=float(self.usd))
 
     @classmethod
     def of_usage(cls, usage: Usage, *, usd: Decimal, calls: int = 1) -> Charge:
-        return cls(
-            input_tokens=usage.prompt_tokens,
-            cached_tokens=usage.cached_tokens,
-            output_tokens=usage.completion_tokens,
-            usd=usd,
-            calls=calls,
-        )
+        """A settled call: the tokens a server reported, counted as `calls` calls."""
+        return cls(replace(usage, calls=calls), usd)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Totals:
-    """What was spent: per ledger, per model, per depth."""
-
-    calls: int = 0
-    input_tokens: int = 0
-    cached_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "calls": self.calls,
-            "input_tokens": self.input_tokens,
-            "cached_tokens": self.cached_tokens,
-            "output_tokens": self.output_tokens,
-            "total_tokens": self.total_tokens,
-            "cost_usd": self.cost_usd,
-        }
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BudgetRemaining:
-    """What can still be reserved, the tightest over the ledger chain; `None` = no cap."""
-
-    usd: float | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    total_tokens: int | None = None
-    calls: int | None = None
-    seconds: float | None = None
-
-
-class _Meter:
-    """Mutable running sums (dollars exact)."""
-
-    __slots__ = ("cached_tokens", "calls", "input_tokens", "output_tokens", "usd")
-
-    def __init__(self) -> None:
-        self.input_tokens = 0
-        self.cached_tokens = 0
-        self.output_tokens = 0
-        self.usd = Decimal(0)
-        self.calls = 0
-
-    def add(self, c: Charge, sign: int = 1) -> None:
-        self.input_tokens += sign * c.input_tokens
-        self.cached_tokens += sign * c.cached_tokens
-        self.output_tokens += sign * c.output_tokens
-        self.usd += sign * c.usd
-        self.calls += sign * c.calls
-
-    def get(self, dim: str) -> Decimal | int:
-        if dim == "total_tokens":
-            return self.input_tokens + self.output_tokens
-        value: Decimal | int = getattr(self, dim)
-        return value
-
-    def totals(self) -> Totals:
-        return Totals(
-            calls=self.calls,
-            input_tokens=self.input_tokens,
-            cached_tokens=self.cached_tokens,
-            output_tokens=self.output_tokens,
-            cost_usd=float(self.usd),
-        )
-
-
-_DIMS = ("usd", "input_tokens", "output_tokens", "total_tokens", "calls")
-
-
-def _charge_dim(c: Charge, dim: str) -> Decimal | int:
-    if dim == "total_tokens":
-        return c.total_tokens
-    value: Decimal | int = getattr(c, dim)
-    return value
+_USAGE_FIELD = {
+    "input_tokens": "prompt_tokens",
+    "output_tokens": "completion_tokens",
+    "total_tokens": "total_tokens",
+    "calls": "calls",
+}
+"""Cap names (`BudgetLimits.max_<name>`, `BudgetExceeded.limit`) -> the `Usage` field counted."""
+_DIMS = ("usd", *_USAGE_FIELD)
 
 
 class Reservation:
     """A reservation made by `BudgetLedger.reserve`; settle or release it exactly once."""
 
-    __slots__ = ("charge", "depth", "done", "ledger", "model")
+    __slots__ = ("charge", "done", "ledger", "model")
 
-    def __init__(self, ledger: BudgetLedger, charge: Charge, model: str, depth: int) -> None:
+    def __init__(self, ledger: BudgetLedger, charge: Charge, model: str) -> None:
         self.ledger = ledger
         self.charge = charge
         self.model = model
-        self.depth = depth
         self.done = False
 
 
@@ -245,10 +183,8 @@ class BudgetLedger:
             cap = getattr(self.limits, f"max_{dim}")
             if cap is not None:
                 self._caps[dim] = Decimal(str(cap)) if dim == "usd" else int(cap)
-        self._spent = _Meter()
-        self._reserved = _Meter()
-        self._by_model: dict[str, _Meter] = {}
-        self._by_depth: dict[int, _Meter] = {}
+        self._spent = Charge()
+        self._reserved = Charge()
         self.refusals = 0
         """Reservations refused (calls not sent)."""
         self.last_refusal: BudgetExceeded | None = None
@@ -277,13 +213,13 @@ class BudgetLedger:
         return f"{self.name}.{dim}" if self.name else dim
 
     # ------------------------------------------------------------------ reserve / settle
-    def reserve(self, charge: Charge, *, model: str = "", depth: int = 0) -> Reservation:
+    def reserve(self, charge: Charge, *, model: str = "") -> Reservation:
         """Reserve `charge` in this ledger and every ancestor, or raise `BudgetExceeded`
         (naming the first cap it would cross) and reserve nothing."""
         for ledger in self.chain():
             for dim, cap in ledger._caps.items():
-                committed = ledger._spent.get(dim) + ledger._reserved.get(dim)
-                requested = _charge_dim(charge, dim)
+                committed = ledger._spent.dim(dim) + ledger._reserved.dim(dim)
+                requested = charge.dim(dim)
                 if committed + requested > cap:
                     exc = BudgetExceeded(ledger._label(dim), float(cap), float(committed), float(requested))
                     for refused in {id(self): self, id(ledger): ledger}.values():
@@ -299,17 +235,17 @@ class BudgetLedger:
                     )
                     raise exc
         for ledger in self.chain():
-            ledger._reserved.add(charge)
+            ledger._reserved += charge
             ledger._note_peak()
         emit(
             "budget.reserve",
             model=model,
-            input_tokens=charge.input_tokens,
-            output_tokens=charge.output_tokens,
+            input_tokens=charge.usage.prompt_tokens,
+            output_tokens=charge.usage.completion_tokens,
             usd=float(charge.usd),
-            calls=charge.calls,
+            calls=charge.usage.calls,
         )
-        return Reservation(self, charge, model, depth)
+        return Reservation(self, charge, model)
 
     def settle(self, reservation: Reservation, actual: Charge) -> None:
         """Replace the reservation by what was spent; the difference is refunded."""
@@ -320,18 +256,16 @@ class BudgetLedger:
         reservation.done = True
         overrun: list[str] = []
         for ledger in self.chain():
-            ledger._reserved.add(reservation.charge, -1)
-            ledger._spent.add(actual)
-            ledger._by_model.setdefault(reservation.model, _Meter()).add(actual)
-            ledger._by_depth.setdefault(reservation.depth, _Meter()).add(actual)
+            ledger._reserved -= reservation.charge
+            ledger._spent += actual
             for dim, cap in ledger._caps.items():
-                if ledger._spent.get(dim) > cap:
+                if ledger._spent.dim(dim) > cap:
                     overrun.append(
-                        f"{ledger._label(dim)} {float(ledger._spent.get(dim)):g} > cap {float(cap):g}"
+                        f"{ledger._label(dim)} {float(ledger._spent.dim(dim)):g} > cap {float(cap):g}"
                     )
         over_reserved = []
         for dim in _DIMS:
-            used, held = _charge_dim(actual, dim), _charge_dim(reservation.charge, dim)
+            used, held = actual.dim(dim), reservation.charge.dim(dim)
             if used > held:
                 over_reserved.append(f"{dim} {float(used):g} > reserved {float(held):g}")
         if over_reserved:
@@ -347,12 +281,12 @@ class BudgetLedger:
         emit(
             "budget.settle",
             model=reservation.model,
-            input_tokens=actual.input_tokens,
-            cached_tokens=actual.cached_tokens,
-            output_tokens=actual.output_tokens,
+            input_tokens=actual.usage.prompt_tokens,
+            cached_tokens=actual.usage.cached_tokens,
+            output_tokens=actual.usage.completion_tokens,
             usd=float(actual.usd),
-            calls=actual.calls,
-            refunded_tokens=reservation.charge.total_tokens - actual.total_tokens,
+            calls=actual.usage.calls,
+            refunded_tokens=reservation.charge.usage.total_tokens - actual.usage.total_tokens,
             refunded_usd=float(reservation.charge.usd - actual.usd),
             overrun=bool(over_reserved),
         )
@@ -361,7 +295,7 @@ class BudgetLedger:
         usd = self._spent.usd + self._reserved.usd
         if usd > self.peak_committed_usd:
             self.peak_committed_usd = usd
-        tokens = self._spent.get("total_tokens") + self._reserved.get("total_tokens")
+        tokens = self._spent.dim("total_tokens") + self._reserved.dim("total_tokens")
         if tokens > self.peak_committed_tokens:
             self.peak_committed_tokens = int(tokens)
 
@@ -371,12 +305,14 @@ class BudgetLedger:
 
     # ------------------------------------------------------------------ reading
     @property
-    def spent(self) -> Totals:
-        return self._spent.totals()
+    def spent(self) -> Usage:
+        """What was spent, dollars as a float view (`spent_usd` is exact)."""
+        return self._spent.as_usage()
 
     @property
-    def reserved(self) -> Totals:
-        return self._reserved.totals()
+    def reserved(self) -> Usage:
+        """What reservations not yet settled hold, dollars as a float view."""
+        return self._reserved.as_usage()
 
     @property
     def spent_usd(self) -> Decimal:
@@ -388,51 +324,10 @@ class BudgetLedger:
         """Exact dollars held by reservations not yet settled."""
         return self._reserved.usd
 
-    def by_model(self) -> dict[str, Totals]:
-        return {m: meter.totals() for m, meter in self._by_model.items()}
-
-    def by_depth(self) -> dict[int, Totals]:
-        return {d: meter.totals() for d, meter in sorted(self._by_depth.items())}
-
-    def seconds_elapsed(self) -> float:
-        return self._clock() - self.started_at
-
     def seconds_left(self) -> float | None:
         if self.limits.max_seconds is None:
             return None
-        return max(0.0, self.limits.max_seconds - self.seconds_elapsed())
-
-    @property
-    def exhausted_by(self) -> str | None:
-        """The first limit, up the chain, whose cap spending has reached (or the deadline
-        passed); `None` while every cap has room."""
-        for ledger in self.chain():
-            for dim, cap in ledger._caps.items():
-                if ledger._spent.get(dim) >= cap:
-                    return ledger._label(dim)
-            left = ledger.seconds_left()
-            if left is not None and left <= 0:
-                return ledger._label("seconds")
-        return None
-
-    @property
-    def exhausted(self) -> bool:
-        return self.exhausted_by is not None
-
-    def remaining(self) -> BudgetRemaining:
-        """What can still be reserved (cap - spent - reserved, at least 0), the tightest
-        over the chain."""
-        left: dict[str, Any] = {}
-        for ledger in self.chain():
-            for dim, cap in ledger._caps.items():
-                room = max(cap - ledger._spent.get(dim) - ledger._reserved.get(dim), 0)
-                left[dim] = room if dim not in left else min(left[dim], room)
-            seconds = ledger.seconds_left()
-            if seconds is not None:
-                left["seconds"] = seconds if "seconds" not in left else min(left["seconds"], seconds)
-        if "usd" in left:
-            left["usd"] = float(left["usd"])
-        return BudgetRemaining(**left)
+        return max(0.0, self.limits.max_seconds - (self._clock() - self.started_at))
 
     def describe_remaining(self) -> str:
         """One line for the root model: "$0.42 of $1.00, 12,000 of 50,000 tokens, ...";
@@ -446,10 +341,10 @@ class BudgetLedger:
 
     def summary(self) -> str:
         """`describe_remaining()` plus what was spent, for logs and results."""
-        s = self._spent
+        s = self._spent.usage
         spent = (
-            f"spent {_usd(s.usd)}, {s.input_tokens + s.output_tokens:,} tokens "
-            f"({s.input_tokens:,} in of which {s.cached_tokens:,} cached, {s.output_tokens:,} out) "
+            f"spent {_usd(self._spent.usd)}, {s.total_tokens:,} tokens "
+            f"({s.prompt_tokens:,} in of which {s.cached_tokens:,} cached, {s.completion_tokens:,} out) "
             f"in {s.calls:,} calls"
         )
         left = self.describe_remaining()
@@ -468,7 +363,7 @@ class BudgetLedger:
             cap = self._caps.get(dim)
             if cap is None:
                 continue
-            room = max(cap - self._spent.get(dim) - self._reserved.get(dim), 0)
+            room = max(cap - self._spent.dim(dim) - self._reserved.dim(dim), 0)
             if dim == "usd":
                 parts.append(f"{_usd(Decimal(room))} of {_usd(Decimal(cap))}")
             else:

@@ -2,8 +2,12 @@
 
     governor = Governor(GovernorConfig(process_budget=BudgetLimits(max_usd=20.0)))
     ledger = governor.ledger(BudgetLimits(max_usd=1.00))       # one per query tree
-    governed = await governor.call(request, transport, ledger=ledger, depth=1)
+    governed = await governor.call(request, transport, ledger=ledger)
     governed.completion.text, governed.attempts, governed.cost_usd
+
+    tally = CallTally()                                         # to read after a failure too
+    await governor.call(request, transport, ledger=ledger, tally=tally)   # raises ...
+    tally.attempts                                              # ... attempts it sent
 
 Each attempt, in order: reserve a budget upper bound (or raise `BudgetExceeded`, nothing
 sent) -> wait for the endpoint+model's limits -> send -> settle the ledger with reported
@@ -22,7 +26,6 @@ import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
-from decimal import Decimal
 
 import anyio
 import tenacity
@@ -38,7 +41,7 @@ from ._limits import EndpointLimits, LimitRegistry, LimitState, Permit
 from ._prices import ModelPrice, PriceTable
 from ._retry import RetryConfig, make_retrying
 
-__all__ = ["GovernedCompletion", "Governor", "GovernorConfig"]
+__all__ = ["CallTally", "GovernedCompletion", "Governor", "GovernorConfig"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,15 +101,23 @@ class GovernedCompletion:
     """Time slept between attempts."""
 
 
-class _Tally:
-    __slots__ = ("attempts", "backoff_s", "cost", "usage", "waited_s")
+@dataclass(slots=True)
+class CallTally:
+    """What one `Governor.call` has taken so far, updated as it goes, so that the caller can
+    read it whether the call returned, raised or was cancelled (pass one as `tally=`)."""
 
-    def __init__(self) -> None:
-        self.attempts = 0
-        self.usage = Usage()
-        self.cost = Decimal(0)
-        self.waited_s = 0.0
-        self.backoff_s = 0.0
+    spent: Charge = field(default_factory=Charge)
+    """Settled attempts: `spent.usage.calls` attempts sent (the server saw them), the
+    tokens they reported and their exact dollars."""
+    waited_s: float = 0.0
+    """Time spent queued for limits, all attempts."""
+    backoff_s: float = 0.0
+    """Time slept between attempts."""
+
+    @property
+    def attempts(self) -> int:
+        """Attempts sent so far; 0 when none was (a budget refusal, a cancelled wait)."""
+        return self.spent.usage.calls
 
 
 class Governor:
@@ -150,24 +161,15 @@ class Governor:
         ledger), or directly under the process ledger."""
         return BudgetLedger(limits, parent=parent or self.process_ledger, clock=self._clock)
 
-    def configure_limits(self, endpoint: str, model: str, limits: EndpointLimits) -> None:
-        """Set the limits of one endpoint+model for every query from now on."""
-        self._registry.configure(endpoint, model, limits)
-
-    def limits(self, endpoint: str, model: str) -> LimitState:
-        """The live limits of one endpoint+model (inside the event loop): read them, or
-        `resize(max_concurrency=...)` them."""
-        return self._registry.get(endpoint, model)
-
     async def call(
         self,
         request: ModelRequest,
         transport: Transport,
         *,
         ledger: BudgetLedger | None = None,
-        depth: int = 0,
         price: ModelPrice | None = None,
         limits: EndpointLimits | None = None,
+        tally: CallTally | None = None,
     ) -> GovernedCompletion:
         """Send `request` through limits, retries and the budget.
 
@@ -175,29 +177,24 @@ class Governor:
         model; `limits` configures this endpoint+model (the first time, or when changed).
 
         Raises `BudgetExceeded` before sending when a reservation does not fit, `FatalError`
-        at once, the last `RetryableError` when attempts run out, `ConfigError` for a dollar
-        cap over an unpriced model. A raised error carries `.attempts` (attempts sent)."""
+        at once, the last `RetryableError` when attempts run out; `tally`, when given, says
+        what was sent and spent up to then. A dollar cap over an unpriced model is the
+        caller's to refuse up front (the engine does, per query): here such a model costs
+        $0, or is a `ConfigError` with `GovernorConfig(require_prices=True)`."""
         if request.max_tokens is None:
             request = dataclasses.replace(request, max_tokens=self.config.default_max_tokens)
         output_bound = request.max_tokens
         assert output_bound is not None
         model = request.model
         ledger = ledger if ledger is not None else self.process_ledger
-        if ledger.caps_usd and not self.prices.is_priced(model, price):
-            raise ConfigError(
-                f"a dollar budget is set but no price is known for model {model!r}, so it could not "
-                "be enforced: give the model a ModelPrice (ModelPrice.free() for a self-hosted model)"
-            )
         state = self._registry.get(transport.endpoint, model, limits)
         prompt_bound = self.estimator.prompt_tokens(request)
         reserve = Charge(
-            input_tokens=prompt_bound,
-            output_tokens=output_bound,
-            usd=self.prices.reserve_cost(model, prompt_bound, output_bound, override=price),
-            calls=1,
+            Usage(prompt_bound, output_bound, calls=1),
+            self.prices.reserve_cost(model, prompt_bound, output_bound, override=price),
         )
         rate_tokens = self.rate_estimator.prompt_tokens(request) + output_bound
-        tally = _Tally()
+        tally = tally if tally is not None else CallTally()
 
         def before_sleep(retry_state: tenacity.RetryCallState) -> None:
             wait = retry_state.upcoming_sleep
@@ -215,23 +212,17 @@ class Governor:
         retrying = make_retrying(
             self.config.retry, sleep=self._sleep, rng=self._rng, before_sleep=before_sleep
         )
-        try:
-            completion: Completion = await retrying(
-                self._attempt, request, transport, state, ledger, depth, reserve, rate_tokens, price, tally
-            )
-        except Exception as exc:
-            try:
-                exc.attempts = tally.attempts  # type: ignore[attr-defined]
-            except AttributeError:  # an exception type with __slots__: the count is a nicety
-                pass
-            raise
+        completion: Completion = await retrying(
+            self._attempt, request, transport, state, ledger, reserve, rate_tokens, price, tally
+        )
+        spent = tally.spent.usage
         return GovernedCompletion(
             completion=completion,
             attempts=tally.attempts,
-            usage=tally.usage,
-            cost_usd=float(tally.cost),
-            reserved_input_tokens=reserve.input_tokens,
-            reserved_output_tokens=reserve.output_tokens,
+            usage=Usage(spent.prompt_tokens, spent.completion_tokens, spent.cached_tokens),
+            cost_usd=float(tally.spent.usd),
+            reserved_input_tokens=reserve.usage.prompt_tokens,
+            reserved_output_tokens=reserve.usage.completion_tokens,
             reserved_usd=float(reserve.usd),
             waited_s=tally.waited_s,
             backoff_s=tally.backoff_s,
@@ -243,19 +234,17 @@ class Governor:
         transport: Transport,
         state: LimitState,
         ledger: BudgetLedger,
-        depth: int,
         reserve: Charge,
         rate_tokens: int,
         price: ModelPrice | None,
-        tally: _Tally,
+        tally: CallTally,
     ) -> Completion:
-        reservation = ledger.reserve(reserve, model=request.model, depth=depth)
+        reservation = ledger.reserve(reserve, model=request.model)
         permit: Permit | None = None
         try:
             permit = await state.acquire(rate_tokens, output_tokens=request.max_tokens or 0)
             tally.waited_s += permit.waited_s
             permit.sent = True
-            tally.attempts += 1
             completion = await transport.complete(request)
         except BaseException as exc:
             # Synchronous cleanup only, so it completes even under cancellation.
@@ -263,7 +252,9 @@ class Governor:
             if permit is not None:
                 state.release(permit, error=exc)
             if sent:
-                ledger.settle(reservation, Charge(calls=1))  # the server saw it; no usage reported
+                failed = Charge(Usage(calls=1))  # the server saw it; no usage reported
+                ledger.settle(reservation, failed)
+                tally.spent += failed
             else:
                 ledger.release(reservation)
             raise
@@ -271,7 +262,7 @@ class Governor:
             cost = self.prices.cost(request.model, completion.usage, override=price)
         finally:
             state.release(permit, completion=completion)
-        ledger.settle(reservation, Charge.of_usage(completion.usage, usd=cost))
-        tally.usage = tally.usage + completion.usage
-        tally.cost += cost
+        paid = Charge.of_usage(completion.usage, usd=cost)
+        ledger.settle(reservation, paid)
+        tally.spent += paid
         return completion

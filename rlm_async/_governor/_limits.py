@@ -408,13 +408,6 @@ class LimitRegistry:
             "rlm_async_governor_limits"
         )
 
-    def configure(self, endpoint: str, model: str, limits: EndpointLimits) -> None:
-        """Set the limits of one endpoint+model (now, and for later event loops)."""
-        self._configured[(endpoint, model)] = limits
-        states = self._states.get(None)
-        if states is not None and (endpoint, model) in states:
-            states[(endpoint, model)].reconfigure(limits)
-
     def get(self, endpoint: str, model: str, limits: EndpointLimits | None = None) -> LimitState:
         """The live state; `limits`, when given and new, reconfigures it."""
         key = (endpoint, model)

@@ -13,8 +13,9 @@ the simulator's model names. Override keys are exact model names or `fnmatch` pa
 
 A model that neither the overrides nor the table knows costs $0 with a warning logged once
 per model, unless `require_prices=True`, which makes it a `ConfigError` before any call is
-sent. The governor also refuses to run a call under a dollar cap for an unpriced model:
-a cap that cannot count would silently not limit anything.
+sent. A dollar cap over an unpriced model is refused once, where a query starts (the
+engine checks every model the tree may call): a cap that cannot count would silently not
+limit anything.
 
 Money is `Decimal`, so sums are exact and a cap of $1.00 admits exactly the calls that fit.
 """

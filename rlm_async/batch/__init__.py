@@ -26,7 +26,7 @@ from ._items import (
 from ._output import BatchOutputError, OutputFile, Resumed
 from ._pipeline import run_file
 from ._progress import BatchProgress, BatchSnapshot
-from ._rows import FINAL_STATUSES, BatchRow, RowStatus, RowUsage
+from ._rows import FINAL_STATUSES, BatchRow, RowStatus
 from ._runner import BatchControl, BatchObserver, BatchRunner, QueryFn, stream_rows
 from ._summary import BatchSummary, render_summary
 
@@ -53,7 +53,6 @@ __all__ = [
     "QueryFn",
     "Resumed",
     "RowStatus",
-    "RowUsage",
     "count_inputs",
     "read_items",
     "render_summary",

@@ -35,6 +35,7 @@ from typing import Any
 from .._config import RLMConfig
 from .._governor import BudgetLedger, BudgetLimits, Charge, PriceTable
 from .._prompts import root_system_prompt, sub_system_prompt
+from .._types import Usage
 from ..exceptions import ConfigError
 
 __all__ = ["AdmissionRefused", "BatchBudget", "CostEstimator", "Lease"]
@@ -48,11 +49,7 @@ _SUB_CHUNK_TOKENS = 8_000
 
 
 def _dim(c: Charge, dim: str) -> Decimal:
-    if dim == "usd":
-        return c.usd
-    if dim == "total_tokens":
-        return Decimal(c.total_tokens)
-    return Decimal(getattr(c, dim))
+    return Decimal(c.dim(dim))
 
 
 def _committed(ledger: BudgetLedger, dim: str) -> Decimal:
@@ -73,14 +70,7 @@ def _cap(limits: BudgetLimits, dim: str) -> Decimal | None:
 
 def spent_charge(ledger: BudgetLedger) -> Charge:
     """What a ledger has spent, as a `Charge`."""
-    s = ledger.spent
-    return Charge(
-        input_tokens=s.input_tokens,
-        cached_tokens=s.cached_tokens,
-        output_tokens=s.output_tokens,
-        usd=ledger.spent_usd,
-        calls=s.calls,
-    )
+    return Charge(ledger.spent, ledger.spent_usd)
 
 
 class CostEstimator:
@@ -136,12 +126,7 @@ class CostEstimator:
         usd = self._prices.reserve_cost(
             root.model, root_in, turns * root_out, override=root.prices
         ) + self._prices.reserve_cost(sub.model, sub_in, subs * sub_out, override=sub.prices)
-        return Charge(
-            input_tokens=root_in + sub_in,
-            output_tokens=turns * root_out + subs * sub_out,
-            usd=usd,
-            calls=turns + subs,
-        )
+        return Charge(Usage(root_in + sub_in, turns * root_out + subs * sub_out, calls=turns + subs), usd)
 
     def estimate(self, prior: Charge) -> dict[str, Decimal]:
         """Per capped dimension: the prior scaled by the largest peak/prior ratio seen
@@ -295,12 +280,4 @@ class BatchBudget:
 
     def spent(self) -> Charge:
         """This run's spend plus `spent_before`."""
-        now = spent_charge(self.ledger)
-        b = self.spent_before
-        return Charge(
-            input_tokens=now.input_tokens + b.input_tokens,
-            cached_tokens=now.cached_tokens + b.cached_tokens,
-            output_tokens=now.output_tokens + b.output_tokens,
-            usd=now.usd + b.usd,
-            calls=now.calls + b.calls,
-        )
+        return spent_charge(self.ledger) + self.spent_before

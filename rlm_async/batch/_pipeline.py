@@ -22,6 +22,7 @@ import anyio.to_thread
 
 from .._events import EventSink
 from .._governor import BudgetLimits, Charge
+from .._types import Usage
 from ._items import DEFAULT_MAX_CONTEXT_CHARS, BatchItem, InvalidItem, count_inputs, read_items
 from ._output import OutputFile
 from ._progress import BatchProgress
@@ -55,11 +56,7 @@ async def run_file(
         total = await anyio.to_thread.run_sync(count_inputs, input_path)
         kept = list(output.rows.values())
         spent_before = Charge(
-            input_tokens=sum(r.usage.prompt_tokens for r in kept),
-            cached_tokens=sum(r.usage.cached_tokens for r in kept),
-            output_tokens=sum(r.usage.completion_tokens for r in kept),
-            usd=sum((_decimal(r.cost_usd) for r in kept), _decimal(0.0)),
-            calls=sum(r.usage.calls for r in kept),
+            sum((r.usage for r in kept), Usage()), sum((_decimal(r.cost_usd) for r in kept), _decimal(0.0))
         )
         if progress is not None:
             progress.set_total(total, already_done=len(kept))

@@ -20,8 +20,9 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from .._result import RLMResult
+from .._types import Usage
 
-__all__ = ["FINAL_STATUSES", "BatchRow", "RowStatus", "RowUsage"]
+__all__ = ["FINAL_STATUSES", "BatchRow", "RowStatus"]
 
 RowStatus = Literal["ok", "max_iterations", "budget_exceeded", "timeout", "error", "invalid", "not_started"]
 FINAL_STATUSES: frozenset[str] = frozenset(
@@ -30,48 +31,34 @@ FINAL_STATUSES: frozenset[str] = frozenset(
 ANSWERED: frozenset[str] = frozenset({"ok", "max_iterations"})
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RowUsage:
-    """A query's tokens and calls (journal hits cost nothing: their usage is not counted)."""
+_USAGE_KEYS = (
+    "calls",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "journal_hits",
+    "failed_calls",
+    "refused_calls",
+)
 
-    calls: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    journal_hits: int = 0
-    failed_calls: int = 0
-    refused_calls: int = 0
 
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+def _usage_dict(u: Usage) -> dict[str, int]:
+    return {**{k: getattr(u, k) for k in _USAGE_KEYS}, "total_tokens": u.total_tokens}
 
-    def to_dict(self) -> dict[str, int]:
-        return {
-            "calls": self.calls,
-            "prompt_tokens": self.prompt_tokens,
-            "cached_tokens": self.cached_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-            "journal_hits": self.journal_hits,
-            "failed_calls": self.failed_calls,
-            "refused_calls": self.refused_calls,
-        }
 
-    @classmethod
-    def from_dict(cls, data: Any) -> RowUsage:
-        if not isinstance(data, dict):
-            return cls()
-        names = (
-            "calls",
-            "prompt_tokens",
-            "cached_tokens",
-            "completion_tokens",
-            "journal_hits",
-            "failed_calls",
-            "refused_calls",
-        )
-        return cls(**{n: int(data.get(n) or 0) for n in names})
+def _usage_of(data: Any) -> Usage:
+    if not isinstance(data, dict):
+        return Usage()
+    n = {k: int(data.get(k) or 0) for k in _USAGE_KEYS}
+    return Usage(
+        n["prompt_tokens"],
+        n["completion_tokens"],
+        n["cached_tokens"],
+        calls=n["calls"],
+        journal_hits=n["journal_hits"],
+        failed_calls=n["failed_calls"],
+        refused_calls=n["refused_calls"],
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,7 +71,8 @@ class BatchRow:
     answer: str | None = None
     error: str | None = None
     """Why the query did not answer (or answered only partly); `None` for "ok"."""
-    usage: RowUsage = field(default_factory=RowUsage)
+    usage: Usage = field(default_factory=Usage)
+    """Tokens and calls (its `cost_usd` is this row's `cost_usd`); journal hits cost nothing."""
     cost_usd: float = 0.0
     limit_hit: str | None = None
     """Which cap ended or prevented the query ("usd", "batch.usd", ...)."""
@@ -120,15 +108,7 @@ class BatchRow:
             status=result.status,
             answer=result.response,
             error=result.detail if result.status != "ok" else None,
-            usage=RowUsage(
-                calls=t.calls,
-                prompt_tokens=t.prompt_tokens,
-                cached_tokens=t.cached_tokens,
-                completion_tokens=t.completion_tokens,
-                journal_hits=t.journal_hits,
-                failed_calls=t.failed_calls,
-                refused_calls=t.refused_calls,
-            ),
+            usage=t,
             cost_usd=t.cost_usd,
             limit_hit=result.limit_hit,
             started_at=started_at,
@@ -143,7 +123,7 @@ class BatchRow:
             "status": self.status,
             "answer": self.answer,
             "error": self.error,
-            "usage": self.usage.to_dict(),
+            "usage": _usage_dict(self.usage),
             "cost_usd": round(self.cost_usd, 8),
             "cache_hit_ratio": round(self.cache_hit_ratio, 4),
             "limit_hit": self.limit_hit,
@@ -164,7 +144,7 @@ class BatchRow:
             status=status,
             answer=data.get("answer"),
             error=data.get("error"),
-            usage=RowUsage.from_dict(data.get("usage")),
+            usage=_usage_of(data.get("usage")),
             cost_usd=float(data.get("cost_usd") or 0.0),
             limit_hit=data.get("limit_hit"),
             started_at=_parse_iso(data.get("started_at")),

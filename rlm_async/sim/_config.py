@@ -29,22 +29,21 @@
     name = "rlm"
     chunk_chars = 50_000
 
-`None` (or leaving a key out) disables a limit. `SimConfig.from_dict` rejects unknown keys,
-naming them, so a typo in a benchmark's TOML fails loudly instead of silently meaning
-"default".
+`None` (or leaving a key out) disables a limit. `SimConfig.from_dict` reads it with the
+package's one TOML loader (`rlm_async._config.load_dataclass`), which rejects unknown keys,
+naming them and the file, so a typo in a benchmark's TOML fails loudly instead of silently
+meaning "default".
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
+from .._config import load_dataclass, read_toml
 from ..exceptions import ConfigError
 
 __all__ = [
@@ -60,8 +59,6 @@ __all__ = [
 Kind = Literal["root", "sub", "other"]
 """What a request is, judged from its system prompt: a root turn of an RLM loop (the
 package's root system prompt), a sub-call (the sub-call system prompt), or anything else."""
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -316,15 +313,15 @@ class SimConfig:
     """Append one JSON line per finished request here (the in-memory log is always kept)."""
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SimConfig:
-        return _build(cls, data, "sim")
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "sim config") -> SimConfig:
+        """The `[sim]` table; `source` names where it came from in errors."""
+        return load_dataclass(cls, data, "sim", source=source, readers={PolicySpec: PolicySpec.from_dict})
 
     @classmethod
     def from_toml(cls, path: str | Path, table: str | None = "sim") -> SimConfig:
         """Read a TOML file; `table` names the table to use (dotted), `None` the whole file.
         A file without that table is read whole."""
-        with open(path, "rb") as f:
-            data: Any = tomllib.load(f)
+        data: Any = read_toml(path)
         if table:
             node = data
             for part in table.split("."):
@@ -334,7 +331,7 @@ class SimConfig:
                 node = node[part]
             if node is not None:
                 data = node
-        return cls.from_dict(data)
+        return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data that `from_dict` reads back."""
@@ -342,45 +339,7 @@ class SimConfig:
         return data
 
 
-# ---------------------------------------------------------------- loading
-
-
-def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"[{where}] must be a table, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) in [{where}]: {unknown}; known: {sorted(names)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        kwargs[name] = _convert(hints[name], value, f"{where}.{name}")
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"[{where}]: {exc}") from None
-
-
-def _convert(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        hint = args[0] if len(args) == 1 else hint
-        origin = typing.get_origin(hint)
-    if hint is PolicySpec:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"[{where}] must be a table with a name, got {value!r}")
-        return PolicySpec.from_dict(value)
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        return _build(hint, value, where)
-    if origin is tuple and isinstance(value, list | tuple):
-        return tuple(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+# ---------------------------------------------------------------- dumping
 
 
 def _dump(obj: Any) -> Any:

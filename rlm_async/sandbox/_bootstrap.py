@@ -1,3 +1,4 @@
+# One file of ~630 lines on purpose: it alone is bind-mounted into the sandbox and run as a script.
 """The REPL worker: runs the model's code cells, inside the sandbox, one process per RLM.
 
 Run as a script (`python -I -S -B bootstrap.py CTL_FD`). It imports only the standard

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import anyio
 
-from . import _sandbox_seccomp as seccomp
-from .exceptions import SandboxError
+from ..exceptions import SandboxError
+from . import _seccomp as seccomp
 
 __all__ = [
     "BOOTSTRAP_PATH",
@@ -37,7 +37,7 @@ __all__ = [
     "probe_bwrap",
 ]
 
-BOOTSTRAP_PATH = str(Path(__file__).with_name("_worker") / "bootstrap.py")
+BOOTSTRAP_PATH = str(Path(__file__).with_name("_bootstrap.py"))
 SANDBOX_BOOTSTRAP = "/rlm/bootstrap.py"
 _PYTHON_FLAGS = ("-I", "-S", "-B")
 """Isolated mode (no PYTHON* variables, no user site, no script dir on sys.path), no
@@ -132,7 +132,7 @@ def bwrap_argv(
     command: list[str] | None = None,
 ) -> list[str]:
     """The full bwrap command line for one worker (or for `command`, when probing).
-    `seccomp_fd` holds the filter from `_sandbox_seccomp` (passed to the child too)."""
+    `seccomp_fd` holds the filter from `_seccomp` (passed to the child too)."""
     argv = [
         bwrap,
         "--unshare-pid",
@@ -152,7 +152,19 @@ def bwrap_argv(
         argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]
-    argv += ["--ro-bind", "/usr", "/usr"]
+    argv += _filesystem_args(interp, allow_network=allow_network, tmp_size_bytes=tmp_size_bytes)
+    argv += ["--chdir", "/tmp", "--clearenv"]
+    for key, value in _SANDBOX_ENV.items():
+        argv += ["--setenv", key, value]
+    argv.append("--")
+    if command is not None:
+        return argv + command
+    return [*argv, interp.executable, *_PYTHON_FLAGS, SANDBOX_BOOTSTRAP, str(ctl_fd)]
+
+
+def _filesystem_args(interp: Interpreter, *, allow_network: bool, tmp_size_bytes: int | None) -> list[str]:
+    """The worker's root: read-only binds, the bootstrap, /proc, /dev and the tmpfs mounts."""
+    argv = ["--ro-bind", "/usr", "/usr"]
     for link in _SYSTEM_LINKS:
         if os.path.islink(link):
             argv += ["--symlink", os.readlink(link), link]
@@ -179,13 +191,8 @@ def bwrap_argv(
         if cap is not None:
             argv += ["--size", str(cap)]
         argv += ["--tmpfs", mount]
-    argv += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
-    for key, value in _SANDBOX_ENV.items():
-        argv += ["--setenv", key, value]
-    argv.append("--")
-    if command is not None:
-        return argv + command
-    return [*argv, interp.executable, *_PYTHON_FLAGS, SANDBOX_BOOTSTRAP, str(ctl_fd)]
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
+    return argv
 
 
 def _parents(path: str) -> list[str]:

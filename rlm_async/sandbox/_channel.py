@@ -3,7 +3,7 @@
 Frames from the worker are untrusted input. Every size is checked against
 `max_inbound` before anything is allocated, the JSON must be strict UTF-8 and an object
 with a string `op`, and only a `request` frame may carry a blob (its prompts, which
-`_sandbox_worker` splits and decodes). Anything else raises `ProtocolViolation`, and the
+`_protocol` splits and decodes). Anything else raises `ProtocolViolation`, and the
 caller kills the worker: a broken frame costs the worker, never the engine.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import anyio
 
-from ._worker.bootstrap import HEADER
-from .exceptions import SandboxError
+from ..exceptions import SandboxError
+from ._bootstrap import HEADER
 
 __all__ = ["Channel", "ChannelClosed", "ProtocolViolation"]
 

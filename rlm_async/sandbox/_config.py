@@ -1,5 +1,5 @@
 """The sandbox's plain data: its configuration, the requests a worker makes and the result
-of a cell. Re-exported by `rlm_async.sandbox`, where the rest of the API lives."""
+of a cell. Re-exported by `rlm_async.sandbox`, the public face."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from .exceptions import ConfigError
+from ..exceptions import ConfigError
 
 __all__ = [
     "WORKER_DEAD_STATUSES",

@@ -1,0 +1,285 @@
+"""One worker process and the host resources it holds: launching it (under bubblewrap or as
+the plain fallback), loading the context into it (the `init`/`ready` handshake), killing
+every process it started, and closing its channel, pipes and temporary directory."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from typing import Any
+
+import anyio
+from anyio.abc import Process
+
+from .. import _events
+from .._context import Context
+from ..exceptions import ContextTypeError, SandboxError
+from . import _bootstrap as proto
+from . import _launch as launch
+from . import _procs as procs
+from . import _seccomp as seccomp
+from ._channel import Channel, ChannelClosed, ProtocolViolation
+from ._config import SandboxConfig
+from ._isolation import Plan
+from ._output import Capture, drain, drain_now
+
+__all__ = ["WorkerProcess", "launch_process"]
+
+_MiB = 1 << 20
+
+
+class WorkerProcess:
+    """A started worker process: its control channel, the read ends of its stdout and
+    stderr pipes (non-blocking, drained by the owner) and, in the fallback, its private temp
+    directory. `kill` ends every process it started; `release` closes the rest after it."""
+
+    def __init__(
+        self,
+        proc: Process,
+        channel: Channel,
+        fds: tuple[int, int],
+        *,
+        config: SandboxConfig,
+        uid: int | None,
+        tmpdir: str | None,
+        init: dict[str, Any],
+        blob: bytes,
+    ) -> None:
+        self._proc = proc
+        self._config = config
+        self.pid = proc.pid
+        """Host pid of the top process (bwrap, or the interpreter in the fallback)."""
+        self.uid = uid
+        """The private host uid the worker runs as, or None when it keeps the engine's uid."""
+        self.channel = channel
+        self.fds = fds
+        self.context_bytes = len(blob)
+        self.killed = False
+        self._tmpdir = tmpdir
+        self._boot: tuple[dict[str, Any], bytes] | None = (init, blob)
+        self._stderr_tail = Capture(4096)
+        self._released = False
+
+    async def load_context(self) -> str | None:
+        """Send `init` with the context and wait for `ready` (within `start_timeout_s`).
+        None when the worker came up, else why not (see `start_error`)."""
+        assert self._boot is not None
+        init, blob = self._boot
+        self._boot = None
+        failure: str | None = None
+        timeout = self._config.start_timeout_s
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, self.fds[0], Capture(0))
+            tg.start_soon(drain, self.fds[1], self._stderr_tail)
+            try:
+                with anyio.fail_after(timeout):
+                    await self.channel.send(init, blob)
+                    del blob
+                    ready, _ = await self.channel.receive()
+                if ready.get("op") != "ready":
+                    failure = f"its first frame was {ready.get('op')!r}, not 'ready'"
+            except TimeoutError:
+                failure = f"it did not become ready within start_timeout_s={timeout}"
+            except (ChannelClosed, ProtocolViolation) as exc:
+                failure = str(exc)
+            finally:
+                tg.cancel_scope.cancel()
+        return failure
+
+    async def start_error(self, failure: str) -> SandboxError:
+        """Why the worker did not come up, from its exit status and the end of its stderr."""
+        rc = None
+        with anyio.move_on_after(2):
+            rc = await self._proc.wait()
+        drain_now(self.fds[1], self._stderr_tail, 1 << 16)
+        if rc == proto.EXIT_MEMORY:
+            return SandboxError(
+                f"the context ({self.context_bytes:,} bytes as UTF-8) does not fit in the worker's "
+                f"memory_bytes={self._config.memory_bytes:,}"
+            )
+        detail = self._stderr_tail.text().strip()
+        return SandboxError(
+            f"the REPL worker failed to start: {failure} (exit status {rc})"
+            + (f"; its stderr: {detail[-1500:]}" if detail else "")
+        )
+
+    async def wait(self) -> int:
+        return await self._proc.wait()
+
+    async def kill(self, reason: str) -> None:
+        """Kill and reap every process of the worker, once; its pipes stay open to be read."""
+        with anyio.CancelScope(shield=True):
+            if self.killed:
+                return
+            self.killed = True
+            proc = self._proc
+            _events.emit("worker.kill", pid=proc.pid, reason=reason)
+            # The tree root only while it is unreaped: a reaped pid may be reused.
+            root = proc.pid if proc.returncode is None else None
+            uid = self.uid
+            await anyio.to_thread.run_sync(lambda: procs.kill_all(root=root, group=proc.pid, uid=uid))
+            await proc.wait()
+
+    async def release(self) -> None:
+        """Close the channel and the pipes and remove the temp directory, once (after `kill`)."""
+        with anyio.CancelScope(shield=True):
+            if self._released:
+                return
+            self._released = True
+            self.channel.close()
+            for fd in self.fds:
+                anyio.notify_closing(fd)
+                os.close(fd)
+            tmpdir, self._tmpdir = self._tmpdir, None
+            if tmpdir is not None:
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmpdir, ignore_errors=True))
+
+
+def encode_context(context: Context) -> tuple[str, bytes]:
+    """The context as the worker loads it: a str as UTF-8, a list or dict as JSON. Its type
+    was checked where it entered (`validate_context`); the values nested in a list or dict
+    are first looked at here, by `json.dumps`."""
+    if isinstance(context, str):
+        return "str", context.encode("utf-8", "surrogatepass")
+    try:
+        text = json.dumps(context, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ContextTypeError(f"a list or dict context must be JSON-serialisable: {exc}") from exc
+    return "json", text.encode("utf-8", "surrogatepass")
+
+
+async def launch_process(context: Context, config: SandboxConfig, plan: Plan) -> WorkerProcess:
+    """Start a worker process, its context encoded but not yet sent (`load_context` does).
+    Raises `ContextTypeError` for a context JSON cannot carry, `SandboxError` when the
+    process cannot be started."""
+    # Encoding 40 MB takes tens of milliseconds: not on the event loop, where other
+    # queries' work would wait for it.
+    kind, blob = await anyio.to_thread.run_sync(encode_context, context)
+    uid = await anyio.to_thread.run_sync(procs.pick_free_uid) if plan.drop_uid else None
+    nproc = await _process_limit(config, plan, uid)
+    # From here to open_process nothing awaits, so nothing below can leak on cancellation.
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (parent_sock, child_sock):
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            s.setsockopt(socket.SOL_SOCKET, opt, 4 * _MiB)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc, tmpdir = await _open_process(config, plan, uid, child_sock.fileno(), out_w, err_w)
+    except BaseException as exc:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        parent_sock.close()
+        if isinstance(exc, OSError):
+            raise SandboxError(f"could not start the REPL worker: {exc}") from exc
+        raise
+    finally:
+        child_sock.close()
+        os.close(out_w)
+        os.close(err_w)
+    for fd in (out_r, err_r):
+        os.set_blocking(fd, False)
+        try:  # fewer wake-ups when a cell prints a lot
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _MiB)
+        except OSError:
+            pass
+    channel = Channel(parent_sock, max_inbound=config.max_message_bytes)
+    init = _init_frame(config, plan, kind=kind, uid=uid, nproc=nproc)
+    return WorkerProcess(
+        proc, channel, (out_r, err_r), config=config, uid=uid, tmpdir=tmpdir, init=init, blob=blob
+    )
+
+
+async def _process_limit(config: SandboxConfig, plan: Plan, uid: int | None) -> int | None:
+    """The worker's RLIMIT_NPROC: `max_processes`, plus the user's other processes where
+    the limit counts them too; None where it cannot bind (root keeps ignoring it)."""
+    if config.max_processes is None:
+        return None
+    root = os.geteuid() == 0
+    if uid is not None or (plan.isolated and not root):
+        return config.max_processes  # counts only this worker's processes
+    if not root:  # counts all of the user's processes: allow that many more
+        return await anyio.to_thread.run_sync(procs.count_user_tasks, os.getuid()) + config.max_processes
+    return None
+
+
+async def _open_process(
+    config: SandboxConfig, plan: Plan, uid: int | None, ctl_fd: int, out_w: int, err_w: int
+) -> tuple[Process, str | None]:
+    """Run the worker's command: bwrap, or the fallback in a private temp directory (which
+    it returns). Removes that directory again when it fails."""
+    pass_fds = [ctl_fd]
+    seccomp_fd: int | None = None
+    tmpdir: str | None = None
+    try:
+        if plan.isolated:
+            assert plan.bwrap is not None
+            program = seccomp.build()
+            if program is not None:
+                seccomp_fd = seccomp.memfd(program)
+                pass_fds.append(seccomp_fd)
+            argv = launch.bwrap_argv(
+                plan.bwrap,
+                plan.interp,
+                allow_network=config.allow_network,
+                tmp_size_bytes=config.tmp_size_bytes,
+                ctl_fd=ctl_fd,
+                may_setuid=os.geteuid() == 0,
+                seccomp_fd=seccomp_fd,
+            )
+            env: dict[str, str] = {}  # inside, /proc/1/environ is bwrap's: keep it empty
+            cwd = "/"
+        else:
+            tmpdir = tempfile.mkdtemp(prefix="rlm-worker-")
+            if uid is not None:
+                os.chown(tmpdir, uid, uid)
+            argv = launch.fallback_argv(plan.interp, ctl_fd)
+            env = launch.fallback_env(tmpdir)
+            cwd = tmpdir
+        proc = await anyio.open_process(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=err_w,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            pass_fds=pass_fds,
+        )
+    except BaseException:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    finally:
+        if seccomp_fd is not None:
+            os.close(seccomp_fd)
+    return proc, tmpdir
+
+
+def _init_frame(
+    config: SandboxConfig, plan: Plan, *, kind: str, uid: int | None, nproc: int | None
+) -> dict[str, Any]:
+    """The `init` frame: how the bootstrap confines itself and loads the context."""
+    return {
+        "op": "init",
+        "version": proto.PROTOCOL_VERSION,
+        "context_type": kind,
+        "limits": {
+            "as": config.memory_bytes,
+            "cpu": None if config.cpu_seconds is None else math.ceil(config.cpu_seconds),
+            "fsize": config.file_size_bytes,
+            "nofile": config.open_files,
+            "nproc": nproc,
+            "core": 0,
+        },
+        "uid": uid,
+        "fallback": not plan.isolated,
+        "output_limit": config.output_limit_bytes,
+        "max_message": config.max_message_bytes,
+    }

@@ -1,0 +1,143 @@
+"""Reading what a worker reports: its frames, validated field by field, and its exit status,
+explained. Everything a worker sends is untrusted; a frame that breaks the protocol raises
+`ProtocolViolation`, and the caller kills that worker."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from . import _bootstrap as proto
+from ._channel import ProtocolViolation
+from ._config import CellStatus, SandboxConfig, WorkerRequest
+
+__all__ = ["Outcome", "clean", "describe_exit", "parse_done", "parse_request"]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a cell ended, as the engine learnt it (from `done`, a violation, or the worker's death)."""
+
+    status: CellStatus
+    error: str | None = None
+    final_answer: str | None = None
+    worker_dropped: int = 0
+    kill: bool = False
+
+
+def clean(text: str) -> str:
+    """Strings from the worker may hold lone surrogates (JSON allows "\\ud800"); they would
+    break any later UTF-8 encode in the engine."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def _split_prompts(lengths: object, blob: bytearray) -> tuple[str, ...]:
+    """A request's blob cut at `lengths` (bytes), each piece strict UTF-8: the decoder
+    refuses lone surrogates and broken sequences, so what `clean` ensures for JSON strings
+    holds here without a second pass (an honest worker already sent '?' for a surrogate)."""
+    if not isinstance(lengths, list) or not set(map(type, lengths)) <= {int}:
+        raise ProtocolViolation("request lengths must be a list of integers")
+    if min(lengths, default=0) < 0:
+        raise ProtocolViolation(f"request lengths must not be negative (got {min(lengths)})")
+    total = sum(lengths)
+    if total != len(blob):
+        raise ProtocolViolation(f"request lengths add up to {total:,} bytes but the blob has {len(blob):,}")
+    prompts: list[str] = []
+    pos = 0
+    with memoryview(blob) as view:
+        for n in lengths:
+            try:
+                prompts.append(str(view[pos : pos + n], "utf-8"))
+            except UnicodeDecodeError as exc:
+                raise ProtocolViolation(
+                    f"request prompt {len(prompts)} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                ) from None
+            pos += n
+    return tuple(prompts)
+
+
+def parse_request(msg: dict[str, Any], blob: bytearray) -> tuple[int, WorkerRequest]:
+    """Validate a request frame. Its prompts come as a blob with `lengths`, or (as older
+    workers and hand-made frames send them) as a JSON list `prompts` with no blob."""
+    rid, kind, model = msg.get("id"), msg.get("kind"), msg.get("model")
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        raise ProtocolViolation("request without an integer id")
+    if kind not in proto.REQUEST_KINDS:
+        raise ProtocolViolation(f"unknown request kind {kind!r}")
+    if model is not None and not isinstance(model, str):
+        raise ProtocolViolation("request model must be a str or null")
+    single = kind in ("llm_query", "rlm_query")
+    if "lengths" in msg:
+        if "prompts" in msg:
+            raise ProtocolViolation("a request carries either prompts or lengths, not both")
+        lengths = msg["lengths"]
+        if single and isinstance(lengths, list) and len(lengths) != 1:
+            raise ProtocolViolation(f"{kind} carries exactly one prompt")
+        prompts = _split_prompts(lengths, blob)
+    else:
+        raw = msg.get("prompts")
+        if blob:
+            raise ProtocolViolation("a request with a blob must give its prompts' lengths")
+        if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+            raise ProtocolViolation("request prompts must be a list of str")
+        if single and len(raw) != 1:
+            raise ProtocolViolation(f"{kind} carries exactly one prompt")
+        prompts = tuple(clean(p) for p in raw)
+    return rid, WorkerRequest(op=kind, prompts=prompts, model=None if model is None else clean(model))
+
+
+def parse_done(msg: dict[str, Any]) -> Outcome:
+    status, error, final, dropped = (
+        msg.get("status"),
+        msg.get("error"),
+        msg.get("final_answer"),
+        msg.get("dropped"),
+    )
+    if status not in ("ok", "error", "memory"):
+        raise ProtocolViolation(f"unknown cell status {status!r}")
+    if not (error is None or isinstance(error, str)) or not (final is None or isinstance(final, str)):
+        raise ProtocolViolation("cell error and final_answer must be str or null")
+    if (
+        not isinstance(dropped, list)
+        or len(dropped) != 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dropped)
+    ):
+        raise ProtocolViolation("cell 'dropped' must be two non-negative integers")
+    return Outcome(
+        status=status,
+        error=None if error is None else clean(error),
+        final_answer=None if final is None else clean(final),
+        worker_dropped=sum(dropped),
+        kill=status == "memory",
+    )
+
+
+def describe_exit(rc: int | None, isolated: bool, config: SandboxConfig) -> tuple[CellStatus, str]:
+    """The cell status and message for a worker that exited with `rc` (None: still running)."""
+    if rc is None:
+        return "crashed", "the worker closed its control channel and was killed"
+    if rc == proto.EXIT_MEMORY:
+        return "memory", f"the worker ran out of memory (memory_bytes={config.memory_bytes}) and exited"
+    sig = -rc if rc < 0 else (rc - 128 if isolated and rc > 128 else None)
+    if sig == signal.SIGXCPU:
+        return (
+            "cpu_limit",
+            f"the worker used up its CPU time (cpu_seconds={config.cpu_seconds}) and was killed",
+        )
+    if sig == signal.SIGKILL:
+        return (
+            "crashed",
+            "the worker was killed by SIGKILL (its CPU-time hard limit, or the kernel's OOM killer)",
+        )
+    if sig is not None:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return "crashed", f"the worker was killed by {name}"
+    return "crashed", f"the worker exited with code {rc}"

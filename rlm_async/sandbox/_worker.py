@@ -1,0 +1,286 @@
+"""The engine's side of one REPL worker: its life cycle (start, restart, close), its cells
+and reading its variables. The process itself lives in `_process`, one cell's conversation
+in `_cell`. The public face is `rlm_async.sandbox`."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+
+from .. import _events
+from .._context import Context, validate_context
+from ._cell import CellExchange
+from ._channel import ChannelClosed, ProtocolViolation
+from ._config import WORKER_DEAD_STATUSES, CellResult, RequestHandler, SandboxConfig
+from ._isolation import Plan, plan_isolation
+from ._output import Capture, drain, drain_now
+from ._process import WorkerProcess, launch_process
+from ._protocol import Outcome, clean, describe_exit, parse_request
+
+__all__ = ["Worker", "start_worker"]
+
+_MiB = 1 << 20
+
+
+async def start_worker(context: Context, config: SandboxConfig) -> Worker:
+    """Start a worker with `context` (and `context_0`) loaded. Raises `ContextTypeError` for
+    an unsupported context, `IsolationUnavailable` when isolation is required but cannot
+    run, `SandboxError` when the worker does not come up (the message says why)."""
+    context = validate_context(context)  # a public entry of its own, as RLM.acompletion is
+    plan = await plan_isolation(config)
+    return await Worker.start(context, config, plan)
+
+
+class Worker:
+    """One REPL worker process (and everything it starts). Not thread-safe; one cell at a
+    time. Always `aclose()` it: that kills and reaps every process of the worker."""
+
+    pid: int
+    """Host pid of the top process (bwrap, or the interpreter in the fallback). 0 when none runs."""
+    isolated: bool
+    """True under bubblewrap."""
+    uid: int | None
+    """The private host uid the worker runs as, or None when it keeps the engine's uid."""
+
+    def __init__(self, context: Context, config: SandboxConfig, plan: Plan) -> None:
+        """A worker not yet started: `Worker.start` (or `start_worker`) gives a running one."""
+        self._context = context
+        self._config = config
+        self._plan = plan
+        self.isolated = plan.isolated
+        self.pid = 0
+        self.uid = None
+        self._process: WorkerProcess | None = None
+        self._dead: str | None = "not started"
+        self._cell = 0
+        self._busy = anyio.Lock()
+        """One conversation on the control channel at a time (a cell, a get_variable, a restart)."""
+
+    @classmethod
+    async def start(cls, context: Context, config: SandboxConfig, plan: Plan) -> Worker:
+        """A running worker with `context` loaded, launched as `plan` says."""
+        worker = cls(context, config, plan)
+        await worker._spawn()
+        return worker
+
+    @property
+    def alive(self) -> bool:
+        """False after the worker died or was killed, until `restart()`."""
+        return self._dead is None
+
+    # -- life cycle
+    async def _spawn(self) -> None:
+        started = time.monotonic()
+        process = await launch_process(self._context, self._config, self._plan)
+        self._process, self.pid, self.uid, self._dead = process, process.pid, process.uid, None
+        try:
+            failure = await process.load_context()
+        except BaseException:
+            await self._kill("start cancelled")
+            raise
+        if failure is not None:
+            error = await process.start_error(failure)
+            await self._kill("failed to start")
+            raise error
+        _events.emit(
+            "worker.start",
+            pid=process.pid,
+            isolated=self.isolated,
+            uid=process.uid,
+            context_bytes=process.context_bytes,
+            duration_s=time.monotonic() - started,
+        )
+
+    async def restart(self) -> None:
+        """Kill this worker (if it still runs) and start a fresh one with `context` reloaded.
+        Every variable the code created is gone."""
+        async with self._busy:
+            await self._kill("restart")
+            await self._spawn()
+
+    async def aclose(self) -> None:
+        """Kill every process of the worker and reap them. Idempotent; shielded.
+
+        Safe while a cell runs in another task: the processes die first, which ends that
+        cell (status "crashed"), and the channel and pipes are closed after it."""
+        with anyio.CancelScope(shield=True):
+            await self._terminate("closed")
+            async with self._busy:
+                await self._release()
+            self._dead = "closed"
+
+    async def _kill(self, reason: str) -> None:
+        await self._terminate(reason)
+        await self._release()
+
+    async def _terminate(self, reason: str) -> None:
+        """Kill and reap every process of the worker; its pipes stay open to be read."""
+        with anyio.CancelScope(shield=True):
+            if self._dead is None:
+                self._dead = reason
+            if self._process is not None:
+                await self._process.kill(reason)
+
+    async def _release(self) -> None:
+        with anyio.CancelScope(shield=True):
+            process, self._process = self._process, None
+            if process is not None:
+                await process.release()
+
+    # -- cells
+    async def run_cell(self, code: str, on_request: RequestHandler) -> CellResult:
+        """Run one code cell to its end, serving its sub-calls with `on_request`.
+
+        `on_request` gets each `WorkerRequest` (concurrently, when the code calls from
+        threads) and returns one str per prompt, or raises `BudgetExceeded`, which the code
+        sees as its own `BudgetExceeded`. Any other exception from it kills the worker and
+        propagates. Cancelling `run_cell` kills the worker. On a dead worker it returns at
+        once with status "crashed" and `worker_dead`."""
+        async with self._busy:
+            return await self._run_cell(code, on_request)
+
+    async def _run_cell(self, code: str, on_request: RequestHandler) -> CellResult:
+        started = time.monotonic()
+        process = self._process
+        if self._dead is not None or process is None:
+            return self._dead_result(started)
+        self._cell += 1
+        limit = self._config.output_limit_bytes
+        out, err = Capture(limit), Capture(limit)
+        out_fd, err_fd = process.fds
+        exchange = CellExchange(process.channel, self._config, on_request, self._death_outcome)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain, out_fd, out)
+                tg.start_soon(drain, err_fd, err)
+                try:
+                    outcome = await exchange.run(self._cell, code)
+                finally:
+                    tg.cancel_scope.cancel()
+            if exchange.handler_error is not None:
+                raise exchange.handler_error
+        except BaseException:
+            await self._kill("cancelled while running a cell")
+            raise
+        if outcome.kill:
+            await self._terminate(outcome.status)
+        # The pipes keep what was written before the worker reported (or died).
+        budget = 2 * limit + 4 * _MiB
+        drain_now(out_fd, out, budget)
+        drain_now(err_fd, err, budget)
+        if outcome.kill:
+            await self._release()
+        return self._cell_result(out, err, outcome, started)
+
+    def _cell_result(self, out: Capture, err: Capture, outcome: Outcome, started: float) -> CellResult:
+        dropped = out.dropped + err.dropped + outcome.worker_dropped
+        status = outcome.status
+        if status == "ok" and dropped:
+            status = "output_limit"
+        result = CellResult(
+            stdout=out.text(),
+            stderr=err.text(),
+            error=outcome.error,
+            status=status,
+            final_answer=outcome.final_answer,
+            dropped_output_bytes=dropped,
+            duration_s=time.monotonic() - started,
+            worker_dead=status in WORKER_DEAD_STATUSES,
+        )
+        _events.emit(
+            "worker.cell",
+            pid=self.pid,
+            status=result.status,
+            duration_s=result.duration_s,
+            dropped_output_bytes=dropped,
+        )
+        return result
+
+    def _dead_result(self, started: float) -> CellResult:
+        return CellResult(
+            stdout="",
+            stderr="",
+            error=f"the REPL worker is not running ({self._dead}); call restart()",
+            status="crashed",
+            final_answer=None,
+            dropped_output_bytes=0,
+            duration_s=time.monotonic() - started,
+            worker_dead=True,
+        )
+
+    async def _death_outcome(self) -> Outcome:
+        """The control channel closed mid-cell: wait briefly for the exit status, then say why."""
+        process = self._process
+        if process is None or process.killed:  # killed by aclose() from another task
+            return Outcome("crashed", error=f"the worker was killed ({self._dead})", kill=True)
+        rc = None
+        with anyio.move_on_after(2):
+            rc = await process.wait()
+        status, message = describe_exit(rc, self.isolated, self._config)
+        return Outcome(status, error=message, kill=True)
+
+    # -- variables
+    async def get_variable(self, name: str) -> str | None:
+        """`str()` of a REPL variable, for FINAL_VAR(name) in a reply; None when undefined
+        or the worker is not running. Bounded by `cell_timeout_s`: a `__str__` that hangs
+        gets the worker killed (check `alive`)."""
+        async with self._busy:
+            return await self._get_variable(name)
+
+    async def _get_variable(self, name: str) -> str | None:
+        if not isinstance(name, str) or not name.isidentifier() or self._dead is not None:
+            return None
+        process = self._process
+        assert process is not None
+        value: str | None = None
+        kill: str | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain, process.fds[0], Capture(0))
+                tg.start_soon(drain, process.fds[1], Capture(0))
+                try:
+                    with anyio.fail_after(self._config.cell_timeout_s):
+                        value = await _ask_variable(process, name)
+                except TimeoutError:
+                    kill = "timeout in get_variable"
+                except (ProtocolViolation, ChannelClosed) as exc:
+                    kill = f"get_variable failed: {exc}"
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseException:
+            await self._kill("cancelled in get_variable")
+            raise
+        if kill is not None:
+            await self._kill(kill)
+            return None
+        return value
+
+
+async def _ask_variable(process: WorkerProcess, name: str) -> str | None:
+    """Send `getvar` and read up to its `var` reply, refusing sub-calls meanwhile (threads
+    the last cell left running may still make them)."""
+    channel = process.channel
+    await channel.send({"op": "getvar", "name": name})
+    while True:
+        msg, blob = await channel.receive()
+        if msg["op"] == "var":
+            found, raw = msg.get("found"), msg.get("value")
+            if found is True and isinstance(raw, str):
+                return clean(raw)
+            if found is not False:
+                raise ProtocolViolation("malformed 'var' frame")
+            return None
+        if msg["op"] == "request":
+            rid, _ = parse_request(msg, blob)
+            await channel.send(
+                {
+                    "op": "reply",
+                    "id": rid,
+                    "error": "unavailable",
+                    "message": "sub-calls are served only while a cell runs",
+                },
+                atomic=True,
+            )
+        elif msg["op"] != "done":
+            raise ProtocolViolation(f"unexpected {msg['op']!r} frame")
