@@ -10,6 +10,7 @@ already paid for is lost.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
@@ -20,6 +21,7 @@ from .._governor import CallTally
 from .._tree import Node
 from .._types import CallKind, CallRecord, CallStatus, Completion, ModelRequest, Usage
 from ..exceptions import BudgetExceeded
+from ..transport import Transport
 from .state import QueryState
 
 if TYPE_CHECKING:
@@ -28,6 +30,17 @@ if TYPE_CHECKING:
 __all__ = ["CallPath"]
 
 _NO_USAGE = Usage()
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One model call on its way: what the record and the events need to name it."""
+
+    node: Node
+    call_id: str
+    kind: CallKind
+    request: ModelRequest
+    transport: Transport
 
 
 class CallPath:
@@ -44,47 +57,25 @@ class CallPath:
         """Make one model call under the query's budget; raises what the call raised
         (`BudgetExceeded`, a `TransportError`, cancellation) after recording it."""
         node = self._state.tree.open(parent=parent, depth=depth, kind="llm", model=request.model, label=kind)
-        call_id = self._state.next_call_id()
-        transport = self._engine.transport_for(model)
+        call = _Call(node, self._state.next_call_id(), kind, request, self._engine.transport_for(model))
         started = self._engine.clock()
         with _events.bind(node_id=node.node_id, depth=depth):
             _events.emit(
-                "call.start",
-                call_id=call_id,
+                _events.CallStart,
+                call_id=call.call_id,
                 parent_id=parent.node_id,
                 call_kind=kind,
                 model=request.model,
                 prompt_chars=request.prompt_chars(),
                 # Prompt text may hold private data: only with log_text=True.
-                **({"prompt": request.messages[-1].content} if self._log_text else {}),
+                prompt=request.messages[-1].content if self._log_text else None,
             )
             tally = CallTally()
             try:
-
-                async def send() -> Completion:
-                    governed = await self._engine.governor.call(
-                        request,
-                        transport,
-                        ledger=self._state.ledger,
-                        price=model.prices,
-                        limits=model.limits,
-                        tally=tally,
-                    )
-                    return governed.completion
-
-                journal = self._engine.journal
-                if journal is not None:
-                    # Every call goes through the journal: reusable ones are looked up (and
-                    # identical temperature-0 ones in flight sent once); all are recorded.
-                    completion, from_journal = await journal.call(request, send, call_id=call_id)
-                else:
-                    completion, from_journal = await send(), False
+                completion, from_journal = await self._send(call, model, tally)
             except BaseException as exc:
                 self._record(
-                    node,
-                    call_id,
-                    kind,
-                    request,
+                    call,
                     started,
                     _status_of(exc),
                     attempts=tally.attempts,
@@ -92,10 +83,7 @@ class CallPath:
                 )
                 raise
             self._record(
-                node,
-                call_id,
-                kind,
-                request,
+                call,
                 started,
                 "ok",
                 # A journal hit consumed no tokens: its usage belongs to the call that paid.
@@ -107,12 +95,33 @@ class CallPath:
             )
         return completion
 
+    async def _send(self, call: _Call, model: ModelConfig, tally: CallTally) -> tuple[Completion, bool]:
+        """Through the journal, if any, to the governor (which reserves the budget, waits for
+        the rate limits, sends and retries). Returns the completion and whether it came from
+        the journal."""
+
+        async def send() -> Completion:
+            governed = await self._engine.governor.call(
+                call.request,
+                call.transport,
+                ledger=self._state.ledger,
+                price=model.prices,
+                limits=model.limits,
+                tally=tally,
+                call_id=call.call_id,  # so that its call.retry events name the call
+            )
+            return governed.completion
+
+        journal = self._engine.journal
+        if journal is None:
+            return await send(), False
+        # Every call goes through the journal: reusable ones are looked up (and identical
+        # temperature-0 ones in flight sent once); all are recorded.
+        return await journal.call(call.request, send, call_id=call.call_id)
+
     def _record(
         self,
-        node: Node,
-        call_id: str,
-        kind: CallKind,
-        request: ModelRequest,
+        call: _Call,
         started: float,
         status: CallStatus,
         *,
@@ -124,14 +133,15 @@ class CallPath:
         text: str | None = None,
     ) -> None:
         """Record a finished call (paid, failed, refused or cancelled): nothing is lost."""
+        node = call.node
         assert node.parent_id is not None
         record = CallRecord(
-            call_id=call_id,
+            call_id=call.call_id,
             node_id=node.node_id,
             parent_id=node.parent_id,
             depth=node.depth,
-            kind=kind,
-            model=request.model,
+            kind=call.kind,
+            model=call.request.model,
             started_at=started,
             finished_at=self._engine.clock(),
             status=status,
@@ -144,8 +154,8 @@ class CallPath:
         self._state.records.append(record)
         self._state.tree.close(node, status, error)
         _events.emit(
-            "call.finish",
-            call_id=call_id,
+            _events.CallFinish,
+            call_id=call.call_id,
             status=status,
             prompt_tokens=usage.prompt_tokens,
             cached_tokens=usage.cached_tokens,
@@ -155,7 +165,7 @@ class CallPath:
             attempts=attempts,
             from_journal=from_journal,
             error=error,
-            **({"text": text} if self._log_text and text is not None else {}),
+            text=text if self._log_text else None,
         )
 
 

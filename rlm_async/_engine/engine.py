@@ -50,7 +50,7 @@ class Engine:
         warm = {b for b, t in self._warm_buckets.items() if now - t < _WARM_TTL_S}
         plan = plan_batch(requests, model.cache_settings(), already_warm=warm)
         if len(requests) > 1:
-            _events.emit("warmup.decision", **plan.event_fields())
+            _events.emit(_events.WarmupDecision, **plan.event_fields())
         return plan
 
     def mark_warm(self, bucket: str) -> None:
