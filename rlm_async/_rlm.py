@@ -262,30 +262,36 @@ class RLM:
         root_prompt: str | None = None,
         *,
         event_sinks: Sequence[_events.EventSink] = (),
-        budget_parent: BudgetLedger | None = None,
+        max_depth: int | None = None,
+        budget: BudgetLimits | None = None,
+        ledger_parent: BudgetLedger | None = None,
     ) -> RLMResult:
         """Answer `root_prompt` over `prompt` (the context). Never raises for a run that
         ends early (budget, deadline, iterations): the result's `status` says why.
 
-        `budget_parent`: the ledger this query's ledger charges into (a batch's), which
-        must itself chain to the governor's process ledger; default the process ledger."""
+        `max_depth` and `budget` replace the configured ones for this query only (a service
+        bounds them per request); `ledger_parent` puts the query's ledger under another
+        ledger of this RLM's governor (a tenant's budget) instead of the process ledger."""
         context = validate_context(prompt)
         engine = await self._engine()
+        changes: dict[str, Any] = {}
+        if max_depth is not None and max_depth != self.config.max_depth:
+            changes["max_depth"] = max_depth
+        if budget is not None and budget != self.config.budget:
+            changes["budget"] = budget
+        if changes:
+            engine = engine.with_config(dataclasses.replace(self.config, **changes))
         sinks = (*self._sinks, *event_sinks)
         query_id = f"q{next(_query_ids)}"
         if not self.verbose:
             return await engine.run(
-                context, root_prompt, sinks=sinks, query_id=query_id, budget_parent=budget_parent
+                context, root_prompt, sinks=sinks, query_id=query_id, ledger_parent=ledger_parent
             )
         from ._progress import LiveProgress  # verbose=True: the official flag shows live progress
 
         with LiveProgress() as progress:
             return await engine.run(
-                context,
-                root_prompt,
-                sinks=(*sinks, progress),
-                query_id=query_id,
-                budget_parent=budget_parent,
+                context, root_prompt, sinks=(*sinks, progress), query_id=query_id, ledger_parent=ledger_parent
             )
 
     async def abatch(
@@ -304,7 +310,7 @@ class RLM:
         engine = await self._engine()
 
         async def run_query(query: str, context: Context, parent: BudgetLedger) -> RLMResult:
-            return await self.acompletion(context, query, event_sinks=event_sinks, budget_parent=parent)
+            return await self.acompletion(context, query, event_sinks=event_sinks, ledger_parent=parent)
 
         async with stream_rows(
             run_query,

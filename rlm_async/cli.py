@@ -6,6 +6,7 @@
     rlm-async trace view TRACE.jsonl -o run.html    a self-contained HTML timeline
     rlm-async batch INPUT.jsonl --out OUT.jsonl [--config ...] [--concurrency N] [--budget-usd X]
               [--budget-tokens N] [--journal PATH]    many queries under one budget, resumable
+    rlm-async serve [--config X.toml] [--host H] [--port P]   an OpenAI-compatible server
 
 Errors the user can fix (a missing file, an unreachable endpoint, a missing key, an unknown
 model, a bad context) print one line naming the problem and the fix and exit 2; a
@@ -97,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--max-context-chars", type=int, help="refuse larger contexts (default 100M)")
     batch.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     batch.add_argument("--quiet", action="store_true", help="no live progress")
+
+    serve = sub.add_parser("serve", help="serve RLMs over an OpenAI-compatible API (default: the simulator)")
+    serve.add_argument("--config", help="a TOML file from configs/ (default: the bundled simulator)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1; others need API keys)")
+    serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--otel", action="store_true", default=None, help="export OpenTelemetry spans")
 
     trace = sub.add_parser("trace", help="work with JSONL traces")
     tsub = trace.add_subparsers(dest="trace_command", required=True)
@@ -407,6 +414,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         out = main_view(args.trace_path, args.output)
         print(f"wrote {out}")
+        return 0
+    if args.command == "serve":
+        from .serve import load_serve_config, run_server
+
+        config = load_serve_config(args.config, host=args.host, port=args.port, otel=args.otel)
+        def ready(url: str, note: str) -> None:
+            print(f"rlm-async serve: listening on {url} ({note})", file=sys.stderr, flush=True)
+
+        anyio.run(lambda: run_server(config, on_ready=ready))
         return 0
     runner = {"run": _run, "batch": _batch}.get(args.command, _demo)
     return anyio.run(runner, args)

@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "batch": 6,
     "sim": 7,
     "demo": 8,
+    "serve": 8,
     "cli": 9,
     "__init__": 9,
 }

@@ -44,6 +44,21 @@ class Engine:
         self._transports: dict[tuple[str, str | None], Transport] = {}
         self._warm_buckets: dict[str, float] = {}
 
+    def with_config(self, config: RLMConfig) -> Engine:
+        """An engine for `config` (the same models; other limits, depth or budget) that shares
+        this one's transports, governor, journal and warm buckets: per-request limits in a
+        service, without a connection pool per request."""
+        derived = Engine(
+            config,
+            transport_factory=self._transport_factory,
+            governor=self.governor,
+            journal=self.journal,
+            clock=self.clock,
+        )
+        derived._transports = self._transports
+        derived._warm_buckets = self._warm_buckets
+        return derived
+
     def plan_batch(self, requests: list[ModelRequest], model: ModelConfig) -> BatchPlan:
         """Plan a fan-out for prefix caching, remembering which cache buckets are warm."""
         now = self.clock()
@@ -76,9 +91,9 @@ class Engine:
         *,
         sinks: tuple[_events.EventSink, ...] = (),
         query_id: str = "q1",
-        budget_parent: BudgetLedger | None = None,
+        ledger_parent: BudgetLedger | None = None,
     ) -> RLMResult:
-        query = Query(self, query_id=query_id, budget_parent=budget_parent)
+        query = Query(self, query_id=query_id, ledger_parent=ledger_parent)
         query.check_prices()
         kept: list[_events.Event] = []
         if self.config.keep_events:

@@ -31,13 +31,13 @@ __all__ = ["Query"]
 class Query:
     """The root of one `acompletion`: wires the state, the call path and the turn loop."""
 
-    def __init__(self, engine: Engine, *, query_id: str, budget_parent: BudgetLedger | None = None) -> None:
+    def __init__(self, engine: Engine, *, query_id: str, ledger_parent: BudgetLedger | None = None) -> None:
         self._engine = engine
         self._config = engine.config
         self.state = QueryState(
             query_id=query_id,
             tree=CallTree(engine.clock),
-            ledger=engine.governor.ledger(self._config.budget, parent=budget_parent),
+            ledger=engine.governor.ledger(self._config.budget, parent=ledger_parent),
         )
         self._loop = RLMLoop(engine, self.state, CallPath(engine, self.state))
 

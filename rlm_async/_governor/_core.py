@@ -163,8 +163,8 @@ class Governor:
         )
 
     def ledger(self, limits: BudgetLimits | None = None, *, parent: BudgetLedger | None = None) -> BudgetLedger:
-        """A new query ledger under `parent` (a batch's ledger, itself under the process
-        ledger), or directly under the process ledger."""
+        """A new query ledger under `parent` (a tenant's ledger, say, itself under the process
+        ledger), by default directly under the process ledger."""
         return BudgetLedger(limits, parent=parent or self.process_ledger, clock=self._clock)
 
     async def call(

@@ -42,7 +42,7 @@ __all__ = ["BatchControl", "BatchObserver", "BatchRunner", "QueryFn", "stream_ro
 
 QueryFn = Callable[[str, Context, BudgetLedger], Awaitable[RLMResult]]
 """Runs one query (`query`, `context`) with its ledger under the given parent ledger:
-`RLM.acompletion(context, query, budget_parent=parent)`."""
+`RLM.acompletion(context, query, ledger_parent=parent)`."""
 
 
 class BatchObserver(Protocol):
