@@ -25,6 +25,7 @@ from . import _events
 from ._config import ModelConfig, RLMConfig
 from ._context import Context, validate_context
 from ._engine import Engine
+from ._engine.slots import shared_slots
 from ._governor import BudgetLedger, BudgetLimits, Governor, PriceTable
 from ._journal import Journal
 from ._result import RLMResult
@@ -235,6 +236,7 @@ class RLM:
                 transport_factory=self._make_transport,
                 governor=self._governor or _shared_governor(self.config),
                 journal=journal,
+                slots=shared_slots(self.config.max_workers),
             )
             for model in self.config.all_models():  # fail fast on a missing key, before any work
                 engine.transport_for(model)

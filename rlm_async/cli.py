@@ -225,6 +225,12 @@ def _print_result(result: RLMResult, *, as_json: bool) -> None:
     print(result.response if result.response is not None else "(no answer)")
     if result.status != "ok":
         print(f"[{result.status}] {result.detail}", file=sys.stderr)
+    if result.usage_estimated:
+        print(
+            "[usage estimated] the server reported no usage for some calls: they are counted at their "
+            "reservation, an upper bound",
+            file=sys.stderr,
+        )
     t = result.total
     print(
         f"[{t.calls} calls ({t.journal_hits} from the journal), {t.prompt_tokens:,} prompt tokens ({t.cached_tokens:,} cached), "
@@ -419,6 +425,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .serve import load_serve_config, run_server
 
         config = load_serve_config(args.config, host=args.host, port=args.port, otel=args.otel)
+
         def ready(url: str, note: str) -> None:
             print(f"rlm-async serve: listening on {url} ({note})", file=sys.stderr, flush=True)
 

@@ -5,7 +5,8 @@ instance and event loop."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import anyio
 
@@ -19,11 +20,14 @@ from .._result import RLMResult
 from .._types import ModelRequest
 from ..transport import Transport
 from .query import Query
+from .slots import WorkerSlots
 
 __all__ = ["Engine"]
 
 # Providers keep a cached prefix for minutes after its last use (OpenAI: 5-10 min idle).
 _WARM_TTL_S = 300.0
+
+T = TypeVar("T")
 
 
 class Engine:
@@ -35,8 +39,11 @@ class Engine:
         governor: Governor,
         journal: Journal | None = None,
         clock: Callable[[], float] = time.monotonic,
+        slots: WorkerSlots | None = None,
     ) -> None:
         self.config = config
+        self.slots = slots if slots is not None else WorkerSlots(config.max_workers)
+        """Live REPL workers: the process' shared slots (see `slots.py`)."""
         self.governor = governor
         self.journal = journal
         self.clock = clock
@@ -54,19 +61,29 @@ class Engine:
             governor=self.governor,
             journal=self.journal,
             clock=self.clock,
+            slots=self.slots,  # the process' cap on workers holds across per-request configs
         )
         derived._transports = self._transports
         derived._warm_buckets = self._warm_buckets
         return derived
 
-    def plan_batch(self, requests: list[ModelRequest], model: ModelConfig) -> BatchPlan:
-        """Plan a fan-out for prefix caching, remembering which cache buckets are warm."""
+    def planner(
+        self,
+        prompts: Sequence[T],
+        model: ModelConfig,
+        to_requests: Callable[[Sequence[T], ModelConfig], list[ModelRequest]],
+    ) -> Callable[[], BatchPlan]:
+        """Plan a fan-out for prefix caching, with the cache buckets warm now: returned as a
+        function that touches no shared state, so a large
+        batch can be planned in a worker thread, off the event loop (`announce_plan` after)."""
         now = self.clock()
-        warm = {b for b, t in self._warm_buckets.items() if now - t < _WARM_TTL_S}
-        plan = plan_batch(requests, model.cache_settings(), already_warm=warm)
-        if len(requests) > 1:
+        warm = frozenset(b for b, t in self._warm_buckets.items() if now - t < _WARM_TTL_S)
+        settings = model.cache_settings()
+        return lambda: plan_batch(to_requests(prompts, model), settings, already_warm=warm)
+
+    def announce_plan(self, plan: BatchPlan) -> None:
+        if len(plan.requests) > 1:
             _events.emit(_events.WarmupDecision, **plan.event_fields())
-        return plan
 
     def mark_warm(self, bucket: str) -> None:
         self._warm_buckets[bucket] = self.clock()

@@ -6,7 +6,8 @@
      "cost_usd": 0.0151, "cache_hit_ratio": 0.4491, "limit_hit": null,
      "started_at": "2026-12-01T10:00:00.123+00:00", "wall_s": 3.2}
 
-Statuses: the query's own (`ok`, `max_iterations`, `budget_exceeded`, `timeout`, `error`),
+Statuses: the query's own (`ok`, `partial`, `max_iterations`, `budget_exceeded`, `timeout`,
+`error`),
 `invalid` (bad input: `error` names the line and the problem), and `not_started` (the
 batch cap could not cover the query: `error` starts with "budget:"). Every status but
 `not_started` is final (and `budget_exceeded` by the batch's cap, `limit_hit` "batch.usd"
@@ -24,9 +25,11 @@ from .._types import Usage
 
 __all__ = ["FINAL_STATUSES", "BatchRow", "RowStatus"]
 
-RowStatus = Literal["ok", "max_iterations", "budget_exceeded", "timeout", "error", "invalid", "not_started"]
+RowStatus = Literal[
+    "ok", "partial", "max_iterations", "budget_exceeded", "timeout", "error", "invalid", "not_started"
+]
 FINAL_STATUSES: frozenset[str] = frozenset(
-    {"ok", "max_iterations", "budget_exceeded", "timeout", "error", "invalid"}
+    {"ok", "partial", "max_iterations", "budget_exceeded", "timeout", "error", "invalid"}
 )
 ANSWERED: frozenset[str] = frozenset({"ok", "max_iterations"})
 

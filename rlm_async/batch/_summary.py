@@ -13,7 +13,7 @@ from ._rows import BatchRow
 
 __all__ = ["BatchSummary", "render_summary"]
 
-_ORDER = ("ok", "max_iterations", "budget_exceeded", "timeout", "error", "invalid", "not_started")
+_ORDER = ("ok", "partial", "max_iterations", "budget_exceeded", "timeout", "error", "invalid", "not_started")
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -62,7 +62,7 @@ class BatchSummary:
             return 130
         if self.by_status.get("not_started"):
             return 3
-        if any(self.by_status.get(s) for s in ("budget_exceeded", "timeout", "error", "invalid")):
+        if any(self.by_status.get(s) for s in ("partial", "budget_exceeded", "timeout", "error", "invalid")):
             return 1
         return 0
 
