@@ -28,7 +28,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import httpx
 
@@ -48,6 +48,7 @@ from .exceptions import (
 __all__ = [
     "OpenAISDKTransport",
     "OpenAITransport",
+    "ProbeResponse",
     "Transport",
     "parse_duration",
     "parse_rate_limit_headers",
@@ -63,6 +64,15 @@ class Transport(ABC):
 
     @abstractmethod
     async def complete(self, request: ModelRequest) -> Completion: ...
+
+    async def probe(
+        self, method: str, url: str, body: Mapping[str, Any] | None = None, *, timeout_s: float = 5.0
+    ) -> ProbeResponse | None:
+        """One small JSON request to the server beside chat completions (`GET /v1/models`,
+        `POST /tokenize`), for identifying the server and counting tokens. `url` must be on
+        the endpoint's own origin. `None` when the transport cannot probe (the default: test
+        doubles, custom wires) or the server could not be reached; never raises for that."""
+        return None
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
         """Release connections. Safe to call twice."""
@@ -118,6 +128,39 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         except ValueError:
             pass
     return parse_duration(headers.get("retry-after"))
+
+
+class ProbeResponse(NamedTuple):
+    """What a probe got back: the status and the body as JSON (`None` if it was not JSON)."""
+
+    status: int
+    body: Any
+
+
+def _same_origin(endpoint: str, url: str) -> bool:
+    a, b = httpx.URL(endpoint), httpx.URL(url)
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
+
+
+async def _probe(
+    client: httpx.AsyncClient,
+    endpoint: str,
+    headers: Mapping[str, str],
+    method: str,
+    url: str,
+    body: Mapping[str, Any] | None,
+    timeout_s: float,
+) -> ProbeResponse | None:
+    if not _same_origin(endpoint, url):  # the key in `headers` goes only where it was meant to
+        raise ValueError(f"probe {url} is not on the endpoint's origin {endpoint}")
+    content = json.dumps(body).encode() if body is not None else None
+    try:
+        response = await client.request(
+            method, url, content=content, headers=headers, timeout=httpx.Timeout(timeout_s)
+        )
+    except httpx.HTTPError:
+        return None
+    return ProbeResponse(response.status_code, _json_or_none(response.content))
 
 
 _CONTEXT_LENGTH_HINTS = ("context_length_exceeded", "maximum context length", "context length")
@@ -253,6 +296,12 @@ class OpenAITransport(Transport):
             raise ServerError(f"malformed response from {self.endpoint}: body is not a JSON object")
         return _parse_completion(data, response.headers, request.model, self.endpoint)
 
+    async def probe(
+        self, method: str, url: str, body: Mapping[str, Any] | None = None, *, timeout_s: float = 5.0
+    ) -> ProbeResponse | None:
+        with self._shards.use() as client:
+            return await _probe(client, self.endpoint, self._headers, method, url, body, timeout_s)
+
     async def aclose(self) -> None:
         for client in self._shards.clients:
             await client.aclose()
@@ -352,7 +401,7 @@ class OpenAISDKTransport(Transport):
 
         self._openai = openai
         self.endpoint = base_url.rstrip("/")
-        key = _resolve_key(self.endpoint, api_key, api_key_env) or "unused"
+        key = self._key = _resolve_key(self.endpoint, api_key, api_key_env) or "unused"
         self._http = _http_clients(shards, max_connections, timeout_s)
         self._shards = _Shards(
             [
@@ -391,6 +440,13 @@ class OpenAISDKTransport(Transport):
         if not isinstance(data, dict):
             raise ServerError(f"malformed response from {self.endpoint}: body is not a JSON object")
         return _parse_completion(data, raw.headers, request.model, self.endpoint)
+
+    async def probe(
+        self, method: str, url: str, body: Mapping[str, Any] | None = None, *, timeout_s: float = 5.0
+    ) -> ProbeResponse | None:
+        headers = {"content-type": "application/json", "authorization": f"Bearer {self._key}"}
+        # Probes are rare and small: the first pooled client, not the SDK's request handling.
+        return await _probe(self._http[0], self.endpoint, headers, method, url, body, timeout_s)
 
     async def aclose(self) -> None:
         for client in self._http:

@@ -17,9 +17,11 @@ import anyio
 from .. import _events
 from .._config import ModelConfig
 from .._governor import CallTally
+from .._servers import Fitted, ServerSettings, fit
 from .._tree import Node
 from .._types import CallKind, CallRecord, CallStatus, Completion, ModelRequest, Usage
-from ..exceptions import BudgetExceeded
+from ..exceptions import BudgetExceeded, ContextLengthExceeded
+from ..transport import Transport
 from .state import QueryState
 
 if TYPE_CHECKING:
@@ -60,6 +62,11 @@ class CallPath:
             )
             tally = CallTally()
             try:
+                # Know the server (at its first use), then make the request fit its window:
+                # a prompt that cannot fit is refused here, before anything is sent.
+                server = await self._engine.server_settings(model)
+                fitted = await self._fit(request, server, transport)
+                request = fitted.request
 
                 async def send() -> Completion:
                     governed = await self._engine.governor.call(
@@ -67,8 +74,9 @@ class CallPath:
                         transport,
                         ledger=self._state.ledger,
                         price=model.prices,
-                        limits=model.limits,
+                        limits=server.limits,
                         tally=tally,
+                        prompt_tokens=fitted.prompt_tokens,
                     )
                     return governed.completion
 
@@ -82,6 +90,8 @@ class CallPath:
                 else:
                     completion, from_journal = await send(), False
             except BaseException as exc:
+                if isinstance(exc, ContextLengthExceeded) and tally.attempts:
+                    self._engine.learn_window(model, str(exc))
                 self._record(
                     node,
                     call_id,
@@ -108,6 +118,23 @@ class CallPath:
                 text=completion.text,
             )
         return completion
+
+    async def _fit(self, request: ModelRequest, server: ServerSettings, transport: Transport) -> Fitted:
+        governor = self._engine.governor
+        capped = any(
+            ledger.limits.max_usd is not None
+            or ledger.limits.max_input_tokens is not None
+            or ledger.limits.max_total_tokens is not None
+            for ledger in self._state.ledger.chain()
+        )
+        return await fit(
+            request,
+            server,
+            transport,
+            bound=governor.estimator.prompt_tokens(request),
+            default_max_tokens=governor.config.default_max_tokens,
+            count_for_budget=capped,
+        )
 
     def _record(
         self,

@@ -10,12 +10,13 @@ from collections.abc import Callable
 import anyio
 
 from .. import _events
-from .._cache import BatchPlan, plan_batch
+from .._cache import BatchPlan, CacheSettings, plan_batch
 from .._config import ModelConfig, RLMConfig
 from .._context import Context
 from .._governor import Governor
 from .._journal import Journal
 from .._result import RLMResult
+from .._servers import ServerProfile, ServerSettings, detect, resolve, window_from_error
 from .._types import ModelRequest
 from ..transport import Transport
 from .query import Query
@@ -43,18 +44,49 @@ class Engine:
         self._transport_factory = transport_factory
         self._transports: dict[tuple[str, str | None], Transport] = {}
         self._warm_buckets: dict[str, float] = {}
+        self._profiles: dict[str, ServerProfile] = {}
+        self._settings: dict[ModelConfig, ServerSettings] = {}
+        self._detecting = anyio.Lock()
 
-    def plan_batch(self, requests: list[ModelRequest], model: ModelConfig) -> BatchPlan:
+    def plan_batch(self, requests: list[ModelRequest], cache: CacheSettings) -> BatchPlan:
         """Plan a fan-out for prefix caching, remembering which cache buckets are warm."""
         now = self.clock()
         warm = {b for b, t in self._warm_buckets.items() if now - t < _WARM_TTL_S}
-        plan = plan_batch(requests, model.cache_settings(), already_warm=warm)
+        plan = plan_batch(requests, cache, already_warm=warm)
         if len(requests) > 1:
             _events.emit("warmup.decision", **plan.event_fields())
         return plan
 
     def mark_warm(self, bucket: str) -> None:
         self._warm_buckets[bucket] = self.clock()
+
+    async def server_settings(self, model: ModelConfig) -> ServerSettings:
+        """What `model`'s server is and the settings that follow, found at its first use
+        (one `server.detected` event per model) and kept for the engine's life."""
+        settings = self._settings.get(model)
+        if settings is not None:
+            return settings
+        async with self._detecting:  # the first fan-out must not probe a hundred times
+            settings = self._settings.get(model)
+            if settings is None:
+                transport = self.transport_for(model)
+                profile = self._profiles.get(transport.endpoint)
+                if profile is None and model.server != "off":
+                    profile = self._profiles[transport.endpoint] = await detect(transport)
+                settings = resolve(model, profile or ServerProfile(endpoint=transport.endpoint))
+                self._settings[model] = settings
+                _events.emit("server.detected", **settings.event_fields())
+        return settings
+
+    def learn_window(self, model: ModelConfig, message: str) -> None:
+        """A server that reports no context window names it in its `context_length_exceeded`
+        error: later prompts that cannot fit are refused before sending."""
+        settings = self._settings.get(model)
+        window = window_from_error(message)
+        if settings is None or window is None or settings.context_window is not None:
+            return
+        self._settings[model] = settings = settings.with_window(window)
+        _events.emit("server.detected", **settings.event_fields())
 
     def transport_for(self, model: ModelConfig) -> Transport:
         key = (model.base_url, model.api_key_env)

@@ -151,8 +151,9 @@ class _FanOut:
 
     async def run(self) -> None:
         if not self._recursive:
+            settings = await self._engine.server_settings(self._model)
             self._plan = self._engine.plan_batch(
-                [_sub_request(p, self._model) for p in self._prompts], self._model
+                [_sub_request(p, self._model) for p in self._prompts], settings.cache
             )
             self._gates = {w: anyio.Event() for w in self._plan.warmups}
         async with anyio.create_task_group() as tg:
