@@ -4,6 +4,7 @@
     rlm-async run --context PATH|- --query TEXT [--config configs/NAME.toml] [--max-depth N] [--json]
     rlm-async sim [--config sim.toml] [--port P]    the simulated OpenAI-compatible server
     rlm-async trace view TRACE.jsonl -o run.html    a self-contained HTML timeline
+    rlm-async doctor [--config configs/NAME.toml] [--json]   what each server is, and the defaults
 
 Errors the user can fix (a missing file, an unreachable endpoint, a missing key, an unknown
 model, a bad context) print one line naming the problem and the fix and exit 2; a
@@ -73,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("sim", help="run the simulated OpenAI-compatible server", add_help=False)
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+
+    doctor = sub.add_parser("doctor", help="identify each configured server and show the settings it gets")
+    doctor.add_argument("--config", help="a TOML file from configs/")
+    doctor.add_argument("--json", action="store_true", help="print the decisions as JSON")
 
     trace = sub.add_parser("trace", help="work with JSONL traces")
     tsub = trace.add_subparsers(dest="trace_command", required=True)
@@ -313,8 +318,35 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = main_view(args.trace_path, args.output)
         print(f"wrote {out}")
         return 0
-    runner = _run if args.command == "run" else _demo
+    runner = {"run": _run, "demo": _demo, "doctor": _doctor}[args.command]
     return anyio.run(runner, args)
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    from ._config import ModelConfig
+    from ._servers import diagnose, report
+    from .transport import OpenAITransport, Transport
+
+    config = (
+        RLMConfig.from_toml(args.config) if args.config else RLMConfig(root=ModelConfig(model="gpt-5-mini"))
+    )
+    models = [m for m in config.all_models() if m.base_url != _SIM_BASE_URL]
+    opened: list[Transport] = []
+
+    def transport_for(m: Any) -> Transport:
+        opened.append(OpenAITransport(m.base_url, api_key_env=m.api_key_env, shards=1))
+        return opened[-1]
+
+    try:
+        settings = await diagnose(models, transport_for)
+    finally:
+        for t in opened:
+            await t.aclose()
+    if args.json:
+        print(json.dumps([s.event_fields() for s in settings], indent=2))
+    else:
+        print("\n".join(report(settings)))
+    return 0
 
 
 def _lone(exc: BaseException) -> BaseException:
