@@ -29,6 +29,8 @@ The vocabulary (every event also carries query_id, node_id and depth):
     ratelimit.pause   endpoint, model, pause_s
     budget.reserve    limit summary; budget.refuse  limit, cap, committed, requested; budget.settle
     warmup.decision   decision, reason, prefix_tokens, batch_size
+    server.detected   endpoint, model, server, evidence, cache, cache_source, context_window,
+                      window_source, max_concurrency, limits_source, count_tokens
     journal.hit       call_id
 
 A "node" is an RLM loop (node_kind "rlm": the query's root and every child RLM) or one

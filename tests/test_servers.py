@@ -451,3 +451,55 @@ class TestVLLMFanOut:
         first_finish = min(e.finish for e in subs)
         early = [e for e in subs if e.start is not None and e.start < first_finish]
         assert len(early) >= 0.9 * CHUNKS and all(e.cached_tokens == 0 for e in early)
+
+
+# ============================================================================ budgets reserve the count
+
+
+class TestGovernorCount:
+    async def test_a_server_count_replaces_the_byte_bound_in_the_reservation(self) -> None:
+        """Given the server's count of the prompt, the governor reserves exactly that, not
+        the UTF-8 byte bound (about four times larger for English)."""
+        from rlm_async._governor import Governor
+        from rlm_async.testing import ScriptedTransport
+
+        governor = Governor()
+        transport = ScriptedTransport(lambda r: "ok")
+        req = request(4000, max_tokens=10)
+        counted = await governor.call(req, transport, prompt_tokens=1001)
+        estimated = await governor.call(req, transport)
+        assert counted.reserved_input_tokens == 1001
+        assert estimated.reserved_input_tokens > 4000
+
+
+@pytest.mark.e2e
+class TestRefusedBeforeSending:
+    def test_a_chunk_over_the_detected_window_never_reaches_the_server(self) -> None:
+        """The simulator plays vLLM with a 2,048-token window; the root fans out one chunk of
+        ~4,000 tokens. Its sub-call is refused before sending, with the chunk's size and the
+        window in the message, and the server never sees it."""
+        workload = oolong_counting("4k", seed=3)
+        sim = vllm_sim(
+            context_window=2048,
+            policies=Policies(root=PolicySpec(name="rlm", options={"chunks": 1, "pad_chars": 0})),
+        )
+        events = EventLog()
+
+        async def go() -> tuple[RLMResult, list[LogEntry]]:
+            async with SimServer(sim) as server:
+                config = RLMConfig(
+                    root=model("sim-model", server.base_url),
+                    sub=model("sim-mini", server.base_url),
+                    sandbox=sandbox_config(),
+                    max_iterations=2,
+                )
+                async with RLM(config=config, event_sinks=[events]) as rlm:
+                    result = await rlm.acompletion(workload.context, workload.query)
+                return result, list(server.app.log)
+
+        result, log = anyio.run(go)
+        assert result.status in ("ok", "max_iterations"), result.detail
+        assert not [e for e in log if e.kind == "sub"]
+        subs = [e.fields for e in events.of("call.finish") if e.depth == 1]
+        assert subs and all(f["attempts"] == 0 for f in subs)
+        assert all("refused before sending" in f["error"] and "2,048 tokens" in f["error"] for f in subs)
