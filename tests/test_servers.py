@@ -503,3 +503,30 @@ class TestRefusedBeforeSending:
         subs = [e.fields for e in events.of("call.finish") if e.depth == 1]
         assert subs and all(f["attempts"] == 0 for f in subs)
         assert all("refused before sending" in f["error"] and "2,048 tokens" in f["error"] for f in subs)
+
+
+class TestDoctor:
+    async def test_doctor_shows_each_decision_and_its_source(self, tmp_path: Any) -> None:
+        """`rlm-async doctor --config FILE --json` against the simulator playing vLLM: the
+        server, the cache settings and window it gets, what was configured, and nothing
+        sent but probes."""
+        import contextlib
+        import io
+        import json
+
+        from rlm_async.cli import main
+
+        async with SimServer(vllm_sim(models=("Qwen/Qwen3-8B",), context_window=40_960)) as sim:
+            path = tmp_path / "vllm.toml"
+            path.write_text(
+                f'[root]\nmodel = "Qwen/Qwen3-8B"\nbase_url = "{sim.base_url}"\napi_key_env = ""\n'
+                "[root.limits]\nmax_concurrency = 256\n"
+            )
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = await anyio.to_thread.run_sync(main, ["doctor", "--config", str(path), "--json"])
+            assert code == 0 and len(sim.log) == 0
+        (decision,) = json.loads(out.getvalue())
+        assert (decision["server"], decision["cache_source"], decision["context_window"]) == ("vllm", "detected", 40_960)
+        assert (decision["max_concurrency"], decision["limits_source"]) == (256, "configured")
+        assert decision["cache"]["min_cacheable_tokens"] == 16
