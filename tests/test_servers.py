@@ -156,6 +156,15 @@ class TestDetect:
         p = await detect(fake)
         assert p.kind == "unknown" and p.evidence == ("the transport cannot probe",)
 
+    async def test_probes_stay_on_the_endpoints_origin(self) -> None:
+        """The transport's key goes only where it was meant to: a probe elsewhere is a bug."""
+        transport = OpenAITransport(EP, api_key="sk-test")
+        try:
+            with pytest.raises(ValueError, match="origin"):
+                await transport.probe("GET", "http://127.0.0.2:8000/v1/models")
+        finally:
+            await transport.aclose()
+
     async def test_an_unreachable_server_is_unknown(self) -> None:
         """Nothing listening: "unknown", quickly, and no exception."""
         transport = OpenAITransport("http://127.0.0.1:9/v1", api_key_env=None)
