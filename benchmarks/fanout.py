@@ -80,6 +80,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import dataclasses
+import gc
 import io
 import itertools
 import json
@@ -143,11 +144,13 @@ class Case:
 CASES: dict[str, Case] = {
     "count-1m": Case(task="oolong", tokens="1M", chunks=100),
     "count-10m": Case(task="oolong", tokens="10M", chunks=1000),
+    # 2K-token chunks, as a sub model with an 8K context window needs: the widest fan-out.
+    "count-10m-5k": Case(task="oolong", tokens="10M", chunks=5000),
     "niah-128k": Case(task="s-niah", tokens="128K", chunks=8),
 }
 VARIANTS = ("concurrent", "sequential", "warm-off", "traced")
 # Left out of the default plan: ~1000 x 0.31 s one at a time. Run it with --only (above).
-LONG = {("count-10m", "sequential")}
+LONG = {("count-10m", "sequential"), ("count-10m-5k", "sequential")}
 
 
 # ====================================================================== one run (a child process)
@@ -267,6 +270,34 @@ class Sampler:
         self._scan()
         self.cpu_samples.append((time.monotonic(), time.process_time(), time.thread_time()))
         self.own_cpu_s = time.thread_time()
+
+
+class GCTimer:
+    """Adds up the CPU time the garbage collector runs, per generation, by `gc.callbacks`
+    (thread CPU: a collection runs in the thread whose allocation triggered it)."""
+
+    def __init__(self) -> None:
+        self.by_generation = [0.0, 0.0, 0.0]
+        self.counts = [0, 0, 0]
+        self._t = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.by_generation)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t = time.thread_time()
+        else:
+            self.by_generation[info["generation"]] += time.thread_time() - self._t
+            self.counts[info["generation"]] += 1
+
+    def __enter__(self) -> GCTimer:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 class TimedSink:
@@ -435,7 +466,12 @@ async def _query(
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     case = CASES[spec["case"]]
-    out: dict[str, Any] = {"case": spec["case"], "variant": spec["variant"], "repeat": spec.get("repeat", 0)}
+    out: dict[str, Any] = {
+        "case": spec["case"],
+        "variant": spec["variant"],
+        "repeat": spec.get("repeat", 0),
+        "loop": spec.get("loop", "asyncio"),
+    }
     out["load_avg_before"] = os.getloadavg()[0]
     gen0 = time.process_time()
     workload = make_workload(case.task, case.tokens, seed=spec.get("seed", 0))
@@ -453,7 +489,20 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             tempfile.TemporaryDirectory(prefix="fanout-trace-") as trace_dir,
             Sampler(exclude=sim.pid) as sampler,
         ):
-            result = anyio.run(_query, spec, workload, sim.base_url, out, trace_dir, profile)
+            with GCTimer() as gc_timer:
+                result = anyio.run(
+                    _query,
+                    spec,
+                    workload,
+                    sim.base_url,
+                    out,
+                    trace_dir,
+                    profile,
+                    backend_options={"use_uvloop": spec.get("loop") == "uvloop"},
+                )
+            out["gc_cpu_s"] = round(gc_timer.seconds, 4)
+            out["gc_cpu_s_by_generation"] = [round(x, 4) for x in gc_timer.by_generation]
+            out["gc_collections_by_generation"] = gc_timer.counts
             if spec["variant"] == "traced":
                 out["trace_bytes"] = sum(p.stat().st_size for p in Path(trace_dir).glob("*.jsonl"))
         if profile is not None:
@@ -887,6 +936,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--latency", choices=sorted(LATENCIES), default="bench", help="latency model (default bench)"
     )
+    p.add_argument(
+        "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the engine's event loop"
+    )
     args = p.parse_args(argv)
 
     if args.markdown:
@@ -919,6 +971,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repeat": repeat,
                 "seed": 0,
                 "latency": args.latency,
+                "loop": args.loop,
             }
             if args.profile:
                 spec["profile"] = str(Path(args.profile) / f"{c}-{v}-{repeat}.txt")

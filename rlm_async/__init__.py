@@ -18,6 +18,7 @@ from ._governor import BudgetLimits, EndpointLimits, Governor, GovernorConfig, M
 from ._result import RLMResult, SubCallFailure, SubCallResult, UsageSummary, UsageTotals
 from ._rlm import RLM
 from ._types import CallRecord, Completion, Message, ModelRequest, Usage
+from ._version import __version__
 from .exceptions import (
     AuthenticationFailed,
     BadRequest,
@@ -40,8 +41,6 @@ from .exceptions import (
 )
 from .sandbox import ReducedIsolationWarning, SandboxConfig
 from .transport import OpenAISDKTransport, OpenAITransport, Transport
-
-__version__ = "0.1.0"
 
 __all__ = [
     "RLM",

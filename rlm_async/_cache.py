@@ -268,8 +268,46 @@ def plan_batch(
     text = _shared_prefix_text(requests)
     prefix = SharedPrefix(len(text), int(len(text) / settings.chars_per_token))
     cacheable = cacheable_tokens(prefix.tokens, settings)
-    model = requests[0].model if requests else ""
+    layout = _layout(requests, settings, text, cacheable, rpm_hint, already_warm)
+    latency = expected_latency_s if expected_latency_s is not None else settings.assumed_latency_s
+    decision, reason, detail = _decide(n, prefix, cacheable, layout, settings, latency)
+    return BatchPlan(
+        requests=layout.requests,
+        decision=decision,
+        reason=reason,
+        detail=detail,
+        prefix_chars=prefix.chars,
+        prefix_tokens=prefix.tokens,
+        cacheable_tokens=cacheable,
+        buckets=layout.buckets,
+        bucket_of=layout.bucket_of,
+        warmups=layout.firsts if decision == "warm" else (),
+        release_on=settings.ready_on,
+    )
 
+
+class _Layout(NamedTuple):
+    """How a batch is spread over cache buckets, and which request warms each cold one."""
+
+    requests: tuple[ModelRequest, ...]
+    buckets: tuple[str, ...]
+    bucket_of: tuple[int, ...]
+    firsts: tuple[int, ...]
+    """The first request of every bucket not already warm: sent first if the batch is warmed."""
+    cold_requests: int
+    """Requests in buckets that are not warm yet."""
+
+
+def _layout(
+    requests: Sequence[ModelRequest],
+    settings: CacheSettings,
+    text: str,
+    cacheable: int,
+    rpm_hint: float | None,
+    already_warm: Container[str],
+) -> _Layout:
+    n = len(requests)
+    model = requests[0].model if requests else ""
     n_buckets = _bucket_count(n, settings, rpm_hint) if cacheable else 1
     base_id = "rlm-" + _digest(model, text[:_KEY_WINDOW_CHARS])[:16]
     keyed = settings.send_prompt_cache_key and cacheable > 0
@@ -279,55 +317,48 @@ def plan_batch(
         replace(r, prompt_cache_key=buckets[bucket_of[i]]) if keyed and r.prompt_cache_key is None else r
         for i, r in enumerate(requests)
     )
-    # The first request of every bucket not already warm; sent first if the batch is warmed.
     first_of: dict[int, int] = {}
     for i, b in enumerate(bucket_of):
         first_of.setdefault(b, i)
     cold = {b for b in first_of if buckets[b] not in already_warm}
     firsts = tuple(sorted(first_of[b] for b in cold))
+    cold_requests = sum(1 for b in bucket_of if b in cold)
+    return _Layout(planned, buckets, bucket_of, firsts, cold_requests)
 
-    def plan(decision: Literal["warm", "skip"], reason: WarmReason, detail: str) -> BatchPlan:
-        return BatchPlan(
-            requests=planned,
-            decision=decision,
-            reason=reason,
-            detail=detail,
-            prefix_chars=prefix.chars,
-            prefix_tokens=prefix.tokens,
-            cacheable_tokens=cacheable,
-            buckets=buckets,
-            bucket_of=bucket_of,
-            warmups=firsts if decision == "warm" else (),
-            release_on=settings.ready_on,
-        )
 
+def _decide(
+    n: int,
+    prefix: SharedPrefix,
+    cacheable: int,
+    layout: _Layout,
+    settings: CacheSettings,
+    latency: float,
+) -> tuple[Literal["warm", "skip"], WarmReason, str]:
+    """Warm or not, why (a `WarmReason`), and the numbers behind it."""
     if n < 2:
-        return plan("skip", "too_few_requests", f"{n} request(s): nothing to share")
+        return "skip", "too_few_requests", f"{n} request(s): nothing to share"
     if cacheable == 0:
-        return plan(
+        return (
             "skip",
             "prefix_below_minimum",
             f"shared prefix ~{prefix.tokens} tokens; the provider caches from "
             f"{max(settings.min_cacheable_tokens, 1)}",
         )
     if settings.warm is False:
-        return plan("skip", "disabled", "warm-up is off for this provider")
-    if not firsts:
-        return plan("skip", "already_warm", f"all {len(buckets)} bucket(s) were warmed recently")
+        return "skip", "disabled", "warm-up is off for this provider"
+    if not layout.firsts:
+        return "skip", "already_warm", f"all {len(layout.buckets)} bucket(s) were warmed recently"
     if settings.warm is True:
-        return plan("warm", "forced", f"warm-up forced; {len(firsts)} bucket(s) to warm")
-
-    latency = expected_latency_s if expected_latency_s is not None else settings.assumed_latency_s
-    cold_requests = sum(1 for b in bucket_of if b in cold)
-    saved = (cold_requests - len(firsts)) * cacheable
+        return "warm", "forced", f"warm-up forced; {len(layout.firsts)} bucket(s) to warm"
+    saved = (layout.cold_requests - len(layout.firsts)) * cacheable
     rate = saved / max(latency, 1e-3)
     detail = (
         f"~{saved} prefix tokens would hit for a ~{latency:g}s wait: {rate:.0f} tokens/s "
         f"(threshold {settings.min_saved_tokens_per_wait_s:g})"
     )
     if rate < settings.min_saved_tokens_per_wait_s:
-        return plan("skip", "batch_too_small", detail)
-    return plan("warm", "pays_off", detail)
+        return "skip", "batch_too_small", detail
+    return "warm", "pays_off", detail
 
 
 def _bucket_count(n: int, settings: CacheSettings, rpm_hint: float | None) -> int:

@@ -45,8 +45,9 @@ class ModelConfig:
     for output. `None` sends `GovernorConfig.default_max_tokens`, so output always has a
     bound that budgets can reserve."""
     temperature: float | None = None
-    """Sampling temperature; `None` uses the server's default. The journal reuses only
-    calls with temperature 0 unless told otherwise."""
+    """Sampling temperature; `None` uses the server's default. With a journal, a
+    temperature-0 call is one answer however often it is asked; a sampled call is replayed
+    occurrence by occurrence (see `RLMConfig.journal_reuse_nondeterministic`)."""
     timeout_s: float = 600.0
     """Per-request HTTP timeout."""
     prices: ModelPrice | None = None
@@ -117,9 +118,11 @@ class RLMConfig:
     """Isolation and resource limits of the REPL workers."""
     journal_path: str | None = None
     """SQLite response journal; `None` keeps no journal."""
-    journal_reuse_nondeterministic: bool = False
-    """Also answer sampled calls (temperature unset or above 0) from the journal, e.g. to
-    resume a crashed run exactly as it went. Off: only temperature-0 calls are reused."""
+    journal_reuse_nondeterministic: bool = True
+    """Also replay sampled calls (temperature unset or above 0) from the journal: the n-th
+    identical sampled call of a run gets the n-th recorded answer, so a re-run or a resume
+    after a crash pays for nothing twice and identical samples stay distinct. Off: only
+    temperature-0 calls are reused; sampled ones are sent afresh (and still recorded)."""
     keep_events: bool = False
     """Put the query's events in `RLMResult.events` (what a JSONL trace holds)."""
     log_text: bool = False
@@ -202,7 +205,7 @@ class _JournalTable:
     `journal_reuse_nondeterministic`."""
 
     path: str | None = None
-    reuse_nondeterministic: bool = False
+    reuse_nondeterministic: bool = True
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

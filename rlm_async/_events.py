@@ -11,7 +11,8 @@ observing a run must never break it.
 
 The vocabulary (every event also carries query_id, node_id and depth):
 
-    query.start       query_id, context_type, context_chars, root_prompt_chars, max_depth
+    query.start       query_id, context_type, context_chars, root_prompt_chars, max_depth,
+                      max_in_flight, max_in_flight_why (the connection cap and its reason)
     query.finish      status, wall_s, calls, prompt_tokens, cached_tokens, completion_tokens, cost_usd
     node.start        node_id, parent_id, depth, node_kind ("rlm" | "llm"), model, label
     node.finish       node_id, status, error

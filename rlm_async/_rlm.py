@@ -25,11 +25,11 @@ from . import _events
 from ._config import ModelConfig, RLMConfig
 from ._context import Context, validate_context
 from ._engine import Engine
-from ._governor import BudgetLimits, Governor
+from ._governor import BudgetLimits, Governor, PriceTable
 from ._journal import Journal
 from ._result import RLMResult
 from .exceptions import ConfigError
-from .transport import OpenAITransport, Transport
+from .transport import OpenAITransport, Transport, require_api_key
 
 __all__ = ["RLM"]
 
@@ -153,6 +153,23 @@ class RLM:
             self._sinks.append(OfficialCallbacks(*hooks))
         self.verbose = verbose
         self._engines: dict[object, Engine] = {}
+        self._refuse_misuse()
+
+    def _refuse_misuse(self) -> None:
+        """Misuse is refused here, at construction, naming the fix, rather than at the first
+        `completion()`: a model with no API key, a dollar cap over a model with no known price."""
+        if self._transport is None:
+            for model in self.config.all_models():
+                require_api_key(model.base_url, self._api_keys.get(model.model), model.api_key_env)
+        if self.config.budget.max_usd is not None:
+            prices = self._governor.prices if self._governor is not None else PriceTable()
+            models = self.config.all_models()
+            unpriced = sorted({m.model for m in models if not prices.is_priced(m.model, m.prices)})
+            if unpriced:
+                raise ConfigError(
+                    f"a dollar budget is set but no price is known for model(s) {unpriced}, so it could "
+                    "not be enforced: give each a ModelPrice (ModelPrice.free() for a self-hosted model)"
+                )
 
     # ------------------------------------------------------------------ engine plumbing
     def _make_transport(self, model: ModelConfig) -> Transport:

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import sys
 import tomllib
+import traceback
 from collections.abc import Sequence
 from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
@@ -29,6 +30,7 @@ from . import _events
 from ._config import RLMConfig
 from ._context import Context
 from ._result import RLMResult
+from ._version import __version__
 from .exceptions import ConfigError, RLMError
 
 __all__ = ["main"]
@@ -45,7 +47,8 @@ class CLIError(Exception):
 # ---------------------------------------------------------------------- arguments
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlm-async", description="Recursive Language Models, asynchronously.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"rlm-async {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (the exit code stays the same)")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="answer a query over a context file")
@@ -72,8 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.add_argument("--quiet", action="store_true", help="no live progress")
 
-    sim = sub.add_parser("sim", help="run the simulated OpenAI-compatible server", add_help=False)
-    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+    from .sim.server import build_parser as sim_parser
+
+    sim_args = sim_parser(add_help=False)
+    sub.add_parser(
+        "sim",
+        parents=[sim_args],
+        help="run the simulated OpenAI-compatible server (a scripted stand-in, not a model)",
+        description=sim_args.description,
+    )
 
     doctor = sub.add_parser("doctor", help="identify each configured server and show the settings it gets")
     doctor.add_argument("--config", help="a TOML file from configs/")
@@ -168,8 +178,9 @@ async def _run(args: argparse.Namespace) -> int:
 
     context = _read_context(args.context)
     config, sim_table = _load_config(args)
+    on_sim = any(m.base_url == _SIM_BASE_URL for m in config.all_models())
     async with AsyncExitStack() as stack:
-        if any(m.base_url == _SIM_BASE_URL for m in config.all_models()):
+        if on_sim:
             from .sim import SimConfig, SimServer
 
             sim = await stack.enter_async_context(
@@ -186,6 +197,8 @@ async def _run(args: argparse.Namespace) -> int:
         # The run could not get going (endpoint down, model unknown, key refused): one line.
         raise CLIError(result.detail or "the run failed")
     _print_result(result, as_json=args.json)
+    if on_sim and not args.json:
+        _print_sim_note(result)
     return 0 if result.status in ("ok", "max_iterations") else 1
 
 
@@ -202,6 +215,24 @@ def _print_result(result: RLMResult, *, as_json: bool) -> None:
         f"{t.completion_tokens:,} completion tokens, ${t.cost_usd:.4f}, {result.execution_time:.2f} s]",
         file=sys.stderr,
     )
+
+
+def _print_sim_note(result: RLMResult) -> None:
+    """Say that the simulator answered, so no one mistakes it for a model."""
+    from .sim import NOT_AN_ANSWER
+
+    if result.response is not None and NOT_AN_ANSWER in str(result.response):
+        print(
+            "[simulator: this is NOT an answer. The bundled simulator is a scripted stand-in, not a "
+            "model; it answers only the synthetic workloads' questions (try `rlm-async demo`). "
+            "Point --config at a real model (configs/openai.toml, vllm.toml, ...) to answer this.]",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            "[answered by the bundled simulator (rlm_async.sim), a scripted stand-in, not a model]",
+            file=sys.stderr,
+        )
 
 
 # ---------------------------------------------------------------------- demo
@@ -243,8 +274,11 @@ async def _demo(args: argparse.Namespace) -> int:
         ("simulated cost", f"${t.cost_usd:.4f} (stand-in prices, see rlm_async/demo.py)"),
         ("wall time", f"{r.execution_time:.2f} s"),
         (
-            "critical-path bound",
-            f"{report.bound_s:.2f} s (wall / bound = {r.execution_time / report.bound_s:.2f})"
+            # Not the trace's "critical path" (the measured chain of this run): the least wall
+            # time the simulator's latency model allows for the requests it served.
+            "lower bound",
+            f"{report.bound_s:.2f} s, the least wall time the simulator's latency model allows "
+            f"(wall / bound = {r.execution_time / report.bound_s:.2f})"
             if report.bound_s
             else "n/a",
         ),
@@ -286,8 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except BaseException as raised:
-        if args.debug:
-            raise
+        if args.debug and not isinstance(raised, SystemExit):
+            # The traceback, then the same one line and exit code as without --debug.
+            traceback.print_exception(raised, file=sys.stderr)
         # Task groups (the in-process simulator's, say) wrap what the run raised in an
         # ExceptionGroup: report a lone error as itself.
         exc = _lone(raised)
@@ -300,18 +335,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         if not isinstance(exc, Exception):
             raise
-        print(
-            f"rlm-async: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-            file=sys.stderr,
-        )
+        hint = "" if args.debug else " (run with --debug for the traceback)"
+        print(f"rlm-async: unexpected {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
         return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sim":
-        from .sim import main as sim_main
+        from .sim.server import run_from_args
 
-        return sim_main(args.sim_args)
+        return run_from_args(args)
     if args.command == "trace":
         from .trace_view import main_view
 
@@ -334,7 +367,7 @@ async def _doctor(args: argparse.Namespace) -> int:
     opened: list[Transport] = []
 
     def transport_for(m: Any) -> Transport:
-        opened.append(OpenAITransport(m.base_url, api_key_env=m.api_key_env, shards=1))
+        opened.append(OpenAITransport(m.base_url, api_key_env=m.api_key_env))
         return opened[-1]
 
     try:

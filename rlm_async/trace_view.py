@@ -151,9 +151,10 @@ def _cards(s: TraceSummary) -> str:
         [
             _card("wall time", _seconds(s.wall_s), s.status),
             _card(
-                "critical path",
+                "measured critical path",
                 _seconds(s.critical_path_s),
-                f"model time on the chain, {crit_share:.0%} of wall; {len(s.critical_calls)} calls",
+                f"model time on this run's longest chain, {crit_share:.0%} of wall; "
+                f"{len(s.critical_calls)} calls",
             ),
             _card("calls", str(t.calls), f"{t.failed_calls} failed, {s.retries} retries"),
             _card("peak in flight", str(s.peak_in_flight), f"{len(s.nodes)} nodes"),

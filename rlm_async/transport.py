@@ -1,37 +1,45 @@
 """The wire: one abstract method, `complete(request) -> Completion`.
 
 `OpenAITransport` speaks OpenAI-compatible chat completions (OpenAI, vLLM, SGLang,
-llama.cpp's server, Ollama, the bundled simulator) with httpx and the standard `json`
-module. `OpenAISDKTransport` does the same through the official `openai` SDK (2.x, on
-httpx too: one HTTP stack), for users who want the SDK's own request handling.
+llama.cpp's server, Ollama, the bundled simulator) with aiohttp and orjson.
+`OpenAISDKTransport` does the same through the official `openai` SDK (2.x), whose httpx
+client runs on aiohttp too (`httpx-aiohttp`, the SDK's own `DefaultAioHttpClient`): one
+HTTP stack, aiohttp's, with httpx only as the API the SDK is written against.
 
-Why the default does not go through the SDK: measured against the simulator at 200
-requests in flight (`benchmarks/transport.py`), the SDK's parameter transformation and
-pydantic parsing cost 0.7-0.9 ms of CPU per call on top of the HTTP work, most of the
-budget of 1 ms of engine CPU per sub-call.
+Why aiohttp: the engine spends its CPU on one event loop, serially, so at a fan-out of
+thousands the client's CPU per request is the critical path. Measured with
+`benchmarks/transport.py` (client CPU per request, hundreds in flight, 20K-character
+prompts): httpx on its own httpcore transport costs several times what aiohttp does, and
+its pool scans every connection on every request event (O(N) per event). aiohttp's
+connector keeps its pool in dicts and parses HTTP in C. orjson encodes the 10-50 KB
+request bodies several times faster than `json`. The README's library table has the numbers.
 
-Both shard their connection pool over several `httpx.AsyncClient`s: httpcore's pool scans
-every connection on every request event, so one pool with hundreds of connections in
-flight costs O(N) per event, O(N^2) per fan-out (measured: several ms, up to tens of ms,
-of CPU per request with one pool at 200 in flight; under 1 ms with 64 shards).
+Why the default does not go through the SDK: its parameter transformation and pydantic
+parsing cost more CPU per call than all of the rest of the wire.
 
-This is the only module that imports `openai` or `httpx`, and it translates their
+Connections: one pool per transport, as large as the process's descriptor budget
+(`_descriptors.connection_budget`: the soft RLIMIT_NOFILE is raised toward the hard one
+first); requests beyond it wait in the pool for a connection, never fail with EMFILE.
+
+aiohttp is asyncio-only: these transports need anyio's asyncio backend (uvloop included).
+This is the only module that imports `aiohttp`, `httpx` or `openai`, and it translates their
 exceptions into `rlm_async.exceptions` once, here. It never retries: the one retry layer
 lives in the governor, and the SDK's own retries are off (`max_retries=0`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any, Generic, NamedTuple, TypeVar
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
+import orjson
 
+from ._descriptors import connection_budget
 from ._types import Completion, ModelRequest, RateLimitInfo, Usage
 from .exceptions import (
     AuthenticationFailed,
@@ -52,6 +60,7 @@ __all__ = [
     "Transport",
     "parse_duration",
     "parse_rate_limit_headers",
+    "require_api_key",
 ]
 
 
@@ -130,80 +139,7 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return parse_duration(headers.get("retry-after"))
 
 
-class ProbeResponse(NamedTuple):
-    """What a probe got back: the status and the body as JSON (`None` if it was not JSON)."""
-
-    status: int
-    body: Any
-
-
-def _same_origin(endpoint: str, url: str) -> bool:
-    a, b = httpx.URL(endpoint), httpx.URL(url)
-    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
-
-
-async def _probe(
-    client: httpx.AsyncClient,
-    endpoint: str,
-    headers: Mapping[str, str],
-    method: str,
-    url: str,
-    body: Mapping[str, Any] | None,
-    timeout_s: float,
-) -> ProbeResponse | None:
-    if not _same_origin(endpoint, url):  # the key in `headers` goes only where it was meant to
-        raise ValueError(f"probe {url} is not on the endpoint's origin {endpoint}")
-    content = json.dumps(body).encode() if body is not None else None
-    try:
-        response = await client.request(
-            method, url, content=content, headers=headers, timeout=httpx.Timeout(timeout_s)
-        )
-    except httpx.HTTPError:
-        return None
-    return ProbeResponse(response.status_code, _json_or_none(response.content))
-
-
 _CONTEXT_LENGTH_HINTS = ("context_length_exceeded", "maximum context length", "context length")
-DEFAULT_SHARDS = 64
-_C = TypeVar("_C")
-
-
-class _Shards(Generic[_C]):
-    """Spreads requests over several pooled clients, so no one pool holds hundreds of
-    connections. The least busy client wins, lowest index first: a trickle of calls (root
-    turns, a one-at-a-time run) keeps reusing one warm keep-alive connection instead of
-    rotating over cold pools and paying a TCP (and TLS) handshake per call."""
-
-    def __init__(self, clients: list[_C]) -> None:
-        self.clients = clients
-        self._busy = [0] * len(clients)
-
-    @contextmanager
-    def use(self) -> Iterator[_C]:
-        i = self._busy.index(min(self._busy))
-        self._busy[i] += 1
-        try:
-            yield self.clients[i]
-        finally:
-            self._busy[i] -= 1
-
-
-def _http_clients(shards: int, max_connections: int, timeout_s: float) -> list[httpx.AsyncClient]:
-    per_shard = max(1, -(-max_connections // shards))
-    # One TLS context for every shard: building one loads the CA bundle (~25 ms each).
-    tls = httpx.create_ssl_context()
-    return [
-        httpx.AsyncClient(
-            verify=tls,
-            # Idle connections live 60 s (httpx's default is 5 s): a root turn that takes longer
-            # than 5 s would otherwise find every connection closed.
-            limits=httpx.Limits(
-                max_connections=per_shard, max_keepalive_connections=per_shard, keepalive_expiry=60.0
-            ),
-            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
-        )
-        for _ in range(shards)
-    ]
 
 
 def _resolve_key(endpoint: str, api_key: str | None, api_key_env: str | None) -> str | None:
@@ -218,9 +154,33 @@ def _resolve_key(endpoint: str, api_key: str | None, api_key_env: str | None) ->
     )
 
 
+def require_api_key(endpoint: str, api_key: str | None, api_key_env: str | None) -> None:
+    """Raise `MissingAPIKey` (naming the variable to set) where `OpenAITransport` would have
+    no key for `endpoint`: what `RLM(...)` checks at construction."""
+    _resolve_key(endpoint.rstrip("/"), api_key, api_key_env)
+
+
 def _is_loopback(url: str) -> bool:
-    host = httpx.URL(url).host
+    host = urlsplit(url).hostname or ""
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _pool_size(max_connections: int | None) -> int:
+    return connection_budget().connections if max_connections is None else max(1, max_connections)
+
+
+class ProbeResponse(NamedTuple):
+    """What a probe got back: the status and the body as JSON (`None` if it was not JSON)."""
+
+    status: int
+    body: Any
+
+
+def _check_origin(endpoint: str, url: str) -> None:
+    """Probes carry the endpoint's key: they go only to the endpoint's own origin."""
+    a, b = urlsplit(endpoint), urlsplit(url)
+    if (a.scheme, a.hostname, a.port) != (b.scheme, b.hostname, b.port):
+        raise ValueError(f"probe {url} is not on the endpoint's origin {endpoint}")
 
 
 def _body(request: ModelRequest) -> dict[str, Any]:
@@ -237,11 +197,20 @@ def _body(request: ModelRequest) -> dict[str, Any]:
     return body
 
 
+def encode_body(request: ModelRequest) -> bytes:
+    """The request's JSON body, UTF-8 (orjson: several times faster than `json` on the
+    10-50 KB bodies of a fan-out)."""
+    return orjson.dumps(_body(request))
+
+
 class OpenAITransport(Transport):
-    """OpenAI-compatible chat completions over httpx, JSON in and out.
+    """OpenAI-compatible chat completions over aiohttp, JSON in and out (orjson).
 
     The key comes from `api_key` or from the environment variable named by `api_key_env`;
-    a server on loopback, or `api_key_env=None`, needs none.
+    a server on loopback, or `api_key_env=None`, needs none. `max_connections=None` sizes
+    the pool from the process's descriptor budget (`_descriptors.connection_budget`).
+    Needs the asyncio backend (aiohttp is asyncio-only); the pool is made on first use, in
+    the running loop.
     """
 
     def __init__(
@@ -251,8 +220,8 @@ class OpenAITransport(Transport):
         api_key: str | None = None,
         api_key_env: str | None = "OPENAI_API_KEY",
         timeout_s: float = 600.0,
-        max_connections: int = 1000,
-        shards: int = DEFAULT_SHARDS,
+        max_connections: int | None = None,
+        connect_timeout_s: float = 10.0,
         extra_headers: Mapping[str, str] | None = None,
     ) -> None:
         self.endpoint = base_url.rstrip("/")
@@ -265,52 +234,85 @@ class OpenAITransport(Transport):
         }
         if key:
             self._headers["authorization"] = f"Bearer {key}"
-        self._shards = _Shards(_http_clients(shards, max_connections, timeout_s))
+        self.max_connections = _pool_size(max_connections)
+        """Requests in flight at once on this transport; more wait for a connection."""
+        # `total` covers waiting for a pooled connection too; `sock_connect` the TCP handshake.
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s))
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self.max_connections,
+            limit_per_host=0,
+            # Idle connections live 60 s (aiohttp's default is 15 s): a root turn that takes
+            # longer would otherwise find every connection of the last fan-out closed.
+            keepalive_timeout=60.0,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            headers=self._headers,
+            # No cookies between calls, no User-Agent probing: every call stands alone.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent",),
+        )
+        return self._session
 
     async def complete(self, request: ModelRequest) -> Completion:
-        content = json.dumps(_body(request), ensure_ascii=False).encode()
+        content = encode_body(request)
+        session = self._session or self._open()
         try:
-            with self._shards.use() as client:
-                response = await client.post(self._url, content=content, headers=self._headers)
-        except httpx.TimeoutException:
+            async with session.post(self._url, data=content) as response:
+                raw = await response.read()
+                status, headers = response.status, response.headers
+        except TimeoutError:  # aiohttp's own timeouts derive from it too
             raise ConnectionFailed(f"request to {self.endpoint} timed out") from None
-        except httpx.ConnectError as exc:
+        except aiohttp.ClientConnectorError as exc:
             raise ConnectionFailed(
                 f"cannot reach {self.endpoint} ({exc}); check base_url and that the server is running"
             ) from None
-        except httpx.HTTPError as exc:  # reset, dropped mid-body, protocol errors
+        except (aiohttp.ClientError, OSError) as exc:  # reset, dropped mid-body, malformed HTTP
             raise ConnectionFailed(
                 f"connection to {self.endpoint} failed: {type(exc).__name__}: {exc}"
             ) from None
-        if response.status_code >= 400:
+        if status >= 400:
             raise _status_error(
-                response.status_code,
-                response.headers,
-                _json_or_none(response.content),
-                response.text[:200],
+                status,
+                headers,
+                _json_or_none(raw),
+                raw[:200].decode("utf-8", "replace"),
                 self.endpoint,
                 request.model,
             )
-        data = _json_or_none(response.content)
+        data = _json_or_none(raw)
         if not isinstance(data, dict):
             raise ServerError(f"malformed response from {self.endpoint}: body is not a JSON object")
-        return _parse_completion(data, response.headers, request.model, self.endpoint)
+        return _parse_completion(data, headers, request.model, self.endpoint)
 
     async def probe(
         self, method: str, url: str, body: Mapping[str, Any] | None = None, *, timeout_s: float = 5.0
     ) -> ProbeResponse | None:
-        with self._shards.use() as client:
-            return await _probe(client, self.endpoint, self._headers, method, url, body, timeout_s)
+        _check_origin(self.endpoint, url)
+        session = self._session or self._open()
+        data = orjson.dumps(body) if body is not None else None
+        try:
+            async with session.request(
+                method, url, data=data, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as response:
+                return ProbeResponse(response.status, _json_or_none(await response.read()))
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return None
 
     async def aclose(self) -> None:
-        for client in self._shards.clients:
-            await client.aclose()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
 
 def _json_or_none(content: bytes) -> Any:
     try:
-        return json.loads(content)
-    except ValueError:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
         return None
 
 
@@ -380,11 +382,12 @@ def _error_detail(body: Any) -> str:
 
 
 class OpenAISDKTransport(Transport):
-    """OpenAI-compatible chat completions through the official `openai` SDK (2.x, httpx).
+    """OpenAI-compatible chat completions through the official `openai` SDK (2.x), its httpx
+    client on aiohttp (`httpx-aiohttp`, what the SDK ships as `DefaultAioHttpClient`).
 
     Slower than `OpenAITransport` (the SDK transforms parameters and builds pydantic models
     for every call) and otherwise equivalent; use it where the SDK's own request handling
-    is wanted. Same key rules, same sharded pool, same error translation.
+    is wanted. Same key rules, same pool sizing, same error translation.
     """
 
     def __init__(
@@ -394,28 +397,30 @@ class OpenAISDKTransport(Transport):
         api_key: str | None = None,
         api_key_env: str | None = "OPENAI_API_KEY",
         timeout_s: float = 600.0,
-        max_connections: int = 1000,
-        shards: int = DEFAULT_SHARDS,
+        max_connections: int | None = None,
     ) -> None:
+        import httpx
         import openai
+        from httpx_aiohttp import HttpxAiohttpClient
 
         self._openai = openai
+        self._httpx = httpx
         self.endpoint = base_url.rstrip("/")
         key = self._key = _resolve_key(self.endpoint, api_key, api_key_env) or "unused"
-        self._http = _http_clients(shards, max_connections, timeout_s)
-        self._shards = _Shards(
-            [
-                openai.AsyncOpenAI(base_url=self.endpoint, api_key=key, max_retries=0, http_client=h)
-                for h in self._http
-            ]
+        self.max_connections = size = _pool_size(max_connections)
+        self._http = HttpxAiohttpClient(
+            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=60.0),
+            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
+        )
+        self._client = openai.AsyncOpenAI(
+            base_url=self.endpoint, api_key=key, max_retries=0, http_client=self._http
         )
 
     async def complete(self, request: ModelRequest) -> Completion:
         openai = self._openai
         try:
-            with self._shards.use() as client:
-                raw = await client.chat.completions.with_raw_response.create(**_body(request))
-            data = json.loads(raw.http_response.content)
+            raw = await self._client.chat.completions.with_raw_response.create(**_body(request))
+            data = orjson.loads(raw.http_response.content)
         except openai.APIStatusError as exc:
             raise _status_error(
                 exc.status_code,
@@ -433,9 +438,9 @@ class OpenAISDKTransport(Transport):
                 f"cannot reach {self.endpoint} ({type(cause).__name__}: {cause}); "
                 "check base_url and that the server is running"
             ) from None
-        except ValueError as exc:
+        except ValueError as exc:  # orjson.JSONDecodeError is one
             raise ServerError(f"malformed response from {self.endpoint}: {exc}") from None
-        except httpx.HTTPError as exc:
+        except self._httpx.HTTPError as exc:
             raise ConnectionFailed(f"connection to {self.endpoint} failed: {exc}") from None
         if not isinstance(data, dict):
             raise ServerError(f"malformed response from {self.endpoint}: body is not a JSON object")
@@ -444,10 +449,15 @@ class OpenAISDKTransport(Transport):
     async def probe(
         self, method: str, url: str, body: Mapping[str, Any] | None = None, *, timeout_s: float = 5.0
     ) -> ProbeResponse | None:
+        _check_origin(self.endpoint, url)
         headers = {"content-type": "application/json", "authorization": f"Bearer {self._key}"}
-        # Probes are rare and small: the first pooled client, not the SDK's request handling.
-        return await _probe(self._http[0], self.endpoint, headers, method, url, body, timeout_s)
+        content = orjson.dumps(body) if body is not None else None
+        try:
+            # Probes are rare and small: the pooled httpx client, not the SDK's request handling.
+            response = await self._http.request(method, url, content=content, headers=headers, timeout=timeout_s)
+        except self._httpx.HTTPError:
+            return None
+        return ProbeResponse(response.status_code, _json_or_none(response.content))
 
     async def aclose(self) -> None:
-        for client in self._http:
-            await client.aclose()
+        await self._http.aclose()

@@ -27,8 +27,8 @@ from test_sandbox_support import (
     assert_no_secret,
     assert_nothing_left,
     needs_bwrap,
+    needs_droppable_root,
     needs_root,
-    needs_system_python,
 )
 from test_sandbox_support import open_worker as _open_worker
 
@@ -236,7 +236,7 @@ class TestProcesses:
         assert after.stdout == "alive\n"
 
     @needs_root
-    @needs_system_python
+    @needs_droppable_root
     async def test_fallback_with_dropped_root_cannot_kill_the_engine(self) -> None:
         """Even unsandboxed, a worker that dropped root gets EPERM signalling the engine."""
         code = KILL_PARENT
@@ -284,7 +284,7 @@ class TestSecrets:
                 SYSTEM_PYTHON,
                 False,
                 id="fallback-dropped-root",
-                marks=[needs_system_python, needs_root],
+                marks=[needs_droppable_root, needs_root],
             ),
             pytest.param("none", None, True, id="fallback-as-root-leaks", marks=[needs_root]),
         ],

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -132,13 +134,113 @@ class TestBadInput:
         )
         assert "base_ulr" in line and "valid keys" in line
 
-    def test_debug_shows_the_traceback(self, tmp_path: Path) -> None:
-        """--debug trades the one-line error for the traceback."""
+    def test_debug_shows_the_traceback_and_keeps_the_exit_code(self, tmp_path: Path) -> None:
+        """--debug adds the traceback; the one line and exit 2 stay as without it."""
         proc = cli("--debug", "run", "--context", str(tmp_path / "nope.txt"), "--query", "q")
-        assert proc.returncode != 0 and "Traceback" in proc.stderr
+        assert proc.returncode == 2 and "Traceback" in proc.stderr
+        assert proc.stderr.rstrip().splitlines()[-1].startswith("rlm-async: error: context file")
+
+
+class TestArguments:
+    def test_version(self) -> None:
+        """--version prints the package version and exits 0."""
+        import rlm_async
+
+        proc = cli("--version")
+        assert proc.returncode == 0 and proc.stdout.strip() == f"rlm-async {rlm_async.__version__}"
+
+    def test_sim_help_lists_its_options(self) -> None:
+        """`rlm-async sim --help` is the simulator's own help, and says it is not a model."""
+        proc = cli("sim", "--help")
+        assert proc.returncode == 0, proc.stderr
+        assert "--port" in proc.stdout and "--latency" in proc.stdout and "not a model" in proc.stdout
+
+    def test_sim_takes_the_readme_arguments(self) -> None:
+        """`rlm-async sim --port P --latency realistic` serves on P (the README's command)."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with subprocess.Popen(
+            [sys.executable, "-m", "rlm_async.cli", "sim", "--port", str(port), "--latency", "realistic"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=REPO,
+        ) as proc:
+            try:
+                assert proc.stdout is not None
+                line = proc.stdout.readline()
+                assert f"http://127.0.0.1:{port}/v1" in line, line
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as r:
+                    assert "sim-model" in r.read().decode()
+            finally:
+                proc.terminate()
+                proc.wait(timeout=20)
+
+
+class TestSimulatorHonesty:
+    def test_a_question_the_simulator_cannot_answer_says_so(self, context_file: Path) -> None:
+        """configs/sim.toml's own example query over ordinary text: the answer opens with
+        the simulator's "cannot answer" marker and the CLI says it is not an answer."""
+        from rlm_async.sim import NOT_AN_ANSWER
+
+        proc = cli(
+            "run", "--config", str(SIM_TOML), "--context", str(context_file),
+            "--query", "How many lines mention invoices?", "--quiet",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(NOT_AN_ANSWER)
+        assert "this is NOT an answer" in proc.stderr
+
+    def test_a_workload_question_is_answered_and_labelled(self, tmp_path: Path) -> None:
+        """A question the simulator does answer (a synthetic workload's) carries no marker,
+        but the CLI still says the simulator answered, not a model."""
+        from rlm_async.sim import NOT_AN_ANSWER
+        from rlm_async.workloads import oolong_counting
+
+        w = oolong_counting("16k", seed=1)
+        ctx = tmp_path / "w.txt"
+        ctx.write_text(str(w.context))
+        proc = cli("run", "--config", str(SIM_TOML), "--context", str(ctx), "--query", w.query, "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        assert NOT_AN_ANSWER not in proc.stdout and w.score(proc.stdout.strip())
+        assert "answered by the bundled simulator" in proc.stderr
+
+
+class TestJournal:
+    def test_the_shipped_sim_config_pays_nothing_twice(self, context_file: Path, tmp_path: Path) -> None:
+        """The same `run --config configs/sim.toml --journal J` twice: the in-process simulator
+        listens on a new random port each time, yet the second run takes every call from the
+        journal (the key is what was asked, not where it was sent)."""
+        argv = (
+            "run",
+            "--config",
+            str(SIM_TOML),
+            "--context",
+            str(context_file),
+            "--query",
+            "How many records?",
+        )
+        journal = ("--journal", str(tmp_path / "run.journal"), "--json")
+        first = json.loads(cli(*argv, *journal).stdout)["total"]
+        second = json.loads(cli(*argv, *journal).stdout)["total"]
+        assert first["journal_hits"] == 0 and first["calls"] >= 2
+        assert second["journal_hits"] == second["calls"] == first["calls"]
+        assert second["cost_usd"] == 0.0
 
 
 class TestDemoAndTrace:
+    def test_the_demo_and_the_timeline_name_their_two_numbers_apart(self, tmp_path: Path) -> None:
+        """The terminal's number is the simulator's lower bound, the timeline's the measured
+        critical path: two numbers, two names."""
+        proc = cli("demo", "--tokens", "32k", "--chunks", "4", "--quiet", "--trace", str(tmp_path))
+        assert proc.returncode == 0, proc.stderr
+        assert "lower bound" in proc.stdout and "critical" not in proc.stdout
+        out = tmp_path / "run.html"
+        assert cli("trace", "view", str(next(tmp_path.glob("*.jsonl"))), "-o", str(out)).returncode == 0
+        html = out.read_text()
+        assert "measured critical path" in html and "lower bound" not in html
+
     def test_small_demo_is_right_and_writes_a_trace(self, tmp_path: Path) -> None:
         """The demo answers correctly (exit 0), and its trace renders to one HTML file."""
         proc = cli("demo", "--tokens", "32k", "--chunks", "8", "--json", "--trace", str(tmp_path))

@@ -156,7 +156,7 @@ class TestBudgetFuzz:
                 sims[name] = await stack.enter_async_context(
                     SimServer(SimConfig(seed=i, policies=Policies(root=policy)))
                 )
-                transports[name] = OpenAITransport(sims[name].base_url, api_key_env=None, shards=4)
+                transports[name] = OpenAITransport(sims[name].base_url, api_key_env=None)
             limiter = anyio.Semaphore(AT_ONCE)
 
             async def run_one(run: Run) -> None:

@@ -186,7 +186,7 @@ class TestCrashAndResume:
 
 
 async def run_twice(
-    tmp_path: Path, *, temperature: float | None
+    tmp_path: Path, *, temperature: float | None, reuse_nondeterministic: bool = True
 ) -> tuple[RLMResult, RLMResult, list[LogEntry], list[LogEntry]]:
     """The same 20-chunk query run twice with one journal, each run in an `RLM` of its
     own; returns both results and the server's log of each run."""
@@ -202,6 +202,7 @@ async def run_twice(
             root_overrides={**overrides, "max_tokens": 2048},
             sub_overrides=overrides,
             journal_path=str(tmp_path / "run.journal"),
+            journal_reuse_nondeterministic=reuse_nondeterministic,
         )
         for _ in range(2):
             before = len(sim.log)
@@ -225,10 +226,19 @@ class TestWhatIsReused:
         assert second.total.prompt_tokens == 0 and second.total.cost_usd == 0.0
 
     @pytest.mark.asyncio
-    async def test_calls_at_the_default_temperature_are_never_reused(self, tmp_path: Path) -> None:
-        """With the server's default temperature (None: sampled), the second run reuses
-        nothing: the server receives every request of the first run again."""
-        first, second, log1, log2 = await run_twice(tmp_path, temperature=None)
+    async def test_calls_at_the_default_temperature_are_replayed_by_default(self, tmp_path: Path) -> None:
+        """With the server's default temperature (None: sampled) and the default
+        configuration, a re-run is replayed too: nothing is sent, nothing is paid twice."""
+        first, second, _, sent_again = await run_twice(tmp_path, temperature=None)
+        assert first.total.journal_hits == 0
+        assert sent_again == []
+        assert second.total.journal_hits == second.total.calls == first.total.calls
+
+    @pytest.mark.asyncio
+    async def test_opting_out_sends_sampled_calls_again(self, tmp_path: Path) -> None:
+        """With journal_reuse_nondeterministic=False, the second run reuses nothing at the
+        default temperature: the server receives every request of the first run again."""
+        first, second, log1, log2 = await run_twice(tmp_path, temperature=None, reuse_nondeterministic=False)
         assert first.total.journal_hits == second.total.journal_hits == 0
         assert Counter(e.body_sha256 for e in log2) == Counter(e.body_sha256 for e in log1)
         assert len(log2) == second.total.calls

@@ -4,6 +4,7 @@ durability across a real `kill -9`."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import signal
 import sqlite3
@@ -67,22 +68,23 @@ async def journal(tmp_path: Path):  # type: ignore[no-untyped-def]
     await j.aclose()
 
 
-GOLDEN_KEY = "41b50a94107273ced84e35bd0b2f6080d844f335751bb3eda131c6333cf91f49"
+GOLDEN_KEY = "cd655d09bedc99f6fe1ec0521a3f927632a45b494fc16fa04d0eef2c3795a365"
 """Computed once; stored journals depend on it, so it must never change (a deliberate change
-to how keys are built goes with a new `_KEY_SCHEME`, and then this value)."""
+to how keys are built goes with a new `_KEY_SCHEME`, and then this value: v2 dropped the
+endpoint from the key)."""
 
 
 class TestKey:
     def test_key_is_byte_identical_across_runs(self) -> None:
         """The key of a fixed request is a fixed string: no hash(), ids or timestamps in it."""
-        assert request_key("https://api.example/v1", request()) == GOLDEN_KEY
+        assert request_key(request()) == GOLDEN_KEY
 
     def test_key_same_in_a_fresh_interpreter(self) -> None:
         """A different process with a different hash seed computes the same key."""
         code = (
             "from rlm_async._journal import request_key;"
             "from rlm_async._types import ModelRequest, Message;"
-            "print(request_key('https://api.example/v1', ModelRequest(model='gpt-test', messages=("
+            "print(request_key(ModelRequest(model='gpt-test', messages=("
             "Message('system', 'You are terse.'), Message('user', 'What is 6 x 7?')), "
             "temperature=0.0, max_tokens=64)))"
         )
@@ -120,17 +122,19 @@ class TestKey:
     )
     def test_key_differs_when_an_output_affecting_field_differs(self, changed: ModelRequest) -> None:
         """Any change that can change the answer gives a different key."""
-        assert request_key("e", changed) != request_key("e", request())
+        assert request_key(changed) != request_key(request())
 
-    def test_key_differs_per_endpoint(self) -> None:
-        """The same request to another server is another call."""
-        assert request_key("a", request()) != request_key("b", request())
+    def test_key_is_what_was_asked_not_where_it_was_sent(self) -> None:
+        """The endpoint is not hashed: a re-run against a server on another port (the
+        in-process simulator picks one at random) finds the same rows."""
+        assert "endpoint" not in inspect.signature(request_key).parameters
+        assert "endpoint" not in inspect.signature(Journal.call).parameters
 
     def test_key_ignores_prompt_cache_key_and_int_float_spelling(self) -> None:
         """Routing hints and `0` vs `0.0` do not change the answer, so not the key."""
-        base = request_key("e", request())
-        assert request_key("e", request(prompt_cache_key="rlm-abc-3")) == base
-        assert request_key("e", request(temperature=0)) == base
+        base = request_key(request())
+        assert request_key(request(prompt_cache_key="rlm-abc-3")) == base
+        assert request_key(request(temperature=0)) == base
 
     def test_every_request_field_is_classified(self) -> None:
         """A field added to ModelRequest must be looked at here: it is in the key unless it is
@@ -140,20 +144,22 @@ class TestKey:
 
 
 class TestReusable:
+    @pytest.mark.parametrize("temperature", [0.0, 0, None, 0.7])
+    async def test_every_call_is_replayable_by_default(
+        self, journal: Journal, temperature: float | None
+    ) -> None:
+        """A journal is asked for to never pay twice: greedy and sampled calls both replay."""
+        assert journal.reusable(request(temperature=temperature))
+
     @pytest.mark.parametrize(
         ("temperature", "expected"), [(0.0, True), (0, True), (None, False), (0.7, False)]
     )
-    async def test_only_greedy_calls_are_reused_by_default(
-        self, journal: Journal, temperature: float | None, expected: bool
+    async def test_opt_out_reuses_only_greedy_calls(
+        self, tmp_path: Path, temperature: float | None, expected: bool
     ) -> None:
-        """temperature 0 is deterministic; None is the server default (1.0), a sample."""
-        assert journal.reusable(request(temperature=temperature)) is expected
-
-    async def test_opt_in_reuses_sampled_calls(self, tmp_path: Path) -> None:
-        """reuse_nondeterministic=True makes every call reusable."""
-        async with await Journal.open(tmp_path / "j", reuse_nondeterministic=True) as j:
-            assert j.reusable(request(temperature=None))
-            assert j.reusable(request(temperature=1.0))
+        """reuse_nondeterministic=False: temperature 0 only; None is the server default (1.0)."""
+        async with await Journal.open(tmp_path / "j", reuse_nondeterministic=False) as j:
+            assert j.reusable(request(temperature=temperature)) is expected
 
 
 class TestStorage:
@@ -248,33 +254,50 @@ class TestCall:
     async def test_miss_sends_then_hit_does_not(self, journal: Journal) -> None:
         """The first call is sent and recorded; the same call again is answered from the file."""
         send = Sender()
-        first, from_journal = await journal.call("e", request(), send)
+        first, from_journal = await journal.call(request(), send)
         assert (first.text, from_journal, send.calls) == ("42", False, 1)
-        again, from_journal = await journal.call("e", request(prompt_cache_key="other"), send)
+        again, from_journal = await journal.call(request(prompt_cache_key="other"), send)
         assert (again, from_journal, send.calls) == (first, True, 1)
 
     async def test_hit_emits_journal_hit(self, journal: Journal) -> None:
         """A hit is visible in the trace, labelled with the caller's call id."""
         events: list[Event] = []
-        await journal.call("e", request(), Sender())
+        await journal.call(request(), Sender())
         with sinks(events.append):
-            await journal.call("e", request(), Sender(), call_id="c7")
+            await journal.call(request(), Sender(), call_id="c7")
         assert [(e.kind, e.fields["call_id"], e.fields["source"]) for e in events] == [
             ("journal.hit", "c7", "journal")
         ]
 
     async def test_sampled_calls_are_sent_every_time_but_recorded(self, tmp_path: Path) -> None:
-        """temperature=None is not reused by default, yet a later opt-in can replay it."""
+        """With reuse_nondeterministic=False, temperature=None is sent every time, yet a
+        later run with reuse can replay it."""
         path = tmp_path / "j"
         send = Sender()
-        async with await Journal.open(path) as j:
+        async with await Journal.open(path, reuse_nondeterministic=False) as j:
             for _ in range(2):
-                _, from_journal = await j.call("e", request(temperature=None), send)
+                _, from_journal = await j.call(request(temperature=None), send)
                 assert not from_journal
             assert send.calls == 2
         async with await Journal.open(path, reuse_nondeterministic=True) as j:
-            _, from_journal = await j.call("e", request(temperature=None), send)
+            _, from_journal = await j.call(request(temperature=None), send)
             assert from_journal and send.calls == 2
+
+    async def test_a_rerun_replays_each_sample_occurrence_by_occurrence(self, tmp_path: Path) -> None:
+        """Three identical sampled calls are three sends with three answers; a re-run gets
+        the same three back in order and sends nothing; a fourth is a new draw."""
+        path = tmp_path / "j"
+        answers = iter(["a", "b", "c", "d"])
+
+        async def send() -> Completion:
+            return completion(next(answers))
+
+        async with await Journal.open(path) as j:
+            first = [(await j.call(request(temperature=None), send))[0].text for _ in range(3)]
+        async with await Journal.open(path) as j:
+            again = [await j.call(request(temperature=None), send) for _ in range(4)]
+        assert first == ["a", "b", "c"]
+        assert [(c.text, hit) for c, hit in again] == [("a", True), ("b", True), ("c", True), ("d", False)]
 
     async def test_identical_sampled_calls_in_flight_are_all_sent(self, journal: Journal) -> None:
         """Single-flight never collapses samples: five identical sampled calls are five sends."""
@@ -282,7 +305,7 @@ class TestCall:
         send = Sender(gate=gate, expect=5)
         async with anyio.create_task_group() as tg:
             for _ in range(5):
-                tg.start_soon(journal.call, "e", request(temperature=None), send)
+                tg.start_soon(journal.call, request(temperature=None), send)
             with anyio.fail_after(10):
                 await send.entered.wait()
             gate.set()
@@ -295,7 +318,7 @@ class TestCall:
         results: list[tuple[Completion, bool]] = []
 
         async def one() -> None:
-            results.append(await journal.call("e", request(), send))
+            results.append(await journal.call(request(), send))
 
         async with anyio.create_task_group() as tg:
             for _ in range(100):
@@ -328,7 +351,7 @@ class TestCall:
 
         async def one() -> None:
             try:
-                outcomes.append(await journal.call("e", request(), flaky))
+                outcomes.append(await journal.call(request(), flaky))
             except ServerError as exc:
                 outcomes.append(exc)
 
@@ -361,14 +384,14 @@ class TestCall:
         results: list[tuple[Completion, bool]] = []
 
         async def follower() -> None:
-            results.append(await journal.call("e", request(), send))
+            results.append(await journal.call(request(), send))
 
         async with anyio.create_task_group() as tg:
             leader_scope = anyio.CancelScope()
 
             async def leader() -> None:
                 with leader_scope:
-                    await journal.call("e", request(), send)
+                    await journal.call(request(), send)
 
             tg.start_soon(leader)
             await first_started.wait()
@@ -386,9 +409,9 @@ class TestCall:
             raise ServerError("boom")
 
         with pytest.raises(ServerError):
-            await journal.call("e", request(), failing)
+            await journal.call(request(), failing)
         send = Sender()
-        _, from_journal = await journal.call("e", request(), send)
+        _, from_journal = await journal.call(request(), send)
         assert not from_journal and send.calls == 1
 
 

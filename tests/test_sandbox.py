@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import anyio
 import pytest
@@ -34,6 +35,7 @@ from rlm_async.exceptions import (
 )
 from rlm_async.sandbox import ReducedIsolationWarning, SandboxConfig, WorkerRequest, _isolation, start_worker
 from rlm_async.sandbox import _bootstrap as bootstrap
+from rlm_async.sandbox import _launch as launch
 from rlm_async.sandbox._bootstrap import HEADER
 from rlm_async.sandbox._channel import Channel, ChannelClosed, ProtocolViolation
 from rlm_async.sandbox._protocol import parse_request as _parse_request
@@ -821,6 +823,24 @@ class TestConfigAndIsolation:
             assert not worker.isolated
         if worker.uid is not None:
             assert result.stdout.strip() == str(worker.uid)
+
+    def test_fallback_keeps_root_where_no_private_uid_can_reach_the_bootstrap(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A checkout under a 0700 directory (what `mktemp -d` makes): a worker switched to
+        a private uid could not run the bootstrap, so the fallback does not drop root (and
+        its warning says the engine's keys are exposed) instead of starting a broken worker."""
+        private = tmp_path / "clone"
+        private.mkdir()
+        private.chmod(0o700)
+        bootstrap = private / "bootstrap.py"
+        bootstrap.write_text("")
+        bootstrap.chmod(0o644)
+        interp = launch.Interpreter(executable="/usr/bin/env", roots=())
+        monkeypatch.setattr(launch, "BOOTSTRAP_PATH", str(bootstrap))
+        assert not launch.can_drop_uid_unsandboxed(interp)
+        monkeypatch.setattr(launch, "BOOTSTRAP_PATH", "/usr/bin/env")
+        assert launch.can_drop_uid_unsandboxed(interp)
 
     async def test_fallback_runs_cells(self) -> None:
         """The plain-subprocess fallback runs cells and sub-calls like the sandbox."""

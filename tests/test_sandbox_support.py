@@ -49,6 +49,26 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (private w
 needs_system_python = pytest.mark.skipif(SYSTEM_PYTHON is None, reason="no /usr/bin/python3.11")
 
 
+def _system_python_can_drop_root() -> bool:
+    if SYSTEM_PYTHON is None:
+        return False
+    return launch.can_drop_uid_unsandboxed(anyio.run(launch.find_interpreter, SYSTEM_PYTHON))
+
+
+SYSTEM_PYTHON_DROPS_ROOT = _system_python_can_drop_root()
+"""Whether a fallback worker started as root with SYSTEM_PYTHON switches to a private uid:
+only when an unprivileged uid can reach the interpreter and this checkout's worker bootstrap.
+A clone under a 0700 directory (what `mktemp -d` makes) cannot be reached, and the engine
+then rightly keeps root (tested in test_sandbox.py)."""
+
+needs_droppable_root = pytest.mark.skipif(
+    not SYSTEM_PYTHON_DROPS_ROOT,
+    reason="an unprivileged uid cannot reach /usr/bin/python3.11 or this checkout (a directory on "
+    "the way is not world-searchable, e.g. a clone under mktemp -d): the fallback worker rightly "
+    "keeps root here; test_fallback_keeps_root_where_no_private_uid_can_reach_the_bootstrap covers that",
+)
+
+
 DEFAULT_ISOLATION = os.environ.get("RLM_TEST_SANDBOX_ISOLATION") or ("bwrap" if BWRAP_WORKS else "none")
 """The functional tests run under bubblewrap where it works, else in the fallback (set
 RLM_TEST_SANDBOX_ISOLATION=none to run them there anyway). The adversarial suite always

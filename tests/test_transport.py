@@ -115,7 +115,7 @@ TRANSPORTS: list[Callable[[str], Transport]] = [
     lambda url: OpenAITransport(url, api_key_env=None),
     lambda url: OpenAISDKTransport(url, api_key_env=None),
 ]
-IDS = ["httpx", "sdk"]
+IDS = ["aiohttp", "sdk"]
 
 
 class TestCompletions:

@@ -83,10 +83,8 @@ class CallPath:
                 journal = self._engine.journal
                 if journal is not None:
                     # Every call goes through the journal: reusable ones are looked up (and
-                    # identical ones in flight sent once); all are recorded for a later resume.
-                    completion, from_journal = await journal.call(
-                        transport.endpoint, request, send, call_id=call_id
-                    )
+                    # identical temperature-0 ones in flight sent once); all are recorded.
+                    completion, from_journal = await journal.call(request, send, call_id=call_id)
                 else:
                     completion, from_journal = await send(), False
             except BaseException as exc:

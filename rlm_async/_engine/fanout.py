@@ -20,6 +20,7 @@ import structlog
 
 from .._cache import BatchPlan
 from .._config import ModelConfig
+from .._gc import long_lived_frozen
 from .._prompts import sub_system_prompt
 from .._result import SubCallFailure, SubCallResult
 from .._tree import Node
@@ -156,9 +157,10 @@ class _FanOut:
                 [_sub_request(p, self._model) for p in self._prompts], settings.cache
             )
             self._gates = {w: anyio.Event() for w in self._plan.warmups}
-        async with anyio.create_task_group() as tg:
-            for i in range(len(self._prompts)):
-                tg.start_soon(self._gated, i)
+        with long_lived_frozen(len(self._prompts)):
+            async with anyio.create_task_group() as tg:
+                for i in range(len(self._prompts)):
+                    tg.start_soon(self._gated, i)
 
     async def _gated(self, i: int) -> None:
         plan = self._plan

@@ -10,6 +10,7 @@ import anyio
 
 from .. import _events
 from .._context import Context
+from .._descriptors import connection_budget
 from .._prompts import describe_context
 from .._result import RLMResult
 from .._tree import CallTree
@@ -59,6 +60,7 @@ class Query:
         clock = self._engine.clock
         started = clock()
         meta = describe_context(context)
+        connections = connection_budget()
         _events.emit(
             "query.start",
             context_type=meta.type_name,
@@ -66,6 +68,9 @@ class Query:
             root_prompt_chars=len(root_prompt or ""),
             max_depth=self._config.max_depth,
             budget_usd=self._config.budget.max_usd,
+            # The most requests this process holds in flight at once, and where it comes from.
+            max_in_flight=connections.connections,
+            max_in_flight_why=connections.why,
         )
         outcome = RunOutcome(None, "ok")
         deadline = self._config.budget.max_seconds

@@ -25,14 +25,16 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import tenacity
 
 from .._events import emit
 from .._types import Completion, ModelRequest, Usage
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, RetryableError
 from ..transport import Transport
 from ._budget import BudgetLedger, BudgetLimits, Charge
 from ._clock import Clock, Sleep
@@ -212,12 +214,15 @@ class Governor:
                 endpoint=transport.endpoint,
             )
 
-        retrying = make_retrying(
-            self.config.retry, sleep=self._sleep, rng=self._rng, before_sleep=before_sleep
-        )
-        completion: Completion = await retrying(
-            self._attempt, request, transport, state, ledger, reserve, rate_tokens, price, tally
-        )
+        args = (request, transport, state, ledger, reserve, rate_tokens, price, tally)
+        try:
+            # The first attempt outside tenacity: building and driving its machinery costs
+            # more CPU than the rest of the governor, and most calls succeed at once.
+            completion: Completion = await self._attempt(*args)
+        except RetryableError as exc:
+            if self.config.retry.max_attempts <= 1:
+                raise
+            completion = await self._retry(exc, args, before_sleep)
         spent = tally.spent.usage
         return GovernedCompletion(
             completion=completion,
@@ -230,6 +235,30 @@ class Governor:
             waited_s=tally.waited_s,
             backoff_s=tally.backoff_s,
         )
+
+    async def _retry(
+        self,
+        first: RetryableError,
+        args: tuple[Any, ...],
+        before_sleep: Callable[[tenacity.RetryCallState], None],
+    ) -> Completion:
+        """Attempts 2.. through tenacity: its attempt 1 replays the first failure (nothing is
+        sent again), so waits, `call.retry` events and attempt numbers are as if tenacity
+        had made every attempt."""
+        replayed = False
+
+        async def attempt(*a: Any) -> Completion:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                raise first
+            return await self._attempt(*a)
+
+        retrying = make_retrying(
+            self.config.retry, sleep=self._sleep, rng=self._rng, before_sleep=before_sleep
+        )
+        result: Completion = await retrying(attempt, *args)
+        return result
 
     async def _attempt(
         self,

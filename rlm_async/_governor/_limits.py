@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 
+from .._descriptors import connection_budget
 from .._events import emit
 from .._types import Completion, RateLimitInfo
 from ..exceptions import ConfigError, FatalError, RateLimited, RetryableError
@@ -50,9 +51,10 @@ class RequestTooLarge(FatalError):
 class EndpointLimits:
     """Limits for one endpoint+model, shared by every query in the process. `None` disables."""
 
-    max_concurrency: int | None = 1000
+    max_concurrency: int | None = field(default_factory=lambda: connection_budget().connections)
     """Requests in flight at once; the adaptive limit never goes above it. The default is
-    the transport's connection-pool size: rate limits, not this, are what providers state."""
+    the transport's connection-pool size, which the process's descriptor limit sets
+    (`_descriptors.connection_budget`): rate limits, not this, are what providers state."""
     min_concurrency: int = 1
     """Floor for the adaptive limit."""
     adaptive: bool = True

@@ -53,7 +53,8 @@ Policies are chosen by name per kind (`SimConfig.policies`): `rlm` (root), `read
 `never_answers`, `huge_fanout`, `unhelpful`. See `rlm_async.sim.policies`.
 
 What it is not: a model. Answers come from an exact oracle over the synthetic workloads in
-`rlm_async.workloads`; the latency numbers are whatever you configure (`LatencyModel.
+`rlm_async.workloads`; any other question gets an answer that opens with `NOT_AN_ANSWER`
+("rlm_async.sim cannot answer this question: ..."), never a confident guess; the latency numbers are whatever you configure (`LatencyModel.
 realistic()` is a hand-picked guess, not a measurement). `SimServer` needs the asyncio
 backend. It binds 127.0.0.1 only, unless the command line is told otherwise.
 """
@@ -74,10 +75,11 @@ from ._prefix_cache import PrefixCache
 from ._ratelimit import RateLimiter, go_duration
 from ._tokens import count_tokens, prompt_tokens, serialize_messages
 from .bound import CriticalPath, FanoutBound, critical_path, critical_path_bound
-from .policies import PolicyRequest, make_policy, policy_names
+from .policies import NOT_AN_ANSWER, PolicyRequest, make_policy, policy_names
 from .server import SimProcess, SimServer, main, serve
 
 __all__ = [
+    "NOT_AN_ANSWER",
     "CacheModel",
     "CriticalPath",
     "FanoutBound",

@@ -154,31 +154,9 @@ def critical_path(
     kinds: set[bool] = set()
 
     def close_wave() -> None:
-        if not wave:
-            return
-        times = [t for t, _ in wave]
-        total = sum(times)
-        capacity_s = total / cap if cap else 0.0
-        rate_s = 0.0
-        if rpm or tpm:
-            admit = 0.0
-            if rpm:
-                admit = max(admit, (len(wave) - rpm) / (rpm / 60.0))
-            if tpm:
-                admit = max(admit, (sum(k for _, k in wave) - tpm) / (tpm / 60.0))
-            if admit > 0:
-                rate_s = admit + min(times)
-        fanouts.append(
-            FanoutBound(
-                after_turn=len(roots),
-                requests=len(wave),
-                slowest_s=max(times),
-                total_service_s=total,
-                capacity_s=capacity_s,
-                rate_s=rate_s,
-            )
-        )
-        wave.clear()
+        if wave:
+            fanouts.append(_fanout_bound(wave, after_turn=len(roots), capacity=cap, rpm=rpm, tpm=tpm))
+            wave.clear()
 
     for entry in sorted(log, key=lambda e: e.seq):
         if entry.start is None or entry.outcome not in SERVED_OUTCOMES:
@@ -204,6 +182,33 @@ def critical_path(
         source=source,
         excluded=excluded,
         per_request=per_request,
+    )
+
+
+def _fanout_bound(
+    wave: list[tuple[float, int]], *, after_turn: int, capacity: int | None, rpm: int | None, tpm: int | None
+) -> FanoutBound:
+    """The bound of one fan-out: its requests' (service time, counted tokens), the server's
+    capacity and its rate limits."""
+    times = [t for t, _ in wave]
+    total = sum(times)
+    capacity_s = total / capacity if capacity else 0.0
+    rate_s = 0.0
+    if rpm or tpm:
+        admit = 0.0
+        if rpm:
+            admit = max(admit, (len(wave) - rpm) / (rpm / 60.0))
+        if tpm:
+            admit = max(admit, (sum(k for _, k in wave) - tpm) / (tpm / 60.0))
+        if admit > 0:
+            rate_s = admit + min(times)
+    return FanoutBound(
+        after_turn=after_turn,
+        requests=len(wave),
+        slowest_s=max(times),
+        total_service_s=total,
+        capacity_s=capacity_s,
+        rate_s=rate_s,
     )
 
 

@@ -43,6 +43,8 @@ from ..workloads import CATEGORIES, QueryTask, find_needle, parse_query, parse_r
 from ._config import PolicySpec
 
 __all__ = [
+    "NOT_AN_ANSWER",
+    "SUB_NOT_AN_ANSWER",
     "Policy",
     "PolicyRequest",
     "make_policy",
@@ -208,6 +210,18 @@ _RETRY_CODE = {
     "rlm_query": "again = [rlm_query(prompts[i]) for i in failed]",
 }
 
+NOT_AN_ANSWER = (
+    "[rlm_async.sim cannot answer this question: it is a scripted simulator, not a model. "
+    "It answers only the synthetic workloads' questions (rlm_async.workloads, `rlm-async demo`); "
+    "what follows is the first line of each chunk it read, to show the fan-out.]"
+)
+"""The first line of every answer the ``rlm`` policy gives to a question it cannot really
+answer (any question not written by `rlm_async.workloads`), so no one mistakes the
+simulator's output for a model's."""
+
+SUB_NOT_AN_ANSWER = "[simulated, not an answer] first line:"
+"""How the ``reader`` policy starts its reply to a free question it cannot answer."""
+
 _AGGREGATE_CODE = {
     "niah": """\
 found = None
@@ -245,8 +259,14 @@ _FINAL_TEXT = {
     ("count", True): 'final_answer = "COUNT: " + str(total)',
     ("pairs", False): 'final_answer = ", ".join(f"({a}, {b})" for a, b in pairs) if pairs else "NONE"',
     ("pairs", True): 'final_answer = "USERS: " + (", ".join(str(u) for u in ids) if ids else "NONE")',
-    ("ask", False): 'final_answer = "\\n".join(useful)[:4000] if useful else "NONE"',
-    ("ask", True): 'final_answer = "\\n".join(useful)[:4000] if useful else "NONE"',
+    (
+        "ask",
+        False,
+    ): f'final_answer = {NOT_AN_ANSWER!r} + "\\n" + ("\\n".join(useful)[:4000] if useful else "NONE")',
+    (
+        "ask",
+        True,
+    ): f'final_answer = {NOT_AN_ANSWER!r} + "\\n" + ("\\n".join(useful)[:4000] if useful else "NONE")',
 }
 
 _REMINDER = "Reminder: answer from this chunk alone, in exactly the format asked above, with no preamble.\n"
@@ -425,7 +445,7 @@ class ReaderPolicy:
             task = parse_query(prompt) or "ask"
         if task == "ask" or not isinstance(task, QueryTask):
             line = next((ln.strip() for ln in chunk.splitlines() if ln.strip()), "")
-            return line[:200] if line else "NONE"
+            return f"{SUB_NOT_AN_ANSWER} {line[:200]}" if line else "NONE"
         if task.kind == "niah":
             assert task.key is not None
             value = find_needle(chunk, task.key)

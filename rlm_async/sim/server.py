@@ -45,7 +45,7 @@ from ._log import RequestLog
 from ._prefix_cache import PrefixCache
 from .policies import policy_names
 
-__all__ = ["SimProcess", "SimServer", "build_parser", "config_from_args", "main", "serve"]
+__all__ = ["SimProcess", "SimServer", "build_parser", "config_from_args", "main", "run_from_args", "serve"]
 
 _LOOPBACK = "127.0.0.1"
 _DELIBERATE = (
@@ -389,11 +389,16 @@ class SimProcess:
 # ================================================================ command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="rlm-async sim",
-        description="Run the simulated OpenAI-compatible model server (loopback only by default).",
-    )
+_DESCRIPTION = (
+    "Run the simulated OpenAI-compatible model server (loopback only by default). It is a "
+    "scripted stand-in for a model, not a model: it answers the synthetic workloads of "
+    "rlm_async.workloads exactly and says so when it cannot answer a question."
+)
+
+
+def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
+    """The simulator's arguments; `rlm-async sim` reuses them (`add_help=False` as a parent)."""
+    p = argparse.ArgumentParser(prog="rlm-async sim", description=_DESCRIPTION, add_help=add_help)
     p.add_argument("--config", help="TOML file; its [sim] table (or the whole file) is the SimConfig")
     p.add_argument("--table", default="sim", help="dotted table name inside --config (default: sim)")
     p.add_argument("--config-json", help=argparse.SUPPRESS)  # how SimProcess passes its config
@@ -435,8 +440,13 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`rlm-async sim` / `python -m rlm_async.sim`: serve until interrupted."""
-    args = build_parser().parse_args(argv)
+    """`python -m rlm_async.sim`: serve until interrupted."""
+    return run_from_args(build_parser().parse_args(argv))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Serve with the parsed arguments of `build_parser()` until interrupted (what
+    `rlm-async sim` and `python -m rlm_async.sim` both run)."""
     config = config_from_args(args)
 
     def ready(base_url: str) -> None:
