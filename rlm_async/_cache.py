@@ -7,7 +7,7 @@ is cached only once a request carrying it has been processed; N requests sent at
 same moment all miss. So, when it pays:
 
     plan = plan_batch(requests, settings, expected_latency_s=4.0)
-    emit("warmup.decision", **plan.event_fields())
+    emit(WarmupDecision, **plan.event_fields())
     send plan.requests[i] for i in plan.warmups; when they finish, send the rest.
 
 * **Warm, then fan out.** One request per cache bucket goes first; the rest of its bucket

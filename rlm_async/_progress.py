@@ -35,7 +35,19 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from ._events import Event
+from ._events import (
+    CallFinish,
+    CallRetry,
+    CallStart,
+    CellFinish,
+    CellStart,
+    Event,
+    IterationStart,
+    NodeFinish,
+    NodeStart,
+    QueryFinish,
+    QueryStart,
+)
 from ._types import Usage
 
 __all__ = ["LiveProgress", "ProgressSnapshot", "ProgressState", "RowSnapshot", "render_snapshot"]
@@ -148,74 +160,69 @@ class ProgressState:
         self._totals = Usage()
 
     def __call__(self, event: Event) -> None:
-        kind, f = event.kind, event.fields
         with self._lock:
-            if kind == "call.start":
-                self._call_start(event)
-            elif kind == "call.finish":
-                self._call_finish(event)
-            elif kind == "call.retry":
-                self._retries += 1
-            elif kind == "node.start":
-                self._node_start(event)
-            elif kind == "node.finish":
-                row = self._rows.get(str(f.get("node_id", event.node_id)))
-                if row is not None:
-                    row.status = str(f.get("status") or "ok")
-                    row.finished = self._clock()
-            elif kind in ("cell.start", "cell.finish", "iteration.start"):
-                row = self._rows.get(str(event.node_id))
-                if row is not None:
-                    if kind == "iteration.start":
-                        row.iteration = _count(f.get("iteration"))
-                    else:
-                        row.cell_running = kind == "cell.start"
-            elif kind == "query.start":
-                self.query_id = event.query_id
-                self._status = "running"
-                self._started = self._clock()
-                budget = f.get("budget_usd")
-                self._budget = float(budget) if isinstance(budget, int | float) else None
-            elif kind == "query.finish":
-                self._status = str(f.get("status") or "done")
-                self._finished = self._clock()
-                wall = f.get("wall_s")
-                self._wall_s = float(wall) if isinstance(wall, int | float) else None
+            match event:
+                case CallStart():
+                    self._call_start(event)
+                case CallFinish():
+                    self._call_finish(event)
+                case CallRetry():
+                    self._retries += 1
+                case NodeStart():
+                    self._node_start(event)
+                case NodeFinish():
+                    row = self._rows.get(str(event.node_id))
+                    if row is not None:
+                        row.status = event.status
+                        row.finished = self._clock()
+                case IterationStart():
+                    row = self._rows.get(str(event.node_id))
+                    if row is not None:
+                        row.iteration = event.iteration
+                case CellStart() | CellFinish():
+                    row = self._rows.get(str(event.node_id))
+                    if row is not None:
+                        row.cell_running = isinstance(event, CellStart)
+                case QueryStart():
+                    self.query_id = event.query_id
+                    self._status = "running"
+                    self._started = self._clock()
+                    self._budget = event.budget_usd
+                case QueryFinish():
+                    self._status = event.status
+                    self._finished = self._clock()
+                    self._wall_s = event.wall_s
 
-    def _node_start(self, event: Event) -> None:
-        f = event.fields
-        node_id = str(f.get("node_id", event.node_id))
-        parent = f.get("parent_id")
-        if f.get("node_kind") == "llm":
+    def _node_start(self, event: NodeStart) -> None:
+        node_id = str(event.node_id)
+        parent = event.parent_id
+        if event.node_kind == "llm":
             owner = parent if parent in self._rows else self._owner.get(str(parent))
             if owner is not None:
                 self._owner[node_id] = str(owner)
             return
         row = _Row(node_id, len(self._rows), self._clock())
-        row.parent_id = str(parent) if parent is not None else None
-        depth = f.get("depth", event.depth)
-        row.depth = depth if isinstance(depth, int) else 0
-        row.model = _opt(f.get("model"))
-        row.label = _opt(f.get("label"))
+        row.parent_id = parent
+        row.depth = event.depth or 0
+        row.model = event.model
+        row.label = event.label
         self._rows[node_id] = row
 
-    def _call_start(self, event: Event) -> None:
-        f = event.fields
+    def _call_start(self, event: CallStart) -> None:
         self._calls_started += 1
-        node_id = str(f.get("node_id", event.node_id))
-        parent = f.get("parent_id")
+        node_id = str(event.node_id)
+        parent = event.parent_id
         row_id: str | None
         if node_id in self._rows:
             row_id = node_id
         elif node_id in self._owner:
             row_id = self._owner[node_id]
         else:
-            row_id = str(parent) if parent in self._rows else None
+            row_id = parent if parent in self._rows else None
         # A plain sub-call counts on its parent's row; an RLM's own turns (root, child,
         # final) count as that RLM's calls, even when each call has an llm node of its own.
-        call_kind = f.get("call_kind")
-        own = call_kind != "sub" if call_kind is not None else node_id in self._rows
-        self._calls[str(f.get("call_id"))] = (row_id, own)
+        own = event.call_kind != "sub"
+        self._calls[event.call_id] = (row_id, own)
         row = self._rows.get(row_id) if row_id is not None else None
         if row is not None:
             if own:
@@ -223,17 +230,12 @@ class ProgressState:
             else:
                 row.sub_in_flight += 1
 
-    def _call_finish(self, event: Event) -> None:
-        f = event.fields
-        row_id, own = self._calls.pop(str(f.get("call_id")), (None, False))
-        status = str(f.get("status", "ok"))
-        failed = status != "ok"
-        cost = f.get("cost_usd")
-        cost = float(cost) if isinstance(cost, int | float) else 0.0
-        tokens = Usage(
-            _count(f.get("prompt_tokens")), _count(f.get("completion_tokens")), _count(f.get("cached_tokens"))
-        )
-        self._totals += Usage.of_call(status, tokens, cost_usd=cost, from_journal=bool(f.get("from_journal")))
+    def _call_finish(self, event: CallFinish) -> None:
+        row_id, own = self._calls.pop(event.call_id, (None, False))
+        failed = event.status != "ok"
+        cost = event.cost_usd
+        tokens = Usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
+        self._totals += Usage.of_call(event.status, tokens, cost_usd=cost, from_journal=event.from_journal)
         row = self._rows.get(row_id) if row_id is not None else None
         if row is None:
             return
@@ -288,14 +290,6 @@ class ProgressState:
                 rows=rows,
                 hidden_rows=len(self._rows) - len(rows),
             )
-
-
-def _count(value: object) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
-
-
-def _opt(value: object) -> str | None:
-    return None if value is None else str(value)
 
 
 def _pick_rows(rows: dict[str, _Row], limit: int) -> list[_Row]:

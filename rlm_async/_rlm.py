@@ -68,6 +68,26 @@ def _model_from_kwargs(
     return ModelConfig(model=name, **kw), api_key
 
 
+def _refuse_unsupported(
+    unsupported: dict[str, Any], *, persistent: bool, environment: str, depth: int
+) -> None:
+    """Official arguments rlm_async does not support (yet) are refused, naming what to do."""
+    if unsupported:
+        raise ConfigError(
+            f"RLM() got unsupported argument(s) {sorted(unsupported)}; rlm_async supports the official "
+            "package's core arguments plus config=, governor=, transport=, event_sinks="
+        )
+    if persistent:
+        raise ConfigError("persistent=True is not supported yet; create one RLM per conversation turn")
+    if environment not in ("local", "sandbox"):
+        raise ConfigError(
+            f"environment {environment!r} is not supported; rlm_async runs every REPL in its own "
+            "sandboxed worker process ('local'); configure it with config=RLMConfig(sandbox=...)"
+        )
+    if depth != 0:
+        raise ConfigError("depth is managed by the engine; leave it at 0 and set max_depth")
+
+
 class RLM:
     """A Recursive Language Model: answers a query over a context of any size."""
 
@@ -99,46 +119,18 @@ class RLM:
         event_sinks: Sequence[_events.EventSink] = (),
         **unsupported: Any,
     ) -> None:
-        if unsupported:
-            raise ConfigError(
-                f"RLM() got unsupported argument(s) {sorted(unsupported)}; rlm_async supports the official "
-                "package's core arguments plus config=, governor=, transport=, event_sinks="
-            )
-        if persistent:
-            raise ConfigError("persistent=True is not supported yet; create one RLM per conversation turn")
-        if environment not in ("local", "sandbox"):
-            raise ConfigError(
-                f"environment {environment!r} is not supported; rlm_async runs every REPL in its own "
-                "sandboxed worker process ('local'); configure it with config=RLMConfig(sandbox=...)"
-            )
-        if depth != 0:
-            raise ConfigError("depth is managed by the engine; leave it at 0 and set max_depth")
+        _refuse_unsupported(unsupported, persistent=persistent, environment=environment, depth=depth)
         self._api_keys: dict[str, str] = {}
         if config is None:
-            root, key = _model_from_kwargs(backend, backend_kwargs, "backend")
-            if key:
-                self._api_keys[root.model] = key
-            others: list[ModelConfig] = []
-            for i, b in enumerate(other_backends or ()):
-                kwargs = (
-                    (other_backend_kwargs or [])[i]
-                    if other_backend_kwargs and i < len(other_backend_kwargs)
-                    else None
-                )
-                m, k = _model_from_kwargs(b, kwargs, "other_backend")
-                others.append(m)
-                if k:
-                    self._api_keys[m.model] = k
-            budget = BudgetLimits(max_usd=max_budget, max_total_tokens=max_tokens, max_seconds=max_timeout)
-            config = RLMConfig(
-                root=root,
-                # The official package uses its first other backend for sub-calls.
-                sub=others[0] if others else None,
-                others=tuple(others[1:]),
+            config = self._config_from_official(
+                backend,
+                backend_kwargs,
+                other_backends,
+                other_backend_kwargs,
                 max_depth=max_depth,
                 max_iterations=max_iterations,
                 system_prompt=custom_system_prompt,
-                budget=budget,
+                budget=BudgetLimits(max_usd=max_budget, max_total_tokens=max_tokens, max_seconds=max_timeout),
             )
         elif backend_kwargs or other_backends:
             raise ConfigError("pass either config= or backend_kwargs/other_backends, not both")
@@ -154,6 +146,43 @@ class RLM:
         self.verbose = verbose
         self._engines: dict[object, Engine] = {}
         self._refuse_misuse()
+
+    def _config_from_official(
+        self,
+        backend: str,
+        backend_kwargs: dict[str, Any] | None,
+        other_backends: Sequence[str] | None,
+        other_backend_kwargs: Sequence[dict[str, Any]] | None,
+        *,
+        max_depth: int,
+        max_iterations: int,
+        system_prompt: str | None,
+        budget: BudgetLimits,
+    ) -> RLMConfig:
+        """The native configuration for the official constructor's arguments; API keys
+        given inline are kept apart (`self._api_keys`), never in the config."""
+        root, key = _model_from_kwargs(backend, backend_kwargs, "backend")
+        if key:
+            self._api_keys[root.model] = key
+        others: list[ModelConfig] = []
+        for i, b in enumerate(other_backends or ()):
+            kwargs = (
+                other_backend_kwargs[i] if other_backend_kwargs and i < len(other_backend_kwargs) else None
+            )
+            m, k = _model_from_kwargs(b, kwargs, "other_backend")
+            others.append(m)
+            if k:
+                self._api_keys[m.model] = k
+        return RLMConfig(
+            root=root,
+            # The official package uses its first other backend for sub-calls.
+            sub=others[0] if others else None,
+            others=tuple(others[1:]),
+            max_depth=max_depth,
+            max_iterations=max_iterations,
+            system_prompt=system_prompt,
+            budget=budget,
+        )
 
     def _refuse_misuse(self) -> None:
         """Misuse is refused here, at construction, naming the fix, rather than at the first

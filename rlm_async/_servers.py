@@ -3,7 +3,7 @@ defaults that follow from it.
 
     profile = await detect(transport)                   # a few small GETs, once per endpoint
     settings = resolve(model_config, profile)           # explicit configuration always wins
-    emit("server.detected", **settings.event_fields())
+    emit(ServerDetected, **settings.event_fields())
     fitted = await fit(request, settings, transport, ...)   # refuse or trim before sending
 
 **Identify.** The host names OpenAI (`api.openai.com`). Otherwise `GET /v1/models` says who
@@ -255,19 +255,17 @@ class ServerSettings:
     """Prompts are counted by the server's tokenizer where a window or a budget needs it."""
 
     def event_fields(self) -> dict[str, Any]:
-        """Fields of the `server.detected` event."""
+        """Fields of the `server.detected` event (`_events.ServerDetected`)."""
         c = self.cache
         return {
             "endpoint": self.profile.endpoint,
             "model": self.model,
             "server": self.profile.kind,
-            "evidence": list(self.profile.evidence),
-            "cache": {
-                "min_cacheable_tokens": c.min_cacheable_tokens,
-                "step_tokens": c.step_tokens,
-                "warm": c.warm,
-                "send_prompt_cache_key": c.send_prompt_cache_key,
-            },
+            "evidence": "; ".join(self.profile.evidence),
+            "min_cacheable_tokens": c.min_cacheable_tokens,
+            "step_tokens": c.step_tokens,
+            "warm": c.warm if isinstance(c.warm, str) else "on" if c.warm else "off",
+            "send_prompt_cache_key": c.send_prompt_cache_key,
             "cache_source": self.cache_source,
             "context_window": self.context_window,
             "window_source": self.window_source,

@@ -1,8 +1,9 @@
+# Over 500 lines: the writer and the reader of one file format stay together, so they cannot drift.
 """The JSONL trace: a sink that writes one file per query, and the loader that reads it back.
 
-Format (version 1; `docs/trace-format.md` has the full description):
+Format (version 2; `docs/trace-format.md` has the full description):
 
-    line 1     header  {"format": "rlm_async.trace", "version": 1, "query_id": "q-…",
+    line 1     header  {"format": "rlm_async.trace", "version": 2, "query_id": "q-…",
                         "created_unix": 1766000000.12, "clock_origin": 8812.5,
                         "redacted": []}
     line 2..n  event   {"kind": "call.finish", "time": 8813.9, "query_id": "q-…",
@@ -10,12 +11,17 @@ Format (version 1; `docs/trace-format.md` has the full description):
 
 One JSON object per line, UTF-8, `\\n`-terminated, in emission order. `time` is the engine
 clock (monotonic seconds); `created_unix + (time - clock_origin)` turns it into wall-clock
-time. `fields` is the event's own payload, kept apart from the envelope because some
-events carry a `node_id` or `depth` of their own (`node.start` names the node it starts,
-while the envelope names the node that was current when it was emitted).
+time. `kind` names one of the event classes of `rlm_async._events`; `fields` is its payload
+(every field of the class but the envelope), kept apart from the envelope as in version 1.
 
-A reader accepts any version up to its own and skips lines it cannot parse (a process
-killed mid-write leaves half a line), counting them in `Trace.bad_lines`.
+The reader turns each line back into its typed event, checking every field against the
+class (the one place a trace's content is validated; the summary trusts what it gets).
+Lines it cannot parse (a process killed mid-write leaves half a line) or whose fields do
+not fit their class are counted in `Trace.bad_lines`; kinds it does not know (written by
+a newer rlm_async of the same version) are counted in `Trace.unknown_events`. It reads
+version 1 too: the same lines, except that `call.retry` had no `call_id` (the drift that
+made every real trace count 0 retries); it is recovered from the retry's envelope, whose
+`node_id` is the call's own "llm" node, named by that call's `call.start`.
 
 Prompt and output text are not in events unless the engine was asked to put them there
 (the `text` field of `call.finish`); `TraceWriter(redact=("text",))` drops them anyway.
@@ -33,12 +39,13 @@ arrive), when `max_buffered` events are waiting, at the query's `query.finish`, 
 Durability: a trace is a diagnostic, not a journal. A process killed hard (SIGKILL,
 `os._exit`, a crash of the interpreter) loses the events not yet written, up to a second's
 or `max_buffered` events' worth; what is on disk is still a valid trace, perhaps with half a
-last line. Because an event is serialised when its batch is written, its fields must not be
-changed after it is emitted (`emit` builds a fresh dict, and sinks must leave it alone).
+last line. An event is serialised when its batch is written, which is safe because events
+are frozen.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -48,12 +55,12 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
+from types import NoneType, TracebackType, UnionType
+from typing import IO, Any, get_args, get_type_hints
 
 import structlog
 
-from ._events import Event
+from ._events import ENVELOPE, EVENT_TYPES, CallRetry, CallStart, Event, payload_fields
 from ._trace_summary import (
     CallSpan,
     CellSpan,
@@ -66,6 +73,7 @@ from ._trace_summary import (
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "CallSpan",
     "CellSpan",
     "NodeSpan",
@@ -73,6 +81,7 @@ __all__ = [
     "Trace",
     "TraceSummary",
     "TraceWriter",
+    "UnknownKind",
     "event_from_json",
     "event_to_json",
     "load_trace",
@@ -81,7 +90,9 @@ __all__ = [
 ]
 
 FORMAT = "rlm_async.trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Versions this reader reads: 1 is upgraded as it is read (see the module docstring)."""
 
 _log = structlog.get_logger("rlm_async.trace")
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
@@ -103,7 +114,7 @@ _encode = json.JSONEncoder(
 
 def event_to_json(event: Event, *, redact: frozenset[str] = frozenset()) -> str:
     """One trace line (without the newline) for `event`."""
-    fields = event.fields
+    fields = event.payload()
     if redact and not redact.isdisjoint(fields):
         fields = {k: v for k, v in fields.items() if k not in redact}
     return _encode(
@@ -134,26 +145,99 @@ def _event_lines(events: list[Event], redact: frozenset[str]) -> str:
     return "\n".join(lines)
 
 
+class UnknownKind(ValueError):
+    """A well-formed line of an event kind this reader does not know."""
+
+
+def _runtime_types(annotation: Any) -> tuple[type, ...]:
+    """The JSON-decoded Python types a field annotated `annotation` accepts."""
+    if isinstance(annotation, UnionType):
+        return tuple(t for arg in get_args(annotation) for t in _runtime_types(arg))
+    if annotation is NoneType or annotation is None:
+        return (NoneType,)
+    if annotation is float:
+        return (float, int)  # JSON writes 3.0 as 3.0, but a hand-made trace may say 3
+    if annotation in (int, str, bool):
+        return (annotation,)
+    raise TypeError(f"event field type {annotation!r} has no JSON form: add it to _runtime_types")
+
+
+_Field = tuple[str, tuple[type, ...], bool]
+"""(name, accepted types, required)"""
+
+
+def _schema(cls: type[Event]) -> tuple[_Field, ...]:
+    hints = get_type_hints(cls)
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    return tuple((name, _runtime_types(hints[name]), name in required) for name in payload_fields(cls))
+
+
+_SCHEMAS: dict[str, tuple[type[Event], tuple[_Field, ...]]] = {
+    kind: (cls, _schema(cls)) for kind, cls in EVENT_TYPES.items()
+}
+
+
 def event_from_json(line: str) -> Event:
-    """The `Event` a trace line holds; `ValueError` if the line is not one."""
+    """The typed event a (current version) trace line holds. `UnknownKind` for a kind this
+    reader does not know; `ValueError` if the line is not an event, or a field does not fit
+    its class."""
+    return _event(*_parse(line))
+
+
+def _parse(line: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A line's JSON object and its `fields`; `ValueError` if it has not that shape."""
     data = json.loads(line)
     if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
         raise ValueError("not a trace event line")
     fields = data.get("fields") or {}
     if not isinstance(fields, dict):
         raise ValueError("`fields` is not an object")
+    return data, fields
+
+
+def _event(data: dict[str, Any], fields: dict[str, Any]) -> Event:
+    kind = data["kind"]
+    found = _SCHEMAS.get(kind)
+    if found is None:
+        raise UnknownKind(f"unknown event kind {kind!r}")
+    cls, schema = found
     t = data.get("time")
     if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
         raise ValueError("`time` is not a finite number")
-    depth = data.get("depth")
-    return Event(
-        kind=data["kind"],
-        time=float(t),
-        query_id=data.get("query_id"),
-        node_id=data.get("node_id"),
-        depth=depth if isinstance(depth, int) else None,
-        fields=fields,
-    )
+    envelope = {name: data.get(name) for name in ENVELOPE[1:]}
+    for name in ("query_id", "node_id"):
+        if not isinstance(envelope[name], str | NoneType):
+            raise ValueError(f"`{name}` is not a string")
+    if not isinstance(envelope["depth"], int) or isinstance(envelope["depth"], bool):
+        envelope["depth"] = None
+    payload: dict[str, Any] = {}
+    for name, types, required in schema:
+        if name not in fields:
+            if required:
+                raise ValueError(f"{kind} without its `{name}`")
+            continue
+        value = fields[name]
+        # bool is an int to isinstance: an int field must not take true/false.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ValueError(f"{kind}.{name} is {value!r}, not of the event's type")
+        payload[name] = float(value) if float in types and type(value) is int else value
+    return cls(time=float(t), **envelope, **payload)
+
+
+def _upgrade_v1(data: dict[str, Any], fields: dict[str, Any], call_of_node: dict[str, str]) -> None:
+    """Version 1 to 2, in place: name the call of a `call.retry` (see the module docstring)."""
+    kind = data.get("kind")
+    node_id = data.get("node_id")
+    if kind == CallStart.kind and isinstance(node_id, str) and isinstance(fields.get("call_id"), str):
+        call_of_node[node_id] = fields["call_id"]
+    elif kind == CallRetry.kind and "call_id" not in fields and isinstance(node_id, str):
+        call_id = call_of_node.get(node_id)
+        if call_id is not None:
+            fields["call_id"] = call_id
 
 
 def _header(query_id: str | None, clock_origin: float, redact: frozenset[str]) -> str:
@@ -370,6 +454,13 @@ class Trace:
     events: list[Event] = field(default_factory=list)
     bad_lines: int = 0
     """Lines that were not valid events (usually one, cut short when the writer died)."""
+    unknown_events: int = 0
+    """Events of kinds this reader does not know (from a newer writer), left out."""
+
+    @property
+    def version(self) -> int:
+        """The format version the file was written in (its events are read as the current one)."""
+        return int(self.header["version"])
 
     def summarize(self) -> TraceSummary:
         return summarize(self.events)
@@ -383,7 +474,8 @@ def _lines(path: Path) -> Iterator[str]:
 
 
 def load_trace(path: str | os.PathLike[str]) -> Trace:
-    """Read a trace file. `ValueError` if it is not one, or is newer than this reader."""
+    """Read a trace file. `ValueError` if it is not one, or its version is not one this
+    reader reads (newer: upgrade rlm_async)."""
     path = Path(path)
     lines = _lines(path)
     first = next(lines, None)
@@ -394,16 +486,24 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError(f"{path} is not an rlm_async trace: its first line is not a {FORMAT} header")
     version = header.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_VERSIONS:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
         raise ValueError(
-            f"{path} is trace format version {version!r}; this rlm_async reads up to "
-            f"version {FORMAT_VERSION}: upgrade rlm_async to read it"
+            f"{path} is trace format version {version!r}; this rlm_async reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (up to version {FORMAT_VERSION})"
+            + (": upgrade rlm_async to read it" if newer else "")
         )
     events: list[Event] = []
-    bad = 0
+    bad = unknown = 0
+    call_of_node: dict[str, str] = {}
     for line in lines:
         try:
-            events.append(event_from_json(line))
+            data, fields = _parse(line)
+            if version == 1:
+                _upgrade_v1(data, fields, call_of_node)
+            events.append(_event(data, fields))
+        except UnknownKind:
+            unknown += 1
         except ValueError:  # JSONDecodeError is a ValueError
             bad += 1
-    return Trace(header=header, events=events, bad_lines=bad)
+    return Trace(header=header, events=events, bad_lines=bad, unknown_events=unknown)

@@ -1,7 +1,8 @@
 """Rebuild the figures of one query from its events: the tree, the totals, the critical path.
 
 `summarize(events)` works on any sequence of `Event`s — a loaded trace file or events
-captured in memory — and tolerates gaps (a killed run leaves calls and nodes without a
+captured in memory. It trusts their fields (typed, and checked by the trace reader where
+they come from a file), but tolerates gaps (a killed run leaves calls and nodes without a
 finish; they end at the last event and have status "unfinished").
 
 All times in the result are seconds relative to the query's `query.start`.
@@ -19,154 +20,31 @@ run could not go below however widely it fanned out, unless those calls got fast
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from ._events import Event
+from ._events import (
+    CallFinish,
+    CallRetry,
+    CallStart,
+    CellFinish,
+    CellStart,
+    Event,
+    IterationStart,
+    NodeFinish,
+    NodeStart,
+    QueryFinish,
+    QueryStart,
+)
+from ._trace_path import critical_path
+from ._trace_spans import CallSpan, CellSpan, NodeSpan, PathStep, TraceSummary
 from ._types import Usage
 
 __all__ = ["CallSpan", "CellSpan", "NodeSpan", "PathStep", "TraceSummary", "summarize"]
 
 # Times on one monotonic clock, compared after subtraction: only float noise to absorb.
 _TOL = 1e-9
-
-
-@dataclass(frozen=True, slots=True)
-class CallSpan:
-    """One model call, from `call.start` to `call.finish`."""
-
-    call_id: str
-    node_id: str | None
-    parent_id: str | None
-    depth: int
-    call_kind: str
-    model: str
-    start: float
-    end: float
-    status: str
-    """As the engine reported it ("ok", "error", "budget", "cancelled"), or "unfinished"."""
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    attempts: int = 1
-    retries: int = 0
-    """`call.retry` events seen for this call."""
-    from_journal: bool = False
-    error: str | None = None
-    text: str | None = None
-    """Output text, only when the engine was told to put it in events."""
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-    @property
-    def totals(self) -> Usage:
-        """What this call adds to totals (`Usage.of_call`)."""
-        tokens = Usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
-        return Usage.of_call(self.status, tokens, cost_usd=self.cost_usd, from_journal=self.from_journal)
-
-
-@dataclass(frozen=True, slots=True)
-class CellSpan:
-    """One REPL cell an RLM node ran."""
-
-    node_id: str | None
-    iteration: int | None
-    cell: int | None
-    start: float
-    end: float
-    status: str
-    error: str | None = None
-    stdout_chars: int | None = None
-    stderr_chars: int | None = None
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-
-@dataclass(frozen=True, slots=True)
-class NodeSpan:
-    """A node of the call tree: an RLM loop ("rlm") or one model call ("llm")."""
-
-    node_id: str
-    parent_id: str | None
-    """`None` for a root, or when the parent never appeared in the events."""
-    depth: int
-    node_kind: str
-    model: str | None
-    label: str | None
-    start: float
-    end: float
-    status: str
-    error: str | None = None
-    children: tuple[str, ...] = ()
-    calls: tuple[str, ...] = ()
-    iterations: int = 0
-    """Highest iteration number seen in this node's `iteration.start` events."""
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-
-@dataclass(frozen=True, slots=True)
-class PathStep:
-    """One step of the critical path, in pre-order: a node, then what it waited on."""
-
-    kind: Literal["node", "call", "cell"]
-    id: str
-    """node_id, call_id, or "<node_id>/<iteration>.<cell>" for a cell."""
-    node_id: str | None
-    depth: int
-    start: float
-    end: float
-    model: str | None = None
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-
-@dataclass(frozen=True, slots=True)
-class TraceSummary:
-    query_id: str | None
-    status: str
-    """query.finish's status, or "unfinished"."""
-    wall_s: float
-    budget_usd: float | None
-    nodes: Mapping[str, NodeSpan]
-    """Every node, in order of start."""
-    roots: tuple[str, ...]
-    calls: tuple[CallSpan, ...]
-    """Every call, in order of start."""
-    cells: tuple[CellSpan, ...]
-    totals: Usage
-    """Every call's `CallSpan.totals` added up, counted as `RLMResult.total` counts them."""
-    by_model: Mapping[str, Usage]
-    by_depth: Mapping[int, Usage]
-    peak_in_flight: int
-    peak_in_flight_by_depth: Mapping[int, int]
-    concurrency: tuple[tuple[float, int], ...]
-    """(time, calls in flight from then on), one point per change."""
-    critical_path: tuple[PathStep, ...]
-    critical_path_s: float
-    """Model-call time on the critical path (see the module docstring)."""
-    retries: int = 0
-    reported: Mapping[str, Any] = field(default_factory=dict)
-    """query.finish's fields as the engine sent them, to compare with the rebuilt totals."""
-
-    @property
-    def critical_calls(self) -> tuple[str, ...]:
-        return tuple(step.id for step in self.critical_path if step.kind == "call")
-
-
-# -- building ---------------------------------------------------------------------------
 
 
 class _Node:
@@ -205,29 +83,79 @@ class _Node:
 
 
 class _Call:
-    __slots__ = ("end", "event_depth", "fields", "finish", "node_id", "retries", "start")
+    __slots__ = ("end", "finish", "retries", "start", "started")
 
-    def __init__(self, e: Event, start: float) -> None:
-        self.fields = e.fields
-        # The engine emits a call inside its node's bind(); a field, if any, is more precise.
-        self.node_id = _str(e.fields.get("node_id", e.node_id))
+    def __init__(self, started: CallStart | CallFinish, start: float) -> None:
+        self.started = started
+        """Its call.start, or its call.finish when the start was lost."""
         self.start = start
         self.end: float | None = None
-        self.finish: Mapping[str, Any] = {}
-        self.event_depth = e.depth
+        self.finish: CallFinish | None = None
         self.retries = 0
 
 
-def _int(value: Any) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+class _Fold:
+    """The events of one query folded into nodes, calls and cells, in the order they came."""
 
+    def __init__(self) -> None:
+        self.nodes: dict[str, _Node] = {}
+        self.calls: dict[str, _Call] = {}
+        self.cells: dict[tuple[str | None, int, int], dict[str, Any]] = {}
+        self.query_start: QueryStart | None = None
+        self.query_finish: QueryFinish | None = None
+        self.query_id: str | None = None
+        self.last_seen: dict[str, float] = {}
 
-def _float(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+    def node(self, node_id: str) -> _Node:
+        found = self.nodes.get(node_id)
+        if found is None:
+            found = self.nodes[node_id] = _Node(node_id)
+        return found
 
+    def add(self, e: Event) -> None:
+        self.query_id = self.query_id or e.query_id
+        if e.node_id is not None:
+            self.last_seen[e.node_id] = e.time
+        match e:
+            case CallStart() | CallFinish() | CallRetry():
+                self._add_call(e)
+            case NodeStart() | NodeFinish() | IterationStart():
+                if e.node_id is not None:
+                    self._add_node(e, self.node(e.node_id))
+            case CellStart():
+                self.cells.setdefault((e.node_id, e.iteration, e.cell), {})["start"] = e.time
+            case CellFinish():
+                self.cells.setdefault((e.node_id, e.iteration, e.cell), {}).update(end=e.time, finish=e)
+            case QueryStart():
+                self.query_start = e
+            case QueryFinish():
+                self.query_finish = e
 
-def _str(value: Any) -> str | None:
-    return None if value is None else str(value)
+    def _add_call(self, e: CallStart | CallFinish | CallRetry) -> None:
+        calls = self.calls
+        match e:
+            case CallStart():
+                calls[e.call_id] = _Call(e, e.time)
+            case CallFinish():
+                call = calls.get(e.call_id)
+                if call is None:  # the start was lost: place it by its latency
+                    call = calls[e.call_id] = _Call(e, e.time - e.latency_s)
+                call.end, call.finish = e.time, e
+            case CallRetry():
+                if e.call_id in calls:
+                    calls[e.call_id].retries += 1
+
+    @staticmethod
+    def _add_node(e: NodeStart | NodeFinish | IterationStart, n: _Node) -> None:
+        match e:
+            case NodeStart():
+                n.start, n.parent_id, n.depth = e.time, e.parent_id, e.depth
+                n.node_kind, n.model, n.label = e.node_kind, e.model, e.label
+            case NodeFinish():
+                n.end, n.status, n.error = e.time, e.status, e.error
+                n.finished = True
+            case IterationStart():
+                n.iterations = max(n.iterations, e.iteration)
 
 
 def _select(events: Iterable[Event], query_id: str | None) -> list[Event]:
@@ -252,88 +180,27 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
     t0 = starts[0] if starts else min(e.time for e in selected)
     last = max(e.time for e in selected)
 
-    nodes: dict[str, _Node] = {}
-    calls: dict[str, _Call] = {}
-    cells: dict[tuple[str | None, Any, Any], dict[str, Any]] = {}
-    query_start: Mapping[str, Any] = {}
-    reported: Mapping[str, Any] = {}
-    finish_time: float | None = None
-    qid = query_id
-
-    def node(node_id: str) -> _Node:
-        found = nodes.get(node_id)
-        if found is None:
-            found = nodes[node_id] = _Node(node_id)
-        return found
-
-    last_seen: dict[str, float] = {}
+    fold = _Fold()
     for e in selected:
-        kind, f = e.kind, e.fields
-        qid = qid or e.query_id
-        if e.node_id is not None:
-            last_seen[e.node_id] = e.time
-        if kind == "call.start":
-            call_id = _str(f.get("call_id"))
-            if call_id is not None:
-                calls[call_id] = _Call(e, e.time)
-        elif kind == "call.finish":
-            call_id = _str(f.get("call_id"))
-            if call_id is None:
-                continue
-            call = calls.get(call_id)
-            if call is None:  # the start was lost: place it by its latency
-                call = calls[call_id] = _Call(e, e.time - _float(f.get("latency_s")))
-            call.end, call.finish = e.time, f
-        elif kind == "call.retry":
-            call_id = _str(f.get("call_id"))
-            if call_id in calls:
-                calls[call_id].retries += 1
-        elif kind == "node.start":
-            node_id = _str(f.get("node_id", e.node_id))
-            if node_id is None:
-                continue
-            n = node(node_id)
-            n.start = e.time
-            n.parent_id = _str(f.get("parent_id"))
-            depth = f.get("depth", e.depth)
-            n.depth = depth if isinstance(depth, int) else None
-            n.node_kind = _str(f.get("node_kind"))
-            n.model = _str(f.get("model"))
-            n.label = _str(f.get("label"))
-        elif kind == "node.finish":
-            node_id = _str(f.get("node_id", e.node_id))
-            if node_id is not None:
-                n = node(node_id)
-                n.end, n.status, n.error = e.time, _str(f.get("status")), _str(f.get("error"))
-                n.finished = True
-        elif kind == "iteration.start" and e.node_id is not None:
-            n = node(e.node_id)
-            n.iterations = max(n.iterations, _int(f.get("iteration")))
-        elif kind in ("cell.start", "cell.finish"):
-            key = (e.node_id, f.get("iteration"), f.get("cell"))
-            record = cells.setdefault(key, {})
-            record["start" if kind == "cell.start" else "end"] = e.time
-            if kind == "cell.finish":
-                record.update(finish=f)
-        elif kind == "query.start":
-            query_start = f
-        elif kind == "query.finish":
-            reported, finish_time = dict(f), e.time
+        fold.add(e)
+    nodes, calls, cells = fold.nodes, fold.calls, fold.cells
+    query_start, query_finish, last_seen = fold.query_start, fold.query_finish, fold.last_seen
+    qid = query_id or fold.query_id
 
     call_spans = _call_spans(calls, nodes, t0, last)
     node_spans, roots = _node_spans(nodes, call_spans, last_seen, t0, last)
     cell_spans = _cell_spans(cells, t0, last)
-    wall = reported.get("wall_s")
-    if not isinstance(wall, int | float) or isinstance(wall, bool):
-        wall = (finish_time if finish_time is not None else last) - t0
+    if query_finish is not None:
+        wall = query_finish.wall_s
+    else:
+        wall = last - t0
     concurrency, peak, peak_by_depth = _concurrency(call_spans)
-    path = _critical_path(node_spans, roots, call_spans, cell_spans)
-    budget = query_start.get("budget_usd")
+    path = critical_path(node_spans, roots, call_spans, cell_spans)
     return TraceSummary(
         query_id=qid,
-        status=_str(reported.get("status")) or "unfinished",
-        wall_s=float(wall),
-        budget_usd=float(budget) if isinstance(budget, int | float) else None,
+        status=query_finish.status if query_finish is not None else "unfinished",
+        wall_s=wall,
+        budget_usd=query_start.budget_usd if query_start is not None else None,
         nodes=node_spans,
         roots=roots,
         calls=call_spans,
@@ -347,7 +214,7 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
         critical_path=tuple(path),
         critical_path_s=sum(step.duration for step in path if step.kind == "call"),
         retries=sum(c.retries for c in call_spans),
-        reported=reported,
+        reported=query_finish.payload() if query_finish is not None else {},
     )
 
 
@@ -381,14 +248,15 @@ def _call_spans(
     """The calls, each also attached to its node (created if it never announced itself)."""
     spans = []
     for call_id, c in calls.items():
-        f, fin, node_id = c.fields, c.finish, c.node_id
-        parent_id = _str(f.get("parent_id"))
-        depth = c.event_depth
+        # The engine emits a call inside its own node's bind(): the envelope names the node.
+        first, fin, node_id = c.started, c.finish, c.started.node_id
+        parent_id = first.parent_id if isinstance(first, CallStart) else None
+        depth = first.depth
         if node_id is not None:
             n = nodes.get(node_id)
             if n is None:  # its kind is settled later, from whether it has children
                 n = nodes[node_id] = _Node(node_id)
-                n.parent_id, n.depth = parent_id, c.event_depth
+                n.parent_id, n.depth = parent_id, first.depth
             n.calls.append(call_id)
             depth = n.depth if n.depth is not None else depth
         spans.append(
@@ -397,20 +265,20 @@ def _call_spans(
                 node_id=node_id,
                 parent_id=parent_id,
                 depth=depth or 0,
-                call_kind=_str(f.get("call_kind")) or "sub",
-                model=_str(f.get("model") or fin.get("model")) or "?",
+                call_kind=first.call_kind if isinstance(first, CallStart) else "sub",
+                model=first.model if isinstance(first, CallStart) else "?",
                 start=c.start - t0,
                 end=(c.end if c.end is not None else last) - t0,
-                status=_str(fin.get("status")) or ("unfinished" if c.end is None else "ok"),
-                prompt_tokens=_int(fin.get("prompt_tokens")),
-                cached_tokens=_int(fin.get("cached_tokens")),
-                completion_tokens=_int(fin.get("completion_tokens")),
-                cost_usd=_float(fin.get("cost_usd")),
-                attempts=_int(fin.get("attempts")) or 1,
+                status=fin.status if fin is not None else "unfinished",
+                prompt_tokens=fin.prompt_tokens if fin is not None else 0,
+                cached_tokens=fin.cached_tokens if fin is not None else 0,
+                completion_tokens=fin.completion_tokens if fin is not None else 0,
+                cost_usd=fin.cost_usd if fin is not None else 0.0,
+                attempts=(fin.attempts if fin is not None else 0) or 1,
                 retries=c.retries,
-                from_journal=bool(fin.get("from_journal")),
-                error=_str(fin.get("error")),
-                text=_str(fin.get("text")),
+                from_journal=fin.from_journal if fin is not None else False,
+                error=fin.error if fin is not None else None,
+                text=fin.text if fin is not None else None,
             )
         )
     spans.sort(key=lambda s: s.start)
@@ -475,26 +343,26 @@ def _node_spans(
 
 
 def _cell_spans(
-    cells: Mapping[tuple[str | None, Any, Any], dict[str, Any]],
+    cells: Mapping[tuple[str | None, int, int], dict[str, Any]],
     t0: float,
     last: float,
 ) -> tuple[CellSpan, ...]:
     spans = []
     for (node_id, iteration, cell), record in cells.items():
-        fin = record.get("finish", {})
+        fin: CellFinish | None = record.get("finish")
         end = record.get("end", last)
-        start = record.get("start", end - _float(fin.get("duration_s")))
+        start = record.get("start", end - (fin.duration_s if fin is not None else 0.0))
         spans.append(
             CellSpan(
                 node_id=node_id,
-                iteration=iteration if isinstance(iteration, int) else None,
-                cell=cell if isinstance(cell, int) else None,
+                iteration=iteration,
+                cell=cell,
                 start=start - t0,
                 end=end - t0,
-                status=_str(fin.get("status")) or ("unfinished" if "end" not in record else "ok"),
-                error=_str(fin.get("error")),
-                stdout_chars=fin.get("stdout_chars"),
-                stderr_chars=fin.get("stderr_chars"),
+                status=fin.status if fin is not None else "unfinished",
+                error=fin.error if fin is not None else None,
+                stdout_chars=fin.stdout_chars if fin is not None else None,
+                stderr_chars=fin.stderr_chars if fin is not None else None,
             )
         )
     spans.sort(key=lambda s: s.start)
@@ -537,90 +405,3 @@ def _concurrency(
 
 
 # -- critical path ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Item:
-    start: float
-    end: float
-    kind: Literal["node", "call", "cell"]
-    ref: Any
-
-
-def _chain(items: list[_Item]) -> list[_Item]:
-    """Walking back from the end: what finished last, then what finished last before that
-    started, and so on. Strictly earlier starts only, so concurrent equals are not chained.
-
-    A container's own end is no bound: a node's call may finish a hair after the node
-    (the engine closes the node, then emits call.finish)."""
-    if not items:
-        return []
-    # Among equal ends, the one that started first (the longest) goes last: it is the pick.
-    ordered = sorted(items, key=lambda it: (it.end, -it.start))
-    ends = [it.end for it in ordered]
-    chosen: list[_Item] = []
-    cursor = float("inf")
-    j = len(ordered) - 1
-    while j >= 0:
-        item = ordered[j]
-        if item.start < cursor:
-            chosen.append(item)
-            cursor = item.start
-            j = bisect_right(ends, cursor + _TOL, 0, j) - 1
-        else:
-            j -= 1
-    chosen.reverse()
-    return chosen
-
-
-def _critical_path(
-    nodes: Mapping[str, NodeSpan],
-    roots: tuple[str, ...],
-    calls: tuple[CallSpan, ...],
-    cells: tuple[CellSpan, ...],
-) -> list[PathStep]:
-    calls_of: dict[str | None, list[CallSpan]] = defaultdict(list)
-    for c in calls:
-        calls_of[c.node_id].append(c)
-    cells_of: dict[str | None, list[CellSpan]] = defaultdict(list)
-    for cell in cells:
-        cells_of[cell.node_id].append(cell)
-
-    out: list[PathStep] = []
-    expanded: set[str] = set()
-
-    def expand(node_id: str) -> None:
-        if node_id in expanded:  # guards against a malformed parent cycle
-            return
-        expanded.add(node_id)
-        n = nodes[node_id]
-        out.append(PathStep("node", node_id, node_id, n.depth, n.start, n.end, n.model))
-        own_cells = cells_of.get(node_id, [])  # sorted by start, sequential within a node
-        cell_starts = [cell.start for cell in own_cells]
-        in_cell: dict[int, list[_Item]] = defaultdict(list)
-        items = [_Item(c.start, c.end, "call", c) for c in calls_of.get(node_id, [])]
-        items += [_Item(cell.start, cell.end, "cell", i) for i, cell in enumerate(own_cells)]
-        for child_id in n.children:
-            child = nodes[child_id]
-            item = _Item(child.start, child.end, "node", child_id)
-            i = bisect_right(cell_starts, child.start + _TOL) - 1
-            if i >= 0 and child.start <= own_cells[i].end + _TOL:
-                in_cell[i].append(item)
-            else:
-                items.append(item)
-        for item in _chain(items):
-            if item.kind == "call":
-                c = item.ref
-                out.append(PathStep("call", c.call_id, c.node_id, c.depth, c.start, c.end, c.model))
-            elif item.kind == "cell":
-                cell = own_cells[item.ref]
-                cell_id = f"{node_id}/{cell.iteration}.{cell.cell}"
-                out.append(PathStep("cell", cell_id, node_id, n.depth, cell.start, cell.end))
-                for sub in _chain(in_cell[item.ref]):
-                    expand(sub.ref)
-            else:
-                expand(item.ref)
-
-    if roots:
-        expand(max(roots, key=lambda r: nodes[r].end))
-    return out

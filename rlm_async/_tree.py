@@ -77,7 +77,7 @@ class CallTree:
             parent.children.append(node.node_id)
         with _events.bind(node_id=node.node_id, depth=depth):
             _events.emit(
-                "node.start",
+                _events.NodeStart,
                 parent_id=node.parent_id,
                 node_kind=kind,
                 model=model,
@@ -92,7 +92,7 @@ class CallTree:
         node.status = status
         node.error = error
         with _events.bind(node_id=node.node_id, depth=node.depth):
-            _events.emit("node.finish", status=status, error=error)
+            _events.emit(_events.NodeFinish, status=status, error=error)
 
     @property
     def root(self) -> Node | None:

@@ -2,6 +2,7 @@
 
 Both are event sinks: pass them to `RLM(event_sinks=[...])` or `acompletion(...,
 event_sinks=[...])`, or register them around a run with `rlm_async._events.sinks(...)`.
+Events are the frozen dataclasses of `rlm_async._events`: match on the class, read its fields.
 
 Callbacks, with the signatures of the official `rlm` package's `RLM(on_subcall_start=…)`
 arguments, so code written against it carries over:
@@ -15,9 +16,10 @@ As in the official package, a "subcall" is a child RLM (`rlm_query`) and `depth`
 child's depth. `include_llm_calls=True` adds every plain sub-call (`llm_query`,
 `llm_batch`: calls of kind "sub"), timed by the call's own latency. Iteration callbacks
 fire for every RLM node, root and children (the official package fires them for the root
-only): filter on `depth`. `prompt_preview` is empty unless the engine puts a
-`prompt_preview` field on `node.start` (child RLMs) or `call.start` (sub-calls): prompts
-are private data and stay out of events by default. A callback runs on the event loop and
+only): filter on `depth`. `prompt_preview` is the first 200 characters of a sub-call's
+prompt when the engine logs text (`RLMConfig(log_text=True)` puts it in `call.start`), and
+empty otherwise and for child RLMs: prompts are private data and stay out of events by
+default. A callback runs on the event loop and
 must return quickly; an exception in it is logged and swallowed by `emit`.
 
 An async stream, for consumers that await (a web server pushing server-sent events):
@@ -41,7 +43,15 @@ from types import TracebackType
 
 import anyio
 
-from ._events import Event
+from ._events import (
+    CallFinish,
+    CallStart,
+    Event,
+    IterationFinish,
+    IterationStart,
+    NodeFinish,
+    NodeStart,
+)
 from .exceptions import ConfigError
 
 __all__ = [
@@ -52,6 +62,8 @@ __all__ = [
     "OnSubcallComplete",
     "OnSubcallStart",
 ]
+
+_PREVIEW_CHARS = 200
 
 OnSubcallStart = Callable[[int, str, str], None]
 """(depth, model, prompt_preview)"""
@@ -66,8 +78,8 @@ OnIterationComplete = Callable[[int, int, float], None]
 class OfficialCallbacks:
     """An event sink that calls the official `rlm` package's four callbacks.
 
-    Durations are differences of event times (the engine clock), or the engine's own
-    `duration_s` where the finishing event carries one.
+    A child RLM's duration is the difference of its node's event times (the engine
+    clock); a sub-call's is its latency, an iteration's the engine's own `duration_s`.
     """
 
     def __init__(
@@ -87,75 +99,57 @@ class OfficialCallbacks:
         self._open: dict[str, tuple[float, int, str]] = {}
         """child RLM node id, or "call <call_id>", in progress -> (start time, depth, model)"""
         self._depths: dict[str, int] = {}
-        self._iterations: dict[tuple[str | None, int], float] = {}
 
     def __call__(self, event: Event) -> None:
-        kind, f = event.kind, event.fields
-        if kind == "node.start":
-            self._node_start(event)
-        elif kind == "node.finish":
-            node_id = str(f.get("node_id", event.node_id))
-            self._depths.pop(node_id, None)
-            self._complete(self._open.pop(node_id, None), event, event.time)
-        elif kind == "call.start":
-            if self.include_llm_calls and f.get("call_kind") == "sub":
-                self._subcall_start(f"call {f.get('call_id')}", event)
-        elif kind == "call.finish":
-            opened = self._open.pop(f"call {f.get('call_id')}", None)
-            latency = f.get("latency_s")
-            if opened is not None and isinstance(latency, int | float):
-                self._complete(opened, event, opened[0] + latency)
-            else:
-                self._complete(opened, event, event.time)
-        elif kind == "iteration.start":
-            iteration = _int(f.get("iteration"))
-            self._iterations[(event.node_id, iteration)] = event.time
-            if self.on_iteration_start is not None:
-                self.on_iteration_start(self._depth(event), iteration)
-        elif kind == "iteration.finish":
-            iteration = _int(f.get("iteration"))
-            started = self._iterations.pop((event.node_id, iteration), event.time)
-            duration = f.get("duration_s")
-            if not isinstance(duration, int | float):
-                duration = event.time - started
-            if self.on_iteration_complete is not None:
-                self.on_iteration_complete(self._depth(event), iteration, float(duration))
+        match event:
+            case NodeStart():
+                self._node_start(event)
+            case NodeFinish():
+                node_id = str(event.node_id)
+                self._depths.pop(node_id, None)
+                self._complete(self._open.pop(node_id, None), event, event.time)
+            case CallStart():
+                if self.include_llm_calls and event.call_kind == "sub":
+                    self._subcall_start(f"call {event.call_id}", event, event.model, event.prompt)
+            case CallFinish():
+                opened = self._open.pop(f"call {event.call_id}", None)
+                self._complete(
+                    opened, event, opened[0] + event.latency_s if opened is not None else event.time
+                )
+            case IterationStart():
+                if self.on_iteration_start is not None:
+                    self.on_iteration_start(self._depth(event), event.iteration)
+            case IterationFinish():
+                if self.on_iteration_complete is not None:
+                    self.on_iteration_complete(self._depth(event), event.iteration, event.duration_s)
 
-    def _node_start(self, event: Event) -> None:
-        f = event.fields
-        if f.get("node_kind") != "rlm":
+    def _node_start(self, event: NodeStart) -> None:
+        if event.node_kind != "rlm":
             return
-        node_id = str(f.get("node_id", event.node_id))
-        self._depths[node_id] = self._depth(event, f.get("depth"))
-        if f.get("parent_id") is not None:  # a child RLM
-            self._subcall_start(node_id, event)
+        node_id = str(event.node_id)
+        self._depths[node_id] = self._depth(event)
+        if event.parent_id is not None:  # a child RLM
+            self._subcall_start(node_id, event, event.model, None)
 
-    def _subcall_start(self, key: str, event: Event) -> None:
-        f = event.fields
-        depth = self._depth(event, f.get("depth"))
-        model = str(f.get("model") or "")
+    def _subcall_start(self, key: str, event: Event, model: str, prompt: str | None) -> None:
+        depth = self._depth(event)
         self._open[key] = (event.time, depth, model)
         if self.on_subcall_start is not None:
-            self.on_subcall_start(depth, model, str(f.get("prompt_preview") or ""))
+            self.on_subcall_start(depth, model, (prompt or "")[:_PREVIEW_CHARS])
 
-    def _complete(self, opened: tuple[float, int, str] | None, event: Event, end: float) -> None:
+    def _complete(
+        self, opened: tuple[float, int, str] | None, event: NodeFinish | CallFinish, end: float
+    ) -> None:
         if opened is None or self.on_subcall_complete is None:
             return
         started, depth, model = opened
-        status = event.fields.get("status") or "ok"
-        error = event.fields.get("error") or (None if status == "ok" else status)
-        self.on_subcall_complete(depth, model, end - started, None if error is None else str(error))
+        error = event.error or (None if event.status == "ok" else event.status)
+        self.on_subcall_complete(depth, model, end - started, error)
 
-    def _depth(self, event: Event, explicit: object = None) -> int:
-        if isinstance(explicit, int):
-            return explicit
+    def _depth(self, event: Event) -> int:
         if event.depth is not None:
             return event.depth
         return self._depths.get(str(event.node_id), 0)
-
-
-def _int(value: object) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
 class EventStream:

@@ -1,3 +1,4 @@
+# Over 500 lines: three generators that share one record format and one query parser.
 """Seeded synthetic long-context workloads, each with its ground truth and a scorer.
 
     from rlm_async.workloads import s_niah, oolong_counting, oolong_pairs

@@ -15,11 +15,17 @@ Times start at an arbitrary engine-clock origin (T0) to check that summaries are
 
 Two styles of the same run, because the engine is free to choose either:
 - engine_style=True (what rlm_async's engine does): every model call, root calls included,
-  gets its own "llm" node; events are emitted inside `bind(node_id=that node)`, so
-  `node.start` and `call.start` name their node in the envelope only, and a call's node
-  finishes just before its `call.finish`.
-- engine_style=False: root calls are made on the RLM node itself, and events name their
-  node in their fields (`node_id`, `depth`), the envelope being the emitter's parent.
+  gets its own "llm" node, and a call's node finishes just before its `call.finish`.
+- engine_style=False: root calls are made on the RLM node itself, and a sub-call's node
+  finishes just after its `call.finish`.
+Either way an event names its node in the envelope (the typed events have no other place).
+
+Hand-built on purpose: the summary's critical path and the progress display are checked
+against one precise timing, which no real run reproduces. Tests of what the engine emits
+capture a real run's events instead (`rlm_async.testing.capture_events`).
+
+`query_start(...)` and the other small constructors build single typed events for unit
+tests of the trace writer and the sinks.
 """
 
 from __future__ import annotations
@@ -27,7 +33,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlm_async._events import Event
+from rlm_async._events import (
+    CallFinish,
+    CallRetry,
+    CallStart,
+    CellFinish,
+    CellStart,
+    Event,
+    IterationFinish,
+    IterationStart,
+    NodeFinish,
+    NodeStart,
+    QueryFinish,
+    QueryStart,
+)
 
 T0 = 5000.0
 QUERY_ID = "q-test"
@@ -52,34 +71,30 @@ class RunBuilder:
     """What each call recorded, for tests to total independently of the summary."""
     depth_of: dict[str, int] = field(default_factory=dict)
 
-    def emit(self, kind: str, t: float, *, node: str | None = None, **fields: Any) -> None:
+    def emit(self, kind: type[Event], t: float, *, node: str | None = None, **fields: Any) -> None:
         depth = self.depth_of.get(node) if node is not None else None
-        self._events.append(Event(kind, T0 + t, self.query_id, node, depth, fields))
+        self._events.append(kind(time=T0 + t, query_id=self.query_id, node_id=node, depth=depth, **fields))
+
+    def query_start(self, t: float, *, budget_usd: float | None = None) -> None:
+        self.emit(
+            QueryStart,
+            t,
+            context_type="str",
+            context_chars=100_000,
+            root_prompt_chars=40,
+            max_depth=2,
+            budget_usd=budget_usd,
+        )
 
     def node_start(
         self, t: float, node_id: str, parent: str | None, depth: int, kind: str, model: str
     ) -> None:
         self.depth_of[node_id] = depth
-        if self.engine_style:
-            self.emit(
-                "node.start", t, node=node_id, parent_id=parent, node_kind=kind, model=model, label=kind
-            )
-        else:
-            self.emit(
-                "node.start",
-                t,
-                node=parent,
-                node_id=node_id,
-                parent_id=parent,
-                depth=depth,
-                node_kind=kind,
-                model=model,
-                label=node_id,
-            )
+        label = kind if self.engine_style else node_id
+        self.emit(NodeStart, t, node=node_id, parent_id=parent, node_kind=kind, model=model, label=label)
 
     def node_finish(self, t: float, node_id: str, *, status: str = "ok", error: str | None = None) -> None:
-        extra = {} if self.engine_style else {"node_id": node_id}
-        self.emit("node.finish", t, node=node_id, status=status, error=error, **extra)
+        self.emit(NodeFinish, t, node=node_id, status=status, error=error)
 
     def llm(
         self,
@@ -130,27 +145,27 @@ class RunBuilder:
     ) -> float:
         ok = status == "ok"
         usd = cost(model, prompt, cached, completion) if ok else 0.0
-        named = {} if self.engine_style else {"node_id": node_id}
         self.emit(
-            "call.start",
+            CallStart,
             t,
             node=node_id,
             call_id=call_id,
-            parent_id=parent_id,
+            parent_id=parent_id if parent_id is not None else node_id,
             call_kind=kind,
             model=model,
             prompt_chars=prompt * 4,
-            **named,
         )
         for attempt in range(1, retries + 1):
             self.emit(
-                "call.retry",
+                CallRetry,
                 t + latency * attempt / (retries + 2),
                 node=node_id,
                 call_id=call_id,
                 attempt=attempt,
                 error="RateLimited: 429",
                 wait_s=0.01,
+                model=model,
+                endpoint="scripted://",
             )
         finish: dict[str, Any] = dict(
             call_id=call_id,
@@ -166,7 +181,7 @@ class RunBuilder:
         )
         if text is not None:
             finish["text"] = text
-        self.emit("call.finish", t + latency, node=node_id, **finish)
+        self.emit(CallFinish, t + latency, node=node_id, **finish)
         self.calls.append(
             dict(
                 call_id=call_id,
@@ -182,9 +197,9 @@ class RunBuilder:
         return t + latency
 
     def cell(self, t: float, t_end: float, rlm: str, iteration: int) -> None:
-        self.emit("cell.start", t, node=rlm, iteration=iteration, cell=0)
+        self.emit(CellStart, t, node=rlm, iteration=iteration, cell=0)
         self.emit(
-            "cell.finish",
+            CellFinish,
             t_end,
             node=rlm,
             iteration=iteration,
@@ -197,8 +212,8 @@ class RunBuilder:
         )
 
     def iteration(self, t: float, t_end: float, rlm: str, iteration: int) -> None:
-        self.emit("iteration.start", t, node=rlm, iteration=iteration)
-        self.emit("iteration.finish", t_end, node=rlm, iteration=iteration, duration_s=t_end - t)
+        self.emit(IterationStart, t, node=rlm, iteration=iteration)
+        self.emit(IterationFinish, t_end, node=rlm, iteration=iteration, duration_s=t_end - t)
 
     def events(self) -> list[Event]:
         # Stable: events at the same instant keep the order they were emitted in.
@@ -221,15 +236,7 @@ def standard_run(
     """The run drawn in the module docstring; `finish=False` cuts it before iteration 3."""
     assert n_sub > 42, "s42 is the designated slowest sub-call"
     b = RunBuilder(engine_style=engine_style)
-    b.emit(
-        "query.start",
-        0.0,
-        context_type="str",
-        context_chars=100_000,
-        root_prompt_chars=40,
-        max_depth=2,
-        budget_usd=budget_usd,
-    )
+    b.query_start(0.0, budget_usd=budget_usd)
     b.node_start(0.001, "root", None, 0, "rlm", "big")
 
     # iteration 1: r1, then a cell fanning out n_sub sub-calls
@@ -314,7 +321,7 @@ def standard_run(
     b.node_finish(t + 0.002, "root")
     wall = t + 0.003
     b.emit(
-        "query.finish",
+        QueryFinish,
         wall,
         status="ok",
         wall_s=wall,
@@ -325,3 +332,83 @@ def standard_run(
         cost_usd=sum(c["cost"] for c in b.calls),
     )
     return b
+
+
+# -- single events, for unit tests of the writer and the sinks ----------------------------
+
+
+def query_start(t: float, query_id: str | None = "q", *, budget_usd: float | None = None) -> QueryStart:
+    return QueryStart(
+        time=t,
+        query_id=query_id,
+        context_type="str",
+        context_chars=0,
+        root_prompt_chars=0,
+        max_depth=1,
+        budget_usd=budget_usd,
+    )
+
+
+def query_finish(
+    t: float, query_id: str | None = "q", *, status: str = "ok", wall_s: float = 1.0
+) -> QueryFinish:
+    return QueryFinish(time=t, query_id=query_id, status=status, wall_s=wall_s)
+
+
+def node_start(
+    t: float,
+    query_id: str | None = "q",
+    node_id: str = "root",
+    *,
+    parent_id: str | None = None,
+    depth: int = 0,
+    node_kind: str = "rlm",
+    model: str = "m",
+) -> NodeStart:
+    return NodeStart(
+        time=t,
+        query_id=query_id,
+        node_id=node_id,
+        depth=depth,
+        parent_id=parent_id,
+        node_kind=node_kind,
+        model=model,
+        label=node_id,
+    )
+
+
+def node_finish(
+    t: float, query_id: str | None = "q", node_id: str = "root", *, depth: int = 0, status: str = "ok"
+) -> NodeFinish:
+    return NodeFinish(time=t, query_id=query_id, node_id=node_id, depth=depth, status=status)
+
+
+def call_start(t: float, call_id: str, query_id: str | None = "q", *, node_id: str = "n1") -> CallStart:
+    return CallStart(
+        time=t,
+        query_id=query_id,
+        node_id=node_id,
+        depth=1,
+        call_id=call_id,
+        parent_id="root",
+        call_kind="sub",
+        model="m",
+        prompt_chars=4,
+    )
+
+
+def call_finish(
+    t: float, call_id: str, query_id: str | None = "q", *, node_id: str = "n1", **fields: Any
+) -> CallFinish:
+    values: dict[str, Any] = dict(
+        status="ok",
+        prompt_tokens=1,
+        cached_tokens=0,
+        completion_tokens=1,
+        cost_usd=0.0,
+        latency_s=0.0,
+        attempts=1,
+        from_journal=False,
+    )
+    values.update(fields)
+    return CallFinish(time=t, query_id=query_id, node_id=node_id, depth=1, call_id=call_id, **values)

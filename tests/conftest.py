@@ -24,11 +24,12 @@ import pytest_asyncio
 import structlog
 
 from rlm_async._config import ModelConfig, RLMConfig
-from rlm_async._events import Event
+from rlm_async._events import Event, WorkerStart
 from rlm_async._governor import ModelPrice
 from rlm_async.sandbox import SandboxConfig
 from rlm_async.sandbox import _launch as launch
 from rlm_async.sim import SimConfig, SimServer
+from rlm_async.testing import CapturedEvents
 
 # --------------------------------------------------------------------------- network guard
 
@@ -154,23 +155,19 @@ def sim_config(sim: SimServer, **overrides: Any) -> RLMConfig:
 # --------------------------------------------------------------------------- events
 
 
-class EventLog:
-    """An event sink that keeps every event, in order."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
+class EventLog(CapturedEvents):
+    """An event sink that keeps every event, in order, for a test that passes its sink to
+    one run (`capture_events()` catches everything emitted in a block)."""
 
     def __call__(self, event: Event) -> None:
-        self.events.append(event)
+        self.append(event)
 
-    def of(self, kind: str) -> list[Event]:
-        return [e for e in self.events if e.kind == kind]
-
-    def kinds(self) -> list[str]:
-        return [e.kind for e in self.events]
+    @property
+    def events(self) -> list[Event]:
+        return self
 
     def worker_pids(self) -> list[int]:
-        return [e.fields["pid"] for e in self.of("worker.start")]
+        return [e.pid for e in self.of(WorkerStart)]
 
 
 @pytest.fixture

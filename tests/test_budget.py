@@ -12,7 +12,7 @@ import anyio.lowlevel
 import pytest
 import structlog
 
-from rlm_async._events import Event, sinks
+from rlm_async._events import BudgetRefuse, BudgetSettle
 from rlm_async._governor import (
     BudgetLedger,
     BudgetLimits,
@@ -24,7 +24,7 @@ from rlm_async._governor import (
 )
 from rlm_async._types import Completion, Message, ModelRequest, Usage
 from rlm_async.exceptions import BudgetExceeded, ConfigError
-from rlm_async.testing import ScriptedTransport
+from rlm_async.testing import ScriptedTransport, capture_events
 
 pytestmark = pytest.mark.anyio
 
@@ -228,14 +228,14 @@ class TestReporting:
 
     async def test_budget_events(self) -> None:
         """Reserve, refuse and settle each emit an event with the numbers."""
-        events: list[Event] = []
         ledger = BudgetLedger(BudgetLimits(max_total_tokens=10))
-        with sinks(events.append):
+        with capture_events() as events:
             r = ledger.reserve(tokens(6), model="m")
             with pytest.raises(BudgetExceeded):
                 ledger.reserve(tokens(5), model="m")
             ledger.settle(r, tokens(2))
         kinds = [e.kind for e in events]
         assert kinds == ["budget.reserve", "budget.refuse", "budget.settle"]
-        assert events[1].fields["limit"] == "total_tokens" and events[1].fields["requested"] == 5
-        assert events[2].fields["refunded_tokens"] == 4
+        (refused,), (settled,) = events.of(BudgetRefuse), events.of(BudgetSettle)
+        assert refused.limit == "total_tokens" and refused.requested == 5
+        assert settled.refunded_tokens == 4

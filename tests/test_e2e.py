@@ -20,6 +20,7 @@ from conftest import EventLog, open_sim, sim_config
 
 from rlm_async import _events
 from rlm_async._config import ModelConfig
+from rlm_async._events import CallStart, WorkerKill, WorkerStart
 from rlm_async._governor import EndpointLimits
 from rlm_async._parsing import find_final
 from rlm_async._prompts import sub_system_prompt
@@ -236,9 +237,9 @@ class TestDepthTwo:
         children = [n["node_id"] for n in rlm_nodes if n["depth"] == 1]
         assert len(children) == 3 and all(nodes[c]["parent_id"] == root_id for c in children)
 
-        starts = events.of("worker.start")
+        starts = events.of(WorkerStart)
         assert sorted(e.node_id for e in starts) == sorted([root_id, *children])  # type: ignore[type-var]
-        assert len({e.fields["pid"] for e in starts}) == 4
+        assert len({e.pid for e in starts}) == 4
 
         task_label = task.label
         child_chunks: dict[str, list[str]] = {}
@@ -292,8 +293,8 @@ class TestCancellation:
         waiting_children: set[str] = set()
 
         def watch(event: _events.Event) -> None:
-            if event.kind == "call.start" and event.fields.get("call_kind") == "sub" and event.depth == 2:
-                waiting_children.add(event.fields["parent_id"])
+            if isinstance(event, CallStart) and event.call_kind == "sub" and event.depth == 2:
+                waiting_children.add(event.parent_id)
                 if len(waiting_children) == 3:
                     ready.set()
 
@@ -310,11 +311,11 @@ class TestCancellation:
                         await ready.wait()
                     tg.cancel_scope.cancel()
         assert outcome == []  # the query was cancelled, not finished
-        starts = events.of("worker.start")
+        starts = events.of(WorkerStart)
         assert len(starts) == 4
-        pids = {e.fields["pid"] for e in starts}
-        uids = {e.fields["uid"] for e in starts if e.fields.get("uid") is not None}
-        killed = {e.fields["pid"] for e in events.of("worker.kill")}
+        pids = {e.pid for e in starts}
+        uids = {e.uid for e in starts if e.uid is not None}
+        killed = {e.pid for e in events.of(WorkerKill)}
         assert pids <= killed
         assert worker_processes_left(pids, uids) == []
 

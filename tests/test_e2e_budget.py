@@ -25,6 +25,7 @@ from conftest import EventLog, sandbox_config, sim_config
 
 from rlm_async import _events
 from rlm_async._config import RLMConfig
+from rlm_async._events import WorkerKill, WorkerStart
 from rlm_async._governor import BudgetLimits, Governor, GovernorConfig
 from rlm_async._prompts import sub_system_prompt
 from rlm_async._result import RLMResult
@@ -332,8 +333,8 @@ class TestDeadline:
         assert any(c.status == "cancelled" for c in result.calls)
 
         # Every worker of the tree (the root's and each child RLM's) was killed.
-        starts = events.of("worker.start")
+        starts = events.of(WorkerStart)
         assert len(starts) >= 2
-        pids = {e.fields["pid"] for e in starts}
-        assert pids <= {e.fields["pid"] for e in events.of("worker.kill")}
+        pids = {e.pid for e in starts}
+        assert pids <= {e.pid for e in events.of(WorkerKill)}
         assert worker_processes(pids) == []

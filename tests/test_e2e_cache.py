@@ -26,7 +26,7 @@ from conftest import EventLog, sandbox_config
 
 from rlm_async._cache import CacheSettings, shared_prefix
 from rlm_async._config import ModelConfig
-from rlm_async._events import Event
+from rlm_async._events import WarmupDecision
 from rlm_async._prompts import sub_system_prompt
 from rlm_async._result import RLMResult
 from rlm_async._rlm import RLM
@@ -96,9 +96,9 @@ class CountRun:
         return [e for e in self.log if e.kind == "sub"]
 
     def decision(self) -> dict[str, Any]:
-        decisions: list[Event] = self.events.of("warmup.decision")
+        decisions = self.events.of(WarmupDecision)
         assert len(decisions) == 1, decisions
-        return decisions[0].fields
+        return decisions[0].payload()
 
     def prefix_tokens(self) -> int:
         """The sub-calls' shared prefix, in the simulator's tokens (see the module docstring)."""

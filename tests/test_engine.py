@@ -20,6 +20,18 @@ import anyio
 import pytest
 from conftest import EventLog, NetworkAccessDenied, model, rlm_config, sandbox_config
 
+from rlm_async._events import (
+    CallFinish,
+    CallStart,
+    CellFinish,
+    CellStart,
+    NodeFinish,
+    NodeStart,
+    QueryFinish,
+    QueryStart,
+    WorkerKill,
+    WorkerStart,
+)
 from rlm_async._governor import BudgetLimits, Governor, GovernorConfig, ModelPrice, RetryConfig
 from rlm_async._prompts import root_system_prompt, sub_system_prompt
 from rlm_async._result import RLMResult
@@ -193,7 +205,7 @@ class TestLoop:
         one, two, three = (observation.index(s) for s in ("block one", "block two 21", "block three 42"))
         assert one < two < three
         assert "Output of repl block 1 of 3" in observation
-        assert [e.fields["cell"] for e in events.of("cell.start")] == [1, 2, 3]
+        assert [e.cell for e in events.of(CellStart)] == [1, 2, 3]
 
     @pytest.mark.asyncio
     async def test_python_blocks_are_not_run(self) -> None:
@@ -208,7 +220,7 @@ class TestLoop:
         observation = m.observation(0)
         assert "REPL" in observation
         assert "PYTHON" not in observation and "BARE" not in observation
-        assert len(events.of("cell.start")) == 1
+        assert len(events.of(CellStart)) == 1
 
     @pytest.mark.asyncio
     async def test_long_output_is_truncated_with_a_marker(self) -> None:
@@ -264,7 +276,7 @@ class TestFinishing:
         result = await run(m, events=events)
         assert (result.status, result.response, result.iterations) == ("ok", "forty 2", 1)
         assert len(m.requests) == 1
-        assert len(events.of("cell.start")) == 1
+        assert len(events.of(CellStart)) == 1
 
     @pytest.mark.asyncio
     async def test_answer_dict_without_ready_does_not_end(self) -> None:
@@ -359,7 +371,7 @@ class TestWorkerCrash:
         assert (result.status, result.response) == ("ok", "recovered")
         first, second = events.worker_pids()
         assert first != second
-        assert [e.fields["status"] for e in events.of("cell.finish")] == ["ok", "crashed", "ok"]
+        assert [e.status for e in events.of(CellFinish)] == ["ok", "crashed", "ok"]
         assert not pid_alive(first) and not pid_alive(second)
 
 
@@ -600,12 +612,12 @@ class TestBudget:
         assert result.detail is not None and "deadline of 0.5 s" in result.detail
         assert result.response is None
         (pid,) = events.worker_pids()
-        assert pid in [e.fields["pid"] for e in events.of("worker.kill")]
+        assert pid in [e.pid for e in events.of(WorkerKill)]
         assert not pid_alive(pid)
         assert [r.status for r in result.calls] == ["ok", "cancelled"]
-        call_ids = [e.fields["call_id"] for e in events.of("call.start")]
-        assert [e.fields["call_id"] for e in events.of("call.finish")] == call_ids
-        assert events.of("call.finish")[-1].fields["status"] == "cancelled"
+        call_ids = [e.call_id for e in events.of(CallStart)]
+        assert [e.call_id for e in events.of(CallFinish)] == call_ids
+        assert events.of(CallFinish)[-1].status == "cancelled"
         root_node = result.nodes[0]
         assert root_node["status"] == "cancelled"
 
@@ -653,7 +665,7 @@ class TestErrors:
         events = EventLog()
         with pytest.raises(ConfigError, match=r"no price is known for model\(s\) \['sub-model'\]"):
             await run(m, budget=BudgetLimits(max_usd=1.0), sub_overrides={"prices": None}, events=events)
-        assert m.requests == [] and events.of("worker.start") == []
+        assert m.requests == [] and events.of(WorkerStart) == []
 
     def test_bad_configuration_is_refused_at_construction(self) -> None:
         """max_depth < 1 and max_iterations < 1 are ConfigErrors that say what to use."""
@@ -742,24 +754,24 @@ class TestEvents:
         kinds = events.kinds()
         assert kinds[0] == "query.start" and kinds[-1] == "query.finish"
         assert kinds.count("query.start") == kinds.count("query.finish") == 1
-        assert events.of("query.finish")[0].fields["status"] == "ok"
+        assert events.of(QueryFinish)[0].status == "ok"
 
-        starts = {e.fields["call_id"]: i for i, e in enumerate(events.events) if e.kind == "call.start"}
+        starts = {e.call_id: i for i, e in enumerate(events.events) if isinstance(e, CallStart)}
         finishes: dict[str, list[int]] = {}
         for i, e in enumerate(events.events):
-            if e.kind == "call.finish":
-                finishes.setdefault(e.fields["call_id"], []).append(i)
+            if isinstance(e, CallFinish):
+                finishes.setdefault(e.call_id, []).append(i)
         assert set(starts) == set(finishes) and len(starts) == 3
         assert all(len(finishes[c]) == 1 and finishes[c][0] > starts[c] for c in starts)
 
         parents: dict[str, str | None] = {}
-        for e in events.of("node.start"):
-            parent = e.fields["parent_id"]
+        for e in events.of(NodeStart):
+            parent = e.parent_id
             assert parent is None or parent in parents, "a node starts after its parent"
             assert e.node_id is not None
             parents[e.node_id] = parent
         assert [n for n, p in parents.items() if p is None] == ["n1"]
-        finished = [str(e.node_id) for e in events.of("node.finish")]
+        finished = [str(e.node_id) for e in events.of(NodeFinish)]
         assert sorted(finished) == sorted(parents)
         assert {n["node_id"]: n["parent_id"] for n in result.nodes} == parents
 
@@ -767,7 +779,7 @@ class TestEvents:
             return next(
                 i
                 for i, e in enumerate(events.events)
-                if e.kind == kind and all(e.fields.get(k) == v for k, v in fields.items())
+                if e.kind == kind and all(e.payload().get(k) == v for k, v in fields.items())
             )
 
         order = [
@@ -801,8 +813,8 @@ class TestEventOptions:
         """With log_text=True, call.start carries the prompt and call.finish the reply."""
         code = "print(llm_query('SECRET-PROMPT'))\nanswer['content'] = 'x'\nanswer['ready'] = True"
         result = await run(Model([repl(code)], sub=lambda r: "SECRET-REPLY"), keep_events=True, log_text=True)
-        starts = [e.fields.get("prompt") for e in result.events if e.kind == "call.start"]
-        finishes = [e.fields.get("text") for e in result.events if e.kind == "call.finish"]
+        starts = [e.prompt for e in result.events if isinstance(e, CallStart)]
+        finishes = [e.text for e in result.events if isinstance(e, CallFinish)]
         assert "SECRET-PROMPT" in starts and "SECRET-REPLY" in finishes
 
     @pytest.mark.asyncio
@@ -849,7 +861,7 @@ class TestConcurrentQueries:
         assert m.transport.max_in_flight >= n
         assert [r.response if r else None for r in results] == [f"sub:context number {i}" for i in range(n)]
         assert all(r is not None and r.status == "ok" and len(r.calls) == 3 for r in results)
-        assert len({e.query_id for e in events.of("query.start")}) == n
+        assert len({e.query_id for e in events.of(QueryStart)}) == n
         assert len(set(events.worker_pids())) == n
 
 

@@ -10,7 +10,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from rlm_async._events import Event, sinks
+from rlm_async._events import Event, RateLimitPause, sinks
 from rlm_async._governor import (
     BudgetLimits,
     EndpointLimits,
@@ -257,8 +257,8 @@ class TestPause:
                 await wait_until_idle()
         assert len(sent_at) == 22
         assert 10.0 <= sent_at[-1] <= 10.5
-        pauses = [e for e in events if e.kind == "ratelimit.pause"]
-        assert [e.fields["seconds"] for e in pauses] == [10]
+        pauses = [e for e in events if isinstance(e, RateLimitPause)]
+        assert [e.seconds for e in pauses] == [10]
 
     async def test_pause_is_capped(self) -> None:
         """A retry-after beyond the cap pauses only for the cap."""

@@ -9,7 +9,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from rlm_async._events import Event, sinks
+from rlm_async._events import CallRetry, Event, sinks
 from rlm_async._governor import (
     BudgetLimits,
     CallTally,
@@ -154,10 +154,10 @@ class TestClassification:
         with sinks(events.append, clock=clock):
             async with clock.autojump():
                 await governor(clock).call(req(), transport)
-        retries = [e.fields for e in events if e.kind == "call.retry"]
-        assert [r["attempt"] for r in retries] == [1, 2]
-        assert retries[0]["error"] == "ServerError: a"
-        assert all(r["wait_s"] > 0 for r in retries)
+        retries = [e for e in events if isinstance(e, CallRetry)]
+        assert [r.attempt for r in retries] == [1, 2]
+        assert retries[0].error == "ServerError: a"
+        assert all(r.wait_s > 0 for r in retries)
 
 
 class TestWaits:

@@ -5,9 +5,9 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from _events_factory import T0, standard_run
+from _events_factory import T0, call_start, node_finish, node_start, query_start, standard_run
 
-from rlm_async._events import Event, bind, emit, sinks
+from rlm_async._events import Event, IterationFinish, IterationStart, bind, emit, sinks
 from rlm_async.exceptions import ConfigError
 from rlm_async.hooks import EventStream, OfficialCallbacks
 
@@ -38,7 +38,7 @@ def _adapter(rec: _Recorder, **kwargs: Any) -> OfficialCallbacks:
 
 @pytest.fixture(params=[True, False], ids=["engine-style", "explicit-style"])
 def engine_style(request: pytest.FixtureRequest) -> bool:
-    """Both ways of naming nodes in events (see _events_factory)."""
+    """Both ways of making an RLM's own calls (see _events_factory)."""
     return bool(request.param)
 
 
@@ -52,11 +52,7 @@ class TestOfficialCallbacks:
             adapter(event)
         assert rec.named("on_subcall_start") == [(1, "small", "")]
         ((depth, model, duration, error),) = rec.named("on_subcall_complete")
-        k1 = [
-            e.time
-            for e in events
-            if e.kind.startswith("node.") and e.fields.get("node_id", e.node_id) == "k1"
-        ]
+        k1 = [e.time for e in events if e.kind.startswith("node.") and e.node_id == "k1"]
         assert (depth, model, error) == (1, "small", None)
         assert duration == pytest.approx(k1[1] - k1[0])
 
@@ -81,7 +77,7 @@ class TestOfficialCallbacks:
         for event in events:
             adapter(event)
         assert rec.named("on_iteration_start") == [(0, 1), (0, 2), (1, 1), (1, 2), (0, 3)]
-        durations = [e.fields["duration_s"] for e in events if e.kind == "iteration.finish"]
+        durations = [e.duration_s for e in events if isinstance(e, IterationFinish)]
         assert [c[2] for c in rec.named("on_iteration_complete")] == durations
         assert [c[:2] for c in rec.named("on_iteration_complete")] == [(0, 1), (1, 1), (1, 2), (0, 2), (0, 3)]
 
@@ -89,17 +85,8 @@ class TestOfficialCallbacks:
         """A child that ended with status "budget" and no message reports error "budget"."""
         rec = _Recorder()
         adapter = _adapter(rec)
-        adapter(
-            Event(
-                "node.start",
-                1.0,
-                "q",
-                "root",
-                0,
-                {"node_id": "k", "parent_id": "root", "depth": 1, "node_kind": "rlm", "model": "m"},
-            )
-        )
-        adapter(Event("node.finish", 3.0, "q", "k", 1, {"node_id": "k", "status": "budget", "error": None}))
+        adapter(node_start(1.0, "q", "k", parent_id="root", depth=1))
+        adapter(node_finish(3.0, "q", "k", depth=1, status="budget"))
         assert rec.named("on_subcall_complete") == [(1, "m", 2.0, "budget")]
 
     def test_a_failing_callback_does_not_break_emit(self) -> None:
@@ -111,8 +98,8 @@ class TestOfficialCallbacks:
             raise RuntimeError("observer bug")
 
         with sinks(OfficialCallbacks(on_iteration_start=broken)), bind(query_id="q", node_id="root", depth=0):
-            emit("iteration.start", iteration=1)
-            emit("iteration.start", iteration=2)
+            emit(IterationStart, iteration=1)
+            emit(IterationStart, iteration=2)
         assert seen == [1, 2]
 
 
@@ -142,7 +129,7 @@ class TestEventStream:
     async def test_a_full_buffer_drops_the_oldest_and_counts(self) -> None:
         """When nobody reads, the sink keeps the newest `max_buffer` events and counts the rest as dropped."""
         stream = EventStream(max_buffer=10)
-        events = [Event("call.start", T0 + i, "q", None, None, {"call_id": str(i)}) for i in range(25)]
+        events = [call_start(T0 + i, str(i)) for i in range(25)]
         for event in events:
             stream(event)  # synchronous: it cannot block
         stream.close()
@@ -155,7 +142,7 @@ class TestEventStream:
         stream = EventStream(kinds={"query.start", "query.finish"}, close_on_query_finish=True)
         for event in standard_run().events():
             stream(event)
-        stream(Event("query.start", T0 + 99, "q-late", None, None, {}))  # after the close: ignored
+        stream(query_start(T0 + 99, "q-late"))  # after the close: ignored
         assert [event.kind async for event in stream] == ["query.start", "query.finish"]
 
     @pytest.mark.asyncio
@@ -163,7 +150,7 @@ class TestEventStream:
         """After aclose(), the sink discards events silently."""
         stream = EventStream()
         await stream.aclose()
-        stream(Event("query.start", 1.0, "q", None, None, {}))
+        stream(query_start(1.0))
         assert [event async for event in stream] == []
 
     def test_a_buffer_must_hold_one_event(self) -> None:

@@ -16,10 +16,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from rlm_async._events import Event, sinks
+from rlm_async._events import JournalHit
 from rlm_async._journal import APPLICATION_ID, Journal, request_key
 from rlm_async._types import Completion, Message, ModelRequest, RateLimitInfo, Usage
 from rlm_async.exceptions import JournalError, ServerError
+from rlm_async.testing import capture_events
 
 pytestmark = pytest.mark.anyio
 
@@ -261,11 +262,11 @@ class TestCall:
 
     async def test_hit_emits_journal_hit(self, journal: Journal) -> None:
         """A hit is visible in the trace, labelled with the caller's call id."""
-        events: list[Event] = []
         await journal.call(request(), Sender())
-        with sinks(events.append):
+        with capture_events() as events:
             await journal.call(request(), Sender(), call_id="c7")
-        assert [(e.kind, e.fields["call_id"], e.fields["source"]) for e in events] == [
+        assert events.kinds() == ["journal.hit"]
+        assert [(e.kind, e.call_id, e.source) for e in events.of(JournalHit)] == [
             ("journal.hit", "c7", "journal")
         ]
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 import io
 
 import pytest
-from _events_factory import T0, RunBuilder, standard_run
+from _events_factory import T0, RunBuilder, query_finish, query_start, standard_run
 from rich.console import Console
 
-from rlm_async._events import Event
+from rlm_async._events import CallFinish, CallStart, Event
 from rlm_async._progress import LiveProgress, ProgressState, render_snapshot
 
 
@@ -17,7 +17,7 @@ def _terminal(width: int = 160) -> Console:
 def _fan_out(children: int) -> list[Event]:
     """A root RLM with `children` child RLMs, the first half finished."""
     b = RunBuilder()
-    b.emit("query.start", 0.0, budget_usd=None)
+    b.query_start(0.0)
     b.node_start(0.0, "root", None, 0, "rlm", "big")
     for i in range(children):
         b.node_start(0.1 + i, f"k{i}", "root", 1, "rlm", "small")
@@ -28,7 +28,7 @@ def _fan_out(children: int) -> list[Event]:
 
 @pytest.fixture(params=[True, False], ids=["engine-style", "explicit-style"])
 def engine_style(request: pytest.FixtureRequest) -> bool:
-    """Both ways of naming nodes in events (see _events_factory)."""
+    """Both ways of making an RLM's own calls (see _events_factory)."""
     return bool(request.param)
 
 
@@ -63,8 +63,8 @@ class TestProgressState:
         state = ProgressState()
         for event in events:
             state(event)
-        started = sum(e.kind == "call.start" for e in events)
-        finished = sum(e.kind == "call.finish" for e in events)
+        started = sum(isinstance(e, CallStart) for e in events)
+        finished = sum(isinstance(e, CallFinish) for e in events)
         snap = state.snapshot()
         assert snap.status == "running" and snap.in_flight == started - finished > 0
         (root,) = snap.rows
@@ -74,10 +74,10 @@ class TestProgressState:
         """Elapsed time runs on the display's clock until query.finish, then shows the engine's wall_s."""
         now = [100.0]
         state = ProgressState(clock=lambda: now[0])
-        state(Event("query.start", 1.0, "q", None, None, {}))
+        state(query_start(1.0))
         now[0] = 103.5
         assert state.snapshot().elapsed_s == 3.5
-        state(Event("query.finish", 9.0, "q", None, None, {"status": "ok", "wall_s": 8.0}))
+        state(query_finish(9.0, wall_s=8.0))
         now[0] = 500.0
         assert state.snapshot().elapsed_s == 8.0
 
@@ -107,7 +107,7 @@ class TestLiveProgress:
         """quiet=True draws nothing even on a terminal."""
         console = _terminal()
         with LiveProgress(console=console, quiet=True) as progress:
-            progress(Event("query.start", 1.0, "q", None, None, {}))
+            progress(query_start(1.0))
         assert console.file.getvalue() == ""  # type: ignore[attr-defined]
 
     def test_draws_the_tree_tokens_and_budget_on_a_terminal(self) -> None:

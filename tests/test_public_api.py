@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import rlm_async
+import rlm_async.testing
 
 PACKAGE = Path(rlm_async.__file__).parent
 BOOTSTRAP = PACKAGE / "sandbox" / "_bootstrap.py"
@@ -34,6 +36,8 @@ LAYERS: dict[str, int] = {
     "_result": 3,
     "_trace": 3,
     "_trace_summary": 3,
+    "_trace_spans": 3,
+    "_trace_path": 3,
     "_progress": 3,
     "hooks": 3,
     "trace_view": 3,
@@ -86,6 +90,12 @@ class TestExports:
         """Every exported name exists on the package."""
         for name in rlm_async.__all__:
             assert hasattr(rlm_async, name), name
+
+    def test_testing_exports_its_doubles(self) -> None:
+        """`rlm_async.testing` has a sorted __all__ naming importable doubles, capture_events among them."""
+        names = rlm_async.testing.__all__
+        assert names == sorted(names) and "capture_events" in names
+        assert all(hasattr(rlm_async.testing, name) for name in names)
 
     def test_official_entry_points(self) -> None:
         """The official package's entry points exist under the same names."""
@@ -158,3 +168,17 @@ class TestLayers:
             if path == BOOTSTRAP or rel.name == "__main__":
                 continue
             importlib.import_module(".".join(["rlm_async", *rel.parts]).removesuffix(".__init__"))
+
+
+class TestLayout:
+    def test_the_readme_layout_names_every_module(self) -> None:
+        """The README's Layout block names every module and subpackage of rlm_async, and
+        nothing that is gone, so the map a new reader starts from cannot fall behind."""
+        readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+        block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+        # Entries are indented two spaces; deeper lines continue the entry above.
+        listed = {line.split()[0].rstrip("/") for line in block.splitlines() if re.match(r"  \S", line)}
+        not_modules = {"__init__.py", "__pycache__", "py.typed", "prompts", "_trace_view"}
+        present = {p.name for p in PACKAGE.iterdir()} - not_modules
+        assert sorted(present - listed) == [], "README.md's Layout does not name these"
+        assert sorted(listed - present) == [], "README.md's Layout names these, which do not exist"

@@ -36,6 +36,7 @@ import pytest
 from conftest import EventLog, sandbox_config
 
 from rlm_async._config import ModelConfig, RLMConfig
+from rlm_async._events import CallFinish, CallRetry, RateLimitPause, ServerDetected
 from rlm_async._governor import BudgetLimits, ModelPrice
 from rlm_async._result import RLMResult
 from rlm_async._rlm import RLM
@@ -309,7 +310,7 @@ class TestPerDepthRouting:
         assert depth1.completion_tokens == sum(c.usage.completion_tokens for c in cap.completions) > 0
         assert depth1.cached_tokens == 0  # llama-cpp-python reports none
         assert sorted(s.response for s in result.subcall_results) == sorted(c.text for c in cap.completions)
-        detected = {e.fields["model"]: e.fields for e in events.of("server.detected")}
+        detected = {e.payload()["model"]: e.payload() for e in events.of(ServerDetected)}
         assert detected[ALIAS]["server"] == "llama-cpp-python"
         assert detected["sim-model"]["server"] == "unknown"
 
@@ -323,9 +324,9 @@ class TestOneAtATime:
         result, cap, events = routed_run(llama, tokens="1k", chunks=4, server=server)
         assert result.status in ("ok", "max_iterations"), result.detail
         assert len(cap.completions) == 4 and not result.failures
-        assert not events.of("call.retry") and not events.of("ratelimit.pause")
-        subs = [e for e in events.of("call.finish") if e.depth == 1]
-        assert len(subs) == 4 and all(e.fields["status"] == "ok" and e.fields["attempts"] == 1 for e in subs)
+        assert not events.of(CallRetry) and not events.of(RateLimitPause)
+        subs = [e for e in events.of(CallFinish) if e.depth == 1]
+        assert len(subs) == 4 and all(e.payload()["status"] == "ok" and e.payload()["attempts"] == 1 for e in subs)
         assert cap.max_in_flight == (1 if server == "auto" else 4)
 
 
@@ -363,14 +364,14 @@ class TestContextWindow:
             return first, sent_first, second
 
         first, sent_first, second = anyio.run(go)
-        subs = [e.fields for e in events.of("call.finish") if e.depth == 1]
+        subs = [e.payload() for e in events.of(CallFinish) if e.depth == 1]
         server_errors = [f for f in subs if f["attempts"] == 1]
         refused = [f for f in subs if f["attempts"] == 0]
         assert sent_first >= 1 and len(cap[0].requests) == sent_first  # the second run sent nothing
         assert server_errors and all("ContextLengthExceeded" in f["error"] for f in server_errors)
-        assert not events.of("call.retry")
+        assert not events.of(CallRetry)
         assert refused and all("refused before sending" in f["error"] and "2,048 tokens" in f["error"] for f in refused)
-        learned = [e.fields for e in events.of("server.detected") if e.fields["window_source"] == "server error"]
+        learned = [e.payload() for e in events.of(ServerDetected) if e.payload()["window_source"] == "server error"]
         assert [f["context_window"] for f in learned] == [N_CTX]
         assert first.status in ("ok", "max_iterations", "error") and second.status == first.status
 
@@ -395,7 +396,7 @@ class TestRealRoot:
         result = anyio.run(go)
         assert result.status in ("ok", "max_iterations", "budget_exceeded", "timeout", "error")
         assert result.status == "ok" or result.detail
-        roots = [e for e in events.of("call.finish") if e.depth == 0]
+        roots = [e for e in events.of(CallFinish) if e.depth == 0]
         assert 1 <= len(roots) <= config.max_iterations + 1  # the turns, plus one final-answer call
         pids = events.worker_pids()
         assert pids and not any(pid_alive(pid) for pid in pids)

@@ -20,6 +20,7 @@ from conftest import EventLog, model, sandbox_config
 
 from rlm_async._cache import CacheSettings
 from rlm_async._config import ModelConfig, RLMConfig
+from rlm_async._events import CallFinish, ServerDetected, WarmupDecision
 from rlm_async._governor import EndpointLimits, ModelPrice
 from rlm_async._result import RLMResult
 from rlm_async._rlm import RLM
@@ -435,10 +436,10 @@ class TestVLLMFanOut:
         cacheable (16-token blocks), the batch is warmed, and at least 90% of the 100
         sub-calls hit with the whole shared prefix cached (down to whole blocks)."""
         _, log, events = fanout("auto")
-        detected = [e.fields for e in events.of("server.detected")]
+        detected = [e.payload() for e in events.of(ServerDetected)]
         assert {d["model"] for d in detected} == {"sim-model", "sim-mini"}
         assert all(d["server"] == "vllm" and d["cache_source"] == "detected" for d in detected)
-        decision = events.of("warmup.decision")[0].fields
+        decision = events.of(WarmupDecision)[0].payload()
         assert (decision["decision"], decision["reason"]) == ("warm", "pays_off")
         subs = [e for e in log if e.kind == "sub"]
         assert len(subs) == CHUNKS
@@ -454,7 +455,7 @@ class TestVLLMFanOut:
         prefix is judged below OpenAI's 1,024 minimum, nothing is warmed, all go cold at
         once and none of the sub-calls that started before the first finished hit."""
         _, log, events = fanout("off")
-        decision = events.of("warmup.decision")[0].fields
+        decision = events.of(WarmupDecision)[0].payload()
         assert (decision["decision"], decision["reason"]) == ("skip", "prefix_below_minimum")
         subs = [e for e in log if e.kind == "sub"]
         first_finish = min(e.finish for e in subs)
@@ -509,7 +510,7 @@ class TestRefusedBeforeSending:
         result, log = anyio.run(go)
         assert result.status in ("ok", "max_iterations"), result.detail
         assert not [e for e in log if e.kind == "sub"]
-        subs = [e.fields for e in events.of("call.finish") if e.depth == 1]
+        subs = [e.payload() for e in events.of(CallFinish) if e.depth == 1]
         assert subs and all(f["attempts"] == 0 for f in subs)
         assert all("refused before sending" in f["error"] and "2,048 tokens" in f["error"] for f in subs)
 
@@ -538,4 +539,4 @@ class TestDoctor:
         (decision,) = json.loads(out.getvalue())
         assert (decision["server"], decision["cache_source"], decision["context_window"]) == ("vllm", "detected", 40_960)
         assert (decision["max_concurrency"], decision["limits_source"]) == (256, "configured")
-        assert decision["cache"]["min_cacheable_tokens"] == 16
+        assert decision["min_cacheable_tokens"] == 16

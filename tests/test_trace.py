@@ -1,22 +1,48 @@
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import json
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
-from _events_factory import CRITICAL_CALLS, T0, RunBuilder, standard_run
+from _events_factory import (
+    CRITICAL_CALLS,
+    T0,
+    RunBuilder,
+    call_finish,
+    node_finish,
+    node_start,
+    query_finish,
+    query_start,
+    standard_run,
+)
 
-from rlm_async._events import Event, bind, current_ids, emit, sinks
+from rlm_async._events import (
+    EVENT_TYPES,
+    CallFinish,
+    CallRetry,
+    Event,
+    IterationStart,
+    WorkerStart,
+    bind,
+    current_ids,
+    emit,
+    payload_fields,
+    sinks,
+)
 from rlm_async._rlm import RLM
 from rlm_async._trace import (
     FORMAT,
     FORMAT_VERSION,
+    READABLE_VERSIONS,
     TraceWriter,
     event_to_json,
     load_trace,
@@ -24,8 +50,19 @@ from rlm_async._trace import (
     write_trace,
 )
 from rlm_async._types import ModelRequest
-from rlm_async.testing import ScriptedTransport
+from rlm_async.testing import ScriptedTransport, capture_events
 from rlm_async.trace_view import render_html
+
+
+def _scripted_rlm(**kwargs: Any) -> RLM:
+    """A depth-2 RLM whose replies come from `TestWithTheEngine._reply`: one child, two leaves."""
+    return RLM(
+        backend="openai",
+        backend_kwargs={"model_name": "gpt-5-mini", "api_key": "unused"},
+        max_depth=2,
+        transport=ScriptedTransport(TestWithTheEngine._reply),
+        **kwargs,
+    )
 
 
 def _lines(path: Path) -> list[dict[str, object]]:
@@ -35,11 +72,10 @@ def _lines(path: Path) -> list[dict[str, object]]:
 class TestTraceWriter:
     def test_writes_one_file_per_query_with_a_header(self, tmp_path: Path) -> None:
         """Each query's events go to <dir>/<query_id>.jsonl, after one header line."""
-        a, b = standard_run().events(), RunBuilder(query_id="q-other")
-        b.emit("query.start", 0.0, budget_usd=None)
-        b.emit("query.finish", 1.0, status="ok", wall_s=1.0)
+        a = standard_run().events()
+        b = [query_start(T0, "q-other"), query_finish(T0 + 1.0, "q-other")]
         with TraceWriter(tmp_path) as writer:
-            for event in sorted(a + b.events(), key=lambda e: e.time):
+            for event in sorted(a + b, key=lambda e: e.time):
                 writer(event)
         assert set(writer.paths) == {"q-test", "q-other"}
         lines = _lines(writer.paths["q-test"])
@@ -49,29 +85,45 @@ class TestTraceWriter:
         assert [line["kind"] for line in lines[1:]] == [e.kind for e in a]
         assert len(_lines(writer.paths["q-other"])) == 3
 
-    def test_round_trip_through_emit_keeps_envelope_and_fields_apart(self, tmp_path: Path) -> None:
-        """Events emitted under `sinks(writer)` load back equal, even where a field shadows the envelope."""
+    @pytest.mark.asyncio
+    async def test_a_real_querys_events_load_back_equal(self, tmp_path: Path) -> None:
+        """Every event a real depth-2 query emits is written and read back equal: same class,
+        envelope and fields."""
+        with capture_events() as events:
+            async with _scripted_rlm() as rlm:
+                await rlm.acompletion("ctx " * 50, root_prompt="what?")
+        assert {"query.start", "call.start", "call.finish", "worker.start", "query.finish"} <= set(
+            events.kinds()
+        )
+        assert load_trace(write_trace(events, tmp_path / "t.jsonl")).events == events
+
+    def test_emitted_events_are_written_under_a_safe_name(self, tmp_path: Path) -> None:
+        """Events emitted under `sinks(writer)` get the bound ids and the sinks' clock; the file
+        name is the query id made safe; a value that is not JSON is kept as its text."""
         writer = TraceWriter(tmp_path)
         ticks = iter(range(100))
         with writer, sinks(writer, clock=lambda: float(next(ticks))):
             with bind(query_id="q 1/x", node_id="root", depth=0):
-                emit("query.start", budget_usd=2.5)
-                emit("node.start", node_id="child", parent_id="root", depth=1, node_kind="rlm")
-                emit("call.finish", call_id="c1", cost_usd=0.25, error=ValueError("boom"))
-                emit("query.finish", status="ok")
+                emit(IterationStart, iteration=1)
+                emit(
+                    CallRetry,
+                    call_id="c1",
+                    attempt=1,
+                    error=ValueError("boom"),  # type: ignore[arg-type]  # what a buggy producer might pass
+                    wait_s=0.5,
+                    model="m",
+                    endpoint="e",
+                )
+                writer(query_finish(9.0, "q 1/x"))
         path = writer.paths["q 1/x"]
         assert path.name == "q_1_x.jsonl"
         events = load_trace(path).events
-        assert [e.kind for e in events] == ["query.start", "node.start", "call.finish", "query.finish"]
-        start = events[1]
-        assert (start.node_id, start.depth, start.fields["node_id"], start.fields["depth"]) == (
-            "root",
-            0,
-            "child",
-            1,
-        )
-        assert events[2].fields["error"] == "boom"  # non-JSON values are kept as text
-        assert events[3].time == 3.0
+        assert [e.kind for e in events] == ["iteration.start", "call.retry", "query.finish"]
+        assert [(e.time, e.query_id, e.node_id, e.depth) for e in events[:2]] == [
+            (0.0, "q 1/x", "root", 0),
+            (1.0, "q 1/x", "root", 0),
+        ]
+        assert isinstance(events[1], CallRetry) and events[1].error == "boom"
 
     def test_redact_drops_the_text_field(self, tmp_path: Path) -> None:
         """`redact=("text",)` keeps model output out of the file."""
@@ -85,17 +137,17 @@ class TestTraceWriter:
     def test_events_outside_a_query_are_counted_not_written(self, tmp_path: Path) -> None:
         """An event with no query_id has no file; it is counted in `unbound_events`."""
         with TraceWriter(tmp_path) as writer:
-            writer(Event("worker.start", 1.0, None, None, None, {"pid": 1}))
+            writer(WorkerStart(time=1.0, pid=1, isolated=False, uid=None, context_bytes=0, duration_s=0.0))
         assert writer.unbound_events == 1
         assert list(tmp_path.iterdir()) == []
 
     def test_query_finish_closes_the_file_and_late_events_are_appended(self, tmp_path: Path) -> None:
         """The file is complete at query.finish; a straggler is appended without a second header."""
         writer = TraceWriter(tmp_path)
-        writer(Event("query.start", 1.0, "q", None, None, {}))
-        writer(Event("query.finish", 2.0, "q", None, None, {"status": "ok"}))
+        writer(query_start(1.0))
+        writer(query_finish(2.0))
         assert len(_lines(writer.paths["q"])) == 3  # readable before close(): it was closed
-        writer(Event("node.finish", 3.0, "q", "n", 0, {"node_id": "n"}))
+        writer(node_finish(3.0, "q", "n"))
         writer.close()
         assert [line.get("kind") for line in _lines(writer.paths["q"])] == [
             None,
@@ -109,8 +161,8 @@ class TestTraceWriter:
         (tmp_path / "q1.jsonl").write_text("an older run\n")
         writer = TraceWriter(tmp_path)
         for round_ in range(2):
-            writer(Event("query.start", 1.0 + round_, "q1", None, None, {}))
-            writer(Event("query.finish", 2.0 + round_, "q1", None, None, {"status": "ok"}))
+            writer(query_start(1.0 + round_, "q1"))
+            writer(query_finish(2.0 + round_, "q1"))
         assert writer.paths["q1"] == tmp_path / "q1-3.jsonl"
         assert (tmp_path / "q1.jsonl").read_text() == "an older run\n"
         assert [e.time for e in load_trace(tmp_path / "q1-2.jsonl").events] == [1.0, 2.0]
@@ -120,10 +172,10 @@ class TestTraceWriter:
         """Buffered lines reach the disk once `flush_interval_s` has passed on the writer's clock."""
         now = [0.0]
         writer = TraceWriter(tmp_path, flush_interval_s=1.0, clock=lambda: now[0])
-        writer(Event("query.start", 1.0, "q", None, None, {}))
+        writer(query_start(1.0))
         assert writer.paths["q"].read_text(encoding="utf-8") == ""
         now[0] = 1.5
-        writer(Event("node.start", 1.1, "q", None, None, {"node_id": "root"}))
+        writer(node_start(1.1))
         assert len(_lines(writer.paths["q"])) == 3
         writer.close()
 
@@ -132,17 +184,17 @@ class TestTraceWriter:
         blocker = tmp_path / "not-a-dir"
         blocker.write_text("x")
         writer = TraceWriter(blocker)
-        writer(Event("query.start", 1.0, "q", None, None, {}))
-        writer(Event("query.finish", 2.0, "q", None, None, {}))
+        writer(query_start(1.0))
+        writer(query_finish(2.0))
         assert writer.paths == {}
 
     def test_writes_in_batches_of_max_buffered(self, tmp_path: Path) -> None:
         """With the clock standing still, buffered events reach the file once `max_buffered` are waiting."""
         writer = TraceWriter(tmp_path, max_buffered=3, clock=lambda: 0.0)
-        writer(Event("query.start", 1.0, "q", None, None, {}))
-        writer(Event("node.start", 1.1, "q", "root", 0, {}))
+        writer(query_start(1.0))
+        writer(node_start(1.1))
         assert writer.paths["q"].read_text(encoding="utf-8") == ""
-        writer(Event("node.finish", 1.2, "q", "root", 0, {}))
+        writer(node_finish(1.2))
         assert [line.get("kind") for line in _lines(writer.paths["q"])] == [
             None,
             "query.start",
@@ -154,8 +206,8 @@ class TestTraceWriter:
     def test_an_unclosed_writer_writes_its_buffer_when_collected(self, tmp_path: Path) -> None:
         """A writer dropped without close() still writes what it buffered, as a file object would."""
         writer = TraceWriter(tmp_path)
-        writer(Event("query.start", 1.0, "q", None, None, {}))
-        writer(Event("node.start", 1.1, "q", "root", 0, {}))
+        writer(query_start(1.0))
+        writer(node_start(1.1))
         path = writer.paths["q"]
         del writer
         gc.collect()
@@ -165,11 +217,13 @@ class TestTraceWriter:
         """A process that ends normally without close() leaves every event it buffered on disk."""
         script = (
             "import sys\n"
-            "from rlm_async._events import Event\n"
+            "from rlm_async._events import NodeStart, QueryStart\n"
             "from rlm_async._trace import TraceWriter\n"
             "writer = TraceWriter(sys.argv[1])\n"
-            "writer(Event('query.start', 1.0, 'q', None, None, {}))\n"
-            "writer(Event('node.start', 1.1, 'q', 'root', 0, {}))\n"
+            "writer(QueryStart(time=1.0, query_id='q', context_type='str', context_chars=0,\n"
+            "                  root_prompt_chars=0, max_depth=1, budget_usd=None))\n"
+            "writer(NodeStart(time=1.1, query_id='q', node_id='root', depth=0, parent_id=None,\n"
+            "                 node_kind='rlm', model='m', label='root'))\n"
         )
         subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=60)
         assert [e.kind for e in load_trace(tmp_path / "q.jsonl").events] == ["query.start", "node.start"]
@@ -182,9 +236,9 @@ class TestTraceWriter:
                 raise RuntimeError("no text")
 
         with structlog.testing.capture_logs() as logs, TraceWriter(tmp_path) as writer:
-            writer(Event("query.start", 1.0, "q", None, None, {}))
-            writer(Event("call.finish", 1.1, "q", "n", 0, {"error": Unprintable()}))
-            writer(Event("query.finish", 1.2, "q", None, None, {"status": "ok"}))
+            writer(query_start(1.0))
+            writer(call_finish(1.1, "c1", error=Unprintable()))
+            writer(query_finish(1.2))
         assert [e.kind for e in load_trace(writer.paths["q"]).events] == ["query.start", "query.finish"]
         assert [(log["event"], log["event_kind"]) for log in logs] == [
             ("trace: an event could not be serialised; left out", "call.finish")
@@ -194,18 +248,18 @@ class TestTraceWriter:
     def test_a_full_disk_at_a_flush_stops_that_query_only(self, tmp_path: Path) -> None:
         """A write that fails when the buffer is flushed ends that query's trace, logged once; others go on."""
         writer = TraceWriter(tmp_path)
-        writer(Event("query.start", 1.0, "full", None, None, {}))
-        writer(Event("query.finish", 1.1, "full", None, None, {}))
+        writer(query_start(1.0, "full"))
+        writer(query_finish(1.1, "full"))
         # Its straggler reopens the file for appending: make that file a full disk.
         writer.paths["full"].unlink()
         writer.paths["full"].symlink_to("/dev/full")
-        writer(Event("query.start", 2.0, "ok", None, None, {}))
+        writer(query_start(2.0, "ok"))
         with structlog.testing.capture_logs() as logs:
-            writer(Event("node.finish", 2.1, "full", "n", 0, {}))
+            writer(node_finish(2.1, "full", "n"))
             writer.flush()
-            writer(Event("node.finish", 2.2, "full", "n", 0, {}))
+            writer(node_finish(2.2, "full", "n"))
             writer.flush()
-        writer(Event("query.finish", 2.3, "ok", None, None, {}))
+        writer(query_finish(2.3, "ok"))
         assert [log["event"] for log in logs] == ["trace write failed; tracing stopped for this query"]
         assert [e.kind for e in load_trace(writer.paths["ok"]).events] == ["query.start", "query.finish"]
 
@@ -214,10 +268,9 @@ class TestTraceWriter:
         doc = (Path(__file__).parents[1] / "docs" / "trace-format.md").read_text(encoding="utf-8")
         line = next(ln for ln in doc.splitlines() if ln.startswith('{"kind":"call.finish"'))
         fields = json.loads(line)["fields"]
-        assert event_to_json(Event("call.finish", 8813.941, "q1", "n7", 1, fields)) == line
-        assert event_to_json(Event("k", 1.0, "q", None, None, {"text": "déjà vu"})).endswith(
-            '"fields":{"text":"déjà vu"}}'
-        )
+        event = CallFinish(time=8813.941, query_id="q1", node_id="n7", depth=1, **fields)
+        assert event_to_json(event) == line
+        assert event_to_json(call_finish(1.0, "c1", text="déjà vu")).endswith('"text":"déjà vu"}}')
 
 
 class TestEmit:
@@ -241,13 +294,50 @@ class TestEmit:
 
         with structlog.testing.capture_logs() as logs, sinks(broken, seen.append, clock=lambda: 5.0):
             with bind(query_id="q", node_id="n", depth=2):
-                returned = emit("call.finish", call_id="c1")
-        assert seen == [Event("call.finish", 5.0, "q", "n", 2, {"call_id": "c1"})] and returned is seen[0]
-        assert [(log["event"], log["event_kind"]) for log in logs] == [("event sink failed", "call.finish")]
+                returned = emit(IterationStart, iteration=1)
+        assert seen == [IterationStart(time=5.0, query_id="q", node_id="n", depth=2, iteration=1)]
+        assert returned is seen[0]
+        assert [(log["event"], log["event_kind"]) for log in logs] == [
+            ("event sink failed", "iteration.start")
+        ]
 
     def test_nobody_listening_builds_no_event(self) -> None:
-        """Without sinks, emit returns None."""
-        assert emit("call.finish", call_id="c1") is None
+        """Without sinks, emit returns None and builds nothing (not even a wrong event)."""
+        assert emit(IterationStart, iteration=1) is None
+        assert emit(IterationStart) is None  # type: ignore[call-arg]  # never built: nobody listens
+
+    def test_emit_builds_what_the_class_builds(self) -> None:
+        """For every kind, the event `emit` builds (through its fast constructor) equals the
+        one the class's own constructor builds, defaults included; a missing or unknown
+        field is a TypeError either way."""
+        samples: dict[object, object] = {int: 3, float: 2.5, str: "x", bool: True}
+        for cls in EVENT_TYPES.values():
+            hints = typing.get_type_hints(cls)
+            required = {
+                f.name: samples[
+                    typing.get_args(hints[f.name])[0] if typing.get_args(hints[f.name]) else hints[f.name]
+                ]
+                for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.name in payload_fields(cls)
+            }
+            with capture_events() as events, bind(query_id="q", node_id="n", depth=2):
+                emit(cls, **required)
+            assert events == [cls(time=events[0].time, query_id="q", node_id="n", depth=2, **required)]
+            assert type(events[0]) is cls
+            with capture_events(), pytest.raises(TypeError):
+                emit(cls, **required, no_such_field=1)
+            if required:
+                with capture_events(), pytest.raises(TypeError):
+                    emit(cls)
+
+    def test_the_registry_holds_every_kind_once(self) -> None:
+        """Every event class is registered under its own dotted kind, with its payload apart
+        from the envelope."""
+        assert all(cls.kind == kind and "." in kind for kind, cls in EVENT_TYPES.items())
+        assert payload_fields(CallRetry)[0] == "call_id"
+        assert not {"time", "query_id", "node_id", "depth"} & {
+            f for c in EVENT_TYPES.values() for f in payload_fields(c)
+        }
 
 
 class TestLoadTrace:
@@ -264,6 +354,77 @@ class TestLoadTrace:
         path.write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION + 1}) + "\n")
         with pytest.raises(ValueError, match=f"version {FORMAT_VERSION + 1}.*up to version {FORMAT_VERSION}"):
             load_trace(path)
+
+    def test_rejects_a_version_it_never_wrote(self, tmp_path: Path) -> None:
+        """Version 0 (never written) is refused, naming the versions this reader reads."""
+        path = tmp_path / "x.jsonl"
+        path.write_text(json.dumps({"format": FORMAT, "version": 0}) + "\n")
+        with pytest.raises(ValueError, match=r"version 0; this rlm_async reads versions 1, 2") as caught:
+            load_trace(path)
+        assert "upgrade" not in str(caught.value)
+        assert READABLE_VERSIONS == (1, FORMAT_VERSION)
+
+    def test_reads_version_1_naming_the_call_of_each_retry(self, tmp_path: Path) -> None:
+        """A version-1 trace (its call.retry without a call_id, as the engine wrote them) loads
+        with each retry given the call whose call.start named the same node, so retries count."""
+        call = {"call_id": "c1", "parent_id": "n1", "call_kind": "sub", "model": "m", "prompt_chars": 4}
+        retry = {"attempt": 1, "error": "ServerError: 500", "wait_s": 0.1, "model": "m", "endpoint": "e"}
+        finish = {
+            "call_id": "c1",
+            "status": "ok",
+            "prompt_tokens": 1,
+            "cached_tokens": 0,
+            "completion_tokens": 1,
+            "cost_usd": 0.0,
+            "latency_s": 0.3,
+            "attempts": 2,
+            "from_journal": False,
+            "error": None,
+        }
+        lines = [
+            {"format": FORMAT, "version": 1, "query_id": "q"},
+            {"kind": "call.start", "time": 1.0, "query_id": "q", "node_id": "n2", "depth": 1, "fields": call},
+            {
+                "kind": "call.retry",
+                "time": 1.1,
+                "query_id": "q",
+                "node_id": "n2",
+                "depth": 1,
+                "fields": retry,
+            },
+            {
+                "kind": "call.finish",
+                "time": 1.3,
+                "query_id": "q",
+                "node_id": "n2",
+                "depth": 1,
+                "fields": finish,
+            },
+        ]
+        path = tmp_path / "v1.jsonl"
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        trace = load_trace(path)
+        assert (trace.version, trace.bad_lines) == (1, 0)
+        (retried,) = [e for e in trace.events if isinstance(e, CallRetry)]
+        assert retried.call_id == "c1"
+        assert trace.summarize().retries == 1
+
+    def test_a_field_of_the_wrong_type_makes_a_bad_line_and_unknown_kinds_are_counted(
+        self, tmp_path: Path
+    ) -> None:
+        """The reader checks every field against its class: a wrong type or a missing field is
+        a bad line; a kind it does not know (from a newer writer) is left out and counted."""
+        events = standard_run().events()
+        path = write_trace(events, tmp_path / "t.jsonl")
+        line = {"kind": "call.finish", "time": T0, "query_id": "q-test", "fields": {"call_id": "x"}}
+        typed = dict(json.loads(event_to_json(events[-1])), fields={"status": 7, "wall_s": 1.0})
+        newer = {"kind": "call.teleport", "time": T0, "query_id": "q-test", "fields": {}}
+        with path.open("a", encoding="utf-8") as handle:
+            for extra in (line, typed, newer):
+                handle.write(json.dumps(extra) + "\n")
+        trace = load_trace(path)
+        assert (trace.bad_lines, trace.unknown_events) == (2, 1)
+        assert trace.events == events
 
     def test_skips_a_line_cut_short(self, tmp_path: Path) -> None:
         """A half-written last line (a killed process) is skipped and counted."""
@@ -302,8 +463,8 @@ class TestSummarize:
         assert all(s.nodes[f"k1n{j}"].depth == 2 for j in range(5))
         assert s.nodes["s7"].status == "error" and s.nodes["s7"].error == "RateLimited: 429"
 
-    def test_explicit_node_fields_win_over_the_envelope(self) -> None:
-        """When node.start names its node in its fields and the envelope is the parent, the fields win."""
+    def test_root_calls_made_on_the_rlm_node_hang_on_it(self) -> None:
+        """When an RLM makes its own calls on its node (no "llm" node of their own), they are its calls."""
         s = summarize(standard_run(engine_style=False).events())
         assert len(s.nodes) == 110
         root = s.nodes["root"]
@@ -371,7 +532,7 @@ class TestSummarize:
     def test_sequential_waves_inside_one_cell_are_chained(self) -> None:
         """Two llm_batch waves in one cell put the slowest call of each wave on the path."""
         b = RunBuilder()
-        b.emit("query.start", 0.0)
+        b.query_start(0.0)
         b.node_start(0.0, "root", None, 0, "rlm", "big")
         for wave, t in ((0, 0.1), (1, 2.1)):
             for i, latency in enumerate((0.5, 1.9, 1.0)):
@@ -397,10 +558,7 @@ class TestSummarize:
 
     def test_a_call_without_its_start_is_placed_by_its_latency(self) -> None:
         """A call.finish whose call.start is missing gets start = finish - latency_s."""
-        events = [
-            Event("query.start", 10.0, "q", None, None, {}),
-            Event("call.finish", 13.0, "q", "n1", 0, {"call_id": "c", "latency_s": 2.0, "status": "ok"}),
-        ]
+        events: list[Event] = [query_start(10.0), call_finish(13.0, "c", latency_s=2.0)]
         s = summarize(events)
         (call,) = s.calls
         assert (call.start, call.end, call.node_id) == (1.0, 3.0, "n1")
@@ -408,10 +566,7 @@ class TestSummarize:
 
     def test_several_queries_need_a_query_id(self) -> None:
         """Events of two queries are refused unless `query_id=` picks one."""
-        events = [
-            Event("query.start", 1.0, "a", None, None, {}),
-            Event("query.start", 1.0, "b", None, None, {}),
-        ]
+        events = [query_start(1.0, "a"), query_start(1.0, "b")]
         with pytest.raises(ValueError, match="2 queries"):
             summarize(events)
         assert summarize(events, query_id="b").query_id == "b"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 from _events_factory import CRITICAL_CALLS, standard_run
 
-from rlm_async._events import Event
+from rlm_async._events import CallFinish, Event
 from rlm_async._trace import write_trace
 from rlm_async.trace_view import main_view, render_html
 
@@ -24,9 +25,7 @@ def _data(page: str) -> dict[str, Any]:
 def _with_text(text: str) -> list[Event]:
     events = standard_run().events()
     return [
-        Event(e.kind, e.time, e.query_id, e.node_id, e.depth, {**e.fields, "text": text})
-        if e.kind == "call.finish" and e.fields["call_id"] == "r3"
-        else e
+        dataclasses.replace(e, text=text) if isinstance(e, CallFinish) and e.call_id == "r3" else e
         for e in events
     ]
 

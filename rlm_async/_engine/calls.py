@@ -1,6 +1,8 @@
 """The choke point: every model call of a query's tree passes `CallPath.call_model`.
 
-In order: a node in the call tree and a `call.start` event; the journal (a reusable call
+In order: a node in the call tree and a `call.start` event; the server's settings (found
+at the model's first use) and the request made to fit its context window — a prompt that
+cannot fit is refused here, before anything is sent; the journal (a reusable call
 found there is not sent, identical calls in flight are sent once); the governor, which
 reserves the call's budget before sending, waits for rate limits and concurrency, retries,
 and settles the reservation with the reported usage; then one `CallRecord` and one
@@ -10,6 +12,7 @@ already paid for is lost.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
@@ -17,9 +20,9 @@ import anyio
 from .. import _events
 from .._config import ModelConfig
 from .._governor import CallTally
-from .._servers import Fitted, ServerSettings, fit
 from .._tree import Node
 from .._types import CallKind, CallRecord, CallStatus, Completion, ModelRequest, Usage
+from .._servers import Fitted, ServerSettings, fit
 from ..exceptions import BudgetExceeded, ContextLengthExceeded
 from ..transport import Transport
 from .state import QueryState
@@ -30,6 +33,17 @@ if TYPE_CHECKING:
 __all__ = ["CallPath"]
 
 _NO_USAGE = Usage()
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One model call on its way: what the record and the events need to name it."""
+
+    node: Node
+    call_id: str
+    kind: CallKind
+    request: ModelRequest
+    transport: Transport
 
 
 class CallPath:
@@ -46,55 +60,29 @@ class CallPath:
         """Make one model call under the query's budget; raises what the call raised
         (`BudgetExceeded`, a `TransportError`, cancellation) after recording it."""
         node = self._state.tree.open(parent=parent, depth=depth, kind="llm", model=request.model, label=kind)
-        call_id = self._state.next_call_id()
-        transport = self._engine.transport_for(model)
+        call = _Call(node, self._state.next_call_id(), kind, request, self._engine.transport_for(model))
         started = self._engine.clock()
         with _events.bind(node_id=node.node_id, depth=depth):
             _events.emit(
-                "call.start",
-                call_id=call_id,
+                _events.CallStart,
+                call_id=call.call_id,
                 parent_id=parent.node_id,
                 call_kind=kind,
                 model=request.model,
                 prompt_chars=request.prompt_chars(),
                 # Prompt text may hold private data: only with log_text=True.
-                **({"prompt": request.messages[-1].content} if self._log_text else {}),
+                prompt=request.messages[-1].content if self._log_text else None,
             )
             tally = CallTally()
             try:
-                # Know the server (at its first use), then make the request fit its window:
-                # a prompt that cannot fit is refused here, before anything is sent.
-                server = await self._engine.server_settings(model)
-                fitted = await self._fit(request, server, transport)
-                request = fitted.request
-
-                async def send() -> Completion:
-                    governed = await self._engine.governor.call(
-                        request,
-                        transport,
-                        ledger=self._state.ledger,
-                        price=model.prices,
-                        limits=server.limits,
-                        tally=tally,
-                        prompt_tokens=fitted.prompt_tokens,
-                    )
-                    return governed.completion
-
-                journal = self._engine.journal
-                if journal is not None:
-                    # Every call goes through the journal: reusable ones are looked up (and
-                    # identical temperature-0 ones in flight sent once); all are recorded.
-                    completion, from_journal = await journal.call(request, send, call_id=call_id)
-                else:
-                    completion, from_journal = await send(), False
+                completion, from_journal = await self._send(call, model, tally)
             except BaseException as exc:
                 if isinstance(exc, ContextLengthExceeded) and tally.attempts:
+                    # The server's own 400 names a window it did not report: refuse the next
+                    # prompt that cannot fit before sending it.
                     self._engine.learn_window(model, str(exc))
                 self._record(
-                    node,
-                    call_id,
-                    kind,
-                    request,
+                    call,
                     started,
                     _status_of(exc),
                     attempts=tally.attempts,
@@ -102,10 +90,7 @@ class CallPath:
                 )
                 raise
             self._record(
-                node,
-                call_id,
-                kind,
-                request,
+                call,
                 started,
                 "ok",
                 # A journal hit consumed no tokens: its usage belongs to the call that paid.
@@ -117,7 +102,37 @@ class CallPath:
             )
         return completion
 
+    async def _send(self, call: _Call, model: ModelConfig, tally: CallTally) -> tuple[Completion, bool]:
+        """Through the journal, if any, to the governor (which reserves the budget, waits for
+        the rate limits, sends and retries). Returns the completion and whether it came from
+        the journal."""
+        server = await self._engine.server_settings(model)
+        fitted = await self._fit(call.request, server, call.transport)
+        request = fitted.request
+
+        async def send() -> Completion:
+            governed = await self._engine.governor.call(
+                request,
+                call.transport,
+                ledger=self._state.ledger,
+                price=model.prices,
+                limits=server.limits,
+                tally=tally,
+                call_id=call.call_id,  # so that its call.retry events name the call
+                prompt_tokens=fitted.prompt_tokens,
+            )
+            return governed.completion
+
+        journal = self._engine.journal
+        if journal is None:
+            return await send(), False
+        # Every call goes through the journal: reusable ones are looked up (and identical
+        # temperature-0 ones in flight sent once); all are recorded.
+        return await journal.call(request, send, call_id=call.call_id)
+
     async def _fit(self, request: ModelRequest, server: ServerSettings, transport: Transport) -> Fitted:
+        """Refuse a prompt that cannot fit the window, cut `max_tokens` to what fits, and
+        count the prompt with the server's tokenizer where a window or a budget cap needs it."""
         governor = self._engine.governor
         capped = any(
             ledger.limits.max_usd is not None
@@ -136,10 +151,7 @@ class CallPath:
 
     def _record(
         self,
-        node: Node,
-        call_id: str,
-        kind: CallKind,
-        request: ModelRequest,
+        call: _Call,
         started: float,
         status: CallStatus,
         *,
@@ -151,14 +163,15 @@ class CallPath:
         text: str | None = None,
     ) -> None:
         """Record a finished call (paid, failed, refused or cancelled): nothing is lost."""
+        node = call.node
         assert node.parent_id is not None
         record = CallRecord(
-            call_id=call_id,
+            call_id=call.call_id,
             node_id=node.node_id,
             parent_id=node.parent_id,
             depth=node.depth,
-            kind=kind,
-            model=request.model,
+            kind=call.kind,
+            model=call.request.model,
             started_at=started,
             finished_at=self._engine.clock(),
             status=status,
@@ -171,8 +184,8 @@ class CallPath:
         self._state.records.append(record)
         self._state.tree.close(node, status, error)
         _events.emit(
-            "call.finish",
-            call_id=call_id,
+            _events.CallFinish,
+            call_id=call.call_id,
             status=status,
             prompt_tokens=usage.prompt_tokens,
             cached_tokens=usage.cached_tokens,
@@ -182,7 +195,7 @@ class CallPath:
             attempts=attempts,
             from_journal=from_journal,
             error=error,
-            **({"text": text} if self._log_text and text is not None else {}),
+            text=text if self._log_text else None,
         )
 
 

@@ -54,7 +54,7 @@ class Engine:
         warm = {b for b, t in self._warm_buckets.items() if now - t < _WARM_TTL_S}
         plan = plan_batch(requests, cache, already_warm=warm)
         if len(requests) > 1:
-            _events.emit("warmup.decision", **plan.event_fields())
+            _events.emit(_events.WarmupDecision, **plan.event_fields())
         return plan
 
     def mark_warm(self, bucket: str) -> None:
@@ -75,7 +75,7 @@ class Engine:
                     profile = self._profiles[transport.endpoint] = await detect(transport)
                 settings = resolve(model, profile or ServerProfile(endpoint=transport.endpoint))
                 self._settings[model] = settings
-                _events.emit("server.detected", **settings.event_fields())
+                _events.emit(_events.ServerDetected, **settings.event_fields())
         return settings
 
     def learn_window(self, model: ModelConfig, message: str) -> None:
@@ -86,7 +86,7 @@ class Engine:
         if settings is None or window is None or settings.context_window is not None:
             return
         self._settings[model] = settings = settings.with_window(window)
-        _events.emit("server.detected", **settings.event_fields())
+        _events.emit(_events.ServerDetected, **settings.event_fields())
 
     def transport_for(self, model: ModelConfig) -> Transport:
         key = (model.base_url, model.api_key_env)

@@ -62,7 +62,7 @@ class Query:
         meta = describe_context(context)
         connections = connection_budget()
         _events.emit(
-            "query.start",
+            _events.QueryStart,
             context_type=meta.type_name,
             context_chars=meta.total_length,
             root_prompt_chars=len(root_prompt or ""),
@@ -81,7 +81,7 @@ class Query:
                 outcome = ended.outcome
             except anyio.get_cancelled_exc_class():
                 if not scope.cancel_called:  # cancelled from outside: say so, then let it propagate
-                    _events.emit("query.finish", status="cancelled", wall_s=clock() - started)
+                    _events.emit(_events.QueryFinish, status="cancelled", wall_s=clock() - started)
                 raise
         if scope.cancelled_caught:
             outcome = RunOutcome(
@@ -92,7 +92,7 @@ class Query:
             )
         result = self._result(self._with_refusals(outcome), clock() - started, root_prompt)
         _events.emit(
-            "query.finish",
+            _events.QueryFinish,
             status=result.status,
             wall_s=result.execution_time,
             calls=result.total.calls,

@@ -110,7 +110,7 @@ class RLMLoop:
             if depth == 0:
                 self._state.iterations = iteration
             it_started = self._engine.clock()
-            _events.emit("iteration.start", iteration=iteration)
+            _events.emit(_events.IterationStart, iteration=iteration)
             try:
                 try:
                     reply = await self._root_turn(node, model, depth, messages, kind=kind)
@@ -120,7 +120,7 @@ class RLMLoop:
                 turn = await self._execute_reply(worker, reply, iteration, handler)
             finally:
                 _events.emit(
-                    "iteration.finish", iteration=iteration, duration_s=self._engine.clock() - it_started
+                    _events.IterationFinish, iteration=iteration, duration_s=self._engine.clock() - it_started
                 )
             if turn.answer is not None:
                 return RunOutcome(turn.answer, "ok")
@@ -206,10 +206,10 @@ class RLMLoop:
         parts: list[str] = []
         limit = self._config.output_limit_chars
         for index, code in enumerate(blocks, start=1):
-            _events.emit("cell.start", iteration=iteration, cell=index)
+            _events.emit(_events.CellStart, iteration=iteration, cell=index)
             result = await worker.run_cell(code, handler)
             _events.emit(
-                "cell.finish",
+                _events.CellFinish,
                 iteration=iteration,
                 cell=index,
                 duration_s=result.duration_s,

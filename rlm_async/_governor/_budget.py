@@ -30,7 +30,7 @@ from decimal import Decimal
 
 import structlog
 
-from .._events import emit
+from .._events import BudgetRefuse, BudgetReserve, BudgetSettle, emit
 from .._types import Usage
 from ..exceptions import BudgetExceeded, ConfigError
 from ._clock import Clock
@@ -220,7 +220,7 @@ class BudgetLedger:
                         refused.refusals += 1
                         refused.last_refusal = exc
                     emit(
-                        "budget.refuse",
+                        BudgetRefuse,
                         limit=exc.limit,
                         cap=exc.cap,
                         committed=exc.committed,
@@ -231,7 +231,7 @@ class BudgetLedger:
         for ledger in self.chain():
             ledger._reserved += charge
         emit(
-            "budget.reserve",
+            BudgetReserve,
             model=model,
             input_tokens=charge.usage.prompt_tokens,
             output_tokens=charge.usage.completion_tokens,
@@ -272,7 +272,7 @@ class BudgetLedger:
                 caps_crossed=overrun,
             )
         emit(
-            "budget.settle",
+            BudgetSettle,
             model=reservation.model,
             input_tokens=actual.usage.prompt_tokens,
             cached_tokens=actual.usage.cached_tokens,

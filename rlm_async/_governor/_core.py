@@ -23,6 +23,7 @@ queueing for a rate limit, at the price of holding its reservation while queued.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from typing import Any
 import anyio
 import tenacity
 
-from .._events import emit
+from .._events import CallRetry, emit
 from .._types import Completion, ModelRequest, Usage
 from ..exceptions import ConfigError, RetryableError
 from ..transport import Transport
@@ -44,6 +45,9 @@ from ._prices import ModelPrice, PriceTable
 from ._retry import RetryConfig, make_retrying
 
 __all__ = ["CallTally", "GovernedCompletion", "Governor", "GovernorConfig"]
+
+# Ids for the calls of a governor used without the engine (which passes its own).
+_standalone_call_ids = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -171,12 +175,15 @@ class Governor:
         price: ModelPrice | None = None,
         limits: EndpointLimits | None = None,
         tally: CallTally | None = None,
+        call_id: str | None = None,
         prompt_tokens: int | None = None,
     ) -> GovernedCompletion:
         """Send `request` through limits, retries and the budget.
 
         `ledger` defaults to the process ledger; `price` overrides the price table for this
-        model; `limits` configures this endpoint+model (the first time, or when changed).
+        model; `limits` configures this endpoint+model (the first time, or when changed);
+        `call_id` names the call in its `call.retry` events (the engine's id; a governor used
+        on its own numbers its calls "g1", "g2", ...).
 
         Raises `BudgetExceeded` before sending when a reservation does not fit, `FatalError`
         at once, the last `RetryableError` when attempts run out; `tally`, when given, says
@@ -200,13 +207,15 @@ class Governor:
         rate_prompt = prompt_tokens if prompt_tokens is not None else self.rate_estimator.prompt_tokens(request)
         rate_tokens = rate_prompt + output_bound
         tally = tally if tally is not None else CallTally()
+        retry_id = call_id if call_id is not None else f"g{next(_standalone_call_ids)}"
 
         def before_sleep(retry_state: tenacity.RetryCallState) -> None:
             wait = retry_state.upcoming_sleep
             tally.backoff_s += wait
             error = retry_state.outcome.exception() if retry_state.outcome is not None else None
             emit(
-                "call.retry",
+                CallRetry,
+                call_id=retry_id,
                 attempt=retry_state.attempt_number,
                 error=f"{type(error).__name__}: {error}",
                 wait_s=wait,

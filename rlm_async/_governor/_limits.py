@@ -33,7 +33,7 @@ import anyio
 import anyio.lowlevel
 
 from .._descriptors import connection_budget
-from .._events import emit
+from .._events import LimiterResize, LimiterWait, RateLimitPause, emit
 from .._types import Completion, RateLimitInfo
 from ..exceptions import ConfigError, FatalError, RateLimited, RetryableError
 from ._clock import Clock, Sleep
@@ -278,7 +278,7 @@ class LimitState:
         permit.waited_s = self._clock() - started
         if permit.waited_s > 0:
             emit(
-                "limiter.wait",
+                LimiterWait,
                 endpoint=self.endpoint,
                 model=self.model,
                 waited_s=permit.waited_s,
@@ -338,7 +338,7 @@ class LimitState:
             self._limiter.total_tokens = current + 1
             self.grows += 1
             emit(
-                "limiter.resize",
+                LimiterResize,
                 endpoint=self.endpoint,
                 model=self.model,
                 concurrency=current + 1,
@@ -353,7 +353,7 @@ class LimitState:
             if self.gate.pause(seconds):
                 self.pauses += 1
                 emit(
-                    "ratelimit.pause",
+                    RateLimitPause,
                     endpoint=self.endpoint,
                     model=self.model,
                     seconds=seconds,
@@ -370,7 +370,7 @@ class LimitState:
             self._limiter.total_tokens = shrunk
             self.shrinks += 1
             emit(
-                "limiter.resize",
+                LimiterResize,
                 endpoint=self.endpoint,
                 model=self.model,
                 concurrency=shrunk,

@@ -33,7 +33,7 @@ import genai_prices
 import structlog
 from genai_prices import data_snapshot
 
-from .._events import emit
+from .._events import PriceUnknown, emit
 from .._types import Usage
 from ..exceptions import ConfigError
 
@@ -172,7 +172,7 @@ class PriceTable:
                 model=model,
                 fix="set a ModelPrice override for it",
             )
-            emit("price.unknown", model=model)
+            emit(PriceUnknown, model=model)
 
 
 class _GenaiPricer:

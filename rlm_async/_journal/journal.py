@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from .._events import emit
+from .._events import JournalHit, emit
 from .._types import Completion, ModelRequest
 from ..exceptions import JournalError
 from ._files import FIX_CORRUPT, Files, Synchronous
@@ -144,7 +144,7 @@ class Journal:
         while (flight := self._flights.get(key)) is not None:
             await flight.done.wait()
             if flight.result is not None:
-                emit("journal.hit", call_id=call_id, source="in_flight", key=key)
+                emit(JournalHit, call_id=call_id, source="in_flight", key=key)
                 return flight.result, True
             # The leader failed or was cancelled: loop, and lead unless another waiter did.
 
@@ -154,7 +154,7 @@ class Journal:
             stored = await self.get(key)
             if stored is not None:
                 flight.resolve(stored)
-                emit("journal.hit", call_id=call_id, source="journal", key=key)
+                emit(JournalHit, call_id=call_id, source="journal", key=key)
                 return stored, True
             completion = await send()
             # Release the followers now; the flight stays registered until the row is
@@ -180,7 +180,7 @@ class Journal:
         if self.reusable(request):
             stored = await self.get(key)
             if stored is not None:
-                emit("journal.hit", call_id=call_id, source="journal", key=key)
+                emit(JournalHit, call_id=call_id, source="journal", key=key)
                 return stored, True
         completion = await send()
         await self.put(key, completion)

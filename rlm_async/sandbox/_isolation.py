@@ -40,7 +40,7 @@ _warned = False
 
 def _warn_reduced(why: str) -> None:
     global _warned
-    _events.emit("sandbox.reduced_isolation", reason=why)
+    _events.emit(_events.SandboxReducedIsolation, reason=why)
     if _warned:
         return
     _warned = True

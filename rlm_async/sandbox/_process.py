@@ -119,7 +119,7 @@ class WorkerProcess:
                 return
             self.killed = True
             proc = self._proc
-            _events.emit("worker.kill", pid=proc.pid, reason=reason)
+            _events.emit(_events.WorkerKill, pid=proc.pid, reason=reason)
             # The tree root only while it is unreaped: a reaped pid may be reused.
             root = proc.pid if proc.returncode is None else None
             uid = self.uid

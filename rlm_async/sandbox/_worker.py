@@ -84,7 +84,7 @@ class Worker:
             await self._kill("failed to start")
             raise error
         _events.emit(
-            "worker.start",
+            _events.WorkerStart,
             pid=process.pid,
             isolated=self.isolated,
             uid=process.uid,
@@ -189,7 +189,7 @@ class Worker:
             worker_dead=status in WORKER_DEAD_STATUSES,
         )
         _events.emit(
-            "worker.cell",
+            _events.WorkerCell,
             pid=self.pid,
             status=result.status,
             duration_s=result.duration_s,

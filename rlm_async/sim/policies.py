@@ -1,3 +1,4 @@
+# Over 500 lines: the scripted root policy's REPL code is text here, beside the readers it drives.
 """Scripted policies: the simulated model, a function from a request's messages to reply text.
 
 The server picks a policy by the request's kind (root turn, sub-call, other) from
