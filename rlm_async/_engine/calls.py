@@ -20,9 +20,9 @@ import anyio
 from .. import _events
 from .._config import ModelConfig
 from .._governor import CallTally
+from .._servers import Fitted, ServerSettings, fit
 from .._tree import Node
 from .._types import CallKind, CallRecord, CallStatus, Completion, ModelRequest, Usage
-from .._servers import Fitted, ServerSettings, fit
 from ..exceptions import BudgetExceeded, ContextLengthExceeded
 from ..transport import Transport
 from .state import QueryState
