@@ -12,7 +12,7 @@ REPL in a sandboxed worker process.
 """
 
 from ._cache import CacheSettings
-from ._config import ModelConfig, RLMConfig
+from ._config import HedgeConfig, ModelConfig, RLMConfig
 from ._events import Event, EventSink
 from ._governor import BudgetLimits, EndpointLimits, Governor, GovernorConfig, ModelPrice, RetryConfig
 from ._result import RLMResult, SubCallFailure, SubCallResult, UsageSummary, UsageTotals
@@ -61,6 +61,7 @@ __all__ = [
     "FatalError",
     "Governor",
     "GovernorConfig",
+    "HedgeConfig",
     "IsolationUnavailable",
     "JournalError",
     "Message",

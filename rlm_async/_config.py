@@ -24,9 +24,64 @@ from ._servers import SERVER_KINDS
 from .exceptions import ConfigError
 from .sandbox import SandboxConfig
 
-__all__ = ["ModelConfig", "RLMConfig", "load_dataclass", "read_toml"]
+__all__ = ["HedgeConfig", "ModelConfig", "RLMConfig", "load_dataclass", "read_toml"]
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HedgeConfig:
+    """Hedged sub-calls: a duplicate of a straggling sub-call, the first answer wins and the
+    other request is cancelled. Off by default; `HedgeConfig(enabled=True)` (in TOML
+    `[sub.hedge]` with `enabled = true`) turns on the defaults, which a simulation of
+    lognormal latency (sigma 0.6) tuned for about 12-14 % extra requests. Every copy is a
+    governed call with its own budget reservation: no reservation, no hedge.
+
+    Not a way to get several samples: a sampled call (temperature > 0) returns the one
+    sample that finished first."""
+
+    enabled: bool = False
+    """Send hedges for this model's sub-calls (plain `llm_*` sub-calls, not child RLMs)."""
+    stages: tuple[float, ...] = (0.9, 0.97, 0.99)
+    """Finished shares of a fan-out: once this share of it has finished, every sub-call
+    still running gets one more copy (the n-th stage allows n + 1 copies in all)."""
+    quantile: float | None = 0.95
+    """A sub-call whose only copy has run longer than this quantile of the latencies seen
+    for this model in this process (completed fan-outs only: an unfinished one shows only
+    its fast calls) gets a hedge; what hedges a single `llm_query`. `None`: off."""
+    min_samples: int = 20
+    """Latencies needed before `quantile` is trusted."""
+    straggler_factor: float | None = 1.2
+    """After the last stage, a sub-call whose newest copy has run longer than this many
+    times the fan-out's median latency gets another copy. `None`: off."""
+    min_ratio: float = 1.25
+    """No rule sends a copy of a sub-call younger than this many times the median latency
+    (the fan-out's, or for `quantile` the model's history): without a tail, the last 10 %
+    of a fan-out finish moments after the rest and must not be hedged."""
+    max_copies: int = 5
+    """Copies of one sub-call at most, the original included."""
+    max_share: float = 0.15
+    """Extra copies per fan-out at most, as a share of its size (at least 1)."""
+    max_in_flight: int | None = 256
+    """Hedge copies in flight at once in the process (over every fan-out); `None`: no cap."""
+
+    def __post_init__(self) -> None:
+        if any(not 0.0 < s < 1.0 for s in self.stages) or list(self.stages) != sorted(self.stages):
+            raise ConfigError(f"hedge stages must be increasing shares in (0, 1), got {self.stages}")
+        if self.quantile is not None and not 0.0 < self.quantile < 1.0:
+            raise ConfigError(f"hedge quantile must be in (0, 1) or None, got {self.quantile}")
+        if self.min_samples < 1:
+            raise ConfigError(f"hedge min_samples is {self.min_samples}; use >= 1")
+        if self.straggler_factor is not None and not self.straggler_factor > 0:
+            raise ConfigError(f"hedge straggler_factor is {self.straggler_factor}; use > 0 or None")
+        if not self.min_ratio >= 0:
+            raise ConfigError(f"hedge min_ratio is {self.min_ratio}; use >= 0")
+        if self.max_copies < 1:
+            raise ConfigError(f"hedge max_copies is {self.max_copies}; use >= 1")
+        if not 0.0 <= self.max_share <= 10.0:
+            raise ConfigError(f"hedge max_share is {self.max_share}; use a share in [0, 10]")
+        if self.max_in_flight is not None and self.max_in_flight < 0:
+            raise ConfigError(f"hedge max_in_flight is {self.max_in_flight}; use >= 0 or None")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +128,9 @@ class ModelConfig:
     server reports (vLLM `max_model_len`, llama.cpp `n_ctx`), if anything. A prompt that
     cannot fit is refused before it is sent, and `max_tokens` is cut to what fits."""
 
+    hedge: HedgeConfig = field(default_factory=HedgeConfig)
+    """Hedged sub-calls for this model (off by default); see `HedgeConfig`."""
+
     def __post_init__(self) -> None:
         if self.server not in ("auto", "off", *SERVER_KINDS):
             raise ConfigError(
@@ -107,7 +165,25 @@ class RLMConfig:
     max_iterations: int = 30
     """Root-model turns per RLM loop before one last call asks for a final answer."""
     output_limit_chars: int = 20_000
-    """Each code block's output is cut to this many characters, once, when appended."""
+    """Each code block's output is cut to this many characters, once, when appended; the
+    whole observation of one turn to four times as many."""
+    turn_timeout_s: float | None = 300.0
+    """Wall-clock bound on running all the code blocks of one reply together, sub-calls
+    included. A block still running at the bound is stopped (its worker is killed and
+    replaced), the blocks after it are not run, and the model is told which. `None`: no
+    bound (each block still has `SandboxConfig.cell_timeout_s`)."""
+    max_pending_subcalls: int | None = 10_000
+    """Sub-call prompts one query may have admitted and unanswered at once, over its whole
+    tree. Prompts of a request past it (or past the calls the budget has left, or after the
+    deadline) are refused before any work, in one piece: their slots hold an "Error:"
+    string. Bounds the engine's memory and CPU per query whatever batch the code asks for."""
+    max_workers: int | None = 32
+    """REPL workers alive at once in the process (all queries of this event loop that share
+    this number), roots and child RLMs together; more wait for a slot. Each worker is one
+    Python process: about 50 MB resident plus its context (up to
+    `SandboxConfig.memory_bytes`), so size it as the memory you give workers divided by
+    that. Deeper workers are always left a slot (see `_engine/slots.py`), so nested RLMs
+    cannot deadlock; it must be at least `max_depth`. `None`: no cap."""
     system_prompt: str | None = None
     """Replaces the built-in root system prompt."""
     budget: BudgetLimits = field(default_factory=BudgetLimits)
@@ -128,6 +204,9 @@ class RLMConfig:
     log_text: bool = False
     """Put prompt and reply text in call events (and so in traces). Off by default: prompts
     carry chunks of the context, which may be private."""
+    completion_order: bool = False
+    """Tell the root model about `llm_batch_as_completed(prompts)`, which yields
+    `(index, answer)` as each sub-call finishes (the REPL has it either way)."""
 
     def __post_init__(self) -> None:
         if self.max_depth < 1:
@@ -138,6 +217,15 @@ class RLMConfig:
             raise ConfigError(f"max_iterations is {self.max_iterations}; it must be at least 1")
         if self.output_limit_chars < 100:
             raise ConfigError(f"output_limit_chars is {self.output_limit_chars}; use at least 100")
+        if self.turn_timeout_s is not None and not self.turn_timeout_s > 0:
+            raise ConfigError(f"turn_timeout_s is {self.turn_timeout_s}; use a number > 0, or None")
+        if self.max_pending_subcalls is not None and self.max_pending_subcalls < 1:
+            raise ConfigError(f"max_pending_subcalls is {self.max_pending_subcalls}; use >= 1, or None")
+        if self.max_workers is not None and self.max_workers < self.max_depth:
+            raise ConfigError(
+                f"max_workers is {self.max_workers} but max_depth is {self.max_depth}: a chain of nested "
+                "RLMs needs one worker per level; use max_workers >= max_depth, or None"
+            )
 
     def model_for_depth(self, depth: int) -> ModelConfig:
         if depth < len(self.depth_models):

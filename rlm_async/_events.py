@@ -52,6 +52,8 @@ __all__ = [
     "BudgetReserve",
     "BudgetSettle",
     "CallFinish",
+    "CallHedge",
+    "CallHedgeEnd",
     "CallRetry",
     "CallStart",
     "CellFinish",
@@ -71,6 +73,8 @@ __all__ = [
     "RateLimitPause",
     "SandboxReducedIsolation",
     "ServerDetected",
+    "SubcallsRefused",
+    "UsageEstimated",
     "WarmupDecision",
     "WorkerCell",
     "WorkerKill",
@@ -261,6 +265,37 @@ class CallFinish(Event):
     error: str | None = None
     text: str | None = None
     """The reply's text, only when the engine was told to log text."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallHedge(Event):
+    """A hedge copy of a straggling sub-call was ordered (`HedgeConfig`); it passes the
+    governor like any call, so the budget may still refuse it (see `CallHedgeEnd`)."""
+
+    kind: ClassVar[str] = "call.hedge"
+    call_id: str
+    copy: int
+    """1 for the first hedge, 2 for the next, ... (0 is the original)."""
+    reason: str
+    """The policy's rule: "stage", "quantile" or "straggler"."""
+    age_s: float
+    """How long the call had been running when the copy was ordered."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallHedgeEnd(Event):
+    """One copy of a hedged call ended (the original included, once a hedge was sent)."""
+
+    kind: ClassVar[str] = "call.hedge_end"
+    call_id: str
+    copy: int
+    outcome: str
+    """"won", "cancelled" (another copy answered first), "failed", "refused" (the budget
+    refused it: not sent) or "late" (answered after the winner, before its cancellation)."""
+    prompt_tokens: int
+    """Billed by this copy (a cancelled copy: its prompt-token bound)."""
+    completion_tokens: int
+    cost_usd: float
 
 
 # --------------------------------------------------------------------------- REPL
@@ -481,6 +516,30 @@ class JournalHit(Event):
     key: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubcallsRefused(Event):
+    """Sub-call prompts refused at admission, before any work: past the calls the budget
+    has left, the deadline, or `max_pending_subcalls`. One event for all of them; they are
+    counted as refused calls, never made calls."""
+
+    kind: ClassVar[str] = "subcalls.refused"
+    model: str
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageEstimated(Event):
+    """A server answered without reporting usage: the call is charged its reservation."""
+
+    kind: ClassVar[str] = "usage.estimated"
+    endpoint: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    usd: float
+
+
 # --------------------------------------------------------------------------- the registry
 
 EVENT_TYPES: Mapping[str, type[Event]] = {
@@ -495,6 +554,8 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         CallStart,
         CallRetry,
         CallFinish,
+        CallHedge,
+        CallHedgeEnd,
         CellStart,
         CellFinish,
         WorkerStart,
@@ -511,6 +572,8 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         WarmupDecision,
         ServerDetected,
         JournalHit,
+        SubcallsRefused,
+        UsageEstimated,
     )
 }
 """Every event kind, by its dotted name."""

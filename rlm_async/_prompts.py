@@ -11,6 +11,7 @@ from functools import cache
 from importlib import resources
 
 from ._context import Context
+from ._text import scrub
 
 __all__ = [
     "ContextMetadata",
@@ -29,8 +30,17 @@ def _read(name: str) -> str:
     return resources.files("rlm_async.prompts").joinpath(name).read_text(encoding="utf-8")
 
 
-def root_system_prompt() -> str:
-    return _read("root_system.txt")
+_AS_COMPLETED = (
+    "\n\n`llm_batch_as_completed(prompts, model=None)` is `llm_batch` in completion order: it yields "
+    "`(index, answer)` as each sub-call finishes, so you can start combining answers before the "
+    "slowest returns. Leaving the loop early (`break`) cancels the sub-calls still running."
+)
+
+
+def root_system_prompt(*, completion_order: bool = False) -> str:
+    """The built-in root prompt; `completion_order` adds `llm_batch_as_completed`."""
+    base = _read("root_system.txt")
+    return base + _AS_COMPLETED if completion_order else base
 
 
 def sub_system_prompt() -> str:
@@ -46,7 +56,8 @@ class ContextMetadata:
         self.type_name = type_name
         self.lengths = lengths
         self.total_length = sum(lengths)
-        self.preview = preview
+        # The preview goes into the first prompt: a lone surrogate in it must not break it.
+        self.preview = scrub(preview)
 
 
 def describe_context(context: Context) -> ContextMetadata:
@@ -88,7 +99,7 @@ def first_user_message(meta: ContextMetadata, root_prompt: str | None) -> str:
         "",
     ]
     if root_prompt:
-        lines += [f"Query: {root_prompt}", ""]
+        lines += [f"Query: {scrub(root_prompt)}", ""]
     lines.append(
         "Think step by step about how to use the REPL to answer, then write your first ```repl block. "
         "You have not looked at the context yet."

@@ -24,7 +24,10 @@ __all__ = [
     "UsageTotals",
 ]
 
-RunStatus = Literal["ok", "max_iterations", "budget_exceeded", "timeout", "error"]
+RunStatus = Literal["ok", "partial", "max_iterations", "budget_exceeded", "timeout", "error"]
+"""How a run ended. "partial": the model answered, but some sub-calls it asked for failed
+(`failed_subcalls` says how many), so the answer was built without their results; a run
+with sub-calls refused by the budget is "budget_exceeded" instead, never "ok"."""
 
 
 @dataclass(slots=True)
@@ -97,6 +100,12 @@ class RLMResult:
     """Every call's `CallRecord.totals` added up (as are `by_model` and `by_depth`)."""
     limit_hit: str | None = None
     """Which budget limit ended the run ("usd", "total_tokens", "calls", "seconds", ...)."""
+    failed_subcalls: int = 0
+    """Sub-calls (plain or child RLMs) whose slot held an "Error:" instead of an answer:
+    failed at the server, or refused by the budget or at admission."""
+    usage_estimated: bool = False
+    """Some server answered without reporting usage: those calls are counted at their
+    reservation (an upper bound), so `total` may be more than was really used."""
     events: list[Any] = field(default_factory=list)
     """The query's events when tracing was requested (see `rlm_async._trace`)."""
 
@@ -120,6 +129,8 @@ class RLMResult:
             "execution_time": self.execution_time,
             "iterations": self.iterations,
             "limit_hit": self.limit_hit,
+            "failed_subcalls": self.failed_subcalls,
+            "usage_estimated": self.usage_estimated,
             "total": self.total.to_dict(),
             "by_model": {m: t.to_dict() for m, t in self.by_model.items()},
             "by_depth": {str(d): t.to_dict() for d, t in sorted(self.by_depth.items())},

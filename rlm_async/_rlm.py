@@ -25,7 +25,8 @@ from . import _events
 from ._config import ModelConfig, RLMConfig
 from ._context import Context, validate_context
 from ._engine import Engine
-from ._governor import BudgetLimits, Governor, PriceTable
+from ._engine.slots import shared_slots
+from ._governor import BudgetLedger, BudgetLimits, Governor, PriceTable
 from ._journal import Journal
 from ._result import RLMResult
 from .exceptions import ConfigError
@@ -232,6 +233,7 @@ class RLM:
                 transport_factory=self._make_transport,
                 governor=self._governor or _shared_governor(self.config),
                 journal=journal,
+                slots=shared_slots(self.config.max_workers),
             )
             for model in self.config.all_models():  # fail fast on a missing key, before any work
                 engine.transport_for(model)
@@ -259,19 +261,37 @@ class RLM:
         root_prompt: str | None = None,
         *,
         event_sinks: Sequence[_events.EventSink] = (),
+        max_depth: int | None = None,
+        budget: BudgetLimits | None = None,
+        ledger_parent: BudgetLedger | None = None,
     ) -> RLMResult:
         """Answer `root_prompt` over `prompt` (the context). Never raises for a run that
-        ends early (budget, deadline, iterations): the result's `status` says why."""
+        ends early (budget, deadline, iterations): the result's `status` says why.
+
+        `max_depth` and `budget` replace the configured ones for this query only (a service
+        bounds them per request); `ledger_parent` puts the query's ledger under another
+        ledger of this RLM's governor (a tenant's budget) instead of the process ledger."""
         context = validate_context(prompt)
         engine = await self._engine()
+        changes: dict[str, Any] = {}
+        if max_depth is not None and max_depth != self.config.max_depth:
+            changes["max_depth"] = max_depth
+        if budget is not None and budget != self.config.budget:
+            changes["budget"] = budget
+        if changes:
+            engine = engine.with_config(dataclasses.replace(self.config, **changes))
         sinks = (*self._sinks, *event_sinks)
         query_id = f"q{next(_query_ids)}"
         if not self.verbose:
-            return await engine.run(context, root_prompt, sinks=sinks, query_id=query_id)
+            return await engine.run(
+                context, root_prompt, sinks=sinks, query_id=query_id, ledger_parent=ledger_parent
+            )
         from ._progress import LiveProgress  # verbose=True: the official flag shows live progress
 
         with LiveProgress() as progress:
-            return await engine.run(context, root_prompt, sinks=(*sinks, progress), query_id=query_id)
+            return await engine.run(
+                context, root_prompt, sinks=(*sinks, progress), query_id=query_id, ledger_parent=ledger_parent
+            )
 
     def completion(self, prompt: Context, root_prompt: str | None = None) -> RLMResult:
         """Synchronous `acompletion`: runs its own event loop, then closes what it opened."""

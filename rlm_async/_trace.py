@@ -341,12 +341,12 @@ class TraceWriter:
     def _open(self, query_id: str, clock_origin: float, *, fresh: bool) -> None:
         path = self.paths.get(query_id)
         if path is not None and not fresh:  # a straggler after query.finish: no second header
-            handle = path.open("a", encoding="utf-8")
+            handle = path.open("a", encoding="utf-8", errors="backslashreplace")
         else:
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self._fresh_path(query_id)
             # "x": should another writer have taken the name meanwhile, fail, never clobber.
-            handle = path.open("x", encoding="utf-8")
+            handle = path.open("x", encoding="utf-8", errors="backslashreplace")
             handle.write(_header(query_id, clock_origin, self.redact) + "\n")
             self.paths[query_id] = path
         self._files[query_id] = handle
@@ -436,7 +436,7 @@ def write_trace(
     drop = frozenset(redact)
     iterator = iter(events)
     first = next(iterator, None)
-    with path.open("w", encoding="utf-8") as handle:
+    with path.open("w", encoding="utf-8", errors="backslashreplace") as handle:
         origin = first.time if first is not None else 0.0
         handle.write(_header(first.query_id if first else None, origin, drop) + "\n")
         if first is not None:

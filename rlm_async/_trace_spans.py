@@ -33,6 +33,10 @@ class CallSpan:
     attempts: int = 1
     retries: int = 0
     """`call.retry` events seen for this call."""
+    hedges: tuple[float, ...] = ()
+    """When each hedge copy of this call was ordered (`call.hedge`), on the trace's clock."""
+    hedge_won: bool = False
+    """A hedge copy's answer was the one used."""
     from_journal: bool = False
     error: str | None = None
     text: str | None = None

@@ -26,6 +26,8 @@ from typing import Any
 
 from ._events import (
     CallFinish,
+    CallHedge,
+    CallHedgeEnd,
     CallRetry,
     CallStart,
     CellFinish,
@@ -36,6 +38,7 @@ from ._events import (
     NodeStart,
     QueryFinish,
     QueryStart,
+    SubcallsRefused,
 )
 from ._trace_path import critical_path
 from ._trace_spans import CallSpan, CellSpan, NodeSpan, PathStep, TraceSummary
@@ -83,7 +86,7 @@ class _Node:
 
 
 class _Call:
-    __slots__ = ("end", "finish", "retries", "start", "started")
+    __slots__ = ("end", "finish", "hedge_won", "hedges", "retries", "start", "started")
 
     def __init__(self, started: CallStart | CallFinish, start: float) -> None:
         self.started = started
@@ -92,6 +95,8 @@ class _Call:
         self.end: float | None = None
         self.finish: CallFinish | None = None
         self.retries = 0
+        self.hedges: list[float] = []
+        self.hedge_won = False
 
 
 class _Fold:
@@ -105,6 +110,8 @@ class _Fold:
         self.query_finish: QueryFinish | None = None
         self.query_id: str | None = None
         self.last_seen: dict[str, float] = {}
+        self.unsent = 0
+        """Sub-calls refused at admission (`SubcallsRefused`): refused calls, never calls."""
 
     def node(self, node_id: str) -> _Node:
         found = self.nodes.get(node_id)
@@ -117,7 +124,7 @@ class _Fold:
         if e.node_id is not None:
             self.last_seen[e.node_id] = e.time
         match e:
-            case CallStart() | CallFinish() | CallRetry():
+            case CallStart() | CallFinish() | CallRetry() | CallHedge() | CallHedgeEnd():
                 self._add_call(e)
             case NodeStart() | NodeFinish() | IterationStart():
                 if e.node_id is not None:
@@ -130,8 +137,10 @@ class _Fold:
                 self.query_start = e
             case QueryFinish():
                 self.query_finish = e
+            case SubcallsRefused():
+                self.unsent += e.count
 
-    def _add_call(self, e: CallStart | CallFinish | CallRetry) -> None:
+    def _add_call(self, e: CallStart | CallFinish | CallRetry | CallHedge | CallHedgeEnd) -> None:
         calls = self.calls
         match e:
             case CallStart():
@@ -144,6 +153,12 @@ class _Fold:
             case CallRetry():
                 if e.call_id in calls:
                     calls[e.call_id].retries += 1
+            case CallHedge():
+                if e.call_id in calls:
+                    calls[e.call_id].hedges.append(e.time)
+            case CallHedgeEnd():
+                if e.call_id in calls and e.copy > 0 and e.outcome == "won":
+                    calls[e.call_id].hedge_won = True
 
     @staticmethod
     def _add_node(e: NodeStart | NodeFinish | IterationStart, n: _Node) -> None:
@@ -205,7 +220,7 @@ def summarize(events: Iterable[Event], *, query_id: str | None = None) -> TraceS
         roots=roots,
         calls=call_spans,
         cells=cell_spans,
-        totals=_totals(call_spans),
+        totals=_totals(call_spans) + Usage(refused_calls=fold.unsent),
         by_model=_grouped(call_spans, lambda c: c.model),
         by_depth=dict(sorted(_grouped(call_spans, lambda c: c.depth).items())),
         peak_in_flight=peak,
@@ -276,6 +291,8 @@ def _call_spans(
                 cost_usd=fin.cost_usd if fin is not None else 0.0,
                 attempts=(fin.attempts if fin is not None else 0) or 1,
                 retries=c.retries,
+                hedges=tuple(t - t0 for t in c.hedges),
+                hedge_won=c.hedge_won,
                 from_journal=fin.from_journal if fin is not None else False,
                 error=fin.error if fin is not None else None,
                 text=fin.text if fin is not None else None,

@@ -163,6 +163,37 @@ class Completion:
     model: str
     finish_reason: str | None = None
     rate_limit: RateLimitInfo | None = None
+    usage_reported: bool = True
+    """False when the server sent no usage (or no prompt tokens): `usage` is then not the
+    truth, and the governor charges the call's reservation instead."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HedgeSummary:
+    """What hedging did for one logical call (see `HedgeConfig`): copies beyond the first."""
+
+    sent: int = 0
+    """Hedge copies sent (the original not counted)."""
+    won: bool = False
+    """A hedge copy's answer was the one returned."""
+    cancelled: int = 0
+    """Copies (the original included) cancelled because another answered first."""
+    failed: int = 0
+    """Copies that failed on their own (errors; budget refusals are `refused`)."""
+    refused: int = 0
+    """Hedges the budget refused before sending: no reservation, no hedge."""
+    extra: Usage = field(default_factory=Usage)
+    """What the copies whose answer was not used cost (tokens billed, dollars in `cost_usd`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sent": self.sent,
+            "won": self.won,
+            "cancelled": self.cancelled,
+            "failed": self.failed,
+            "refused": self.refused,
+            "extra": self.extra.to_dict(),
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,6 +214,10 @@ class CallRecord:
     attempts: int = 1
     from_journal: bool = False
     error: str | None = None
+    hedge: HedgeSummary | None = None
+    """Set when hedge copies were sent for this call; `usage` and `cost_usd` include them."""
+    usage_estimated: bool = False
+    """The server reported no usage: `usage` and `cost_usd` are the reservation, an upper bound."""
 
     @property
     def latency_s(self) -> float:
@@ -209,4 +244,6 @@ class CallRecord:
             "attempts": self.attempts,
             "from_journal": self.from_journal,
             "error": self.error,
+            **({"hedge": self.hedge.to_dict()} if self.hedge is not None else {}),
+            "usage_estimated": self.usage_estimated,
         }

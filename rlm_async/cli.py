@@ -5,6 +5,7 @@
     rlm-async sim [--config sim.toml] [--port P]    the simulated OpenAI-compatible server
     rlm-async trace view TRACE.jsonl -o run.html    a self-contained HTML timeline
     rlm-async doctor [--config configs/NAME.toml] [--json]   what each server is, and the defaults
+    rlm-async serve [--config X.toml] [--host H] [--port P]   an OpenAI-compatible server
 
 Errors the user can fix (a missing file, an unreachable endpoint, a missing key, an unknown
 model, a bad context) print one line naming the problem and the fix and exit 2; a
@@ -88,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="identify each configured server and show the settings it gets")
     doctor.add_argument("--config", help="a TOML file from configs/")
     doctor.add_argument("--json", action="store_true", help="print the decisions as JSON")
+
+    serve = sub.add_parser("serve", help="serve RLMs over an OpenAI-compatible API (default: the simulator)")
+    serve.add_argument("--config", help="a TOML file from configs/ (default: the bundled simulator)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1; others need API keys)")
+    serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--otel", action="store_true", default=None, help="export OpenTelemetry spans")
 
     trace = sub.add_parser("trace", help="work with JSONL traces")
     tsub = trace.add_subparsers(dest="trace_command", required=True)
@@ -209,6 +216,12 @@ def _print_result(result: RLMResult, *, as_json: bool) -> None:
     print(result.response if result.response is not None else "(no answer)")
     if result.status != "ok":
         print(f"[{result.status}] {result.detail}", file=sys.stderr)
+    if result.usage_estimated:
+        print(
+            "[usage estimated] the server reported no usage for some calls: they are counted at their "
+            "reservation, an upper bound",
+            file=sys.stderr,
+        )
     t = result.total
     print(
         f"[{t.calls} calls ({t.journal_hits} from the journal), {t.prompt_tokens:,} prompt tokens ({t.cached_tokens:,} cached), "
@@ -350,6 +363,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         out = main_view(args.trace_path, args.output)
         print(f"wrote {out}")
+        return 0
+    if args.command == "serve":
+        from .serve import load_serve_config, run_server
+
+        config = load_serve_config(args.config, host=args.host, port=args.port, otel=args.otel)
+
+        def ready(url: str, note: str) -> None:
+            print(f"rlm-async serve: listening on {url} ({note})", file=sys.stderr, flush=True)
+
+        anyio.run(lambda: run_server(config, on_ready=ready))
         return 0
     runner = {"run": _run, "demo": _demo, "doctor": _doctor}[args.command]
     return anyio.run(runner, args)

@@ -69,6 +69,8 @@ def _call_row(
         c.error,
         int(c.call_id in crit),
         text,
+        [_finite(t, 6) for t in c.hedges],
+        int(c.hedge_won),
     ]
 
 

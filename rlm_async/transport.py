@@ -29,6 +29,7 @@ lives in the governor, and the SDK's own retries are off (`max_retries=0`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from abc import ABC, abstractmethod
@@ -40,6 +41,7 @@ import aiohttp
 import orjson
 
 from ._descriptors import connection_budget
+from ._text import decode_utf8, scrub
 from ._types import Completion, ModelRequest, RateLimitInfo, Usage
 from .exceptions import (
     AuthenticationFailed,
@@ -186,7 +188,8 @@ def _check_origin(endpoint: str, url: str) -> None:
 def _body(request: ModelRequest) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": request.model,
-        "messages": [m.to_dict() for m in request.messages],
+        # Lone surrogates cannot be encoded as UTF-8 (nor sent by the SDK): replaced here.
+        "messages": [{"role": m.role, "content": scrub(m.content)} for m in request.messages],
     }
     if request.max_tokens is not None:
         body["max_tokens"] = request.max_tokens
@@ -199,7 +202,8 @@ def _body(request: ModelRequest) -> dict[str, Any]:
 
 def encode_body(request: ModelRequest) -> bytes:
     """The request's JSON body, UTF-8 (orjson: several times faster than `json` on the
-    10-50 KB bodies of a fan-out)."""
+    10-50 KB bodies of a fan-out). `_body` has already replaced lone surrogates, which
+    orjson refuses."""
     return orjson.dumps(_body(request))
 
 
@@ -313,6 +317,12 @@ def _json_or_none(content: bytes) -> Any:
     try:
         return orjson.loads(content)
     except orjson.JSONDecodeError:
+        pass
+    # orjson refuses invalid UTF-8 and lone surrogate escapes ("\ud800"), both of which a
+    # server may send: read them as U+FFFD rather than retry a "malformed" body.
+    try:
+        return json.loads(decode_utf8(content))
+    except ValueError:
         return None
 
 
@@ -333,7 +343,10 @@ def _parse_completion(
         if not isinstance(text, str):
             raise TypeError("message content is not a string")
         return Completion(
-            text=text,
+            # A server without usage (or with zero prompt tokens, which no chat request has)
+            # told us nothing: the governor charges the reservation instead.
+            usage_reported=u.prompt_tokens > 0,
+            text=scrub(text),
             usage=u,
             model=data.get("model") or model,
             finish_reason=choice.get("finish_reason"),

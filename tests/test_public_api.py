@@ -17,6 +17,7 @@ BOOTSTRAP = PACKAGE / "sandbox" / "_bootstrap.py"
 # Lower number = lower layer. A module may import only from its own layer or below.
 LAYERS: dict[str, int] = {
     "_types": 0,
+    "_text": 0,
     "_version": 0,
     "exceptions": 0,
     "_events": 0,
@@ -47,6 +48,7 @@ LAYERS: dict[str, int] = {
     "_rlm": 6,
     "sim": 7,
     "demo": 8,
+    "serve": 8,
     "cli": 9,
     "__init__": 9,
 }

@@ -22,13 +22,14 @@ from .._config import ModelConfig
 from .._governor import CallTally
 from .._servers import Fitted, ServerSettings, fit
 from .._tree import Node
-from .._types import CallKind, CallRecord, CallStatus, Completion, ModelRequest, Usage
+from .._types import CallKind, CallRecord, CallStatus, Completion, HedgeSummary, ModelRequest, Usage
 from ..exceptions import BudgetExceeded, ContextLengthExceeded
 from ..transport import Transport
 from .state import QueryState
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .hedge import FanoutHedger
 
 __all__ = ["CallPath"]
 
@@ -44,6 +45,8 @@ class _Call:
     kind: CallKind
     request: ModelRequest
     transport: Transport
+    hedge: tuple[FanoutHedger, int] | None = None
+    """A fan-out's hedger and this call's slot: copies race inside one logical call."""
 
 
 class CallPath:
@@ -55,12 +58,23 @@ class CallPath:
         self._log_text = engine.config.log_text
 
     async def call_model(
-        self, parent: Node, depth: int, kind: CallKind, request: ModelRequest, model: ModelConfig
+        self,
+        parent: Node,
+        depth: int,
+        kind: CallKind,
+        request: ModelRequest,
+        model: ModelConfig,
+        *,
+        hedge: tuple[FanoutHedger, int] | None = None,
     ) -> Completion:
         """Make one model call under the query's budget; raises what the call raised
-        (`BudgetExceeded`, a `TransportError`, cancellation) after recording it."""
+        (`BudgetExceeded`, a `TransportError`, cancellation) after recording it. With
+        `hedge` (a fan-out's hedger and this call's slot), copies race inside the journal's
+        one logical call."""
         node = self._state.tree.open(parent=parent, depth=depth, kind="llm", model=request.model, label=kind)
-        call = _Call(node, self._state.next_call_id(), kind, request, self._engine.transport_for(model))
+        call = _Call(
+            node, self._state.next_call_id(), kind, request, self._engine.transport_for(model), hedge
+        )
         started = self._engine.clock()
         with _events.bind(node_id=node.node_id, depth=depth):
             _events.emit(
@@ -74,8 +88,9 @@ class CallPath:
                 prompt=request.messages[-1].content if self._log_text else None,
             )
             tally = CallTally()
+            hedged: list[HedgeSummary] = []
             try:
-                completion, from_journal = await self._send(call, model, tally)
+                completion, from_journal = await self._send(call, model, tally, hedged)
             except BaseException as exc:
                 if isinstance(exc, ContextLengthExceeded) and tally.attempts:
                     # The server's own 400 names a window it did not report: refuse the next
@@ -87,6 +102,9 @@ class CallPath:
                     _status_of(exc),
                     attempts=tally.attempts,
                     error=f"{type(exc).__name__}: {exc}",
+                    # Hedge copies may have billed their input before the call failed.
+                    usage=tally.spent.as_usage() if hedge is not None else _NO_USAGE,
+                    cost=float(tally.spent.usd) if hedge is not None else 0.0,
                 )
                 raise
             self._record(
@@ -94,34 +112,49 @@ class CallPath:
                 started,
                 "ok",
                 # A journal hit consumed no tokens: its usage belongs to the call that paid.
-                usage=_NO_USAGE if from_journal else completion.usage,
+                # A hedged call's usage is every copy's (cancelled losers billed their input).
+                usage=_NO_USAGE if from_journal else (tally.spent.as_usage() if hedged else completion.usage),
                 cost=0.0 if from_journal else float(tally.spent.usd),
                 attempts=0 if from_journal else tally.attempts,
                 from_journal=from_journal,
                 text=completion.text,
+                hedge=hedged[0] if hedged else None,
+                usage_estimated=not from_journal and not completion.usage_reported,
             )
         return completion
 
-    async def _send(self, call: _Call, model: ModelConfig, tally: CallTally) -> tuple[Completion, bool]:
+    async def _send(
+        self, call: _Call, model: ModelConfig, tally: CallTally, hedged: list[HedgeSummary]
+    ) -> tuple[Completion, bool]:
         """Through the journal, if any, to the governor (which reserves the budget, waits for
-        the rate limits, sends and retries). Returns the completion and whether it came from
-        the journal."""
+        the rate limits, sends and retries), or to the hedger's race of governed copies.
+        Returns the completion and whether it came from the journal."""
         server = await self._engine.server_settings(model)
         fitted = await self._fit(call.request, server, call.transport)
         request = fitted.request
 
-        async def send() -> Completion:
+        async def send_copy(copy_tally: CallTally) -> Completion:
             governed = await self._engine.governor.call(
                 request,
                 call.transport,
                 ledger=self._state.ledger,
                 price=model.prices,
                 limits=server.limits,
-                tally=tally,
+                tally=copy_tally,
                 call_id=call.call_id,  # so that its call.retry events name the call
+                bill_cancelled_prompt=call.hedge is not None,
                 prompt_tokens=fitted.prompt_tokens,
             )
             return governed.completion
+
+        async def send() -> Completion:
+            if call.hedge is None:
+                return await send_copy(tally)
+            hedger, slot = call.hedge
+            completion, summary = await hedger.race(slot, call.call_id, send_copy, tally)
+            if summary is not None:
+                hedged.append(summary)
+            return completion
 
         journal = self._engine.journal
         if journal is None:
@@ -161,6 +194,8 @@ class CallPath:
         from_journal: bool = False,
         error: str | None = None,
         text: str | None = None,
+        hedge: HedgeSummary | None = None,
+        usage_estimated: bool = False,
     ) -> None:
         """Record a finished call (paid, failed, refused or cancelled): nothing is lost."""
         node = call.node
@@ -180,6 +215,8 @@ class CallPath:
             attempts=attempts,
             from_journal=from_journal,
             error=error,
+            hedge=hedge,
+            usage_estimated=usage_estimated,
         )
         self._state.records.append(record)
         self._state.tree.close(node, status, error)

@@ -5,7 +5,8 @@ instance and event loop."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import anyio
 
@@ -13,18 +14,21 @@ from .. import _events
 from .._cache import BatchPlan, CacheSettings, plan_batch
 from .._config import ModelConfig, RLMConfig
 from .._context import Context
-from .._governor import Governor
+from .._governor import BudgetLedger, Governor
 from .._journal import Journal
 from .._result import RLMResult
 from .._servers import ServerProfile, ServerSettings, detect, resolve, window_from_error
 from .._types import ModelRequest
 from ..transport import Transport
 from .query import Query
+from .slots import WorkerSlots
 
 __all__ = ["Engine"]
 
 # Providers keep a cached prefix for minutes after its last use (OpenAI: 5-10 min idle).
 _WARM_TTL_S = 300.0
+
+T = TypeVar("T")
 
 
 class Engine:
@@ -36,8 +40,11 @@ class Engine:
         governor: Governor,
         journal: Journal | None = None,
         clock: Callable[[], float] = time.monotonic,
+        slots: WorkerSlots | None = None,
     ) -> None:
         self.config = config
+        self.slots = slots if slots is not None else WorkerSlots(config.max_workers)
+        """Live REPL workers: the process' shared slots (see `slots.py`)."""
         self.governor = governor
         self.journal = journal
         self.clock = clock
@@ -48,14 +55,43 @@ class Engine:
         self._settings: dict[ModelConfig, ServerSettings] = {}
         self._detecting = anyio.Lock()
 
-    def plan_batch(self, requests: list[ModelRequest], cache: CacheSettings) -> BatchPlan:
-        """Plan a fan-out for prefix caching, remembering which cache buckets are warm."""
+    def with_config(self, config: RLMConfig) -> Engine:
+        """An engine for `config` (the same models; other limits, depth or budget) that shares
+        this one's transports, governor, journal and warm buckets: per-request limits in a
+        service, without a connection pool per request."""
+        derived = Engine(
+            config,
+            transport_factory=self._transport_factory,
+            governor=self.governor,
+            journal=self.journal,
+            clock=self.clock,
+            slots=self.slots,  # the process' cap on workers holds across per-request configs
+        )
+        derived._transports = self._transports
+        derived._warm_buckets = self._warm_buckets
+        # What each server is, found once per endpoint, holds for every per-request config.
+        derived._profiles = self._profiles
+        derived._settings = self._settings
+        derived._detecting = self._detecting
+        return derived
+
+    def planner(
+        self,
+        prompts: Sequence[T],
+        model: ModelConfig,
+        to_requests: Callable[[Sequence[T], ModelConfig], list[ModelRequest]],
+        cache: CacheSettings,
+    ) -> Callable[[], BatchPlan]:
+        """Plan a fan-out for prefix caching, with the cache buckets warm now: returned as a
+        function that touches no shared state, so a large
+        batch can be planned in a worker thread, off the event loop (`announce_plan` after)."""
         now = self.clock()
-        warm = {b for b, t in self._warm_buckets.items() if now - t < _WARM_TTL_S}
-        plan = plan_batch(requests, cache, already_warm=warm)
-        if len(requests) > 1:
+        warm = frozenset(b for b, t in self._warm_buckets.items() if now - t < _WARM_TTL_S)
+        return lambda: plan_batch(to_requests(prompts, model), cache, already_warm=warm)
+
+    def announce_plan(self, plan: BatchPlan) -> None:
+        if len(plan.requests) > 1:
             _events.emit(_events.WarmupDecision, **plan.event_fields())
-        return plan
 
     def mark_warm(self, bucket: str) -> None:
         self._warm_buckets[bucket] = self.clock()
@@ -108,8 +144,9 @@ class Engine:
         *,
         sinks: tuple[_events.EventSink, ...] = (),
         query_id: str = "q1",
+        ledger_parent: BudgetLedger | None = None,
     ) -> RLMResult:
-        query = Query(self, query_id=query_id)
+        query = Query(self, query_id=query_id, ledger_parent=ledger_parent)
         query.check_prices()
         kept: list[_events.Event] = []
         if self.config.keep_events:

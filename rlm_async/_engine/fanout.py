@@ -1,4 +1,5 @@
-"""The sub-calls a cell asks for: `llm_query`, `llm_batch`, `rlm_query`, `rlm_query_batched`.
+"""The sub-calls a cell asks for: `llm_query`, `llm_batch`, `llm_batch_as_completed`,
+`rlm_query`, `rlm_query_batched`.
 
 One `FanOut` per request from a worker: every prompt is one task in the asking node's task
 group — never a thread per blocked call, never a per-batch concurrency cap (the governor's
@@ -6,8 +7,18 @@ run-wide limits are the only cap). Plain sub-calls are planned for prefix cachin
 the warm-up request of each cache bucket goes alone, and the rest of its bucket waits on a
 gate until it has finished. Below `max_depth`, `rlm_*` prompts become child RLM loops.
 
+A model with hedging on gets a `FanoutHedger` per fan-out of plain sub-calls: its monitor
+runs in the same task group, and each sub-call races its copies (`hedge.py`). A request that
+streams (`llm_batch_as_completed`) hears of each slot as it is filled.
+
 A failing slot never fails the batch: it holds an `"Error: ..."` string, and the failure is
 kept in the query's state.
+
+Admission comes before any per-prompt work: a request is measured against the calls the
+budget has left, the query's deadline and the sub-calls the query may have pending at once
+(`RLMConfig.max_pending_subcalls`). Prompts past what is admitted are refused in one piece,
+each slot holding the same error string, counted in the query's state, never one call
+record each; work over the admitted prompts yields to the event loop as it goes.
 """
 
 from __future__ import annotations
@@ -16,6 +27,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.lowlevel
+import anyio.to_thread
 import structlog
 
 from .._cache import BatchPlan
@@ -26,8 +39,9 @@ from .._result import SubCallFailure, SubCallResult
 from .._tree import Node
 from .._types import Message, ModelRequest
 from ..exceptions import BudgetExceeded, SandboxError, TransportError
-from ..sandbox import WorkerRequest
+from ..sandbox import OnResult, WorkerRequest
 from .calls import CallPath
+from .hedge import FanoutHedger, book_for
 from .outcome import RunEnded, RunOutcome
 from .state import QueryState
 
@@ -40,6 +54,11 @@ _log = structlog.get_logger("rlm_async.engine")
 
 ERROR_PREFIX = "Error: "
 _PREVIEW = 200
+_CHUNK = 2_000
+"""Tasks started between two checkpoints of the event loop: a batch up to this size is
+in flight at once, as before; a larger one lets other tasks run while it starts."""
+_OFF_LOOP = 2_000
+"""Batches at least this large are planned in a worker thread, off the event loop."""
 
 RunChild = Callable[[str, int, Node], Awaitable[RunOutcome]]
 """Runs a child RLM loop over a prompt at a depth, under a parent node."""
@@ -75,11 +94,55 @@ class SubCallHandler:
         sub_model = self._sub_model(request.model)
         if isinstance(sub_model, str):  # unknown model name: every slot says so
             return [ERROR_PREFIX + sub_model] * len(request.prompts)
-        fanout = _FanOut(self._engine, self, request.prompts, sub_model, recursive=recursive)
-        await fanout.run()
-        if fanout.refused and request.op in ("llm_query", "rlm_query"):
+        single = request.op in ("llm_query", "rlm_query")
+        n = len(request.prompts)
+        admitted, refusal = self._admit(n)
+        if refusal is not None:
+            self._state.refuse_unsent(sub_model.model, self._depth + 1, n - admitted, refusal)
+            if single or admitted == 0:
+                _log.info("sub-calls refused before any work", refused=n - admitted, why=str(refusal))
+            if single and isinstance(refusal, BudgetExceeded):
+                raise refusal
+        prompts = request.prompts if admitted == n else request.prompts[:admitted]
+        self._state.pending_subcalls += admitted
+        try:
+            fanout = _FanOut(
+                self._engine, self, prompts, sub_model, recursive=recursive, on_result=request.on_result
+            )
+            await fanout.run()
+        finally:
+            self._state.pending_subcalls -= admitted
+        if fanout.refused and single:
             raise fanout.refused[0]
-        return fanout.results
+        if refusal is None:
+            return fanout.results
+        return fanout.results + [f"{ERROR_PREFIX}{refusal}"] * (n - admitted)
+
+    def _admit(self, n: int) -> tuple[int, BudgetExceeded | AdmissionRefused | None]:
+        """How many of `n` prompts may start, and why the rest may not: the calls the budget
+        has left (each prompt is at least one call), the deadline, and the sub-calls this
+        query may have pending at once. Checked in O(1), before any per-prompt work."""
+        state = self._state
+        ledger = state.ledger
+        left = ledger.seconds_left()
+        if left is not None and left <= 0:
+            cap = float(ledger.limits.max_seconds or 0)
+            return 0, BudgetExceeded("seconds", cap, cap, 0.0)
+        admitted = n
+        why_: BudgetExceeded | AdmissionRefused | None = None
+        calls = ledger.room("calls")
+        if calls is not None and calls.room < admitted:
+            admitted = max(calls.room, 0)
+            why_ = BudgetExceeded(calls.limit, calls.cap, calls.committed, float(n - admitted))
+        pending_cap = self._engine.config.max_pending_subcalls
+        if pending_cap is not None and state.pending_subcalls + admitted > pending_cap:
+            admitted = max(pending_cap - state.pending_subcalls, 0)
+            why_ = AdmissionRefused(
+                f"not sent: {n:,} sub-calls asked while {state.pending_subcalls:,} are pending, and a query "
+                f"may have at most {pending_cap:,} pending at once (RLMConfig.max_pending_subcalls); "
+                "send smaller batches, one after another"
+            )
+        return admitted, why_
 
     def _sub_model(self, name: str | None) -> ModelConfig | str:
         config = self._engine.config
@@ -96,8 +159,16 @@ class SubCallHandler:
         self._state.failures.append(SubCallFailure(self._node.node_id, self._depth + 1, why))
         return ERROR_PREFIX + shown_as + why
 
-    async def plain(self, prompt: str, request: ModelRequest, model: ModelConfig) -> str:
-        completion = await self._calls.call_model(self._node, self._depth + 1, "sub", request, model)
+    async def plain(
+        self,
+        prompt: str,
+        request: ModelRequest,
+        model: ModelConfig,
+        hedge: tuple[FanoutHedger, int] | None = None,
+    ) -> str:
+        completion = await self._calls.call_model(
+            self._node, self._depth + 1, "sub", request, model, hedge=hedge
+        )
         self._keep(prompt, completion.text)
         return completion.text
 
@@ -139,6 +210,7 @@ class _FanOut:
         model: ModelConfig,
         *,
         recursive: bool,
+        on_result: OnResult | None = None,
     ) -> None:
         self._engine = engine
         self._handler = handler
@@ -149,18 +221,34 @@ class _FanOut:
         self.refused: list[BudgetExceeded] = []
         self._plan: BatchPlan | None = None
         self._gates: dict[int, anyio.Event] = {}
+        self._on_result = on_result
+        self._hedger: FanoutHedger | None = None
 
     async def run(self) -> None:
+        n = len(self._prompts)
         if not self._recursive:
             settings = await self._engine.server_settings(self._model)
-            self._plan = self._engine.plan_batch(
-                [_sub_request(p, self._model) for p in self._prompts], settings.cache
-            )
+            plan = self._engine.planner(self._prompts, self._model, _sub_requests, settings.cache)
+            # Work proportional to the batch runs off the event loop when the batch is large.
+            self._plan = await anyio.to_thread.run_sync(plan) if n >= _OFF_LOOP else plan()
+            self._engine.announce_plan(self._plan)
             self._gates = {w: anyio.Event() for w in self._plan.warmups}
-        with long_lived_frozen(len(self._prompts)):
+            if self._model.hedge.enabled and self._prompts:
+                self._hedger = FanoutHedger(
+                    self._model.hedge,
+                    book_for(self._engine.governor),
+                    model=self._model.model,
+                    total=n,
+                    clock=self._engine.clock,
+                )
+        with long_lived_frozen(n):
             async with anyio.create_task_group() as tg:
-                for i in range(len(self._prompts)):
+                if self._hedger is not None:
+                    tg.start_soon(self._hedger.monitor)
+                for i in range(n):
                     tg.start_soon(self._gated, i)
+                    if i % _CHUNK == _CHUNK - 1:
+                        await anyio.lowlevel.checkpoint()
 
     async def _gated(self, i: int) -> None:
         plan = self._plan
@@ -169,7 +257,11 @@ class _FanOut:
             await self._gates[gate].wait()
         try:
             await self._one(i)
+            if self._on_result is not None:
+                await self._on_result(i, self.results[i])
         finally:
+            if self._hedger is not None:
+                self._hedger.finish(i)
             if i in self._gates:  # a failed warm-up releases its bucket too: the rest go cold
                 assert plan is not None
                 self._gates[i].set()
@@ -181,7 +273,10 @@ class _FanOut:
             if self._plan is None:
                 self.results[i] = await self._handler.child(prompt)
             else:
-                self.results[i] = await self._handler.plain(prompt, self._plan.requests[i], self._model)
+                hedge = None if self._hedger is None else (self._hedger, i)
+                self.results[i] = await self._handler.plain(
+                    prompt, self._plan.requests[i], self._model, hedge
+                )
         except BudgetExceeded as exc:
             self.refused.append(exc)
             self.results[i] = f"{ERROR_PREFIX}{exc}"
@@ -190,6 +285,14 @@ class _FanOut:
         except Exception as exc:  # a bug below us must cost one slot, not the whole query
             _log.exception("sub-call failed unexpectedly", node_id=self._handler.node_id)
             self.results[i] = self._handler.fail(f"{type(exc).__name__}: {exc}", shown_as="internal error: ")
+
+
+class AdmissionRefused(Exception):
+    """Prompts of a request that were not admitted (too many sub-calls pending)."""
+
+
+def _sub_requests(prompts: Sequence[str], model: ModelConfig) -> list[ModelRequest]:
+    return [_sub_request(p, model) for p in prompts]
 
 
 def _sub_request(prompt: str, model: ModelConfig) -> ModelRequest:

@@ -11,11 +11,12 @@ import anyio
 from .. import _events
 from .._context import Context
 from .._descriptors import connection_budget
+from .._governor import BudgetLedger
 from .._prompts import describe_context
 from .._result import RLMResult
 from .._tree import CallTree
 from .._types import Usage
-from ..exceptions import ConfigError
+from ..exceptions import BudgetExceeded, ConfigError
 from .calls import CallPath
 from .outcome import RunEnded, RunOutcome
 from .state import QueryState
@@ -30,13 +31,13 @@ __all__ = ["Query"]
 class Query:
     """The root of one `acompletion`: wires the state, the call path and the turn loop."""
 
-    def __init__(self, engine: Engine, *, query_id: str) -> None:
+    def __init__(self, engine: Engine, *, query_id: str, ledger_parent: BudgetLedger | None = None) -> None:
         self._engine = engine
         self._config = engine.config
         self.state = QueryState(
             query_id=query_id,
             tree=CallTree(engine.clock),
-            ledger=engine.governor.ledger(self._config.budget),
+            ledger=engine.governor.ledger(self._config.budget, parent=ledger_parent),
         )
         self._loop = RLMLoop(engine, self.state, CallPath(engine, self.state))
 
@@ -104,17 +105,33 @@ class Query:
         return result
 
     def _with_refusals(self, outcome: RunOutcome) -> RunOutcome:
-        """The model answered, but without some sub-calls it asked for: never a silent "ok"."""
-        refused = [r for r in self.state.records if r.status == "budget"]
-        if outcome.status not in ("ok", "max_iterations") or not refused:
+        """The model answered, but without some sub-calls it asked for: never a silent "ok".
+        Refused by the budget (or at admission): "budget_exceeded"; failed: "partial"."""
+        if outcome.status not in ("ok", "max_iterations"):
             return outcome
-        last = self.state.ledger.last_refusal
+        state = self.state
+        refused = sum(1 for r in state.records if r.status == "budget") + sum(state.unsent.values())
+        failed = len(state.failures)
+        if refused:
+            last = state.ledger.last_refusal
+            why = last if last is not None else state.last_unsent
+            detail = (
+                f"{refused} call(s) were refused by the budget"
+                + (f" ({why})" if why is not None else "")
+                + "; the model answered without their results, so the answer may be incomplete"
+            )
+            limit = why.limit if isinstance(why, BudgetExceeded) else None
+            return RunOutcome(outcome.answer, "budget_exceeded", detail, limit)
+        if not failed:
+            return outcome
+        first = state.failures[0].error
         detail = (
-            f"{len(refused)} call(s) were refused by the budget"
-            + (f" ({last})" if last is not None else "")
-            + "; the model answered without their results, so the answer may be incomplete"
+            f"{failed} sub-call(s) failed (the first: {first[:300]}); the model answered without their "
+            "results, so the answer may be incomplete"
         )
-        return RunOutcome(outcome.answer, "budget_exceeded", detail, last.limit if last is not None else None)
+        if outcome.status == "max_iterations":
+            return RunOutcome(outcome.answer, "max_iterations", f"{outcome.detail}; {detail}", outcome.limit)
+        return RunOutcome(outcome.answer, "partial", detail)
 
     def _result(self, outcome: RunOutcome, wall: float, root_prompt: str | None) -> RLMResult:
         state = self.state
@@ -125,6 +142,11 @@ class Query:
             by_model[r.model] = by_model.get(r.model, Usage()) + r.totals
             by_depth[r.depth] = by_depth.get(r.depth, Usage()) + r.totals
             total += r.totals
+        for (model, depth), count in state.unsent.items():  # refused at admission: not calls
+            unsent = Usage(refused_calls=count)
+            by_model[model] = by_model.get(model, Usage()) + unsent
+            by_depth[depth] = by_depth.get(depth, Usage()) + unsent
+            total += unsent
         return RLMResult(
             response=outcome.answer,
             status=outcome.status,
@@ -141,4 +163,8 @@ class Query:
             by_depth=by_depth,
             total=total,
             limit_hit=outcome.limit,
+            failed_subcalls=len(state.failures)
+            + sum(1 for r in state.records if r.status == "budget" and r.kind == "sub")
+            + sum(state.unsent.values()),
+            usage_estimated=any(r.usage_estimated for r in state.records),
         )

@@ -5,12 +5,14 @@
 next user message (the history is append-only, so the prompt prefix never changes). It ends
 when code sets the answer or the reply has FINAL/FINAL_VAR; out of iterations or budget, one
 last small call asks for the best answer. The worker is killed in a shielded `finally`,
-whatever ended the node.
+whatever ended the node, and only then gives its slot back (`slots.py`: the process-wide
+cap on live workers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING
 
 import anyio
@@ -63,10 +65,17 @@ class RLMLoop:
         tree = self._state.tree
         node = tree.open(parent=parent, depth=depth, kind="rlm", model=model.model, label="rlm")
         worker: Worker | None = None
+        below = self._config.max_depth - 1 - depth  # levels of child RLMs possible under this one
         try:
             with _events.bind(node_id=node.node_id, depth=depth):
-                worker = await start_worker(context, self._config.sandbox)
-                outcome = await self._loop(node, worker, context, root_prompt, depth, model)
+                async with self._engine.slots.hold(below=below):
+                    try:
+                        worker = await start_worker(context, self._config.sandbox)
+                        outcome = await self._loop(node, worker, context, root_prompt, depth, model)
+                    finally:
+                        if worker is not None:  # before the slot is given back
+                            with anyio.CancelScope(shield=True):
+                                await worker.aclose()
             tree.close(node, "ok" if outcome.status == "ok" else "error", outcome.detail)
             return outcome
         except RunEnded as ended:
@@ -79,10 +88,6 @@ class RLMLoop:
         except BaseException as exc:
             tree.close(node, "error", f"{type(exc).__name__}: {exc}")
             raise
-        finally:
-            if worker is not None:
-                with anyio.CancelScope(shield=True):
-                    await worker.aclose()
 
     async def _run_child(self, prompt: str, depth: int, parent: Node) -> RunOutcome:
         return await self.run(prompt, None, depth=depth, parent=parent)
@@ -98,7 +103,9 @@ class RLMLoop:
     ) -> RunOutcome:
         config = self._config
         messages: list[Message] = [
-            Message("system", config.system_prompt or root_system_prompt()),
+            Message(
+                "system", config.system_prompt or root_system_prompt(completion_order=config.completion_order)
+            ),
             Message("user", first_user_message(describe_context(context), root_prompt)),
         ]
         handler = SubCallHandler(
@@ -201,13 +208,44 @@ class RLMLoop:
     async def _execute_reply(
         self, worker: Worker, reply: str, iteration: int, handler: SubCallHandler
     ) -> _TurnResult:
-        """Run every ```repl block of a reply in order; then look for FINAL/FINAL_VAR."""
+        """Run every ```repl block of a reply in order, all of them together within
+        `turn_timeout_s`; then look for FINAL/FINAL_VAR. A worker that died (for any reason)
+        is replaced before anything else runs in it."""
         blocks = find_code_blocks(reply)
         parts: list[str] = []
         limit = self._config.output_limit_chars
+        turn_limit = self._config.turn_timeout_s
+        clock = self._engine.clock
+        deadline = None if turn_limit is None else clock() + turn_limit
         for index, code in enumerate(blocks, start=1):
+            left = None if deadline is None else deadline - clock()
+            if left is not None and left <= 0:
+                parts.append(_not_run(index, len(blocks), turn_limit))
+                break
+            await self._ensure_alive(worker, parts)
             _events.emit(_events.CellStart, iteration=iteration, cell=index)
-            result = await worker.run_cell(code, handler)
+            result: CellResult | None = None
+            with anyio.move_on_after(math.inf if left is None else left):
+                result = await worker.run_cell(code, handler)
+            if result is None:  # the turn's bound ran out inside this block
+                _events.emit(
+                    _events.CellFinish,
+                    iteration=iteration,
+                    cell=index,
+                    duration_s=left or 0.0,
+                    status="turn_timeout",
+                    stdout_chars=0,
+                    stderr_chars=0,
+                    error=f"stopped at turn_timeout_s={turn_limit:g}",
+                )
+                parts.append(
+                    f"{_head(index, len(blocks))}:\n[stopped: the turn's time limit (turn_timeout_s="
+                    f"{turn_limit:g} s, all blocks of one reply together) ran out while this block ran]"
+                )
+                await self._ensure_alive(worker, parts)
+                if index < len(blocks):
+                    parts.append(_not_run(index + 1, len(blocks), turn_limit))
+                break
             _events.emit(
                 _events.CellFinish,
                 iteration=iteration,
@@ -220,30 +258,46 @@ class RLMLoop:
             )
             parts.append(truncate_output(_cell_text(index, len(blocks), result), limit))
             if result.worker_dead:
-                await worker.restart()
-                parts.append(
-                    f"[the REPL worker was killed ({result.status}) and a fresh one started: `context` is "
-                    "reloaded, but every variable you created is gone]"
-                )
+                await self._ensure_alive(worker, parts, why=result.status)
             if result.final_answer is not None:
-                return _TurnResult(result.final_answer, "\n\n".join(parts))
+                return _TurnResult(result.final_answer, _observation(parts, limit))
         marker = find_final(reply)
         if marker is not None:
             if marker.kind == "text":
-                return _TurnResult(marker.value, "\n\n".join(parts))
+                return _TurnResult(marker.value, _observation(parts, limit))
+            await self._ensure_alive(worker, parts)
             value = await worker.get_variable(marker.value)
             if value is not None:
-                return _TurnResult(value, "\n\n".join(parts))
-            parts.append(
-                f"FINAL_VAR({marker.value}): no variable named {marker.value!r} exists. "
-                "Assign it in a ```repl block first."
-            )
+                return _TurnResult(value, _observation(parts, limit))
+            if not worker.alive:  # str() of it hung (or the worker died): not "no such variable"
+                timeout = self._config.sandbox.cell_timeout_s
+                parts.append(
+                    f"FINAL_VAR({marker.value}): turning {marker.value!r} into text did not finish"
+                    + (f" within {timeout:g} s" if timeout is not None else "")
+                    + " (its __str__ hangs?), so the worker was killed."
+                )
+                await self._ensure_alive(worker, parts, why="get_variable")
+            else:
+                parts.append(
+                    f"FINAL_VAR({marker.value}): no variable named {marker.value!r} exists. "
+                    "Assign it in a ```repl block first."
+                )
         if not blocks and marker is None:
             parts.append(
                 "Your reply had no ```repl block and no FINAL(...) line. Write Python in a ```repl block "
                 "to work with `context`, or give your answer as FINAL(...)."
             )
-        return _TurnResult(None, "\n\n".join(parts))
+        return _TurnResult(None, _observation(parts, limit))
+
+    async def _ensure_alive(self, worker: Worker, parts: list[str], *, why: str | None = None) -> None:
+        """Replace a worker that is not running, and tell the model its variables are gone."""
+        if worker.alive:
+            return
+        await worker.restart()
+        parts.append(
+            f"[the REPL worker was killed ({why or 'it had stopped'}) and a fresh one started: `context` is "
+            "reloaded, but every variable you created is gone]"
+        )
 
     def _feedback(self, observation: str, iteration: int) -> str:
         total = self._config.max_iterations
@@ -254,8 +308,26 @@ class RLMLoop:
         return "\n".join(lines)
 
 
+def _head(index: int, total: int) -> str:
+    return f"Output of repl block {index} of {total}" if total > 1 else "REPL output"
+
+
+def _not_run(first: int, total: int, limit: float | None) -> str:
+    which = f"block {first}" if first == total else f"blocks {first} to {total}"
+    return (
+        f"[{which} of {total} did not run: the turn's time limit (turn_timeout_s={limit:g} s) ran out; "
+        "run them again in your next reply if you still need them]"
+    )
+
+
+def _observation(parts: list[str], limit: int) -> str:
+    """What the cells of one turn showed, at most four times the per-block limit: a reply of
+    thousands of blocks must not make the next prompt unbounded."""
+    return truncate_output("\n\n".join(parts), 4 * limit)
+
+
 def _cell_text(index: int, total: int, result: CellResult) -> str:
-    head = f"Output of repl block {index} of {total}" if total > 1 else "REPL output"
+    head = _head(index, total)
     body: list[str] = []
     if result.stdout:
         body.append(result.stdout.rstrip("\n"))

@@ -9,10 +9,10 @@ acquire starves), it cannot refund, and it reads the asyncio loop's clock, so a 
 of our own meters both requests and tokens.
 """
 
-from ._budget import BudgetLedger, BudgetLimits, Charge, Reservation
+from ._budget import BudgetLedger, BudgetLimits, Charge, Reservation, Room
 from ._clock import Clock, ManualClock, Sleep, wait_until_idle
 from ._core import CallTally, GovernedCompletion, Governor, GovernorConfig
-from ._estimate import CharsPerTokenEstimator, TokenEstimator, Utf8BytesEstimator
+from ._estimate import CharsPerTokenEstimator, TokenEstimator, TokenizerEstimator, Utf8BytesEstimator
 from ._limits import EndpointLimits, LimitState, PauseGate, RequestTooLarge
 from ._prices import ModelPrice, PriceTable
 from ._retry import RetryConfig, backoff_s
@@ -37,9 +37,11 @@ __all__ = [
     "RequestTooLarge",
     "Reservation",
     "RetryConfig",
+    "Room",
     "Sleep",
     "TokenBucket",
     "TokenEstimator",
+    "TokenizerEstimator",
     "Utf8BytesEstimator",
     "backoff_s",
     "wait_until_idle",

@@ -35,7 +35,7 @@ from .._types import Usage
 from ..exceptions import BudgetExceeded, ConfigError
 from ._clock import Clock
 
-__all__ = ["BudgetLedger", "BudgetLimits", "Charge", "Reservation"]
+__all__ = ["BudgetLedger", "BudgetLimits", "Charge", "Reservation", "Room"]
 
 _log = structlog.get_logger("rlm_async.governor")
 
@@ -145,6 +145,19 @@ _USAGE_FIELD = {
 }
 """Cap names (`BudgetLimits.max_<name>`, `BudgetExceeded.limit`) -> the `Usage` field counted."""
 _DIMS = ("usd", *_USAGE_FIELD)
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """What is left under the tightest cap of one quantity, over a ledger and its ancestors."""
+
+    limit: str
+    """The cap's name, as in `BudgetExceeded.limit` ("calls", "process.calls")."""
+    cap: float
+    committed: float
+    """Spent plus reserved under that cap."""
+    room: int
+    """cap - committed, never below 0."""
 
 
 class Reservation:
@@ -289,6 +302,20 @@ class BudgetLedger:
         self.settle(reservation, Charge())
 
     # ------------------------------------------------------------------ reading
+    def room(self, dim: str) -> Room | None:
+        """The tightest room for a counted quantity ("calls", "total_tokens", ...) over this
+        ledger and its ancestors; `None` when none of them caps it. O(depth of the chain)."""
+        tightest: Room | None = None
+        for ledger in self.chain():
+            cap = ledger._caps.get(dim)
+            if cap is None:
+                continue
+            committed = ledger._spent.dim(dim) + ledger._reserved.dim(dim)
+            left = max(int(cap - committed), 0)
+            if tightest is None or left < tightest.room:
+                tightest = Room(ledger._label(dim), float(cap), float(committed), left)
+        return tightest
+
     @property
     def spent(self) -> Usage:
         """What was spent, dollars as a float view (`spent_usd` is exact)."""

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import structlog
 import tenacity
 
-from .._events import CallRetry, emit
+from .._events import CallRetry, UsageEstimated, emit
 from .._types import Completion, ModelRequest, Usage
 from ..exceptions import ConfigError, RetryableError
 from ..transport import Transport
@@ -46,6 +47,7 @@ from ._retry import RetryConfig, make_retrying
 
 __all__ = ["CallTally", "GovernedCompletion", "Governor", "GovernorConfig"]
 
+_log = structlog.get_logger("rlm_async.governor")
 # Ids for the calls of a governor used without the engine (which passes its own).
 _standalone_call_ids = itertools.count(1)
 
@@ -162,9 +164,12 @@ class Governor:
             config.default_limits, clock=clock, sleep=sleep, retry_after_cap_s=config.retry.retry_after_cap_s
         )
 
-    def ledger(self, limits: BudgetLimits | None = None) -> BudgetLedger:
-        """A new query ledger under the process ledger."""
-        return BudgetLedger(limits, parent=self.process_ledger, clock=self._clock)
+    def ledger(
+        self, limits: BudgetLimits | None = None, *, parent: BudgetLedger | None = None
+    ) -> BudgetLedger:
+        """A new query ledger under `parent` (a tenant's ledger, say, itself under the process
+        ledger), by default directly under the process ledger."""
+        return BudgetLedger(limits, parent=parent or self.process_ledger, clock=self._clock)
 
     async def call(
         self,
@@ -176,6 +181,7 @@ class Governor:
         limits: EndpointLimits | None = None,
         tally: CallTally | None = None,
         call_id: str | None = None,
+        bill_cancelled_prompt: bool = False,
         prompt_tokens: int | None = None,
     ) -> GovernedCompletion:
         """Send `request` through limits, retries and the budget.
@@ -191,7 +197,12 @@ class Governor:
         prompt (its tokenize endpoint), when the caller has one; it replaces the estimator's
         bound in the reservation and the rate meters. A dollar cap over an unpriced model is the
         caller's to refuse up front (the engine does, per query): here such a model costs
-        $0, or is a `ConfigError` with `GovernorConfig(require_prices=True)`."""
+        $0, or is a `ConfigError` with `GovernorConfig(require_prices=True)`.
+
+        `bill_cancelled_prompt`: an attempt cancelled after it was sent is settled as its
+        prompt-token bound (no output) instead of as nothing: what a provider that bills the
+        input of an abandoned request charges. Hedging sets it for every copy it races, so
+        a cancelled loser stays inside the budget it reserved."""
         if request.max_tokens is None:
             request = dataclasses.replace(request, max_tokens=self.config.default_max_tokens)
         output_bound = request.max_tokens
@@ -223,7 +234,15 @@ class Governor:
                 endpoint=transport.endpoint,
             )
 
-        args = (request, transport, state, ledger, reserve, rate_tokens, price, tally)
+        cancelled_charge = (
+            Charge(
+                Usage(prompt_bound, calls=1),
+                self.prices.reserve_cost(model, prompt_bound, 0, override=price),
+            )
+            if bill_cancelled_prompt
+            else Charge(Usage(calls=1))
+        )
+        args = (request, transport, state, ledger, reserve, rate_tokens, price, tally, cancelled_charge)
         try:
             # The first attempt outside tenacity: building and driving its machinery costs
             # more CPU than the rest of the governor, and most calls succeed at once.
@@ -279,6 +298,7 @@ class Governor:
         rate_tokens: int,
         price: ModelPrice | None,
         tally: CallTally,
+        cancelled_charge: Charge,
     ) -> Completion:
         reservation = ledger.reserve(reserve, model=request.model)
         permit: Permit | None = None
@@ -293,17 +313,47 @@ class Governor:
             if permit is not None:
                 state.release(permit, error=exc)
             if sent:
-                failed = Charge(Usage(calls=1))  # the server saw it; no usage reported
+                # The server saw it; no usage reported. Cancelled, it may still bill input.
+                cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+                failed = cancelled_charge if cancelled else Charge(Usage(calls=1))
                 ledger.settle(reservation, failed)
                 tally.spent += failed
             else:
                 ledger.release(reservation)
             raise
+        if not completion.usage_reported:
+            completion = self._estimated(completion, reserve, transport.endpoint)
         try:
-            cost = self.prices.cost(request.model, completion.usage, override=price)
+            cost = (
+                self.prices.cost(request.model, completion.usage, override=price)
+                if completion.usage_reported
+                else reserve.usd
+            )
         finally:
             state.release(permit, completion=completion)
         paid = Charge.of_usage(completion.usage, usd=cost)
         ledger.settle(reservation, paid)
         tally.spent += paid
         return completion
+
+    @staticmethod
+    def _estimated(completion: Completion, reserve: Charge, endpoint: str) -> Completion:
+        """A server that reports no usage is charged the call's reservation, the upper bound
+        the call could have used; never zero, which would let a budget be crossed silently."""
+        usage = reserve.usage
+        _log.warning(
+            "the server reported no usage; the call is charged its reservation (an upper bound)",
+            endpoint=endpoint,
+            model=completion.model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
+        emit(
+            UsageEstimated,
+            endpoint=endpoint,
+            model=completion.model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            usd=float(reserve.usd),
+        )
+        return dataclasses.replace(completion, usage=Usage(usage.prompt_tokens, usage.completion_tokens))

@@ -38,18 +38,30 @@ can then be crossed by at most that call's excess. For a server whose tokenizer 
 
 What it is not: a tokenizer. English prose is about 4 bytes a token, so the byte bound
 reserves about four times what a call will use; reservations are refunded at settlement.
+A loose bound is safe but costs throughput: a fan-out's prompts reserve at once, and those
+that do not fit are refused, so a cap of 1M tokens over 50 KB prompts admits about a
+quarter of what it could (benchmarks/budget.py measures the reservation-to-actual ratio).
+
+Tighter, where the tokenizer is known (the byte bound stays the default fallback):
+
+* `CharsPerTokenEstimator`: a documented characters-per-token floor (the simulator's 4,
+  `GovernorConfig(chars_per_token=4)`).
+* `TokenizerEstimator`: any tokenizer's count function (a model's BPE loaded with
+  tiktoken from a local file, a server's tokenize endpoint wrapped in a cache), plus the
+  same template allowances: `Governor(estimator=TokenizerEstimator(count_tokens=fn))`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .._types import ModelRequest
 from ..exceptions import ConfigError
 
-__all__ = ["CharsPerTokenEstimator", "TokenEstimator", "Utf8BytesEstimator"]
+__all__ = ["CharsPerTokenEstimator", "TokenEstimator", "TokenizerEstimator", "Utf8BytesEstimator"]
 
 
 @runtime_checkable
@@ -84,6 +96,35 @@ class Utf8BytesEstimator:
 
     def prompt_tokens(self, request: ModelRequest) -> int:
         body = sum(_utf8_len(m.content) + self.per_message_tokens for m in request.messages)
+        return body + self.per_request_tokens
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenizerEstimator:
+    """The prompt tokens of a known tokenizer, plus the chat template's allowances: the
+    tightest bound, for when the server's tokenizer (or an exact count) is at hand.
+
+    `count_tokens` must be synchronous and fast (it runs before every call, on the event
+    loop); it is called once per message. A tokenizer that undercounts makes the ledger
+    record an overrun (logged) rather than an error."""
+
+    count_tokens: Callable[[str], int]
+    """Tokens in one message's text, e.g. `lambda s: len(encoding.encode(s))`."""
+    per_message_tokens: int = 8
+    """Allowance per message for the template's role header and end-of-turn tokens."""
+    per_request_tokens: int = 16
+    """Allowance per request for BOS and the assistant header."""
+
+    def __post_init__(self) -> None:
+        if self.per_message_tokens < 0 or self.per_request_tokens < 0:
+            raise ConfigError(
+                f"token allowances must be >= 0, got per_message_tokens={self.per_message_tokens}, "
+                f"per_request_tokens={self.per_request_tokens}"
+            )
+
+    def prompt_tokens(self, request: ModelRequest) -> int:
+        count = self.count_tokens
+        body = sum(count(m.content) + self.per_message_tokens for m in request.messages)
         return body + self.per_request_tokens
 
 

@@ -9,6 +9,7 @@ import json
 import math
 from typing import Any
 
+from .._text import scrub
 from .._types import Completion, Message, ModelRequest, Usage
 
 __all__ = ["decode_completion", "encode_completion", "greedy", "occurrence_key", "request_key"]
@@ -74,7 +75,7 @@ def _canonical(value: Any, where: str) -> Any:
 def encode_completion(c: Completion) -> str:
     return json.dumps(
         {
-            "text": c.text,
+            "text": scrub(c.text),  # sqlite cannot store a lone surrogate
             "model": c.model,
             "finish_reason": c.finish_reason,
             "usage": [c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.cached_tokens],

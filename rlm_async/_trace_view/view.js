@@ -7,7 +7,8 @@
   var data = JSON.parse(document.getElementById("trace-data").textContent);
   // Columns of data.calls (see trace_view.py _call_row).
   var START = 0, END = 1, DEPTH = 2, MODEL = 3, STATUS = 4, KIND = 5, ID = 6, NODE = 7,
-      PROMPT = 8, CACHED = 9, COMPLETION = 10, COST = 11, ATTEMPTS = 12, ERROR = 13, CRIT = 14, TEXT = 15;
+      PROMPT = 8, CACHED = 9, COMPLETION = 10, COST = 11, ATTEMPTS = 12, ERROR = 13, CRIT = 14, TEXT = 15,
+      HEDGES = 16, HEDGE_WON = 17;
   var PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
                  "#9c755f", "#bab0ac", "#e15759"];
   var STATUS_COLOUR = { ok: "#59a14f", error: "#e15759", budget: "#b07aa1", cancelled: "#9c9c9c",
@@ -117,6 +118,11 @@
         body.push('<rect class="' + cls + '" data-i="' + i + '" x="' + X(c[START]).toFixed(1) + '" y="' + yy +
                   '" width="' + Math.max(1, (c[END] - c[START]) * sx).toFixed(1) + '" height="' + BAR +
                   '" fill="' + colour(c) + '"/>');
+        // A hedge copy: a tick where it was sent, to the bar's end (solid if it won).
+        (c[HEDGES] || []).forEach(function (t) {
+          body.push('<line class="hedge' + (c[HEDGE_WON] ? " won" : "") + '" x1="' + X(t).toFixed(1) + '" x2="' +
+                    X(c[END]).toFixed(1) + '" y1="' + (yy + BAR - 1) + '" y2="' + (yy + BAR - 1) + '"/>');
+        });
         bars++;
         if (c[CRIT]) crit++;
       });
@@ -185,7 +191,9 @@
     var h = "<b>" + esc(c[ID]) + "</b> · " + esc(c[KIND]) + " call · depth " + c[DEPTH] + "<br>" +
       "model " + esc(data.models[c[MODEL]]) + " · node " + esc(c[NODE]) + "<br>" +
       "start " + fmtS(c[START]) + " · took " + fmtS(c[END] - c[START]) + " · " + esc(data.statuses[c[STATUS]]) +
-      (c[ATTEMPTS] > 1 ? " after " + c[ATTEMPTS] + " attempts" : "") + "<br>" +
+      (c[ATTEMPTS] > 1 ? " after " + c[ATTEMPTS] + " attempts" : "") +
+      ((c[HEDGES] || []).length ? " · " + c[HEDGES].length + " hedge(s)" + (c[HEDGE_WON] ? ", a hedge won" : "") : "") +
+      "<br>" +
       "tokens in " + fmtN(c[PROMPT]) + " (" + fmtN(c[CACHED]) + " cached, " + fmtN(uncached) + " new) · out " +
       fmtN(c[COMPLETION]) + "<br>cost " + fmtUsd(c[COST]);
     if (c[CRIT]) h += "<br><b>on the critical path</b>";

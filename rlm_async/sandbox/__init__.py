@@ -24,13 +24,14 @@ cap across processes: RLIMIT_AS is per process.
 
 from __future__ import annotations
 
-from ._config import CellResult, CellStatus, RequestHandler, SandboxConfig, WorkerRequest
+from ._config import CellResult, CellStatus, OnResult, RequestHandler, SandboxConfig, WorkerRequest
 from ._isolation import ReducedIsolationWarning
 from ._worker import Worker, start_worker
 
 __all__ = [
     "CellResult",
     "CellStatus",
+    "OnResult",
     "ReducedIsolationWarning",
     "RequestHandler",
     "SandboxConfig",

@@ -11,7 +11,9 @@ A frame is a `HEADER` (JSON length, blob length) then UTF-8 JSON, then the blob.
 
     engine -> worker   init {limits, uid, ...} + context blob | exec {cell, code}
                        | getvar {name} | reply {id, results} or {id, error, message}
+                       | result {id, index, text} ... then reply {id, end}   (a stream)
     worker -> engine   ready {pid} | request {id, kind, lengths, model} + prompts blob
+                       | cancel {id}   (a stream the code stopped iterating)
                        | done {cell, status, error, final_answer, dropped} | var {found, value}
 
 A request's prompts travel as one blob, each prompt UTF-8 and `lengths` giving its size in
@@ -41,12 +43,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">II")
 """Every frame starts with (JSON length, blob length), both big-endian uint32."""
-REQUEST_KINDS = ("llm_query", "llm_batch", "rlm_query", "rlm_batch")
+REQUEST_KINDS = ("llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch")
 EXIT_ENGINE_GONE = 0
 EXIT_MEMORY = 3
 EXIT_PROTOCOL = 4
@@ -58,6 +60,7 @@ HELPER_NAMES = frozenset(
         "answer",
         "llm_query",
         "llm_batch",
+        "llm_batch_as_completed",
         "llm_query_batched",
         "rlm_query",
         "rlm_query_batched",
@@ -132,6 +135,9 @@ def _send_parts(sock: socket.socket, head: bytes, parts: list[bytes]) -> None:
 class _Channel:
     """The worker's end of the control socket: one reader thread, a lock for writers."""
 
+    max_prompts = 1 << 62
+    """Prompts one request may carry (`SandboxConfig.max_batch_prompts`)."""
+
     def __init__(self, sock: socket.socket, max_message: int) -> None:
         self.sock = sock
         self.max_message = max_message
@@ -141,6 +147,9 @@ class _Channel:
         self.waiters_lock = threading.Lock()
         self.next_id = 0
         self.cell_active = False
+        self.deferred_cancels: list[int] = []
+        """Streams dropped while this thread was sending (a GC pass inside `send`): their
+        `cancel` goes out with the next frame instead of interleaving with this one."""
 
     def recv(self) -> tuple[dict[str, Any], bytearray]:
         head = _recv_exact(self.sock, HEADER.size)
@@ -161,10 +170,14 @@ class _Channel:
         try:
             while True:
                 obj, _ = self.recv()
-                if obj["op"] == "reply":
+                op = obj["op"]
+                if op in ("reply", "result"):
                     with self.waiters_lock:
-                        slot = self.waiters.pop(obj.get("id"), None)  # type: ignore[arg-type]
-                    if slot is not None:
+                        rid = obj.get("id")
+                        slot = self.waiters.get(rid) if op == "result" else self.waiters.pop(rid, None)  # type: ignore[arg-type]
+                    if isinstance(slot, queue.SimpleQueue):
+                        slot.put(obj)  # a stream: results, then its reply
+                    elif slot is not None and op == "reply":
                         slot[1] = obj
                         slot[0].set()
                 else:
@@ -178,8 +191,44 @@ class _Channel:
 
     def request(self, kind: str, prompts: list[str], model: str | None) -> list[str]:
         """Send one request and block this thread until its reply. Thread-safe."""
+        if len(prompts) > self.max_prompts:
+            # Checked before any work: a batch this large is one error, not millions of frames' worth.
+            raise ValueError(
+                f"{kind}: {len(prompts):,} prompts in one call, over the sandbox limit of "
+                f"{self.max_prompts:,} (SandboxConfig.max_batch_prompts); send fewer prompts per call"
+            )
         event = threading.Event()
         slot: list[Any] = [event, None]
+        self._send_request(kind, prompts, model, slot)
+        event.wait()
+        reply: dict[str, Any] = slot[1]
+        if "results" in reply:
+            results = reply["results"]
+            if isinstance(results, list) and len(results) == len(prompts):
+                return [r if isinstance(r, str) else str(r) for r in results]
+            raise RuntimeError(f"{kind}: malformed reply from the engine")
+        _raise_refusal(reply)
+
+    def stream(self, prompts: list[str], model: str | None) -> _ResultStream:
+        """Send a streaming request; its results arrive on the returned iterator."""
+        results: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        rid = self._send_request("llm_batch_stream", prompts, model, results)
+        return _ResultStream(self, rid, len(prompts), results)
+
+    def cancel(self, rid: int) -> None:
+        """Stop a stream's sub-calls; safe from `__del__` (see `deferred_cancels`)."""
+        with self.waiters_lock:
+            self.waiters.pop(rid, None)
+        if self.send_lock.acquire(blocking=False):
+            try:
+                if self.cell_active:
+                    self.sock.sendall(encode_frame({"op": "cancel", "id": rid}))
+            finally:
+                self.send_lock.release()
+        else:
+            self.deferred_cancels.append(rid)
+
+    def _send_request(self, kind: str, prompts: list[str], model: str | None, slot: Any) -> int:
         with self.waiters_lock:
             self.next_id += 1
             rid = self.next_id
@@ -201,23 +250,77 @@ class _Channel:
                 # Checked under the lock that also sends `done`: no request can follow it.
                 if not self.cell_active:
                     raise RuntimeError(f"{kind} can only be called while a cell is running")
+                while self.deferred_cancels:
+                    self.sock.sendall(encode_frame({"op": "cancel", "id": self.deferred_cancels.pop()}))
                 _send_parts(self.sock, head, parts)
             del parts
         except BaseException:
             with self.waiters_lock:
                 self.waiters.pop(rid, None)
             raise
-        event.wait()
-        reply: dict[str, Any] = slot[1]
-        if "results" in reply:
-            results = reply["results"]
-            if isinstance(results, list) and len(results) == len(prompts):
-                return [r if isinstance(r, str) else str(r) for r in results]
-            raise RuntimeError(f"{kind}: malformed reply from the engine")
-        message = str(reply.get("message", "the engine refused the request"))
-        if reply.get("error") == "budget":
-            raise BudgetExceeded(message)
-        raise RuntimeError(message)
+        return rid
+
+
+def _raise_refusal(reply: dict[str, Any]) -> NoReturn:
+    message = str(reply.get("message", "the engine refused the request"))
+    if reply.get("error") == "budget":
+        raise BudgetExceeded(message)
+    raise RuntimeError(message)
+
+
+class _ResultStream:
+    """`llm_batch_as_completed`'s iterator: `(index, answer)` as each sub-call finishes.
+    Leaving it early (`break`, `close()`, a `with` block, or dropping it) cancels the
+    sub-calls still running; their unspent budget goes back."""
+
+    def __init__(
+        self, channel: _Channel, rid: int, n: int, results: queue.SimpleQueue[dict[str, Any]]
+    ) -> None:
+        self._channel = channel
+        self._rid = rid
+        self._n = n
+        self._results = results
+        self._seen = 0
+        self._finished = False
+
+    def __iter__(self) -> _ResultStream:
+        return self
+
+    def __next__(self) -> tuple[int, str]:
+        if self._finished:
+            raise StopIteration
+        obj = self._results.get()
+        if obj["op"] == "result":
+            index, text = obj.get("index"), obj.get("text")
+            if not isinstance(index, int) or not 0 <= index < self._n or not isinstance(text, str):
+                self.close()
+                raise RuntimeError("llm_batch_as_completed: malformed result from the engine")
+            self._seen += 1
+            return index, text
+        self._finished = True
+        if obj.get("end") == self._n == self._seen:
+            raise StopIteration
+        _raise_refusal(obj)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def close(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._channel.cancel(self._rid)
+
+    def __enter__(self) -> _ResultStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except BaseException:
+            pass  # at interpreter exit or with a broken socket: nothing to stop any more
 
 
 # ---------------------------------------------------------------------------- output
@@ -365,12 +468,24 @@ def _fit(text: str, max_bytes: int) -> str:
     return text[:keep] + f"\n[... truncated: {len(text) - keep:,} more characters ...]"
 
 
+def _identity(fd: int) -> tuple[int, int] | None:
+    """(device, inode) of what `fd` is open on, or None when it is closed."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 class _Repl:
     def __init__(self, channel: _Channel, context: object, output_limit: int) -> None:
         self.channel = channel
         self.output_limit = output_limit
         self.stdout = _CappedWriter(1, "<stdout>")
         self.stderr = _CappedWriter(2, "<stderr>")
+        self.streams = {name: _identity(fd) for fd, name in ((1, "stdout"), (2, "stderr"))}
+        """What fds 1 and 2 are at start: the engine's pipes. Code that closes or redirects
+        them is reported, since nothing it prints could reach the engine afterwards."""
         self.ns: dict[str, Any] = {
             "__name__": "__main__",
             "__builtins__": builtins,
@@ -379,6 +494,7 @@ class _Repl:
             "answer": {"content": None, "ready": False},
             "llm_query": self._llm_query,
             "llm_batch": self._llm_batch,
+            "llm_batch_as_completed": self._llm_batch_as_completed,
             "llm_query_batched": self._llm_batch,
             "rlm_query": self._rlm_query,
             "rlm_query_batched": self._rlm_batch,
@@ -419,6 +535,15 @@ class _Repl:
     def _llm_batch(self, prompts: list[str], model: str | None = None) -> list[str]:
         """Ask a sub-model several questions concurrently; replies come back in order."""
         return self._request("llm_batch", self._check_prompts("llm_batch", prompts), model)
+
+    def _llm_batch_as_completed(self, prompts: list[str], model: str | None = None) -> _ResultStream:
+        """Like llm_batch, but yields (index, answer) as each sub-call finishes; leaving the
+        loop early cancels the rest."""
+        checked = self._check_prompts("llm_batch_as_completed", prompts)
+        model = self._check_model(model)
+        self.stdout.flush()
+        self.stderr.flush()
+        return self.channel.stream(checked, model)
 
     def _rlm_query(self, prompt: str, model: str | None = None) -> str:
         """Hand one question to a child RLM (a plain sub-call at the depth limit)."""
@@ -497,6 +622,13 @@ class _Repl:
             "final_answer": None if final is None else _fit(final, budget),
             "dropped": [self.stdout.dropped, self.stderr.dropped],
         }
+        broken = [
+            f"{name} (fd {fd}) was {'closed' if now is None else 'redirected'}"
+            for (name, was), fd in zip(self.streams.items(), (1, 2), strict=True)
+            if (now := _identity(fd)) != was
+        ]
+        if broken:
+            done["streams"] = broken
         frame = encode_frame(done)
         with self.channel.send_lock:
             self.channel.cell_active = False
@@ -603,6 +735,7 @@ def main(argv: list[str]) -> None:
         os._exit(EXIT_PROTOCOL)
     _confine(init)
     channel.max_message = int(init["max_message"])
+    channel.max_prompts = int(init.get("max_prompts") or channel.max_prompts)
     try:
         context = _load_context(init.get("context_type"), _recv_exact(sock, blob_len))
     except MemoryError:

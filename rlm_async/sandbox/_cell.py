@@ -4,17 +4,19 @@ are outstanding."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from ..exceptions import BudgetExceeded, SandboxError
 from ._channel import Channel, ChannelClosed, ProtocolViolation
 from ._config import RequestHandler, SandboxConfig, WorkerRequest
-from ._protocol import Outcome, parse_done, parse_request
+from ._protocol import Outcome, parse_cancel, parse_done, parse_request
 
 __all__ = ["CellExchange"]
 
@@ -53,6 +55,10 @@ class _CellClock:
             self._scope.deadline = self._since + self._left
 
 
+_OFF_LOOP_BYTES = 4 << 20
+_OFF_LOOP_PROMPTS = 2_000
+
+
 def _check_results(results: object, n: int) -> list[str]:
     if not isinstance(results, list) or len(results) != n or not all(isinstance(r, str) for r in results):
         raise SandboxError(f"on_request must return a list of {n} str (one per prompt), got {results!r:.200}")
@@ -78,6 +84,8 @@ class CellExchange:
         self._clock = _CellClock(config.cell_timeout_s)
         self._pending: dict[int, int] = {}
         """Request id -> characters of prompts held."""
+        self._streams: dict[int, anyio.CancelScope] = {}
+        """Streaming requests being served, which the worker may cancel."""
         self.handler_error: BaseException | None = None
 
     async def run(self, cell: int, code: str) -> Outcome:
@@ -115,11 +123,22 @@ class CellExchange:
             msg, blob = await self._channel.receive()
             op = msg["op"]
             if op == "request":
-                rid, request = parse_request(msg, blob)
+                if len(blob) > _OFF_LOOP_BYTES or len(msg.get("lengths") or ()) > _OFF_LOOP_PROMPTS:
+                    # Cutting a large blob into prompts is work proportional to the batch:
+                    # done in a thread, so the event loop (every other query) keeps running.
+                    rid, request = await anyio.to_thread.run_sync(
+                        parse_request, msg, blob, self._config.max_batch_prompts
+                    )
+                else:
+                    rid, request = parse_request(msg, blob, self._config.max_batch_prompts)
                 del blob  # its text is in request.prompts now
                 self._admit(rid, request)
                 self._clock.pause()
                 tg.start_soon(self._serve, rid, request, deadline)
+            elif op == "cancel":
+                scope = self._streams.get(parse_cancel(msg))
+                if scope is not None:
+                    scope.cancel()
             elif op == "done":
                 number = msg.get("cell")
                 if isinstance(number, int) and number < cell:
@@ -149,14 +168,24 @@ class CellExchange:
 
     async def _serve(self, rid: int, request: WorkerRequest, deadline: anyio.CancelScope) -> None:
         """Answer one request. Cancelled (the cell ended first), it stays in `_pending` and
-        the worker's waiting thread is told it was abandoned."""
+        the worker's waiting thread is told it was abandoned.
+
+        A streaming request (`llm_batch_stream`) is answered with one `result` frame per
+        slot as it is filled, then a `reply` with `end`; the worker may `cancel` it, which
+        cancels its sub-calls (unsent ones release their reservations) and sends nothing more."""
         try:
+            reply: dict[str, Any] | None = None
             try:
-                results = _check_results(await self._on_request(request), len(request.prompts))
-                reply: dict[str, Any] = {"op": "reply", "id": rid, "results": results}
+                if request.op == "llm_batch_stream":
+                    reply = await self._serve_stream(rid, request)
+                else:
+                    results = _check_results(await self._on_request(request), len(request.prompts))
+                    reply = {"op": "reply", "id": rid, "results": results}
             except BudgetExceeded as exc:
                 reply = {"op": "reply", "id": rid, "error": "budget", "message": str(exc)}
             self._pending.pop(rid, None)
+            if reply is None:  # cancelled by the worker: it no longer listens
+                return
             try:
                 await self._channel.send(reply, atomic=True)
             except ChannelClosed:
@@ -169,6 +198,35 @@ class CellExchange:
             deadline.cancel()
         finally:
             self._clock.resume()
+
+    async def _serve_stream(self, rid: int, request: WorkerRequest) -> dict[str, Any] | None:
+        n = len(request.prompts)
+        sent: set[int] = set()
+
+        async def on_result(index: int, text: str) -> None:
+            if not (0 <= index < n) or index in sent or not isinstance(text, str):
+                raise SandboxError(
+                    f"on_result: slot {index!r} of {n} reported twice, out of range or not str"
+                )
+            sent.add(index)
+            try:
+                await self._channel.send(
+                    {"op": "result", "id": rid, "index": index, "text": text}, atomic=True
+                )
+            except ChannelClosed:
+                pass  # the worker died or stopped reading; the cell loop sees it
+
+        with anyio.CancelScope() as scope:
+            self._streams[rid] = scope
+            try:
+                _check_results(await self._on_request(dataclasses.replace(request, on_result=on_result)), n)
+            finally:
+                del self._streams[rid]
+        if scope.cancelled_caught:
+            return None
+        if len(sent) != n:
+            raise SandboxError(f"on_request reported {len(sent)} of {n} slots of a streaming request")
+        return {"op": "reply", "id": rid, "end": n}
 
     async def _abandon_pending(self, outcome: Outcome) -> Outcome:
         """Threads of the code still wait on sub-calls the cell no longer serves: tell them."""

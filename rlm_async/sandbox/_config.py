@@ -4,7 +4,7 @@ of a cell. Re-exported by `rlm_async.sandbox`, the public face."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ..exceptions import ConfigError
@@ -13,6 +13,7 @@ __all__ = [
     "WORKER_DEAD_STATUSES",
     "CellResult",
     "CellStatus",
+    "OnResult",
     "RequestHandler",
     "SandboxConfig",
     "WorkerRequest",
@@ -21,7 +22,9 @@ __all__ = [
 _MiB = 1 << 20
 _GiB = 1 << 30
 
-CellStatus = Literal["ok", "error", "output_limit", "timeout", "memory", "cpu_limit", "crashed"]
+CellStatus = Literal[
+    "ok", "error", "output_limit", "timeout", "memory", "cpu_limit", "crashed", "stream_closed"
+]
 """How a cell ended.
 
 - "ok": the code ran to its end.
@@ -32,11 +35,13 @@ CellStatus = Literal["ok", "error", "output_limit", "timeout", "memory", "cpu_li
   heap may still be full.
 - "cpu_limit": the worker used up `cpu_seconds` of CPU time; it was killed.
 - "crashed": the worker died (a signal, `os._exit`, a broken frame on the control channel).
+- "stream_closed": the code closed or redirected fd 1 or 2, so no later output could reach
+  the engine; the worker was killed (to be replaced).
 
-The last four set `worker_dead`: call `restart()`; every variable is gone.
+The last five set `worker_dead`: call `restart()`; every variable is gone.
 """
 
-WORKER_DEAD_STATUSES = frozenset({"timeout", "memory", "cpu_limit", "crashed"})
+WORKER_DEAD_STATUSES = frozenset({"timeout", "memory", "cpu_limit", "crashed", "stream_closed"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +102,11 @@ class SandboxConfig:
     """Largest frame the worker may send: one `llm_batch` request with all its prompts, or
     a final answer. A larger request raises `ValueError` in the REPL; a forged oversized
     frame kills the worker."""
+    max_batch_prompts: int = 100_000
+    """Most prompts one `llm_batch`/`rlm_query_batched` call may carry. A larger call raises
+    `ValueError` in the REPL before anything is sent; a forged frame past it kills the
+    worker. Bounds the work of reading one request (the engine's admission then bounds how
+    many prompts of a query run at once: `RLMConfig.max_pending_subcalls`)."""
     python: str | None = None
     """Interpreter for workers (only its stdlib is used); `None` is `sys.executable`. A
     venv's python runs as its base interpreter."""
@@ -129,17 +139,27 @@ class SandboxConfig:
             raise ConfigError("SandboxConfig.max_processes must be at least 4 (the worker uses 2)")
         if self.output_limit_bytes < 0:
             raise ConfigError("SandboxConfig.output_limit_bytes must be >= 0")
+        if self.max_batch_prompts < 1:
+            raise ConfigError("SandboxConfig.max_batch_prompts must be at least 1")
         if self.max_message_bytes < 64 * 1024:
             raise ConfigError("SandboxConfig.max_message_bytes must be at least 64 KiB")
+
+
+OnResult = Callable[[int, str], Awaitable[None]]
+"""Told each slot's answer as soon as it is filled: (index, answer)."""
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerRequest:
     """A sub-call the code asked for. Untrusted data: sizes are checked, content is not."""
 
-    op: Literal["llm_query", "llm_batch", "rlm_query", "rlm_batch"]
+    op: Literal["llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch"]
     prompts: tuple[str, ...]
     model: str | None
+    on_result: OnResult | None = field(default=None, compare=False)
+    """Set by the sandbox for `llm_batch_stream` (the REPL's `llm_batch_as_completed`): the
+    handler calls it as each slot is filled, so the worker can yield answers in completion
+    order."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

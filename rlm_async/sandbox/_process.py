@@ -282,4 +282,5 @@ def _init_frame(
         "fallback": not plan.isolated,
         "output_limit": config.output_limit_bytes,
         "max_message": config.max_message_bytes,
+        "max_prompts": config.max_batch_prompts,
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ def _read_proc(pid: int) -> Proc | None:
     )
 
 
-def scan() -> list[Proc]:
+def _scan_now() -> list[Proc]:
     out = []
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -79,6 +80,55 @@ def scan() -> list[Proc]:
             if proc is not None:
                 out.append(proc)
     return out
+
+
+class _SharedScan:
+    """One pass over `/proc` shared by every thread that asks while it runs.
+
+    A caller gets a scan that began after it asked: as fresh as one of its own, so every
+    membership and liveness check keeps its meaning. When a hundred workers are killed at
+    once (a hundred queries ending together), their threads share each pass instead of
+    each reading every process on the host: O(processes) per round, not O(workers x
+    processes). Measured with 100 concurrent queries, the separate scans were 38 % of the
+    engine process's samples, holding the GIL against the event loop
+    (`benchmarks/concurrency.py`)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = False
+        self._started = 0
+        """Generation of the last scan begun."""
+        self._finished = 0
+        """Generation of the last scan finished (its result is `_result`)."""
+        self._result: list[Proc] = []
+
+    def get(self) -> list[Proc]:
+        with self._cond:
+            wanted = self._started + 1  # the first scan to begin after this call
+            while self._finished < wanted:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                generation = self._started
+                self._cond.release()
+                try:
+                    result = _scan_now()
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                self._result, self._finished = result, generation
+            return self._result
+
+
+_shared_scan = _SharedScan()
+
+
+def scan() -> list[Proc]:
+    """Every process on the host (a list shared with concurrent callers: do not modify)."""
+    return _shared_scan.get()
 
 
 def _members(procs: list[Proc], *, root: int | None, group: int | None, uid: int | None) -> set[int]:

@@ -12,7 +12,7 @@ from . import _bootstrap as proto
 from ._channel import ProtocolViolation
 from ._config import CellStatus, SandboxConfig, WorkerRequest
 
-__all__ = ["Outcome", "clean", "describe_exit", "parse_done", "parse_request"]
+__all__ = ["Outcome", "clean", "describe_exit", "parse_cancel", "parse_done", "parse_request"]
 
 
 @dataclass(slots=True)
@@ -61,10 +61,18 @@ def _split_prompts(lengths: object, blob: bytearray) -> tuple[str, ...]:
     return tuple(prompts)
 
 
-def parse_request(msg: dict[str, Any], blob: bytearray) -> tuple[int, WorkerRequest]:
+def parse_request(
+    msg: dict[str, Any], blob: bytearray, max_prompts: int | None = None
+) -> tuple[int, WorkerRequest]:
     """Validate a request frame. Its prompts come as a blob with `lengths`, or (as older
-    workers and hand-made frames send them) as a JSON list `prompts` with no blob."""
+    workers and hand-made frames send them) as a JSON list `prompts` with no blob. More
+    than `max_prompts` prompts is a violation (an honest worker refuses such a call itself)."""
     rid, kind, model = msg.get("id"), msg.get("kind"), msg.get("model")
+    count = msg.get("lengths", msg.get("prompts"))
+    if max_prompts is not None and isinstance(count, list) and len(count) > max_prompts:
+        raise ProtocolViolation(
+            f"a request of {len(count):,} prompts, over max_batch_prompts={max_prompts:,}"
+        )
     if not isinstance(rid, int) or isinstance(rid, bool):
         raise ProtocolViolation("request without an integer id")
     if kind not in proto.REQUEST_KINDS:
@@ -91,6 +99,18 @@ def parse_request(msg: dict[str, Any], blob: bytearray) -> tuple[int, WorkerRequ
     return rid, WorkerRequest(op=kind, prompts=prompts, model=None if model is None else clean(model))
 
 
+def parse_cancel(msg: dict[str, Any]) -> int:
+    """Validate a `cancel` frame: the worker stopped iterating `llm_batch_as_completed`, so
+    the engine stops that request's sub-calls. Only the id is read; an id that is not (or no
+    longer) pending is ignored by the caller: the request may have just finished."""
+    rid = msg.get("id")
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        raise ProtocolViolation("cancel without an integer id")
+    if set(msg) != {"op", "id"}:
+        raise ProtocolViolation(f"cancel frame with unexpected keys {sorted(set(msg) - {'op', 'id'})}")
+    return rid
+
+
 def parse_done(msg: dict[str, Any]) -> Outcome:
     status, error, final, dropped = (
         msg.get("status"),
@@ -102,12 +122,30 @@ def parse_done(msg: dict[str, Any]) -> Outcome:
         raise ProtocolViolation(f"unknown cell status {status!r}")
     if not (error is None or isinstance(error, str)) or not (final is None or isinstance(final, str)):
         raise ProtocolViolation("cell error and final_answer must be str or null")
+    streams = msg.get("streams")
+    if streams is not None and (
+        not isinstance(streams, list) or not streams or not all(isinstance(x, str) for x in streams)
+    ):
+        raise ProtocolViolation("cell 'streams' must be a non-empty list of str")
     if (
         not isinstance(dropped, list)
         or len(dropped) != 2
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dropped)
     ):
         raise ProtocolViolation("cell 'dropped' must be two non-negative integers")
+    if streams:
+        said = "; ".join(clean(x)[:200] for x in streams[:2])
+        return Outcome(
+            status="stream_closed",
+            error=(
+                f"the code closed or redirected the REPL's standard streams ({said}), so its output "
+                "could no longer be captured; the worker was replaced"
+                + ("" if error is None else "\n" + clean(error))
+            ),
+            final_answer=None if final is None else clean(final),
+            worker_dropped=sum(dropped),
+            kill=True,
+        )
     return Outcome(
         status=status,
         error=None if error is None else clean(error),

@@ -11,8 +11,11 @@ auth (401) -> JSON body (400) -> model (404) -> context window (400) -> RPM/TPM 
 until the latency model's time has passed since service began (the lookup and the policy
 run inside it) -> cache insert -> response (or an injected drop / malformed body).
 
-If the client disconnects, the request is cancelled and logged as "cancelled": what a
-server that aborts abandoned generations (vLLM, SGLang) would record.
+If the client disconnects, the request is cancelled at once (its capacity slot freed) and
+logged as "cancelled": what a server that aborts abandoned generations (vLLM, SGLang) would
+record. Its logged tokens are what we assume a provider bills for it: the prompt, if
+service had begun (the prefill is done or under way), and no output (none was delivered).
+Providers do not document this for non-streaming requests; some may bill more.
 """
 
 from __future__ import annotations
@@ -249,6 +252,10 @@ class SimApp:
         so a client holding a response can rely on its log entry being there."""
         if not draft.logged:
             draft.logged = True
+            if draft.outcome == "cancelled":  # billed as assumed above: the prompt, no output
+                draft.completion_tokens = 0
+                if draft.start is None:
+                    draft.prompt_tokens = draft.cached_tokens = 0
             self.in_flight -= 1
             self.log.append(draft.entry(self._clock()))
 
@@ -385,6 +392,7 @@ class SimApp:
             prompt_tokens,
             completion_tokens,
             cached,
+            report_usage=cfg.report_usage,
         )
         headers = {**headers, "openai-processing-ms": str(service_ms)}
         if fault == "drop":
@@ -551,8 +559,10 @@ def _completion_json(
     prompt_tokens: int,
     completion_tokens: int,
     cached_tokens: int,
+    *,
+    report_usage: bool = True,
 ) -> bytes:
-    body = {
+    body: dict[str, Any] = {
         "id": id_,
         "object": "chat.completion",
         "created": created,
@@ -574,6 +584,8 @@ def _completion_json(
         },
         "system_fingerprint": "rlm-async-sim",
     }
+    if not report_usage:
+        del body["usage"]
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 

@@ -9,6 +9,7 @@
     prefill_s_per_token = 2e-5    # per *uncached* prompt token
     output_s_per_token = 0.015
     jitter = 0.1                  # latency x U[0.9, 1.1], seeded
+    sigma = 0.6                   # and x exp(0.6 z): a lognormal tail (default 0, none)
     capacity = 8                  # served at once; the rest queue FIFO
 
     [sim.latency.sub]             # sub-calls and anything that is not a root turn
@@ -38,6 +39,8 @@ meaning "default".
 from __future__ import annotations
 
 import dataclasses
+import math
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +60,8 @@ __all__ = [
     "SimConfig",
 ]
 
+_STANDARD_NORMAL = statistics.NormalDist()
+
 Kind = Literal["root", "sub", "other"]
 """What a request is, judged from its system prompt: a root turn of an RLM loop (the
 package's root system prompt), a sub-call (the sub-call system prompt), or anything else."""
@@ -66,7 +71,8 @@ package's root system prompt), a sub-call (the sub-call system prompt), or anyth
 class KindLatency:
     """How long one kind of request takes:
     `(ttft_s + prefill_s_per_token * uncached_prompt_tokens + output_s_per_token * completion_tokens)
-    * U[1 - jitter, 1 + jitter]`."""
+    * U[1 - jitter, 1 + jitter] * exp(sigma * N(0, 1))`: the uniform jitter and the lognormal
+    tail come from the same seeded draw (both rise with it), so a request is slow in both."""
 
     ttft_s: float = 0.0
     """Fixed time before the first token, whatever the prompt (network, scheduling)."""
@@ -76,6 +82,10 @@ class KindLatency:
     """Time per generated token."""
     jitter: float = 0.0
     """Relative half-width of the seeded multiplicative jitter; 0 makes latency exact."""
+    sigma: float = 0.0
+    """Lognormal tail: latency times `exp(sigma * z)`, z the draw's standard normal quantile,
+    so the median is unchanged and p99 is `exp(2.33 sigma)` x the median (sigma 0.6: 4x).
+    Real providers' tails; 0 (the default) has none."""
     capacity: int | None = None
     """Requests of this kind served at once; the rest wait in FIFO order. `None`: no limit."""
 
@@ -84,6 +94,8 @@ class KindLatency:
             raise ConfigError("latency settings must be >= 0")
         if not 0.0 <= self.jitter < 1.0:
             raise ConfigError(f"jitter must be in [0, 1), got {self.jitter}")
+        if not 0.0 <= self.sigma <= 3.0:
+            raise ConfigError(f"sigma must be in [0, 3], got {self.sigma}")
         if self.capacity is not None and self.capacity < 1:
             raise ConfigError(f"capacity must be >= 1 or None, got {self.capacity}")
 
@@ -116,6 +128,10 @@ class LatencyModel:
         0 the fastest the jitter allows."""
         s = self.for_kind(kind)
         factor = 1.0 + s.jitter * (2.0 * jitter_u - 1.0)
+        if s.sigma:
+            # Clamped so u = 0 (the bound's "fastest draw") stays finite: z >= -6.
+            z = _STANDARD_NORMAL.inv_cdf(min(max(jitter_u, 1e-9), 1.0 - 1e-9))
+            factor *= math.exp(s.sigma * z)
         first = s.ttft_s + s.prefill_s_per_token * max(0, prompt_tokens - cached_tokens)
         decode = s.output_s_per_token * completion_tokens
         return first * factor, decode * factor
@@ -334,6 +350,9 @@ class SimConfig:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     faults: Faults = field(default_factory=Faults)
     policies: Policies = field(default_factory=Policies)
+    report_usage: bool = True
+    """Send a `usage` object in each completion. False plays a server that reports none
+    (some proxies and self-hosted servers), so a client cannot learn what it spent."""
     log_path: str | None = None
     """Append one JSON line per finished request here (the in-memory log is always kept)."""
 

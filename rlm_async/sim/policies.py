@@ -16,6 +16,9 @@ The server picks a policy by the request's kind (root turn, sub-call, other) fro
                    needle, counts records of a category, lists qualifying users.
 ``echo``           Anything else: ``ECHO: <start of the last user message>``.
 ``fixed``          Always the same reply (option ``text``), e.g. ``"FINAL(42)"``.
+``script``         Reply ``replies[turn]`` (option ``replies``, a list; the last one
+                   repeats), or per query (option ``by_query``: query line -> replies):
+                   scripted conversations, e.g. hostile replies in tests.
 ``no_code``        Misbehaves: prose only, never a code block or FINAL.
 ``syntax_error``   Misbehaves: every code block is invalid Python.
 ``endless``        Misbehaves: a very long reply (option ``chars``), cut at ``max_tokens``.
@@ -487,6 +490,38 @@ class FixedPolicy:
         return self.text
 
 
+class ScriptPolicy:
+    """Reply `replies[turn]`; with `by_query`, the replies of the conversation whose
+    ``Query:`` line is that key (so one server can script many concurrent queries)."""
+
+    name = "script"
+
+    def __init__(
+        self,
+        *,
+        replies: list[str] | tuple[str, ...] = ("FINAL(42)",),
+        by_query: Mapping[str, list[str] | tuple[str, ...]] | None = None,
+    ) -> None:
+        if not replies or any(not r for r in (by_query or {}).values()):
+            raise ValueError("every script must hold at least one reply")
+        self.replies = tuple(replies)
+        self.by_query = {k: tuple(v) for k, v in (by_query or {}).items()}
+
+    def __call__(self, request: PolicyRequest) -> str:
+        replies = self.replies
+        if self.by_query:
+            query = next(
+                (
+                    line[len("Query: ") :]
+                    for line in request.first_user().splitlines()
+                    if line.startswith("Query: ")
+                ),
+                None,
+            )
+            replies = self.by_query.get(query or "", replies)
+        return replies[min(request.turn(), len(replies) - 1)]
+
+
 class NoCodePolicy:
     """Never writes a code block or a FINAL line."""
 
@@ -569,6 +604,7 @@ _REGISTRY: dict[str, Callable[..., Policy]] = {
         ReaderPolicy,
         EchoPolicy,
         FixedPolicy,
+        ScriptPolicy,
         NoCodePolicy,
         SyntaxErrorPolicy,
         EndlessPolicy,

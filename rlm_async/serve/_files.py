@@ -1,0 +1,108 @@
+"""Uploaded contexts: `POST /v1/files` streams the request body to disk as it arrives, so a
+40 MB context is never JSON-escaped into a chat message nor held twice in memory; a body
+over the size limit is refused with 413 as soon as it crosses it (or at once, from its
+`Content-Length`), and the partial file is removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .._context import Context
+from ._errors import APIError
+
+__all__ = ["FileStore"]
+
+
+def _valid_id(file_id: str) -> bool:
+    return file_id.startswith("file-") and file_id[5:].isalnum() and len(file_id) <= 64
+
+
+class FileStore:
+    """Files under `root/`, one data file and one JSON metadata file each, per tenant."""
+
+    def __init__(self, root: Path, *, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _paths(self, file_id: str) -> tuple[Path, Path]:
+        return self.root / f"{file_id}.data", self.root / f"{file_id}.json"
+
+    async def save(
+        self, chunks: AsyncIterator[bytes], *, tenant: str, filename: str, declared: int | None
+    ) -> dict[str, Any]:
+        if declared is not None and declared > self.max_bytes:
+            raise APIError(413, f"the file is {declared:,} bytes; the limit is {self.max_bytes:,} bytes")
+        file_id = "file-" + secrets.token_hex(12)
+        data, meta = self._paths(file_id)
+        size = 0
+        try:
+            async with await anyio.open_file(data, "wb") as out:
+                async for piece in chunks:
+                    size += len(piece)
+                    if size > self.max_bytes:
+                        raise APIError(413, f"the file is over the limit of {self.max_bytes:,} bytes")
+                    await out.write(piece)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: data.unlink(missing_ok=True))
+            raise
+        record = {
+            "id": file_id,
+            "object": "file",
+            "bytes": size,
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": "rlm-context",
+            "tenant": tenant,
+        }
+        await anyio.Path(meta).write_text(json.dumps(record))
+        return record
+
+    async def info(self, file_id: str, *, tenant: str) -> dict[str, Any]:
+        if not _valid_id(file_id):
+            raise APIError(404, f"no file {file_id!r}", param="file_id")
+        _, meta = self._paths(file_id)
+        try:
+            record: dict[str, Any] = json.loads(await anyio.Path(meta).read_text())
+        except FileNotFoundError:
+            raise APIError(404, f"no file {file_id!r}", param="file_id") from None
+        if record.get("tenant") != tenant:  # another tenant's file does not exist for you
+            raise APIError(404, f"no file {file_id!r}", param="file_id")
+        return record
+
+    async def load(self, file_id: str, *, tenant: str, fmt: str) -> Context:
+        """The file as a context: its UTF-8 text, or (format "json") a list, dict or str."""
+        await self.info(file_id, tenant=tenant)
+        data, _ = self._paths(file_id)
+
+        def read() -> Context:
+            text = data.read_text(encoding="utf-8")
+            if fmt != "json":
+                return text
+            value = json.loads(text)
+            if not isinstance(value, (str, list, dict)):
+                raise ValueError(f"holds a JSON {type(value).__name__}; use a list, an object or a string")
+            return value
+
+        try:
+            return await anyio.to_thread.run_sync(read)
+        except UnicodeDecodeError:
+            raise APIError(400, f"file {file_id} is not UTF-8 text", param="file_id") from None
+        except ValueError as exc:
+            raise APIError(
+                400, f"file {file_id} is not a usable JSON context: {exc}", param="file_id"
+            ) from None
+
+    async def delete(self, file_id: str, *, tenant: str) -> None:
+        await self.info(file_id, tenant=tenant)
+        for path in self._paths(file_id):
+            await anyio.to_thread.run_sync(os.unlink, path)

@@ -1,0 +1,186 @@
+"""Queries as jobs: their state, their progress feed, and a small SQLite store of records.
+
+Every query the service runs (a chat completion or a job) is a `Job`: it collects the
+engine's events as progress records with sequence numbers (so an SSE client can resume
+with `Last-Event-ID`), keeps running usage (so a cancelled query keeps what it spent), and
+is cancelled through its own cancel scope (the engine kills its workers on the way out).
+Jobs created through `/v1/rlm/jobs` are written to `JobStore` when created and when they
+finish, so a finished result survives a restart; one found running at start-up was cut off
+by the restart and is marked so.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+
+from .. import _events
+from .._result import RLMResult
+from .._types import Usage
+from ._adapter import openai_usage, progress_of, result_summary, usage_of, usage_of_event
+
+__all__ = ["Job", "JobState", "JobStore"]
+
+JobState = Literal["queued", "running", "completed", "cancelled", "failed"]
+_FINISHED = ("completed", "cancelled", "failed")
+_MAX_FEED = 10_000
+
+
+class Job:
+    """One query: state, progress feed, usage, and how to cancel it."""
+
+    def __init__(self, *, kind: str, tenant: str, model: str, job_id: str | None = None) -> None:
+        self.id = job_id or ("job-" + uuid.uuid4().hex[:24])
+        self.kind = kind
+        self.tenant = tenant
+        self.model = model
+        self.created_at = time.time()
+        self.finished_at: float | None = None
+        self.state: JobState = "queued"
+        self.result: dict[str, Any] | None = None
+        """The result summary once finished: answer, status, detail, ..."""
+        self.error: str | None = None
+        self.usage = Usage()
+        self.feed: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=_MAX_FEED)
+        """(sequence, SSE event name, data), the newest `_MAX_FEED`."""
+        self._seq = 0
+        self._changed = anyio.Event()
+        self._done = anyio.Event()
+        self.scope: anyio.CancelScope | None = None
+        self.cancel_requested = False
+
+    # ------------------------------------------------------------------ progress
+    def _publish(self, name: str, data: dict[str, Any]) -> None:
+        self._seq += 1
+        self.feed.append((self._seq, name, data))
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    def sink(self, event: _events.Event) -> None:
+        """The event sink given to the engine: synchronous, never blocks."""
+        added = usage_of_event(event)
+        if added is not None:
+            self.usage = self.usage + added
+        record = progress_of(event)
+        if record is not None:
+            self._publish("progress", record)
+
+    def set_running(self) -> None:
+        self.state = "running"
+        self._publish("status", {"state": "running"})
+
+    def finish(self, result: RLMResult) -> None:
+        self.usage = usage_of(result)
+        self.result = result_summary(result)
+        self._end("completed")
+
+    def fail(self, error: str) -> None:
+        self.error = error
+        self._end("failed")
+
+    def cancelled(self, why: str) -> None:
+        self.error = why
+        self._end("cancelled")
+
+    def _end(self, state: JobState) -> None:
+        if self.done:
+            return
+        self.state = state
+        self.finished_at = time.time()
+        self._publish("done", self.to_dict())
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self.state in _FINISHED
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    def cancel(self, why: str = "cancelled by the client") -> None:
+        """Cancel the query (its workers are killed); what it spent so far is kept."""
+        if self.done:
+            return
+        self.cancel_requested = True
+        self.error = why
+        if self.scope is not None:  # else its task sees cancel_requested when it starts
+            self.scope.cancel()
+
+    async def events_after(self, last_id: int) -> list[tuple[int, str, dict[str, Any]]]:
+        """Feed entries after `last_id`, waiting for one if there is none yet (and the job
+        is not finished)."""
+        while True:
+            changed = self._changed
+            fresh = [entry for entry in self.feed if entry[0] > last_id]
+            if fresh or self.done:
+                return fresh
+            await changed.wait()
+
+    # ------------------------------------------------------------------ records
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "rlm.job",
+            "model": self.model,
+            "created_at": int(self.created_at),
+            "finished_at": int(self.finished_at) if self.finished_at else None,
+            "state": self.state,
+            "status": self.result["status"] if self.result else None,
+            "answer": self.result["answer"] if self.result else None,
+            "detail": (self.result or {}).get("detail") or self.error,
+            "usage": openai_usage(self.usage),
+            "result": self.result,
+        }
+
+
+class JobStore:
+    """Job records in SQLite (`jobs.sqlite` in the data directory), written on creation and
+    on finishing; each write is committed before the call returns."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, record TEXT NOT NULL)"
+        )
+        self._lock = anyio.Lock()
+        # Jobs that were running when the server stopped cannot be resumed: say so.
+        rows = self._db.execute("SELECT id, record FROM jobs").fetchall()
+        for job_id, text in rows:
+            record = json.loads(text)
+            if record.get("state") in ("queued", "running"):
+                record.update(state="failed", detail="the server stopped before this job finished")
+                self._db.execute("UPDATE jobs SET record = ? WHERE id = ?", (json.dumps(record), job_id))
+
+    async def put(self, job: Job) -> None:
+        text = json.dumps(job.to_dict())
+        async with self._lock:
+            await anyio.to_thread.run_sync(
+                self._db.execute,
+                "INSERT OR REPLACE INTO jobs (id, tenant, record) VALUES (?, ?, ?)",
+                (job.id, job.tenant, text),
+            )
+
+    async def get(self, job_id: str, tenant: str) -> dict[str, Any] | None:
+        async with self._lock:
+            row = await anyio.to_thread.run_sync(
+                lambda: self._db.execute(
+                    "SELECT record FROM jobs WHERE id = ? AND tenant = ?", (job_id, tenant)
+                ).fetchone()
+            )
+        if row is None:
+            return None
+        record: dict[str, Any] = json.loads(row[0])
+        return record
+
+    def close(self) -> None:
+        self._db.close()

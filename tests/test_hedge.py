@@ -1,0 +1,324 @@
+"""Hedged sub-calls and results in completion order.
+
+The policy is tested as a pure function (ages and shares in, decisions out). The mechanism
+is tested end to end over real HTTP against the simulator, asserting what the server
+observed: duplicates sent, losers cancelled (the client closed their connections, so the
+server logged them "cancelled" long before their modeled finish), what a cancelled request
+bills, and that no budget cap is crossed. No test asserts a duration.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import anyio
+import pytest
+from conftest import EventLog, open_sim, sim_config
+
+from rlm_async._config import HedgeConfig, RLMConfig
+from rlm_async._engine.hedge_policy import HedgePolicy, Running, quantile
+from rlm_async._events import CallHedge
+from rlm_async._governor import BudgetLimits, GovernorConfig, ModelPrice
+from rlm_async._rlm import RLM
+from rlm_async.exceptions import ConfigError
+from rlm_async.sim import Faults, KindLatency, LatencyModel, Policies, PolicySpec, SimConfig, SimServer
+
+pytestmark = pytest.mark.e2e
+
+PRICE = ModelPrice(input_per_mtok=1.0, output_per_mtok=4.0)
+
+
+def _code(body: str) -> Policies:
+    return Policies(root=PolicySpec(name="fixed", options={"text": f"```repl\n{body}\n```"}), sub=PolicySpec(name="echo"))
+
+
+def _sim(policies: Policies, *, script: tuple[str, ...] = (), sigma: float = 0.0, **latency: Any) -> SimConfig:
+    sub = KindLatency(ttft_s=latency.pop("ttft_s", 0.02), sigma=sigma, **latency)
+    return SimConfig(
+        latency=LatencyModel(sub=sub),
+        faults=Faults(script=script, slow_extra_s=60.0),
+        policies=policies,
+    )
+
+
+async def _settled(sim: SimServer, count: int) -> None:
+    """The server logs a cancelled request when it notices the disconnect: wait for it."""
+    with anyio.fail_after(20):
+        await sim.log.wait_for(count)
+
+
+def _subs(sim: SimServer) -> list[Any]:
+    return [e for e in sim.log.entries if e.kind == "sub"]
+
+
+class TestHedgePolicy:
+    """The decision alone: stages by finished share, a quantile of history, stragglers."""
+
+    def policy(self, **kw: Any) -> HedgePolicy:
+        return HedgePolicy(HedgeConfig(enabled=True, **kw))
+
+    def test_nothing_before_the_first_stage(self) -> None:
+        """Below the first finished share, with no history, nothing is hedged and nothing is due."""
+        d = self.policy().decide(
+            total=10, finished_latencies=[1.0] * 8, running=[Running(8, 1, 5.0), Running(9, 1, 5.0)],
+            history=[], allowance=10,
+        )
+        assert d.hedge == () and d.recheck_in_s is None
+
+    def test_stage_hedges_old_stragglers_oldest_first_within_allowance(self) -> None:
+        """Past a stage, running calls older than min_ratio x median get a copy, oldest first."""
+        running = [Running(7, 1, 3.0), Running(8, 1, 4.0), Running(9, 1, 5.0)]
+        d = self.policy(stages=(0.5,)).decide(
+            total=10, finished_latencies=[1.0] * 7, running=running, history=[], allowance=2
+        )
+        assert d.hedge == ((9, "stage"), (8, "stage"))
+
+    def test_no_tail_no_hedge(self) -> None:
+        """Without a tail the last calls are barely older than the median: no copy, a recheck."""
+        d = self.policy().decide(
+            total=100, finished_latencies=[1.0] * 95, running=[Running(i, 1, 1.05) for i in range(95, 100)],
+            history=[], allowance=15,
+        )
+        assert d.hedge == ()
+        assert d.recheck_in_s == pytest.approx(1.25 - 1.05)
+
+    def test_quantile_of_history_hedges_a_single_call(self) -> None:
+        """A lone call older than the history's quantile gets a second copy, never a third."""
+        history = sorted(float(i) for i in range(1, 101))
+        policy = self.policy()
+        young = policy.decide(total=1, finished_latencies=[], running=[Running(0, 1, 90.0)], history=history, allowance=1)
+        assert young.hedge == () and young.recheck_in_s == pytest.approx(5.0)
+        old = policy.decide(total=1, finished_latencies=[], running=[Running(0, 1, 96.0)], history=history, allowance=1)
+        assert old.hedge == ((0, "quantile"),)
+        twice = policy.decide(total=1, finished_latencies=[], running=[Running(0, 2, 200.0)], history=history, allowance=1)
+        assert twice.hedge == ()
+
+    def test_a_later_stage_judges_the_calls_own_age(self) -> None:
+        """A call hedged at an earlier stage gets its third copy at the next stage even if
+        its second copy is young: the floor applies to the call's age."""
+        d = self.policy(stages=(0.5, 0.8), straggler_factor=None).decide(
+            total=10, finished_latencies=[1.0] * 8, running=[Running(9, 2, 0.1, 3.0)], history=[], allowance=5
+        )
+        assert d.hedge == ((9, "stage"),)
+
+    def test_stragglers_after_the_last_stage_get_fresh_copies(self) -> None:
+        """After every stage, a copy older than straggler_factor x median gets a sibling, up to max_copies."""
+        policy = self.policy(stages=(0.5,), max_copies=3)
+        fin = [1.0] * 9
+        d = policy.decide(total=10, finished_latencies=fin, running=[Running(9, 2, 1.3)], history=[], allowance=5)
+        assert d.hedge == ((9, "straggler"),)
+        capped = policy.decide(total=10, finished_latencies=fin, running=[Running(9, 3, 9.0)], history=[], allowance=5)
+        assert capped.hedge == ()
+
+    def test_allowance_is_a_share_of_the_fanout(self) -> None:
+        """max_share of the fan-out's size, at least one, less what was already sent."""
+        policy = self.policy(max_share=0.15)
+        assert policy.allowance(100, 0) == 15
+        assert policy.allowance(100, 15) == 0
+        assert policy.allowance(3, 0) == 1
+
+    def test_quantile_is_nearest_rank(self) -> None:
+        """The q quantile of sorted values, nearest rank."""
+        assert quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
+        assert quantile([1.0, 2.0, 3.0, 4.0], 0.99) == 4.0
+
+    def test_bad_settings_are_config_errors(self) -> None:
+        """Misuse is refused at construction, naming the value."""
+        with pytest.raises(ConfigError, match="stages"):
+            HedgeConfig(stages=(0.9, 0.5))
+        with pytest.raises(ConfigError, match="quantile"):
+            HedgeConfig(quantile=1.5)
+
+    def test_toml_hedge_table_under_the_model(self) -> None:
+        """`[sub.hedge]` with `enabled = true` turns it on."""
+        config = RLMConfig.from_dict(
+            {"root": {"model": "a"}, "sub": {"model": "b", "hedge": {"enabled": True, "stages": [0.8, 0.95]}}}
+        )
+        assert config.sub is not None and config.sub.hedge.enabled and config.sub.hedge.stages == (0.8, 0.95)
+        assert not config.root.hedge.enabled
+
+
+BATCH10 = 'r = llm_batch([f"item {i}" for i in range(10)])\nanswer["content"] = "|".join(r)\nanswer["ready"] = True'
+
+
+class TestHedgingOverHttp:
+    """A straggler gets a duplicate; the first answer wins; the loser's connection is closed."""
+
+    @pytest.mark.asyncio
+    async def test_straggler_is_hedged_and_the_loser_cancelled(self) -> None:
+        """Seq 3 (a sub-call) is made 60 s slow: a copy is sent, answers, and the original is
+        cancelled at the server, billed its prompt only; the call is recorded once."""
+        events = EventLog()
+        # max_share=1: on a loaded machine other calls may look slow too; the one that is
+        # 60 s slow must still get its copy.
+        hedge = HedgeConfig(enabled=True, stages=(0.5,), max_share=1.0)
+        async with open_sim(_sim(_code(BATCH10), script=("ok", "ok", "ok", "slow"))) as sim:
+            config = sim_config(sim, sub_overrides={"hedge": hedge, "prices": PRICE})
+            async with RLM(config=config, event_sinks=[events]) as rlm:
+                result = await rlm.acompletion("ctx", "q")
+            await _settled(sim, 11 + len(events.of(CallHedge)))  # root, ten, each copy
+            subs = _subs(sim)
+        assert result.response == "|".join(f"ECHO: item {i}" for i in range(10))
+        slow = next(e for e in subs if e.seq == 3)
+        assert slow.outcome == "cancelled"  # its connection was closed, not left to finish
+        assert slow.prompt_tokens > 0 and slow.completion_tokens == 0  # billed input only
+        twin = [e for e in subs if e.body_sha256 == slow.body_sha256 and e.seq != 3]
+        # Its duplicates are the same request byte for byte; one answered (a second fast copy
+        # may finish at the server before it sees the disconnect), any other was cancelled.
+        assert set(e.outcome for e in twin) <= {"ok", "cancelled"}
+        assert Counter(e.outcome for e in twin)["ok"] >= 1
+        hedges = events.of(CallHedge)
+        assert len(subs) == 10 + len(hedges)
+        records = [r for r in result.calls if r.kind == "sub"]
+        assert len(records) == 10  # one logical call each
+        won = [r.hedge for r in records if r.hedge is not None and r.hedge.won]
+        assert won, "the straggler's hedge answered"
+        summary = won[0]
+        assert summary is not None and summary.cancelled >= 1
+        assert summary.extra.prompt_tokens >= slow.prompt_tokens  # the engine charged its bound
+        assert summary.extra.cost_usd > 0
+        assert sum(r.hedge.sent for r in records if r.hedge is not None) == len(hedges)
+
+    @pytest.mark.asyncio
+    async def test_no_tail_sends_no_hedges(self) -> None:
+        """All sub-calls take the same time: no duplicate reaches the server."""
+        hedge = HedgeConfig(enabled=True)
+        async with open_sim(_sim(_code(BATCH10), ttft_s=0.2)) as sim:
+            async with RLM(config=sim_config(sim, sub_overrides={"hedge": hedge})) as rlm:
+                result = await rlm.acompletion("ctx", "q")
+            subs = _subs(sim)
+        assert result.response is not None
+        assert len(subs) == 10 and all(e.outcome == "ok" for e in subs)
+
+    @pytest.mark.asyncio
+    async def test_no_reservation_no_hedge(self) -> None:
+        """A budget with room for the fan-out but not for a copy: the straggler is not
+        duplicated, and the answer still comes (late)."""
+        hedge = HedgeConfig(enabled=True, stages=(0.5,), max_share=1.0)
+        sim_cfg = _sim(_code(BATCH10), script=("ok", "ok", "ok", "slow"))
+        sim_cfg = SimConfig(
+            latency=sim_cfg.latency, faults=Faults(script=sim_cfg.faults.script, slow_extra_s=1.0),
+            policies=sim_cfg.policies,
+        )
+        async with open_sim(sim_cfg) as sim:
+            config = sim_config(
+                sim,
+                sub_overrides={"hedge": hedge, "prices": PRICE, "max_tokens": 100},
+                root_overrides={"prices": ModelPrice.free()},
+                budget=BudgetLimits(max_calls=11),  # the root turn and ten sub-calls
+            )
+            async with RLM(config=config) as rlm:
+                result = await rlm.acompletion("ctx", "q")
+            subs = _subs(sim)
+        assert len(subs) == 10 and Counter(e.outcome for e in subs) == {"ok": 9, "slow": 1}
+        refused = [r.hedge for r in result.calls if r.hedge is not None]
+        assert refused and refused[0].refused >= 1 and refused[0].sent == 0
+
+
+class TestCompletionOrder:
+    """`llm_batch_as_completed` yields answers as they finish; leaving early cancels the rest."""
+
+    @pytest.mark.asyncio
+    async def test_yields_in_the_order_the_server_finished(self) -> None:
+        """Indices come in the order the server finished them, every one exactly once."""
+        code = (
+            'prompts = ["x" * (30 * (6 - i)) for i in range(6)]\n'
+            "order = [i for i, a in llm_batch_as_completed(prompts)]\n"
+            'answer["content"] = ",".join(map(str, order))\nanswer["ready"] = True'
+        )
+        # Replies echo the prompt (up to 200 characters): about 7 tokens x 20 ms apart.
+        async with open_sim(_sim(_code(code), output_s_per_token=0.02)) as sim:
+            async with RLM(config=sim_config(sim, completion_order=True)) as rlm:
+                result = await rlm.acompletion("ctx", "q")
+            subs = sorted(_subs(sim), key=lambda e: e.finish)
+        assert result.response is not None
+        order = [int(i) for i in result.response.split(",")]
+        assert sorted(order) == list(range(6))
+        lengths = [e.completion_tokens for e in subs]
+        assert lengths == sorted(lengths)  # the server finished short replies first ...
+        assert order == sorted(range(6), key=lambda i: 6 - i)  # ... and they came back first
+
+    @pytest.mark.asyncio
+    async def test_leaving_early_cancels_the_rest(self) -> None:
+        """Two answers taken, then `break`: the four slow sub-calls are cancelled at the
+        server and their reservations refunded (the query's spend is the two answers only)."""
+        code = (
+            "seen = []\n"
+            'for i, a in llm_batch_as_completed([f"item {k}" for k in range(6)]):\n'
+            "    seen.append(i)\n"
+            "    if len(seen) == 2:\n"
+            "        break\n"
+            'answer["content"] = repr(sorted(seen))\nanswer["ready"] = True'
+        )
+        async with open_sim(_sim(_code(code), script=("ok", "ok", "ok", "slow", "slow", "slow", "slow"))) as sim:
+            config = sim_config(sim, sub_overrides={"prices": PRICE}, budget=BudgetLimits(max_usd=1.0))
+            async with RLM(config=config) as rlm:
+                result = await rlm.acompletion("ctx", "q")
+            await _settled(sim, 7)
+            subs = _subs(sim)
+        assert Counter(e.outcome for e in subs) == {"ok": 2, "cancelled": 4}
+        sub_records = [r for r in result.calls if r.kind == "sub"]
+        assert Counter(r.status for r in sub_records) == {"ok": 2, "cancelled": 4}
+        paid = sum(e.prompt_tokens * 1.0 + e.completion_tokens * 4.0 for e in subs if e.outcome == "ok") / 1e6
+        assert sum(r.cost_usd for r in sub_records) == pytest.approx(paid, rel=1e-6)
+
+    def test_system_prompt_mentions_it_only_when_enabled(self) -> None:
+        """The root prompt names llm_batch_as_completed only with completion_order=True."""
+        from rlm_async._prompts import root_system_prompt
+
+        assert "llm_batch_as_completed" not in root_system_prompt()
+        assert "llm_batch_as_completed" in root_system_prompt(completion_order=True)
+
+
+class TestHedgeBudgetFuzz:
+    """Seeded: random dollar caps, hedging on, a lognormal tail; spend never passes the cap."""
+
+    @pytest.mark.parametrize("seed", range(6))
+    @pytest.mark.asyncio
+    async def test_spend_never_exceeds_the_cap(self, seed: int) -> None:
+        """Neither the ledger's spend nor what the server would bill exceeds the query's cap."""
+        rng = random.Random(seed)
+        n = rng.randint(8, 30)
+        cap = rng.uniform(0.00005, 0.003)
+        code = f'r = llm_batch([("p{seed} " * (1 + i % 7)) + str(i) for i in range({n})])\nanswer["content"] = str(len(r))\nanswer["ready"] = True'
+        hedge = HedgeConfig(enabled=True, stages=(0.5, 0.8), max_share=1.0, min_ratio=1.0)
+        async with open_sim(_sim(_code(code), sigma=0.8, ttft_s=0.03)) as sim:
+            config = sim_config(
+                sim,
+                sub_overrides={"hedge": hedge, "prices": PRICE, "max_tokens": rng.choice([50, 200, 1000])},
+                budget=BudgetLimits(max_usd=cap),
+                governor=GovernorConfig(chars_per_token=4.0),
+            )
+            async with RLM(config=config) as rlm:
+                result = await rlm.acompletion("ctx", "q")
+            await anyio.sleep(0.3)  # let the server log disconnects it has seen
+            subs = _subs(sim)
+        assert result.total.cost_usd <= cap + 1e-12
+        billed = sum(e.prompt_tokens * 1.0 + e.completion_tokens * 4.0 for e in subs) / 1e6
+        assert billed <= cap + 1e-12
+
+
+class TestSimulatorTail:
+    """The simulator's lognormal tail and the cancel frame's validation."""
+
+    def test_sigma_keeps_the_median_and_stretches_the_tail(self) -> None:
+        """exp(sigma z): the median draw is unchanged, p99 is exp(2.326 sigma) x it."""
+        import math
+
+        model = LatencyModel(sub=KindLatency(ttft_s=0.8, sigma=0.6))
+        assert model.latency("sub", prompt_tokens=0, completion_tokens=0, jitter_u=0.5) == pytest.approx(0.8)
+        p99 = model.latency("sub", prompt_tokens=0, completion_tokens=0, jitter_u=0.99)
+        assert p99 == pytest.approx(0.8 * math.exp(0.6 * 2.3263), rel=1e-3)
+        assert model.lower_bound("sub", prompt_tokens=0, completion_tokens=0) > 0
+
+    def test_cancel_frames_are_validated(self) -> None:
+        """A cancel carries an integer id and nothing else; anything else is a violation."""
+        from rlm_async.sandbox._channel import ProtocolViolation
+        from rlm_async.sandbox._protocol import parse_cancel
+
+        assert parse_cancel({"op": "cancel", "id": 3}) == 3
+        for bad in ({"op": "cancel"}, {"op": "cancel", "id": True}, {"op": "cancel", "id": 1, "x": 2}):
+            with pytest.raises(ProtocolViolation):
+                parse_cancel(bad)

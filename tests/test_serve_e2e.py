@@ -1,0 +1,606 @@
+"""The service end to end: a live `rlm-async serve` on loopback (the simulator in-process
+behind it), driven by real clients — the official openai SDK (sync and async, streaming
+and not), curl, and raw HTTP for the jobs API, files and the failure cases. Every bad
+request must get OpenAI's error body with the right status while the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from _serve_server import ServerProcess, config_text
+from openai.types.chat import ChatCompletionMessageParam
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CONTEXT = "\n".join(f"Line {i}: the invoice for order {i} was paid on day {i % 28 + 1}." for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with ServerProcess(config_text()) as s:
+        yield s
+
+
+def _client(server: ServerProcess) -> httpx.Client:
+    return httpx.Client(base_url=server.root_url, timeout=60)
+
+
+def _error(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert {"message", "type", "param", "code"} <= set(body["error"]), body
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+def _still_serving(server: ServerProcess) -> None:
+    with _client(server) as c:
+        assert c.get("/healthz").json()["status"] == "ok"
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": "rlm", "messages": [{"role": "user", "content": "hi there"}]},
+        )
+        assert r.status_code == 200, r.text
+
+
+# ============================================================================ openai SDK
+
+
+class TestOpenAISDK:
+    def test_sync_completion_from_plain_messages(self, server: ServerProcess) -> None:
+        """The SDK's sync client gets a chat.completion: earlier messages are the context,
+        the last user message the query, usage with cached tokens and the RLM's status."""
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="anything",
+            messages=[
+                {"role": "user", "content": CONTEXT},
+                {"role": "user", "content": "Which orders were paid?"},
+            ],
+        )
+        assert reply.object == "chat.completion"
+        assert reply.choices[0].message.role == "assistant"
+        assert reply.choices[0].message.content
+        assert reply.choices[0].finish_reason == "stop"
+        assert reply.usage is not None and reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+        assert reply.usage.prompt_tokens_details is not None
+        extra = reply.model_extra or {}
+        assert extra["rlm"]["status"] == "ok"
+
+    def test_sync_stream_parses_unchanged(self, server: ServerProcess) -> None:
+        """stream=True: the SDK parses every chunk (progress rides in SSE comments, which it
+        skips), the content adds up to the non-streamed answer, usage is in the last chunk."""
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "user", "content": CONTEXT},
+            {"role": "user", "content": "Which orders were paid?"},
+        ]
+        plain = client.chat.completions.create(model="rlm", messages=messages)
+        chunks = list(client.chat.completions.create(model="rlm", messages=messages, stream=True))
+        assert all(c.object == "chat.completion.chunk" for c in chunks)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == plain.choices[0].message.content
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+
+    def test_stream_with_include_usage_ends_with_a_usage_chunk(self, server: ServerProcess) -> None:
+        """stream_options.include_usage: OpenAI's shape, a last chunk with no choices and the usage."""
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        chunks = list(
+            client.chat.completions.create(
+                model="rlm",
+                messages=[{"role": "user", "content": "Summarise: the sky is blue."}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-2].usage is None
+
+    @pytest.mark.anyio
+    async def test_async_client_streaming_and_not(self, server: ServerProcess) -> None:
+        """The SDK's async client, both ways, with the rlm extension naming the context."""
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        try:
+            reply = await client.chat.completions.create(
+                model="rlm",
+                messages=[{"role": "user", "content": "Which orders were paid?"}],
+                extra_body={"rlm": {"context": CONTEXT, "max_depth": 1}},
+            )
+            assert reply.choices[0].message.content
+            stream = await client.chat.completions.create(
+                model="rlm",
+                messages=[{"role": "user", "content": "Which orders were paid?"}],
+                stream=True,
+                extra_body={"rlm": {"context": CONTEXT}},
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            assert text == reply.choices[0].message.content
+        finally:
+            await client.close()
+
+    def test_named_progress_events_on_request(self, server: ServerProcess) -> None:
+        """rlm.progress = "events" sends progress as named `rlm.progress` events (for
+        clients that read them) before the chunks; the default sends SSE comments."""
+        body = {
+            "model": "rlm",
+            "stream": True,
+            "messages": [{"role": "user", "content": CONTEXT}, {"role": "user", "content": "Which orders?"}],
+        }
+        with _client(server) as c:
+            named = c.post("/v1/chat/completions", json={**body, "rlm": {"progress": "events"}}).text
+            default = c.post("/v1/chat/completions", json=body).text
+        assert "event: rlm.progress" in named and '"kind": "call.finish"' in named
+        assert "event:" not in default and ": rlm.progress " in default
+        assert default.rstrip().endswith("data: [DONE]")
+
+
+# ============================================================================ curl
+
+
+class TestCurl:
+    def test_curl_completion_and_stream(self, server: ServerProcess) -> None:
+        """The documented curl commands work: a JSON answer, and an SSE stream ending in [DONE]."""
+        curl = shutil.which("curl")
+        if curl is None:
+            pytest.skip("curl is not installed")
+        body = json.dumps(
+            {"model": "rlm", "messages": [{"role": "user", "content": "What is in this note? Milk, eggs."}]}
+        )
+        out = subprocess.run(
+            [
+                curl,
+                "-sS",
+                f"{server.base_url}/chat/completions",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+            ],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        assert json.loads(out)["choices"][0]["message"]["content"]
+        streamed = subprocess.run(
+            [
+                curl,
+                "-sSN",
+                f"{server.base_url}/chat/completions",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                json.dumps({**json.loads(body), "stream": True}),
+            ],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout.decode()
+        assert streamed.rstrip().endswith("data: [DONE]")
+
+
+# ============================================================================ jobs
+
+
+def _wait_job(c: httpx.Client, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record: dict[str, Any] = c.get(f"/v1/rlm/jobs/{job_id}").json()
+        if record["state"] in ("completed", "cancelled", "failed"):
+            return record
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def _sse(text: str) -> list[dict[str, str]]:
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            if line.startswith(":") or ":" not in line:
+                continue
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+        if fields:
+            events.append(fields)
+    return events
+
+
+class TestJobs:
+    def test_job_lifecycle_and_resumable_events(self, server: ServerProcess) -> None:
+        """POST gives 202 and an id; GET shows the answer and usage; the events stream has
+        numbered events, and reconnecting with Last-Event-ID resumes after the given one."""
+        with _client(server) as c:
+            r = c.post(
+                "/v1/rlm/jobs", json={"model": "rlm", "context": CONTEXT, "query": "Which orders were paid?"}
+            )
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            assert r.headers["location"] == f"/v1/rlm/jobs/{job_id}"
+            record = _wait_job(c, job_id)
+            assert record["state"] == "completed" and record["status"] == "ok" and record["answer"]
+            assert record["usage"]["rlm_calls"] > 0
+            events = _sse(c.get(f"/v1/rlm/jobs/{job_id}/events").text)
+            ids = [int(e["id"]) for e in events]
+            assert ids == sorted(ids) and events[-1]["event"] == "done"
+            resumed = _sse(
+                c.get(f"/v1/rlm/jobs/{job_id}/events", headers={"Last-Event-ID": str(ids[2])}).text
+            )
+            assert [int(e["id"]) for e in resumed] == ids[3:]
+
+    def test_job_needs_a_context_and_a_query(self, server: ServerProcess) -> None:
+        """A job without a context or query is a 400 naming the field."""
+        with _client(server) as c:
+            r = c.post("/v1/rlm/jobs", json={"model": "rlm", "query": "?"})
+            assert r.status_code == 400 and _error(r)["param"] == "context"
+            r = c.post("/v1/rlm/jobs", json={"model": "rlm", "context": "x"})
+            assert r.status_code == 400 and _error(r)["param"] == "query"
+            assert c.get("/v1/rlm/jobs/job-doesnotexist").status_code == 404
+
+    def test_file_context_over_the_limit_is_413_and_files_feed_jobs(self, server: ServerProcess) -> None:
+        """POST /v1/files streams a body to disk; a job names it by id; a file over the limit
+        is a 413 and the server keeps serving."""
+        with _client(server) as c:
+            r = c.post(
+                "/v1/files?filename=notes.txt",
+                content=CONTEXT.encode(),
+                headers={"content-type": "text/plain"},
+            )
+            assert r.status_code == 200, r.text
+            file_id = r.json()["id"]
+            assert r.json()["bytes"] == len(CONTEXT.encode())
+            job = c.post(
+                "/v1/rlm/jobs", json={"model": "rlm", "file_id": file_id, "query": "Which orders were paid?"}
+            )
+            assert job.status_code == 202
+            assert _wait_job(c, job.json()["id"])["status"] == "ok"
+            missing = c.post("/v1/rlm/jobs", json={"model": "rlm", "file_id": "file-0000", "query": "?"})
+            assert missing.status_code == 404
+
+
+class TestJobsAcrossRestarts:
+    def test_finished_results_survive_a_restart_and_delete_cancels(self) -> None:
+        """A finished job is read back after the server restarts on the same data directory;
+        DELETE of a running job cancels it (workers killed, spend so far kept)."""
+        data = tempfile.mkdtemp(prefix="rlm-serve-data-")
+        slow = config_text(serve="grace_s = 1", sub_ttft=3.0, chunks=4)
+        with ServerProcess(slow, data_dir=data) as s, _client(s) as c:
+            quick = c.post(
+                "/v1/rlm/jobs", json={"model": "rlm", "context": "a b c", "query": "What is this?"}
+            ).json()
+            done = _wait_job(c, quick["id"], 60)
+            long = c.post(
+                "/v1/rlm/jobs", json={"model": "rlm", "context": CONTEXT, "query": "Which orders?"}
+            ).json()
+            # wait until the long job's fan-out is in flight, then cancel it
+            deadline = time.monotonic() + 30
+            while not s.children() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            cancelled = c.delete(f"/v1/rlm/jobs/{long['id']}").json()
+            assert cancelled["state"] == "cancelled"
+            assert cancelled["usage"]["rlm_calls"] >= 1  # the root turns it paid for are kept
+            assert s.wait_no_children() == []
+        with ServerProcess(slow, data_dir=data) as s2, _client(s2) as c:
+            again = c.get(f"/v1/rlm/jobs/{quick['id']}").json()
+            assert again["state"] == "completed" and again["answer"] == done["answer"]
+            assert c.get(f"/v1/rlm/jobs/{long['id']}").json()["state"] == "cancelled"
+            replay = _sse(c.get(f"/v1/rlm/jobs/{quick['id']}/events").text)
+            assert replay[-1]["event"] == "done"
+        shutil.rmtree(data, ignore_errors=True)
+
+
+# ============================================================================ bad input
+
+
+class TestBadInput:
+    def test_malformed_json_no_messages_and_bad_fields(self, server: ServerProcess) -> None:
+        """Malformed JSON, no messages, no user message, n>1, a bad rlm field: each a 400
+        with OpenAI's error body; the server keeps serving."""
+        with _client(server) as c:
+            r = c.post(
+                "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+            )
+            assert r.status_code == 400 and _error(r)["type"] == "invalid_request_error"
+            r = c.post("/v1/chat/completions", json={"model": "rlm", "messages": []})
+            assert r.status_code == 400 and _error(r)["param"] == "messages"
+            r = c.post("/v1/chat/completions", json={"model": "rlm"})
+            assert r.status_code == 400 and _error(r)["param"] == "messages"
+            r = c.post(
+                "/v1/chat/completions",
+                json={"model": "rlm", "messages": [{"role": "system", "content": "x"}]},
+            )
+            assert r.status_code == 400
+            r = c.post(
+                "/v1/chat/completions",
+                json={"model": "rlm", "n": 2, "messages": [{"role": "user", "content": "x"}]},
+            )
+            assert r.status_code == 400 and _error(r)["param"] == "n"
+            r = c.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "rlm",
+                    "messages": [{"role": "user", "content": "x"}],
+                    "rlm": {"max_depth": 99},
+                },
+            )
+            assert r.status_code == 400 and "limit" in _error(r)["message"]
+            assert c.get("/v1/nothing").status_code == 404
+        _still_serving(server)
+
+    def test_openai_sdk_sees_errors_as_its_own_exceptions(self, server: ServerProcess) -> None:
+        """The SDK raises BadRequestError for a 400, with the server's message."""
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="user message"):
+            client.chat.completions.create(model="rlm", messages=[{"role": "system", "content": "x"}])
+
+    def test_body_over_the_limit_is_413(self) -> None:
+        """A chat body over max_body_bytes is a 413 that points at /v1/files; a file over
+        max_file_bytes is a 413 too (by Content-Length, and while streaming without one)."""
+        with (
+            ServerProcess(config_text(serve="max_body_bytes = 10000\nmax_file_bytes = 20000")) as s,
+            _client(s) as c,
+        ):
+            big = {"model": "rlm", "messages": [{"role": "user", "content": "x" * 20000}]}
+            r = c.post("/v1/chat/completions", json=big)
+            assert r.status_code == 413 and "/v1/files" in _error(r)["message"]
+            r = c.post("/v1/files", content=b"y" * 30000)
+            assert r.status_code == 413
+
+            def chunks() -> Iterator[bytes]:
+                for _ in range(10):
+                    yield b"z" * 4000
+
+            r = c.post("/v1/files", content=chunks())  # chunked: no Content-Length
+            assert r.status_code == 413
+            assert os.listdir(s.config_path.parent)  # the server is alive
+            _still_serving(s)
+
+    def test_unknown_model_with_several_profiles_is_404(self) -> None:
+        """With two profiles, the model must name one: /v1/models lists both, another name is
+        a 404 model_not_found."""
+        tmp = tempfile.mkdtemp()
+        with open(os.path.join(tmp, "deep.toml"), "w") as f:
+            f.write(config_text().replace("max_depth = 1", "max_depth = 2"))
+        serve = f'name = "rlm"\n[serve.profiles]\ndeep = "{tmp}/deep.toml"\n'
+        with ServerProcess(config_text(serve=serve)) as s, _client(s) as c:
+            assert sorted(m["id"] for m in c.get("/v1/models").json()["data"]) == ["deep", "rlm"]
+            r = c.post(
+                "/v1/chat/completions",
+                json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]},
+            )
+            assert r.status_code == 404 and _error(r)["code"] == "model_not_found"
+            r = c.post(
+                "/v1/chat/completions",
+                json={"model": "deep", "messages": [{"role": "user", "content": "x y"}]},
+            )
+            assert r.status_code == 200
+
+
+# ============================================================================ auth and tenants
+
+
+KEYS = "alice:alice-key-0123456789abcdef,bob:bob-key-0123456789abcdefgh"
+
+
+class TestAuth:
+    def test_keys_are_required_and_tenants_are_apart(self) -> None:
+        """With keys set: no key or a wrong key is a 401 (the key never echoed or logged);
+        a tenant cannot see another tenant's job or file; healthz needs no key."""
+        with ServerProcess(config_text(), env={"RLM_SERVE_KEYS": KEYS}) as s:
+            assert "2 bearer key(s)" in s.banner
+            with httpx.Client(base_url=s.root_url, timeout=60) as c:
+                assert c.get("/healthz").status_code == 200
+                r = c.get("/v1/models")
+                assert r.status_code == 401 and _error(r)["type"] == "authentication_error"
+                r = c.get("/v1/models", headers={"authorization": "Bearer alice-key-0123456789abcdeX"})
+                assert r.status_code == 401 and "alice-key" not in r.text
+                alice = {"authorization": "Bearer alice-key-0123456789abcdef"}
+                bob = {"authorization": "Bearer bob-key-0123456789abcdefgh"}
+                job = c.post(
+                    "/v1/rlm/jobs", headers=alice, json={"model": "rlm", "context": "a", "query": "b"}
+                ).json()
+                _wait = time.monotonic() + 30
+                while c.get(f"/v1/rlm/jobs/{job['id']}", headers=alice).json()["state"] not in ("completed",):
+                    assert time.monotonic() < _wait
+                    time.sleep(0.05)
+                assert c.get(f"/v1/rlm/jobs/{job['id']}", headers=bob).status_code == 404
+            client = openai.OpenAI(base_url=s.base_url, api_key="wrong-key-0123456789abcdef", max_retries=0)
+            with pytest.raises(openai.AuthenticationError):
+                client.models.list()
+            assert "alice-key" not in s.log() and "wrong-key" not in s.log()
+
+    def test_no_keys_refuses_a_public_bind(self) -> None:
+        """Without keys the server binds loopback only: another host is refused at start."""
+        tmp = tempfile.mkdtemp()
+        path = os.path.join(tmp, "c.toml")
+        with open(path, "w") as f:
+            f.write(config_text())
+        env = {k: v for k, v in os.environ.items() if k != "RLM_SERVE_KEYS"}
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rlm_async.cli",
+                "serve",
+                "--config",
+                path,
+                "--host",
+                "0.0.0.0",
+                "--port",
+                "0",
+            ],
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        assert out.returncode == 2 and b"loopback only" in out.stderr
+
+    def test_tenant_budget_and_rate_limit(self) -> None:
+        """A key's budget, once spent, refuses new queries with 429 insufficient_quota; its
+        request rate beyond the limit gets 429 with retry-after."""
+        serve = "[serve.tenant_limits]\nmax_usd = 0.001\nrequests_per_minute = 3\n"
+        with ServerProcess(config_text(serve=serve), env={"RLM_SERVE_KEYS": KEYS}) as s, _client(s) as c:
+            alice = {"authorization": "Bearer alice-key-0123456789abcdef"}
+            bob = {"authorization": "Bearer bob-key-0123456789abcdefgh"}
+            body = {
+                "model": "rlm",
+                "messages": [{"role": "user", "content": CONTEXT}, {"role": "user", "content": "?"}],
+            }
+            first = c.post("/v1/chat/completions", headers=alice, json=body)
+            assert first.status_code == 200
+            assert first.json()["rlm"]["status"] == "budget_exceeded"  # refused before crossing $0.001
+            assert first.json()["rlm"]["limit_hit"] == "tenant.usd"
+            r = c.post("/v1/chat/completions", headers=alice, json=body)
+            assert r.status_code == 429 and _error(r)["code"] == "insufficient_quota"
+            small = {"model": "rlm", "messages": [{"role": "user", "content": "x"}]}
+            responses = [c.post("/v1/chat/completions", headers=bob, json=small) for _ in range(4)]
+            assert [r.status_code for r in responses] == [200, 429, 429, 429]  # bob's budget is as small
+            assert [_error(r)["code"] for r in responses[1:3]] == ["insufficient_quota"] * 2
+            assert _error(responses[3])["code"] == "rate_limit_exceeded"  # 3 a minute
+            assert int(responses[3].headers["retry-after"]) >= 1
+
+
+# ============================================================================ admission, disconnects, shutdown
+
+
+class TestAdmission:
+    def test_flood_beyond_the_queue_gets_429_then_recovers(self) -> None:
+        """With 2 running and 2 queued, 12 at once: 4 are served, 8 get 429 with retry-after
+        and OpenAI's error body; when the flood is over, a new request is served."""
+        serve = "max_running = 2\nmax_queued = 2\n"
+        with ServerProcess(config_text(serve=serve, sub_ttft=1.0)) as s:
+            body = {
+                "model": "rlm",
+                "messages": [{"role": "user", "content": CONTEXT}, {"role": "user", "content": "?"}],
+            }
+
+            def one(_: int) -> httpx.Response:
+                with httpx.Client(base_url=s.root_url, timeout=120) as c:
+                    return c.post("/v1/chat/completions", json=body)
+
+            with concurrent.futures.ThreadPoolExecutor(12) as pool:
+                responses = list(pool.map(one, range(12)))
+            codes = sorted(r.status_code for r in responses)
+            assert codes == [200] * 4 + [429] * 8, codes
+            refused = [r for r in responses if r.status_code == 429]
+            assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+            assert all(_error(r)["type"] == "rate_limit_error" for r in refused)
+            with _client(s) as c:
+                assert "rlm_http_429_sent_total 8" in c.get("/metrics").text
+            _still_serving(s)
+
+    def test_client_disconnecting_mid_stream_cancels_its_query(self) -> None:
+        """A streaming client that goes away mid-query: its query is cancelled, its REPL
+        worker killed (the server has no child process left), and the server keeps serving."""
+        with ServerProcess(config_text(sub_ttft=5.0)) as s:
+            body = {
+                "model": "rlm",
+                "stream": True,
+                "messages": [{"role": "user", "content": CONTEXT}, {"role": "user", "content": "?"}],
+            }
+            with (
+                httpx.Client(base_url=s.root_url, timeout=60) as c,
+                c.stream("POST", "/v1/chat/completions", json=body) as r,
+            ):
+                for line in r.iter_lines():
+                    if "call.finish" in line:  # the first root turn is done: the fan-out is in flight
+                        break
+                assert s.children(), "the query's worker should be running"
+            # the connection is closed here, mid-stream
+            assert s.wait_no_children() == []
+            with _client(s) as c:
+                deadline = time.monotonic() + 10
+                while 'rlm_queries_total{status="cancelled"' not in c.get("/metrics").text:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            _still_serving(s)
+
+    def test_non_streaming_client_disconnect_cancels_too(self) -> None:
+        """A plain request whose client times out and closes: the query is cancelled."""
+        with ServerProcess(config_text(sub_ttft=5.0)) as s:
+            body = {
+                "model": "rlm",
+                "messages": [{"role": "user", "content": CONTEXT}, {"role": "user", "content": "?"}],
+            }
+            with httpx.Client(base_url=s.root_url, timeout=1.5) as c, pytest.raises(httpx.ReadTimeout):
+                c.post("/v1/chat/completions", json=body)
+            assert s.wait_no_children() == []
+
+
+class TestShutdown:
+    def test_sigterm_drains_then_cancels(self) -> None:
+        """SIGTERM: new connections are refused at once; a query that fits in the grace
+        period finishes and its record is written; one that does not is cancelled, its
+        worker killed; the process exits 0 with no child left."""
+        data = tempfile.mkdtemp(prefix="rlm-serve-data-")
+        serve = "grace_s = 3\n"
+        quick_cfg = config_text(serve=serve, sub_ttft=0.5)
+        s = ServerProcess(quick_cfg, data_dir=data).start()
+        try:
+            with _client(s) as c:
+                quick = c.post("/v1/rlm/jobs", json={"model": "rlm", "context": CONTEXT, "query": "?"}).json()
+                time.sleep(0.3)
+                assert s.terminate() == 0
+            with pytest.raises(httpx.ConnectError), _client(s) as c:
+                c.get("/healthz")
+            assert s.children() == []
+        finally:
+            s.stop()
+        slow_cfg = config_text(serve=serve, sub_ttft=30.0)
+        with ServerProcess(slow_cfg, data_dir=data) as s2, _client(s2) as c:
+            assert c.get(f"/v1/rlm/jobs/{quick['id']}").json()["state"] == "completed"
+            slow = c.post("/v1/rlm/jobs", json={"model": "rlm", "context": CONTEXT, "query": "?"}).json()
+            deadline = time.monotonic() + 30
+            while not s2.children() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            started = time.monotonic()
+            assert s2.terminate() == 0
+            assert time.monotonic() - started < 20  # grace 3 s, then cancelled: not 30 s of latency
+            assert s2.children() == []
+        with ServerProcess(slow_cfg, data_dir=data) as s3, _client(s3) as c:
+            record = c.get(f"/v1/rlm/jobs/{slow['id']}").json()
+            assert record["state"] == "cancelled" and "shut down" in record["detail"]
+        shutil.rmtree(data, ignore_errors=True)
+
+
+class TestOperations:
+    def test_metrics_and_healthz(self, server: ServerProcess) -> None:
+        """/metrics is Prometheus text with queries by status, sub-calls, tokens, dollars,
+        in flight, queue depth, 429s both ways and the sandbox tier."""
+        with _client(server) as c:
+            c.post(
+                "/v1/chat/completions",
+                json={"model": "rlm", "messages": [{"role": "user", "content": "a b"}]},
+            )
+            text = c.get("/metrics").text
+            health = c.get("/healthz").json()
+        assert health["status"] == "ok" and health["profiles"] == ["rlm"]
+        for name in (
+            "rlm_queries_total",
+            "rlm_subcalls_total",
+            "rlm_tokens_total",
+            "rlm_cost_usd_total",
+            "rlm_queries_in_flight",
+            "rlm_queue_depth",
+            "rlm_http_429_sent_total",
+            "rlm_upstream_429_total",
+            "rlm_sandbox_workers_total",
+        ):
+            assert f"# TYPE {name} " in text, name
+        assert 'rlm_queries_total{status="ok",tenant="local"}' in text
+        assert 'rlm_sandbox_workers_total{tier="' in text

@@ -1,0 +1,34 @@
+"""The load test's machinery, small: `benchmarks/serve_load.py` with locust (headless,
+loopback, bounded) runs 8 concurrent queries through a live server with no error and every
+answer right. The ratio is printed by the benchmark, not asserted here: walls on a shared
+machine are not a test's business."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+
+
+def test_locust_load_runs_clean() -> None:
+    """8 users at once, one query each: 8 answered, all right, no error, locust exit 0."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("serve_load", BENCH / "serve_load.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = module.run(8, 8_000, 4, 120, Path(tmp))
+    finally:
+        sys.path.remove(str(BENCH))
+    assert result["errors"] == 0, result
+    assert result["correct"] == 8 and result["single_correct"], result
+    assert result["locust_exit"] == 0, result["locust_stderr_tail"]

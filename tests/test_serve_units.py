@@ -1,0 +1,204 @@
+"""The service's parts on their own: OpenAI messages -> context and query, bearer keys,
+the bounded queue, per-request limits through the engine, and OpenTelemetry spans (GenAI
+semantic conventions) read with the SDK's in-memory exporter."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import open_sim, sim_config
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from rlm_async._governor import BudgetLedger, BudgetLimits
+from rlm_async._rlm import RLM
+from rlm_async.exceptions import ConfigError
+from rlm_async.serve import KeyRing
+from rlm_async.serve._admission import Admission
+from rlm_async.serve._errors import APIError
+from rlm_async.serve._openai import RESPOND_PROMPT, parse_chat_request
+from rlm_async.serve._otel import SpanSink
+from rlm_async.sim import Policies, PolicySpec, SimConfig
+
+
+class TestMessagesToContext:
+    def test_last_user_message_is_the_query_and_one_earlier_message_a_str(self) -> None:
+        """Two messages: the first is the context (a str), the last user message the query."""
+        chat = parse_chat_request(
+            {
+                "model": "m",
+                "messages": [{"role": "system", "content": "DOC"}, {"role": "user", "content": "Q?"}],
+            }
+        )
+        assert chat.context.inline == "DOC" and chat.query == "Q?"
+
+    def test_several_earlier_messages_are_a_list(self) -> None:
+        """Several messages before the query: a list of str, text content parts joined."""
+        chat = parse_chat_request(
+            {
+                "model": "m",
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "text", "text": "b"}, {"type": "text", "text": "c"}],
+                    },
+                    {"role": "user", "content": "Q?"},
+                ],
+            }
+        )
+        assert chat.context.inline == ["a", "bc"] and chat.query == "Q?"
+
+    def test_a_single_user_message_is_the_context_and_the_root_responds_to_it(self) -> None:
+        """One user message: its content is the context; the query asks the root to respond."""
+        chat = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "Hello there"}]})
+        assert chat.context.inline == "Hello there" and chat.query == RESPOND_PROMPT
+
+    def test_the_extension_names_the_context(self) -> None:
+        """rlm.file_id or rlm.context replaces the messages as the context; limits are read."""
+        chat = parse_chat_request(
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "Q?"}],
+                "rlm": {"file_id": "file-abc", "context_format": "json", "max_depth": 2, "max_usd": 0.5},
+            }
+        )
+        assert chat.context.file_id == "file-abc" and chat.context.file_format == "json"
+        assert chat.options.max_depth == 2 and chat.options.max_usd == 0.5 and chat.query == "Q?"
+
+    @pytest.mark.parametrize(
+        ("body", "param"),
+        [
+            ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+            ({"model": "m", "messages": "hi"}, "messages"),
+            ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
+            (
+                {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+                "messages[0].content",
+            ),
+            (
+                {"model": "m", "messages": [{"role": "user", "content": "x"}], "rlm": {"max_depth": 0}},
+                "rlm.max_depth",
+            ),
+            ({"model": "m", "messages": [{"role": "user", "content": "x"}], "rlm": {"bogus": 1}}, "rlm"),
+        ],
+    )
+    def test_bad_requests_name_the_parameter(self, body: dict[str, object], param: str) -> None:
+        """Each malformed request is a 400 naming the parameter to fix."""
+        with pytest.raises(APIError) as raised:
+            parse_chat_request(body)
+        assert raised.value.status == 400 and raised.value.param == param
+
+
+class TestKeyRing:
+    def test_keys_map_to_tenants(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """`tenant:key` entries name tenants; a bare key gets a hashed name; a wrong or
+        missing key, or another scheme, is refused."""
+        monkeypatch.setenv("RLM_TEST_KEYS", "alice:0123456789abcdef0123,fedcba9876543210fedc")
+        ring = KeyRing.load(env="RLM_TEST_KEYS")
+        assert len(ring) == 2
+        tenant = ring.authenticate("Bearer 0123456789abcdef0123")
+        assert tenant is not None and tenant.name == "alice"
+        other = ring.authenticate("bearer fedcba9876543210fedc")
+        assert other is not None and other.name.startswith("key-")
+        assert ring.authenticate("Bearer 0123456789abcdef012") is None
+        assert ring.authenticate(None) is None
+        assert ring.authenticate("Basic 0123456789abcdef0123") is None
+
+    def test_short_keys_and_unreadable_files_are_config_errors(self, tmp_path: os.PathLike[str]) -> None:
+        """A key under 16 characters, or a keys file that cannot be read, stops the start."""
+        bad = os.path.join(tmp_path, "keys")
+        with open(bad, "w") as f:
+            f.write("bob:short\n")
+        with pytest.raises(ConfigError, match="shorter than 16"):
+            KeyRing.load(env=None, file=bad)
+        with pytest.raises(ConfigError, match="cannot be read"):
+            KeyRing.load(env=None, file=os.path.join(tmp_path, "missing"))
+
+    def test_no_keys_means_one_anonymous_tenant(self) -> None:
+        """With no keys configured every request is the local tenant."""
+        ring = KeyRing({})
+        assert not ring.enabled
+        tenant = ring.authenticate(None)
+        assert tenant is not None and tenant.name == "local"
+
+
+class TestAdmission:
+    @pytest.mark.anyio
+    async def test_the_queue_is_bounded(self) -> None:
+        """running + queued beyond the bounds is a 429 with retry-after; leaving frees a place."""
+        admission = Admission(max_running=1, max_queued=1)
+        admission.admit()
+        admission.admit()
+        with pytest.raises(APIError) as raised:
+            admission.admit()
+        assert raised.value.status == 429 and int(raised.value.headers["retry-after"]) >= 1
+        async with admission.slot():
+            assert admission.running == 1 and admission.queued == 1
+        assert admission.admitted == 1
+        admission.admit()
+        admission.closed = True
+        with pytest.raises(APIError) as closed:
+            admission.admit()
+        assert closed.value.status == 503
+
+
+class TestPerQueryLimitsThroughTheEngine:
+    @pytest.mark.asyncio
+    async def test_budget_override_and_parent_ledger(self) -> None:
+        """acompletion(budget=..., ledger_parent=...): the query's caps are the request's,
+        and its spend is charged to the parent ledger (a tenant's) as well."""
+        async with open_sim() as sim:
+            tenant = BudgetLedger(BudgetLimits(max_usd=10.0), name="tenant")
+            async with RLM(config=sim_config(sim)) as rlm:
+                result = await rlm.acompletion(
+                    "alpha\nbeta\ngamma",
+                    "What is here?",
+                    budget=BudgetLimits(max_calls=1),
+                    ledger_parent=tenant,
+                )
+            assert result.status == "budget_exceeded" and result.limit_hit == "calls"
+            assert tenant.spent.calls == result.total.calls >= 1
+
+
+class TestOpenTelemetry:
+    @pytest.mark.asyncio
+    async def test_spans_follow_the_genai_conventions_and_nest(self) -> None:
+        """The query is an invoke_agent span; each REPL cell an execute_tool span under it;
+        each model call a chat span with usage; a child RLM's invoke_agent span nests under
+        the cell that started it, and its calls under it."""
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        policies = Policies(root=PolicySpec(name="rlm", options={"chunks": 2, "fanout": "rlm_query_batched"}))
+        async with open_sim(SimConfig(policies=policies)) as sim:
+            async with RLM(config=sim_config(sim, max_depth=2)) as rlm:
+                result = await rlm.acompletion(
+                    "one\ntwo\nthree\nfour", "What is here?", event_sinks=[SpanSink(provider)]
+                )
+        assert result.status == "ok"
+        spans = exporter.get_finished_spans()
+        by_id = {s.context.span_id: s for s in spans}
+        agents = [
+            s for s in spans if s.attributes and s.attributes["gen_ai.operation.name"] == "invoke_agent"
+        ]
+        chats = [s for s in spans if s.attributes and s.attributes["gen_ai.operation.name"] == "chat"]
+        tools = [s for s in spans if s.attributes and s.attributes["gen_ai.operation.name"] == "execute_tool"]
+        roots = [s for s in agents if s.parent is None]
+        assert len(roots) == 1 and roots[0].name == "invoke_agent rlm"
+        children = [s for s in agents if s.parent is not None]
+        assert len(children) == 2  # two chunks, one child RLM each
+        for child in children:
+            assert child.parent is not None
+            parent = by_id[child.parent.span_id]
+            assert parent.name == "execute_tool repl"
+        assert tools and all(t.attributes and t.attributes["gen_ai.tool.name"] == "repl" for t in tools)
+        assert len(chats) == result.total.calls
+        assert all(c.name.startswith("chat sim-") for c in chats)
+        assert all(c.attributes and int(str(c.attributes["gen_ai.usage.input_tokens"])) > 0 for c in chats)
+        depth_of = {s.context.span_id: s.attributes.get("rlm.depth") for s in agents if s.attributes}
+        child_ids = {c.context.span_id for c in children}
+        under_children = [c for c in chats if c.parent is not None and c.parent.span_id in child_ids]
+        assert under_children and all(depth_of[c.parent.span_id] == 1 for c in under_children if c.parent)
