@@ -6,6 +6,7 @@
     rlm-async trace view TRACE.jsonl -o run.html    a self-contained HTML timeline
     rlm-async batch INPUT.jsonl --out OUT.jsonl [--config ...] [--concurrency N] [--budget-usd X]
               [--budget-tokens N] [--journal PATH]    many queries under one budget, resumable
+    rlm-async doctor [--config configs/NAME.toml] [--json]   what each server is, and the defaults
     rlm-async serve [--config X.toml] [--host H] [--port P]   an OpenAI-compatible server
 
 Errors the user can fix (a missing file, an unreachable endpoint, a missing key, an unknown
@@ -98,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--max-context-chars", type=int, help="refuse larger contexts (default 100M)")
     batch.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     batch.add_argument("--quiet", action="store_true", help="no live progress")
+    doctor = sub.add_parser("doctor", help="identify each configured server and show the settings it gets")
+    doctor.add_argument("--config", help="a TOML file from configs/")
+    doctor.add_argument("--json", action="store_true", help="print the decisions as JSON")
 
     serve = sub.add_parser("serve", help="serve RLMs over an OpenAI-compatible API (default: the simulator)")
     serve.add_argument("--config", help="a TOML file from configs/ (default: the bundled simulator)")
@@ -431,8 +435,35 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         anyio.run(lambda: run_server(config, on_ready=ready))
         return 0
-    runner = {"run": _run, "batch": _batch}.get(args.command, _demo)
+    runner = {"run": _run, "batch": _batch, "doctor": _doctor}.get(args.command, _demo)
     return anyio.run(runner, args)
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    from ._config import ModelConfig
+    from ._servers import diagnose, report
+    from .transport import OpenAITransport, Transport
+
+    config = (
+        RLMConfig.from_toml(args.config) if args.config else RLMConfig(root=ModelConfig(model="gpt-5-mini"))
+    )
+    models = [m for m in config.all_models() if m.base_url != _SIM_BASE_URL]
+    opened: list[Transport] = []
+
+    def transport_for(m: Any) -> Transport:
+        opened.append(OpenAITransport(m.base_url, api_key_env=m.api_key_env))
+        return opened[-1]
+
+    try:
+        settings = await diagnose(models, transport_for)
+    finally:
+        for t in opened:
+            await t.aclose()
+    if args.json:
+        print(json.dumps([s.event_fields() for s in settings], indent=2))
+    else:
+        print("\n".join(report(settings)))
+    return 0
 
 
 def _lone(exc: BaseException) -> BaseException:

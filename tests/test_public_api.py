@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "hooks": 3,
     "trace_view": 3,
     "_config": 4,
+    "_servers": 4,
     "_engine": 5,
     "_rlm": 6,
     "batch": 6,
