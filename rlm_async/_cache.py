@@ -92,7 +92,8 @@ class CacheSettings:
     """
 
     min_cacheable_tokens: int = 1024
-    """Shortest prefix the provider caches (OpenAI: 1,024; vLLM/SGLang: 0, any prefix)."""
+    """Shortest prefix the provider caches (OpenAI: 1,024; vLLM: one 16-token block; SGLang:
+    any prefix)."""
     step_tokens: int = 128
     """The provider caches whole steps of this many tokens (OpenAI: 128; vLLM: its KV block
     size, 16 by default; SGLang: 1). 0 or 1 means token granularity."""
@@ -153,19 +154,18 @@ class CacheSettings:
 
     @classmethod
     def vllm(cls) -> CacheSettings:
-        """vLLM with automatic prefix caching (on by default): any prefix, in KV blocks of 16.
-
-        No warm-up: a self-hosted server admits a burst a few requests per scheduler step
-        and caches each block as soon as it is computed, so a batch warms itself; waiting a
-        whole request latency would buy next to nothing. (Set `warm="auto"` to use the rule.)
-        """
-        return cls(min_cacheable_tokens=0, step_tokens=16, warm=False, ready_on="first_token")
+        """vLLM with automatic prefix caching (on by default): whole KV blocks of 16 tokens,
+        so nothing shorter than one block. A block is reused once the request that computed
+        it has been processed; requests admitted together all compute it, so a fan-out sent
+        cold mostly misses. Warm when the rule says it pays (what `server = "auto"` picks
+        for a server identified as vLLM)."""
+        return cls(min_cacheable_tokens=16, step_tokens=16, warm="auto", ready_on="finish")
 
     @classmethod
     def sglang(cls) -> CacheSettings:
-        """SGLang's RadixAttention: any prefix, token granularity; no warm-up, as for vLLM
-        (its scheduler also orders queued requests by shared prefix)."""
-        return cls(min_cacheable_tokens=0, step_tokens=1, warm=False, ready_on="first_token")
+        """SGLang's RadixAttention: any prefix, token granularity, inserted once a request's
+        prefill is done; warm when the rule says it pays, as for vLLM."""
+        return cls(min_cacheable_tokens=0, step_tokens=1, warm="auto", ready_on="first_token")
 
 
 class SharedPrefix(NamedTuple):

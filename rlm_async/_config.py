@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from ._cache import CacheSettings
 from ._governor import BudgetLimits, EndpointLimits, GovernorConfig, ModelPrice
+from ._servers import SERVER_KINDS
 from .exceptions import ConfigError
 from .sandbox import SandboxConfig
 
@@ -112,10 +113,31 @@ class ModelConfig:
     transport's connection pool: rate limits are the provider's to state."""
     cache: CacheSettings | None = None
     """How this provider caches prompt prefixes (cacheable minimum, warm-up, cache keys).
-    `None` picks by `base_url`: `CacheSettings.openai()` for api.openai.com (cache keys
-    sent), else OpenAI-like semantics without cache keys."""
+    `None` follows the server (see `server`): `CacheSettings.openai()` for api.openai.com,
+    `.vllm()` for a vLLM server, ...; for a server not identified, OpenAI-like semantics
+    without cache keys."""
+    server: str = "auto"
+    """What the server is: "auto" identifies it at its first use (`GET /v1/models` and one
+    more probe) and defaults the cache settings, context window, token counting and
+    concurrency from it (explicit settings here always win); "off" probes nothing and keeps
+    the generic defaults; a kind ("vllm", "sglang", "llamacpp", "llama-cpp-python",
+    "ollama", "openai") skips identification but still reads what the server reports.
+    `rlm-async doctor --config FILE` shows the outcome."""
+    context_window: int | None = None
+    """The model's context window in tokens (prompt + `max_tokens`). `None` uses what the
+    server reports (vLLM `max_model_len`, llama.cpp `n_ctx`), if anything. A prompt that
+    cannot fit is refused before it is sent, and `max_tokens` is cut to what fits."""
+
     hedge: HedgeConfig = field(default_factory=HedgeConfig)
     """Hedged sub-calls for this model (off by default); see `HedgeConfig`."""
+
+    def __post_init__(self) -> None:
+        if self.server not in ("auto", "off", *SERVER_KINDS):
+            raise ConfigError(
+                f"server is {self.server!r}; use 'auto', 'off' or one of {', '.join(SERVER_KINDS)}"
+            )
+        if self.context_window is not None and self.context_window < 1:
+            raise ConfigError(f"context_window is {self.context_window}; use a positive number or None")
 
     def cache_settings(self) -> CacheSettings:
         if self.cache is not None:

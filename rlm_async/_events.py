@@ -72,6 +72,7 @@ __all__ = [
     "QueryStart",
     "RateLimitPause",
     "SandboxReducedIsolation",
+    "ServerDetected",
     "SubcallsRefused",
     "UsageEstimated",
     "WarmupDecision",
@@ -479,6 +480,33 @@ class WarmupDecision(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ServerDetected(Event):
+    """What a model's server was found to be at its first use, and the settings that follow (each with its source)."""
+
+    kind: ClassVar[str] = "server.detected"
+    endpoint: str
+    model: str
+    server: str
+    """"vllm", "sglang", "llamacpp", "llama-cpp-python", "ollama", "openai" or "unknown"."""
+    evidence: str
+    """What was seen, clauses joined by "; " (`GET /v1/models: owned_by 'vllm'; ...`)."""
+    min_cacheable_tokens: int
+    step_tokens: int
+    warm: str
+    """The cache settings' warm-up: "auto", "on" or "off"."""
+    send_prompt_cache_key: bool
+    cache_source: str
+    """"configured", "detected" or "default" (as for the other `*_source` fields)."""
+    context_window: int | None
+    window_source: str
+    """Also "server error": read from the server's `context_length_exceeded` message."""
+    max_concurrency: int | None
+    limits_source: str
+    count_tokens: str | None
+    """The server tokenize endpoint that counts prompts, or `None` (the byte bound)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class JournalHit(Event):
     """A call was answered without sending: from the journal, or by an identical call in flight."""
 
@@ -544,6 +572,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         BudgetRefuse,
         BudgetSettle,
         WarmupDecision,
+        ServerDetected,
         JournalHit,
         SubcallsRefused,
         UsageEstimated,

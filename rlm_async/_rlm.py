@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -31,6 +31,9 @@ from ._journal import Journal
 from ._result import RLMResult
 from .exceptions import ConfigError
 from .transport import OpenAITransport, Transport, require_api_key
+
+if TYPE_CHECKING:
+    from .batch import BatchControl, BatchItem, BatchRow, InvalidItem
 
 __all__ = ["RLM"]
 
@@ -292,6 +295,53 @@ class RLM:
             return await engine.run(
                 context, root_prompt, sinks=(*sinks, progress), query_id=query_id, ledger_parent=ledger_parent
             )
+
+    async def abatch(
+        self,
+        items: Iterable[BatchItem | InvalidItem | Mapping[str, Any]],
+        *,
+        concurrency: int = 8,
+        budget: BudgetLimits | None = None,
+        control: BatchControl | None = None,
+        event_sinks: Sequence[_events.EventSink] = (),
+    ) -> AsyncGenerator[BatchRow, None]:
+        """Answer many queries under one batch budget; yields one `BatchRow` per item as
+        each finishes (see `rlm_async.batch` and docs/batch.md)."""
+        from .batch import stream_rows
+
+        engine = await self._engine()
+
+        async def run_query(query: str, context: Context, parent: BudgetLedger) -> RLMResult:
+            return await self.acompletion(context, query, event_sinks=event_sinks, ledger_parent=parent)
+
+        async with stream_rows(
+            run_query,
+            items,
+            config=self.config,
+            governor=engine.governor,
+            concurrency=concurrency,
+            budget=budget,
+            control=control,
+        ) as rows:
+            async for row in rows:
+                yield row
+
+    def batch(
+        self,
+        items: Iterable[BatchItem | InvalidItem | Mapping[str, Any]],
+        *,
+        concurrency: int = 8,
+        budget: BudgetLimits | None = None,
+    ) -> list[BatchRow]:
+        """Synchronous `abatch`: every row, in the order the queries finished."""
+
+        async def run() -> list[BatchRow]:
+            try:
+                return [row async for row in self.abatch(items, concurrency=concurrency, budget=budget)]
+            finally:
+                await self.aclose()
+
+        return anyio.run(run)
 
     def completion(self, prompt: Context, root_prompt: str | None = None) -> RLMResult:
         """Synchronous `acompletion`: runs its own event loop, then closes what it opened."""

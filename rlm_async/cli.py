@@ -4,7 +4,11 @@
     rlm-async run --context PATH|- --query TEXT [--config configs/NAME.toml] [--max-depth N] [--json]
     rlm-async sim [--config sim.toml] [--port P]    the simulated OpenAI-compatible server
     rlm-async trace view TRACE.jsonl -o run.html    a self-contained HTML timeline
-    rlm-async doctor [--isolation TIER] [--json]    which sandbox tiers work here (exit 2: none)
+    rlm-async batch INPUT.jsonl --out OUT.jsonl [--config ...] [--concurrency N] [--budget-usd X]
+              [--budget-tokens N] [--journal PATH]    many queries under one budget, resumable
+    rlm-async doctor [--config configs/NAME.toml] [--json]   what each server is, and the defaults;
+              and which sandbox tier model code would run under (exit 2: none can run here)
+    rlm-async doctor --sandbox [--isolation TIER] [--json]   the sandbox tiers alone
     rlm-async serve [--config X.toml] [--host H] [--port P]   an OpenAI-compatible server
 
 Errors the user can fix (a missing file, an unreachable endpoint, a missing key, an unknown
@@ -33,7 +37,9 @@ from ._context import Context
 from ._result import RLMResult
 from ._version import __version__
 from .exceptions import ConfigError, RLMError
-from .sandbox import ISOLATION_TIERS, SandboxConfig, diagnose, render
+from .sandbox import ISOLATION_TIERS, SandboxConfig
+from .sandbox import diagnose as diagnose_sandbox
+from .sandbox import render as render_sandbox
 
 __all__ = ["main"]
 
@@ -90,9 +96,23 @@ def _parser() -> argparse.ArgumentParser:
         description=sim_args.description,
     )
 
-    doctor = sub.add_parser("doctor", help="which sandbox tiers work here, and what each isolates")
-    doctor.add_argument("--isolation", choices=ISOLATION_TIERS, default="auto")
-    doctor.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+    batch = sub.add_parser("batch", help="answer a JSONL/CSV file of queries under one budget, resumably")
+    batch.add_argument("input", help='JSONL ({"id", "query", "context" or "context_file"} a line) or CSV')
+    batch.add_argument("--out", required=True, help="JSONL output, one row per input; rerun to resume")
+    batch.add_argument("--config", help="a TOML file from configs/ (per-query caps go in its [budget])")
+    batch.add_argument("--concurrency", type=int, default=8, help="queries at once (default 8)")
+    batch.add_argument("--budget-usd", type=float, help="dollar cap over the whole batch")
+    batch.add_argument("--budget-tokens", type=int, help="total-token cap over the whole batch")
+    batch.add_argument("--journal", help="SQLite response journal: a rerun pays nothing twice")
+    batch.add_argument("--max-context-chars", type=int, help="refuse larger contexts (default 100M)")
+    batch.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    batch.add_argument("--quiet", action="store_true", help="no live progress")
+    doctor = sub.add_parser("doctor", help="identify each configured server and show the settings it gets")
+    doctor.add_argument("--config", help="a TOML file from configs/")
+    doctor.add_argument("--json", action="store_true", help="print the decisions as JSON")
+    doctor.add_argument("--sandbox", action="store_true", help="only the sandbox: which isolation tiers work here")
+    doctor.add_argument("--isolation", choices=ISOLATION_TIERS, default="auto", help="the tier to check (default auto)")
+
     serve = sub.add_parser("serve", help="serve RLMs over an OpenAI-compatible API (default: the simulator)")
     serve.add_argument("--config", help="a TOML file from configs/ (default: the bundled simulator)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1; others need API keys)")
@@ -156,7 +176,7 @@ def _load_config(args: argparse.Namespace) -> tuple[RLMConfig, dict[str, Any] | 
         changes["max_iterations"] = args.max_iterations
     if args.journal:
         changes["journal_path"] = args.journal
-    if args.isolation:
+    if getattr(args, "isolation", None):  # `run --isolation`; `batch` shares this builder
         changes["sandbox"] = dataclasses.replace(config.sandbox, isolation=args.isolation)
     budget_changes: dict[str, Any] = {}
     if args.budget_usd is not None:
@@ -251,6 +271,54 @@ def _print_sim_note(result: RLMResult) -> None:
             "[answered by the bundled simulator (rlm_async.sim), a scripted stand-in, not a model]",
             file=sys.stderr,
         )
+
+
+# ---------------------------------------------------------------------- batch
+async def _batch(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ._governor import BudgetLimits
+    from ._rlm import RLM
+    from .batch import DEFAULT_MAX_CONTEXT_CHARS, BatchProgress, render_summary, run_file
+
+    source = Path(args.input)
+    if not await anyio.Path(source).is_file():
+        raise CLIError(f"batch input {source} does not exist; pass a .jsonl or .csv file")
+    if args.concurrency < 1:
+        raise CLIError(f"--concurrency is {args.concurrency}; use at least 1")
+    # --budget-* cap the batch, not each query: per-query caps come from the config.
+    plain = argparse.Namespace(
+        config=args.config, max_depth=None, max_iterations=None, journal=None, budget_usd=None, timeout=None
+    )
+    config, sim_table = _load_config(plain)
+    if args.journal:
+        # Resuming a batch means replaying it as it went, sampled calls included.
+        config = dataclasses.replace(config, journal_path=args.journal, journal_reuse_nondeterministic=True)
+    budget = BudgetLimits(max_usd=args.budget_usd, max_total_tokens=args.budget_tokens)
+    console = Console(stderr=True)
+    async with AsyncExitStack() as stack:
+        if any(m.base_url == _SIM_BASE_URL for m in config.all_models()):
+            from .sim import SimConfig, SimServer
+
+            sim = await stack.enter_async_context(SimServer(SimConfig.from_dict(sim_table or {})))
+            config = _point_at(config, sim.base_url)
+        progress = stack.enter_context(BatchProgress(total=0, console=console, quiet=args.quiet or args.json))
+        rlm = await stack.enter_async_context(RLM(config=config))
+        summary = await run_file(
+            rlm,
+            source,
+            Path(args.out),
+            concurrency=args.concurrency,
+            budget=budget,
+            max_context_chars=args.max_context_chars or DEFAULT_MAX_CONTEXT_CHARS,
+            progress=progress,
+            handle_sigint=True,
+        )
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        console.print(render_summary(summary))
+    return summary.exit_code
 
 
 # ---------------------------------------------------------------------- demo
@@ -369,10 +437,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = main_view(args.trace_path, args.output)
         print(f"wrote {out}")
         return 0
-    if args.command == "doctor":
-        found = anyio.run(diagnose, SandboxConfig(isolation=args.isolation))
-        print(json.dumps(found.to_dict(), indent=2) if args.json else render(found))
-        return 0 if found.chosen is not None and not (found.worker_check or "").startswith("FAILED") else 2
+    if args.command == "doctor" and args.sandbox:
+        return anyio.run(_sandbox_doctor, args.isolation, args.json)
     if args.command == "serve":
         from .serve import load_serve_config, run_server
 
@@ -383,8 +449,44 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         anyio.run(lambda: run_server(config, on_ready=ready))
         return 0
-    runner = _run if args.command == "run" else _demo
+    runner = {"run": _run, "batch": _batch, "doctor": _doctor}.get(args.command, _demo)
     return anyio.run(runner, args)
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    from ._config import ModelConfig
+    from ._servers import diagnose, report
+    from .transport import OpenAITransport, Transport
+
+    config = (
+        RLMConfig.from_toml(args.config) if args.config else RLMConfig(root=ModelConfig(model="gpt-5-mini"))
+    )
+    models = [m for m in config.all_models() if m.base_url != _SIM_BASE_URL]
+    opened: list[Transport] = []
+
+    def transport_for(m: Any) -> Transport:
+        opened.append(OpenAITransport(m.base_url, api_key_env=m.api_key_env))
+        return opened[-1]
+
+    try:
+        settings = await diagnose(models, transport_for)
+    finally:
+        for t in opened:
+            await t.aclose()
+    if args.json:
+        print(json.dumps([s.event_fields() for s in settings], indent=2))
+        return 0
+    print("\n".join(report(settings)))
+    print()
+    return await _sandbox_doctor(args.isolation, False)
+
+
+async def _sandbox_doctor(isolation: str, as_json: bool) -> int:
+    """Which isolation tiers work here, the one model code would get, and a worker started
+    under it; 2 when none can run (the engine would refuse)."""
+    found = await diagnose_sandbox(SandboxConfig(isolation=isolation))  # type: ignore[arg-type]
+    print(json.dumps(found.to_dict(), indent=2) if as_json else render_sandbox(found))
+    return 0 if found.chosen is not None and not (found.worker_check or "").startswith("FAILED") else 2
 
 
 def _lone(exc: BaseException) -> BaseException:

@@ -34,7 +34,7 @@ import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -58,6 +58,7 @@ from .exceptions import (
 __all__ = [
     "OpenAISDKTransport",
     "OpenAITransport",
+    "ProbeResponse",
     "Transport",
     "parse_duration",
     "parse_rate_limit_headers",
@@ -74,6 +75,15 @@ class Transport(ABC):
 
     @abstractmethod
     async def complete(self, request: ModelRequest) -> Completion: ...
+
+    async def probe(
+        self, method: str, url: str, body: Mapping[str, Any] | None = None, *, timeout_s: float = 5.0
+    ) -> ProbeResponse | None:
+        """One small JSON request to the server beside chat completions (`GET /v1/models`,
+        `POST /tokenize`), for identifying the server and counting tokens. `url` must be on
+        the endpoint's own origin. `None` when the transport cannot probe (the default: test
+        doubles, custom wires) or the server could not be reached; never raises for that."""
+        return None
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
         """Release connections. Safe to call twice."""
@@ -159,6 +169,20 @@ def _is_loopback(url: str) -> bool:
 
 def _pool_size(max_connections: int | None) -> int:
     return connection_budget().connections if max_connections is None else max(1, max_connections)
+
+
+class ProbeResponse(NamedTuple):
+    """What a probe got back: the status and the body as JSON (`None` if it was not JSON)."""
+
+    status: int
+    body: Any
+
+
+def _check_origin(endpoint: str, url: str) -> None:
+    """Probes carry the endpoint's key: they go only to the endpoint's own origin."""
+    a, b = urlsplit(endpoint), urlsplit(url)
+    if (a.scheme, a.hostname, a.port) != (b.scheme, b.hostname, b.port):
+        raise ValueError(f"probe {url} is not on the endpoint's origin {endpoint}")
 
 
 def _body(request: ModelRequest) -> dict[str, Any]:
@@ -268,6 +292,20 @@ class OpenAITransport(Transport):
         if not isinstance(data, dict):
             raise ServerError(f"malformed response from {self.endpoint}: body is not a JSON object")
         return _parse_completion(data, headers, request.model, self.endpoint)
+
+    async def probe(
+        self, method: str, url: str, body: Mapping[str, Any] | None = None, *, timeout_s: float = 5.0
+    ) -> ProbeResponse | None:
+        _check_origin(self.endpoint, url)
+        session = self._session or self._open()
+        data = orjson.dumps(body) if body is not None else None
+        try:
+            async with session.request(
+                method, url, data=data, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as response:
+                return ProbeResponse(response.status, _json_or_none(await response.read()))
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return None
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
@@ -381,7 +419,7 @@ class OpenAISDKTransport(Transport):
         self._openai = openai
         self._httpx = httpx
         self.endpoint = base_url.rstrip("/")
-        key = _resolve_key(self.endpoint, api_key, api_key_env) or "unused"
+        key = self._key = _resolve_key(self.endpoint, api_key, api_key_env) or "unused"
         self.max_connections = size = _pool_size(max_connections)
         self._http = HttpxAiohttpClient(
             limits=httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=60.0),
@@ -420,6 +458,19 @@ class OpenAISDKTransport(Transport):
         if not isinstance(data, dict):
             raise ServerError(f"malformed response from {self.endpoint}: body is not a JSON object")
         return _parse_completion(data, raw.headers, request.model, self.endpoint)
+
+    async def probe(
+        self, method: str, url: str, body: Mapping[str, Any] | None = None, *, timeout_s: float = 5.0
+    ) -> ProbeResponse | None:
+        _check_origin(self.endpoint, url)
+        headers = {"content-type": "application/json", "authorization": f"Bearer {self._key}"}
+        content = orjson.dumps(body) if body is not None else None
+        try:
+            # Probes are rare and small: the pooled httpx client, not the SDK's request handling.
+            response = await self._http.request(method, url, content=content, headers=headers, timeout=timeout_s)
+        except self._httpx.HTTPError:
+            return None
+        return ProbeResponse(response.status_code, _json_or_none(response.content))
 
     async def aclose(self) -> None:
         await self._http.aclose()

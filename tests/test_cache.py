@@ -135,16 +135,19 @@ class TestWarmDecision:
         assert plan_batch(batch(2), CacheSettings(warm=True)).reason == "forced"
         assert plan_batch(batch(200), CacheSettings(warm=False)).reason == "disabled"
 
-    def test_vllm_preset_does_not_warm_but_caches_short_prefixes(self) -> None:
-        """vLLM warms itself; with the rule switched on, a prefix far below OpenAI's minimum
-        is still cacheable there and the decision is the rule's."""
+    def test_vllm_preset_warms_by_the_rule_and_caches_short_prefixes(self) -> None:
+        """vLLM caches whole 16-token blocks, so a prefix far below OpenAI's minimum is
+        cacheable there; whether to warm is the rule's (a block is reused only once the
+        request that computed it has been processed), and no cache key is sent."""
         short = batch(100, instructions="Name the people in this chunk.")
-        plan = plan_batch(short, CacheSettings.vllm())
-        assert (plan.decision, plan.reason) == ("skip", "disabled")
+        vllm = CacheSettings.vllm()
+        assert (vllm.min_cacheable_tokens, vllm.step_tokens, vllm.warm) == (16, 16, "auto")
+        plan = plan_batch(short, vllm, expected_latency_s=1)
         assert plan.cacheable_tokens > 0 and all(r.prompt_cache_key is None for r in plan.requests)
-        auto = dataclasses.replace(CacheSettings.vllm(), warm="auto")
-        assert plan_batch(short, auto, expected_latency_s=1).reason == "pays_off"
-        assert plan_batch(short[:3], auto, expected_latency_s=1).reason == "batch_too_small"
+        assert plan.reason == "pays_off"
+        assert plan_batch(short[:3], vllm, expected_latency_s=1).reason == "batch_too_small"
+        off = dataclasses.replace(vllm, warm=False)
+        assert plan_batch(short, off).reason == "disabled"
 
     def test_event_fields_carry_the_reason(self) -> None:
         """The `warmup.decision` event says what was decided and why, with the numbers."""

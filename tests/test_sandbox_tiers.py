@@ -143,8 +143,8 @@ class TestReporting:
 
     @needs_landlock
     def test_doctor_command(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """`rlm-async doctor --isolation landlock` prints the tier and exits 0."""
-        assert cli_main(["doctor", "--isolation", "landlock"]) == 0
+        """`rlm-async doctor --sandbox --isolation landlock` prints the tier and exits 0."""
+        assert cli_main(["doctor", "--sandbox", "--isolation", "landlock"]) == 0
         out = capsys.readouterr().out
         assert "runs model code under: landlock" in out and "check: worker started" in out
 

@@ -1,6 +1,8 @@
 """The choke point: every model call of a query's tree passes `CallPath.call_model`.
 
-In order: a node in the call tree and a `call.start` event; the journal (a reusable call
+In order: a node in the call tree and a `call.start` event; the server's settings (found
+at the model's first use) and the request made to fit its context window — a prompt that
+cannot fit is refused here, before anything is sent; the journal (a reusable call
 found there is not sent, identical calls in flight are sent once); the governor, which
 reserves the call's budget before sending, waits for rate limits and concurrency, retries,
 and settles the reservation with the reported usage; then one `CallRecord` and one
@@ -18,9 +20,10 @@ import anyio
 from .. import _events
 from .._config import ModelConfig
 from .._governor import CallTally
+from .._servers import Fitted, ServerSettings, fit
 from .._tree import Node
 from .._types import CallKind, CallRecord, CallStatus, Completion, HedgeSummary, ModelRequest, Usage
-from ..exceptions import BudgetExceeded
+from ..exceptions import BudgetExceeded, ContextLengthExceeded
 from ..transport import Transport
 from .state import QueryState
 
@@ -89,6 +92,10 @@ class CallPath:
             try:
                 completion, from_journal = await self._send(call, model, tally, hedged)
             except BaseException as exc:
+                if isinstance(exc, ContextLengthExceeded) and tally.attempts:
+                    # The server's own 400 names a window it did not report: refuse the next
+                    # prompt that cannot fit before sending it.
+                    self._engine.learn_window(model, str(exc))
                 self._record(
                     call,
                     started,
@@ -122,17 +129,21 @@ class CallPath:
         """Through the journal, if any, to the governor (which reserves the budget, waits for
         the rate limits, sends and retries), or to the hedger's race of governed copies.
         Returns the completion and whether it came from the journal."""
+        server = await self._engine.server_settings(model)
+        fitted = await self._fit(call.request, server, call.transport)
+        request = fitted.request
 
         async def send_copy(copy_tally: CallTally) -> Completion:
             governed = await self._engine.governor.call(
-                call.request,
+                request,
                 call.transport,
                 ledger=self._state.ledger,
                 price=model.prices,
-                limits=model.limits,
+                limits=server.limits,
                 tally=copy_tally,
                 call_id=call.call_id,  # so that its call.retry events name the call
                 bill_cancelled_prompt=call.hedge is not None,
+                prompt_tokens=fitted.prompt_tokens,
             )
             return governed.completion
 
@@ -150,7 +161,26 @@ class CallPath:
             return await send(), False
         # Every call goes through the journal: reusable ones are looked up (and identical
         # temperature-0 ones in flight sent once); all are recorded.
-        return await journal.call(call.request, send, call_id=call.call_id)
+        return await journal.call(request, send, call_id=call.call_id)
+
+    async def _fit(self, request: ModelRequest, server: ServerSettings, transport: Transport) -> Fitted:
+        """Refuse a prompt that cannot fit the window, cut `max_tokens` to what fits, and
+        count the prompt with the server's tokenizer where a window or a budget cap needs it."""
+        governor = self._engine.governor
+        capped = any(
+            ledger.limits.max_usd is not None
+            or ledger.limits.max_input_tokens is not None
+            or ledger.limits.max_total_tokens is not None
+            for ledger in self._state.ledger.chain()
+        )
+        return await fit(
+            request,
+            server,
+            transport,
+            bound=governor.estimator.prompt_tokens(request),
+            default_max_tokens=governor.config.default_max_tokens,
+            count_for_budget=capped,
+        )
 
     def _record(
         self,

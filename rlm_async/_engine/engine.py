@@ -11,12 +11,13 @@ from typing import TypeVar
 import anyio
 
 from .. import _events
-from .._cache import BatchPlan, plan_batch
+from .._cache import BatchPlan, CacheSettings, plan_batch
 from .._config import ModelConfig, RLMConfig
 from .._context import Context
 from .._governor import BudgetLedger, Governor
 from .._journal import Journal
 from .._result import RLMResult
+from .._servers import ServerProfile, ServerSettings, detect, resolve, window_from_error
 from .._types import ModelRequest
 from ..transport import Transport
 from .query import Query
@@ -50,6 +51,9 @@ class Engine:
         self._transport_factory = transport_factory
         self._transports: dict[tuple[str, str | None], Transport] = {}
         self._warm_buckets: dict[str, float] = {}
+        self._profiles: dict[str, ServerProfile] = {}
+        self._settings: dict[ModelConfig, ServerSettings] = {}
+        self._detecting = anyio.Lock()
 
     def with_config(self, config: RLMConfig) -> Engine:
         """An engine for `config` (the same models; other limits, depth or budget) that shares
@@ -65,6 +69,10 @@ class Engine:
         )
         derived._transports = self._transports
         derived._warm_buckets = self._warm_buckets
+        # What each server is, found once per endpoint, holds for every per-request config.
+        derived._profiles = self._profiles
+        derived._settings = self._settings
+        derived._detecting = self._detecting
         return derived
 
     def planner(
@@ -72,14 +80,14 @@ class Engine:
         prompts: Sequence[T],
         model: ModelConfig,
         to_requests: Callable[[Sequence[T], ModelConfig], list[ModelRequest]],
+        cache: CacheSettings,
     ) -> Callable[[], BatchPlan]:
         """Plan a fan-out for prefix caching, with the cache buckets warm now: returned as a
         function that touches no shared state, so a large
         batch can be planned in a worker thread, off the event loop (`announce_plan` after)."""
         now = self.clock()
         warm = frozenset(b for b, t in self._warm_buckets.items() if now - t < _WARM_TTL_S)
-        settings = model.cache_settings()
-        return lambda: plan_batch(to_requests(prompts, model), settings, already_warm=warm)
+        return lambda: plan_batch(to_requests(prompts, model), cache, already_warm=warm)
 
     def announce_plan(self, plan: BatchPlan) -> None:
         if len(plan.requests) > 1:
@@ -87,6 +95,34 @@ class Engine:
 
     def mark_warm(self, bucket: str) -> None:
         self._warm_buckets[bucket] = self.clock()
+
+    async def server_settings(self, model: ModelConfig) -> ServerSettings:
+        """What `model`'s server is and the settings that follow, found at its first use
+        (one `server.detected` event per model) and kept for the engine's life."""
+        settings = self._settings.get(model)
+        if settings is not None:
+            return settings
+        async with self._detecting:  # the first fan-out must not probe a hundred times
+            settings = self._settings.get(model)
+            if settings is None:
+                transport = self.transport_for(model)
+                profile = self._profiles.get(transport.endpoint)
+                if profile is None and model.server != "off":
+                    profile = self._profiles[transport.endpoint] = await detect(transport)
+                settings = resolve(model, profile or ServerProfile(endpoint=transport.endpoint))
+                self._settings[model] = settings
+                _events.emit(_events.ServerDetected, **settings.event_fields())
+        return settings
+
+    def learn_window(self, model: ModelConfig, message: str) -> None:
+        """A server that reports no context window names it in its `context_length_exceeded`
+        error: later prompts that cannot fit are refused before sending."""
+        settings = self._settings.get(model)
+        window = window_from_error(message)
+        if settings is None or window is None or settings.context_window is not None:
+            return
+        self._settings[model] = settings = settings.with_window(window)
+        _events.emit(_events.ServerDetected, **settings.event_fields())
 
     def transport_for(self, model: ModelConfig) -> Transport:
         key = (model.base_url, model.api_key_env)

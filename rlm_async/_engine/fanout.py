@@ -227,7 +227,8 @@ class _FanOut:
     async def run(self) -> None:
         n = len(self._prompts)
         if not self._recursive:
-            plan = self._engine.planner(self._prompts, self._model, _sub_requests)
+            settings = await self._engine.server_settings(self._model)
+            plan = self._engine.planner(self._prompts, self._model, _sub_requests, settings.cache)
             # Work proportional to the batch runs off the event loop when the batch is large.
             self._plan = await anyio.to_thread.run_sync(plan) if n >= _OFF_LOOP else plan()
             self._engine.announce_plan(self._plan)

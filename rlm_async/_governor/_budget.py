@@ -203,6 +203,12 @@ class BudgetLedger:
         self.last_refusal: BudgetExceeded | None = None
         self.overruns = 0
         """Settlements where the server reported more than was reserved."""
+        self.peak_committed_usd = Decimal(0)
+        """The most dollars this ledger had committed (spent + reserved) at once. A fan-out
+        reserves every call's upper bound together, so this is what a batch must set aside
+        for a query like this one, well above what it ends up spending."""
+        self.peak_committed_tokens = 0
+        """The same for total tokens."""
 
     # ------------------------------------------------------------------ chain
     def chain(self) -> Iterator[BudgetLedger]:
@@ -243,6 +249,7 @@ class BudgetLedger:
                     raise exc
         for ledger in self.chain():
             ledger._reserved += charge
+            ledger._note_peak()
         emit(
             BudgetReserve,
             model=model,
@@ -296,6 +303,14 @@ class BudgetLedger:
             refunded_usd=float(reservation.charge.usd - actual.usd),
             overrun=bool(over_reserved),
         )
+
+    def _note_peak(self) -> None:
+        usd = self._spent.usd + self._reserved.usd
+        if usd > self.peak_committed_usd:
+            self.peak_committed_usd = usd
+        tokens = self._spent.dim("total_tokens") + self._reserved.dim("total_tokens")
+        if tokens > self.peak_committed_tokens:
+            self.peak_committed_tokens = int(tokens)
 
     def release(self, reservation: Reservation) -> None:
         """Refund a reservation whose call was never sent."""

@@ -182,6 +182,7 @@ class Governor:
         tally: CallTally | None = None,
         call_id: str | None = None,
         bill_cancelled_prompt: bool = False,
+        prompt_tokens: int | None = None,
     ) -> GovernedCompletion:
         """Send `request` through limits, retries and the budget.
 
@@ -192,7 +193,9 @@ class Governor:
 
         Raises `BudgetExceeded` before sending when a reservation does not fit, `FatalError`
         at once, the last `RetryableError` when attempts run out; `tally`, when given, says
-        what was sent and spent up to then. A dollar cap over an unpriced model is the
+        what was sent and spent up to then. `prompt_tokens`: the server's own count of the
+        prompt (its tokenize endpoint), when the caller has one; it replaces the estimator's
+        bound in the reservation and the rate meters. A dollar cap over an unpriced model is the
         caller's to refuse up front (the engine does, per query): here such a model costs
         $0, or is a `ConfigError` with `GovernorConfig(require_prices=True)`.
 
@@ -207,12 +210,13 @@ class Governor:
         model = request.model
         ledger = ledger if ledger is not None else self.process_ledger
         state = self._registry.get(transport.endpoint, model, limits)
-        prompt_bound = self.estimator.prompt_tokens(request)
+        prompt_bound = prompt_tokens if prompt_tokens is not None else self.estimator.prompt_tokens(request)
         reserve = Charge(
             Usage(prompt_bound, output_bound, calls=1),
             self.prices.reserve_cost(model, prompt_bound, output_bound, override=price),
         )
-        rate_tokens = self.rate_estimator.prompt_tokens(request) + output_bound
+        rate_prompt = prompt_tokens if prompt_tokens is not None else self.rate_estimator.prompt_tokens(request)
+        rate_tokens = rate_prompt + output_bound
         tally = tally if tally is not None else CallTally()
         retry_id = call_id if call_id is not None else f"g{next(_standalone_call_ids)}"
 

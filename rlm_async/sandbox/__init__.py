@@ -19,7 +19,7 @@ works here (`SandboxConfig.isolation="auto"`), and where none does, it does not 
   runs as root, a non-dumpable engine, and a supervisor that reaps every orphan.
 - "none", only when asked for by name: a plain subprocess, for trusted code.
 
-`rlm-async doctor` (`diagnose()`) says which tiers work here and what each isolates.
+`rlm-async doctor --sandbox` (`diagnose()`) says which tiers work here and what each isolates.
 
 Sub-calls (`llm_query` and friends) travel over a socket passed to the worker as an extra
 fd, not over stdout, so nothing the code prints can pose as a request. Every frame from the

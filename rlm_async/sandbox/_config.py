@@ -52,7 +52,7 @@ class SandboxConfig:
     """Isolation and resource limits of REPL workers. `None` disables a limit."""
 
     isolation: Literal["auto", "bubblewrap", "landlock", "none"] = "auto"
-    """Which isolation tier runs the model's code (`rlm-async doctor` shows what works here).
+    """Which isolation tier runs the model's code (`rlm-async doctor --sandbox` shows what works here).
 
     - "auto": the strongest tier that works here, bubblewrap then landlock; where neither
       does, starting a worker raises `IsolationUnavailable` naming what is missing and the

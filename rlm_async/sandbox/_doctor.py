@@ -1,4 +1,4 @@
-"""`rlm-async doctor`: which isolation tiers work on this machine, which one `auto` (or the
+"""`rlm-async doctor --sandbox`: which isolation tiers work on this machine, which one `auto` (or the
 requested tier) would use, what it isolates, and proof that a worker starts under it.
 Run it where the engine will be deployed (same image, same user) before deploying."""
 

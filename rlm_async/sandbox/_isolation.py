@@ -38,7 +38,7 @@ _FIXES = (
     "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap) where user namespaces are "
     "allowed; or run on a Linux kernel with Landlock (>= 5.13; >= 6.12 when the engine does not run "
     "as root) on x86-64 or aarch64; or, for trusted code only, opt in to no isolation with "
-    "SandboxConfig(isolation='none') / --isolation none. `rlm-async doctor` shows what this "
+    "SandboxConfig(isolation='none') / --isolation none. `rlm-async doctor --sandbox` shows what this "
     "machine supports."
 )
 

@@ -193,14 +193,16 @@ class SimApp:
             await _send_json(send, 401, _auth_error().body)
             return
         if method == "GET" and path == "/v1/models":
-            data = [_model_object(m) for m in self.config.models]
+            data = [self._model_object(m) for m in self.config.models]
             await _send_json(send, 200, {"object": "list", "data": data})
         elif method == "GET" and path.startswith("/v1/models/"):
             name = path[len("/v1/models/") :]
             if name in self._models:
-                await _send_json(send, 200, _model_object(name))
+                await _send_json(send, 200, self._model_object(name))
             else:
                 await _send_json(send, 404, _model_error(name).body)
+        elif method == "POST" and path == "/tokenize" and self.config.persona.tokenize:
+            await self._tokenize(receive, send)
         elif method == "GET" and path == "/sim/log":
             lines = "".join(json.dumps(e.to_dict(), separators=(",", ":")) + "\n" for e in self.log)
             await _send(send, 200, lines.encode(), [(b"content-type", b"application/x-ndjson")])
@@ -418,6 +420,33 @@ class SimApp:
 
     # ------------------------------------------------------------ helpers
 
+    def _model_object(self, name: str) -> dict[str, Any]:
+        persona, window = self.config.persona, self.config.context_window
+        card: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": persona.owned_by}
+        if persona.report_max_model_len and window is not None:
+            card["max_model_len"] = window
+        return card
+
+    async def _tokenize(self, receive: Receive, send: Send) -> None:
+        """vLLM's `POST /tokenize`: the prompt tokens a chat request with these messages
+        would report (`messages`), or the tokens of a plain `prompt`."""
+        body = await _read_body(receive)
+        try:
+            request = _parse_body(body or b"")
+            if "messages" in request:
+                n = count_tokens(serialize_messages(_parse_messages(request["messages"])))
+            else:
+                prompt = request.get("prompt")
+                if not isinstance(prompt, str):
+                    raise _Refused(400, "bad_request", "send `messages` or a string `prompt`", param="prompt")
+                n = count_tokens(prompt)
+        except _Refused as refused:
+            await _send_json(send, refused.status, refused.body)
+            return
+        await _send_json(
+            send, 200, {"count": n, "max_model_len": self.config.context_window, "tokens": list(range(n))}
+        )
+
     async def _sleep_until(self, deadline: float) -> None:
         await self._sleep(max(0.0, deadline - self._clock()))
 
@@ -519,10 +548,6 @@ def _model_error(name: str) -> _Refused:
 
 
 # ================================================================ responses
-
-
-def _model_object(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "rlm-async-sim"}
 
 
 def _completion_json(

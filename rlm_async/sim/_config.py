@@ -54,6 +54,7 @@ __all__ = [
     "Faults",
     "KindLatency",
     "LatencyModel",
+    "Persona",
     "PolicySpec",
     "RateLimits",
     "SimConfig",
@@ -205,6 +206,28 @@ class CacheModel:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Persona:
+    """What the simulated server says it is, for clients that identify servers.
+
+    The default is the simulator itself. `Persona.vllm()` answers as vLLM does:
+    `GET /v1/models` cards say `"owned_by": "vllm"` and carry `max_model_len` (the
+    `context_window`), and `POST /tokenize` counts a prompt (`{"model", "messages"}` or
+    `{"model", "prompt"}` -> `{"count", "max_model_len", "tokens"}`). Pair it with
+    `CacheModel(min_tokens=16, step_tokens=16)` for vLLM's 16-token KV blocks."""
+
+    owned_by: str = "rlm-async-sim"
+    """`owned_by` of every model card in `GET /v1/models`."""
+    report_max_model_len: bool = False
+    """Model cards carry `max_model_len` (= `context_window`), as vLLM's and SGLang's do."""
+    tokenize: bool = False
+    """Serve vLLM's `POST /tokenize`."""
+
+    @classmethod
+    def vllm(cls) -> Persona:
+        return cls(owned_by="vllm", report_max_model_len=True, tokenize=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RateLimits:
     """OpenAI-style limits, enforced at arrival with continuously refilling buckets."""
 
@@ -320,6 +343,8 @@ class SimConfig:
     finish_reason "length"."""
     context_window: int | None = None
     """Prompt + max_tokens above this answers 400 `context_length_exceeded`. `None`: no limit."""
+    persona: Persona = field(default_factory=Persona)
+    """What the server says it is (`GET /v1/models`, `/tokenize`)."""
     latency: LatencyModel = field(default_factory=LatencyModel)
     cache: CacheModel = field(default_factory=CacheModel)
     rate_limits: RateLimits = field(default_factory=RateLimits)

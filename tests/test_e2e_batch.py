@@ -1,0 +1,273 @@
+"""Batch pipelines end to end: `rlm-async batch` against the simulator in a process of its
+own, which logs every request it serves. Every check is on what the server observed
+(requests, tokens, dollars at the configured prices) and on the output rows; no test
+asserts a duration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import bwrap_works
+
+from rlm_async._governor import ModelPrice
+from rlm_async.cli import main as cli_main
+from rlm_async.sim import Faults, LogEntry, Policies, PolicySpec, SimConfig, SimProcess, priced
+from rlm_async.workloads import Workload, oolong_counting, s_niah
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PRICES = {
+    "sim-model": ModelPrice(input_per_mtok=1.25, cached_input_per_mtok=0.125, output_per_mtok=10.0),
+    "sim-mini": ModelPrice(input_per_mtok=0.25, cached_input_per_mtok=0.025, output_per_mtok=2.0),
+}
+FAULTS = Faults(error_500=0.03, error_429=0.02, drop=0.02, malformed=0.01, retry_after_s=0.05)
+
+
+# ============================================================================ plumbing
+
+
+def write_config(path: Path, base_url: str, *, per_query_usd: float | None = None) -> Path:
+    """Temperature 0 (the journal reuses such calls), a small fan-out per query."""
+    isolation = "bwrap" if bwrap_works() else "none"
+    budget = f"\n[budget]\nmax_usd = {per_query_usd}\n" if per_query_usd is not None else ""
+    path.write_text(
+        f"""
+[rlm]
+max_iterations = 6
+
+[root]
+model = "sim-model"
+base_url = "{base_url}"
+api_key_env = ""
+max_tokens = 1024
+temperature = 0.0
+prices = {{ input_per_mtok = 1.25, cached_input_per_mtok = 0.125, output_per_mtok = 10.0 }}
+
+[sub]
+model = "sim-mini"
+base_url = "{base_url}"
+api_key_env = ""
+max_tokens = 256
+temperature = 0.0
+prices = {{ input_per_mtok = 0.25, cached_input_per_mtok = 0.025, output_per_mtok = 2.0 }}
+
+[governor]
+chars_per_token = 4.0
+
+[governor.retry]
+max_attempts = 8
+base_s = 0.05
+
+[sandbox]
+isolation = "{isolation}"
+{budget}""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def workloads(n: int) -> dict[str, Workload]:
+    """Alternating needle and counting questions over small contexts, each with its truth."""
+    out: dict[str, Workload] = {}
+    for i in range(n):
+        out[f"q{i:04d}"] = s_niah("2k", seed=i) if i % 2 else oolong_counting("2k", seed=i)
+    return out
+
+
+def write_input(path: Path, items: dict[str, Workload]) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for item_id, w in items.items():
+            f.write(json.dumps({"id": item_id, "query": w.query, "context": w.context}) + "\n")
+    return path
+
+
+def sim_config(chunks: int = 4, **overrides: Any) -> SimConfig:
+    return SimConfig(policies=Policies(root=PolicySpec(name="rlm", options={"chunks": chunks})), **overrides)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def batch_args(input_path: Path, out: Path, config: Path, *extra: str) -> list[str]:
+    return ["batch", str(input_path), "--out", str(out), "--config", str(config), "--quiet", *extra]
+
+
+def answered_ok(entries: list[LogEntry]) -> list[LogEntry]:
+    return [e for e in entries if e.outcome in ("ok", "slow")]
+
+
+# ============================================================================ the proofs
+
+
+class TestBatchWithFaults:
+    def test_every_input_gets_one_row_and_the_right_answer(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """200 queries against a server that fails about 8% of requests (500, 429,
+        dropped connections, cut bodies): every input has exactly one row, every answer is
+        right, and the rows account for every request the server answered and its price."""
+        items = workloads(200)
+        source = write_input(tmp_path / "in.jsonl", items)
+        out = tmp_path / "out.jsonl"
+        with SimProcess(sim_config(faults=FAULTS), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            code = cli_main(batch_args(source, out, config, "--concurrency", "16", "--json"))
+            sim.wait_until_idle()
+            log = sim.read_log().entries
+        summary = json.loads(capsys.readouterr().out)
+        rows = read_rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(items)
+        wrong = [
+            (r["id"], r["answer"], items[r["id"]].truth)
+            for r in rows
+            if not items[r["id"]].score(r["answer"])
+        ]
+        assert wrong == []
+        assert {r["status"] for r in rows} == {"ok"}
+        assert code == 0 and summary["by_status"] == {"ok": 200} and summary["exit_code"] == 0
+        assert Counter(e.outcome for e in log)["error_500"] > 0  # the faults did happen
+        served = answered_ok(log)
+        assert sum(r["usage"]["calls"] - r["usage"]["failed_calls"] for r in rows) == len(served)
+        assert sum(r["cost_usd"] for r in rows) == pytest.approx(priced(served, PRICES), rel=1e-6)
+
+
+class TestKillAndResume:
+    def test_a_batch_killed_halfway_finishes_on_rerun_paying_almost_nothing_twice(
+        self, tmp_path: Path
+    ) -> None:
+        """`rlm-async batch` killed with SIGKILL once half the rows are written, then run
+        again with the same output and journal: every input ends with exactly one row and
+        the right answer, and of the requests the server completed before the kill at most
+        1% are sent again."""
+        items = workloads(200)
+        source = write_input(tmp_path / "in.jsonl", items)
+        out = tmp_path / "out.jsonl"
+        journal = tmp_path / "batch.journal"
+        # Eight sub-calls a query and 8 queries at once: the requests the server completed
+        # in the instant before the kill (answered, but not yet journaled by the client) are
+        # a small share of what completed before it.
+        with SimProcess(sim_config(chunks=8), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            args = batch_args(source, out, config, "--journal", str(journal), "--concurrency", "8")
+            command = [sys.executable, "-m", "rlm_async.cli", *args]
+            with (tmp_path / "run1.log").open("wb") as log1:
+                first = subprocess.Popen(command, stdout=log1, stderr=log1, start_new_session=True)
+                try:
+                    give_up = time.monotonic() + 150
+                    while not out.exists() or out.read_bytes().count(b"\n") < len(items) // 2:
+                        assert first.poll() is None, (tmp_path / "run1.log").read_text()
+                        assert time.monotonic() < give_up, "run 1 never got halfway"
+                        time.sleep(0.02)
+                    killed_at = time.monotonic()
+                    os.killpg(first.pid, signal.SIGKILL)
+                    first.wait()
+                finally:
+                    try:
+                        os.killpg(first.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            assert first.returncode == -signal.SIGKILL
+            sim.wait_until_idle()
+            completed = [e for e in sim.read_log().entries if e.status == 200 and e.finish < killed_at]
+            rows_at_kill = len(read_rows_tolerant(out))
+            assert len(items) // 2 <= rows_at_kill < len(items)
+
+            resumed_at = time.monotonic()
+            second = subprocess.run(command, capture_output=True, text=True, timeout=170)
+            assert second.returncode == 0, second.stderr
+            run2 = [e for e in sim.read_log().entries if e.arrival >= resumed_at]
+
+        rows = read_rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(items)  # one row each, none twice
+        assert all(items[r["id"]].score(r["answer"]) for r in rows)
+        done = {e.body_sha256 for e in completed}
+        repeats = [e for e in run2 if e.body_sha256 in done]
+        assert len(repeats) <= 0.01 * len(completed), (len(repeats), len(completed))
+        # The queries cut short by the kill took their paid calls from the journal.
+        assert sum(r["usage"]["journal_hits"] for r in rows) > 0
+
+
+def read_rows_tolerant(path: Path) -> list[dict[str, Any]]:
+    """Rows of a file a crash may have left with a torn last line."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+class TestBatchCap:
+    def test_a_cap_below_what_the_batch_needs_is_never_crossed(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A dollar cap that covers about a third of 60 queries: what the server charged
+        (its own usage at the configured prices) stays under the cap, no query is cut off
+        halfway, the rest get `not_started` rows naming the budget, and the exit code (3)
+        and the summary say so."""
+        items = workloads(60)
+        source = write_input(tmp_path / "in.jsonl", items)
+        out = tmp_path / "out.jsonl"
+        cap = 0.02
+        with SimProcess(sim_config(), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            code = cli_main(
+                batch_args(source, out, config, "--budget-usd", str(cap), "--concurrency", "8", "--json")
+            )
+            sim.wait_until_idle()
+            log = sim.read_log().entries
+        summary = json.loads(capsys.readouterr().out)
+        rows = read_rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(items)
+        spent = priced(log, PRICES)
+        assert 0 < spent <= cap
+        statuses = Counter(r["status"] for r in rows)
+        assert statuses["not_started"] > 0 and statuses["ok"] > 0
+        assert set(statuses) == {"ok", "not_started"}  # none cut off halfway
+        assert all(r["error"].startswith("budget: batch.usd") for r in rows if r["status"] == "not_started")
+        assert all(items[r["id"]].score(r["answer"]) for r in rows if r["status"] == "ok")
+        assert code == 3 and summary["exit_code"] == 3
+        assert summary["by_status"]["not_started"] == statuses["not_started"]
+        assert summary["cost_usd"] == pytest.approx(spent, rel=1e-6)
+
+    def test_a_rerun_with_a_larger_cap_runs_only_what_was_not_started(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Rerun with a larger cap: `not_started` rows (and any query cut short by the
+        batch cap) are replaced by the queries' real rows, finished rows are kept, and the
+        output still holds one row per input."""
+        items = workloads(12)
+        source = write_input(tmp_path / "in.jsonl", items)
+        out = tmp_path / "out.jsonl"
+        with SimProcess(sim_config(), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            assert cli_main(batch_args(source, out, config, "--budget-usd", "0.03", "--json")) == 3
+            first = read_rows(out)
+            kept = {r["id"] for r in first if r["status"] == "ok"}
+            assert kept and len(kept) < len(items)
+            sim.wait_until_idle()
+            before = len(sim.read_log().entries)
+            assert cli_main(batch_args(source, out, config, "--budget-usd", "1", "--json")) == 0
+            sim.wait_until_idle()
+            sent = len(sim.read_log().entries) - before
+        capsys.readouterr()
+        rows = read_rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(items)
+        assert {r["status"] for r in rows} == {"ok"}
+        assert sent == sum(r["usage"]["calls"] for r in rows if r["id"] not in kept)
