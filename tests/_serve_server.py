@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlm_async.sandbox import _procs as procs
+
 # Fast simulated models: the tests measure behaviour, not latency.
 BASE_CONFIG = """
 [rlm]
@@ -126,27 +128,9 @@ class ServerProcess:
     def children(self) -> list[int]:
         """Pids of every live descendant of the server (its REPL workers)."""
         assert self.proc is not None
-        parents: dict[int, int] = {}
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read().decode("ascii", "replace")
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if fields[0] not in ("Z", "X"):
-                parents[int(name)] = int(fields[1])
-        found: list[int] = []
-        todo = [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            for child, parent in parents.items():
-                if parent == pid:
-                    found.append(child)
-                    todo.append(child)
-        return found
+        server = self.proc.pid
+        tree = procs.survivors(root=server, group=None, uid=None)  # the sandbox's own /proc walk
+        return [p.pid for p in tree if p.pid != server and p.state not in ("Z", "X")]
 
     def wait_no_children(self, timeout_s: float = 20.0) -> list[int]:
         deadline = time.monotonic() + timeout_s
