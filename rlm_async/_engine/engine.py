@@ -19,6 +19,7 @@ from .._journal import Journal
 from .._result import RLMResult
 from .._servers import ServerProfile, ServerSettings, detect, resolve, window_from_error
 from .._types import ModelRequest
+from ..sandbox import Worker, WorkerPool, start_worker
 from ..transport import Transport
 from .query import Query
 from .slots import WorkerSlots
@@ -41,10 +42,13 @@ class Engine:
         journal: Journal | None = None,
         clock: Callable[[], float] = time.monotonic,
         slots: WorkerSlots | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         self.config = config
         self.slots = slots if slots is not None else WorkerSlots(config.max_workers)
         """Live REPL workers: the process' shared slots (see `slots.py`)."""
+        self.pool = pool
+        """Pre-started workers (`RLMConfig.worker_pool`), when open for this event loop."""
         self.governor = governor
         self.journal = journal
         self.clock = clock
@@ -66,6 +70,7 @@ class Engine:
             journal=self.journal,
             clock=self.clock,
             slots=self.slots,  # the process' cap on workers holds across per-request configs
+            pool=self.pool,  # used only while the sandbox config is the pool's (start_worker)
         )
         derived._transports = self._transports
         derived._warm_buckets = self._warm_buckets
@@ -123,6 +128,14 @@ class Engine:
             return
         self._settings[model] = settings = settings.with_window(window)
         _events.emit(_events.ServerDetected, **settings.event_fields())
+
+    async def start_worker(self, context: Context) -> Worker:
+        """A REPL worker for one RLM node: from the pool when one is open for this very
+        sandbox configuration (same tier, same limits), else started now."""
+        pool = self.pool
+        if pool is not None and pool.config == self.config.sandbox:
+            return await pool.start_worker(context)
+        return await start_worker(context, self.config.sandbox)
 
     def transport_for(self, model: ModelConfig) -> Transport:
         key = (model.base_url, model.api_key_env)

@@ -25,7 +25,7 @@ from .._prompts import describe_context, first_user_message, root_system_prompt
 from .._tree import Node, NodeStatus
 from .._types import CallKind, Message, ModelRequest
 from ..exceptions import BudgetExceeded, FatalError, RetryableError
-from ..sandbox import CellResult, Worker, start_worker
+from ..sandbox import CellResult, Worker
 from .calls import CallPath
 from .fanout import SubCallHandler
 from .outcome import RunEnded, RunOutcome
@@ -68,9 +68,17 @@ class RLMLoop:
         below = self._config.max_depth - 1 - depth  # levels of child RLMs possible under this one
         try:
             with _events.bind(node_id=node.node_id, depth=depth):
-                async with self._engine.slots.hold(below=below):
+                asked = self._engine.clock()
+                slots = self._engine.slots
+                async with slots.hold(below=below):
+                    _events.emit(
+                        _events.WorkerSlotWait,
+                        waited_s=self._engine.clock() - asked,
+                        live=slots.live,
+                        cap=slots.cap,
+                    )
                     try:
-                        worker = await start_worker(context, self._config.sandbox)
+                        worker = await self._engine.start_worker(context)
                         self._state.isolation = worker.tier
                         outcome = await self._loop(node, worker, context, root_prompt, depth, model)
                     finally:

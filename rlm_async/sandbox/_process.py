@@ -1,6 +1,11 @@
 """One worker process and the host resources it holds: launching it (under bubblewrap, or as
-a plain subprocess that confines itself (landlock tier) or not (none tier)), loading the context into it (the `init`/`ready` handshake), killing
-every process it started, and closing its channel, pipes and temporary directory."""
+a plain subprocess that confines itself (landlock tier) or not (none tier)), waiting until it
+is up (its `hello`), loading the context into it (the `init`/`ready` handshake), killing
+every process it started, and closing its channel, pipes and temporary directory.
+
+Launching needs no context: everything the `init` frame carries but the context is fixed at
+launch (limits, uid, tier), so a pre-started worker (`_pool`) and one started on demand are
+the same process, confined the same way once its context arrives."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -50,7 +56,6 @@ class WorkerProcess:
         uid: int | None,
         tmpdir: str | None,
         init: dict[str, Any],
-        blob: bytes,
     ) -> None:
         self._proc = proc
         self._config = config
@@ -61,19 +66,52 @@ class WorkerProcess:
         """The private host uid the worker runs as, or None when it keeps the engine's uid."""
         self.channel = channel
         self.fds = fds
-        self.context_bytes = len(blob)
+        self.context_bytes = 0
         self.killed = False
+        self.up = False
+        """It said `hello`: the interpreter runs and waits for its context."""
         self._tmpdir = tmpdir
-        self._boot: tuple[dict[str, Any], bytes] | None = (init, blob)
+        self._init: dict[str, Any] | None = init
         self._stderr_tail = Capture(4096)
         self._released = False
 
-    async def load_context(self) -> str | None:
-        """Send `init` with the context and wait for `ready` (within `start_timeout_s`).
-        None when the worker came up, else why not (see `start_error`)."""
-        assert self._boot is not None
-        init, blob = self._boot
-        self._boot = None
+    async def come_up(self) -> str | None:
+        """Wait for `hello` (within `start_timeout_s`). None when the worker is up, else why
+        not (see `start_error`)."""
+        return await self._handshake(self._hello)
+
+    async def load_context(self, kind: str, blob: bytes) -> str | None:
+        """Send `init` with the context (encoded by `encode_context`) and wait for `ready`,
+        and for `hello` first if it has not come yet, all within `start_timeout_s`. None
+        when the worker came up, else why not (see `start_error`). Once per process: a
+        worker is never given a second context."""
+        assert self._init is not None, "a worker process takes one context, once"
+        init, self._init = {**self._init, "context_type": kind}, None
+        self.context_bytes = len(blob)
+
+        async def exchange() -> str | None:
+            if not self.up:
+                failure = await self._hello()
+                if failure is not None:
+                    return failure
+            await self.channel.send(init, blob)
+            ready, _ = await self.channel.receive()
+            if ready.get("op") != "ready":
+                return f"it answered its context with {ready.get('op')!r}, not 'ready'"
+            return None
+
+        return await self._handshake(exchange)
+
+    async def _hello(self) -> str | None:
+        hello, _ = await self.channel.receive()
+        if hello.get("op") != "hello":
+            return f"its first frame was {hello.get('op')!r}, not 'hello'"
+        self.up = True
+        return None
+
+    async def _handshake(self, exchange: Callable[[], Awaitable[str | None]]) -> str | None:
+        """Run one start-up exchange within `start_timeout_s`, draining the worker's output
+        meanwhile (its stderr's end is kept for `start_error`)."""
         failure: str | None = None
         timeout = self._config.start_timeout_s
         async with anyio.create_task_group() as tg:
@@ -81,11 +119,7 @@ class WorkerProcess:
             tg.start_soon(drain, self.fds[1], self._stderr_tail)
             try:
                 with anyio.fail_after(timeout):
-                    await self.channel.send(init, blob)
-                    del blob
-                    ready, _ = await self.channel.receive()
-                if ready.get("op") != "ready":
-                    failure = f"its first frame was {ready.get('op')!r}, not 'ready'"
+                    failure = await exchange()
             except TimeoutError:
                 failure = f"it did not become ready within start_timeout_s={timeout}"
             except (ChannelClosed, ProtocolViolation) as exc:
@@ -138,6 +172,7 @@ class WorkerProcess:
             for fd in self.fds:
                 anyio.notify_closing(fd)
                 os.close(fd)
+            _reserved_uids.discard(self.uid)
             tmpdir, self._tmpdir = self._tmpdir, None
             if tmpdir is not None:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmpdir, ignore_errors=True))
@@ -156,14 +191,26 @@ def encode_context(context: Context) -> tuple[str, bytes]:
     return "json", text.encode("utf-8", "surrogatepass")
 
 
-async def launch_process(context: Context, config: SandboxConfig, plan: Plan) -> WorkerProcess:
-    """Start a worker process, its context encoded but not yet sent (`load_context` does).
-    Raises `ContextTypeError` for a context JSON cannot carry, `SandboxError` when the
-    process cannot be started."""
-    # Encoding 40 MB takes tens of milliseconds: not on the event loop, where other
-    # queries' work would wait for it.
-    kind, blob = await anyio.to_thread.run_sync(encode_context, context)
-    uid = await anyio.to_thread.run_sync(procs.pick_free_uid) if plan.drop_uid else None
+_reserved_uids: set[int | None] = set()
+"""Private uids picked for workers not yet released: a pre-started worker switches to its
+uid only when its context arrives, so a /proc scan alone would not see it as taken."""
+
+
+async def launch_process(config: SandboxConfig, plan: Plan) -> WorkerProcess:
+    """Start a worker process with no context yet (`load_context` gives it one). Raises
+    `SandboxError` when the process cannot be started."""
+    uid = None
+    if plan.drop_uid:
+        uid = await anyio.to_thread.run_sync(procs.pick_free_uid, frozenset(_reserved_uids))
+        _reserved_uids.add(uid)
+    try:
+        return await _launch(config, plan, uid)
+    except BaseException:
+        _reserved_uids.discard(uid)
+        raise
+
+
+async def _launch(config: SandboxConfig, plan: Plan, uid: int | None) -> WorkerProcess:
     nproc = await _process_limit(config, plan, uid)
     # From here to open_process nothing awaits, so nothing below can leak on cancellation.
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -192,10 +239,8 @@ async def launch_process(context: Context, config: SandboxConfig, plan: Plan) ->
         except OSError:
             pass
     channel = Channel(parent_sock, max_inbound=config.max_message_bytes)
-    init = _init_frame(config, plan, kind=kind, uid=uid, nproc=nproc, tmpdir=tmpdir)
-    return WorkerProcess(
-        proc, channel, (out_r, err_r), config=config, uid=uid, tmpdir=tmpdir, init=init, blob=blob
-    )
+    init = _init_frame(config, plan, uid=uid, nproc=nproc, tmpdir=tmpdir)
+    return WorkerProcess(proc, channel, (out_r, err_r), config=config, uid=uid, tmpdir=tmpdir, init=init)
 
 
 async def _process_limit(config: SandboxConfig, plan: Plan, uid: int | None) -> int | None:
@@ -265,9 +310,9 @@ async def _open_process(
 
 
 def _init_frame(
-    config: SandboxConfig, plan: Plan, *, kind: str, uid: int | None, nproc: int | None, tmpdir: str | None
+    config: SandboxConfig, plan: Plan, *, uid: int | None, nproc: int | None, tmpdir: str | None
 ) -> dict[str, Any]:
-    """The `init` frame: how the bootstrap confines itself and loads the context."""
+    """The `init` frame but its `context_type`: how the bootstrap confines itself."""
     lockdown = None
     if plan.tier == "landlock":
         assert tmpdir is not None
@@ -277,7 +322,6 @@ def _init_frame(
     return {
         "op": "init",
         "version": proto.PROTOCOL_VERSION,
-        "context_type": kind,
         "limits": {
             "as": config.memory_bytes,
             "cpu": None if config.cpu_seconds is None else math.ceil(config.cpu_seconds),

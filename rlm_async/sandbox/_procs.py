@@ -208,13 +208,14 @@ def kill_all(*, root: int | None, group: int | None, uid: int | None, wait_s: fl
         time.sleep(0.01)
 
 
-def pick_free_uid() -> int:
-    """A uid no process uses now, from a range no user or container range occupies, so
+def pick_free_uid(reserved: frozenset[int | None] = frozenset()) -> int:
+    """A uid no process uses now and not in `reserved` (picked for workers that have not
+    switched to it yet), from a range no user or container range occupies, so
     RLIMIT_NPROC counts exactly this worker's processes and no file on the host is its."""
     used = {p.uid for p in scan()}
     while True:
         uid = random.randrange(_UID_LOW, _UID_HIGH)
-        if uid not in used:
+        if uid not in used and uid not in reserved:
             return uid
 
 

@@ -15,7 +15,7 @@ from ._channel import ChannelClosed, ProtocolViolation
 from ._config import WORKER_DEAD_STATUSES, CellResult, RequestHandler, SandboxConfig
 from ._isolation import Plan, Tier, plan_isolation
 from ._output import Capture, drain, drain_now
-from ._process import WorkerProcess, launch_process
+from ._process import WorkerProcess, encode_context, launch_process
 from ._protocol import Outcome, clean, describe_exit, parse_request
 
 __all__ = ["Worker", "start_worker"]
@@ -68,6 +68,23 @@ class Worker:
         await worker._spawn()
         return worker
 
+    @classmethod
+    async def adopt(
+        cls,
+        process: WorkerProcess,
+        context: Context,
+        encoded: tuple[str, bytes],
+        config: SandboxConfig,
+        plan: Plan,
+    ) -> Worker:
+        """A running worker made of a pre-started `process` (launched with `config` and
+        `plan`, waiting for a context): `context` (`encoded` by `encode_context`) is loaded
+        into it. The process is this worker's for good, like one started on demand (killed
+        if loading fails); `restart()` starts a fresh one."""
+        worker = cls(context, config, plan)
+        await worker._load(process, *encoded, time.monotonic(), pooled=True)
+        return worker
+
     @property
     def alive(self) -> bool:
         """False after the worker died or was killed, until `restart()`."""
@@ -76,10 +93,21 @@ class Worker:
     # -- life cycle
     async def _spawn(self) -> None:
         started = time.monotonic()
-        process = await launch_process(self._context, self._config, self._plan)
+        # Encoding 40 MB takes tens of milliseconds: not on the event loop, where other
+        # queries' work would wait for it. Before launching, so a context JSON cannot
+        # carry costs no process.
+        kind, blob = await anyio.to_thread.run_sync(encode_context, self._context)
+        process = await launch_process(self._config, self._plan)
+        await self._load(process, kind, blob, started, pooled=False)
+
+    async def _load(
+        self, process: WorkerProcess, kind: str, blob: bytes, started: float, *, pooled: bool
+    ) -> None:
+        """Make `process` this worker's and load the context into it; on failure it is
+        killed and the error raised."""
         self._process, self.pid, self.uid, self._dead = process, process.pid, process.uid, None
         try:
-            failure = await process.load_context()
+            failure = await process.load_context(kind, blob)
         except BaseException:
             await self._kill("start cancelled")
             raise
@@ -95,6 +123,7 @@ class Worker:
             uid=process.uid,
             context_bytes=process.context_bytes,
             duration_s=time.monotonic() - started,
+            pooled=pooled,
         )
 
     async def restart(self) -> None:
