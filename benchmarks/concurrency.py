@@ -2,7 +2,8 @@
 the wall time of one query alone, and where the extra time goes.
 
     .venv/bin/python benchmarks/concurrency.py [--queries 1,20,100] [--tokens 100K] [--chunks 20]
-        [--repeat 1] [--separate-scans] [--out benchmarks/results/concurrency.json] [--label NAME]
+        [--repeat 1] [--max-workers 32,none] [--pool 0,100] [--separate-scans]
+        [--out benchmarks/results/concurrency.json] [--label NAME]
 
 Each query is COUNT (OOLONG-like counting) over its own seeded context of `--tokens`
 simulator tokens, fanned out to `--chunks` sub-calls, all on one shared `RLM` (one engine,
@@ -24,8 +25,12 @@ one clock, and the simulator's log):
                own CPU share), mean
 * `cpu ms/q`   CPU of the engine process over the batch / N (workload generation excluded)
 
-`--separate-scans` is the A/B switch for the sandbox's /proc scans: each kill and each
-worker start reads /proc itself, as before concurrent scans shared one pass.
+* `slot wait s` waiting for a slot under `RLMConfig.max_workers` (`worker.slot` events)
+
+`--max-workers` and `--pool` take comma lists; every combination runs in turn within each
+repeat (A/B alternated, so each sees the same machine load), and the table gives each
+combination's median. `--separate-scans` is the A/B switch for the sandbox's /proc scans:
+each kill and each worker start reads /proc itself, as before concurrent scans shared one pass.
 """
 
 from __future__ import annotations
@@ -194,9 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--max-workers",
-        type=lambda v: None if v == "none" else int(v),
-        default=32,
-        help="RLMConfig.max_workers, the process-wide cap on live REPL workers ('none': no cap)",
+        default="32",
+        help="RLMConfig.max_workers values to alternate, e.g. 32,none ('none': no cap on live workers)",
     )
     p.add_argument(
         "--pool",
@@ -211,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         _procs.scan = _procs._scan_now
     sizes = [int(x) for x in args.queries.split(",")]
     pools = [int(x) for x in args.pool.split(",")]
+    caps = [None if x == "none" else int(x) for x in args.max_workers.split(",")]
+    configs = [(cap, pool) for cap in caps for pool in pools]
     tokens = parse_size(args.tokens)
     label = args.label or ("separate /proc scans" if args.separate_scans else "shared /proc scan")
     runs: list[dict[str, Any]] = []
@@ -218,20 +224,20 @@ def main(argv: list[str] | None = None) -> int:
         assert sim.base_url is not None
         for rep in range(args.repeat):
             for n in sizes:
-                for pool in pools:  # A/B alternated, so both see the same machine load
+                for cap, pool in configs:  # A/B alternated, so each sees the same machine load
                     load0 = os.getloadavg()[0]
                     since = time.monotonic()
-                    r = anyio.run(_batch, sim.base_url, n, tokens, 1000 * rep, args.max_workers, pool)
+                    r = anyio.run(_batch, sim.base_url, n, tokens, 1000 * rep, cap, pool)
                     sim.wait_until_idle()
                     r.update(_sim_lags(sim.read_log(), since))
                     r["repeat"] = rep
                     r["loadavg_before"] = load0
                     r["label"] = label
                     r["pool"] = pool
-                    r["max_workers"] = args.max_workers
+                    r["max_workers"] = cap
                     runs.append(r)
                     print(
-                        f"  {label} pool={pool} n={n} rep={rep}: wall {r['wall_s']:.2f} s, "
+                        f"  {label} max_workers={cap} pool={pool} n={n} rep={rep}: wall {r['wall_s']:.2f} s, "
                         f"correct {r['correct']}/{n}, load {load0:.1f}",
                         file=sys.stderr,
                     )
@@ -240,13 +246,13 @@ def main(argv: list[str] | None = None) -> int:
         "| cells s | gov wait s | sim lag s | cpu ms/q |"
     )
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for pool in pools:
-        mine_all = [r for r in runs if r["pool"] == pool]
+    for cap, pool in configs:
+        mine_all = [r for r in runs if r["pool"] == pool and r["max_workers"] == cap]
         alone = [r["wall_s"] for r in mine_all if r["n"] == 1]
         base_wall = statistics.median(alone) if alone else None
         for n in sizes:
             mine = sorted((r for r in mine_all if r["n"] == n), key=lambda r: r["wall_s"])
-            print(_row(f"{label}, pool {pool}", mine[len(mine) // 2], base_wall))
+            print(_row(f"max_workers {cap}, pool {pool}", mine[len(mine) // 2], base_wall))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}

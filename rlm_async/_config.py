@@ -188,7 +188,7 @@ class RLMConfig:
     """REPL workers kept pre-started (up, with no context yet) inside `async with RLM(...)`,
     refilled in the background, so a query does not wait for its worker's start-up. Each is
     used by one RLM node only and then killed, never reused; it is launched with the same
-    `sandbox` tier and limits as one started on demand. Idle ones (about 15 MB each) do not
+    `sandbox` tier and limits as one started on demand. Idle ones (about 18 MB resident each) do not
     count under `max_workers`. 0 (the default): workers start on demand, and nothing runs
     between queries. Outside `async with` (e.g. `completion()`), workers start on demand."""
     system_prompt: str | None = None

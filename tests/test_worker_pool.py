@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 from conftest import EventLog, open_sim, rlm_config, sim_config
-from test_sandbox_support import assert_nothing_left, config, left_behind
+from test_sandbox_support import assert_nothing_left, config
 
 from rlm_async._events import WorkerSlotWait, WorkerStart
 from rlm_async._rlm import RLM
@@ -166,8 +166,11 @@ class TestLifeCycle:
         with anyio.CancelScope() as scope:
             async with WorkerPool(config(), size=6) as pool:
                 seen.extend((p.pid, p.uid) for p in pool._idle)
-                while pool.stats().starting == 0:
+                for _ in range(60_000):  # until a filler is mid-start
+                    if pool.stats().starting:
+                        break
                     await anyio.sleep(0.001)
+                assert pool.stats().starting
                 scope.cancel()
                 await anyio.sleep(30)
         assert scope.cancelled_caught and seen

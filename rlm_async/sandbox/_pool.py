@@ -20,7 +20,7 @@ What it does not do, on purpose:
   tier, limits, seccomp filter and private uid as one started on demand; it confines itself
   (rlimits, uid switch, the landlock tier's lock-down) when its context arrives, before it
   touches any untrusted data, exactly as an on-demand one does.
-- **Not counted under `RLMConfig.max_workers`.** Idle workers hold no context (about 15 MB
+- **Not counted under `RLMConfig.max_workers`.** Idle workers hold no context (about 18 MB
   resident each); `size` bounds them. A taken worker counts as soon as its node holds a slot.
 
 A pool that cannot pre-start a worker says so at once: entering it raises the
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from .._context import Context, validate_context
 from ..exceptions import ConfigError, SandboxError
@@ -239,7 +240,7 @@ class WorkerPool:
         the pool stays empty and queries start their workers on demand, as without a pool."""
         while True:
             before = self._clock()
-            await anyio.sleep(0)  # back after every callback that was ready to run
+            await anyio.lowlevel.checkpoint()  # back after every callback that was ready to run
             if self._clock() - before < _QUIET_TURN_S:
                 return
             await self._sleep(_RECHECK_S)
