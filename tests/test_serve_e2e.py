@@ -642,3 +642,40 @@ class TestWorkerPool:
             assert now and not now & first  # the pre-started ones were used once, then killed
             assert s.terminate() == 0
             assert s.children() == []
+
+    def test_a_client_disconnecting_kills_its_pooled_worker(self) -> None:
+        """With the pool on, a streaming client that goes away mid-query: its query is
+        cancelled and the pooled worker it took is killed, so the server's only children
+        are then the pool's idle workers (no orphan), and the server keeps serving."""
+        with ServerProcess(config_text(sub_ttft=5.0, pool=2)) as s, _client(s) as c:
+            deadline = time.monotonic() + 60
+            while len(s.children()) < 2:
+                assert time.monotonic() < deadline, "the pool did not fill"
+                time.sleep(0.05)
+            prestarted = set(s.children())
+            body = {
+                "model": "rlm",
+                "stream": True,
+                "messages": [{"role": "user", "content": CONTEXT}, {"role": "user", "content": "?"}],
+            }
+            with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if "call.finish" in line:  # the fan-out is in flight, in a pooled worker
+                        break
+            deadline = time.monotonic() + 30
+            while 'rlm_queries_total{status="cancelled"' not in c.get("/metrics").text:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            deadline = time.monotonic() + 30
+            while True:
+                left = set(s.children())
+                idle = [
+                    ln for ln in c.get("/metrics").text.splitlines() if ln.startswith("rlm_worker_pool_idle ")
+                ]
+                if len(left) == 2 and idle == ["rlm_worker_pool_idle 2"]:
+                    break
+                assert time.monotonic() < deadline, (left, idle)
+                time.sleep(0.05)
+            assert len(prestarted - left) == 1  # the one the query took is gone
+            assert "rlm_sandbox_workers_pooled_total 1" in c.get("/metrics").text
+            _still_serving(s)
