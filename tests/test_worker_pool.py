@@ -145,6 +145,37 @@ class TestHandingOut:
             assert await idle_pids(pool) == before
 
 
+class TestRefill:
+    async def test_refills_wait_while_the_event_loop_is_busy(self) -> None:
+        """While every turn of the event loop looks slow (an injected clock), the pool does
+        not refill a taken worker; once turns are quick again, it does."""
+        busy = [True]
+        ticks = [0.0]
+
+        def clock() -> float:
+            ticks[0] += 0.010 if busy[0] else 0.0001  # each reading: one turn's length
+            return ticks[0]
+
+        rechecks = [0]
+
+        async def sleep(seconds: float) -> None:
+            rechecks[0] += 1
+            await anyio.sleep(0.001)
+
+        async with WorkerPool(config(), size=1, clock=clock, sleep=sleep) as pool:
+            worker = await pool.start_worker("x")
+            await worker.aclose()
+            for _ in range(200):
+                if rechecks[0] >= 20:
+                    break
+                await anyio.sleep(0.005)
+            assert rechecks[0] >= 20 and pool.stats().idle == 0 and pool.stats().prestarted == 0
+            busy[0] = False
+            with anyio.fail_after(60):
+                await pool.wait_full()
+            assert pool.stats().prestarted == 1
+
+
 class TestLifeCycle:
     async def test_nothing_is_left_after_shutdown(self) -> None:
         """Leaving the pool kills every idle worker and every start in flight: a /proc scan
