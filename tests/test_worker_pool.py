@@ -8,14 +8,16 @@ reports about its limits, the simulator's request log. No wall-clock assertion."
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
+import sys
 from typing import Any
 
 import anyio
 import pytest
 from conftest import EventLog, open_sim, rlm_config, sim_config
-from test_sandbox_support import assert_nothing_left, config
+from test_sandbox_support import ISOLATING_TIERS, assert_nothing_left, config
 
 from rlm_async._events import WorkerSlotWait, WorkerStart
 from rlm_async._rlm import RLM
@@ -209,6 +211,40 @@ class TestLifeCycle:
             await assert_nothing_left(pid, uid)
         mine = [p for p in procs.scan() if p.ppid == os.getpid() and p.state not in ("Z", "X")]
         assert mine == []
+
+    @pytest.mark.parametrize("tier", ISOLATING_TIERS)
+    async def test_an_engine_killed_outright_leaves_no_idle_worker(self, tier: str) -> None:
+        """An engine process holding a full pool is SIGKILLed (no clean-up runs): its idle
+        workers go too (bubblewrap dies with its parent; a waiting worker of any tier exits
+        when its control socket closes), so no process of theirs is left."""
+        script = (
+            "import anyio, json, sys\n"
+            "from rlm_async.sandbox import SandboxConfig, WorkerPool\n"
+            "async def main():\n"
+            f"    async with WorkerPool(SandboxConfig(isolation={tier!r}, start_timeout_s=60), size=2) as pool:\n"
+            "        await pool.wait_full()\n"
+            "        print(json.dumps([[p.pid, p.uid] for p in pool._idle]), flush=True)\n"
+            "        await anyio.sleep(600)\n"
+            "anyio.run(main)\n"
+        )
+        proc = await anyio.open_process([sys.executable, "-c", script], start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            with anyio.fail_after(120):
+                line = b""
+                async for chunk in proc.stdout:
+                    line += chunk
+                    if b"\n" in line:
+                        break
+            idle = json.loads(line)
+            assert len(idle) == 2
+            for pid, _ in idle:
+                assert procs._read_proc(pid) is not None  # up before the kill
+        finally:
+            proc.kill()
+            await proc.wait()
+        for pid, uid in idle:
+            await assert_nothing_left(pid, uid)
 
     async def test_a_pool_that_cannot_start_says_why_at_once(self) -> None:
         """No usable tier: entering raises IsolationUnavailable naming the fix. A tier that

@@ -751,9 +751,12 @@ def main(argv: list[str]) -> None:
     # Up and waiting: everything costly in starting a worker (the sandbox, the interpreter,
     # this module's imports) is done before its context exists, so a pool can pay it early.
     channel.send({"op": "hello", "pid": os.getpid()})
-    head = _recv_exact(sock, HEADER.size)
-    json_len, blob_len = HEADER.unpack(head)
-    init = _loads(bytes(_recv_exact(sock, json_len)).decode("utf-8"))
+    try:
+        head = _recv_exact(sock, HEADER.size)
+        json_len, blob_len = HEADER.unpack(head)
+        init = _loads(bytes(_recv_exact(sock, json_len)).decode("utf-8"))
+    except EOFError:  # the engine went away while this worker waited in its pool
+        os._exit(EXIT_ENGINE_GONE)
     if init.get("op") != "init" or init.get("version") != PROTOCOL_VERSION:
         os._exit(EXIT_PROTOCOL)
     confine = None
