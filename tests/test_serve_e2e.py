@@ -645,14 +645,20 @@ class TestWorkerPool:
 
     def test_a_client_disconnecting_kills_its_pooled_worker(self) -> None:
         """With the pool on, a streaming client that goes away mid-query: its query is
-        cancelled and the pooled worker it took is killed, so the server's only children
-        are then the pool's idle workers (no orphan), and the server keeps serving."""
+        cancelled and the pooled worker it took is killed, so the server's child processes
+        are then those of the pool's idle workers alone (no orphan), and it keeps serving."""
         with ServerProcess(config_text(sub_ttft=5.0, pool=2)) as s, _client(s) as c:
+
+            def idle() -> list[str]:
+                return [
+                    ln for ln in c.get("/metrics").text.splitlines() if ln.startswith("rlm_worker_pool_idle ")
+                ]
+
             deadline = time.monotonic() + 60
-            while len(s.children()) < 2:
+            while idle() != ["rlm_worker_pool_idle 2"]:
                 assert time.monotonic() < deadline, "the pool did not fill"
                 time.sleep(0.05)
-            prestarted = set(s.children())
+            prestarted = set(s.children())  # every process of the two idle workers
             body = {
                 "model": "rlm",
                 "stream": True,
@@ -667,15 +673,13 @@ class TestWorkerPool:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             deadline = time.monotonic() + 30
-            while True:
+            while True:  # the refill replaces the taken worker; nothing else may remain
                 left = set(s.children())
-                idle = [
-                    ln for ln in c.get("/metrics").text.splitlines() if ln.startswith("rlm_worker_pool_idle ")
-                ]
-                if len(left) == 2 and idle == ["rlm_worker_pool_idle 2"]:
+                if len(left) == len(prestarted) and idle() == ["rlm_worker_pool_idle 2"]:
                     break
-                assert time.monotonic() < deadline, (left, idle)
+                assert time.monotonic() < deadline, (prestarted, left, idle())
                 time.sleep(0.05)
-            assert len(prestarted - left) == 1  # the one the query took is gone
+            gone = prestarted - left
+            assert gone and len(gone) == len(prestarted) // 2  # the taken worker, all of it
             assert "rlm_sandbox_workers_pooled_total 1" in c.get("/metrics").text
             _still_serving(s)
