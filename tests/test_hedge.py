@@ -31,10 +31,14 @@ PRICE = ModelPrice(input_per_mtok=1.0, output_per_mtok=4.0)
 
 
 def _code(body: str) -> Policies:
-    return Policies(root=PolicySpec(name="fixed", options={"text": f"```repl\n{body}\n```"}), sub=PolicySpec(name="echo"))
+    return Policies(
+        root=PolicySpec(name="fixed", options={"text": f"```repl\n{body}\n```"}), sub=PolicySpec(name="echo")
+    )
 
 
-def _sim(policies: Policies, *, script: tuple[str, ...] = (), sigma: float = 0.0, **latency: Any) -> SimConfig:
+def _sim(
+    policies: Policies, *, script: tuple[str, ...] = (), sigma: float = 0.0, **latency: Any
+) -> SimConfig:
     sub = KindLatency(ttft_s=latency.pop("ttft_s", 0.02), sigma=sigma, **latency)
     return SimConfig(
         latency=LatencyModel(sub=sub),
@@ -62,8 +66,11 @@ class TestHedgePolicy:
     def test_nothing_before_the_first_stage(self) -> None:
         """Below the first finished share, with no history, nothing is hedged and nothing is due."""
         d = self.policy().decide(
-            total=10, finished_latencies=[1.0] * 8, running=[Running(8, 1, 5.0), Running(9, 1, 5.0)],
-            history=[], allowance=10,
+            total=10,
+            finished_latencies=[1.0] * 8,
+            running=[Running(8, 1, 5.0), Running(9, 1, 5.0)],
+            history=[],
+            allowance=10,
         )
         assert d.hedge == () and d.recheck_in_s is None
 
@@ -78,8 +85,11 @@ class TestHedgePolicy:
     def test_no_tail_no_hedge(self) -> None:
         """Without a tail the last calls are barely older than the median: no copy, a recheck."""
         d = self.policy().decide(
-            total=100, finished_latencies=[1.0] * 95, running=[Running(i, 1, 1.05) for i in range(95, 100)],
-            history=[], allowance=15,
+            total=100,
+            finished_latencies=[1.0] * 95,
+            running=[Running(i, 1, 1.05) for i in range(95, 100)],
+            history=[],
+            allowance=15,
         )
         assert d.hedge == ()
         assert d.recheck_in_s == pytest.approx(1.25 - 1.05)
@@ -88,11 +98,17 @@ class TestHedgePolicy:
         """A lone call older than the history's quantile gets a second copy, never a third."""
         history = sorted(float(i) for i in range(1, 101))
         policy = self.policy()
-        young = policy.decide(total=1, finished_latencies=[], running=[Running(0, 1, 90.0)], history=history, allowance=1)
+        young = policy.decide(
+            total=1, finished_latencies=[], running=[Running(0, 1, 90.0)], history=history, allowance=1
+        )
         assert young.hedge == () and young.recheck_in_s == pytest.approx(5.0)
-        old = policy.decide(total=1, finished_latencies=[], running=[Running(0, 1, 96.0)], history=history, allowance=1)
+        old = policy.decide(
+            total=1, finished_latencies=[], running=[Running(0, 1, 96.0)], history=history, allowance=1
+        )
         assert old.hedge == ((0, "quantile"),)
-        twice = policy.decide(total=1, finished_latencies=[], running=[Running(0, 2, 200.0)], history=history, allowance=1)
+        twice = policy.decide(
+            total=1, finished_latencies=[], running=[Running(0, 2, 200.0)], history=history, allowance=1
+        )
         assert twice.hedge == ()
 
     def test_a_later_stage_judges_the_calls_own_age(self) -> None:
@@ -107,9 +123,13 @@ class TestHedgePolicy:
         """After every stage, a copy older than straggler_factor x median gets a sibling, up to max_copies."""
         policy = self.policy(stages=(0.5,), max_copies=3)
         fin = [1.0] * 9
-        d = policy.decide(total=10, finished_latencies=fin, running=[Running(9, 2, 1.3)], history=[], allowance=5)
+        d = policy.decide(
+            total=10, finished_latencies=fin, running=[Running(9, 2, 1.3)], history=[], allowance=5
+        )
         assert d.hedge == ((9, "straggler"),)
-        capped = policy.decide(total=10, finished_latencies=fin, running=[Running(9, 3, 9.0)], history=[], allowance=5)
+        capped = policy.decide(
+            total=10, finished_latencies=fin, running=[Running(9, 3, 9.0)], history=[], allowance=5
+        )
         assert capped.hedge == ()
 
     def test_allowance_is_a_share_of_the_fanout(self) -> None:
@@ -140,7 +160,9 @@ class TestHedgePolicy:
         assert not config.root.hedge.enabled
 
 
-BATCH10 = 'r = llm_batch([f"item {i}" for i in range(10)])\nanswer["content"] = "|".join(r)\nanswer["ready"] = True'
+BATCH10 = (
+    'r = llm_batch([f"item {i}" for i in range(10)])\nanswer["content"] = "|".join(r)\nanswer["ready"] = True'
+)
 
 
 class TestHedgingOverHttp:
@@ -199,7 +221,8 @@ class TestHedgingOverHttp:
         hedge = HedgeConfig(enabled=True, stages=(0.5,), max_share=1.0)
         sim_cfg = _sim(_code(BATCH10), script=("ok", "ok", "ok", "slow"))
         sim_cfg = SimConfig(
-            latency=sim_cfg.latency, faults=Faults(script=sim_cfg.faults.script, slow_extra_s=1.0),
+            latency=sim_cfg.latency,
+            faults=Faults(script=sim_cfg.faults.script, slow_extra_s=1.0),
             policies=sim_cfg.policies,
         )
         async with open_sim(sim_cfg) as sim:
@@ -215,6 +238,81 @@ class TestHedgingOverHttp:
         assert len(subs) == 10 and Counter(e.outcome for e in subs) == {"ok": 9, "slow": 1}
         refused = [r.hedge for r in result.calls if r.hedge is not None]
         assert refused and refused[0].refused >= 1 and refused[0].sent == 0
+
+
+def _slow_third(policies: Policies, slow_s: float = 1.0) -> SimConfig:
+    """Seq 3 (the third sub-call) answers `slow_s` late; the others at once."""
+    base = _sim(policies, script=("ok", "ok", "ok", "slow"))
+    return SimConfig(
+        latency=base.latency, faults=Faults(script=base.faults.script, slow_extra_s=slow_s), policies=policies
+    )
+
+
+def _batch10(call: str) -> Policies:
+    return _code(f'r = {call}\nanswer["content"] = "|".join(r)\nanswer["ready"] = True')
+
+
+class TestHedgeFromTheRepl:
+    """`hedge=` on `llm_query` / `llm_batch` / `llm_batch_as_completed` overrides the model's setting."""
+
+    @pytest.mark.asyncio
+    async def test_hedge_false_sends_no_duplicate(self) -> None:
+        """The model hedges, the code says `hedge=False`: the straggler gets no copy."""
+        hedge = HedgeConfig(enabled=True, stages=(0.5,), max_share=1.0)
+        policies = _batch10('llm_batch([f"item {i}" for i in range(10)], hedge=False)')
+        async with open_sim(_slow_third(policies)) as sim:
+            async with RLM(config=sim_config(sim, sub_overrides={"hedge": hedge})) as rlm:
+                result = await rlm.acompletion("ctx", "q")
+            subs = _subs(sim)
+        assert result.response == "|".join(f"ECHO: item {i}" for i in range(10))
+        assert len(subs) == 10 and Counter(e.outcome for e in subs) == {"ok": 9, "slow": 1}
+        assert all(r.hedge is None for r in result.calls)
+
+    @pytest.mark.asyncio
+    async def test_hedge_true_turns_it_on_for_one_request(self) -> None:
+        """The model does not hedge, the code says `hedge=True`: the straggler is duplicated
+        with the model's (default) hedge settings, and the loser is cancelled at the server."""
+        policies = _batch10('llm_batch([f"item {i}" for i in range(10)], hedge=True)')
+        sub = {"hedge": HedgeConfig(enabled=False, stages=(0.5,), max_share=1.0)}
+        events = EventLog()
+        async with open_sim(_slow_third(policies, slow_s=60.0)) as sim:
+            async with RLM(config=sim_config(sim, sub_overrides=sub), event_sinks=[events]) as rlm:
+                result = await rlm.acompletion("ctx", "q")
+            await _settled(sim, 11 + len(events.of(CallHedge)))
+            subs = _subs(sim)
+        assert result.response == "|".join(f"ECHO: item {i}" for i in range(10))
+        slow = next(e for e in subs if e.seq == 3)
+        assert slow.outcome == "cancelled"
+        assert len(subs) == 10 + len(events.of(CallHedge)) > 10
+
+    @pytest.mark.asyncio
+    async def test_a_bad_hedge_argument_is_a_clear_error(self) -> None:
+        """`hedge="no"` raises a TypeError in the cell, naming the accepted values; nothing is sent."""
+        code = 'try:\n    llm_query("x", hedge="no")\nexcept TypeError as e:\n    answer["content"] = str(e)\nanswer["ready"] = True'
+        async with open_sim(_sim(_code(code))) as sim:
+            async with RLM(config=sim_config(sim)) as rlm:
+                result = await rlm.acompletion("ctx", "q")
+            subs = _subs(sim)
+        assert result.response == "hedge must be True, False or None, not str"
+        assert subs == []
+
+    def test_the_frame_carries_a_bool_or_nothing(self) -> None:
+        """The engine reads `hedge` from a request frame as a bool or absent; anything else is a violation."""
+        from rlm_async.sandbox._channel import ProtocolViolation
+        from rlm_async.sandbox._protocol import parse_request
+
+        frame = {"op": "request", "id": 1, "kind": "llm_query", "prompts": ["x"], "model": None}
+        assert parse_request(frame, bytearray())[1].hedge is None
+        assert parse_request({**frame, "hedge": False}, bytearray())[1].hedge is False
+        with pytest.raises(ProtocolViolation, match="hedge"):
+            parse_request({**frame, "hedge": 1}, bytearray())
+
+    def test_the_system_prompt_offers_it_only_when_the_sub_model_hedges(self) -> None:
+        """`hedge=False` is explained to the root model only when its sub-model hedges."""
+        from rlm_async._prompts import root_system_prompt
+
+        assert "hedge=False" not in root_system_prompt()
+        assert "hedge=False" in root_system_prompt(hedging=True)
 
 
 class TestCompletionOrder:
@@ -252,7 +350,9 @@ class TestCompletionOrder:
             "        break\n"
             'answer["content"] = repr(sorted(seen))\nanswer["ready"] = True'
         )
-        async with open_sim(_sim(_code(code), script=("ok", "ok", "ok", "slow", "slow", "slow", "slow"))) as sim:
+        async with open_sim(
+            _sim(_code(code), script=("ok", "ok", "ok", "slow", "slow", "slow", "slow"))
+        ) as sim:
             config = sim_config(sim, sub_overrides={"prices": PRICE}, budget=BudgetLimits(max_usd=1.0))
             async with RLM(config=config) as rlm:
                 result = await rlm.acompletion("ctx", "q")

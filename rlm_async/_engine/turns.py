@@ -105,7 +105,12 @@ class RLMLoop:
         config = self._config
         messages: list[Message] = [
             Message(
-                "system", config.system_prompt or root_system_prompt(completion_order=config.completion_order)
+                "system",
+                config.system_prompt
+                or root_system_prompt(
+                    completion_order=config.completion_order,
+                    hedging=config.model_for_depth(depth + 1).hedge.enabled,
+                ),
             ),
             Message("user", first_user_message(describe_context(context), root_prompt)),
         ]
