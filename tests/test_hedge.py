@@ -9,8 +9,10 @@ bills, and that no budget cap is crossed. No test asserts a duration.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -20,7 +22,7 @@ from conftest import EventLog, open_sim, sim_config
 from rlm_async._config import HedgeConfig, RLMConfig
 from rlm_async._engine.hedge_policy import HedgePolicy, Running, quantile
 from rlm_async._events import CallHedge
-from rlm_async._governor import BudgetLimits, GovernorConfig, ModelPrice
+from rlm_async._governor import BudgetLedger, BudgetLimits, GovernorConfig, ModelPrice
 from rlm_async._rlm import RLM
 from rlm_async.exceptions import ConfigError
 from rlm_async.sim import Faults, KindLatency, LatencyModel, Policies, PolicySpec, SimConfig, SimServer
@@ -313,6 +315,61 @@ class TestHedgeFromTheRepl:
 
         assert "hedge=False" not in root_system_prompt()
         assert "hedge=False" in root_system_prompt(hedging=True)
+
+
+class TestHedgeBooks:
+    """What a hedged call leaves behind: one journal entry (the winner), no reservation."""
+
+    @pytest.mark.asyncio
+    async def test_the_journal_keeps_the_winner_once(self, tmp_path: Path) -> None:
+        """A hedged fan-out run twice with one journal: the journal holds one response per
+        sub-call (not one per copy), the winner's, and the second run sends nothing."""
+        import sqlite3
+
+        hedge = HedgeConfig(enabled=True, stages=(0.5,), max_share=1.0)
+        events = EventLog()
+        journal = tmp_path / "run.journal"
+        async with open_sim(_slow_third(_code(BATCH10), slow_s=60.0)) as sim:
+            config = sim_config(
+                sim, sub_overrides={"hedge": hedge, "temperature": 0.0}, journal_path=str(journal)
+            )
+            async with RLM(config=config, event_sinks=[events]) as rlm:
+                first = await rlm.acompletion("ctx", "q")
+            sent = 11 + len(events.of(CallHedge))
+            await _settled(sim, sent)
+            async with RLM(config=config) as rlm:
+                second = await rlm.acompletion("ctx", "q")
+            assert len(sim.log) == sent  # the re-run sent nothing
+            answered = {e.body_sha256: e for e in _subs(sim) if e.outcome == "ok"}
+        assert events.of(CallHedge), "the straggler was hedged"
+        assert second.response == first.response == "|".join(f"ECHO: item {i}" for i in range(10))
+        with sqlite3.connect(journal) as db:
+            rows = db.execute("SELECT completion FROM responses WHERE model = 'sim-mini'").fetchall()
+        assert len(rows) == 10
+        # Each stored usage is one answer's as the server reported it, no copy's spend added in.
+        served = {(e.prompt_tokens, e.completion_tokens) for e in answered.values()}
+        for (completion,) in rows:
+            prompt, output, _cached = json.loads(completion)["usage"]
+            assert (prompt, output) in served
+
+    @pytest.mark.asyncio
+    async def test_every_reservation_is_released(self) -> None:
+        """After a hedged fan-out with a cancelled loser, the query's parent ledger holds no
+        reservation, and what it spent covers everything the server would bill."""
+        hedge = HedgeConfig(enabled=True, stages=(0.5,), max_share=1.0)
+        events = EventLog()
+        parent = BudgetLedger(BudgetLimits(max_usd=1.0))
+        async with open_sim(_slow_third(_code(BATCH10), slow_s=60.0)) as sim:
+            config = sim_config(sim, sub_overrides={"hedge": hedge, "prices": PRICE})
+            async with RLM(config=config, event_sinks=[events]) as rlm:
+                result = await rlm.acompletion("ctx", "q", ledger_parent=parent)
+            await _settled(sim, 11 + len(events.of(CallHedge)))
+            subs = _subs(sim)
+        assert result.status == "ok"
+        assert Counter(e.outcome for e in subs)["cancelled"] >= 1
+        assert parent.reserved_usd == 0 and parent.reserved.total_tokens == 0
+        billed = sum(e.prompt_tokens * 1.0 + e.completion_tokens * 4.0 for e in subs) / 1e6
+        assert float(parent.spent_usd) >= billed > 0
 
 
 class TestCompletionOrder:
