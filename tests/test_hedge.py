@@ -372,6 +372,43 @@ class TestHedgeBooks:
         assert float(parent.spent_usd) >= billed > 0
 
 
+class TestChildRlms:
+    """A child RLM is hedged call by call: a turn slower than earlier child turns gets a copy."""
+
+    @pytest.mark.asyncio
+    async def test_a_slow_child_turn_is_hedged_and_its_loser_cancelled(self) -> None:
+        """One child RLM runs first (its turn is the history), then three at once; the first of
+        those turns to reach the server is made 60 s slow. It gets a copy that answers, the slow
+        request is cancelled at the server, and every child's answer is right."""
+        code = (
+            'if context == "ctx":\n'
+            '    first = rlm_query("warm")\n'
+            '    answer["content"] = " / ".join([first, *rlm_query_batched(["a", "b", "c"])])\n'
+            "else:\n"
+            '    answer["content"] = "child " + context\n'
+            'answer["ready"] = True'
+        )
+        # seq 0: the root turn; 1: the first child's turn; 2: the first of the other three
+        # (copies come later: one is sent only once an original has run past the history).
+        hedge = HedgeConfig(enabled=True, min_samples=1, quantile=0.5, min_ratio=1.0)
+        events = EventLog()
+        async with open_sim(_sim(_code(code), script=("ok", "ok", "slow"))) as sim:
+            config = sim_config(sim, max_depth=2, sub_overrides={"hedge": hedge})
+            async with RLM(config=config, event_sinks=[events]) as rlm:
+                result = await rlm.acompletion("ctx", "q")
+            await _settled(sim, 5 + len(events.of(CallHedge)))
+            entries = list(sim.log.entries)
+        assert result.response == "child warm / child a / child b / child c"
+        slow = next(e for e in entries if e.seq == 2)
+        assert slow.kind == "root" and slow.outcome == "cancelled"  # a child's turn, closed
+        copies = [e for e in entries if e.body_sha256 == slow.body_sha256 and e.seq != 2]
+        assert any(e.outcome == "ok" for e in copies)
+        assert len(entries) == 5 + len(events.of(CallHedge))
+        turns = [r for r in result.calls if r.kind == "child"]
+        assert len(turns) == 4  # one record per turn, however many copies
+        assert any(r.hedge is not None and r.hedge.won for r in turns)
+
+
 class TestCompletionOrder:
     """`llm_batch_as_completed` yields answers as they finish; leaving early cancels the rest."""
 

@@ -24,6 +24,7 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 import anyio.abc
@@ -35,7 +36,7 @@ from .._types import Completion, HedgeSummary, Usage
 from ..exceptions import BudgetExceeded
 from .hedge_policy import HedgePolicy, HedgeReason, Running
 
-__all__ = ["FanoutHedger", "HedgeBook", "book_for"]
+__all__ = ["FanoutHedger", "HedgeBook", "book_for", "hedge_alone"]
 
 _HISTORY = 2000
 """Latencies kept per model: recent enough to follow a provider's drift."""
@@ -394,3 +395,33 @@ class FanoutHedger:
             race.failed += 1
         if outcome != "won":
             race.extra = race.extra + mine.spent.as_usage()
+
+
+_T = TypeVar("_T")
+
+
+async def hedge_alone(
+    config: HedgeConfig,
+    book: HedgeBook,
+    *,
+    key: str,
+    clock: Callable[[], float],
+    call: Callable[[tuple[FanoutHedger, int]], Awaitable[_T]],
+) -> _T:
+    """One call outside any fan-out (a child RLM's turn), hedged as a fan-out of one: by the
+    `quantile` rule over earlier calls recorded under `key`, so that a kind of call is
+    judged against its own history (a turn that writes code is slower than a sub-call)."""
+    hedger = FanoutHedger(config, book, model=key, total=1, clock=clock)
+    answer: list[_T] = []
+    failure: list[Exception] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hedger.monitor)
+        try:
+            answer.append(await call((hedger, 0)))
+        except Exception as exc:  # raised below, as itself: not wrapped in the group's error
+            failure.append(exc)
+        finally:
+            hedger.finish(0)
+    if failure:
+        raise failure[0]
+    return answer[0]
