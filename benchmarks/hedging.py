@@ -8,8 +8,9 @@ The simulator runs in a child process (its own CPU, as in `fanout.py`) with sub-
 `llm_batch` over N prompts of about 2,000 characters (a chunk); the sub model echoes, so each
 answer is checked. For every pair the same seed serves an unhedged run (A) and a hedged run
 (B, `HedgeConfig(enabled=True)`, the defaults), alternating which goes first; the table shows
-medians over pairs. One hedge book is shared by all runs of a size, as in a long-lived
-process.
+medians over pairs. Each run has an event loop, so a governor and a hedge book, of its own:
+no history from earlier fan-outs, so the `quantile` rule never fires and the stages do all
+the hedging (as in a process's first fan-out).
 
 Figures:
 * `wall`      the fan-out as the engine saw it: first sub-call start to last sub-call finish
@@ -19,6 +20,8 @@ Figures:
 * `ratio`     B wall / A wall of the same pair (the target: <= 0.8 at 100, <= 0.65 at 1000)
 * `+req`      extra requests the server saw (B / A - 1); `+$` the same for dollars the server
               would bill (prompt and output at $1 / $4 per Mtok; a cancelled copy bills its prompt)
+* `A cpu`, `B cpu`  this process's CPU time (user + system, getrusage) per sub-call, ms:
+              at sigma = 0 no hedge is sent, so B - A is what hedging costs a call never hedged
 * `load`      the 1-minute load average before and after, this machine being shared
 """
 
