@@ -254,6 +254,63 @@ def _batch10(call: str) -> Policies:
     return _code(f'r = {call}\nanswer["content"] = "|".join(r)\nanswer["ready"] = True')
 
 
+class TestHedgeCapsAndTrace:
+    """The caps bound what the server sees; a hedged run's trace and timeline show its hedges."""
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize(("caps", "copies"), [({"max_share": 0.1}, 1), ({"max_in_flight": 0}, 0)])
+    async def test_the_caps_bound_the_copies_the_server_sees(self, caps: dict[str, Any], copies: int) -> None:
+        """Two stragglers in ten: a per-fan-out share of 0.1 lets one copy through, a process
+        cap of 0 in flight none; the answers come either way."""
+        hedge = HedgeConfig(enabled=True, stages=(0.5,), **caps)
+        base = _sim(_code(BATCH10), script=("ok", "ok", "ok", "slow", "slow"))
+        sim_cfg = SimConfig(
+            latency=base.latency,
+            faults=Faults(script=base.faults.script, slow_extra_s=1.0),
+            policies=base.policies,
+        )
+        events = EventLog()
+        async with open_sim(sim_cfg) as sim:
+            async with RLM(
+                config=sim_config(sim, sub_overrides={"hedge": hedge}), event_sinks=[events]
+            ) as rlm:
+                result = await rlm.acompletion("ctx", "q")
+            await _settled(sim, 11 + copies)
+            subs = _subs(sim)
+        assert result.response == "|".join(f"ECHO: item {i}" for i in range(10))
+        assert len(subs) == 10 + copies == 10 + len(events.of(CallHedge))
+
+    @pytest.mark.asyncio
+    async def test_the_trace_and_the_timeline_show_the_hedge(self) -> None:
+        """The events of a hedged run fold into a call span with its hedge and its win, the
+        HTML timeline's data carries them, and the copies' costs add up to the record's extra."""
+        import re
+
+        from rlm_async._events import CallHedgeEnd
+        from rlm_async._trace_summary import summarize
+        from rlm_async.trace_view import render_html
+
+        hedge = HedgeConfig(enabled=True, stages=(0.5,), max_share=1.0)
+        events = EventLog()
+        async with open_sim(_slow_third(_code(BATCH10), slow_s=60.0)) as sim:
+            config = sim_config(sim, sub_overrides={"hedge": hedge, "prices": PRICE})
+            async with RLM(config=config, event_sinks=[events]) as rlm:
+                result = await rlm.acompletion("ctx", "q")
+        won = next(r for r in result.calls if r.hedge is not None and r.hedge.won)
+        span = next(c for c in summarize(events).calls if c.call_id == won.call_id)
+        assert span.hedges and span.hedge_won
+        page = render_html(list(events))
+        match = re.search(r'<script type="application/json" id="trace-data">(.*?)</script>', page, re.S)
+        assert match is not None
+        row = next(r for r in json.loads(match.group(1))["calls"] if r[6] == won.call_id)
+        assert len(row[16]) == len(span.hedges) and row[17] == 1
+        ends = [e for e in events.of(CallHedgeEnd) if e.call_id == won.call_id]
+        assert won.hedge is not None
+        losers = [e for e in ends if e.outcome != "won"]
+        assert sum(e.prompt_tokens for e in losers) == won.hedge.extra.prompt_tokens
+        assert sum(e.cost_usd for e in losers) == pytest.approx(won.hedge.extra.cost_usd)
+
+
 class TestHedgeFromTheRepl:
     """`hedge=` on `llm_query` / `llm_batch` / `llm_batch_as_completed` overrides the model's setting."""
 
