@@ -531,6 +531,40 @@ class TestCompletionOrder:
         paid = sum(e.prompt_tokens * 1.0 + e.completion_tokens * 4.0 for e in subs if e.outcome == "ok") / 1e6
         assert sum(r.cost_usd for r in sub_records) == pytest.approx(paid, rel=1e-6)
 
+    @pytest.mark.asyncio
+    async def test_leaving_early_cancels_hedge_copies_too(self) -> None:
+        """Hedging on, four stragglers each with a copy in flight when the code stops
+        iterating: every original and every copy is cancelled at the server, and nothing
+        stays reserved."""
+        code = (
+            "import time\n"
+            "seen = []\n"
+            'for i, a in llm_batch_as_completed([f"item {k}" for k in range(6)]):\n'
+            "    seen.append(i)\n"
+            "    if len(seen) == 2:\n"
+            "        time.sleep(1.0)  # the stragglers' copies go out meanwhile\n"
+            "        break\n"
+            'answer["content"] = repr(sorted(seen))\nanswer["ready"] = True'
+        )
+        hedge = HedgeConfig(enabled=True, stages=(0.3,), max_share=1.0, straggler_factor=None)
+        events = EventLog()
+        parent = BudgetLedger(BudgetLimits(max_usd=1.0))
+        async with open_sim(_sim(_code(code), script=("ok", "ok", "ok") + ("slow",) * 20)) as sim:
+            config = sim_config(sim, sub_overrides={"hedge": hedge, "prices": PRICE})
+            async with RLM(config=config, event_sinks=[events]) as rlm:
+                result = await rlm.acompletion("ctx", "q", ledger_parent=parent)
+            copies = len(events.of(CallHedge))
+            await _logged(sim, lambda log: sum(e.outcome == "cancelled" for e in log) >= 4)
+            await anyio.sleep(0.2)
+            subs = _subs(sim)
+        assert result.response == "[0, 1]"
+        assert copies == 4
+        late = [e for e in subs if e.seq >= 3]
+        assert len(late) > 4 and all(e.outcome == "cancelled" for e in late)  # copies reached it
+        assert parent.reserved_usd == 0
+        billed = sum(e.prompt_tokens * 1.0 + e.completion_tokens * 4.0 for e in subs) / 1e6
+        assert float(parent.spent_usd) >= billed
+
     def test_system_prompt_mentions_it_only_when_enabled(self) -> None:
         """The root prompt names llm_batch_as_completed only with completion_order=True."""
         from rlm_async._prompts import root_system_prompt
