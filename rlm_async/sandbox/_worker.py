@@ -93,8 +93,10 @@ class Worker:
             await self._kill("start cancelled")
             raise
         if failure is not None:
-            error = await process.start_error(failure)
-            await self._kill("failed to start")
+            try:
+                error = await process.start_error(failure)
+            finally:  # also when cancelled while reading why (a sibling's failure)
+                await self._kill("failed to start")
             raise error
         _events.emit(
             _events.WorkerStart,
