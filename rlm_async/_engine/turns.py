@@ -71,7 +71,9 @@ class RLMLoop:
             with _events.bind(node_id=node.node_id, depth=depth):
                 async with self._engine.slots.hold(below=below):
                     try:
-                        worker = await start_worker(context, self._config.sandbox)
+                        worker = await start_worker(
+                            context, self._config.sandbox, peers=self._engine.slots.cap
+                        )
                         self._state.isolation = worker.tier
                         outcome = await self._loop(node, worker, context, root_prompt, depth, model)
                     finally:

@@ -769,6 +769,23 @@ def _load_context(kind: object, blob: bytearray) -> object:
     raise ValueError(f"unknown context type {kind!r}")
 
 
+def _start_reader(channel: _Channel) -> None:
+    """The control channel's reader thread; when it cannot start, say why on stderr (which
+    the engine puts in its error) and exit 1."""
+    try:
+        threading.Thread(target=channel.reader, name="rlm-control", daemon=True).start()
+    except RuntimeError as exc:  # "can't start new thread": EAGAIN from clone()
+        soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+        sys.stderr.write(
+            f"rlm worker: cannot start its control thread ({exc}): RLIMIT_NPROC is {limit} "
+            f"(set from SandboxConfig.max_processes) and counts every process and thread of "
+            f"uid {os.getuid()}\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def main(argv: list[str]) -> None:
     sock = socket.socket(fileno=int(argv[1]))
     sock.setblocking(True)
@@ -790,10 +807,11 @@ def main(argv: list[str]) -> None:
         context = _load_context(init.get("context_type"), _recv_exact(sock, blob_len))
     except MemoryError:
         os._exit(EXIT_MEMORY)
+    # Before stderr is the cell's: a failure here must reach the engine's error message.
+    _start_reader(channel)
     repl = _Repl(channel, context, int(init["output_limit"]))
     del context
     sys.stdout, sys.stderr = repl.stdout, repl.stderr
-    threading.Thread(target=channel.reader, name="rlm-control", daemon=True).start()
     channel.send({"op": "ready", "pid": os.getpid(), "uid": os.getuid()})
     handlers: dict[str, Callable[[dict[str, Any]], None]] = {
         "exec": lambda c: repl.run_cell(int(c["cell"]), str(c["code"])),

@@ -102,9 +102,12 @@ class SandboxConfig:
     max_processes: int | None = 64
     """Processes and threads the worker may have at once, the worker and its reader thread
     included. Enforced by RLIMIT_NPROC on a uid of the worker's own (the engine runs as
-    root: it gives each worker a private unprivileged uid), on the user namespace
-    bubblewrap creates (the engine runs unprivileged), or on the engine's uid counting its
-    other processes too (landlock tier, engine unprivileged). Root keeps ignoring
+    root: it gives each worker a private unprivileged uid) or on the user namespace
+    bubblewrap creates (the engine runs unprivileged). Where the worker keeps the engine's
+    uid (landlock or none tier, engine unprivileged) the limit counts every process and
+    thread of that user, so it is a ceiling for the user as a whole: the user's tasks when
+    the worker starts plus this many for each worker that may be alive with it (the engine's
+    `max_workers`); one worker can then use its peers' share. Root keeps ignoring
     RLIMIT_NPROC, so a "none" worker that cannot drop root has no process cap; it is still
     killed whole at the deadline."""
     output_limit_bytes: int = 1_000_000

@@ -51,6 +51,7 @@ class WorkerProcess:
         tmpdir: str | None,
         init: dict[str, Any],
         blob: bytes,
+        shares_uid: bool,
     ) -> None:
         self._proc = proc
         self._config = config
@@ -67,6 +68,8 @@ class WorkerProcess:
         self._boot: tuple[dict[str, Any], bytes] | None = (init, blob)
         self._stderr_tail = Capture(4096)
         self._released = False
+        self._shares_uid = shares_uid
+        """Counted in `_shared_uid.live` until released."""
 
     async def load_context(self) -> str | None:
         """Send `init` with the context and wait for `ready` (within `start_timeout_s`).
@@ -134,6 +137,8 @@ class WorkerProcess:
             if self._released:
                 return
             self._released = True
+            if self._shares_uid:
+                _shared_uid.live -= 1
             self.channel.close()
             for fd in self.fds:
                 anyio.notify_closing(fd)
@@ -156,15 +161,50 @@ def encode_context(context: Context) -> tuple[str, bytes]:
     return "json", text.encode("utf-8", "surrogatepass")
 
 
-async def launch_process(context: Context, config: SandboxConfig, plan: Plan) -> WorkerProcess:
+class _SharedUidWorkers:
+    live = 0
+    """Workers of this process, started or starting, whose processes count against the
+    engine's own uid's RLIMIT_NPROC (`_process_limit`)."""
+
+
+_shared_uid = _SharedUidWorkers()
+
+
+async def launch_process(
+    context: Context, config: SandboxConfig, plan: Plan, *, peers: int | None = None
+) -> WorkerProcess:
     """Start a worker process, its context encoded but not yet sent (`load_context` does).
+    `peers`: how many workers the caller may keep alive at once (see `start_worker`).
     Raises `ContextTypeError` for a context JSON cannot carry, `SandboxError` when the
     process cannot be started."""
     # Encoding 40 MB takes tens of milliseconds: not on the event loop, where other
     # queries' work would wait for it.
     kind, blob = await anyio.to_thread.run_sync(encode_context, context)
     uid = await anyio.to_thread.run_sync(procs.pick_free_uid) if plan.drop_uid else None
-    nproc = await _process_limit(config, plan, uid)
+    shares_uid = _shares_uid(config, plan, uid)
+    if shares_uid:
+        _shared_uid.live += 1  # before counting: workers starting together see each other
+    try:
+        return await _launch(
+            context_kind=kind, blob=blob, config=config, plan=plan, uid=uid, shares_uid=shares_uid, peers=peers
+        )
+    except BaseException:
+        if shares_uid:
+            _shared_uid.live -= 1
+        raise
+
+
+async def _launch(
+    *,
+    context_kind: str,
+    blob: bytes,
+    config: SandboxConfig,
+    plan: Plan,
+    uid: int | None,
+    shares_uid: bool,
+    peers: int | None,
+) -> WorkerProcess:
+    nproc = await _process_limit(config, uid, shares_uid=shares_uid, peers=peers)
     # From here to open_process nothing awaits, so nothing below can leak on cancellation.
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for s in (parent_sock, child_sock):
@@ -192,23 +232,49 @@ async def launch_process(context: Context, config: SandboxConfig, plan: Plan) ->
         except OSError:
             pass
     channel = Channel(parent_sock, max_inbound=config.max_message_bytes)
-    init = _init_frame(config, plan, kind=kind, uid=uid, nproc=nproc, tmpdir=tmpdir)
+    init = _init_frame(config, plan, kind=context_kind, uid=uid, nproc=nproc, tmpdir=tmpdir)
     return WorkerProcess(
-        proc, channel, (out_r, err_r), config=config, uid=uid, tmpdir=tmpdir, init=init, blob=blob
+        proc,
+        channel,
+        (out_r, err_r),
+        config=config,
+        uid=uid,
+        tmpdir=tmpdir,
+        init=init,
+        blob=blob,
+        shares_uid=shares_uid,
     )
 
 
-async def _process_limit(config: SandboxConfig, plan: Plan, uid: int | None) -> int | None:
-    """The worker's RLIMIT_NPROC: `max_processes`, plus the user's other processes where
-    the limit counts them too; None where it cannot bind (root keeps ignoring it)."""
+def _shares_uid(config: SandboxConfig, plan: Plan, uid: int | None) -> bool:
+    """Whether the worker's RLIMIT_NPROC counts the engine's uid: every process and thread
+    of the user, this engine's other workers included. Not with a private uid (the engine
+    runs as root), nor inside bubblewrap's user namespace (an unprivileged engine), where
+    it counts only the worker's own; not for root, which the limit does not bind."""
+    if config.max_processes is None or uid is not None or os.geteuid() == 0:
+        return False
+    return plan.tier != "bubblewrap"
+
+
+async def _process_limit(
+    config: SandboxConfig, uid: int | None, *, shares_uid: bool, peers: int | None
+) -> int | None:
+    """The worker's RLIMIT_NPROC; None where it cannot bind (root keeps ignoring it).
+
+    Where it counts only the worker's processes, `max_processes`. Where the worker shares
+    the engine's uid the limit is a ceiling on the whole uid, checked at every fork and
+    thread start against every task of the user, so it cannot be one worker's share:
+    sized for the user's tasks now plus `max_processes` for each worker that may be alive
+    while this one is. Sized for this one alone, as it once was, the workers started
+    together (a fan-out, queries waiting for a worker slot) were each allowed 64 tasks
+    more than the same count, used them up between them with their own start-up
+    threads, and the rest failed to start ("can't start new thread", exit status 1)."""
     if config.max_processes is None:
         return None
-    root = os.geteuid() == 0
-    if uid is not None or (plan.tier == "bubblewrap" and not root):
-        return config.max_processes  # counts only this worker's processes
-    if not root:  # counts all of the user's processes: allow that many more
-        return await anyio.to_thread.run_sync(procs.count_user_tasks, os.getuid()) + config.max_processes
-    return None
+    if not shares_uid:
+        return None if uid is None and os.geteuid() == 0 else config.max_processes
+    tasks = await anyio.to_thread.run_sync(procs.count_user_tasks, os.getuid())
+    return tasks + config.max_processes * max(peers or 1, _shared_uid.live)
 
 
 async def _open_process(

@@ -23,13 +23,19 @@ __all__ = ["Worker", "start_worker"]
 _MiB = 1 << 20
 
 
-async def start_worker(context: Context, config: SandboxConfig) -> Worker:
+async def start_worker(context: Context, config: SandboxConfig, *, peers: int | None = None) -> Worker:
     """Start a worker with `context` (and `context_0`) loaded. Raises `ContextTypeError` for
     an unsupported context, `IsolationUnavailable` when no tier `config.isolation` allows
-    can run here, `SandboxError` when the worker does not come up (the message says why)."""
+    can run here, `SandboxError` when the worker does not come up (the message says why).
+
+    `peers`: how many workers the caller may keep alive at once in this process (the
+    engine passes `RLMConfig.max_workers`). It matters only where the worker shares the
+    engine's uid (landlock or none tier, engine not root): RLIMIT_NPROC then caps the whole
+    uid, so each worker's cap leaves `max_processes` for every peer. None: the workers of
+    this process alive or starting when this one starts."""
     context = validate_context(context)  # a public entry of its own, as RLM.acompletion is
     plan = await plan_isolation(config)
-    return await Worker.start(context, config, plan)
+    return await Worker.start(context, config, plan, peers=peers)
 
 
 class Worker:
@@ -46,11 +52,12 @@ class Worker:
     uid: int | None
     """The private host uid the worker runs as, or None when it keeps the engine's uid."""
 
-    def __init__(self, context: Context, config: SandboxConfig, plan: Plan) -> None:
+    def __init__(self, context: Context, config: SandboxConfig, plan: Plan, *, peers: int | None = None) -> None:
         """A worker not yet started: `Worker.start` (or `start_worker`) gives a running one."""
         self._context = context
         self._config = config
         self._plan = plan
+        self._peers = peers
         self.tier = plan.tier
         self.isolated = plan.isolated
         self.pid = 0
@@ -62,9 +69,11 @@ class Worker:
         """One conversation on the control channel at a time (a cell, a get_variable, a restart)."""
 
     @classmethod
-    async def start(cls, context: Context, config: SandboxConfig, plan: Plan) -> Worker:
+    async def start(
+        cls, context: Context, config: SandboxConfig, plan: Plan, *, peers: int | None = None
+    ) -> Worker:
         """A running worker with `context` loaded, launched as `plan` says."""
-        worker = cls(context, config, plan)
+        worker = cls(context, config, plan, peers=peers)
         await worker._spawn()
         return worker
 
@@ -76,7 +85,7 @@ class Worker:
     # -- life cycle
     async def _spawn(self) -> None:
         started = time.monotonic()
-        process = await launch_process(self._context, self._config, self._plan)
+        process = await launch_process(self._context, self._config, self._plan, peers=self._peers)
         self._process, self.pid, self.uid, self._dead = process, process.pid, process.uid, None
         try:
             failure = await process.load_context()
@@ -84,8 +93,10 @@ class Worker:
             await self._kill("start cancelled")
             raise
         if failure is not None:
-            error = await process.start_error(failure)
-            await self._kill("failed to start")
+            try:
+                error = await process.start_error(failure)
+            finally:  # also when cancelled while reading why (a sibling's failure)
+                await self._kill("failed to start")
             raise error
         _events.emit(
             _events.WorkerStart,
