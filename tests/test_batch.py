@@ -21,6 +21,7 @@ from rlm_async.batch import (
     CostEstimator,
     InvalidItem,
     OutputFile,
+    SpendLog,
     read_items,
 )
 from rlm_async.exceptions import ConfigError
@@ -131,6 +132,51 @@ class TestOutputFile:
         with pytest.raises(BatchOutputError, match="line 2"):
             OutputFile.open(path)
         assert path.read_bytes() == before
+
+
+class TestSpendLog:
+    def test_a_rerun_carries_settled_spend_and_reservations_a_crash_left_open(self, tmp_path: Path) -> None:
+        """The batch ledger writes each reservation before it returns and each settlement
+        after; reopened, the log carries what was spent plus what unsettled reservations
+        held (calls in flight when the process died, at their upper bound)."""
+        path = tmp_path / "out.jsonl.spend"
+        log = SpendLog.open(path, fresh=True)
+        batch = BudgetLedger(BudgetLimits(max_usd=1.0), name="batch", log=log)
+        query = BudgetLedger(parent=batch)
+        paid = query.reserve(Charge(Usage(1000, 500, calls=1), Decimal("0.006")))
+        query.settle(paid, Charge(Usage(1000, 20, 800, calls=1), Decimal("0.0015")))
+        query.reserve(Charge(Usage(2000, 500, calls=1), Decimal("0.007")))  # in flight at the "crash"
+        refused = query.reserve(Charge(Usage(calls=1), Decimal("0.5")))
+        query.release(refused)  # released unsent: counts nothing
+        log.close()
+        with path.open("ab") as f:
+            f.write(b'{"reserve":{"usd":"0.')  # a write the crash cut short: never returned
+        again = SpendLog.open(path, fresh=False)
+        assert again.carried.usd == Decimal("0.0085")
+        assert again.carried.usage.total_tokens == 1020 + 2500
+        again.close()
+        # Compacted into one record, and carried again by the next run.
+        assert len(path.read_text().splitlines()) == 1
+        assert SpendLog.open(path, fresh=False).carried == again.carried
+
+    def test_a_new_batch_starts_a_new_log(self, tmp_path: Path) -> None:
+        """`fresh` (no output file yet): an old log at that path belongs to another batch
+        and is discarded."""
+        path = tmp_path / "out.jsonl.spend"
+        path.write_text('{"carried":{"usd":"3","prompt_tokens":1,"completion_tokens":1,"cached_tokens":0,"calls":1}}\n')
+        with SpendLog.open(path, fresh=True) as log:
+            assert log.carried == Charge()
+        assert path.read_text() == ""
+
+    def test_a_reservation_that_cannot_be_written_is_refused(self, tmp_path: Path) -> None:
+        """A log that cannot be written refuses reservations (nothing is sent that a rerun
+        could not count), naming the file and the fix."""
+        log = SpendLog.open(tmp_path / "out.jsonl.spend", fresh=True)
+        log.close()
+        ledger = BudgetLedger(name="batch", log=log)
+        with pytest.raises(BatchOutputError, match=r"spend log .*rerun to resume"):
+            ledger.reserve(Charge(Usage(calls=1), Decimal("0.001")))
+        assert ledger.reserved == Usage()
 
 
 class TestAdmission:

@@ -271,3 +271,87 @@ class TestBatchCap:
         assert sorted(r["id"] for r in rows) == sorted(items)
         assert {r["status"] for r in rows} == {"ok"}
         assert sent == sum(r["usage"]["calls"] for r in rows if r["id"] not in kept)
+
+
+# ============================================================================ crash and Ctrl-C
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rlm_async.cli", *args]
+
+
+def wait_for_rows(out: Path, n: int, proc: subprocess.Popen[bytes], log: Path, give_up_s: float = 150) -> None:
+    """Poll the output file until it holds `n` complete lines (the process must still run)."""
+    give_up = time.monotonic() + give_up_s
+    while not out.exists() or out.read_bytes().count(b"\n") < n:
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < give_up, f"the batch never wrote {n} rows"
+        time.sleep(0.02)
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def unaccounted(sim: SimProcess, out: Path) -> float:
+    """Dollars the server charged that no row of `out` accounts for (queries running)."""
+    in_rows = sum(r["cost_usd"] for r in read_rows_tolerant(out)) if out.exists() else 0.0
+    return priced(sim.read_log().entries, PRICES) - in_rows
+
+
+class TestCrashUnderCap:
+    def test_spend_of_queries_cut_off_by_a_crash_counts_against_the_resumed_cap(self, tmp_path: Path) -> None:
+        """A capped batch killed with SIGKILL while queries run, then rerun with the same
+        cap, output and journal: what the server charged over both runs stays under the
+        cap. The rerun replays the cut-off queries' calls for free, and its cap counts
+        what they cost in the first run (from the spend log beside the output) as well as
+        the finished rows."""
+        items = workloads(60)
+        source = write_input(tmp_path / "in.jsonl", items)
+        out = tmp_path / "out.jsonl"
+        cap = 0.25
+        with SimProcess(sim_config(chunks=8), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            command = cli_command(
+                *batch_args(source, out, config, "--budget-usd", str(cap), "--concurrency", "16"),
+                "--journal",
+                str(tmp_path / "batch.journal"),
+            )
+            run1_log = tmp_path / "run1.log"
+            with run1_log.open("wb") as log1:
+                first = subprocess.Popen(command, stdout=log1, stderr=log1, start_new_session=True)
+                try:
+                    # Kill while the queries that run have been charged more than a resumed
+                    # batch leaves unspent under its cap (about $0.02 here): counting only the
+                    # finished rows, the rerun would then cross the cap.
+                    give_up = time.monotonic() + 120
+                    while unaccounted(sim, out) < 0.025:
+                        assert first.poll() is None and time.monotonic() < give_up, run1_log.read_text()
+                        time.sleep(0.005)
+                finally:
+                    kill_group(first)
+            assert first.returncode == -signal.SIGKILL
+            sim.wait_until_idle()
+            run1 = sim.read_log().entries
+            rows1 = read_rows_tolerant(out)
+            in_rows1 = sum(r["cost_usd"] for r in rows1)
+            # The kill cut queries off: the server charged more than the finished rows say.
+            assert priced(run1, PRICES) > in_rows1 + 1e-9
+
+            second = subprocess.run(command, capture_output=True, text=True, timeout=170)
+            sim.wait_until_idle()
+            both = sim.read_log().entries
+        assert second.returncode == 3, second.stderr  # the cap left queries not started
+        rows = read_rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(items)
+        statuses = Counter(r["status"] for r in rows)
+        assert statuses["not_started"] > 0 and set(statuses) == {"ok", "not_started"}
+        assert all(items[r["id"]].score(r["answer"]) for r in rows if r["status"] == "ok")
+        assert priced(both, PRICES) <= cap
+        # The queries cut off by the kill took their paid calls from the journal.
+        assert sum(r["usage"]["journal_hits"] for r in rows) > 0
