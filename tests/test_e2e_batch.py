@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,7 +22,17 @@ from conftest import bwrap_works
 
 from rlm_async._governor import ModelPrice
 from rlm_async.cli import main as cli_main
-from rlm_async.sim import Faults, LogEntry, Policies, PolicySpec, SimConfig, SimProcess, priced
+from rlm_async.sim import (
+    Faults,
+    KindLatency,
+    LatencyModel,
+    LogEntry,
+    Policies,
+    PolicySpec,
+    SimConfig,
+    SimProcess,
+    priced,
+)
 from rlm_async.workloads import Workload, oolong_counting, s_niah
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -354,4 +365,141 @@ class TestCrashUnderCap:
         assert all(items[r["id"]].score(r["answer"]) for r in rows if r["status"] == "ok")
         assert priced(both, PRICES) <= cap
         # The queries cut off by the kill took their paid calls from the journal.
+        assert sum(r["usage"]["journal_hits"] for r in rows) > 0
+
+
+def journal_rows(path: Path) -> int:
+    """Rows committed to the journal file (read by another process, as the WAL allows)."""
+    if not path.exists():
+        return 0
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        try:
+            return int(db.execute("SELECT count(*) FROM responses").fetchone()[0])
+        except sqlite3.OperationalError:  # the table is not created yet
+            return 0
+
+
+def served_bodies(entries: list[LogEntry]) -> set[str | None]:
+    return {e.body_sha256 for e in entries if e.status == 200}
+
+
+class TestCtrlC:
+    def test_a_first_ctrl_c_stops_starting_queries_and_lets_running_ones_finish(self, tmp_path: Path) -> None:
+        """Ctrl-C (SIGINT to the batch's process group, as a terminal sends it) once rows
+        are being written: no query starts after it, the running ones finish and write
+        their rows, the exit code is 130, and every request the server answered belongs to
+        a written row. A rerun with the same output and journal finishes the rest and sends
+        none of the first run's requests again."""
+        items = workloads(60)
+        source = write_input(tmp_path / "in.jsonl", items)
+        out = tmp_path / "out.jsonl"
+        journal = tmp_path / "batch.journal"
+        concurrency = 8
+        # Each request takes 0.1 s at the server, so queries are mid-flight at the signal.
+        latency = LatencyModel(root=KindLatency(ttft_s=0.1), sub=KindLatency(ttft_s=0.1))
+        with SimProcess(sim_config(latency=latency), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            command = cli_command(
+                *batch_args(source, out, config, "--concurrency", str(concurrency), "--json"),
+                "--journal",
+                str(journal),
+            )
+            run1_log, run1_out = tmp_path / "run1.log", tmp_path / "run1.json"
+            with run1_log.open("wb") as log1, run1_out.open("wb") as stdout1:
+                first = subprocess.Popen(command, stdout=stdout1, stderr=log1, start_new_session=True)
+                try:
+                    wait_for_rows(out, 8, first, run1_log)
+                    rows_at_signal = out.read_bytes().count(b"\n")
+                    signalled_at = time.monotonic()
+                    os.killpg(first.pid, signal.SIGINT)
+                    first.wait(timeout=120)
+                finally:
+                    kill_group(first)
+            assert first.returncode == 130, run1_log.read_text()
+            sim.wait_until_idle()
+            run1 = sim.read_log().entries
+            rows1 = read_rows(out)  # every line complete
+            # Running queries went on after the signal, and finished: every request the
+            # server answered is counted in a row, so no query was left half-done.
+            assert any(e.arrival > signalled_at for e in run1)
+            assert sum(r["usage"]["calls"] for r in rows1) == len(run1) == len(served_bodies(run1))
+            # None started after it: at most the `concurrency` running ones added rows.
+            assert rows_at_signal <= len(rows1) <= rows_at_signal + concurrency < len(items)
+            assert {r["status"] for r in rows1} == {"ok"}
+            summary1 = json.loads(run1_out.read_text())
+            assert summary1["interrupted"] is True and summary1["exit_code"] == 130
+
+            second = subprocess.run(command, capture_output=True, text=True, timeout=170)
+            assert second.returncode == 0, second.stderr
+            run2 = sim.read_log().entries[len(run1) :]
+        rows = read_rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(items)
+        assert all(items[r["id"]].score(r["answer"]) for r in rows)
+        assert served_bodies(run1) & {e.body_sha256 for e in run2} == set()
+
+    def test_a_second_ctrl_c_cancels_running_queries_whose_paid_calls_are_all_journaled(
+        self, tmp_path: Path
+    ) -> None:
+        """Two Ctrl-Cs while queries wait on the server: the running queries are cancelled
+        (the server sees their requests abandoned), they get no row, the exit code is 130,
+        and the journal holds every call the server answered. A rerun against a healthy
+        server completes every row, sending none of those calls again."""
+        items = workloads(40)
+        source = write_input(tmp_path / "in.jsonl", items)
+        out = tmp_path / "out.jsonl"
+        journal = tmp_path / "batch.journal"
+        answered = 40
+        # The first 40 requests are answered at once; every later one hangs (10 minutes),
+        # so the queries running at the signals are waiting on the server.
+        hang = Faults(script=("ok",) * answered, slow=1.0, slow_extra_s=600.0)
+        with SimProcess(sim_config(faults=hang), log_path=tmp_path / "requests1.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            command = cli_command(
+                *batch_args(source, out, config, "--concurrency", "4"), "--journal", str(journal)
+            )
+            run1_log = tmp_path / "run1.log"
+            with run1_log.open("wb") as log1:
+                first = subprocess.Popen(command, stdout=log1, stderr=log1, start_new_session=True)
+                try:
+                    give_up = time.monotonic() + 120
+                    while journal_rows(journal) < answered:  # every answered call journaled
+                        assert first.poll() is None and time.monotonic() < give_up, run1_log.read_text()
+                        time.sleep(0.02)
+                    rows_at_signal = len(read_rows(out)) if out.exists() else 0
+                    os.killpg(first.pid, signal.SIGINT)
+                    # A second signal sent before the first was handled would merge with it
+                    # (POSIX does not queue them): wait for the batch to say it is stopping.
+                    while b"Ctrl-C again to cancel" not in run1_log.read_bytes():
+                        assert first.poll() is None and time.monotonic() < give_up, run1_log.read_text()
+                        time.sleep(0.02)
+                    os.killpg(first.pid, signal.SIGINT)
+                    first.wait(timeout=60)
+                finally:
+                    kill_group(first)
+            assert first.returncode == 130, run1_log.read_text()
+            sim.wait_until_idle()
+            run1 = sim.read_log().entries
+        outcomes = Counter(e.outcome for e in run1)
+        assert outcomes["ok"] == answered and outcomes["cancelled"] > 0  # abandoned, not answered
+        assert journal_rows(journal) == answered
+        rows1 = read_rows(out) if out.exists() else []
+        # The cancelled queries got no row: the rows are finished queries' (those whose
+        # last call was answered before the signals), and fewer than the inputs.
+        assert rows_at_signal <= len(rows1) < len(items)
+        assert {r["status"] for r in rows1} <= {"ok"}
+        assert sum(r["usage"]["calls"] for r in rows1) <= answered
+
+        with SimProcess(sim_config(), log_path=tmp_path / "requests2.jsonl") as healthy:
+            assert healthy.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", healthy.base_url)
+            second = subprocess.run(command, capture_output=True, text=True, timeout=170)
+            assert second.returncode == 0, second.stderr
+            healthy.wait_until_idle()
+            run2 = healthy.read_log().entries
+        rows = read_rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(items)
+        assert all(items[r["id"]].score(r["answer"]) for r in rows)
+        assert served_bodies(run1) & {e.body_sha256 for e in run2} == set()
         assert sum(r["usage"]["journal_hits"] for r in rows) > 0

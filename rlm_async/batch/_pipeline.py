@@ -84,7 +84,7 @@ async def run_file(
         sinks = (*((progress,) if progress is not None else ()), *extra_sinks)
         async with anyio.create_task_group() as tg:
             if handle_sigint:
-                tg.start_soon(_watch_sigint, control)
+                tg.start_soon(_watch_sigint, control, progress)
             rows = rlm.abatch(
                 todo(), concurrency=concurrency, budget=budget, control=control, event_sinks=sinks
             )
@@ -107,10 +107,13 @@ async def run_file(
             spend.close()
 
 
-async def _watch_sigint(control: BatchControl) -> None:
+async def _watch_sigint(control: BatchControl, progress: BatchProgress | None) -> None:
     with anyio.open_signal_receiver(signal.SIGINT) as signals:
         async for _ in signals:
-            if control.stopping:
+            cancelling = control.stopping
+            if progress is not None:
+                progress.interrupted(cancelling=cancelling)
+            if cancelling:
                 control.cancel()
                 return
             control.stop()
