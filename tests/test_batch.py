@@ -291,3 +291,58 @@ class TestPythonAPI:
                     control.stop()
                 # The query started when the first slot freed finishes; the third never starts.
                 assert len(seen) == 2
+
+
+class TestProgress:
+    @pytest.mark.e2e
+    @pytest.mark.asyncio
+    async def test_a_terminal_shows_the_live_line_and_a_pipe_gets_nothing(self, tmp_path: Path) -> None:
+        """On a terminal the live line shows queries done and running, dollars against the
+        cap, calls in flight and an ETA, and its counters end at every row done, nothing
+        running and no call in flight; off a terminal nothing is drawn."""
+        import io
+
+        from conftest import open_sim, sim_config
+        from rich.console import Console
+
+        from rlm_async._rlm import RLM
+        from rlm_async.batch import BatchProgress, run_file
+        from rlm_async.sim import Policies, PolicySpec, SimConfig
+        from rlm_async.workloads import s_niah
+
+        source = tmp_path / "in.jsonl"
+        source.write_text(
+            "".join(
+                json.dumps({"id": i, "query": w.query, "context": w.context}) + "\n"
+                for i, w in enumerate(s_niah("1k", seed=i) for i in range(4))
+            ),
+            encoding="utf-8",
+        )
+        screens = {"terminal": io.StringIO(), "pipe": io.StringIO()}
+        async with open_sim(
+            SimConfig(policies=Policies(root=PolicySpec(name="rlm", options={"chunks": 2})))
+        ) as sim:
+            for name, screen in screens.items():
+                console = Console(file=screen, force_terminal=name == "terminal", width=200)
+                with BatchProgress(total=0, console=console, refresh_per_second=50) as progress:
+                    async with RLM(
+                        config=sim_config(sim, root_overrides={"prices": PRICE}, sub_overrides={"prices": PRICE})
+                    ) as rlm:
+                        summary = await run_file(
+                            rlm,
+                            source,
+                            tmp_path / f"{name}.jsonl",
+                            concurrency=2,
+                            budget=BudgetLimits(max_usd=5.0),
+                            progress=progress,
+                        )
+                    snap = progress.snapshot()
+                    assert progress.enabled is (name == "terminal")
+                    final = progress.render().plain
+                assert summary.by_status == {"ok": 4}
+                assert (snap.done, snap.running, snap.calls_in_flight, snap.total) == (4, 0, 0, 4)
+                assert snap.cap_usd == 5.0 and snap.spent_usd == pytest.approx(summary.cost_usd)
+                assert final.startswith("queries 4/4 done, 0 failed, 0 running") and "of $5.00" in final
+        drawn = screens["terminal"].getvalue()
+        assert "queries 4/4 done" in drawn and "calls in flight" in drawn and "ETA" in drawn
+        assert screens["pipe"].getvalue() == ""

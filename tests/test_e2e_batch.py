@@ -503,3 +503,49 @@ class TestCtrlC:
         assert all(items[r["id"]].score(r["answer"]) for r in rows)
         assert served_bodies(run1) & {e.body_sha256 for e in run2} == set()
         assert sum(r["usage"]["journal_hits"] for r in rows) > 0
+
+
+class TestBadInput:
+    def test_bad_lines_become_rows_naming_the_line_and_the_rest_is_answered(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A line that is not JSON, a missing context file, a context file that is not
+        UTF-8 and a context over --max-context-chars each get an `invalid` row naming its
+        line and the problem; the good lines around them are answered, the server sees
+        requests for them only, and the exit code is 1."""
+        good = {f"g{i}": s_niah("1k", seed=i) for i in range(3)}
+        big = s_niah("4k", seed=9)
+        limit = max(len(w.context) for w in good.values()) + 1
+        (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+        lines = [
+            json.dumps({"id": "g0", "query": good["g0"].query, "context": good["g0"].context}),
+            '{"id": "broken", "query": ',
+            json.dumps({"id": "gone", "query": "q?", "context_file": "nope.txt"}),
+            json.dumps({"id": "g1", "query": good["g1"].query, "context": good["g1"].context}),
+            json.dumps({"id": "latin", "query": "q?", "context_file": "latin1.txt"}),
+            json.dumps({"id": "big", "query": big.query, "context": big.context}),
+            json.dumps({"id": "g2", "query": good["g2"].query, "context": good["g2"].context}),
+        ]
+        source = tmp_path / "in.jsonl"
+        source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        out = tmp_path / "out.jsonl"
+        with SimProcess(sim_config(), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            code = cli_main(
+                batch_args(source, out, config, "--max-context-chars", str(limit), "--json", "--concurrency", "2")
+            )
+            sim.wait_until_idle()
+            log = sim.read_log().entries
+        summary = json.loads(capsys.readouterr().out)
+        rows = {r["line"]: r for r in read_rows(out)}
+        assert sorted(rows) == list(range(1, len(lines) + 1))  # one row per line
+        problems = {2: "not valid JSON", 3: "nope.txt", 5: "UTF-8", 6: f"{limit:,}"}
+        for line, words in problems.items():
+            row = rows[line]
+            assert row["status"] == "invalid" and row["error"].startswith(f"line {line}: "), row
+            assert words in row["error"], row
+        answered = [rows[n] for n in (1, 4, 7)]
+        assert all(r["status"] == "ok" and good[r["id"]].score(r["answer"]) for r in answered)
+        assert sum(r["usage"]["calls"] for r in answered) == len(log)  # nothing sent for bad lines
+        assert code == 1 and summary["exit_code"] == 1 and summary["by_status"] == {"ok": 3, "invalid": 4}
