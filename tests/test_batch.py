@@ -307,6 +307,7 @@ class TestProgress:
 
         from rlm_async._rlm import RLM
         from rlm_async.batch import BatchProgress, run_file
+        from rlm_async.batch._progress import render_batch
         from rlm_async.sim import Policies, PolicySpec, SimConfig
         from rlm_async.workloads import s_niah
 
@@ -338,7 +339,7 @@ class TestProgress:
                         )
                     snap = progress.snapshot()
                     assert progress.enabled is (name == "terminal")
-                    final = progress.render().plain
+                    final = render_batch(snap).plain
                 assert summary.by_status == {"ok": 4}
                 assert (snap.done, snap.running, snap.calls_in_flight, snap.total) == (4, 0, 0, 4)
                 assert snap.cap_usd == 5.0 and snap.spent_usd == pytest.approx(summary.cost_usd)
