@@ -18,7 +18,10 @@ than what was reserved (the estimator is an upper bound, see `_estimate.py`), sp
 logs it: the bill is what it is. Everything here is synchronous and safe under cancellation.
 
 The ledger enforces caps; it is not a second set of books. Per-model and per-depth figures
-come from the call records (`RLMResult.by_model`, `by_depth`), not from here.
+come from the call records (`RLMResult.by_model`, `by_depth`), not from here. A ledger may
+persist its own books through a `LedgerLog` (the batch's spend log): told of every
+reservation before the call can be sent, and of every settlement, so a process killed
+mid-call leaves a record of what it had committed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from typing import Protocol
 
 import structlog
 
@@ -35,7 +39,7 @@ from .._types import Usage
 from ..exceptions import BudgetExceeded, ConfigError
 from ._clock import Clock
 
-__all__ = ["BudgetLedger", "BudgetLimits", "Charge", "Reservation", "Room"]
+__all__ = ["BudgetLedger", "BudgetLimits", "Charge", "LedgerLog", "Reservation", "Room"]
 
 _log = structlog.get_logger("rlm_async.governor")
 
@@ -160,6 +164,17 @@ class Room:
     """cap - committed, never below 0."""
 
 
+class LedgerLog(Protocol):
+    """Persists one ledger's books as they change. Called synchronously, so a record is
+    written before the reserved call can be sent."""
+
+    def reserved(self, charge: Charge) -> None:
+        """`charge` is about to be reserved; raising refuses the reservation (nothing sent)."""
+
+    def settled(self, held: Charge, spent: Charge) -> None:
+        """A reservation of `held` was replaced by `spent` (zero: released unsent)."""
+
+
 class Reservation:
     """A reservation made by `BudgetLedger.reserve`; settle or release it exactly once."""
 
@@ -184,10 +199,13 @@ class BudgetLedger:
         parent: BudgetLedger | None = None,
         name: str = "",
         clock: Clock = time.monotonic,
+        log: LedgerLog | None = None,
     ) -> None:
         self.limits = limits or BudgetLimits()
         self.parent = parent
         self.name = name
+        self.log = log
+        """Told of every reservation and settlement in this ledger (see `LedgerLog`)."""
         """Prefixes limit names in errors ("process.usd"); empty for a query's ledger."""
         self._clock = clock
         self.started_at = clock()
@@ -248,6 +266,9 @@ class BudgetLedger:
                     )
                     raise exc
         for ledger in self.chain():
+            if ledger.log is not None:
+                ledger.log.reserved(charge)  # may raise: then nothing is reserved or sent
+        for ledger in self.chain():
             ledger._reserved += charge
             ledger._note_peak()
         emit(
@@ -271,6 +292,8 @@ class BudgetLedger:
         for ledger in self.chain():
             ledger._reserved -= reservation.charge
             ledger._spent += actual
+            if ledger.log is not None:
+                ledger.log.settled(reservation.charge, actual)
             for dim, cap in ledger._caps.items():
                 if ledger._spent.dim(dim) > cap:
                     overrun.append(

@@ -100,6 +100,18 @@ class BatchProgress:
             with self._lock:
                 self._in_flight -= 1
 
+    def interrupted(self, *, cancelling: bool) -> None:
+        """Say on the console what a Ctrl-C does (even when quiet: the user asked)."""
+        running = self.snapshot().running
+        if cancelling:
+            line = f"Ctrl-C again: cancelling the {running:,} running queries; rerun the same command to finish"
+        else:
+            line = (
+                f"Ctrl-C: no more queries start; the {running:,} running finish and write their rows. "
+                "Ctrl-C again to cancel them."
+            )
+        self.console.print(line, style="yellow", highlight=False, soft_wrap=True)
+
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> BatchSnapshot:
         budget = self._budget
