@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from aiohttp.abc import AbstractStreamWriter
 
 from ._descriptors import connection_budget
 from ._text import decode_utf8, scrub
@@ -203,8 +204,37 @@ def _body(request: ModelRequest) -> dict[str, Any]:
 def encode_body(request: ModelRequest) -> bytes:
     """The request's JSON body, UTF-8 (orjson: several times faster than `json` on the
     10-50 KB bodies of a fan-out). `_body` has already replaced lone surrogates, which
-    orjson refuses."""
-    return orjson.dumps(_body(request))
+    orjson refuses.
+
+    Copied once into a bytes object of its exact size: orjson returns its growing output
+    buffer as it is, about ten times the body (measured: 662 KB held for a 46 KB body),
+    and the body stays alive until its response has been read, so a fan-out of 5,000 held
+    gigabytes of address space and over 100 MB more of resident memory. The copy costs
+    about 6 microseconds for 46 KB."""
+    return bytes(memoryview(orjson.dumps(_body(request))))
+
+
+class _SentOnce(aiohttp.BytesPayload):
+    """A request body that lets go of its bytes once they are written to the connection.
+
+    aiohttp keeps a request's payload until the response has been read; in a fan-out of
+    thousands, every body would stay alive for its request's whole latency (63 MB at 5,000
+    sub-calls of 2K tokens), beside the prompts they were made from. Written once, the
+    bytes are in the kernel's socket buffer (or the transport's own) and no longer needed
+    here. Writing it a second time is a bug (aiohttp replays bodies only for redirects,
+    which `OpenAITransport` does not follow), so it raises."""
+
+    def __init__(self, value: bytes) -> None:
+        super().__init__(value, content_type="application/json")
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        value, self._value = self._value, b""
+        if not value and self._size:
+            raise RuntimeError("a request body was written twice")
+        await writer.write(value if content_length is None else value[:content_length])
 
 
 class OpenAITransport(Transport):
@@ -263,10 +293,12 @@ class OpenAITransport(Transport):
         return self._session
 
     async def complete(self, request: ModelRequest) -> Completion:
-        content = encode_body(request)
+        body = _SentOnce(encode_body(request))
         session = self._session or self._open()
         try:
-            async with session.post(self._url, data=content) as response:
+            # No redirects: a body sent once cannot be replayed (see `_SentOnce`), and a
+            # redirected API call is a misconfigured base_url, said so below.
+            async with session.post(self._url, data=body, allow_redirects=False) as response:
                 raw = await response.read()
                 status, headers = response.status, response.headers
         except TimeoutError:  # aiohttp's own timeouts derive from it too
@@ -279,6 +311,12 @@ class OpenAITransport(Transport):
             raise ConnectionFailed(
                 f"connection to {self.endpoint} failed: {type(exc).__name__}: {exc}"
             ) from None
+        if 300 <= status < 400:
+            raise BadRequest(
+                f"{self.endpoint} answered {status}, a redirect to {headers.get('location', 'nowhere')!r}; "
+                "set base_url to the address the server names",
+                status_code=status,
+            )
         if status >= 400:
             raise _status_error(
                 status,
