@@ -96,6 +96,18 @@ class Usage:
             journal_hits=self.journal_hits + other.journal_hits,
         )
 
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens - other.prompt_tokens,
+            self.completion_tokens - other.completion_tokens,
+            self.cached_tokens - other.cached_tokens,
+            cost_usd=self.cost_usd - other.cost_usd,
+            calls=self.calls - other.calls,
+            failed_calls=self.failed_calls - other.failed_calls,
+            refused_calls=self.refused_calls - other.refused_calls,
+            journal_hits=self.journal_hits - other.journal_hits,
+        )
+
     def __neg__(self) -> Usage:
         return Usage(
             -self.prompt_tokens,

@@ -123,7 +123,7 @@ class Charge:
         return Charge(self.usage + other.usage, self.usd + other.usd)
 
     def __sub__(self, other: Charge) -> Charge:
-        return Charge(self.usage + -other.usage, self.usd - other.usd)
+        return Charge(self.usage - other.usage, self.usd - other.usd)
 
     def dim(self, dim: str) -> Decimal | int:
         """The amount a cap named `dim` ("usd", "input_tokens", ...) counts."""
@@ -300,10 +300,19 @@ class BudgetLedger:
                         f"{ledger._label(dim)} {float(ledger._spent.dim(dim)):g} > cap {float(cap):g}"
                     )
         over_reserved = []
-        for dim in _DIMS:
-            used, held = actual.dim(dim), reservation.charge.dim(dim)
-            if used > held:
-                over_reserved.append(f"{dim} {float(used):g} > reserved {float(held):g}")
+        held, used_usage, held_usage = reservation.charge, actual.usage, reservation.charge.usage
+        # The common case (within the reservation) in a few comparisons; dims named only
+        # when one was crossed. Runs once per call, 5,000 times in a wide fan-out.
+        if (
+            actual.usd > held.usd
+            or used_usage.prompt_tokens > held_usage.prompt_tokens
+            or used_usage.completion_tokens > held_usage.completion_tokens
+            or used_usage.calls > held_usage.calls
+        ):
+            for dim in _DIMS:
+                used, reserved = actual.dim(dim), held.dim(dim)
+                if used > reserved:
+                    over_reserved.append(f"{dim} {float(used):g} > reserved {float(reserved):g}")
         if over_reserved:
             for ledger in self.chain():
                 ledger.overruns += 1
