@@ -207,6 +207,15 @@ class RLMConfig:
     completion_order: bool = False
     """Tell the root model about `llm_batch_as_completed(prompts)`, which yields
     `(index, answer)` as each sub-call finishes (the REPL has it either way)."""
+    compaction: bool = False
+    """Summarise the root conversation when it reaches `compaction_threshold_pct` of the root
+    model's context window; every turn (and each summary) stays in the REPL list `history`.
+    The system prompt and the first user message are kept as they are, so the prefix a
+    provider has cached still matches (docs/sessions.md)."""
+    compaction_threshold_pct: float = 0.85
+    """The share of the root model's context window (configured, else reported by the server,
+    else 128,000 tokens as the official package assumes) at which the conversation is
+    summarised."""
 
     def __post_init__(self) -> None:
         if self.max_depth < 1:
@@ -215,6 +224,11 @@ class RLMConfig:
             )
         if self.max_iterations < 1:
             raise ConfigError(f"max_iterations is {self.max_iterations}; it must be at least 1")
+        if not 0 < self.compaction_threshold_pct <= 1:
+            raise ConfigError(
+                f"compaction_threshold_pct is {self.compaction_threshold_pct}; use a share of the context "
+                "window above 0 and at most 1 (0.85 = summarise at 85%)"
+            )
         if self.output_limit_chars < 100:
             raise ConfigError(f"output_limit_chars is {self.output_limit_chars}; use at least 100")
         if self.turn_timeout_s is not None and not self.turn_timeout_s > 0:

@@ -71,6 +71,7 @@ __all__ = [
     "QueryFinish",
     "QueryStart",
     "RateLimitPause",
+    "RootCompacted",
     "SandboxReducedIsolation",
     "ServerDetected",
     "SubcallsRefused",
@@ -507,6 +508,24 @@ class ServerDetected(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RootCompacted(Event):
+    """The root conversation reached its share of the context window and was summarised
+    (`RLMConfig.compaction`); the full history stays in the REPL list `history`."""
+
+    kind: ClassVar[str] = "root.compacted"
+    count: int
+    """Compactions so far in this call (1 for the first)."""
+    tokens: int
+    """The conversation's estimated prompt tokens when it was summarised."""
+    threshold_tokens: int
+    context_window: int
+    window_source: str
+    """"configured", "detected", "server error", or "default" (128,000, as officially)."""
+    messages_before: int
+    messages_after: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class JournalHit(Event):
     """A call was answered without sending: from the journal, or by an identical call in flight."""
 
@@ -573,6 +592,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         BudgetSettle,
         WarmupDecision,
         ServerDetected,
+        RootCompacted,
         JournalHit,
         SubcallsRefused,
         UsageEstimated,

@@ -14,28 +14,35 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 
 from . import _events
 from ._config import ModelConfig, RLMConfig
 from ._context import Context, validate_context
 from ._engine import Engine
+from ._engine.session import SessionState
 from ._engine.slots import shared_slots
 from ._governor import BudgetLedger, BudgetLimits, Governor, PriceTable
 from ._journal import Journal
 from ._result import RLMResult
+from ._session import Session
 from .exceptions import ConfigError
+from .logger import RLMLogger, RLMMetadata
 from .transport import OpenAITransport, Transport, require_api_key
 
 if TYPE_CHECKING:
     from .batch import BatchControl, BatchItem, BatchRow, InvalidItem
 
 __all__ = ["RLM"]
+
+T = TypeVar("T")
 
 _SUPPORTED_BACKENDS = ("openai", "vllm", "sglang", "llamacpp", "ollama", "openai_compatible")
 
@@ -72,17 +79,13 @@ def _model_from_kwargs(
     return ModelConfig(model=name, **kw), api_key
 
 
-def _refuse_unsupported(
-    unsupported: dict[str, Any], *, persistent: bool, environment: str, depth: int
-) -> None:
+def _refuse_unsupported(unsupported: dict[str, Any], *, environment: str, depth: int) -> None:
     """Official arguments rlm_async does not support (yet) are refused, naming what to do."""
     if unsupported:
         raise ConfigError(
             f"RLM() got unsupported argument(s) {sorted(unsupported)}; rlm_async supports the official "
             "package's core arguments plus config=, governor=, transport=, event_sinks="
         )
-    if persistent:
-        raise ConfigError("persistent=True is not supported yet; create one RLM per conversation turn")
     if environment not in ("local", "sandbox"):
         raise ConfigError(
             f"environment {environment!r} is not supported; rlm_async runs every REPL in its own "
@@ -110,8 +113,11 @@ class RLM:
         custom_system_prompt: str | None = None,
         other_backends: Sequence[str] | None = None,
         other_backend_kwargs: Sequence[dict[str, Any]] | None = None,
+        logger: RLMLogger | None = None,
         verbose: bool = False,
         persistent: bool = False,
+        compaction: bool = False,
+        compaction_threshold_pct: float = 0.85,
         on_subcall_start: Callable[[int, str, str], None] | None = None,
         on_subcall_complete: Callable[[int, str, float, str | None], None] | None = None,
         on_iteration_start: Callable[[int, int], None] | None = None,
@@ -123,8 +129,13 @@ class RLM:
         event_sinks: Sequence[_events.EventSink] = (),
         **unsupported: Any,
     ) -> None:
-        _refuse_unsupported(unsupported, persistent=persistent, environment=environment, depth=depth)
+        _refuse_unsupported(unsupported, environment=environment, depth=depth)
         self._api_keys: dict[str, str] = {}
+        if config is not None and (compaction or compaction_threshold_pct != 0.85):
+            raise ConfigError(
+                "pass compaction either in config=RLMConfig(compaction=..., compaction_threshold_pct=...) "
+                "or as RLM arguments, not both"
+            )
         if config is None:
             config = self._config_from_official(
                 backend,
@@ -135,6 +146,8 @@ class RLM:
                 max_iterations=max_iterations,
                 system_prompt=custom_system_prompt,
                 budget=BudgetLimits(max_usd=max_budget, max_total_tokens=max_tokens, max_seconds=max_timeout),
+                compaction=compaction,
+                compaction_threshold_pct=compaction_threshold_pct,
             )
         elif backend_kwargs or other_backends:
             raise ConfigError("pass either config= or backend_kwargs/other_backends, not both")
@@ -148,8 +161,17 @@ class RLM:
 
             self._sinks.append(OfficialCallbacks(*hooks))
         self.verbose = verbose
+        self.persistent = persistent
+        """One REPL across `completion` calls (the official flag): see `session()`."""
+        self.logger = logger
         self._engines: dict[object, Engine] = {}
+        self._sessions: dict[object, Session] = {}
+        self._portal: _Portal | None = None
         self._refuse_misuse()
+        if logger is not None:  # as officially: the run's metadata first, at construction
+            logger.log_metadata(
+                _log_metadata(backend, backend_kwargs, environment, environment_kwargs, other_backends, self.config)
+            )
 
     def _config_from_official(
         self,
@@ -162,6 +184,8 @@ class RLM:
         max_iterations: int,
         system_prompt: str | None,
         budget: BudgetLimits,
+        compaction: bool,
+        compaction_threshold_pct: float,
     ) -> RLMConfig:
         """The native configuration for the official constructor's arguments; API keys
         given inline are kept apart (`self._api_keys`), never in the config."""
@@ -186,6 +210,8 @@ class RLM:
             max_iterations=max_iterations,
             system_prompt=system_prompt,
             budget=budget,
+            compaction=compaction,
+            compaction_threshold_pct=compaction_threshold_pct,
         )
 
     def _refuse_misuse(self) -> None:
@@ -244,8 +270,13 @@ class RLM:
         return engine
 
     async def aclose(self) -> None:
-        """Close connection pools and the journal held for the current event loop."""
-        engine = self._engines.pop(anyio.lowlevel.current_token(), None)
+        """Close the persistent session (its worker), connection pools and the journal held
+        for the current event loop."""
+        loop = anyio.lowlevel.current_token()
+        session = self._sessions.pop(loop, None)
+        if session is not None:
+            await session.aclose()
+        engine = self._engines.pop(loop, None)
         if engine is not None:
             await engine.aclose()
             if engine.journal is not None:
@@ -258,6 +289,11 @@ class RLM:
         await self.aclose()
 
     # ------------------------------------------------------------------ the API
+    def session(self) -> Session:
+        """A persistent REPL across calls: `async with rlm.session() as s: await
+        s.completion(...)`. Leaving the block kills its worker (see `rlm_async.Session`)."""
+        return Session(self)
+
     async def acompletion(
         self,
         prompt: Context,
@@ -273,7 +309,39 @@ class RLM:
 
         `max_depth` and `budget` replace the configured ones for this query only (a service
         bounds them per request); `ledger_parent` puts the query's ledger under another
-        ledger of this RLM's governor (a tenant's budget) instead of the process ledger."""
+        ledger of this RLM's governor (a tenant's budget) instead of the process ledger.
+        With `persistent=True`, calls go to this event loop's session, one at a time."""
+        if self.persistent:
+            loop = anyio.lowlevel.current_token()
+            session = self._sessions.get(loop)
+            if session is None:
+                session = self._sessions[loop] = self.session()
+            state = await session._open()
+            async with state.busy:
+                return await self._run(
+                    prompt,
+                    root_prompt,
+                    event_sinks=event_sinks,
+                    max_depth=max_depth,
+                    budget=budget,
+                    ledger_parent=ledger_parent,
+                    session=state,
+                )
+        return await self._run(
+            prompt, root_prompt, event_sinks=event_sinks, max_depth=max_depth, budget=budget, ledger_parent=ledger_parent
+        )
+
+    async def _run(
+        self,
+        prompt: Context,
+        root_prompt: str | None,
+        *,
+        event_sinks: Sequence[_events.EventSink] = (),
+        max_depth: int | None = None,
+        budget: BudgetLimits | None = None,
+        ledger_parent: BudgetLedger | None = None,
+        session: SessionState | None = None,
+    ) -> RLMResult:
         context = validate_context(prompt)
         engine = await self._engine()
         changes: dict[str, Any] = {}
@@ -283,18 +351,25 @@ class RLM:
             changes["budget"] = budget
         if changes:
             engine = engine.with_config(dataclasses.replace(self.config, **changes))
+        if self.logger is not None:
+            self.logger.clear_iterations()  # as officially: a trajectory per completion
         sinks = (*self._sinks, *event_sinks)
         query_id = f"q{next(_query_ids)}"
+        run = functools.partial(
+            engine.run,
+            context,
+            root_prompt,
+            query_id=query_id,
+            ledger_parent=ledger_parent,
+            session=session,
+            logger=self.logger,
+        )
         if not self.verbose:
-            return await engine.run(
-                context, root_prompt, sinks=sinks, query_id=query_id, ledger_parent=ledger_parent
-            )
+            return await run(sinks=sinks)
         from ._progress import LiveProgress  # verbose=True: the official flag shows live progress
 
         with LiveProgress() as progress:
-            return await engine.run(
-                context, root_prompt, sinks=(*sinks, progress), query_id=query_id, ledger_parent=ledger_parent
-            )
+            return await run(sinks=(*sinks, progress))
 
     async def abatch(
         self,
@@ -344,7 +419,9 @@ class RLM:
         return anyio.run(run)
 
     def completion(self, prompt: Context, root_prompt: str | None = None) -> RLMResult:
-        """Synchronous `acompletion`: runs its own event loop, then closes what it opened."""
+        """Synchronous `acompletion`: runs its own event loop, then closes what it opened.
+        With `persistent=True` the loop is a background thread's, kept (with the session's
+        worker) until `close()`."""
 
         async def run() -> RLMResult:
             try:
@@ -361,6 +438,10 @@ class RLM:
             pass  # no asyncio loop in this thread: the normal case
         else:
             raise inside_loop
+        if self.persistent:
+            if self._portal is None:
+                self._portal = _Portal()
+            return self._portal.call(self.acompletion, prompt, root_prompt)
         try:
             return anyio.run(run)
         except RuntimeError as exc:
@@ -368,6 +449,63 @@ class RLM:
             if "already running" in str(exc).lower():
                 raise inside_loop from None
             raise
+
+
+    def close(self) -> None:
+        """End what synchronous `completion` calls kept open (with `persistent=True`, the
+        session's worker and its event loop's thread). Idempotent; the official method."""
+        portal, self._portal = self._portal, None
+        if portal is not None:
+            portal.close(self.aclose)
+
+    def __enter__(self) -> RLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Portal:
+    """An event loop in a thread of its own, for synchronous calls of a persistent RLM: its
+    worker (a process the loop owns) outlives each call, so the loop must too."""
+
+    def __init__(self) -> None:
+        self._cm = anyio.from_thread.start_blocking_portal()
+        self._portal = self._cm.__enter__()
+
+    def call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return self._portal.call(func, *args)
+
+    def close(self, aclose: Callable[[], Awaitable[None]]) -> None:
+        try:
+            self._portal.call(aclose)
+        finally:
+            self._cm.__exit__(None, None, None)
+
+
+def _log_metadata(
+    backend: str,
+    backend_kwargs: dict[str, Any] | None,
+    environment: str,
+    environment_kwargs: dict[str, Any] | None,
+    other_backends: Sequence[str] | None,
+    config: RLMConfig,
+) -> RLMMetadata:
+    """The official log's first line; keys naming an API key are left out, as officially."""
+
+    def public(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        return {k: v for k, v in (kwargs or {}).items() if not ("api" in k.lower() and "key" in k.lower())}
+
+    return RLMMetadata(
+        root_model=config.root.model,
+        max_depth=config.max_depth,
+        max_iterations=config.max_iterations,
+        backend=backend,
+        backend_kwargs=public(backend_kwargs),
+        environment_type=environment,
+        environment_kwargs=public(environment_kwargs),
+        other_backends=list(other_backends) if other_backends else None,
+    )
 
 
 def _shared_governor(config: RLMConfig) -> Governor:

@@ -39,6 +39,7 @@ from .._result import SubCallFailure, SubCallResult
 from .._tree import Node
 from .._types import Message, ModelRequest
 from ..exceptions import BudgetExceeded, SandboxError, TransportError
+from ..logger import LoggedCall
 from ..sandbox import OnResult, WorkerRequest
 from .calls import CallPath
 from .hedge import FanoutHedger, book_for
@@ -83,10 +84,20 @@ class SubCallHandler:
         self._run_child = run_child
         self._node = node
         self._depth = depth
+        self._observed: list[LoggedCall] | None = None
 
     @property
     def node_id(self) -> str:
         return self._node.node_id
+
+    def observe(self) -> list[LoggedCall]:
+        """Keep every sub-call answered from now on (for the official log): the list
+        returned fills as they finish, until `stop_observing()`."""
+        self._observed = []
+        return self._observed
+
+    def stop_observing(self) -> None:
+        self._observed = None
 
     async def __call__(self, request: WorkerRequest) -> list[str]:
         config = self._engine.config
@@ -166,15 +177,28 @@ class SubCallHandler:
         model: ModelConfig,
         hedge: tuple[FanoutHedger, int] | None = None,
     ) -> str:
+        started = self._engine.clock()
         completion = await self._calls.call_model(
             self._node, self._depth + 1, "sub", request, model, hedge=hedge
         )
         self._keep(prompt, completion.text)
+        if self._observed is not None:
+            self._observed.append(
+                LoggedCall(
+                    model=model.model,
+                    prompt=prompt,
+                    response=completion.text,
+                    execution_time=self._engine.clock() - started,
+                    input_tokens=completion.usage.prompt_tokens,
+                    output_tokens=completion.usage.completion_tokens,
+                )
+            )
         return completion.text
 
     async def child(self, prompt: str) -> str:
         """A child RLM over `prompt`, one level down, with its own worker."""
         depth = self._depth + 1
+        started = self._engine.clock()
         try:
             outcome = await self._run_child(prompt, depth, self._node)
         except RunEnded as ended:
@@ -191,6 +215,12 @@ class SubCallHandler:
         if outcome.answer is None:
             return self.fail(f"child RLM ended without an answer ({outcome.status}: {outcome.detail})")
         self._keep(prompt, outcome.answer)
+        if self._observed is not None:
+            model = self._engine.config.model_for_depth(depth).model
+            elapsed = self._engine.clock() - started
+            self._observed.append(
+                LoggedCall(model=model, prompt=prompt, response=outcome.answer, execution_time=elapsed)
+            )
         return outcome.answer
 
     def _keep(self, prompt: str, answer: str) -> None:

@@ -21,14 +21,23 @@ from .. import _events
 from .._config import ModelConfig
 from .._context import Context
 from .._parsing import find_code_blocks, find_final, truncate_output
-from .._prompts import describe_context, first_user_message, root_system_prompt
+from .._prompts import (
+    compaction_system_note,
+    describe_context,
+    first_user_message,
+    root_system_prompt,
+    session_note,
+)
 from .._tree import Node, NodeStatus
 from .._types import CallKind, Message, ModelRequest
 from ..exceptions import BudgetExceeded, FatalError, RetryableError
+from ..logger import CodeBlock, LoggedCall, REPLResult, RLMIteration, RLMLogger
 from ..sandbox import CellResult, Worker, start_worker
 from .calls import CallPath
+from .compaction import Compactor
 from .fanout import SubCallHandler
 from .outcome import RunEnded, RunOutcome
+from .session import SessionState
 from .state import QueryState
 
 if TYPE_CHECKING:
@@ -45,21 +54,34 @@ class _TurnResult:
 
     answer: str | None
     observation: str
+    blocks: tuple[CodeBlock, ...] = ()
+    """Each code block run and what it did, for the official log (only when one is kept)."""
 
 
 class RLMLoop:
     """Runs RLM nodes (the query's root and every child RLM) for one query."""
 
-    def __init__(self, engine: Engine, state: QueryState, calls: CallPath) -> None:
+    def __init__(
+        self, engine: Engine, state: QueryState, calls: CallPath, *, logger: RLMLogger | None = None
+    ) -> None:
         self._engine = engine
         self._config = engine.config
         self._state = state
         self._calls = calls
+        self._logger = logger
+        """The official log of the root's turns (`rlm_async.logger`), when one is kept."""
 
     async def run(
-        self, context: Context, root_prompt: str | None, *, depth: int, parent: Node | None
+        self,
+        context: Context,
+        root_prompt: str | None,
+        *,
+        depth: int,
+        parent: Node | None,
+        session: SessionState | None = None,
     ) -> RunOutcome:
-        """Run one RLM loop to its end, in its own worker; raises `RunEnded` when a root call
+        """Run one RLM loop to its end, in its own worker (or, for a session's root, in the
+        session's worker, which outlives the loop); raises `RunEnded` when a root call
         cannot be made."""
         model = self._config.model_for_depth(depth)
         tree = self._state.tree
@@ -68,15 +90,19 @@ class RLMLoop:
         below = self._config.max_depth - 1 - depth  # levels of child RLMs possible under this one
         try:
             with _events.bind(node_id=node.node_id, depth=depth):
-                async with self._engine.slots.hold(below=below):
-                    try:
-                        worker = await start_worker(context, self._config.sandbox)
-                        self._state.isolation = worker.tier
-                        outcome = await self._loop(node, worker, context, root_prompt, depth, model)
-                    finally:
-                        if worker is not None:  # before the slot is given back
-                            with anyio.CancelScope(shield=True):
-                                await worker.aclose()
+                if session is not None:
+                    outcome = await self._run_in_session(session, node, context, root_prompt, model)
+                else:
+                    async with self._engine.slots.hold(below=below):
+                        try:
+                            worker = await start_worker(context, self._config.sandbox)
+                            self._state.isolation = worker.tier
+                            messages = self._first_messages(context, root_prompt, depth, note=None)
+                            outcome = await self._loop(node, worker, messages, depth, model)
+                        finally:
+                            if worker is not None:  # before the slot is given back
+                                with anyio.CancelScope(shield=True):
+                                    await worker.aclose()
             tree.close(node, "ok" if outcome.status == "ok" else "error", outcome.detail)
             return outcome
         except RunEnded as ended:
@@ -90,6 +116,35 @@ class RLMLoop:
             tree.close(node, "error", f"{type(exc).__name__}: {exc}")
             raise
 
+    async def _run_in_session(
+        self, session: SessionState, node: Node, context: Context, root_prompt: str | None, model: ModelConfig
+    ) -> RunOutcome:
+        """A persistent session's call: this context becomes the next `context_N` of the
+        session's worker, and the call's messages its next `history_N` when it ends."""
+        worker, index, lost = await session.attach(context)
+        self._state.isolation = worker.tier
+        note = session_note(
+            index=index, contexts=session.contexts, histories=session.histories, compaction=session.compaction
+        )
+        if lost is not None:
+            note = f"{lost}\n{note}"
+        messages = self._first_messages(context, root_prompt, 0, note=note)
+        outcome = await self._loop(node, worker, messages, 0, model)
+        await session.add_history(messages)
+        return outcome
+
+    def _first_messages(
+        self, context: Context, root_prompt: str | None, depth: int, *, note: str | None
+    ) -> list[Message]:
+        config = self._config
+        system = config.system_prompt or root_system_prompt(completion_order=config.completion_order)
+        if config.compaction and depth == 0:
+            system += compaction_system_note()
+        first = first_user_message(describe_context(context), root_prompt)
+        if note:
+            first = f"{first}\n\n{note}"
+        return [Message("system", system), Message("user", first)]
+
     async def _run_child(self, prompt: str, depth: int, parent: Node) -> RunOutcome:
         return await self.run(prompt, None, depth=depth, parent=parent)
 
@@ -97,42 +152,54 @@ class RLMLoop:
         self,
         node: Node,
         worker: Worker,
-        context: Context,
-        root_prompt: str | None,
+        messages: list[Message],
         depth: int,
         model: ModelConfig,
     ) -> RunOutcome:
+        """The turns of one node over `messages` (changed in place: the caller keeps the
+        conversation as it ended)."""
         config = self._config
-        messages: list[Message] = [
-            Message(
-                "system", config.system_prompt or root_system_prompt(completion_order=config.completion_order)
-            ),
-            Message("user", first_user_message(describe_context(context), root_prompt)),
-        ]
         handler = SubCallHandler(
             self._engine, self._state, self._calls, self._run_child, node=node, depth=depth
         )
         # "child": the turn of a child RLM (see CallKind), so hooks and traces tell them apart.
         kind: CallKind = "root" if depth == 0 else "child"
+        root = depth == 0
+        compactor = Compactor(self._engine, model) if config.compaction and root else None
+        if compactor is not None:
+            await compactor.prepare(worker)
+        log = self._logger if root else None
+
+        async def summarise(prompt: list[Message]) -> str:
+            return await self._root_turn(node, model, depth, prompt, kind=kind)
+
         for iteration in range(1, config.max_iterations + 1):
-            if depth == 0:
+            if root:
                 self._state.iterations = iteration
             it_started = self._engine.clock()
             _events.emit(_events.IterationStart, iteration=iteration)
             try:
                 try:
+                    if compactor is not None:
+                        await compactor.maybe_compact(worker, messages, summarise)
+                    sent = list(messages)
                     reply = await self._root_turn(node, model, depth, messages, kind=kind)
                 except BudgetExceeded as exc:
                     return await self._budget_ended(node, worker, model, depth, messages, exc)
                 messages.append(Message("assistant", reply))
-                turn = await self._execute_reply(worker, reply, iteration, handler)
+                turn = await self._execute_reply(worker, reply, iteration, handler, logging=log is not None)
             finally:
                 _events.emit(
                     _events.IterationFinish, iteration=iteration, duration_s=self._engine.clock() - it_started
                 )
+            if log is not None:
+                await self._log(log, sent, reply, turn.blocks, turn.answer, self._engine.clock() - it_started)
             if turn.answer is not None:
+                messages.pop()  # as officially: a call's history ends with the prompt of its last turn
                 return RunOutcome(turn.answer, "ok")
             messages.append(Message("user", self._feedback(turn.observation, iteration)))
+            if compactor is not None:
+                await compactor.record(worker, messages[-2:])
         # Out of iterations: one last call asks for the best answer from what is known.
         note = (
             f"You have used all {config.max_iterations} iterations. Give your best final answer "
@@ -146,6 +213,26 @@ class RLMLoop:
                 None, "budget_exceeded", f"{detail}, which the budget refused: {exc}", exc.limit
             )
         return RunOutcome(answer, "max_iterations", detail)
+
+    async def _log(
+        self,
+        log: RLMLogger,
+        sent: list[Message],
+        reply: str,
+        blocks: tuple[CodeBlock, ...],
+        answer: str | None,
+        seconds: float,
+    ) -> None:
+        """One root turn into the official log; written off the event loop (it holds the
+        whole prompt, as the official log does)."""
+        entry = RLMIteration(
+            prompt=[m.to_dict() for m in sent],
+            response=reply,
+            code_blocks=blocks,
+            final_answer=answer,
+            iteration_time=seconds,
+        )
+        await anyio.to_thread.run_sync(log.log, entry)
 
     async def _budget_ended(
         self,
@@ -181,15 +268,20 @@ class RLMLoop:
         final_model = dataclasses.replace(
             model, max_tokens=min(model.max_tokens or _FINAL_MAX_TOKENS, _FINAL_MAX_TOKENS)
         )
-        reply = await self._root_turn(
-            node, final_model, depth, [*messages, Message("user", note)], kind="final"
-        )
+        prompt = [*messages, Message("user", note)]
+        started = self._engine.clock()
+        reply = await self._root_turn(node, final_model, depth, prompt, kind="final")
         marker = find_final(reply)
+        answer: str | None
         if marker is None:
-            return reply.strip() or None
-        if marker.kind == "var":
-            return await worker.get_variable(marker.value)
-        return marker.value
+            answer = reply.strip() or None
+        elif marker.kind == "var":
+            answer = await worker.get_variable(marker.value)
+        else:
+            answer = marker.value
+        if depth == 0 and self._logger is not None:
+            await self._log(self._logger, prompt, reply, (), answer, self._engine.clock() - started)
+        return answer
 
     async def _root_turn(
         self, node: Node, model: ModelConfig, depth: int, messages: list[Message], *, kind: CallKind
@@ -207,7 +299,7 @@ class RLMLoop:
         return completion.text
 
     async def _execute_reply(
-        self, worker: Worker, reply: str, iteration: int, handler: SubCallHandler
+        self, worker: Worker, reply: str, iteration: int, handler: SubCallHandler, *, logging: bool = False
     ) -> _TurnResult:
         """Run every ```repl block of a reply in order, all of them together within
         `turn_timeout_s`; then look for FINAL/FINAL_VAR. A worker that died (for any reason)
@@ -218,6 +310,7 @@ class RLMLoop:
         turn_limit = self._config.turn_timeout_s
         clock = self._engine.clock
         deadline = None if turn_limit is None else clock() + turn_limit
+        logged: list[CodeBlock] = []
         for index, code in enumerate(blocks, start=1):
             left = None if deadline is None else deadline - clock()
             if left is not None and left <= 0:
@@ -226,8 +319,14 @@ class RLMLoop:
             await self._ensure_alive(worker, parts)
             _events.emit(_events.CellStart, iteration=iteration, cell=index)
             result: CellResult | None = None
-            with anyio.move_on_after(math.inf if left is None else left):
-                result = await worker.run_cell(code, handler)
+            calls = handler.observe() if logging else None
+            try:
+                with anyio.move_on_after(math.inf if left is None else left):
+                    result = await worker.run_cell(code, handler)
+            finally:
+                handler.stop_observing()
+            if calls is not None and result is not None:
+                logged.append(await _logged_block(worker, code, result, calls))
             if result is None:  # the turn's bound ran out inside this block
                 _events.emit(
                     _events.CellFinish,
@@ -261,15 +360,15 @@ class RLMLoop:
             if result.worker_dead:
                 await self._ensure_alive(worker, parts, why=result.status)
             if result.final_answer is not None:
-                return _TurnResult(result.final_answer, _observation(parts, limit))
+                return _TurnResult(result.final_answer, _observation(parts, limit), tuple(logged))
         marker = find_final(reply)
         if marker is not None:
             if marker.kind == "text":
-                return _TurnResult(marker.value, _observation(parts, limit))
+                return _TurnResult(marker.value, _observation(parts, limit), tuple(logged))
             await self._ensure_alive(worker, parts)
             value = await worker.get_variable(marker.value)
             if value is not None:
-                return _TurnResult(value, _observation(parts, limit))
+                return _TurnResult(value, _observation(parts, limit), tuple(logged))
             if not worker.alive:  # str() of it hung (or the worker died): not "no such variable"
                 timeout = self._config.sandbox.cell_timeout_s
                 parts.append(
@@ -288,15 +387,17 @@ class RLMLoop:
                 "Your reply had no ```repl block and no FINAL(...) line. Write Python in a ```repl block "
                 "to work with `context`, or give your answer as FINAL(...)."
             )
-        return _TurnResult(None, _observation(parts, limit))
+        return _TurnResult(None, _observation(parts, limit), tuple(logged))
 
     async def _ensure_alive(self, worker: Worker, parts: list[str], *, why: str | None = None) -> None:
         """Replace a worker that is not running, and tell the model its variables are gone."""
         if worker.alive:
             return
         await worker.restart()
+        session = worker.holds("context_1") or worker.holds("history_0")
+        reloaded = "every context and history (context_N, history_N) is" if session else "`context` is"
         parts.append(
-            f"[the REPL worker was killed ({why or 'it had stopped'}) and a fresh one started: `context` is "
+            f"[the REPL worker was killed ({why or 'it had stopped'}) and a fresh one started: {reloaded} "
             "reloaded, but every variable you created is gone]"
         )
 
@@ -307,6 +408,23 @@ class RLMLoop:
         if budget:
             lines.append(f"[budget left: {budget}]")
         return "\n".join(lines)
+
+
+async def _logged_block(worker: Worker, code: str, result: CellResult, calls: list[LoggedCall]) -> CodeBlock:
+    """One code block as the official log shows it; `locals` describes the variables."""
+    names = await worker.describe_variables() if worker.alive else {}
+    stderr = "\n".join(t.rstrip("\n") for t in (result.stderr, result.error) if t)
+    return CodeBlock(
+        code=code,
+        result=REPLResult(
+            stdout=result.stdout,
+            stderr=stderr,
+            locals=names,
+            execution_time=result.duration_s,
+            rlm_calls=tuple(calls),
+            final_answer=result.final_answer,
+        ),
+    )
 
 
 def _head(index: int, total: int) -> str:

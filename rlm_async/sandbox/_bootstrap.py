@@ -10,11 +10,13 @@ fds 1 and 2, which the engine drains as plain data, so printed text cannot pose 
 A frame is a `HEADER` (JSON length, blob length) then UTF-8 JSON, then the blob.
 
     engine -> worker   init {limits, uid, ...} + context blob | exec {cell, code}
-                       | getvar {name} | reply {id, results} or {id, error, message}
+                       | getvar {name} | describe | setvar {name, type, aliases, append} + value blob
+                       | reply {id, results} or {id, error, message}
                        | result {id, index, text} ... then reply {id, end}   (a stream)
     worker -> engine   ready {pid} | request {id, kind, lengths, model} + prompts blob
                        | cancel {id}   (a stream the code stopped iterating)
                        | done {cell, status, error, final_answer, dropped} | var {found, value}
+                       | set {name} | names {names: {name: description}}
 
 A request's prompts travel as one blob, each prompt UTF-8 and `lengths` giving its size in
 bytes, so neither side escapes, parses or copies 40 MB of JSON for a big fan-out.
@@ -69,6 +71,9 @@ HELPER_NAMES = frozenset(
         "BudgetExceeded",
     }
 )
+
+_DESCRIBED = 200
+"""Variables `describe` lists at most."""
 
 _THIS_FILE = os.path.abspath(__file__)
 # Private references taken at start-up, so code that rebinds `json.dumps` or empties
@@ -169,7 +174,7 @@ class _Channel:
         """Thread body: route replies to the threads waiting for them, commands to main."""
         try:
             while True:
-                obj, _ = self.recv()
+                obj, blob = self.recv()
                 op = obj["op"]
                 if op in ("reply", "result"):
                     with self.waiters_lock:
@@ -181,6 +186,8 @@ class _Channel:
                         slot[1] = obj
                         slot[0].set()
                 else:
+                    if blob:
+                        obj["_blob"] = blob
                     self.commands.put(obj)
         except EOFError:
             os._exit(EXIT_ENGINE_GONE)
@@ -502,6 +509,9 @@ class _Repl:
             "FINAL_VAR": self._final_var,
             "BudgetExceeded": BudgetExceeded,
         }
+        self.owned: dict[str, Any] = {}
+        """Variables the engine set (`setvar`): a later `append` extends the engine's list
+        even when the code rebound the name."""
 
     # -- helpers visible to the code
     @staticmethod
@@ -654,6 +664,47 @@ class _Repl:
             return str(dict.get(box, "content"))
         return None
 
+    def set_variable(self, command: dict[str, Any], blob: bytearray) -> None:
+        """`setvar`: bind `name` (and each of `aliases`) to the value in the blob; with
+        `append`, append it to the list the engine set under `name` instead."""
+        name, aliases = command["name"], command.get("aliases") or []
+        if not isinstance(name, str) or not name.isidentifier() or not isinstance(aliases, list):
+            raise ValueError("malformed setvar")
+        value = _load_context(command.get("type"), blob)
+        del blob
+        if command.get("append"):
+            owned = self.owned.get(name)
+            if not isinstance(owned, list):
+                owned = self.owned[name] = []
+            owned.append(value)
+            value = owned
+        self.owned[name] = value
+        for key in (name, *aliases):
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ValueError("malformed setvar alias")
+            self.ns[key] = value
+        self.channel.send({"op": "set", "name": name})
+
+    def describe_variables(self) -> None:
+        """`describe`: each variable's type (and length where it has one), never its value,
+        at most `_DESCRIBED` of them: the official log's `locals`, without the context."""
+        names: dict[str, str] = {}
+        for name, value in list(self.ns.items()):
+            if name.startswith("_") or name in HELPER_NAMES - {"context"}:
+                continue
+            kind = type(value).__name__
+            if kind in ("module", "function", "type", "builtin_function_or_method"):
+                continue
+            desc = f"<{kind}>"
+            try:
+                desc = f"<{kind} of length {len(value)}>"
+            except Exception:
+                pass
+            names[name] = desc
+            if len(names) >= _DESCRIBED:
+                break
+        self.channel.send({"op": "names", "names": names})
+
     def get_variable(self, name: object) -> None:
         budget = self.channel.max_message - 4096
         reply: dict[str, Any] = {"op": "var", "found": False, "value": None}
@@ -771,6 +822,8 @@ def main(argv: list[str]) -> None:
     handlers: dict[str, Callable[[dict[str, Any]], None]] = {
         "exec": lambda c: repl.run_cell(int(c["cell"]), str(c["code"])),
         "getvar": lambda c: repl.get_variable(c.get("name")),
+        "setvar": lambda c: repl.set_variable(c, c.pop("_blob", bytearray())),
+        "describe": lambda c: repl.describe_variables(),
     }
     while True:
         command = channel.commands.get()
