@@ -17,6 +17,7 @@ from ._events import Event, EventSink
 from ._governor import BudgetLimits, EndpointLimits, Governor, GovernorConfig, ModelPrice, RetryConfig
 from ._result import RLMResult, SubCallFailure, SubCallResult, UsageSummary, UsageTotals
 from ._rlm import RLM
+from ._tools import Tool
 from ._types import CallRecord, Completion, Message, ModelRequest, Usage
 from ._version import __version__
 from .exceptions import (
@@ -83,6 +84,7 @@ __all__ = [
     "ServerError",
     "SubCallFailure",
     "SubCallResult",
+    "Tool",
     "Transport",
     "TransportError",
     "Usage",

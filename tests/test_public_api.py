@@ -42,6 +42,8 @@ LAYERS: dict[str, int] = {
     "_progress": 3,
     "hooks": 3,
     "trace_view": 3,
+    "_tools": 3,
+    "_official_prompts": 3,
     "_config": 4,
     "_servers": 4,
     "_engine": 5,

@@ -22,6 +22,7 @@ from .._types import ModelRequest
 from ..transport import Transport
 from .query import Query
 from .slots import WorkerSlots
+from .tools import ToolLimiters
 
 __all__ = ["Engine"]
 
@@ -54,6 +55,8 @@ class Engine:
         self._profiles: dict[str, ServerProfile] = {}
         self._settings: dict[ModelConfig, ServerSettings] = {}
         self._detecting = anyio.Lock()
+        self.tool_limiters = ToolLimiters()
+        """Per-tool concurrency caps (`Tool.max_concurrency`), shared by every query."""
 
     def with_config(self, config: RLMConfig) -> Engine:
         """An engine for `config` (the same models; other limits, depth or budget) that shares
@@ -73,6 +76,7 @@ class Engine:
         derived._profiles = self._profiles
         derived._settings = self._settings
         derived._detecting = self._detecting
+        derived.tool_limiters = self.tool_limiters
         return derived
 
     def planner(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .. import _events
+from .. import _events, _official_prompts
 from .._config import ModelConfig
 from .._context import Context
 from .._parsing import find_code_blocks, find_final, truncate_output
@@ -25,11 +25,12 @@ from .._prompts import describe_context, first_user_message, root_system_prompt
 from .._tree import Node, NodeStatus
 from .._types import CallKind, Message, ModelRequest
 from ..exceptions import BudgetExceeded, FatalError, RetryableError
-from ..sandbox import CellResult, Worker, start_worker
+from ..sandbox import CellResult, ReplSetup, Worker, start_worker
 from .calls import CallPath
 from .fanout import SubCallHandler
 from .outcome import RunEnded, RunOutcome
 from .state import QueryState
+from .tools import ToolRunner
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -41,10 +42,18 @@ _FINAL_MAX_TOKENS = 512
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _TurnResult:
-    """What running one reply's cells gave: the answer, if one was set, and the observation."""
+    """What running one reply's cells gave: the answer, if one was set, the observation,
+    and each cell's result (for the official observation format and `max_errors`)."""
 
     answer: str | None
     observation: str
+    results: tuple[CellResult, ...] = ()
+
+    @property
+    def failed(self) -> bool:
+        """A cell raised, wrote to stderr or was stopped: an error turn, as the official
+        package counts them for `max_errors`."""
+        return any(r.stderr or r.status not in ("ok", "output_limit") for r in self.results)
 
 
 class RLMLoop:
@@ -70,7 +79,7 @@ class RLMLoop:
             with _events.bind(node_id=node.node_id, depth=depth):
                 async with self._engine.slots.hold(below=below):
                     try:
-                        worker = await start_worker(context, self._config.sandbox)
+                        worker = await start_worker(context, self._config.sandbox, self._repl_setup(depth))
                         self._state.isolation = worker.tier
                         outcome = await self._loop(node, worker, context, root_prompt, depth, model)
                     finally:
@@ -90,6 +99,28 @@ class RLMLoop:
             tree.close(node, "error", f"{type(exc).__name__}: {exc}")
             raise
 
+    def _repl_setup(self, depth: int) -> ReplSetup | None:
+        official = self._config.official_prompt is not None
+        tools = self._config.tools_for_depth(depth)
+        return tools.repl_setup(list_variables=official) if tools or official else None
+
+    def _opening(self, context: Context, root_prompt: str | None, depth: int) -> list[Message]:
+        """The system prompt and the first user message(s): rlm_async's own, or the
+        official package's when `official_prompt` is set."""
+        config = self._config
+        tools = config.tools_for_depth(depth)
+        if config.official_prompt is not None:
+            system = _official_prompts.system_message(config.official_prompt, tools)
+            first = _official_prompts.metadata_message(context, root_prompt)
+        else:
+            system = config.system_prompt or root_system_prompt(completion_order=config.completion_order)
+            system += tools.prompt_section()
+            first = first_user_message(describe_context(context), root_prompt)
+        messages = [Message("system", system), Message("user", first)]
+        if config.user_prologue:
+            messages.append(Message("user", config.user_prologue))
+        return messages
+
     async def _run_child(self, prompt: str, depth: int, parent: Node) -> RunOutcome:
         return await self.run(prompt, None, depth=depth, parent=parent)
 
@@ -103,15 +134,13 @@ class RLMLoop:
         model: ModelConfig,
     ) -> RunOutcome:
         config = self._config
-        messages: list[Message] = [
-            Message(
-                "system", config.system_prompt or root_system_prompt(completion_order=config.completion_order)
-            ),
-            Message("user", first_user_message(describe_context(context), root_prompt)),
-        ]
+        official = config.official_prompt is not None
+        messages = self._opening(context, root_prompt, depth)
+        tools = ToolRunner(config.tools_for_depth(depth), self._state.ledger, self._engine.tool_limiters)
         handler = SubCallHandler(
-            self._engine, self._state, self._calls, self._run_child, node=node, depth=depth
+            self._engine, self._state, self._calls, self._run_child, node=node, depth=depth, tools=tools
         )
+        failed_turns = 0
         # "child": the turn of a child RLM (see CallKind), so hooks and traces tell them apart.
         kind: CallKind = "root" if depth == 0 else "child"
         for iteration in range(1, config.max_iterations + 1):
@@ -119,6 +148,10 @@ class RLMLoop:
                 self._state.iterations = iteration
             it_started = self._engine.clock()
             _events.emit(_events.IterationStart, iteration=iteration)
+            if official:  # the official package asks for every turn in a message of its own
+                messages.append(
+                    Message("user", _official_prompts.turn_message(iteration - 1, config.max_iterations))
+                )
             try:
                 try:
                     reply = await self._root_turn(node, model, depth, messages, kind=kind)
@@ -132,12 +165,27 @@ class RLMLoop:
                 )
             if turn.answer is not None:
                 return RunOutcome(turn.answer, "ok")
-            messages.append(Message("user", self._feedback(turn.observation, iteration)))
+            failed_turns = failed_turns + 1 if turn.failed else 0
+            if config.max_errors is not None and failed_turns >= config.max_errors:
+                last = next((r.error or r.stderr for r in reversed(turn.results) if r.error or r.stderr), "")
+                return RunOutcome(
+                    None,
+                    "error",
+                    f"max_errors ({config.max_errors}) reached: the code of {failed_turns} turns in a row "
+                    f"failed; the last error: {last.strip()[-500:]}",
+                )
+            if not official:
+                messages.append(Message("user", self._feedback(turn.observation, iteration)))
+            elif (seen := _official_prompts.observation(turn.results, config.output_limit_chars)) is not None:
+                messages.append(Message("user", seen))
         # Out of iterations: one last call asks for the best answer from what is known.
-        note = (
+        note = Message(
+            "user",
             f"You have used all {config.max_iterations} iterations. Give your best final answer "
-            "now, from what you know, on a line of its own: FINAL(your answer)."
+            "now, from what you know, on a line of its own: FINAL(your answer).",
         )
+        if official:  # the official package's own last request, as it words it
+            note = Message("assistant", _official_prompts.FINAL_ASK)
         detail = f"max_iterations ({config.max_iterations}) reached; the answer comes from a final call"
         try:
             answer = await self._final_call(node, worker, model, depth, messages, note)
@@ -157,9 +205,10 @@ class RLMLoop:
         exc: BudgetExceeded,
     ) -> RunOutcome:
         """A root turn was refused: ask once more, with a small output cap, for the answer."""
-        note = (
+        note = Message(
+            "user",
             f"The budget is exhausted ({exc.limit} cap {exc.cap:g}). Give your best final answer "
-            "now, from what you know, on a line of its own: FINAL(your answer)."
+            "now, from what you know, on a line of its own: FINAL(your answer).",
         )
         try:
             answer = await self._final_call(node, worker, model, depth, messages, note)
@@ -174,16 +223,14 @@ class RLMLoop:
         model: ModelConfig,
         depth: int,
         messages: list[Message],
-        note: str,
+        note: Message,
     ) -> str | None:
         """One last root call that asks for the answer. Its output cap is small, so that it
         still fits a budget that refused a full turn."""
         final_model = dataclasses.replace(
             model, max_tokens=min(model.max_tokens or _FINAL_MAX_TOKENS, _FINAL_MAX_TOKENS)
         )
-        reply = await self._root_turn(
-            node, final_model, depth, [*messages, Message("user", note)], kind="final"
-        )
+        reply = await self._root_turn(node, final_model, depth, [*messages, note], kind="final")
         marker = find_final(reply)
         if marker is None:
             return reply.strip() or None
@@ -199,6 +246,7 @@ class RLMLoop:
             messages=tuple(messages),
             max_tokens=model.max_tokens,
             temperature=model.temperature,
+            sampling=model.sampling or None,
         )
         try:
             completion = await self._calls.call_model(node, depth, kind, request, model)
@@ -214,6 +262,7 @@ class RLMLoop:
         is replaced before anything else runs in it."""
         blocks = find_code_blocks(reply)
         parts: list[str] = []
+        results: list[CellResult] = []
         limit = self._config.output_limit_chars
         turn_limit = self._config.turn_timeout_s
         clock = self._engine.clock
@@ -239,9 +288,22 @@ class RLMLoop:
                     stderr_chars=0,
                     error=f"stopped at turn_timeout_s={turn_limit:g}",
                 )
-                parts.append(
-                    f"{_head(index, len(blocks))}:\n[stopped: the turn's time limit (turn_timeout_s="
-                    f"{turn_limit:g} s, all blocks of one reply together) ran out while this block ran]"
+                stopped = (
+                    f"[stopped: the turn's time limit (turn_timeout_s={turn_limit:g} s, all blocks of one "
+                    "reply together) ran out while this block ran]"
+                )
+                parts.append(f"{_head(index, len(blocks))}:\n{stopped}")
+                results.append(
+                    CellResult(
+                        stdout="",
+                        stderr="",
+                        error=stopped,
+                        status="timeout",
+                        final_answer=None,
+                        dropped_output_bytes=0,
+                        duration_s=left or 0.0,
+                        worker_dead=True,
+                    )
                 )
                 await self._ensure_alive(worker, parts)
                 if index < len(blocks):
@@ -258,18 +320,19 @@ class RLMLoop:
                 error=result.error,
             )
             parts.append(truncate_output(_cell_text(index, len(blocks), result), limit))
+            results.append(result)
             if result.worker_dead:
                 await self._ensure_alive(worker, parts, why=result.status)
             if result.final_answer is not None:
-                return _TurnResult(result.final_answer, _observation(parts, limit))
+                return _TurnResult(result.final_answer, _observation(parts, limit), tuple(results))
         marker = find_final(reply)
         if marker is not None:
             if marker.kind == "text":
-                return _TurnResult(marker.value, _observation(parts, limit))
+                return _TurnResult(marker.value, _observation(parts, limit), tuple(results))
             await self._ensure_alive(worker, parts)
             value = await worker.get_variable(marker.value)
             if value is not None:
-                return _TurnResult(value, _observation(parts, limit))
+                return _TurnResult(value, _observation(parts, limit), tuple(results))
             if not worker.alive:  # str() of it hung (or the worker died): not "no such variable"
                 timeout = self._config.sandbox.cell_timeout_s
                 parts.append(
@@ -288,7 +351,7 @@ class RLMLoop:
                 "Your reply had no ```repl block and no FINAL(...) line. Write Python in a ```repl block "
                 "to work with `context`, or give your answer as FINAL(...)."
             )
-        return _TurnResult(None, _observation(parts, limit))
+        return _TurnResult(None, _observation(parts, limit), tuple(results))
 
     async def _ensure_alive(self, worker: Worker, parts: list[str], *, why: str | None = None) -> None:
         """Replace a worker that is not running, and tell the model its variables are gone."""
