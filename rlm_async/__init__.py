@@ -18,6 +18,7 @@ from ._governor import BudgetLimits, EndpointLimits, Governor, GovernorConfig, M
 from ._result import RLMResult, SubCallFailure, SubCallResult, UsageSummary, UsageTotals
 from ._rlm import RLM
 from ._session import Session
+from ._tools import Tool
 from ._types import CallRecord, Completion, Message, ModelRequest, Usage
 from ._version import __version__
 from .exceptions import (
@@ -87,6 +88,7 @@ __all__ = [
     "Session",
     "SubCallFailure",
     "SubCallResult",
+    "Tool",
     "Transport",
     "TransportError",
     "Usage",

@@ -75,6 +75,8 @@ __all__ = [
     "SandboxReducedIsolation",
     "ServerDetected",
     "SubcallsRefused",
+    "ToolFinish",
+    "ToolStart",
     "UsageEstimated",
     "WarmupDecision",
     "WorkerCell",
@@ -324,6 +326,26 @@ class CellFinish(Event):
     """The worker's status for the cell ("ok", "error", "timeout", "crashed", ...)."""
     stdout_chars: int
     stderr_chars: int
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolStart(Event):
+    """The code called a custom tool; it runs in the engine. The envelope names the RLM node."""
+
+    kind: ClassVar[str] = "tool.start"
+    tool: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolFinish(Event):
+    """A custom tool call ended: "ok", "error" (it raised, or its arguments or result were not
+    JSON data) or "cancelled" (the cell ended first)."""
+
+    kind: ClassVar[str] = "tool.finish"
+    tool: str
+    status: str
+    duration_s: float
     error: str | None = None
 
 
@@ -579,6 +601,8 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         CallHedgeEnd,
         CellStart,
         CellFinish,
+        ToolStart,
+        ToolFinish,
         WorkerStart,
         WorkerKill,
         WorkerCell,

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import functools
 import itertools
+import json
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,10 +32,13 @@ from ._engine.session import SessionState
 from ._engine.slots import shared_slots
 from ._governor import BudgetLedger, BudgetLimits, Governor, PriceTable
 from ._journal import Journal
+from ._official_prompts import OfficialPrompt
 from ._result import RLMResult
 from ._session import Session
+from ._tools import parse_tools
 from .exceptions import ConfigError
 from .logger import RLMLogger, RLMMetadata
+from .sandbox import SandboxConfig
 from .transport import OpenAITransport, Transport, require_api_key
 
 if TYPE_CHECKING:
@@ -79,20 +83,89 @@ def _model_from_kwargs(
     return ModelConfig(model=name, **kw), api_key
 
 
-def _refuse_unsupported(unsupported: dict[str, Any], *, environment: str, depth: int) -> None:
+def _refuse_unsupported(unsupported: dict[str, Any], *, depth: int) -> None:
     """Official arguments rlm_async does not support (yet) are refused, naming what to do."""
     if unsupported:
         raise ConfigError(
             f"RLM() got unsupported argument(s) {sorted(unsupported)}; rlm_async supports the official "
             "package's core arguments plus config=, governor=, transport=, event_sinks="
         )
-    if environment not in ("local", "sandbox"):
-        raise ConfigError(
-            f"environment {environment!r} is not supported; rlm_async runs every REPL in its own "
-            "sandboxed worker process ('local'); configure it with config=RLMConfig(sandbox=...)"
-        )
     if depth != 0:
         raise ConfigError("depth is managed by the engine; leave it at 0 and set max_depth")
+
+
+# The official package's environments, and the sandbox tier of ours each one becomes.
+_ENVIRONMENT_TIERS: dict[str, str | None] = {
+    "local": None,  # as configured ("auto": the strongest tier that works here)
+    "sandbox": None,
+    "ipython": None,  # a Python REPL that keeps its state, as ours does (no IPython magics)
+    "docker": "bubblewrap",  # an isolated container, in ours: namespaces, no daemon needed
+}
+_REMOTE_ENVIRONMENTS = ("modal", "e2b", "daytona", "prime")
+
+
+def _sandbox_for(environment: str, sandbox: SandboxConfig) -> SandboxConfig:
+    """The official `environment=`: mapped onto one of our sandbox tiers, or refused."""
+    if environment in _REMOTE_ENVIRONMENTS:
+        raise ConfigError(
+            f"environment {environment!r} (a remote cloud sandbox) is not supported: rlm_async runs every "
+            "REPL in a sandboxed worker process on this machine (bubblewrap or landlock); use "
+            "environment='local' (the strongest tier that works here) or 'docker' (the bubblewrap tier)"
+        )
+    if environment not in _ENVIRONMENT_TIERS:
+        raise ConfigError(
+            f"environment {environment!r} is unknown; use 'local' (or 'docker', 'ipython'); rlm_async runs "
+            "every REPL in its own sandboxed worker process, configured by RLMConfig(sandbox=...)"
+        )
+    tier = _ENVIRONMENT_TIERS[environment]
+    return sandbox if tier is None else dataclasses.replace(sandbox, isolation=tier)  # type: ignore[arg-type]
+
+
+def _with_sampling(model: ModelConfig, args: dict[str, Any], where: str) -> ModelConfig:
+    """The official `sampling_args` on one model: `temperature` and `max_tokens` (or
+    `max_completion_tokens`) are the model's own settings; `extra_body` is merged in, as the
+    official client merges it; `None` values are dropped, as it drops them; the rest is sent
+    as it is."""
+    if not isinstance(args, dict):
+        raise ConfigError(f"{where} must be a dict of request fields, not {type(args).__name__}")
+    rest = {k: v for k, v in args.items() if v is not None}
+    extra = rest.pop("extra_body", None) or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{where}['extra_body'] must be a dict, not {type(extra).__name__}")
+    changes: dict[str, Any] = {}
+    for key in ("max_tokens", "max_completion_tokens"):
+        if key in rest:
+            changes["max_tokens"] = rest.pop(key)
+    if "temperature" in rest:
+        changes["temperature"] = rest.pop("temperature")
+    sampling = {**model.sampling, **rest, **extra}
+    try:
+        json.dumps(sampling, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where} must hold JSON data (it is sent in each request): {exc}") from None
+    return dataclasses.replace(model, sampling=sampling, **changes)
+
+
+def _with_subcall_concurrency(config: RLMConfig, limit: int) -> RLMConfig:
+    """The official `max_concurrent_subcalls` as the governor's concurrency cap of the sub
+    model's endpoint+model. The governor's limits are global: this caps that endpoint+model
+    for every query in the process (and the root's calls too when the root is that model)."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ConfigError(f"max_concurrent_subcalls is {limit!r}; use an int >= 1")
+    target = config.model_for_depth(1)
+
+    def capped(m: ModelConfig) -> ModelConfig:
+        if (m.base_url, m.model) != (target.base_url, target.model):
+            return m
+        return dataclasses.replace(m, limits=dataclasses.replace(m.limits, max_concurrency=limit))
+
+    return dataclasses.replace(
+        config,
+        root=capped(config.root),
+        sub=None if config.sub is None else capped(config.sub),
+        depth_models=tuple(map(capped, config.depth_models)),
+        others=tuple(map(capped, config.others)),
+    )
 
 
 class RLM:
@@ -113,29 +186,32 @@ class RLM:
         custom_system_prompt: str | None = None,
         other_backends: Sequence[str] | None = None,
         other_backend_kwargs: Sequence[dict[str, Any]] | None = None,
-        logger: RLMLogger | None = None,
         verbose: bool = False,
         persistent: bool = False,
-        compaction: bool = False,
-        compaction_threshold_pct: float = 0.85,
         on_subcall_start: Callable[[int, str, str], None] | None = None,
         on_subcall_complete: Callable[[int, str, float, str | None], None] | None = None,
         on_iteration_start: Callable[[int, int], None] | None = None,
         on_iteration_complete: Callable[[int, int, float], None] | None = None,
         *,
+        logger: RLMLogger | None = None,
+        compaction: bool = False,
+        compaction_threshold_pct: float | None = None,
+        max_errors: int | None = None,
+        custom_tools: Mapping[str, Any] | None = None,
+        custom_sub_tools: Mapping[str, Any] | None = None,
+        max_concurrent_subcalls: int | None = None,
+        sampling_args: dict[str, Any] | None = None,
+        sub_sampling_args: dict[str, Any] | None = None,
+        orchestrator: bool = True,
+        user_prologue: str | None = None,
         config: RLMConfig | None = None,
         governor: Governor | None = None,
         transport: Transport | Callable[[ModelConfig], Transport] | None = None,
         event_sinks: Sequence[_events.EventSink] = (),
         **unsupported: Any,
     ) -> None:
-        _refuse_unsupported(unsupported, environment=environment, depth=depth)
+        _refuse_unsupported(unsupported, depth=depth)
         self._api_keys: dict[str, str] = {}
-        if config is not None and (compaction or compaction_threshold_pct != 0.85):
-            raise ConfigError(
-                "pass compaction either in config=RLMConfig(compaction=..., compaction_threshold_pct=...) "
-                "or as RLM arguments, not both"
-            )
         if config is None:
             config = self._config_from_official(
                 backend,
@@ -144,13 +220,25 @@ class RLM:
                 other_backend_kwargs,
                 max_depth=max_depth,
                 max_iterations=max_iterations,
-                system_prompt=custom_system_prompt,
                 budget=BudgetLimits(max_usd=max_budget, max_total_tokens=max_tokens, max_seconds=max_timeout),
-                compaction=compaction,
-                compaction_threshold_pct=compaction_threshold_pct,
             )
         elif backend_kwargs or other_backends:
             raise ConfigError("pass either config= or backend_kwargs/other_backends, not both")
+        config = self._official_extras(
+            config,
+            environment=environment,
+            max_errors=max_errors,
+            custom_system_prompt=custom_system_prompt,
+            custom_tools=custom_tools,
+            custom_sub_tools=custom_sub_tools,
+            max_concurrent_subcalls=max_concurrent_subcalls,
+            sampling_args=sampling_args,
+            sub_sampling_args=sub_sampling_args,
+            orchestrator=orchestrator,
+            user_prologue=user_prologue,
+            compaction=compaction,
+            compaction_threshold_pct=compaction_threshold_pct,
+        )
         self.config = config
         self._governor = governor
         self._transport = transport
@@ -182,10 +270,7 @@ class RLM:
         *,
         max_depth: int,
         max_iterations: int,
-        system_prompt: str | None,
         budget: BudgetLimits,
-        compaction: bool,
-        compaction_threshold_pct: float,
     ) -> RLMConfig:
         """The native configuration for the official constructor's arguments; API keys
         given inline are kept apart (`self._api_keys`), never in the config."""
@@ -208,11 +293,58 @@ class RLM:
             others=tuple(others[1:]),
             max_depth=max_depth,
             max_iterations=max_iterations,
-            system_prompt=system_prompt,
             budget=budget,
-            compaction=compaction,
-            compaction_threshold_pct=compaction_threshold_pct,
         )
+
+    @staticmethod
+    def _official_extras(
+        config: RLMConfig,
+        *,
+        environment: str,
+        max_errors: int | None,
+        custom_system_prompt: str | None,
+        custom_tools: Mapping[str, Any] | None,
+        custom_sub_tools: Mapping[str, Any] | None,
+        max_concurrent_subcalls: int | None,
+        sampling_args: dict[str, Any] | None,
+        sub_sampling_args: dict[str, Any] | None,
+        orchestrator: bool,
+        user_prologue: str | None,
+        compaction: bool,
+        compaction_threshold_pct: float | None,
+    ) -> RLMConfig:
+        """The official arguments beyond models and budgets, onto the native config (built
+        from the official arguments or given as `config=`): each given one replaces its field."""
+        changes: dict[str, Any] = {"sandbox": _sandbox_for(environment, config.sandbox)}
+        if max_errors is not None:
+            changes["max_errors"] = max_errors
+        if custom_system_prompt:
+            # A user's own prompt text is used the official package's way, message formats
+            # included, so a model trained on its trajectories sees what it was trained on.
+            changes["official_prompt"] = OfficialPrompt(
+                template=custom_system_prompt, orchestrator=orchestrator
+            )
+        if custom_tools is not None:
+            changes["tools"] = parse_tools(custom_tools, "custom_tools")
+        if custom_sub_tools is not None:
+            changes["sub_tools"] = parse_tools(custom_sub_tools, "custom_sub_tools")
+        if user_prologue is not None:
+            changes["user_prologue"] = user_prologue
+        if compaction:
+            changes["compaction"] = True
+        if compaction_threshold_pct is not None:
+            changes["compaction_threshold_pct"] = compaction_threshold_pct
+        if sampling_args is not None:
+            changes["root"] = _with_sampling(config.root, sampling_args, "sampling_args")
+        if sub_sampling_args is not None:
+            # As the official package: without another backend, sub-calls get a copy of the
+            # root model (with the root's sampling_args) carrying these.
+            sub = config.sub or changes.get("root", config.root)
+            changes["sub"] = _with_sampling(sub, sub_sampling_args, "sub_sampling_args")
+        config = dataclasses.replace(config, **changes)
+        if max_concurrent_subcalls is not None:
+            config = _with_subcall_concurrency(config, max_concurrent_subcalls)
+        return config
 
     def _refuse_misuse(self) -> None:
         """Misuse is refused here, at construction, naming the fix, rather than at the first

@@ -43,6 +43,8 @@ LAYERS: dict[str, int] = {
     "hooks": 3,
     "logger": 3,
     "trace_view": 3,
+    "_tools": 3,
+    "_official_prompts": 3,
     "_config": 4,
     "_servers": 4,
     "_engine": 5,

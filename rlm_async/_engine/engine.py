@@ -24,6 +24,7 @@ from ..transport import Transport
 from .query import Query
 from .session import SessionState
 from .slots import WorkerSlots
+from .tools import ToolLimiters
 
 __all__ = ["Engine"]
 
@@ -56,6 +57,8 @@ class Engine:
         self._profiles: dict[str, ServerProfile] = {}
         self._settings: dict[ModelConfig, ServerSettings] = {}
         self._detecting = anyio.Lock()
+        self.tool_limiters = ToolLimiters()
+        """Per-tool concurrency caps (`Tool.max_concurrency`), shared by every query."""
 
     def with_config(self, config: RLMConfig) -> Engine:
         """An engine for `config` (the same models; other limits, depth or budget) that shares
@@ -75,6 +78,7 @@ class Engine:
         derived._profiles = self._profiles
         derived._settings = self._settings
         derived._detecting = self._detecting
+        derived.tool_limiters = self.tool_limiters
         return derived
 
     def planner(

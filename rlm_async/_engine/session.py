@@ -18,7 +18,7 @@ import anyio
 from .._context import Context
 from .._types import Message
 from ..exceptions import ConfigError, SandboxError
-from ..sandbox import SandboxConfig, Worker, start_worker
+from ..sandbox import ReplSetup, SandboxConfig, Worker, start_worker
 from .slots import WorkerSlots
 
 __all__ = ["SessionState"]
@@ -44,9 +44,10 @@ class SessionState:
         """Held for the length of one query: a session's calls take turns."""
         return self._busy
 
-    async def attach(self, context: Context) -> tuple[Worker, int, str | None]:
+    async def attach(self, context: Context, setup: ReplSetup | None = None) -> tuple[Worker, int, str | None]:
         """Load this call's context as the next `context_N` and return the worker, N, and a
-        note for the model when the worker had to be replaced since the last call."""
+        note for the model when the worker had to be replaced since the last call. `setup`
+        (tools and values) counts only for the worker's first start."""
         if self.closed:
             raise ConfigError("this session is closed; open a new one with rlm.session()")
         index = self.contexts
@@ -54,7 +55,7 @@ class SessionState:
         if self.worker is None:
             await self._stack.enter_async_context(self._slots.hold(below=self._below))
             try:
-                self.worker = await start_worker(context, self._sandbox)
+                self.worker = await start_worker(context, self._sandbox, setup)
             except BaseException:
                 await self._stack.aclose()  # the slot goes back; the next call tries afresh
                 raise

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .. import _events
+from .. import _events, _official_prompts
 from .._config import ModelConfig
 from .._context import Context
 from .._parsing import find_code_blocks, find_final, truncate_output
@@ -32,13 +32,14 @@ from .._tree import Node, NodeStatus
 from .._types import CallKind, Message, ModelRequest
 from ..exceptions import BudgetExceeded, FatalError, RetryableError
 from ..logger import CodeBlock, LoggedCall, REPLResult, RLMIteration, RLMLogger
-from ..sandbox import CellResult, Worker, start_worker
+from ..sandbox import CellResult, ReplSetup, Worker, start_worker
 from .calls import CallPath
 from .compaction import Compactor
 from .fanout import SubCallHandler
 from .outcome import RunEnded, RunOutcome
 from .session import SessionState
 from .state import QueryState
+from .tools import ToolRunner
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -50,12 +51,20 @@ _FINAL_MAX_TOKENS = 512
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _TurnResult:
-    """What running one reply's cells gave: the answer, if one was set, and the observation."""
+    """What running one reply's cells gave: the answer, if one was set, the observation,
+    and each cell's result (for the official observation format and `max_errors`)."""
 
     answer: str | None
     observation: str
+    results: tuple[CellResult, ...] = ()
     blocks: tuple[CodeBlock, ...] = ()
     """Each code block run and what it did, for the official log (only when one is kept)."""
+
+    @property
+    def failed(self) -> bool:
+        """A cell raised, wrote to stderr or was stopped: an error turn, as the official
+        package counts them for `max_errors`."""
+        return any(r.stderr or r.status not in ("ok", "output_limit") for r in self.results)
 
 
 class RLMLoop:
@@ -95,10 +104,10 @@ class RLMLoop:
                 else:
                     async with self._engine.slots.hold(below=below):
                         try:
-                            worker = await start_worker(context, self._config.sandbox)
+                            worker = await start_worker(context, self._config.sandbox, self._repl_setup(depth))
                             self._state.isolation = worker.tier
-                            messages = self._first_messages(context, root_prompt, depth, note=None)
-                            outcome = await self._loop(node, worker, messages, depth, model)
+                            messages = self._opening(context, root_prompt, depth)
+                            outcome = await self._loop(node, worker, messages, root_prompt, depth, model)
                         finally:
                             if worker is not None:  # before the slot is given back
                                 with anyio.CancelScope(shield=True):
@@ -121,29 +130,49 @@ class RLMLoop:
     ) -> RunOutcome:
         """A persistent session's call: this context becomes the next `context_N` of the
         session's worker, and the call's messages its next `history_N` when it ends."""
-        worker, index, lost = await session.attach(context)
+        worker, index, lost = await session.attach(context, self._repl_setup(0))
         self._state.isolation = worker.tier
-        note = session_note(
-            index=index, contexts=session.contexts, histories=session.histories, compaction=session.compaction
-        )
+        note: str | None = None
+        if self._config.official_prompt is None:  # the official format says it in each turn
+            note = session_note(
+                index=index, contexts=session.contexts, histories=session.histories, compaction=session.compaction
+            )
         if lost is not None:
-            note = f"{lost}\n{note}"
-        messages = self._first_messages(context, root_prompt, 0, note=note)
-        outcome = await self._loop(node, worker, messages, 0, model)
+            note = lost if note is None else f"{lost}\n{note}"
+        messages = self._opening(context, root_prompt, 0, note=note)
+        counts = (session.contexts, session.histories)
+        outcome = await self._loop(node, worker, messages, root_prompt, 0, model, counts=counts)
         await session.add_history(messages)
         return outcome
 
-    def _first_messages(
-        self, context: Context, root_prompt: str | None, depth: int, *, note: str | None
+    def _repl_setup(self, depth: int) -> ReplSetup | None:
+        official = self._config.official_prompt is not None
+        tools = self._config.tools_for_depth(depth)
+        return tools.repl_setup(list_variables=official) if tools or official else None
+
+    def _opening(
+        self, context: Context, root_prompt: str | None, depth: int, *, note: str | None = None
     ) -> list[Message]:
+        """The system prompt and the first user message(s): rlm_async's own, or the
+        official package's when `official_prompt` is set. `note` ends the first message (a
+        session's contexts and histories)."""
         config = self._config
-        system = config.system_prompt or root_system_prompt(completion_order=config.completion_order)
+        tools = config.tools_for_depth(depth)
+        if config.official_prompt is not None:
+            system = _official_prompts.system_message(config.official_prompt, tools)
+            first = _official_prompts.metadata_message(context, root_prompt)
+        else:
+            system = config.system_prompt or root_system_prompt(completion_order=config.completion_order)
+            system += tools.prompt_section()
+            first = first_user_message(describe_context(context), root_prompt)
         if config.compaction and depth == 0:
             system += compaction_system_note()
-        first = first_user_message(describe_context(context), root_prompt)
         if note:
             first = f"{first}\n\n{note}"
-        return [Message("system", system), Message("user", first)]
+        messages = [Message("system", system), Message("user", first)]
+        if config.user_prologue:
+            messages.append(Message("user", config.user_prologue))
+        return messages
 
     async def _run_child(self, prompt: str, depth: int, parent: Node) -> RunOutcome:
         return await self.run(prompt, None, depth=depth, parent=parent)
@@ -153,15 +182,22 @@ class RLMLoop:
         node: Node,
         worker: Worker,
         messages: list[Message],
+        root_prompt: str | None,
         depth: int,
         model: ModelConfig,
+        *,
+        counts: tuple[int, int] = (1, 0),
     ) -> RunOutcome:
         """The turns of one node over `messages` (changed in place: the caller keeps the
-        conversation as it ended)."""
+        conversation as it ended). `counts`: a session's contexts and histories, which the
+        official per-turn message names."""
         config = self._config
+        official = config.official_prompt is not None
+        tools = ToolRunner(config.tools_for_depth(depth), self._state.ledger, self._engine.tool_limiters)
         handler = SubCallHandler(
-            self._engine, self._state, self._calls, self._run_child, node=node, depth=depth
+            self._engine, self._state, self._calls, self._run_child, node=node, depth=depth, tools=tools
         )
+        failed_turns = 0
         # "child": the turn of a child RLM (see CallKind), so hooks and traces tell them apart.
         kind: CallKind = "root" if depth == 0 else "child"
         root = depth == 0
@@ -180,8 +216,13 @@ class RLMLoop:
             _events.emit(_events.IterationStart, iteration=iteration)
             try:
                 try:
-                    if compactor is not None:
+                    if compactor is not None:  # before the turn's message, as officially
                         await compactor.maybe_compact(worker, messages, summarise)
+                    if official:  # the official package asks for every turn in a message of its own
+                        text = _official_prompts.turn_message(
+                            iteration - 1, config.max_iterations, context_count=counts[0], history_count=counts[1]
+                        )
+                        messages.append(Message("user", text))
                     sent = list(messages)
                     reply = await self._root_turn(node, model, depth, messages, kind=kind)
                 except BudgetExceeded as exc:
@@ -197,14 +238,30 @@ class RLMLoop:
             if turn.answer is not None:
                 messages.pop()  # as officially: a call's history ends with the prompt of its last turn
                 return RunOutcome(turn.answer, "ok")
-            messages.append(Message("user", self._feedback(turn.observation, iteration)))
+            failed_turns = failed_turns + 1 if turn.failed else 0
+            if config.max_errors is not None and failed_turns >= config.max_errors:
+                last = next((r.error or r.stderr for r in reversed(turn.results) if r.error or r.stderr), "")
+                return RunOutcome(
+                    None,
+                    "error",
+                    f"max_errors ({config.max_errors}) reached: the code of {failed_turns} turns in a row "
+                    f"failed; the last error: {last.strip()[-500:]}",
+                )
+            turn_start = len(messages) - 1  # the reply
+            if not official:
+                messages.append(Message("user", self._feedback(turn.observation, iteration)))
+            elif (seen := _official_prompts.observation(turn.results, config.output_limit_chars)) is not None:
+                messages.append(Message("user", seen))
             if compactor is not None:
-                await compactor.record(worker, messages[-2:])
+                await compactor.record(worker, messages[turn_start:])
         # Out of iterations: one last call asks for the best answer from what is known.
-        note = (
+        note = Message(
+            "user",
             f"You have used all {config.max_iterations} iterations. Give your best final answer "
-            "now, from what you know, on a line of its own: FINAL(your answer)."
+            "now, from what you know, on a line of its own: FINAL(your answer).",
         )
+        if official:  # the official package's own last request, as it words it
+            note = Message("assistant", _official_prompts.FINAL_ASK)
         detail = f"max_iterations ({config.max_iterations}) reached; the answer comes from a final call"
         try:
             answer = await self._final_call(node, worker, model, depth, messages, note)
@@ -213,6 +270,56 @@ class RLMLoop:
                 None, "budget_exceeded", f"{detail}, which the budget refused: {exc}", exc.limit
             )
         return RunOutcome(answer, "max_iterations", detail)
+
+    async def _budget_ended(
+        self,
+        node: Node,
+        worker: Worker,
+        model: ModelConfig,
+        depth: int,
+        messages: list[Message],
+        exc: BudgetExceeded,
+    ) -> RunOutcome:
+        """A root turn was refused: ask once more, with a small output cap, for the answer."""
+        note = Message(
+            "user",
+            f"The budget is exhausted ({exc.limit} cap {exc.cap:g}). Give your best final answer "
+            "now, from what you know, on a line of its own: FINAL(your answer).",
+        )
+        try:
+            answer = await self._final_call(node, worker, model, depth, messages, note)
+        except BudgetExceeded:
+            answer = None
+        return RunOutcome(answer, "budget_exceeded", str(exc), exc.limit)
+
+    async def _final_call(
+        self,
+        node: Node,
+        worker: Worker,
+        model: ModelConfig,
+        depth: int,
+        messages: list[Message],
+        note: Message,
+    ) -> str | None:
+        """One last root call that asks for the answer. Its output cap is small, so that it
+        still fits a budget that refused a full turn."""
+        final_model = dataclasses.replace(
+            model, max_tokens=min(model.max_tokens or _FINAL_MAX_TOKENS, _FINAL_MAX_TOKENS)
+        )
+        prompt = [*messages, note]
+        started = self._engine.clock()
+        reply = await self._root_turn(node, final_model, depth, prompt, kind="final")
+        marker = find_final(reply)
+        answer: str | None
+        if marker is None:
+            answer = reply.strip() or None
+        elif marker.kind == "var":
+            answer = await worker.get_variable(marker.value)
+        else:
+            answer = marker.value
+        if depth == 0 and self._logger is not None:
+            await self._log(self._logger, prompt, reply, (), answer, self._engine.clock() - started)
+        return answer
 
     async def _log(
         self,
@@ -234,55 +341,6 @@ class RLMLoop:
         )
         await anyio.to_thread.run_sync(log.log, entry)
 
-    async def _budget_ended(
-        self,
-        node: Node,
-        worker: Worker,
-        model: ModelConfig,
-        depth: int,
-        messages: list[Message],
-        exc: BudgetExceeded,
-    ) -> RunOutcome:
-        """A root turn was refused: ask once more, with a small output cap, for the answer."""
-        note = (
-            f"The budget is exhausted ({exc.limit} cap {exc.cap:g}). Give your best final answer "
-            "now, from what you know, on a line of its own: FINAL(your answer)."
-        )
-        try:
-            answer = await self._final_call(node, worker, model, depth, messages, note)
-        except BudgetExceeded:
-            answer = None
-        return RunOutcome(answer, "budget_exceeded", str(exc), exc.limit)
-
-    async def _final_call(
-        self,
-        node: Node,
-        worker: Worker,
-        model: ModelConfig,
-        depth: int,
-        messages: list[Message],
-        note: str,
-    ) -> str | None:
-        """One last root call that asks for the answer. Its output cap is small, so that it
-        still fits a budget that refused a full turn."""
-        final_model = dataclasses.replace(
-            model, max_tokens=min(model.max_tokens or _FINAL_MAX_TOKENS, _FINAL_MAX_TOKENS)
-        )
-        prompt = [*messages, Message("user", note)]
-        started = self._engine.clock()
-        reply = await self._root_turn(node, final_model, depth, prompt, kind="final")
-        marker = find_final(reply)
-        answer: str | None
-        if marker is None:
-            answer = reply.strip() or None
-        elif marker.kind == "var":
-            answer = await worker.get_variable(marker.value)
-        else:
-            answer = marker.value
-        if depth == 0 and self._logger is not None:
-            await self._log(self._logger, prompt, reply, (), answer, self._engine.clock() - started)
-        return answer
-
     async def _root_turn(
         self, node: Node, model: ModelConfig, depth: int, messages: list[Message], *, kind: CallKind
     ) -> str:
@@ -291,6 +349,7 @@ class RLMLoop:
             messages=tuple(messages),
             max_tokens=model.max_tokens,
             temperature=model.temperature,
+            sampling=model.sampling or None,
         )
         try:
             completion = await self._calls.call_model(node, depth, kind, request, model)
@@ -306,11 +365,12 @@ class RLMLoop:
         is replaced before anything else runs in it."""
         blocks = find_code_blocks(reply)
         parts: list[str] = []
+        results: list[CellResult] = []
+        logged: list[CodeBlock] = []
         limit = self._config.output_limit_chars
         turn_limit = self._config.turn_timeout_s
         clock = self._engine.clock
         deadline = None if turn_limit is None else clock() + turn_limit
-        logged: list[CodeBlock] = []
         for index, code in enumerate(blocks, start=1):
             left = None if deadline is None else deadline - clock()
             if left is not None and left <= 0:
@@ -338,9 +398,22 @@ class RLMLoop:
                     stderr_chars=0,
                     error=f"stopped at turn_timeout_s={turn_limit:g}",
                 )
-                parts.append(
-                    f"{_head(index, len(blocks))}:\n[stopped: the turn's time limit (turn_timeout_s="
-                    f"{turn_limit:g} s, all blocks of one reply together) ran out while this block ran]"
+                stopped = (
+                    f"[stopped: the turn's time limit (turn_timeout_s={turn_limit:g} s, all blocks of one "
+                    "reply together) ran out while this block ran]"
+                )
+                parts.append(f"{_head(index, len(blocks))}:\n{stopped}")
+                results.append(
+                    CellResult(
+                        stdout="",
+                        stderr="",
+                        error=stopped,
+                        status="timeout",
+                        final_answer=None,
+                        dropped_output_bytes=0,
+                        duration_s=left or 0.0,
+                        worker_dead=True,
+                    )
                 )
                 await self._ensure_alive(worker, parts)
                 if index < len(blocks):
@@ -357,18 +430,19 @@ class RLMLoop:
                 error=result.error,
             )
             parts.append(truncate_output(_cell_text(index, len(blocks), result), limit))
+            results.append(result)
             if result.worker_dead:
                 await self._ensure_alive(worker, parts, why=result.status)
             if result.final_answer is not None:
-                return _TurnResult(result.final_answer, _observation(parts, limit), tuple(logged))
+                return _TurnResult(result.final_answer, _observation(parts, limit), tuple(results), tuple(logged))
         marker = find_final(reply)
         if marker is not None:
             if marker.kind == "text":
-                return _TurnResult(marker.value, _observation(parts, limit), tuple(logged))
+                return _TurnResult(marker.value, _observation(parts, limit), tuple(results), tuple(logged))
             await self._ensure_alive(worker, parts)
             value = await worker.get_variable(marker.value)
             if value is not None:
-                return _TurnResult(value, _observation(parts, limit), tuple(logged))
+                return _TurnResult(value, _observation(parts, limit), tuple(results), tuple(logged))
             if not worker.alive:  # str() of it hung (or the worker died): not "no such variable"
                 timeout = self._config.sandbox.cell_timeout_s
                 parts.append(
@@ -387,7 +461,7 @@ class RLMLoop:
                 "Your reply had no ```repl block and no FINAL(...) line. Write Python in a ```repl block "
                 "to work with `context`, or give your answer as FINAL(...)."
             )
-        return _TurnResult(None, _observation(parts, limit), tuple(logged))
+        return _TurnResult(None, _observation(parts, limit), tuple(results), tuple(logged))
 
     async def _ensure_alive(self, worker: Worker, parts: list[str], *, why: str | None = None) -> None:
         """Replace a worker that is not running, and tell the model its variables are gone."""

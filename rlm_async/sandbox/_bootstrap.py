@@ -13,7 +13,7 @@ A frame is a `HEADER` (JSON length, blob length) then UTF-8 JSON, then the blob.
                        | getvar {name} | describe | setvar {name, type, aliases, append} + value blob
                        | reply {id, results} or {id, error, message}
                        | result {id, index, text} ... then reply {id, end}   (a stream)
-    worker -> engine   ready {pid} | request {id, kind, lengths, model} + prompts blob
+    worker -> engine   ready {pid} | request {id, kind, lengths, model[, tool]} + prompts blob
                        | cancel {id}   (a stream the code stopped iterating)
                        | done {cell, status, error, final_answer, dropped} | var {found, value}
                        | set {name} | names {names: {name: description}}
@@ -50,7 +50,7 @@ from typing import Any, NoReturn
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">II")
 """Every frame starts with (JSON length, blob length), both big-endian uint32."""
-REQUEST_KINDS = ("llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch")
+REQUEST_KINDS = ("llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch", "tool")
 EXIT_ENGINE_GONE = 0
 EXIT_MEMORY = 3
 EXIT_PROTOCOL = 4
@@ -69,8 +69,11 @@ HELPER_NAMES = frozenset(
         "SHOW_VARS",
         "FINAL_VAR",
         "BudgetExceeded",
+        "ToolError",
     }
 )
+PLAIN_TYPES = (str, int, float, bool, list, dict, tuple)
+"""The types whose variables the official observation format lists."""
 
 _DESCRIBED = 200
 """Variables `describe` lists at most."""
@@ -87,6 +90,11 @@ _MAIN_PID = [0]
 
 class BudgetExceeded(Exception):
     """The engine refused this sub-call: a budget cap would be crossed. Catch it to stop."""
+
+
+class ToolError(Exception):
+    """A custom tool failed on the host: it raised (the message ends with its traceback), or
+    its arguments or result were not JSON data."""
 
 
 # ---------------------------------------------------------------------------- framing
@@ -204,17 +212,33 @@ class _Channel:
                 f"{kind}: {len(prompts):,} prompts in one call, over the sandbox limit of "
                 f"{self.max_prompts:,} (SandboxConfig.max_batch_prompts); send fewer prompts per call"
             )
-        event = threading.Event()
-        slot: list[Any] = [event, None]
-        self._send_request(kind, prompts, model, slot)
-        event.wait()
-        reply: dict[str, Any] = slot[1]
+        reply = self._exchange(kind, prompts, model)
         if "results" in reply:
             results = reply["results"]
             if isinstance(results, list) and len(results) == len(prompts):
                 return [r if isinstance(r, str) else str(r) for r in results]
             raise RuntimeError(f"{kind}: malformed reply from the engine")
         _raise_refusal(reply)
+
+    def call_tool(self, name: str, payload: str) -> str:
+        """Call the host's tool `name` with JSON `payload`; its result as JSON text."""
+        reply = self._exchange("tool", [payload], None, tool=name)
+        results = reply.get("results")
+        if isinstance(results, list) and len(results) == 1 and isinstance(results[0], str):
+            return results[0]
+        if reply.get("error") == "tool":
+            raise ToolError(str(reply.get("message", "the tool failed")))
+        if "results" in reply:
+            raise RuntimeError(f"{name}: malformed reply from the engine")
+        _raise_refusal(reply)
+
+    def _exchange(self, kind: str, prompts: list[str], model: str | None, **extra: Any) -> dict[str, Any]:
+        event = threading.Event()
+        slot: list[Any] = [event, None]
+        self._send_request(kind, prompts, model, slot, extra)
+        event.wait()
+        reply: dict[str, Any] = slot[1]
+        return reply
 
     def stream(self, prompts: list[str], model: str | None) -> _ResultStream:
         """Send a streaming request; its results arrive on the returned iterator."""
@@ -235,7 +259,9 @@ class _Channel:
         else:
             self.deferred_cancels.append(rid)
 
-    def _send_request(self, kind: str, prompts: list[str], model: str | None, slot: Any) -> int:
+    def _send_request(
+        self, kind: str, prompts: list[str], model: str | None, slot: Any, extra: dict[str, Any] | None = None
+    ) -> int:
         with self.waiters_lock:
             self.next_id += 1
             rid = self.next_id
@@ -245,7 +271,15 @@ class _Channel:
             lengths = [len(b) for b in parts]
             blob_len = sum(lengths)
             head = encode_frame(
-                {"op": "request", "id": rid, "kind": kind, "lengths": lengths, "model": model}, blob_len
+                {
+                    "op": "request",
+                    "id": rid,
+                    "kind": kind,
+                    "lengths": lengths,
+                    "model": model,
+                    **(extra or {}),
+                },
+                blob_len,
             )
             size = len(head) + blob_len
             if size > self.max_message:
@@ -485,9 +519,20 @@ def _identity(fd: int) -> tuple[int, int] | None:
 
 
 class _Repl:
-    def __init__(self, channel: _Channel, context: object, output_limit: int) -> None:
+    def __init__(
+        self,
+        channel: _Channel,
+        context: object,
+        output_limit: int,
+        *,
+        tools: tuple[tuple[str, str], ...] = (),
+        values: dict[str, Any] | None = None,
+        list_variables: bool = False,
+    ) -> None:
         self.channel = channel
         self.output_limit = output_limit
+        self.list_variables = list_variables
+        self.value_names = list(values or {})
         self.stdout = _CappedWriter(1, "<stdout>")
         self.stderr = _CappedWriter(2, "<stderr>")
         self.streams = {name: _identity(fd) for fd, name in ((1, "stdout"), (2, "stderr"))}
@@ -508,10 +553,14 @@ class _Repl:
             "SHOW_VARS": self._show_vars,
             "FINAL_VAR": self._final_var,
             "BudgetExceeded": BudgetExceeded,
+            "ToolError": ToolError,
         }
         self.owned: dict[str, Any] = {}
         """Variables the engine set (`setvar`): a later `append` extends the engine's list
         even when the code rebound the name."""
+        for name, doc in tools:
+            self.ns[name] = self._tool(name, doc)
+        self.ns.update(values or {})
 
     # -- helpers visible to the code
     @staticmethod
@@ -564,6 +613,38 @@ class _Repl:
     def _rlm_batch(self, prompts: list[str], model: str | None = None) -> list[str]:
         """Hand several questions to child RLMs concurrently; replies come back in order."""
         return self._request("rlm_batch", self._check_prompts("rlm_query_batched", prompts), model)
+
+    def _tool(self, name: str, doc: str) -> Callable[..., Any]:
+        """The REPL's face of a host tool: its arguments go to the engine as JSON, the tool
+        runs there, and its JSON result comes back. The tool itself never comes here."""
+        channel, stdout, stderr = self.channel, self.stdout, self.stderr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                payload = _dumps({"args": list(args), "kwargs": kwargs}, ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(
+                    f"{name}: arguments must be JSON data (str, int, float, bool, None, lists, dicts "
+                    f"with str keys) to reach the host: {exc}"
+                ) from None
+            stdout.flush()
+            stderr.flush()
+            return _loads(channel.call_tool(name, payload))
+
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = doc or None
+        return call
+
+    def _plain_variables(self) -> list[str]:
+        """The names the official observation lists: plain-typed variables not starting with
+        "_", in its order (answer, injected values, context_0, context, then the rest)."""
+        first = ["answer", *self.value_names, "context_0", "context"]
+        rest = [n for n in self.ns if n not in first]
+        return [
+            n
+            for n in first + rest
+            if n in self.ns and not n.startswith("_") and isinstance(self.ns[n], PLAIN_TYPES)
+        ]
 
     def _show_vars(self) -> str:
         """The variables you created, with their types (and lengths where they have one)."""
@@ -639,6 +720,11 @@ class _Repl:
         ]
         if broken:
             done["streams"] = broken
+        if self.list_variables:
+            try:
+                done["variables"] = self._plain_variables()
+            except BaseException:
+                pass  # a namespace the code wrecked: no listing, never a broken report
         frame = encode_frame(done)
         with self.channel.send_lock:
             self.channel.cell_active = False
@@ -814,7 +900,18 @@ def main(argv: list[str]) -> None:
         context = _load_context(init.get("context_type"), _recv_exact(sock, blob_len))
     except MemoryError:
         os._exit(EXIT_MEMORY)
-    repl = _Repl(channel, context, int(init["output_limit"]))
+    try:
+        values = _loads(init.get("values") or "{}")
+    except MemoryError:
+        os._exit(EXIT_MEMORY)
+    repl = _Repl(
+        channel,
+        context,
+        int(init["output_limit"]),
+        tools=tuple((str(n), str(d)) for n, d in init.get("tools") or ()),
+        values=values,
+        list_variables=bool(init.get("list_variables")),
+    )
     del context
     sys.stdout, sys.stderr = repl.stdout, repl.stderr
     threading.Thread(target=channel.reader, name="rlm-control", daemon=True).start()

@@ -26,7 +26,7 @@ from . import _procs as procs
 from . import _seccomp as seccomp
 from . import _unprivileged as unprivileged
 from ._channel import Channel, ChannelClosed, ProtocolViolation
-from ._config import SandboxConfig
+from ._config import ReplSetup, SandboxConfig
 from ._isolation import Plan
 from ._output import Capture, drain, drain_now
 
@@ -156,7 +156,9 @@ def encode_context(context: Context) -> tuple[str, bytes]:
     return "json", text.encode("utf-8", "surrogatepass")
 
 
-async def launch_process(context: Context, config: SandboxConfig, plan: Plan) -> WorkerProcess:
+async def launch_process(
+    context: Context, config: SandboxConfig, plan: Plan, setup: ReplSetup | None = None
+) -> WorkerProcess:
     """Start a worker process, its context encoded but not yet sent (`load_context` does).
     Raises `ContextTypeError` for a context JSON cannot carry, `SandboxError` when the
     process cannot be started."""
@@ -193,6 +195,12 @@ async def launch_process(context: Context, config: SandboxConfig, plan: Plan) ->
             pass
     channel = Channel(parent_sock, max_inbound=config.max_message_bytes)
     init = _init_frame(config, plan, kind=kind, uid=uid, nproc=nproc, tmpdir=tmpdir)
+    if setup is not None:
+        init.update(
+            tools=[list(t) for t in setup.tools],
+            values=setup.values_json,
+            list_variables=setup.list_variables,
+        )
     return WorkerProcess(
         proc, channel, (out_r, err_r), config=config, uid=uid, tmpdir=tmpdir, init=init, blob=blob
     )

@@ -15,7 +15,7 @@ from .._context import Context, validate_context
 from ..exceptions import SandboxError
 from ._cell import CellExchange
 from ._channel import ChannelClosed, ProtocolViolation
-from ._config import WORKER_DEAD_STATUSES, CellResult, RequestHandler, SandboxConfig
+from ._config import WORKER_DEAD_STATUSES, CellResult, ReplSetup, RequestHandler, SandboxConfig
 from ._isolation import Plan, Tier, plan_isolation
 from ._output import Capture, drain, drain_now
 from ._process import WorkerProcess, encode_context, launch_process
@@ -35,13 +35,14 @@ class _SetVariable:
     aliases: tuple[str, ...]
 
 
-async def start_worker(context: Context, config: SandboxConfig) -> Worker:
-    """Start a worker with `context` (and `context_0`) loaded. Raises `ContextTypeError` for
+async def start_worker(context: Context, config: SandboxConfig, setup: ReplSetup | None = None) -> Worker:
+    """Start a worker with `context` (and `context_0`) loaded, and `setup`'s tools and
+    values (kept for every restart). Raises `ContextTypeError` for
     an unsupported context, `IsolationUnavailable` when no tier `config.isolation` allows
     can run here, `SandboxError` when the worker does not come up (the message says why)."""
     context = validate_context(context)  # a public entry of its own, as RLM.acompletion is
     plan = await plan_isolation(config)
-    return await Worker.start(context, config, plan)
+    return await Worker.start(context, config, plan, setup)
 
 
 class Worker:
@@ -58,9 +59,12 @@ class Worker:
     uid: int | None
     """The private host uid the worker runs as, or None when it keeps the engine's uid."""
 
-    def __init__(self, context: Context, config: SandboxConfig, plan: Plan) -> None:
+    def __init__(
+        self, context: Context, config: SandboxConfig, plan: Plan, setup: ReplSetup | None = None
+    ) -> None:
         """A worker not yet started: `Worker.start` (or `start_worker`) gives a running one."""
         self._context = context
+        self._setup = setup
         self._config = config
         self._plan = plan
         self.tier = plan.tier
@@ -75,9 +79,11 @@ class Worker:
         self._set: dict[str, _SetVariable] = {}
 
     @classmethod
-    async def start(cls, context: Context, config: SandboxConfig, plan: Plan) -> Worker:
+    async def start(
+        cls, context: Context, config: SandboxConfig, plan: Plan, setup: ReplSetup | None = None
+    ) -> Worker:
         """A running worker with `context` loaded, launched as `plan` says."""
-        worker = cls(context, config, plan)
+        worker = cls(context, config, plan, setup)
         await worker._spawn()
         return worker
 
@@ -89,7 +95,7 @@ class Worker:
     # -- life cycle
     async def _spawn(self) -> None:
         started = time.monotonic()
-        process = await launch_process(self._context, self._config, self._plan)
+        process = await launch_process(self._context, self._config, self._plan, self._setup)
         self._process, self.pid, self.uid, self._dead = process, process.pid, process.uid, None
         try:
             failure = await process.load_context()
@@ -211,6 +217,7 @@ class Worker:
             dropped_output_bytes=dropped,
             duration_s=time.monotonic() - started,
             worker_dead=status in WORKER_DEAD_STATUSES,
+            variables=outcome.variables,
         )
         _events.emit(
             _events.WorkerCell,
