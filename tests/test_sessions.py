@@ -106,9 +106,11 @@ class TestWorkerVariables:
 class TestSession:
     @pytest.mark.asyncio
     async def test_each_call_adds_context_n_and_history_n(self) -> None:
-        """Three calls in one session: the model's code finds its own counter and, as the
-        official package names them, context_0..2, history_0..1 and the two aliases."""
-        async with _rlm(_script(VARIABLES)) as (rlm, sim), rlm.session() as session:
+        """Three calls in one session, two turns each: the model's code finds its own counter
+        and, as the official package names them, context_0..2, history_0..1 and the two
+        aliases; the answer of one call never ends the next one's first turn."""
+        peek = "```repl\nprint(type(context).__name__)\n```"
+        async with _rlm(_script(peek, VARIABLES)) as (rlm, sim), rlm.session() as session:
             answers = [(await session.completion(ctx, "what?")).response for ctx in ("a", ["b"], {"c": "d"})]
             assert (session.contexts, session.histories) == (3, 3)
         assert answers == [
@@ -116,7 +118,7 @@ class TestSession:
             "call 2: ['context', 'context_0', 'context_1', 'history', 'history_0']",
             "call 3: ['context', 'context_0', 'context_1', 'context_2', 'history', 'history_0', 'history_1']",
         ]
-        assert len(sim.log.of_kind("root")) == 3
+        assert len(sim.log.of_kind("root")) == 6
 
     @pytest.mark.asyncio
     async def test_history_holds_the_messages_of_the_earlier_call(self) -> None:

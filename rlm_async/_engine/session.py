@@ -64,6 +64,8 @@ class SessionState:
                 await self.worker.set_variable(f"context_{index}", context)
             except SandboxError:
                 pass  # it had died while idle (and is killed now): the restart below loads the context
+            # The last call's answer must not end this one: its `answer` starts unset again.
+            await self._reset_answer()
             if not self.worker.alive:
                 await self.worker.restart()
                 lost = (
@@ -72,6 +74,13 @@ class SessionState:
                 )
         self.contexts = index + 1
         return self.worker, index, lost
+
+    async def _reset_answer(self) -> None:
+        assert self.worker is not None
+        try:
+            await self.worker.set_variable("answer", {"content": None, "ready": False})
+        except SandboxError:
+            pass  # dead: a fresh worker's answer is unset anyway
 
     async def add_history(self, messages: list[Message]) -> None:
         """Keep one call's messages as the next `history_N` (`history` is `history_0`, unless
