@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -424,7 +425,10 @@ class RLM:
     def session(self) -> Session:
         """A persistent REPL across calls: `async with rlm.session() as s: await
         s.completion(...)`. Leaving the block kills its worker (see `rlm_async.Session`)."""
-        return Session(self)
+        return Session(self._run, self._open_session)
+
+    async def _open_session(self) -> SessionState:
+        return (await self._engine()).open_session()
 
     async def acompletion(
         self,
@@ -448,17 +452,14 @@ class RLM:
             session = self._sessions.get(loop)
             if session is None:
                 session = self._sessions[loop] = self.session()
-            state = await session._open()
-            async with state.busy:
-                return await self._run(
-                    prompt,
-                    root_prompt,
-                    event_sinks=event_sinks,
-                    max_depth=max_depth,
-                    budget=budget,
-                    ledger_parent=ledger_parent,
-                    session=state,
-                )
+            return await session.completion(
+                prompt,
+                root_prompt,
+                event_sinks=event_sinks,
+                max_depth=max_depth,
+                budget=budget,
+                ledger_parent=ledger_parent,
+            )
         return await self._run(
             prompt, root_prompt, event_sinks=event_sinks, max_depth=max_depth, budget=budget, ledger_parent=ledger_parent
         )
@@ -598,21 +599,35 @@ class RLM:
 
 
 class _Portal:
-    """An event loop in a thread of its own, for synchronous calls of a persistent RLM: its
-    worker (a process the loop owns) outlives each call, so the loop must too."""
+    """An event loop in a daemon thread of its own, for synchronous calls of a persistent
+    RLM: its worker (a process the loop owns) outlives each call, so the loop must too.
+    A daemon, so that a program that never calls `close()` still exits; its workers then
+    die with the process (each tier's worker dies with its parent)."""
 
     def __init__(self) -> None:
-        self._cm = anyio.from_thread.start_blocking_portal()
-        self._portal = self._cm.__enter__()
+        self._ready = threading.Event()
+        self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._thread = threading.Thread(target=anyio.run, args=(self._serve,), name="rlm-async-session", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    async def _serve(self) -> None:
+        async with anyio.from_thread.BlockingPortal() as portal:
+            self._portal = portal
+            self._ready.set()
+            await portal.sleep_until_stopped()
 
     def call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+        assert self._portal is not None
         return self._portal.call(func, *args)
 
     def close(self, aclose: Callable[[], Awaitable[None]]) -> None:
+        assert self._portal is not None
         try:
             self._portal.call(aclose)
         finally:
-            self._cm.__exit__(None, None, None)
+            self._portal.call(self._portal.stop)
+            self._thread.join()
 
 
 def _log_metadata(

@@ -18,8 +18,8 @@ outside any session, run concurrently as before.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio.lowlevel
 
@@ -29,18 +29,22 @@ from ._engine.session import SessionState
 from ._result import RLMResult
 from .exceptions import ConfigError
 
-if TYPE_CHECKING:
-    from ._rlm import RLM
-
 __all__ = ["Session"]
+
+
+RunQuery = Callable[..., Awaitable[RLMResult]]
+"""How a session runs one query: `RLM`'s own query path, called with `session=` its state."""
 
 
 class Session:
     """A persistent REPL across calls of one `RLM`, bound to the event loop it was first used
     in. Use it as `async with`; `aclose()` ends it by hand. Not reusable once closed."""
 
-    def __init__(self, rlm: RLM) -> None:
-        self._rlm = rlm
+    def __init__(self, run: RunQuery, open_state: Callable[[], Awaitable[SessionState]]) -> None:
+        """Made by `RLM.session()`: `run` runs a query in a session's state, `open_state`
+        makes that state (in the engine of the current event loop)."""
+        self._run = run
+        self._open_state = open_state
         self._state: SessionState | None = None
         self._loop: object | None = None
         self._closed = False
@@ -73,11 +77,13 @@ class Session:
         root_prompt: str | None = None,
         *,
         event_sinks: Sequence[_events.EventSink] = (),
+        **options: Any,
     ) -> RLMResult:
-        """`RLM.acompletion` in this session's REPL: `prompt` becomes the next `context_N`."""
+        """`RLM.acompletion` in this session's REPL: `prompt` becomes the next `context_N`.
+        `options` are `acompletion`'s other keyword arguments (`max_depth`, `budget`, ...)."""
         state = await self._open()
         async with state.busy:
-            return await self._rlm._run(prompt, root_prompt, event_sinks=event_sinks, session=state)
+            return await self._run(prompt, root_prompt, event_sinks=event_sinks, session=state, **options)
 
     acompletion = completion
 
@@ -93,8 +99,7 @@ class Session:
             raise ConfigError("this session is closed; open a new one with rlm.session()")
         loop = anyio.lowlevel.current_token()
         if self._state is None:
-            engine = await self._rlm._engine()
-            self._state, self._loop = engine.open_session(), loop
+            self._state, self._loop = await self._open_state(), loop
         elif loop != self._loop:
             raise ConfigError(
                 "this session's worker belongs to another event loop; use a session only in the loop "

@@ -11,6 +11,10 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -240,6 +244,56 @@ class TestSyncPersistent:
             "call 2: ['context', 'context_0', 'context_1', 'history', 'history_0']",
         ]
         assert len(events.of(WorkerStart)) == 1
+
+    def test_a_program_that_never_calls_close_still_exits(self, tmp_path: Path) -> None:
+        """The kept event loop runs in a daemon thread: a script that forgets `close()`
+        exits, and its worker dies with it (no process of it is left)."""
+        script = tmp_path / "forgets_close.py"
+        script.write_text(
+            textwrap.dedent(
+                f"""
+                import dataclasses, os, sys
+                from rlm_async import RLM, ModelPrice
+                from rlm_async.sandbox import _procs as procs
+                sys.path.insert(0, {str(Path(__file__).parent)!r})
+                from conftest import sandbox_config
+                base_url, sim = sys.argv[1], int(sys.argv[2])
+                model = {{"model_name": "sim-model", "base_url": base_url, "prices": ModelPrice.free()}}
+                rlm = RLM(backend="openai", persistent=True, backend_kwargs=model)
+                rlm.config = dataclasses.replace(rlm.config, sandbox=sandbox_config())
+                print(rlm.completion("x", "q").response)
+                tree = procs.survivors(root=os.getpid(), group=None, uid=None)
+                print(" ".join(str(p.pid) for p in tree if p.pid != sim and p.state not in ("Z", "X")), flush=True)
+                """
+            )
+        )
+        with SimProcess(_script(VARIABLES), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            done = subprocess.run(
+                [sys.executable, "-W", "ignore", str(script), sim.base_url, str(sim.pid)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+        assert done.returncode == 0, done.stderr[-2000:]
+        answer, pids = done.stdout.splitlines()[:2]
+        assert answer == "call 1: ['context', 'context_0']"
+        workers = [int(p) for p in pids.split()]
+        assert workers  # the session's worker was running when the script ended
+
+        def running() -> list[int]:
+            return [
+                pid
+                for pid in workers
+                if (p := procs._read_proc(pid)) is not None and p.state not in ("Z", "X")
+            ]
+
+        for _ in range(100):  # each tier's worker dies with its parent, within moments
+            if not running():
+                break
+            time.sleep(0.05)
+        assert running() == []
 
 
 STEPS = """```repl
