@@ -36,7 +36,12 @@ def scripted(*replies: str, **config: Any) -> SimConfig:
 
 async def run(sim: SimServer, *, context: str = "some text", **kwargs: Any) -> RLMResult:
     """`RLM(...)` with the official arguments, the simulator as its server, the test sandbox."""
-    backend = {"model_name": "sim-model", "base_url": sim.base_url, "api_key": "k", "prices": ModelPrice.free()}
+    backend = {
+        "model_name": "sim-model",
+        "base_url": sim.base_url,
+        "api_key": "k",
+        "prices": ModelPrice.free(),
+    }
     rlm = RLM(backend="openai", backend_kwargs=backend, **kwargs)
     rlm.config = dataclasses.replace(rlm.config, sandbox=sandbox_config())
     async with rlm:
@@ -59,7 +64,12 @@ class TestSampling:
         async with SimServer(scripted(code)) as sim:
             await run(
                 sim,
-                sampling_args={"temperature": 0.5, "top_p": 0.9, "max_tokens": 300, "extra_body": {"top_k": 4}},
+                sampling_args={
+                    "temperature": 0.5,
+                    "top_p": 0.9,
+                    "max_tokens": 300,
+                    "extra_body": {"top_k": 4},
+                },
                 sub_sampling_args={"seed": 9, "stop": ["END"]},
             )
             root, sub = bodies(sim)
@@ -114,7 +124,11 @@ class TestMaxErrors:
             result = await run(sim, max_errors=3, max_iterations=10)
             requests = len(sim.log)
         assert result.status == "error"
-        assert result.detail is not None and "max_errors (3)" in result.detail and "ValueError: nope" in result.detail
+        assert (
+            result.detail is not None
+            and "max_errors (3)" in result.detail
+            and "ValueError: nope" in result.detail
+        )
         assert requests == 3
 
     @pytest.mark.asyncio
@@ -141,7 +155,9 @@ class TestPrologueAndPrompts:
         """orchestrator is accepted; it adds the official addendum to a custom_system_prompt,
         and rlm_async's own default prompt stays as it is."""
         assert RLM(backend_kwargs=LOCAL, orchestrator=False).config.official_prompt is None
-        prompt = RLM(backend_kwargs=LOCAL, custom_system_prompt="Be brief.", orchestrator=False).config.official_prompt
+        prompt = RLM(
+            backend_kwargs=LOCAL, custom_system_prompt="Be brief.", orchestrator=False
+        ).config.official_prompt
         assert prompt is not None and prompt.orchestrator is False
 
     def test_a_prompt_that_str_format_cannot_fill_is_refused(self) -> None:
@@ -173,7 +189,12 @@ class TestConcurrency:
         """The cap lands on every configured copy of the sub model's endpoint+model (the
         governor's limits are per endpoint+model and global), and nowhere else."""
         other = {"model_name": "other", "base_url": "http://127.0.0.1:9/v1", "api_key": "k"}
-        rlm = RLM(backend_kwargs=LOCAL, other_backends=["openai"], other_backend_kwargs=[other], max_concurrent_subcalls=3)
+        rlm = RLM(
+            backend_kwargs=LOCAL,
+            other_backends=["openai"],
+            other_backend_kwargs=[other],
+            max_concurrent_subcalls=3,
+        )
         assert rlm.config.sub is not None and rlm.config.sub.limits.max_concurrency == 3
         assert rlm.config.root.limits.max_concurrency != 3
         with pytest.raises(ConfigError, match="max_concurrent_subcalls"):
@@ -181,7 +202,9 @@ class TestConcurrency:
 
 
 class TestEnvironment:
-    @pytest.mark.parametrize(("environment", "isolation"), [("local", "auto"), ("ipython", "auto"), ("docker", "bubblewrap")])
+    @pytest.mark.parametrize(
+        ("environment", "isolation"), [("local", "auto"), ("ipython", "auto"), ("docker", "bubblewrap")]
+    )
     def test_environments_map_to_a_sandbox_tier(self, environment: str, isolation: str) -> None:
         """local and ipython keep the configured tier; docker is the bubblewrap tier."""
         assert RLM(backend_kwargs=LOCAL, environment=environment).config.sandbox.isolation == isolation
@@ -189,7 +212,9 @@ class TestEnvironment:
     @pytest.mark.parametrize("environment", ["modal", "e2b", "daytona", "prime"])
     def test_remote_environments_are_refused_naming_what_runs_instead(self, environment: str) -> None:
         """A remote cloud sandbox is refused with a message naming what rlm_async uses instead."""
-        with pytest.raises(ConfigError, match=f"'{environment}'.*sandboxed worker process on this machine.*'local'"):
+        with pytest.raises(
+            ConfigError, match=f"'{environment}'.*sandboxed worker process on this machine.*'local'"
+        ):
             RLM(backend_kwargs=LOCAL, environment=environment)
 
     def test_an_unknown_environment_is_refused(self) -> None:

@@ -54,7 +54,9 @@ TURNS = [
 
 def sim_for(replies: list[str]) -> SimConfig:
     # Neither package's prompt is the simulator's own, so its "other" policy answers both.
-    return SimConfig(record_bodies=True, policies=Policies(other=PolicySpec(name="script", options={"replies": replies})))
+    return SimConfig(
+        record_bodies=True, policies=Policies(other=PolicySpec(name="script", options={"replies": replies}))
+    )
 
 
 def official_script(kwargs: dict[str, Any]) -> str:
@@ -171,12 +173,16 @@ class TestOfficialPrompt:
         requests."""
         failing = [fence("print('try')\nraise ValueError('bad input')")]
         kwargs = {"custom_system_prompt": PROMPT, "max_iterations": 6, "max_errors": 2}
-        script = official_script(kwargs).replace(
-            "res = r.completion(",
-            "from rlm.utils.exceptions import ErrorThresholdExceededError\ntry:\n    res = r.completion(",
-        ).replace(
-            "report(answer=res.response, received=received)",
-            "except ErrorThresholdExceededError as exc:\n    report(error=str(exc))",
+        script = (
+            official_script(kwargs)
+            .replace(
+                "res = r.completion(",
+                "from rlm.utils.exceptions import ErrorThresholdExceededError\ntry:\n    res = r.completion(",
+            )
+            .replace(
+                "report(answer=res.response, received=received)",
+                "except ErrorThresholdExceededError as exc:\n    report(error=str(exc))",
+            )
         )
         script = script.replace("\nres = r.completion", "\n    res = r.completion")
         async with SimServer(sim_for(failing)) as sim:
