@@ -136,7 +136,9 @@ class RLMLoop:
         config = self._config
         official = config.official_prompt is not None
         messages = self._opening(context, root_prompt, depth)
-        tools = ToolRunner(config.tools_for_depth(depth), self._state.ledger, self._engine.tool_limiters)
+        tools = ToolRunner(
+            config.tools_for_depth(depth), self._state.ledger, self._engine.tool_limiters, clock=self._engine.clock
+        )
         handler = SubCallHandler(
             self._engine, self._state, self._calls, self._run_child, node=node, depth=depth, tools=tools
         )
