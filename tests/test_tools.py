@@ -328,6 +328,27 @@ class TestLimits:
 
 
 class TestSubTools:
+    @pytest.mark.asyncio
+    async def test_a_child_rlm_calls_its_sub_tools(self) -> None:
+        """A child RLM (rlm_query under max_depth=2) has custom_sub_tools and not the root's
+        custom_tools; the root has its own."""
+        root = fence(
+            "r = rlm_query('a task for the child')\n"
+            "answer['content'] = f\"root:{root_only()} {'sub_only' in globals()} child:{r}\"\nanswer['ready'] = True"
+        )
+        child = fence("answer['content'] = f\"{sub_only()} {'root_only' in globals()}\"\nanswer['ready'] = True")
+        policy = PolicySpec(name="script", options={"replies": [child], "by_query": {"Use the tools.": [root]}})
+        config = SimConfig(policies=Policies(root=policy))
+        async with SimServer(config) as sim:
+            rlm = RLM(
+                config=sim_config(sim, max_depth=2),
+                custom_tools={"root_only": lambda: "R"},
+                custom_sub_tools={"sub_only": lambda: "S"},
+            )
+            async with rlm:
+                result = await rlm.acompletion("ctx", "Use the tools.")
+        assert result.response == "root:R False child:S False"
+
     def test_child_rlms_get_the_sub_tools(self) -> None:
         """custom_sub_tools are a child RLM's tools; without them, children inherit custom_tools."""
         rlm = RLM(
@@ -343,3 +364,44 @@ class TestSubTools:
 
     def names(self, entries: Sequence[Any]) -> list[str]:
         return [e.name for e in entries]
+
+
+class TestProtocol:
+    def test_a_tool_request_names_a_tool_and_no_model(self) -> None:
+        """The engine reads a worker's tool request strictly: an identifier as the tool, no
+        model, one argument blob; a tool name on any other request is a violation."""
+        from rlm_async.sandbox._channel import ProtocolViolation
+        from rlm_async.sandbox._protocol import parse_request
+
+        blob = bytearray(b'{"args": [], "kwargs": {}}')
+        rid, request = parse_request(
+            {"op": "request", "id": 1, "kind": "tool", "tool": "f", "lengths": [len(blob)]}, blob
+        )
+        assert (rid, request.op, request.tool, request.prompts) == (1, "tool", "f", (blob.decode(),))
+        for bad in (
+            {"kind": "tool", "tool": "not a name"},
+            {"kind": "tool", "tool": None},
+            {"kind": "tool", "tool": "f", "model": "m"},
+            {"kind": "llm_query", "tool": "f"},
+        ):
+            with pytest.raises(ProtocolViolation):
+                parse_request({"op": "request", "id": 2, "lengths": [len(blob)], "model": None, **bad}, blob)
+
+    @pytest.mark.asyncio
+    async def test_a_forged_call_of_an_unknown_tool_is_a_tool_error(self) -> None:
+        """Code that forges a request for a tool that does not exist gets ToolError; the
+        engine runs nothing and the worker lives on."""
+        code = (
+            "import json\nch = llm_query.__self__.channel\n"
+            "try:\n    ch.call_tool('nope', json.dumps({'args': [], 'kwargs': {}}))\n"
+            "except ToolError as e:\n    print('REFUSED', e)\n"
+            "try:\n    ch.call_tool('known', 'not json')\n"
+            "except ToolError as e:\n    print('REFUSED', e)"
+        )
+        ran: list[int] = []
+        async with SimServer(scripted(fence(code), DONE)) as sim:
+            result = await run(sim, {"known": lambda: ran.append(1)})
+            shown = user_messages(sim)[1]
+        assert "REFUSED there is no tool named 'nope' here" in shown
+        assert "REFUSED known: the arguments are not JSON" in shown
+        assert ran == [] and result.status == "ok"

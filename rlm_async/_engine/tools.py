@@ -62,10 +62,13 @@ class ToolRunner:
     """Serves one RLM node's tool calls: its `custom_tools` (root) or `custom_sub_tools`
     (a child RLM)."""
 
-    def __init__(self, tools: ToolSet, ledger: BudgetLedger, limiters: ToolLimiters) -> None:
+    def __init__(
+        self, tools: ToolSet, ledger: BudgetLedger, limiters: ToolLimiters, *, clock: Callable[[], float]
+    ) -> None:
         self._tools = tools
         self._ledger = ledger
         self._limiters = limiters
+        self._clock = clock
 
     async def call(self, name: str, payload: str) -> str:
         """Run tool `name` on the JSON arguments `payload`; its result as JSON text. Raises
@@ -77,7 +80,7 @@ class ToolRunner:
         charge = Charge(Usage(calls=1), Decimal(0))
         reservation = self._ledger.reserve(charge, model=f"tool:{name}")  # BudgetExceeded: not run
         _events.emit(_events.ToolStart, tool=name)
-        started = anyio.current_time()
+        started = self._clock()
         status, error = "ok", None
         try:
             limiter = self._limiters.get(entry)
@@ -103,7 +106,7 @@ class ToolRunner:
                 _events.ToolFinish,
                 tool=name,
                 status=status,
-                duration_s=anyio.current_time() - started,
+                duration_s=self._clock() - started,
                 error=error,
             )
 

@@ -193,7 +193,9 @@ class RLMLoop:
         official per-turn message names."""
         config = self._config
         official = config.official_prompt is not None
-        tools = ToolRunner(config.tools_for_depth(depth), self._state.ledger, self._engine.tool_limiters)
+        tools = ToolRunner(
+            config.tools_for_depth(depth), self._state.ledger, self._engine.tool_limiters, clock=self._engine.clock
+        )
         handler = SubCallHandler(
             self._engine, self._state, self._calls, self._run_child, node=node, depth=depth, tools=tools
         )
