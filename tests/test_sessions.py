@@ -176,6 +176,32 @@ class TestSession:
         assert "'context_2'" in third.response and "'history_1'" in third.response
 
     @pytest.mark.asyncio
+    async def test_with_the_official_prompt_format_the_model_is_told_too(self) -> None:
+        """With `custom_system_prompt` (the official message formats), a crash mid-cell is
+        still told after the official "REPL output:" message, and the contexts and history
+        are back in the fresh worker."""
+        crash = "```repl\nimport os, signal\nmine = 1\nos.kill(os.getpid(), signal.SIGKILL)\n```"
+        check = (
+            '```repl\nanswer["content"] = f"{sorted(n for n in dir() if n.startswith((\'context\', '
+            "'history', 'mine')))}\"\nanswer[\"ready\"] = True\n```"
+        )
+        logger = RLMLogger()
+        async with open_sim(_script(crash, check)) as sim:
+            official = RLM(config=sim_config(sim), custom_system_prompt="You are an RLM.", logger=logger)
+            async with official.session() as session:
+                await session.completion("first", "one")
+                second = await session.completion("second", "two")
+            await official.aclose()
+        assert second.response == "['context', 'context_0', 'context_1', 'history', 'history_0']"
+        assert second.metadata is not None
+        told = second.metadata["iterations"][1]["prompt"]
+        observation = next(m["content"] for m in reversed(told) if m["content"].startswith("REPL output:"))
+        assert "[the REPL worker was killed" in observation and "every context and history" in observation
+        assert told[-1]["content"].endswith(
+            "(context_0 through context_1).\n\nNote: You have 1 prior conversation history available in the `history` variable."
+        )
+
+    @pytest.mark.asyncio
     async def test_a_worker_killed_between_calls_is_replaced_and_the_model_told(self) -> None:
         """Killed from outside while idle: the next call starts a fresh worker, reloads the
         contexts and histories, and its first message says the variables are gone."""

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["RLMLoop"]
 
 _FINAL_MAX_TOKENS = 512
+_RESTART_NOTICE = "[the REPL worker was killed"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -59,6 +60,12 @@ class _TurnResult:
     results: tuple[CellResult, ...] = ()
     blocks: tuple[CodeBlock, ...] = ()
     """Each code block run and what it did, for the official log (only when one is kept)."""
+
+    @property
+    def restarts(self) -> list[str]:
+        """The notices of workers replaced during the turn (in `observation` already; the
+        official observation format, made from `results`, adds them itself)."""
+        return [line for line in self.observation.split("\n\n") if line.startswith(_RESTART_NOTICE)]
 
     @property
     def failed(self) -> bool:
@@ -253,7 +260,8 @@ class RLMLoop:
             if not official:
                 messages.append(Message("user", self._feedback(turn.observation, iteration)))
             elif (seen := _official_prompts.observation(turn.results, config.output_limit_chars)) is not None:
-                messages.append(Message("user", seen))
+                # A replaced worker is ours to tell of: the official REPL never restarts.
+                messages.append(Message("user", "\n\n".join([seen, *turn.restarts])))
             if compactor is not None:
                 await compactor.record(worker, messages[turn_start:])
         # Out of iterations: one last call asks for the best answer from what is known.
@@ -473,7 +481,7 @@ class RLMLoop:
         session = worker.holds("context_1") or worker.holds("history_0")
         reloaded = "every context and history (context_N, history_N) is" if session else "`context` is"
         parts.append(
-            f"[the REPL worker was killed ({why or 'it had stopped'}) and a fresh one started: {reloaded} "
+            f"{_RESTART_NOTICE} ({why or 'it had stopped'}) and a fresh one started: {reloaded} "
             "reloaded, but every variable you created is gone]"
         )
 
