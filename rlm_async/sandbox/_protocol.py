@@ -86,6 +86,9 @@ def parse_request(
             raise ProtocolViolation("a tool request names its tool as an identifier, and no model")
     elif tool is not None:
         raise ProtocolViolation(f"a {kind} request names no tool")
+    hedge = msg.get("hedge")
+    if hedge is not None and not isinstance(hedge, bool):
+        raise ProtocolViolation("request hedge must be a bool or null")
     single = kind in ("llm_query", "rlm_query", "tool")
     if "lengths" in msg:
         if "prompts" in msg:
@@ -104,7 +107,11 @@ def parse_request(
             raise ProtocolViolation(f"{kind} carries exactly one prompt")
         prompts = tuple(clean(p) for p in raw)
     return rid, WorkerRequest(
-        op=kind, prompts=prompts, model=None if model is None else clean(model), tool=tool
+        op=kind,
+        prompts=prompts,
+        model=None if model is None else clean(model),
+        tool=tool,
+        hedge=hedge,
     )
 
 
