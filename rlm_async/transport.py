@@ -198,6 +198,8 @@ def _body(request: ModelRequest) -> dict[str, Any]:
         body["temperature"] = request.temperature
     if request.prompt_cache_key is not None:
         body["prompt_cache_key"] = request.prompt_cache_key
+    if request.sampling:
+        body.update(request.sampling)
     return body
 
 
@@ -480,7 +482,12 @@ class OpenAISDKTransport(Transport):
     async def complete(self, request: ModelRequest) -> Completion:
         openai = self._openai
         try:
-            raw = await self._client.chat.completions.with_raw_response.create(**_body(request))
+            body = _body(request)
+            # The SDK's create() takes only the fields it knows: sampling fields go as extra_body.
+            extra = {k: body.pop(k) for k in (request.sampling or {})}
+            raw = await self._client.chat.completions.with_raw_response.create(
+                **body, extra_body=extra or None
+            )
             data = orjson.loads(raw.http_response.content)
         except openai.APIStatusError as exc:
             raise _status_error(
@@ -515,7 +522,9 @@ class OpenAISDKTransport(Transport):
         content = orjson.dumps(body) if body is not None else None
         try:
             # Probes are rare and small: the pooled httpx client, not the SDK's request handling.
-            response = await self._http.request(method, url, content=content, headers=headers, timeout=timeout_s)
+            response = await self._http.request(
+                method, url, content=content, headers=headers, timeout=timeout_s
+            )
         except self._httpx.HTTPError:
             return None
         return ProbeResponse(response.status_code, _json_or_none(response.content))

@@ -19,9 +19,12 @@ from .._journal import Journal
 from .._result import RLMResult
 from .._servers import ServerProfile, ServerSettings, detect, resolve, window_from_error
 from .._types import ModelRequest
+from ..logger import RLMLogger
 from ..transport import Transport
 from .query import Query
+from .session import SessionState
 from .slots import WorkerSlots
+from .tools import ToolLimiters
 
 __all__ = ["Engine"]
 
@@ -54,6 +57,8 @@ class Engine:
         self._profiles: dict[str, ServerProfile] = {}
         self._settings: dict[ModelConfig, ServerSettings] = {}
         self._detecting = anyio.Lock()
+        self.tool_limiters = ToolLimiters()
+        """Per-tool concurrency caps (`Tool.max_concurrency`), shared by every query."""
 
     def with_config(self, config: RLMConfig) -> Engine:
         """An engine for `config` (the same models; other limits, depth or budget) that shares
@@ -73,6 +78,7 @@ class Engine:
         derived._profiles = self._profiles
         derived._settings = self._settings
         derived._detecting = self._detecting
+        derived.tool_limiters = self.tool_limiters
         return derived
 
     def planner(
@@ -145,8 +151,13 @@ class Engine:
         sinks: tuple[_events.EventSink, ...] = (),
         query_id: str = "q1",
         ledger_parent: BudgetLedger | None = None,
+        session: SessionState | None = None,
+        logger: RLMLogger | None = None,
     ) -> RLMResult:
-        query = Query(self, query_id=query_id, ledger_parent=ledger_parent)
+        """One query. With `session`, its root runs in the session's worker (contexts and
+        histories of earlier calls there); with `logger`, its root turns go into the
+        official log."""
+        query = Query(self, query_id=query_id, ledger_parent=ledger_parent, session=session, logger=logger)
         query.check_prices()
         kept: list[_events.Event] = []
         if self.config.keep_events:
@@ -154,4 +165,13 @@ class Engine:
         with _events.sinks(*sinks, clock=self.clock), _events.bind(query_id=query_id):
             result = await query.run(context, root_prompt)
         result.events = kept
+        if logger is not None:
+            result.metadata = logger.get_trajectory()
         return result
+
+    def open_session(self) -> SessionState:
+        """A persistent session's state: its root worker starts at its first query."""
+        config = self.config
+        return SessionState(
+            slots=self.slots, sandbox=config.sandbox, below=config.max_depth - 1, compaction=config.compaction
+        )

@@ -26,7 +26,7 @@ from . import _procs as procs
 from . import _seccomp as seccomp
 from . import _unprivileged as unprivileged
 from ._channel import Channel, ChannelClosed, ProtocolViolation
-from ._config import SandboxConfig
+from ._config import ReplSetup, SandboxConfig
 from ._isolation import Plan
 from ._output import Capture, drain, drain_now
 
@@ -171,7 +171,12 @@ _shared_uid = _SharedUidWorkers()
 
 
 async def launch_process(
-    context: Context, config: SandboxConfig, plan: Plan, *, peers: int | None = None
+    context: Context,
+    config: SandboxConfig,
+    plan: Plan,
+    setup: ReplSetup | None = None,
+    *,
+    peers: int | None = None,
 ) -> WorkerProcess:
     """Start a worker process, its context encoded but not yet sent (`load_context` does).
     `peers`: how many workers the caller may keep alive at once (see `start_worker`).
@@ -186,7 +191,14 @@ async def launch_process(
         _shared_uid.live += 1  # before counting: workers starting together see each other
     try:
         return await _launch(
-            context_kind=kind, blob=blob, config=config, plan=plan, uid=uid, shares_uid=shares_uid, peers=peers
+            context_kind=kind,
+            blob=blob,
+            config=config,
+            plan=plan,
+            setup=setup,
+            uid=uid,
+            shares_uid=shares_uid,
+            peers=peers,
         )
     except BaseException:
         if shares_uid:
@@ -200,6 +212,7 @@ async def _launch(
     blob: bytes,
     config: SandboxConfig,
     plan: Plan,
+    setup: ReplSetup | None,
     uid: int | None,
     shares_uid: bool,
     peers: int | None,
@@ -233,6 +246,12 @@ async def _launch(
             pass
     channel = Channel(parent_sock, max_inbound=config.max_message_bytes)
     init = _init_frame(config, plan, kind=context_kind, uid=uid, nproc=nproc, tmpdir=tmpdir)
+    if setup is not None:
+        init.update(
+            tools=[list(t) for t in setup.tools],
+            values=setup.values_json,
+            list_variables=setup.list_variables,
+        )
     return WorkerProcess(
         proc,
         channel,
