@@ -28,6 +28,7 @@ from ..exceptions import BudgetExceeded, FatalError, RetryableError
 from ..sandbox import CellResult, ReplSetup, Worker, start_worker
 from .calls import CallPath
 from .fanout import SubCallHandler
+from .hedge import book_for, hedge_alone
 from .outcome import RunEnded, RunOutcome
 from .state import QueryState
 from .tools import ToolRunner
@@ -113,7 +114,10 @@ class RLMLoop:
             system = _official_prompts.system_message(config.official_prompt, tools)
             first = _official_prompts.metadata_message(context, root_prompt)
         else:
-            system = config.system_prompt or root_system_prompt(completion_order=config.completion_order)
+            system = config.system_prompt or root_system_prompt(
+                completion_order=config.completion_order,
+                hedging=config.model_for_depth(depth + 1).hedge.enabled,
+            )
             system += tools.prompt_section()
             first = first_user_message(describe_context(context), root_prompt)
         messages = [Message("system", system), Message("user", first)]
@@ -251,7 +255,19 @@ class RLMLoop:
             sampling=model.sampling or None,
         )
         try:
-            completion = await self._calls.call_model(node, depth, kind, request, model)
+            if kind == "child" and model.hedge.enabled:
+                # A child RLM is hedged call by call: its turns here, its sub-calls in their
+                # fan-outs. A second whole child would replay the first's calls (the journal
+                # sends identical calls in flight once) and cost a worker.
+                completion = await hedge_alone(
+                    model.hedge,
+                    book_for(self._engine.governor),
+                    key=f"{model.model} (child turns)",
+                    clock=self._engine.clock,
+                    call=lambda hedge: self._calls.call_model(node, depth, kind, request, model, hedge=hedge),
+                )
+            else:
+                completion = await self._calls.call_model(node, depth, kind, request, model)
         except (FatalError, RetryableError) as exc:
             raise RunEnded("error", f"root model call failed: {exc}") from exc
         return completion.text

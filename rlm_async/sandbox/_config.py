@@ -174,6 +174,9 @@ class WorkerRequest:
     """The prompts; for "tool", one: the call's arguments as JSON text
     (`{"args": [...], "kwargs": {...}}`), untrusted."""
     model: str | None
+    hedge: bool | None = None
+    """The code's `hedge=` argument: `False` turns hedging off for this request, `True` on
+    (with the model's `HedgeConfig` otherwise), `None` leaves the model's setting."""
     on_result: OnResult | None = field(default=None, compare=False)
     """Set by the sandbox for `llm_batch_stream` (the REPL's `llm_batch_as_completed`): the
     handler calls it as each slot is filled, so the worker can yield answers in completion

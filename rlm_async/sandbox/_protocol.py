@@ -80,10 +80,13 @@ def parse_request(
         raise ProtocolViolation(f"unknown request kind {kind!r}")
     if model is not None and not isinstance(model, str):
         raise ProtocolViolation("request model must be a str or null")
+    hedge = msg.get("hedge")
+    if hedge is not None and not isinstance(hedge, bool):
+        raise ProtocolViolation("request hedge must be a bool or null")
     tool = msg.get("tool")
     if kind == "tool":
-        if not isinstance(tool, str) or not tool.isidentifier() or model is not None:
-            raise ProtocolViolation("a tool request names its tool as an identifier, and no model")
+        if not isinstance(tool, str) or not tool.isidentifier() or model is not None or hedge is not None:
+            raise ProtocolViolation("a tool request names its tool as an identifier, and no model or hedge")
     elif tool is not None:
         raise ProtocolViolation(f"a {kind} request names no tool")
     single = kind in ("llm_query", "rlm_query", "tool")
@@ -104,7 +107,7 @@ def parse_request(
             raise ProtocolViolation(f"{kind} carries exactly one prompt")
         prompts = tuple(clean(p) for p in raw)
     return rid, WorkerRequest(
-        op=kind, prompts=prompts, model=None if model is None else clean(model), tool=tool
+        op=kind, prompts=prompts, model=None if model is None else clean(model), hedge=hedge, tool=tool
     )
 
 
