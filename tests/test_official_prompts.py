@@ -194,3 +194,21 @@ class TestOfficialPrompt:
         assert ours["status"] == "error"
         assert len(ours_log) == len(official.requests) == 2
         assert_same_messages(official.requests, ours_log)
+
+    @pytest.mark.asyncio
+    async def test_out_of_iterations_the_last_request_matches(self) -> None:
+        """When iterations run out, both packages make the same last request (the official
+        "Please provide a final answer" as an assistant message) and answer with its reply."""
+        never = [fence("print('still looking')")]
+        kwargs = {"custom_system_prompt": PROMPT, "max_iterations": 2}
+        async with SimServer(sim_for(never)) as sim:
+            official = await run_official(official_script(kwargs), sim)
+        async with SimServer(sim_for(never)) as sim:
+            ours = await run_ours(sim, kwargs)
+            ours_log = sorted(sim.log, key=lambda e: e.seq)
+        assert len(official.requests) == len(ours_log) == 3
+        assert_same_messages(official.requests, ours_log)
+        last = wire_messages(ours_log)[-1][-1]
+        assert last["role"] == "assistant" and last["content"].startswith("Please provide a final answer")
+        assert ours["status"] == "max_iterations"
+        assert ours["answer"] == official.report["answer"].strip()
