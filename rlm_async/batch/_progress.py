@@ -82,6 +82,11 @@ class BatchProgress:
         with self._lock:
             self._running += 1
 
+    def query_requeued(self) -> None:
+        """A started query went back to the queue (its Ray actor died); it starts again."""
+        with self._lock:
+            self._running -= 1
+
     def row_done(self, row: BatchRow) -> None:
         with self._lock:
             self._done += 1
