@@ -56,15 +56,15 @@ class RayCluster:
         self.env = {**os.environ, **FAST_DEATH, "RAY_USAGE_STATS_ENABLED": "0"}
 
     def _start(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
-        out = (self.tmp / log).open("wb")
         self.logs.append(self.tmp / log)
-        proc = subprocess.Popen(
-            [RAY, "start", "--block", "--disable-usage-stats", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            start_new_session=True,
-        )
+        with (self.tmp / log).open("wb") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [RAY, "start", "--block", "--disable-usage-stats", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 
@@ -113,7 +113,7 @@ class RayCluster:
             for p, log in zip(self.procs, self.logs, strict=True):
                 if p.poll() is not None:
                     tail = log.read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"a ray node exited at start ({p.args}):\n{tail}")
+                    raise RuntimeError(f"a ray node exited at start ({p.args!r}):\n{tail}")
             done = subprocess.run(
                 [RAY, "status", f"--address={self.address}"],
                 capture_output=True,
