@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "_engine": 5,
     "_rlm": 6,
     "batch": 6,
+    "ray": 7,
     "sim": 7,
     "demo": 8,
     "serve": 8,

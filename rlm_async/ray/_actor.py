@@ -27,7 +27,6 @@ from .._config import ModelConfig, RLMConfig
 from .._governor import BudgetLimits, EndpointLimits, Governor
 from .._rlm import RLM
 from ..batch import BatchBudget, BatchItem, BatchRow, CostEstimator, InputProblem, Lease
-from ..batch._budget import _committed
 from ..exceptions import ConfigError, ContextTypeError, MissingAPIKey
 from ..transport import OpenAITransport, Transport
 from ._journal_store import CURRENT_QUERY, ReplicatedJournal
@@ -223,9 +222,7 @@ class QueryActor:
             if cap is None:
                 need[d] = Decimal(0)
                 continue
-            held = _committed(budget.ledger, d) + sum(
-                (le.outstanding(d) for le in budget._leases), Decimal(0)
-            )
+            held = budget.held(d)
             need[d] = max(held + estimate[d] - Decimal(str(cap)), Decimal(0))
         if not any(need.values()):
             return

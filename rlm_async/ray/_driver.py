@@ -27,6 +27,7 @@ from .._config import RLMConfig
 from .._governor import BudgetLimits
 from .._types import Usage
 from ..batch import (
+    DEFAULT_MAX_CONTEXT_CHARS,
     BatchItem,
     BatchProgress,
     BatchRow,
@@ -37,7 +38,6 @@ from ..batch import (
     count_inputs,
     read_items,
 )
-from ..batch._items import DEFAULT_MAX_CONTEXT_CHARS
 from ..exceptions import ConfigError
 from ._actor import ActorSettings, QueryActor
 from ._coordinator import BudgetKeeper, Coordinator
@@ -150,9 +150,13 @@ async def run_file_ray(
         live: dict[str, Any] = {}
         replacements_left = max_replacements if max_replacements is not None else actors * 2
 
+        not_started: list[BatchRow] = []
+
         async def deliver(row: BatchRow) -> None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(output.append, row)
+            if not row.final:
+                not_started.append(row)
             if progress is not None:
                 progress.row_done(row)
 
@@ -223,7 +227,7 @@ async def run_file_ray(
             )
         return (
             BatchSummary.of_rows(
-                output.rows.values(),
+                [*output.rows.values(), *not_started],
                 cap_usd=budget.max_usd,
                 cap_tokens=budget.max_total_tokens,
                 expected=total,
