@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tomllib
 import traceback
@@ -379,6 +380,11 @@ async def _batch_on_ray(
         raise CLIError(
             f"cannot reach the Ray cluster at {args.ray} ({exc}); start one with `ray start --head`"
         ) from None
+    # Ray's own messages (a node died, a worker's log) go to this process' stdout, where
+    # they would break --json: send them to stderr while Ray runs.
+    real_stdout = os.dup(1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
     try:
         return await run_file_ray(
             config,
@@ -394,6 +400,9 @@ async def _batch_on_ray(
         )
     finally:
         ray.shutdown()
+        sys.stdout.flush()
+        os.dup2(real_stdout, 1)
+        os.close(real_stdout)
 
 
 # ---------------------------------------------------------------------- demo

@@ -220,6 +220,36 @@ class TestClusterBatch:
         assert summary["cost_usd"] == pytest.approx(spent, rel=1e-6)
         assert ray_figures["budget"]["grants"] > 0
 
+    def test_a_cap_below_what_the_batch_needs_is_never_crossed(
+        self, cluster: RayCluster, tmp_path: Path
+    ) -> None:
+        """60 queries under a cap of about a third of what they need, leased to two actors
+        in blocks: what the server charged stays within the cap, the queries the budget
+        could not cover get `not_started` rows naming it, and the exit code is 3."""
+        items = workloads(60)
+        source = write_input(tmp_path / "in.jsonl", items)
+        out = tmp_path / "out.jsonl"
+        cap = 0.2
+        with SimProcess(sim_config(), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            done = subprocess.run(
+                command(source, out, config, cluster, "--budget-usd", str(cap)),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            sim.wait_until_idle()
+            log = sim.read_log().entries
+        assert done.returncode == 3, (done.stdout[:400], done.stderr[-3000:])
+        rows = read_rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(items)
+        statuses = Counter(r["status"] for r in rows)
+        assert statuses["ok"] > 0 and statuses["not_started"] > 0, statuses
+        assert all(r["error"].startswith("budget: batch.usd") for r in rows if r["status"] == "not_started")
+        assert all(items[r["id"]].score(r["answer"]) for r in rows if r["status"] == "ok")
+        assert 0 < priced(log, PRICES) <= cap
+
 
 class TestNodeDeath:
     def test_a_worker_node_killed_mid_run_loses_nothing_and_pays_little_twice(
