@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--budget-usd", type=float, default=5.0)
     parser.add_argument("--out", default="benchmarks/results/ray_cluster.json")
+    parser.add_argument(
+        "--kill-worker-at", type=float, help="kill -9 worker node 0 once this share of rows is written"
+    )
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="rlm-ray-bench-"))
@@ -70,15 +74,25 @@ def main() -> None:
         assert sim.base_url is not None
         config = write_config(tmp / "rlm.toml", sim.base_url)
         started = time.monotonic()
-        done = subprocess.run(
+        driver = subprocess.Popen(
             [
                 sys.executable, "-m", "rlm_async.cli", "batch", str(source), "--out", str(out),
                 "--config", str(config), "--quiet", "--json", "--concurrency", str(args.concurrency),
                 "--budget-usd", str(args.budget_usd), "--ray", cluster.address,
                 "--ray-actors", str(args.actors), "--ray-resources", json.dumps({cluster.worker_resource: 1}),
             ],
-            capture_output=True, text=True, timeout=1800,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
+        killed_at_rows = None
+        if args.kill_worker_at is not None:
+            while not out.exists() or out.read_bytes().count(b"\n") < args.kill_worker_at * args.queries:
+                if driver.poll() is not None:
+                    break
+                time.sleep(0.05)
+            killed_at_rows = out.read_bytes().count(b"\n") if out.exists() else 0
+            cluster.kill_worker(0)
+        stdout, stderr = driver.communicate(timeout=1800)
+        done = subprocess.CompletedProcess(driver.args, driver.returncode, stdout, stderr)
         wall = time.monotonic() - started
         sim.wait_until_idle()
         log = sim.read_log().entries
@@ -128,6 +142,14 @@ def main() -> None:
             for m, (r, t) in windows.items()
         },
         "server_spend_usd": round(priced(log, PRICES), 6),
+        "killed_worker_at_rows": killed_at_rows,
+        "actor_deaths": figures["actor_deaths"],
+        "requeued": figures["requeued"],
+        "completed_requests": len([e for e in log if e.status == 200]),
+        "sent_again": sum(
+            n - 1 for n in Counter(e.body_sha256 for e in log if e.model is not None).values() if n > 1
+        ),
+        "replayed_from_store": sum(a["seeded_rows"] for a in actors),
         "summary": summary,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
