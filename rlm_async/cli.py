@@ -6,6 +6,7 @@
     rlm-async trace view TRACE.jsonl -o run.html    a self-contained HTML timeline
     rlm-async batch INPUT.jsonl --out OUT.jsonl [--config ...] [--concurrency N] [--budget-usd X]
               [--budget-tokens N] [--journal PATH]    many queries under one budget, resumable
+              [--ray [ADDRESS] [--ray-actors N]]      ... on a Ray cluster (the ray extra)
     rlm-async doctor [--config configs/NAME.toml] [--json]   what each server is, and the defaults;
               and which sandbox tier model code would run under (exit 2: none can run here)
     rlm-async doctor --sandbox [--isolation TIER] [--json]   the sandbox tiers alone

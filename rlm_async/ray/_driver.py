@@ -220,10 +220,10 @@ async def run_file_ray(
         figures.coordinators = [await h.stats.remote() for h in coordinators.values()]
         figures.budget = None if keeper is None else await keeper.stats.remote()
         figures.store = await store.stats.remote()
-        if feed.left():
+        if feed.unfinished():
             raise RuntimeError(
-                f"{feed.left()} queries had no actor left to run them ({figures.actor_deaths} actors died); "
-                "rerun the same command to finish them"
+                f"queries are left with no actor to run them ({figures.actor_deaths} actors died, no "
+                "replacement left); rerun the same command to finish them"
             )
         return (
             BatchSummary.of_rows(
@@ -287,5 +287,6 @@ class _Feed:
         self._again.append(item)
         self._poke()
 
-    def left(self) -> int:
-        return len(self._again) + (0 if self._exhausted else 1)
+    def unfinished(self) -> bool:
+        """Whether items are left without a row (every actor gone before the end)."""
+        return bool(self._again) or not self._exhausted

@@ -50,6 +50,9 @@ class _Stock:
 
     lapsed: int = 0
     """Units that expired unspent."""
+    lapsed_at_fetch: int = 0
+    """`lapsed` when the last block was fetched: more since means blocks are too big."""
+    fetches: int = 0
 
     def available(self, now: float) -> int:
         live = [g for g in self.grants if g.expires > now]
@@ -138,20 +141,23 @@ class LeasePool:
                 now = self._clock()
                 if stock.available(now) >= n:
                     continue
-                lapsed_before = stock.lapsed
+                # Grants lapsed since the last block: blocks are too big for this actor's
+                # pace, halve; otherwise the stock ran dry in use: double (fewer round
+                # trips), up to the largest grant.
+                if stock.lapsed > stock.lapsed_at_fetch:
+                    stock.want = max(1, stock.want // 2)
+                elif stock.fetches:
+                    stock.want = min(largest, stock.want * 2)
+                stock.lapsed_at_fetch = stock.lapsed
+                stock.fetches += 1
                 want = min(largest, max(n, stock.want))
+                stock.want = want
                 asked = self._clock()
                 self.round_trips += 1
                 granted, waited = await self._source(model, dim, want, n)
                 if granted < n:  # only for a need above what the coordinator can grant
                     raise RequestTooLarge(f"the coordinator cannot grant {n:,} {dim} of {model!r}")
                 stock.grants.append(_Grant(granted, asked + waited + self._ttl))
-                # Blocks that lapsed were too big for this actor's pace: halve; otherwise the
-                # stock ran dry in use: double (fewer round trips), up to the largest grant.
-                if stock.lapsed > lapsed_before:
-                    stock.want = max(1, stock.want // 2)
-                else:
-                    stock.want = min(largest, stock.want * 2)
 
 
 class LeasedTransport(Transport):
