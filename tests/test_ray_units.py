@@ -243,3 +243,21 @@ class TestJournalStore:
             assert len(j.outbox()) == 1
         finally:
             await j.aclose()
+
+
+class TestProgressWithoutALedger:
+    def test_dollars_come_from_the_rows_and_a_requeued_query_is_not_counted_twice(self) -> None:
+        """The driver has no batch ledger: the display's dollars are the rows' (plus what
+        kept rows spent) against the cap, and a query sent back to the queue when its actor
+        died stops counting as running."""
+        from rlm_async.batch import BatchItem, BatchProgress, BatchRow
+
+        progress = BatchProgress(total=3, quiet=True)
+        progress.rows_only(1.0, spent_before=0.25)
+        item = BatchItem(id="a", query="q", context="c")
+        progress.query_started(item)
+        progress.query_requeued()
+        progress.query_started(item)
+        progress.row_done(BatchRow(id="a", line=1, status="ok", cost_usd=0.5, started_at=1.0))
+        snap = progress.snapshot()
+        assert (snap.spent_usd, snap.cap_usd, snap.running, snap.done) == (0.75, 1.0, 0, 1)

@@ -107,6 +107,7 @@ async def run_file_ray(
         spent_before = (sum(r.cost_usd for r in kept), sum((r.usage for r in kept), Usage()).total_tokens)
         if progress is not None:
             progress.set_total(total, already_done=len(kept))
+            progress.rows_only(budget.max_usd, spent_before=spent_before[0])
 
         # The head node: its loss ends the cluster anyway (it runs the GCS).
         pinned: dict[str, Any] = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
