@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# A local ray.init otherwise generates a token and saves it under ~/.ray, which clusters
+# started with `ray start` (auth off) then refuse.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 import ray
 from _provenance import provenance
 

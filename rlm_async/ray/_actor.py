@@ -45,8 +45,9 @@ class ActorSettings:
     largest: Mapping[tuple[str, str, str], int]
     """(endpoint, model, dim) -> the largest rate grant its coordinator can make."""
     ttl_s: float = 2.0
-    flush_s: float = 0.2
-    """How often new journal rows are shipped to the store."""
+    flush_s: float = 0.5
+    """How often new journal rows are shipped to the store: calls a dead node paid for in
+    its last `flush_s` are paid again."""
     capped: tuple[bool, bool] = (False, False)
     """Whether the batch caps dollars, total tokens."""
 
@@ -90,6 +91,7 @@ class QueryActor:
         self._ready = anyio.Lock()
         self._changed: anyio.Event | None = None
         self._shipping = False
+        self._last_flush = 0.0
         self._tmp = Path(tempfile.mkdtemp(prefix="rlm-ray-"))
         self.queries = 0
         self.seeded_rows = 0
@@ -186,8 +188,9 @@ class QueryActor:
             )
         finally:
             lease.close(learn=learn, cut_short=cut_short)
+            # No flush here: once its row reaches the driver a query never re-runs, so its
+            # rows need the store only while it runs (the shipper covers that).
             with anyio.CancelScope(shield=True):
-                await self._flush()  # this query's paid calls reach the store before its row leaves
                 await self._after_query()
 
     # ------------------------------------------------------------------ budget
@@ -267,15 +270,19 @@ class QueryActor:
 
     # ------------------------------------------------------------------ journal shipping
     async def _ship_while_running(self) -> None:
+        """Every running query keeps a shipper; together they ship at most once per
+        `flush_s` for the whole actor."""
         while True:
             await anyio.sleep(self._settings.flush_s)
-            await self._flush()
+            if time.monotonic() - self._last_flush >= self._settings.flush_s:
+                await self._flush()
 
     async def _flush(self) -> None:
         journal = self._journal
         if journal is None or self._shipping or not journal.outbox():
             return
         self._shipping = True
+        self._last_flush = time.monotonic()
         try:
             self.store_trips += 1
             await journal.flush(lambda rows: self._store.put_many.remote(rows))

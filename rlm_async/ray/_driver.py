@@ -87,7 +87,7 @@ async def run_file_ray(
     max_replacements: int | None = None,
     window_s: float = 10.0,
     ttl_s: float = 2.0,
-    flush_s: float = 0.2,
+    flush_s: float = 0.5,
 ) -> tuple[BatchSummary, RayFigures]:
     """Run every input of `input_path` without a final row in `output_path` on the
     connected Ray cluster (`ray.init` first). `actor_options` go to the query actors'
