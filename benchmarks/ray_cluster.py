@@ -146,9 +146,12 @@ def main() -> None:
         "actor_deaths": figures["actor_deaths"],
         "requeued": figures["requeued"],
         "completed_requests": len([e for e in log if e.status == 200]),
-        "sent_again": sum(
+        "sent_again_same_body": sum(
             n - 1 for n in Counter(e.body_sha256 for e in log if e.model is not None).values() if n > 1
         ),
+        # What the server completed beyond the calls the rows needed: paid twice.
+        "paid_twice": len([e for e in log if e.status == 200])
+        - sum(r["usage"]["calls"] - r["usage"]["failed_calls"] for r in rows),
         "replayed_from_store": sum(a["seeded_rows"] for a in actors),
         "summary": summary,
     }
