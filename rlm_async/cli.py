@@ -350,13 +350,6 @@ async def _batch(args: argparse.Namespace) -> int:
 async def _batch_on_ray(
     args: argparse.Namespace, config: RLMConfig, source: Path, budget: Any, progress: Any
 ) -> tuple[Any, Any]:
-    try:
-        import ray
-    except ImportError:
-        raise CLIError('--ray needs Ray: pip install "rlm-async[ray]"') from None
-    from .batch import DEFAULT_MAX_CONTEXT_CHARS
-    from .ray import run_file_ray
-
     resources: dict[str, float] = {}
     if args.ray_resources:
         try:
@@ -368,6 +361,12 @@ async def _batch_on_ray(
     if args.ray_actors < 1:
         raise CLIError(f"--ray-actors is {args.ray_actors}; use at least 1")
     address = None if args.ray == "local" else args.ray
+    try:
+        import ray
+    except ImportError:
+        raise CLIError('--ray needs Ray: pip install "rlm-async[ray]"') from None
+    from .batch import DEFAULT_MAX_CONTEXT_CHARS
+    from .ray import run_file_ray
 
     def connect() -> None:
         if address is None:

@@ -261,3 +261,30 @@ class TestProgressWithoutALedger:
         progress.row_done(BatchRow(id="a", line=1, status="ok", cost_usd=0.5, started_at=1.0))
         snap = progress.snapshot()
         assert (snap.spent_usd, snap.cap_usd, snap.running, snap.done) == (0.75, 1.0, 0, 1)
+
+
+class TestRayFlagsOnTheCommandLine:
+    def test_bad_ray_resources_and_actor_counts_are_refused_naming_the_fix(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`--ray-resources` that is not a JSON object of numbers, or `--ray-actors 0`, ends
+        with exit code 2 and one line naming the flag, before any cluster is contacted."""
+        from rlm_async.cli import main as cli_main
+
+        source = tmp_path / "in.jsonl"
+        source.write_text('{"id": "a", "query": "q", "context": "c"}\n', encoding="utf-8")
+        config = Path(__file__).resolve().parent.parent / "configs" / "sim.toml"
+        base = [
+            "batch",
+            str(source),
+            "--out",
+            str(tmp_path / "out.jsonl"),
+            "--config",
+            str(config),
+            "--quiet",
+        ]
+        assert cli_main([*base, "--ray", "127.0.0.1:1", "--ray-resources", "[1, 2]"]) == 2
+        assert "--ray-resources is not a JSON object" in capsys.readouterr().err
+        assert cli_main([*base, "--ray", "127.0.0.1:1", "--ray-actors", "0"]) == 2
+        assert "--ray-actors is 0; use at least 1" in capsys.readouterr().err
+        assert not (tmp_path / "out.jsonl").exists()

@@ -92,7 +92,10 @@ async def run_file_ray(
     """Run every input of `input_path` without a final row in `output_path` on the
     connected Ray cluster (`ray.init` first). `actor_options` go to the query actors'
     `.options(...)` (default: no CPU reserved, spread over the nodes)."""
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError('batches on a Ray cluster need Ray: pip install "rlm-async[ray]"') from None
 
     if actors < 1 or concurrency < 1:
         raise ConfigError(f"a Ray batch needs actors >= 1 and concurrency >= 1 (got {actors}, {concurrency})")
