@@ -127,6 +127,23 @@ class RayCluster:
             time.sleep(1.0)
         raise RuntimeError(f"the Ray cluster did not reach {n} nodes: {last[-2000:]}")
 
+    def workers_running(self, marker: str) -> list[int]:
+        """Worker nodes with a process whose command line contains `marker` (Ray titles an
+        actor's process "ray::ClassName")."""
+        groups = {self.procs[1 + i].pid: i for i in range(self.workers)}
+        found: set[int] = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                pgid = os.getpgid(int(entry.name))
+                cmdline = (entry / "cmdline").read_bytes()
+            except (OSError, ProcessLookupError):
+                continue
+            if pgid in groups and marker.encode() in cmdline:
+                found.add(groups[pgid])
+        return sorted(found)
+
     def kill_worker(self, i: int) -> None:
         """`kill -9` worker node `i`'s process group: its raylet and every worker process."""
         proc = self.procs[1 + i]

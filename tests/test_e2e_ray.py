@@ -278,7 +278,9 @@ class TestNodeDeath:
                         assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
                         assert time.monotonic() < give_up, "the batch never got a third of the way"
                         time.sleep(0.05)
-                    cluster.kill_worker(0)
+                    hosts = cluster.workers_running("ray::QueryActor")
+                    assert hosts, "no worker node runs a query actor"
+                    cluster.kill_worker(hosts[0])
                     stdout, _ = driver.communicate(timeout=600)
                 finally:
                     if driver.poll() is None:
