@@ -8,8 +8,9 @@ The simulator runs in a child process (its own CPU, as in `fanout.py`) with sub-
 `llm_batch` over N prompts of about 2,000 characters (a chunk); the sub model echoes, so each
 answer is checked. For every pair the same seed serves an unhedged run (A) and a hedged run
 (B, `HedgeConfig(enabled=True)`, the defaults), alternating which goes first; the table shows
-medians over pairs. One hedge book is shared by all runs of a size, as in a long-lived
-process.
+medians over pairs. Each run has an event loop, so a governor and a hedge book, of its own:
+no history from earlier fan-outs, so the `quantile` rule never fires and the stages do all
+the hedging (as in a process's first fan-out).
 
 Figures:
 * `wall`      the fan-out as the engine saw it: first sub-call start to last sub-call finish
@@ -19,6 +20,8 @@ Figures:
 * `ratio`     B wall / A wall of the same pair (the target: <= 0.8 at 100, <= 0.65 at 1000)
 * `+req`      extra requests the server saw (B / A - 1); `+$` the same for dollars the server
               would bill (prompt and output at $1 / $4 per Mtok; a cancelled copy bills its prompt)
+* `A cpu`, `B cpu`  this process's CPU time (user + system, getrusage) per sub-call, ms:
+              at sigma = 0 no hedge is sent, so B - A is what hedging costs a call never hedged
 * `load`      the 1-minute load average before and after, this machine being shared
 """
 
@@ -28,6 +31,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
@@ -106,16 +110,20 @@ async def _run_once(base_url: str, hedge: bool) -> dict[str, Any]:
 
     def sink(e: _events.Event) -> None:
         nonlocal hedges
-        if e.kind == "call.start" and e.fields.get("call_kind") == "sub":
+        if isinstance(e, _events.CallStart) and e.call_kind == "sub":
             starts.append(e.time)
-        elif e.kind == "call.finish" and e.depth == 1:
+        elif isinstance(e, _events.CallFinish) and e.depth == 1:
             ends.append(e.time)
-        elif e.kind == "call.hedge":
+        elif isinstance(e, _events.CallHedge):
             hedges += 1
 
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     async with RLM(config=_rlm_config(base_url, hedge), event_sinks=[sink]) as rlm:
         result = await rlm.acompletion("ctx", "q")
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     return {
+        "engine_cpu_s": cpu_s,
         "wall_s": max(ends) - min(starts),
         "answer": result.response,
         "hedges_sent_events": hedges,
@@ -190,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                     "a_wall": a["wall_s"],
                     "b_wall": b["wall_s"],
                     "a_ideal": a["max_modeled_s"],
+                    "a_cpu_ms": 1e3 * a["engine_cpu_s"] / n,
+                    "b_cpu_ms": 1e3 * b["engine_cpu_s"] / n,
                     "correct": a["answer"] == b["answer"] == "correct",
                     "lag_ms": max(a["sim_lag_mean_ms"], b["sim_lag_mean_ms"]),
                 }
@@ -200,11 +210,11 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"n": n, "sigma": args.sigma, **med, "all_correct": all(p["correct"] for p in pairs)})
     load_after = os.getloadavg()[0]
     print(f"\nsigma={args.sigma}, medians of {args.pairs} A/B pairs; load {load_before:.1f} -> {load_after:.1f}")
-    print(f"{'n':>6} {'A wall':>8} {'A ideal':>8} {'B wall':>8} {'ratio':>6} {'+req':>6} {'+$':>6} {'lag ms':>7} correct")
+    print(f"{'n':>6} {'A wall':>8} {'A ideal':>8} {'B wall':>8} {'ratio':>6} {'+req':>6} {'+$':>6} {'lag ms':>7} {'A cpu':>6} {'B cpu':>6} correct")
     for r in rows:
         print(
             f"{r['n']:>6} {r['a_wall']:>8.2f} {r['a_ideal']:>8.2f} {r['b_wall']:>8.2f} {r['ratio']:>6.2f} "
-            f"{100 * r['extra_req']:>5.1f}% {100 * r['extra_usd']:>5.1f}% {r['lag_ms']:>7.0f} {r['all_correct']}"
+            f"{100 * r['extra_req']:>5.1f}% {100 * r['extra_usd']:>5.1f}% {r['lag_ms']:>7.0f} {r['a_cpu_ms']:>6.2f} {r['b_cpu_ms']:>6.2f} {r['all_correct']}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,8 @@ class HedgeConfig:
     sample that finished first."""
 
     enabled: bool = False
-    """Send hedges for this model's sub-calls (plain `llm_*` sub-calls, not child RLMs)."""
+    """Send hedges for this model's calls: plain `llm_*` sub-calls, and the turns of child
+    RLMs running on it (not the root's turns)."""
     stages: tuple[float, ...] = (0.9, 0.97, 0.99)
     """Finished shares of a fan-out: once this share of it has finished, every sub-call
     still running gets one more copy (the n-th stage allows n + 1 copies in all)."""

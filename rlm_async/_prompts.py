@@ -37,10 +37,19 @@ _AS_COMPLETED = (
 )
 
 
-def root_system_prompt(*, completion_order: bool = False) -> str:
-    """The built-in root prompt; `completion_order` adds `llm_batch_as_completed`."""
+_HEDGING = (
+    "\n\nSlow sub-calls are hedged: one still running when most of its batch has finished gets a "
+    "duplicate request, and the first answer is used. Pass `hedge=False` to `llm_query`, `llm_batch` "
+    "or `llm_batch_as_completed` when duplicates are not wanted (for example, sampled answers you "
+    "count as votes)."
+)
+
+
+def root_system_prompt(*, completion_order: bool = False, hedging: bool = False) -> str:
+    """The built-in root prompt; `completion_order` adds `llm_batch_as_completed`, `hedging`
+    (the sub-model hedges) the `hedge=False` opt-out."""
     base = _read("root_system.txt")
-    return base + _AS_COMPLETED if completion_order else base
+    return base + (_AS_COMPLETED if completion_order else "") + (_HEDGING if hedging else "")
 
 
 def sub_system_prompt() -> str:

@@ -24,6 +24,7 @@ record each; work over the admitted prompts yields to the event loop as it goes.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import anyio
@@ -32,7 +33,7 @@ import anyio.to_thread
 import structlog
 
 from .._cache import BatchPlan
-from .._config import ModelConfig
+from .._config import HedgeConfig, ModelConfig
 from .._gc import long_lived_frozen
 from .._prompts import sub_system_prompt
 from .._result import SubCallFailure, SubCallResult
@@ -107,7 +108,13 @@ class SubCallHandler:
         self._state.pending_subcalls += admitted
         try:
             fanout = _FanOut(
-                self._engine, self, prompts, sub_model, recursive=recursive, on_result=request.on_result
+                self._engine,
+                self,
+                prompts,
+                sub_model,
+                recursive=recursive,
+                on_result=request.on_result,
+                hedge=hedge_config(sub_model.hedge, request.hedge),
             )
             await fanout.run()
         finally:
@@ -211,6 +218,7 @@ class _FanOut:
         *,
         recursive: bool,
         on_result: OnResult | None = None,
+        hedge: HedgeConfig | None = None,
     ) -> None:
         self._engine = engine
         self._handler = handler
@@ -222,6 +230,7 @@ class _FanOut:
         self._plan: BatchPlan | None = None
         self._gates: dict[int, anyio.Event] = {}
         self._on_result = on_result
+        self._hedge = hedge
         self._hedger: FanoutHedger | None = None
 
     async def run(self) -> None:
@@ -233,9 +242,9 @@ class _FanOut:
             self._plan = await anyio.to_thread.run_sync(plan) if n >= _OFF_LOOP else plan()
             self._engine.announce_plan(self._plan)
             self._gates = {w: anyio.Event() for w in self._plan.warmups}
-            if self._model.hedge.enabled and self._prompts:
+            if self._hedge is not None and self._prompts:
                 self._hedger = FanoutHedger(
-                    self._model.hedge,
+                    self._hedge,
                     book_for(self._engine.governor),
                     model=self._model.model,
                     total=n,
@@ -285,6 +294,14 @@ class _FanOut:
         except Exception as exc:  # a bug below us must cost one slot, not the whole query
             _log.exception("sub-call failed unexpectedly", node_id=self._handler.node_id)
             self.results[i] = self._handler.fail(f"{type(exc).__name__}: {exc}", shown_as="internal error: ")
+
+
+def hedge_config(model: HedgeConfig, asked: bool | None) -> HedgeConfig | None:
+    """The hedging a request gets: the model's, unless the code passed `hedge=`
+    (`False`: none; `True`: the model's settings, turned on). `None`: no hedging."""
+    if asked is False or (asked is None and not model.enabled):
+        return None
+    return model if model.enabled else replace(model, enabled=True)
 
 
 class AdmissionRefused(Exception):

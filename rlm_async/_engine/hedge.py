@@ -17,15 +17,17 @@ a `HedgeBook`, one per governor, as the governor's limits are.
 from __future__ import annotations
 
 import bisect
+import contextvars
 import math
 import sys
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+import anyio.abc
 
 from .. import _events
 from .._config import HedgeConfig
@@ -34,7 +36,7 @@ from .._types import Completion, HedgeSummary, Usage
 from ..exceptions import BudgetExceeded
 from .hedge_policy import HedgePolicy, HedgeReason, Running
 
-__all__ = ["FanoutHedger", "HedgeBook", "book_for"]
+__all__ = ["FanoutHedger", "HedgeBook", "book_for", "hedge_alone"]
 
 _HISTORY = 2000
 """Latencies kept per model: recent enough to follow a provider's drift."""
@@ -79,14 +81,6 @@ def book_for(governor: Governor) -> HedgeBook:
 
 
 @dataclass(slots=True)
-class _Slot:
-    copy_starts: list[float] = field(default_factory=list)
-    """Start (or request) time of every copy, the original first; empty until it races."""
-    done: bool = False
-    orders: tuple[MemoryObjectSendStream[HedgeReason], MemoryObjectReceiveStream[HedgeReason]] | None = None
-
-
-@dataclass(slots=True)
 class _Tally:
     """One race's bookkeeping, turned into a `HedgeSummary` at its end."""
 
@@ -114,6 +108,79 @@ SendCopy = Callable[[CallTally], Awaitable[Completion]]
 """Sends one copy as a governed call, reporting what it took into the tally it is given."""
 
 
+class _Race:
+    """One sub-call's copies. The original runs in the caller's task under `original`, a
+    cancel scope; only if the monitor orders a hedge is anything more made (a cancel scope
+    and a task per copy, in the hedger's task group): a call never hedged costs what an
+    unhedged call costs, plus this object."""
+
+    __slots__ = (
+        "call_id",
+        "context",
+        "ended",
+        "errors",
+        "launched",
+        "original",
+        "running",
+        "scopes",
+        "send_copy",
+        "settled",
+        "started",
+        "tally",
+        "totals",
+        "winner",
+    )
+
+    def __init__(self, call_id: str, send_copy: SendCopy, tally: CallTally, started: float) -> None:
+        self.call_id = call_id
+        self.send_copy = send_copy
+        self.tally = tally
+        """The logical call's tally: every copy's spend is added in."""
+        self.started = started
+        self.context = contextvars.copy_context()
+        """The call's context (its node and sinks bound): hedge copies run in a copy of it."""
+        self.original = anyio.CancelScope()
+        self.scopes: list[anyio.CancelScope] = []
+        """One per hedge copy launched."""
+        self.winner: tuple[int, Completion] | None = None
+        self.errors: list[BaseException] = []
+        self.launched = 0
+        self.running = 0
+        """Hedge copies launched and not yet ended."""
+        self.settled: anyio.Event | None = None
+        """Set when `running` falls to 0; replaced by whoever waits for it."""
+        self.ended = False
+        """The race returned or raised: a copy that has not started yet is not sent."""
+        self.totals = _Tally()
+
+    def win(self, n: int, completion: Completion) -> None:
+        self.winner = (n, completion)
+        if n:
+            self.original.cancel()
+        for k, scope in enumerate(self.scopes, start=1):
+            if k != n:
+                scope.cancel()
+
+    def cancel_hedges(self) -> None:
+        for scope in self.scopes:
+            scope.cancel()
+
+    async def hedges_ended(self) -> None:
+        """Until every hedge copy launched so far (and any launched meanwhile) has ended."""
+        while self.running:
+            settled = self.settled = anyio.Event()
+            await settled.wait()
+
+
+@dataclass(slots=True)
+class _Slot:
+    copy_starts: list[float] = field(default_factory=list)
+    """Start (or request) time of every copy, the original first; empty until it races."""
+    done: bool = False
+    race: _Race | None = None
+    """Set while the slot's call is racing: the monitor may order copies only then."""
+
+
 class FanoutHedger:
     """Hedging for one fan-out: `monitor` decides, `race` runs each sub-call's copies."""
 
@@ -137,9 +204,15 @@ class FanoutHedger:
         self._latencies: list[float] = []
         self._requested = 0
         self._changed = anyio.Event()
+        self._dormant = False
+        """The monitor waits for the first stage: only `_wake_at` finished calls wake it."""
+        self._wake_at = self._policy.first_stage_count(total)
 
     def _poke(self) -> None:
-        self._changed.set()
+        # While no rule can fire, a call starting or finishing need not wake the monitor:
+        # one wake-up per call would cost about what the rest of the hedging costs.
+        if not self._dormant or self._finished >= self._wake_at:
+            self._changed.set()
 
     def finish(self, slot: int) -> None:
         """Slot `slot` is done, whatever happened to it (answered, failed, from the journal)."""
@@ -152,133 +225,162 @@ class FanoutHedger:
                 self._book.record(self._model, self._latencies)
 
     async def monitor(self) -> None:
-        """Until every slot is done: decide, order the copies, sleep until something changes."""
-        while self._finished < self._total:
-            history = self._book.history(self._model)
-            if not self._policy.may_hedge(
-                total=self._total, finished=self._finished, history_size=len(history)
-            ):
-                self._changed = anyio.Event()
-                await self._changed.wait()
-                continue
-            now = self._clock()
-            running = [
-                Running(i, len(s.copy_starts), now - s.copy_starts[-1], now - s.copy_starts[0])
-                for i, s in enumerate(self._slots)
-                if s.copy_starts and not s.done and s.orders is not None
-            ]
-            allowance = min(
-                self._policy.allowance(self._total, self._requested), self._book.allowance(self._config)
-            )
-            decision = self._policy.decide(
-                total=self._total,
-                finished_latencies=self._latencies,
-                running=running,
-                history=history,
-                allowance=allowance,
-            )
-            for slot, why in decision.hedge:
-                s = self._slots[slot]
-                assert s.orders is not None
-                s.copy_starts.append(now)
-                self._requested += 1
-                self._book.in_flight += 1
-                s.orders[0].send_nowait(why)
-            self._changed = anyio.Event()  # before the tick: a change during it is not lost
-            await anyio.sleep(_TICK_S)
-            if decision.recheck_in_s is None or decision.recheck_in_s > _TICK_S:
-                wait = math.inf if decision.recheck_in_s is None else decision.recheck_in_s - _TICK_S
-                with anyio.move_on_after(wait):
+        """Until every slot is done: decide, launch the copies, sleep until something
+        changes. Hedge copies run in this task's task group, in their call's context."""
+        async with anyio.create_task_group() as tg:
+            while self._finished < self._total:
+                history = self._book.history(self._model)
+                if not self._policy.may_hedge(
+                    total=self._total, finished=self._finished, history_size=len(history)
+                ):
+                    # History only grows when a fan-out ends; one that ends while this one
+                    # waits is heard of at its first stage.
+                    self._changed = anyio.Event()
+                    self._dormant = True
                     await self._changed.wait()
+                    self._dormant = False
+                    continue
+                now = self._clock()
+                running = [
+                    Running(i, len(s.copy_starts), now - s.copy_starts[-1], now - s.copy_starts[0])
+                    for i, s in enumerate(self._slots)
+                    if s.race is not None and not s.done
+                ]
+                allowance = min(
+                    self._policy.allowance(self._total, self._requested),
+                    self._book.allowance(self._config),
+                )
+                decision = self._policy.decide(
+                    total=self._total,
+                    finished_latencies=self._latencies,
+                    running=running,
+                    history=history,
+                    allowance=allowance,
+                )
+                for slot, why in decision.hedge:
+                    self._launch(tg, slot, why, now)
+                self._changed = anyio.Event()  # before the tick: a change during it is not lost
+                await anyio.sleep(_TICK_S)
+                if decision.recheck_in_s is None or decision.recheck_in_s > _TICK_S:
+                    wait = math.inf if decision.recheck_in_s is None else decision.recheck_in_s - _TICK_S
+                    with anyio.move_on_after(wait):
+                        await self._changed.wait()
+
+    def _launch(self, tg: anyio.abc.TaskGroup, slot: int, why: HedgeReason, now: float) -> None:
+        s = self._slots[slot]
+        race = s.race
+        assert race is not None
+        s.copy_starts.append(now)
+        self._requested += 1
+        self._book.in_flight += 1
+        race.launched += 1
+        race.running += 1
+        scope = anyio.CancelScope()
+        race.scopes.append(scope)
+        # A task started inside `context.run` runs in a copy of that context: the copy's
+        # events name its call's node, and reach the call's sinks.
+        race.context.run(tg.start_soon, self._copy, race, race.launched, why, scope)
+
+    async def _copy(self, race: _Race, n: int, why: HedgeReason, scope: anyio.CancelScope) -> None:
+        """Hedge copy `n` of `race`, in the monitor's task group. Never raises but cancellation."""
+        if race.ended or race.winner is not None:  # the race ended before this task ran: not sent
+            self._copy_ended(race)
+            return
+        mine = CallTally()
+        outcome = "cancelled"
+        _events.emit(
+            _events.CallHedge,
+            call_id=race.call_id,
+            copy=n,
+            reason=str(why),
+            age_s=self._clock() - race.started,
+        )
+        try:
+            completion: Completion | None = None
+            with scope:
+                completion = await race.send_copy(mine)
+            if completion is not None:
+                outcome = "won" if race.winner is None else "late"
+                if race.winner is None:
+                    race.win(n, completion)
+        except BudgetExceeded as exc:
+            outcome = "refused"
+            race.errors.append(exc)
+        except Exception as exc:
+            outcome = "failed"
+            race.errors.append(exc)
+        finally:
+            self._settle(race, n, outcome, mine)
+            self._copy_ended(race)
+            self._poke()
+
+    def _copy_ended(self, race: _Race) -> None:
+        race.running -= 1
+        self._book.in_flight -= 1
+        if race.running == 0 and race.settled is not None:
+            race.settled.set()
+
+    def _settle(self, race: _Race, n: int, outcome: str, mine: CallTally) -> None:
+        """Copy `n` ended with `outcome`: its spend goes into the call's tally and the race's."""
+        tally = race.tally
+        tally.spent += mine.spent
+        tally.waited_s += mine.waited_s
+        tally.backoff_s += mine.backoff_s
+        self._account(race.totals, n, outcome, mine)
+        if race.launched:
+            _events.emit(
+                _events.CallHedgeEnd,
+                call_id=race.call_id,
+                copy=n,
+                outcome=outcome,
+                prompt_tokens=mine.spent.usage.prompt_tokens,
+                completion_tokens=mine.spent.usage.completion_tokens,
+                cost_usd=float(mine.spent.usd),
+            )
 
     async def race(
         self, slot: int, call_id: str, send_copy: SendCopy, tally: CallTally
     ) -> tuple[Completion, HedgeSummary | None]:
-        """Run slot `slot`'s copies until one answers; `tally` receives what every copy took."""
+        """Run slot `slot`'s original here and any copies the monitor orders beside it,
+        until one answers; `tally` receives what every copy took."""
         s = self._slots[slot]
         started = self._clock()
         s.copy_starts = [started]
-        send, receive = anyio.create_memory_object_stream[HedgeReason](
-            max_buffer_size=self._config.max_copies
-        )
-        s.orders = (send, receive)
+        race = s.race = _Race(call_id, send_copy, tally, started)
         self._poke()
-        race = _Tally()
-        winner: list[tuple[int, Completion]] = []
-        errors: list[BaseException] = []
-        running = 1
-        launched = 0
         try:
-            async with anyio.create_task_group() as tg:
-
-                async def copy(n: int, why: HedgeReason | None) -> None:
-                    nonlocal running
-                    mine = CallTally()
-                    outcome = "cancelled"
-                    if n:
-                        _events.emit(
-                            _events.CallHedge,
-                            call_id=call_id,
-                            copy=n,
-                            reason=str(why),
-                            age_s=self._clock() - started,
-                        )
-                    try:
-                        completion = await send_copy(mine)
-                    except BudgetExceeded as exc:
-                        outcome = "refused"
-                        errors.append(exc)
-                    except Exception as exc:
-                        outcome = "failed"
-                        errors.append(exc)
-                    else:
-                        outcome = "won" if not winner else "late"
-                        if not winner:
-                            winner.append((n, completion))
-                            tg.cancel_scope.cancel()
-                    finally:
-                        running -= 1
-                        if n:
-                            self._book.in_flight -= 1
-                        tally.spent += mine.spent
-                        tally.waited_s += mine.waited_s
-                        tally.backoff_s += mine.backoff_s
-                        self._account(race, n, outcome, mine)
-                        if n or launched:
-                            _events.emit(
-                                _events.CallHedgeEnd,
-                                call_id=call_id,
-                                copy=n,
-                                outcome=outcome,
-                                prompt_tokens=mine.spent.usage.prompt_tokens,
-                                completion_tokens=mine.spent.usage.completion_tokens,
-                                cost_usd=float(mine.spent.usd),
-                            )
-                        if running == 0 and not winner:
-                            tg.cancel_scope.cancel()  # every copy failed: no hedge is coming to wait for
-                        self._poke()
-
-                tg.start_soon(copy, 0, None)
-                async for why in receive:
-                    launched += 1
-                    running += 1
-                    tg.start_soon(copy, launched, why)
+            mine = CallTally()
+            outcome = "cancelled"
+            try:
+                completion: Completion | None = None
+                with race.original:  # cancelled only by a hedge that won
+                    completion = await send_copy(mine)
+                if completion is not None:
+                    outcome = "won" if race.winner is None else "late"
+                    if race.winner is None:
+                        race.win(0, completion)
+            except BudgetExceeded as exc:
+                outcome = "refused"
+                race.errors.append(exc)
+            except Exception as exc:
+                outcome = "failed"
+                race.errors.append(exc)
+            finally:
+                self._settle(race, 0, outcome, mine)
+            # The original failed: copies still running may answer (the monitor may add more).
+            await race.hedges_ended()
         finally:
-            s.orders = None
-            send.close()
-            # Orders the race never picked up: their copies were never sent.
-            while True:
-                try:
-                    receive.receive_nowait()
-                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                    break
-                self._book.in_flight -= 1
-            receive.close()
-        if winner:
+            s.race = None  # no more copies
+            race.ended = True
+            if race.running:  # the winner is in, or this call was cancelled: stop the rest
+                race.cancel_hedges()
+                with anyio.CancelScope(shield=True):  # their spend must reach the tally
+                    await race.hedges_ended()
+        if race.winner is not None:
             bisect.insort(self._latencies, self._clock() - started)
-            race.won = winner[0][0] != 0
-            return winner[0][1], race.summary()
-        raise errors[0]
+            race.totals.won = race.winner[0] != 0
+            return race.winner[1], race.totals.summary()
+        raise race.errors[0]
 
     @staticmethod
     def _account(race: _Tally, n: int, outcome: str, mine: CallTally) -> None:
@@ -293,3 +395,33 @@ class FanoutHedger:
             race.failed += 1
         if outcome != "won":
             race.extra = race.extra + mine.spent.as_usage()
+
+
+_T = TypeVar("_T")
+
+
+async def hedge_alone(
+    config: HedgeConfig,
+    book: HedgeBook,
+    *,
+    key: str,
+    clock: Callable[[], float],
+    call: Callable[[tuple[FanoutHedger, int]], Awaitable[_T]],
+) -> _T:
+    """One call outside any fan-out (a child RLM's turn), hedged as a fan-out of one: by the
+    `quantile` rule over earlier calls recorded under `key`, so that a kind of call is
+    judged against its own history (a turn that writes code is slower than a sub-call)."""
+    hedger = FanoutHedger(config, book, model=key, total=1, clock=clock)
+    answer: list[_T] = []
+    failure: list[Exception] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hedger.monitor)
+        try:
+            answer.append(await call((hedger, 0)))
+        except Exception as exc:  # raised below, as itself: not wrapped in the group's error
+            failure.append(exc)
+        finally:
+            hedger.finish(0)
+    if failure:
+        raise failure[0]
+    return answer[0]

@@ -71,6 +71,19 @@ class HedgePolicy:
         """More copies this fan-out may send, given `sent` already."""
         return max(1, math.floor(self.config.max_share * total)) - sent
 
+    def first_stage_count(self, total: int) -> int:
+        """Finished calls at which the first stage is reached (`total` if there is none):
+        the least k with k / total >= stages[0], the test `may_hedge` makes."""
+        cfg = self.config
+        if not cfg.stages or total <= 0:
+            return max(total, 0)
+        k = min(total, math.ceil(cfg.stages[0] * total))
+        while k > 0 and (k - 1) / total >= cfg.stages[0]:
+            k -= 1
+        while k < total and k / total < cfg.stages[0]:
+            k += 1
+        return k
+
     def may_hedge(self, *, total: int, finished: int, history_size: int) -> bool:
         """Whether any rule can fire yet: before the first stage, with too little history,
         `decide` would hedge nothing and need no ages (saves a scan of every running call)."""

@@ -28,6 +28,7 @@ from ..exceptions import BudgetExceeded, FatalError, RetryableError
 from ..sandbox import CellResult, Worker, start_worker
 from .calls import CallPath
 from .fanout import SubCallHandler
+from .hedge import book_for, hedge_alone
 from .outcome import RunEnded, RunOutcome
 from .state import QueryState
 
@@ -105,7 +106,12 @@ class RLMLoop:
         config = self._config
         messages: list[Message] = [
             Message(
-                "system", config.system_prompt or root_system_prompt(completion_order=config.completion_order)
+                "system",
+                config.system_prompt
+                or root_system_prompt(
+                    completion_order=config.completion_order,
+                    hedging=config.model_for_depth(depth + 1).hedge.enabled,
+                ),
             ),
             Message("user", first_user_message(describe_context(context), root_prompt)),
         ]
@@ -201,7 +207,19 @@ class RLMLoop:
             temperature=model.temperature,
         )
         try:
-            completion = await self._calls.call_model(node, depth, kind, request, model)
+            if kind == "child" and model.hedge.enabled:
+                # A child RLM is hedged call by call: its turns here, its sub-calls in their
+                # fan-outs. A second whole child would replay the first's calls (the journal
+                # sends identical calls in flight once) and cost a worker.
+                completion = await hedge_alone(
+                    model.hedge,
+                    book_for(self._engine.governor),
+                    key=f"{model.model} (child turns)",
+                    clock=self._engine.clock,
+                    call=lambda hedge: self._calls.call_model(node, depth, kind, request, model, hedge=hedge),
+                )
+            else:
+                completion = await self._calls.call_model(node, depth, kind, request, model)
         except (FatalError, RetryableError) as exc:
             raise RunEnded("error", f"root model call failed: {exc}") from exc
         return completion.text

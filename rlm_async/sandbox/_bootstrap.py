@@ -189,7 +189,9 @@ class _Channel:
         except BaseException:
             os._exit(EXIT_PROTOCOL)
 
-    def request(self, kind: str, prompts: list[str], model: str | None) -> list[str]:
+    def request(
+        self, kind: str, prompts: list[str], model: str | None, hedge: bool | None = None
+    ) -> list[str]:
         """Send one request and block this thread until its reply. Thread-safe."""
         if len(prompts) > self.max_prompts:
             # Checked before any work: a batch this large is one error, not millions of frames' worth.
@@ -199,7 +201,7 @@ class _Channel:
             )
         event = threading.Event()
         slot: list[Any] = [event, None]
-        self._send_request(kind, prompts, model, slot)
+        self._send_request(kind, prompts, model, slot, hedge)
         event.wait()
         reply: dict[str, Any] = slot[1]
         if "results" in reply:
@@ -209,10 +211,10 @@ class _Channel:
             raise RuntimeError(f"{kind}: malformed reply from the engine")
         _raise_refusal(reply)
 
-    def stream(self, prompts: list[str], model: str | None) -> _ResultStream:
+    def stream(self, prompts: list[str], model: str | None, hedge: bool | None = None) -> _ResultStream:
         """Send a streaming request; its results arrive on the returned iterator."""
         results: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-        rid = self._send_request("llm_batch_stream", prompts, model, results)
+        rid = self._send_request("llm_batch_stream", prompts, model, results, hedge)
         return _ResultStream(self, rid, len(prompts), results)
 
     def cancel(self, rid: int) -> None:
@@ -228,7 +230,9 @@ class _Channel:
         else:
             self.deferred_cancels.append(rid)
 
-    def _send_request(self, kind: str, prompts: list[str], model: str | None, slot: Any) -> int:
+    def _send_request(
+        self, kind: str, prompts: list[str], model: str | None, slot: Any, hedge: bool | None = None
+    ) -> int:
         with self.waiters_lock:
             self.next_id += 1
             rid = self.next_id
@@ -237,9 +241,16 @@ class _Channel:
             parts = encode_prompts(prompts)
             lengths = [len(b) for b in parts]
             blob_len = sum(lengths)
-            head = encode_frame(
-                {"op": "request", "id": rid, "kind": kind, "lengths": lengths, "model": model}, blob_len
-            )
+            frame: dict[str, Any] = {
+                "op": "request",
+                "id": rid,
+                "kind": kind,
+                "lengths": lengths,
+                "model": model,
+            }
+            if hedge is not None:  # absent unless the code chose one: other frames stay as they were
+                frame["hedge"] = hedge
+            head = encode_frame(frame, blob_len)
             size = len(head) + blob_len
             if size > self.max_message:
                 raise ValueError(
@@ -511,6 +522,12 @@ class _Repl:
         return model
 
     @staticmethod
+    def _check_hedge(hedge: object) -> bool | None:
+        if hedge is not None and not isinstance(hedge, bool):
+            raise TypeError(f"hedge must be True, False or None, not {type(hedge).__name__}")
+        return hedge
+
+    @staticmethod
     def _check_prompts(name: str, prompts: object) -> list[str]:
         if isinstance(prompts, str) or not isinstance(prompts, list | tuple):
             raise TypeError(f"{name} takes a list of str prompts, not {type(prompts).__name__}")
@@ -519,41 +536,51 @@ class _Repl:
                 raise TypeError(f"{name}: every prompt must be a str, got {type(p).__name__}")
         return list(prompts)
 
-    def _request(self, kind: str, prompts: list[str], model: object) -> list[str]:
+    def _request(self, kind: str, prompts: list[str], model: object, hedge: object = None) -> list[str]:
         checked = self._check_model(model)
+        hedged = self._check_hedge(hedge)
         # Progress printed before a slow sub-call should be visible if the cell is killed.
         self.stdout.flush()
         self.stderr.flush()
-        return self.channel.request(kind, prompts, checked)
+        return self.channel.request(kind, prompts, checked, hedged)
 
-    def _llm_query(self, prompt: str, model: str | None = None) -> str:
-        """Ask a sub-model one question; returns its reply."""
+    def _llm_query(self, prompt: str, model: str | None = None, hedge: bool | None = None) -> str:
+        """Ask a sub-model one question; returns its reply. `hedge=False`: no duplicate
+        request even if the model hedges."""
         if not isinstance(prompt, str):
             raise TypeError(f"llm_query takes a str prompt, not {type(prompt).__name__}")
-        return self._request("llm_query", [prompt], model)[0]
+        return self._request("llm_query", [prompt], model, hedge)[0]
 
-    def _llm_batch(self, prompts: list[str], model: str | None = None) -> list[str]:
-        """Ask a sub-model several questions concurrently; replies come back in order."""
-        return self._request("llm_batch", self._check_prompts("llm_batch", prompts), model)
+    def _llm_batch(
+        self, prompts: list[str], model: str | None = None, hedge: bool | None = None
+    ) -> list[str]:
+        """Ask a sub-model several questions concurrently; replies come back in order.
+        `hedge=False`: no duplicate requests even if the model hedges."""
+        return self._request("llm_batch", self._check_prompts("llm_batch", prompts), model, hedge)
 
-    def _llm_batch_as_completed(self, prompts: list[str], model: str | None = None) -> _ResultStream:
+    def _llm_batch_as_completed(
+        self, prompts: list[str], model: str | None = None, hedge: bool | None = None
+    ) -> _ResultStream:
         """Like llm_batch, but yields (index, answer) as each sub-call finishes; leaving the
         loop early cancels the rest."""
         checked = self._check_prompts("llm_batch_as_completed", prompts)
         model = self._check_model(model)
+        hedged = self._check_hedge(hedge)
         self.stdout.flush()
         self.stderr.flush()
-        return self.channel.stream(checked, model)
+        return self.channel.stream(checked, model, hedged)
 
-    def _rlm_query(self, prompt: str, model: str | None = None) -> str:
+    def _rlm_query(self, prompt: str, model: str | None = None, hedge: bool | None = None) -> str:
         """Hand one question to a child RLM (a plain sub-call at the depth limit)."""
         if not isinstance(prompt, str):
             raise TypeError(f"rlm_query takes a str prompt, not {type(prompt).__name__}")
-        return self._request("rlm_query", [prompt], model)[0]
+        return self._request("rlm_query", [prompt], model, hedge)[0]
 
-    def _rlm_batch(self, prompts: list[str], model: str | None = None) -> list[str]:
+    def _rlm_batch(
+        self, prompts: list[str], model: str | None = None, hedge: bool | None = None
+    ) -> list[str]:
         """Hand several questions to child RLMs concurrently; replies come back in order."""
-        return self._request("rlm_batch", self._check_prompts("rlm_query_batched", prompts), model)
+        return self._request("rlm_batch", self._check_prompts("rlm_query_batched", prompts), model, hedge)
 
     def _show_vars(self) -> str:
         """The variables you created, with their types (and lengths where they have one)."""

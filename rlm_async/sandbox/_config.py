@@ -170,6 +170,9 @@ class WorkerRequest:
     op: Literal["llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch"]
     prompts: tuple[str, ...]
     model: str | None
+    hedge: bool | None = None
+    """The code's `hedge=` argument: `False` turns hedging off for this request, `True` on
+    (with the model's `HedgeConfig` otherwise), `None` leaves the model's setting."""
     on_result: OnResult | None = field(default=None, compare=False)
     """Set by the sandbox for `llm_batch_stream` (the REPL's `llm_batch_as_completed`): the
     handler calls it as each slot is filled, so the worker can yield answers in completion

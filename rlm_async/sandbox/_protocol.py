@@ -79,6 +79,9 @@ def parse_request(
         raise ProtocolViolation(f"unknown request kind {kind!r}")
     if model is not None and not isinstance(model, str):
         raise ProtocolViolation("request model must be a str or null")
+    hedge = msg.get("hedge")
+    if hedge is not None and not isinstance(hedge, bool):
+        raise ProtocolViolation("request hedge must be a bool or null")
     single = kind in ("llm_query", "rlm_query")
     if "lengths" in msg:
         if "prompts" in msg:
@@ -96,7 +99,9 @@ def parse_request(
         if single and len(raw) != 1:
             raise ProtocolViolation(f"{kind} carries exactly one prompt")
         prompts = tuple(clean(p) for p in raw)
-    return rid, WorkerRequest(op=kind, prompts=prompts, model=None if model is None else clean(model))
+    return rid, WorkerRequest(
+        op=kind, prompts=prompts, model=None if model is None else clean(model), hedge=hedge
+    )
 
 
 def parse_cancel(msg: dict[str, Any]) -> int:
