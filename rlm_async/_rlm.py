@@ -209,6 +209,7 @@ class RLM:
         governor: Governor | None = None,
         transport: Transport | Callable[[ModelConfig], Transport] | None = None,
         event_sinks: Sequence[_events.EventSink] = (),
+        journal: Journal | None = None,
         **unsupported: Any,
     ) -> None:
         _refuse_unsupported(unsupported, depth=depth)
@@ -243,6 +244,9 @@ class RLM:
         self.config = config
         self._governor = governor
         self._transport = transport
+        self._journal = journal
+        """An open journal to use instead of opening `config.journal_path` (the distributed
+        runner's replicated one); the caller owns it and closes it."""
         self._sinks = list(event_sinks)
         hooks = (on_subcall_start, on_subcall_complete, on_iteration_start, on_iteration_complete)
         if any(hooks):
@@ -382,7 +386,7 @@ class RLM:
         loop = anyio.lowlevel.current_token()
         engine = self._engines.get(loop)
         if engine is None:
-            journal = (
+            journal = self._journal or (
                 await Journal.open(
                     self.config.journal_path,
                     reuse_nondeterministic=self.config.journal_reuse_nondeterministic,
@@ -412,7 +416,7 @@ class RLM:
         engine = self._engines.pop(loop, None)
         if engine is not None:
             await engine.aclose()
-            if engine.journal is not None:
+            if engine.journal is not None and engine.journal is not self._journal:
                 await engine.journal.aclose()
 
     async def __aenter__(self) -> RLM:

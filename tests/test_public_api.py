@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "_rlm": 6,
     "_session": 6,
     "batch": 6,
+    "ray": 7,
     "sim": 7,
     "demo": 8,
     "serve": 8,

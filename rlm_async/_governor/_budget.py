@@ -228,6 +228,16 @@ class BudgetLedger:
         self.peak_committed_tokens = 0
         """The same for total tokens."""
 
+    def set_limits(self, limits: BudgetLimits) -> None:
+        """Replace this ledger's caps while it runs (a distributed runner's lease grows or
+        shrinks). What is already committed stays; a cap below it refuses new reservations."""
+        self.limits = limits
+        self._caps = {}
+        for dim in _DIMS:
+            cap = getattr(limits, f"max_{dim}")
+            if cap is not None:
+                self._caps[dim] = Decimal(str(cap)) if dim == "usd" else int(cap)
+
     # ------------------------------------------------------------------ chain
     def chain(self) -> Iterator[BudgetLedger]:
         ledger: BudgetLedger | None = self

@@ -283,3 +283,10 @@ class BatchBudget:
     def spent(self) -> Charge:
         """This run's spend plus `spent_before`."""
         return spent_charge(self.ledger) + self.spent_before
+
+    def held(self, dim: str) -> Decimal:
+        """What admission counts as taken in `dim` ("usd" or "total_tokens"): committed in
+        the batch ledger plus what running queries may still commit, by their estimates."""
+        return _committed(self.ledger, dim) + sum(
+            (lease.outstanding(dim) for lease in self._leases), Decimal(0)
+        )
