@@ -1,8 +1,9 @@
 """Batch benchmark: many small RLM queries through `RLM.abatch` under a requests-per-minute
 limit. Does the batch keep the limit busy, and what does the engine spend per query?
 
-    .venv/bin/python benchmarks/batch.py [--queries 1000] [--rpm 1200] [--concurrency 64]
+    .venv/bin/python benchmarks/batch.py [--queries 1000] [--rpm 900] [--concurrency 64]
                                          [--out benchmarks/results/batch.json] [--quick]
+                                         [--log requests.jsonl]
 
 The server is `rlm_async.sim` in a child process (`SimProcess`: real HTTP on loopback) with
 OpenAI's limiter semantics: a bucket of `rpm` requests refilling continuously, 429 with
@@ -20,10 +21,16 @@ Reported, from the server's request log and this process' resource usage:
   (capacity C = rpm, refill r = rpm/60), so the share is `(admitted - C) / (r*T)`
   (target >= 95%). The run must outlast the first minute's burst for this to mean anything:
   `--queries` x 3 requests should exceed `rpm` by a good margin.
+* `bucket full s`: the seconds, between the first and the last admitted request, during
+  which the server's bucket sat full, so its refill was thrown away (replayed from the
+  server's log). This is the whole shortfall: `share = 1 - bucket_full_s / T` up to the
+  last few requests. A client that sends the first minute's burst slowly loses nothing as
+  long as it sends faster than the refill rate; it loses exactly while it sends slower than
+  that with a full bucket (a stall at the start, when every query is starting its worker).
 * `after burst`: the rate from the request that spent the first minute's burst (number
-  `rpm`) to the last one, as a share of `rpm/60` per second: whether the batch keeps the
-  limit busy once it binds. The overall share above also charges the burst minute, in
-  which a client slower than the burst cannot drain the bucket.
+  `rpm`) to the last one, as a share of `rpm/60` per second. Above 100% when the burst went
+  out slower than it could have (the refill banked meanwhile is spent after it): a reading
+  of the burst's speed, not a second target.
 * `429s`: requests the server refused.
 * `engine CPU / query`: this process' CPU time (user + system, all threads) over the batch,
   divided by the queries; `worker CPU / query`: the same for the REPL worker processes
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -64,12 +72,30 @@ def sustained_share(admitted: int, capacity: int, period_s: float) -> float | No
     return (admitted - capacity) / (capacity / 60.0 * period_s)
 
 
+def bucket_full_s(arrivals: list[float], capacity: int) -> float:
+    """Seconds the server's bucket (full at the first request, refilled at capacity/60 a
+    second, one token per admitted request) spent full between admitted requests."""
+    rate = capacity / 60.0
+    level, last, full = float(capacity), arrivals[0], 0.0
+    for t in arrivals:
+        gap = t - last
+        to_full = (capacity - level) / rate
+        if gap > to_full:
+            full += gap - to_full
+        level = min(float(capacity), level + gap * rate) - 1
+        last = t
+    return full
+
+
 def cpu(who: int) -> float:
     r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
 
 
-async def run(queries: int, rpm: int, concurrency: int, seed: int) -> dict[str, Any]:
+async def run(
+    queries: int, rpm: int, concurrency: int, seed: int, log_path: Path | None = None
+) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
     works = [s_niah("2k", seed=seed + i) for i in range(queries)]
     items = [{"id": i, "query": w.query, "context": w.context} for i, w in enumerate(works)]
     sim_config = SimConfig(
@@ -78,7 +104,7 @@ async def run(queries: int, rpm: int, concurrency: int, seed: int) -> dict[str, 
         rate_limits=RateLimits(rpm=rpm),
         policies=Policies(root=PolicySpec(name="rlm", options={"chunks": 1})),
     )
-    async with SimProcess(sim_config) as sim:
+    async with SimProcess(sim_config, log_path=log_path) as sim:
         assert sim.base_url is not None
         model = ModelConfig(
             model="sim-model",
@@ -123,6 +149,7 @@ async def run(queries: int, rpm: int, concurrency: int, seed: int) -> dict[str, 
         else None
     )
     return {
+        "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "queries": queries,
         "rpm": rpm,
         "concurrency": concurrency,
@@ -130,6 +157,7 @@ async def run(queries: int, rpm: int, concurrency: int, seed: int) -> dict[str, 
         "rate_limited": sum(1 for e in entries if e.status == 429),
         "rpm_share": None if share is None else round(share, 4),
         "rpm_share_after_burst": None if steady is None else round(steady, 4),
+        "bucket_full_s": round(bucket_full_s([e.arrival for e in admitted], rpm), 2),
         "wall_s": round(wall, 2),
         "queries_per_s": round(queries / wall, 2),
         "engine_cpu_ms_per_query": round(1000 * cpu_self / queries, 2),
@@ -147,20 +175,22 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a smoke test: 60 queries at 600 RPM")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--log", type=Path, default=None, help="keep the server's request log (JSONL) here")
     args = parser.parse_args(argv)
     queries, rpm = (60, 600) if args.quick else (args.queries, args.rpm)
-    r = await run(queries, rpm, args.concurrency, args.seed)
+    r = await run(queries, rpm, args.concurrency, args.seed, args.log)
     share = "-" if r["rpm_share"] is None else f"{r['rpm_share']:.1%}"
     steady = "-" if r["rpm_share_after_burst"] is None else f"{r['rpm_share_after_burst']:.1%}"
     print(
-        f"{'queries':>7} {'RPM':>6} {'conc':>5} {'reqs':>6} {'429s':>5} {'RPM %':>7} {'after burst':>11} {'wall s':>7} "
+        f"{'queries':>7} {'RPM':>6} {'conc':>5} {'reqs':>6} {'429s':>5} {'RPM %':>7} {'full s':>6} {'after burst':>11} {'wall s':>7} "
         f"{'q/s':>6} {'engine ms/q':>11} {'worker ms/q':>11} {'correct':>7}"
     )
     print(
         f"{r['queries']:>7} {r['rpm']:>6} {r['concurrency']:>5} {r['requests']:>6} {r['rate_limited']:>5} "
-        f"{share:>7} {steady:>11} {r['wall_s']:>7} {r['queries_per_s']:>6} {r['engine_cpu_ms_per_query']:>11} "
+        f"{share:>7} {r['bucket_full_s']:>6} {steady:>11} {r['wall_s']:>7} {r['queries_per_s']:>6} {r['engine_cpu_ms_per_query']:>11} "
         f"{r['worker_cpu_ms_per_query']:>11} {r['correct']:>7}"
     )
+    print(f"load average (1 min) before / after: {r['load_avg_1m'][0]} / {r['load_avg_1m'][1]}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         data = {**provenance("batch.py", argv), "result": r}

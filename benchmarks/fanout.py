@@ -446,6 +446,7 @@ async def _query(
     cpu_setup = time.process_time()
     async with RLM(config=config) as rlm:
         out["rss_before_query_mb"] = round(_rss_mb(), 1)
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         cpu0, t0 = time.process_time(), time.monotonic()
         if profile is not None:
             profile.enable()
@@ -453,6 +454,12 @@ async def _query(
         if profile is not None:
             profile.disable()
         t1, cpu1 = time.monotonic(), time.process_time()
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    # User and system time apart: system time is mostly the loopback TCP stack (each send
+    # carries the packet through to the simulator's socket in this process's context).
+    # (getrusage of the whole process: the sampler thread's few ms are in these two.)
+    out["engine_user_s"] = round(ru1.ru_utime - ru0.ru_utime, 4)
+    out["engine_sys_s"] = round(ru1.ru_stime - ru0.ru_stime, 4)
     if writer is not None:
         writer.close()
     out["engine_cpu_with_setup_s"] = time.process_time() - cpu_setup
@@ -1029,8 +1036,10 @@ def main(argv: list[str] | None = None) -> int:
         "prices_usd_per_mtok": {m: dataclasses.asdict(p) for m, p in DEMO_PRICES.items()},
         "cache_settings": {"warm-on": dataclasses.asdict(CacheSettings()), "warm-off": {"warm": False}},
         "targets": {
+            # issue 12
             "wall_over_bound_at_1000_chunks": 1.10,
-            "engine_cpu_ms_per_subcall": 1.0,
+            "wall_over_bound_at_5000_chunks": 1.25,
+            "engine_cpu_ms_per_subcall": 0.5,
             "peak_rss_mb_at_10m": "2.5 x context + 150 MB",
             "trace_cpu_overhead": 0.05,
         },

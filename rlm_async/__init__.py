@@ -17,6 +17,8 @@ from ._events import Event, EventSink
 from ._governor import BudgetLimits, EndpointLimits, Governor, GovernorConfig, ModelPrice, RetryConfig
 from ._result import RLMResult, SubCallFailure, SubCallResult, UsageSummary, UsageTotals
 from ._rlm import RLM
+from ._session import Session
+from ._tools import Tool
 from ._types import CallRecord, Completion, Message, ModelRequest, Usage
 from ._version import __version__
 from .exceptions import (
@@ -39,6 +41,7 @@ from .exceptions import (
     ServerError,
     TransportError,
 )
+from .logger import RLMLogger
 from .sandbox import SandboxConfig
 from .transport import OpenAISDKTransport, OpenAITransport, Transport
 
@@ -74,6 +77,7 @@ __all__ = [
     "OpenAITransport",
     "RLMConfig",
     "RLMError",
+    "RLMLogger",
     "RLMResult",
     "RateLimited",
     "RetryConfig",
@@ -81,8 +85,10 @@ __all__ = [
     "SandboxConfig",
     "SandboxError",
     "ServerError",
+    "Session",
     "SubCallFailure",
     "SubCallResult",
+    "Tool",
     "Transport",
     "TransportError",
     "Usage",

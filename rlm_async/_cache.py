@@ -370,35 +370,43 @@ def _bucket_count(n: int, settings: CacheSettings, rpm_hint: float | None) -> in
     return max(1, math.ceil(n / (settings.per_key_rpm * minutes)))
 
 
-def _render(request: ModelRequest) -> str:
-    # NUL separators: a role change or a message boundary ends the shared prefix, as it
-    # does in every chat template, and NUL does not occur in real prompts.
-    return "".join(f"\x00{m.role}\x00{m.content}" for m in request.messages)
-
-
 def _shared_prefix_text(requests: Sequence[ModelRequest]) -> str:
+    """The common prefix of the requests' messages, read message by message: each message
+    is its role followed by its content, and a role change ends the shared prefix, as it
+    does in every chat template. Role names count (a fair stand-in for a template's
+    per-message tokens).
+
+    Whole messages that every request shares are compared by identity or equality (a
+    fan-out's system prompt is one object); at the first message that differs, the common
+    prefix of its contents is that of their lexicographic min and max. No prompt is
+    copied: rendering each request into one string, as this did before, copied the whole
+    fan-out (63 MB at 5,000 sub-calls) to find a prefix of a few kilobytes."""
     if not requests:
         return ""
-    if any(r.model != requests[0].model for r in requests):
+    model = requests[0].model
+    if any(r.model != model for r in requests):
         return ""
-    texts = [_render(r) for r in requests]
-    # The common prefix of the lexicographic min and max is the common prefix of all.
-    lo, hi = min(texts), max(texts)
-    # Binary search on slice equality: C-speed comparisons instead of a char-by-char loop.
-    good, bad = 0, min(len(lo), len(hi)) + 1
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        if lo[:mid] == hi[:mid]:
-            good = mid
-        else:
-            bad = mid
-    common = lo[:good]
-    if common.count("\x00") % 2:
-        # It ends inside a role marker (the requests differ in a role): cut the partial role.
-        common = common[: common.rindex("\x00")]
-    # Count content (and role names, a fair stand-in for a template's per-message tokens),
-    # not our separators.
-    return common.replace("\x00", "")
+    parts: list[str] = []
+    for k in range(min(len(r.messages) for r in requests)):
+        first = requests[0].messages[k]
+        if any(r.messages[k].role != first.role for r in requests):
+            break
+        contents = [r.messages[k].content for r in requests]
+        if all(c is first.content or c == first.content for c in contents):
+            parts.append(first.role + first.content)
+            continue
+        lo, hi = min(contents), max(contents)
+        # Binary search on slice equality: C-speed comparisons instead of a char-by-char loop.
+        good, bad = 0, min(len(lo), len(hi)) + 1
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            if lo[:mid] == hi[:mid]:
+                good = mid
+            else:
+                bad = mid
+        parts.append(first.role + lo[:good])
+        break
+    return "".join(parts)
 
 
 def _digest(model: str, text: str) -> str:

@@ -20,7 +20,9 @@ from typing import Any, TypeVar
 
 from ._cache import CacheSettings
 from ._governor import BudgetLimits, EndpointLimits, GovernorConfig, ModelPrice
+from ._official_prompts import OfficialPrompt
 from ._servers import SERVER_KINDS
+from ._tools import ToolSet
 from .exceptions import ConfigError
 from .sandbox import SandboxConfig
 
@@ -131,8 +133,20 @@ class ModelConfig:
 
     hedge: HedgeConfig = field(default_factory=HedgeConfig)
     """Hedged sub-calls for this model (off by default); see `HedgeConfig`."""
+    sampling: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """More fields sent in every request to this model as they are (`top_p`, `seed`,
+    `stop`, `reasoning_effort`, ...: the official `sampling_args`). Part of the journal key.
+    The fields the engine writes itself (`model`, `messages`, `max_tokens`, `temperature`,
+    `stream`, `n`, `prompt_cache_key`) are refused here: set `max_tokens` and `temperature`
+    above."""
 
     def __post_init__(self) -> None:
+        reserved = sorted(set(self.sampling) & _ENGINE_FIELDS)
+        if reserved:
+            raise ConfigError(
+                f"sampling sets {reserved}, which the engine writes itself; set max_tokens and "
+                "temperature on the model (ModelConfig) instead, and leave the others out"
+            )
         if self.server not in ("auto", "off", *SERVER_KINDS):
             raise ConfigError(
                 f"server is {self.server!r}; use 'auto', 'off' or one of {', '.join(SERVER_KINDS)}"
@@ -146,6 +160,11 @@ class ModelConfig:
         if "api.openai.com" in self.base_url:
             return CacheSettings.openai()
         return CacheSettings()
+
+
+_ENGINE_FIELDS = frozenset(
+    {"model", "messages", "max_tokens", "temperature", "stream", "n", "prompt_cache_key"}
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,6 +234,29 @@ class RLMConfig:
     completion_order: bool = False
     """Tell the root model about `llm_batch_as_completed(prompts)`, which yields
     `(index, answer)` as each sub-call finishes (the REPL has it either way)."""
+    compaction: bool = False
+    """Summarise the root conversation when it reaches `compaction_threshold_pct` of the root
+    model's context window; every turn (and each summary) stays in the REPL list `history`.
+    The system prompt and the first user message are kept as they are, so the prefix a
+    provider has cached still matches (docs/sessions.md)."""
+    compaction_threshold_pct: float = 0.85
+    """The share of the root model's context window (configured, else reported by the server,
+    else 128,000 tokens as the official package assumes) at which the conversation is
+    summarised."""
+    tools: ToolSet = field(default_factory=ToolSet)
+    """Custom tools of the root RLM (`RLM(custom_tools=...)`; built by `_tools.parse_tools`):
+    host functions the code calls by name, and plain values set as variables."""
+    sub_tools: ToolSet | None = None
+    """Custom tools of child RLMs (`custom_sub_tools`); `None`: the same as `tools`."""
+    max_errors: int | None = None
+    """End the run (status "error") after this many turns in a row whose code failed
+    (raised, wrote to stderr, or was stopped); `None`: no limit. The official `max_errors`."""
+    official_prompt: OfficialPrompt | None = None
+    """Use the official package's message formats with this system prompt (what
+    `RLM(custom_system_prompt=...)` sets); `system_prompt` is then unused."""
+    user_prologue: str | None = None
+    """A user message after the first one (the context's metadata), before the model's
+    first turn: task-specific tips, as the official `user_prologue`."""
 
     def __post_init__(self) -> None:
         if self.max_depth < 1:
@@ -223,6 +265,11 @@ class RLMConfig:
             )
         if self.max_iterations < 1:
             raise ConfigError(f"max_iterations is {self.max_iterations}; it must be at least 1")
+        if not 0 < self.compaction_threshold_pct <= 1:
+            raise ConfigError(
+                f"compaction_threshold_pct is {self.compaction_threshold_pct}; use a share of the context "
+                "window above 0 and at most 1 (0.85 = summarise at 85%)"
+            )
         if self.output_limit_chars < 100:
             raise ConfigError(f"output_limit_chars is {self.output_limit_chars}; use at least 100")
         if self.turn_timeout_s is not None and not self.turn_timeout_s > 0:
@@ -231,11 +278,19 @@ class RLMConfig:
             raise ConfigError(f"max_pending_subcalls is {self.max_pending_subcalls}; use >= 1, or None")
         if not isinstance(self.worker_pool, int) or self.worker_pool < 0:
             raise ConfigError(f"worker_pool must be an int >= 0 (0: no pool), not {self.worker_pool!r}")
+        if self.max_errors is not None and self.max_errors < 1:
+            raise ConfigError(f"max_errors is {self.max_errors}; use >= 1, or None for no limit")
         if self.max_workers is not None and self.max_workers < self.max_depth:
             raise ConfigError(
                 f"max_workers is {self.max_workers} but max_depth is {self.max_depth}: a chain of nested "
                 "RLMs needs one worker per level; use max_workers >= max_depth, or None"
             )
+
+    def tools_for_depth(self, depth: int) -> ToolSet:
+        """The root's tools at depth 0; a child RLM's below it."""
+        if depth == 0 or self.sub_tools is None:
+            return self.tools
+        return self.sub_tools
 
     def model_for_depth(self, depth: int) -> ModelConfig:
         if depth < len(self.depth_models):

@@ -71,9 +71,12 @@ __all__ = [
     "QueryFinish",
     "QueryStart",
     "RateLimitPause",
+    "RootCompacted",
     "SandboxReducedIsolation",
     "ServerDetected",
     "SubcallsRefused",
+    "ToolFinish",
+    "ToolStart",
     "UsageEstimated",
     "WarmupDecision",
     "WorkerCell",
@@ -328,6 +331,26 @@ class CellFinish(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ToolStart(Event):
+    """The code called a custom tool; it runs in the engine. The envelope names the RLM node."""
+
+    kind: ClassVar[str] = "tool.start"
+    tool: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolFinish(Event):
+    """A custom tool call ended: "ok", "error" (it raised, or its arguments or result were not
+    JSON data) or "cancelled" (the cell ended first)."""
+
+    kind: ClassVar[str] = "tool.finish"
+    tool: str
+    status: str
+    duration_s: float
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerStart(Event):
     """A REPL worker process started, with the context loaded."""
 
@@ -349,8 +372,9 @@ class WorkerStart(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerSlotWait(Event):
-    """An RLM node got its slot under the process-wide cap on live workers
-    (`RLMConfig.max_workers`): how long it waited, and how many were alive then."""
+    """An RLM node got its slot under the process-wide cap on live workers (`max_workers`):
+    how long it waited, and how many were alive then. Not emitted for a persistent
+    session's root worker, whose slot is held for the whole session."""
 
     kind: ClassVar[str] = "worker.slot"
     waited_s: float
@@ -524,6 +548,24 @@ class ServerDetected(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RootCompacted(Event):
+    """The root conversation reached its share of the context window and was summarised
+    (`RLMConfig.compaction`); the full history stays in the REPL list `history`."""
+
+    kind: ClassVar[str] = "root.compacted"
+    count: int
+    """Compactions so far in this call (1 for the first)."""
+    tokens: int
+    """The conversation's estimated prompt tokens when it was summarised."""
+    threshold_tokens: int
+    context_window: int
+    window_source: str
+    """"configured", "detected", "server error", or "default" (128,000, as officially)."""
+    messages_before: int
+    messages_after: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class JournalHit(Event):
     """A call was answered without sending: from the journal, or by an identical call in flight."""
 
@@ -577,6 +619,8 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         CallHedgeEnd,
         CellStart,
         CellFinish,
+        ToolStart,
+        ToolFinish,
         WorkerStart,
         WorkerSlotWait,
         WorkerKill,
@@ -591,6 +635,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         BudgetSettle,
         WarmupDecision,
         ServerDetected,
+        RootCompacted,
         JournalHit,
         SubcallsRefused,
         UsageEstimated,

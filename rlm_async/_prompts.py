@@ -14,10 +14,14 @@ from ._context import Context
 from ._text import scrub
 
 __all__ = [
+    "COMPACTION_REQUEST",
     "ContextMetadata",
+    "compaction_resume",
+    "compaction_system_note",
     "describe_context",
     "first_user_message",
     "root_system_prompt",
+    "session_note",
     "sub_system_prompt",
 ]
 
@@ -114,3 +118,54 @@ def first_user_message(meta: ContextMetadata, root_prompt: str | None) -> str:
         "You have not looked at the context yet."
     )
     return "\n".join(lines)
+
+
+def session_note(*, index: int, contexts: int, histories: int, compaction: bool) -> str:
+    """What a call of a persistent session adds to its first user message: where this call's
+    context is, and what earlier calls left (the official package's variables)."""
+    lines = [f"This call's context is `context_{index}`."]
+    if contexts > 1:
+        lines.append(
+            f"You have {contexts} contexts available (context_0 through context_{contexts - 1}); "
+            "`context` is `context_0`. Variables you created in earlier calls are still defined."
+        )
+    if histories == 1:
+        alias = "" if compaction else " (also `history`)"
+        lines.append(f"You have 1 prior conversation history available in `history_0`{alias}.")
+    elif histories > 1:
+        lines.append(
+            f"You have {histories} prior conversation histories available "
+            f"(history_0 through history_{histories - 1})."
+        )
+    return "\n".join(lines)
+
+
+def compaction_system_note() -> str:
+    """Appended to the root system prompt when compaction is on (the official wording)."""
+    return (
+        "\n\nThe full conversation history (trajectory segments and any summaries) "
+        "is available in the REPL variable `history` as a list."
+    )
+
+
+COMPACTION_REQUEST = (
+    "Summarize your progress so far. Include:\n"
+    "1. Which steps/sub-tasks you have completed and which remain.\n"
+    "2. Any concrete intermediate results (numbers, values, variable names) "
+    "you computed — preserve these exactly.\n"
+    "3. What your next action should be.\n"
+    "Be concise (1–3 paragraphs) but preserve all key results and your "
+    "current position in the task."
+)
+"""The user message that asks the root model to summarise its conversation (official wording)."""
+
+
+def compaction_resume(count: int) -> str:
+    """The user message after a summary: go on from it (official wording)."""
+    return (
+        f"Your conversation has been compacted {count} time(s). "
+        "Continue from the above summary. Do NOT repeat work you have already "
+        "completed. Use SHOW_VARS() to check which REPL variables exist, "
+        "and check `history` for full context. "
+        "Your next action:"
+    )

@@ -111,6 +111,9 @@ class RLMResult:
     isolation: str | None = None
     """The sandbox tier the query's REPL workers ran under: "bubblewrap", "landlock" or
     "none" (None when no worker started). See docs/security.md for what each isolates."""
+    metadata: dict[str, Any] | None = None
+    """With `RLM(logger=...)`: the official package's trajectory of this call
+    (`{"run_metadata", "iterations"}`, see `rlm_async.logger`); else None."""
 
     @property
     def usage_summary(self) -> UsageSummary:

@@ -14,29 +14,40 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+import json
+import threading
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 
 from . import _events
 from ._config import ModelConfig, RLMConfig
 from ._context import Context, validate_context
 from ._engine import Engine
+from ._engine.session import SessionState
 from ._engine.slots import shared_slots
 from ._governor import BudgetLedger, BudgetLimits, Governor, PriceTable
 from ._journal import Journal
+from ._official_prompts import OfficialPrompt
 from ._result import RLMResult
+from ._session import Session
+from ._tools import parse_tools
 from .exceptions import ConfigError
-from .sandbox import WorkerPool
+from .logger import RLMLogger, RLMMetadata
+from .sandbox import SandboxConfig, WorkerPool
 from .transport import OpenAITransport, Transport, require_api_key
 
 if TYPE_CHECKING:
     from .batch import BatchControl, BatchItem, BatchRow, InvalidItem
 
 __all__ = ["RLM"]
+
+T = TypeVar("T")
 
 _SUPPORTED_BACKENDS = ("openai", "vllm", "sglang", "llamacpp", "ollama", "openai_compatible")
 
@@ -73,24 +84,89 @@ def _model_from_kwargs(
     return ModelConfig(model=name, **kw), api_key
 
 
-def _refuse_unsupported(
-    unsupported: dict[str, Any], *, persistent: bool, environment: str, depth: int
-) -> None:
+def _refuse_unsupported(unsupported: dict[str, Any], *, depth: int) -> None:
     """Official arguments rlm_async does not support (yet) are refused, naming what to do."""
     if unsupported:
         raise ConfigError(
             f"RLM() got unsupported argument(s) {sorted(unsupported)}; rlm_async supports the official "
             "package's core arguments plus config=, governor=, transport=, event_sinks="
         )
-    if persistent:
-        raise ConfigError("persistent=True is not supported yet; create one RLM per conversation turn")
-    if environment not in ("local", "sandbox"):
-        raise ConfigError(
-            f"environment {environment!r} is not supported; rlm_async runs every REPL in its own "
-            "sandboxed worker process ('local'); configure it with config=RLMConfig(sandbox=...)"
-        )
     if depth != 0:
         raise ConfigError("depth is managed by the engine; leave it at 0 and set max_depth")
+
+
+# The official package's environments, and the sandbox tier of ours each one becomes.
+_ENVIRONMENT_TIERS: dict[str, str | None] = {
+    "local": None,  # as configured ("auto": the strongest tier that works here)
+    "sandbox": None,
+    "ipython": None,  # a Python REPL that keeps its state, as ours does (no IPython magics)
+    "docker": "bubblewrap",  # an isolated container, in ours: namespaces, no daemon needed
+}
+_REMOTE_ENVIRONMENTS = ("modal", "e2b", "daytona", "prime")
+
+
+def _sandbox_for(environment: str, sandbox: SandboxConfig) -> SandboxConfig:
+    """The official `environment=`: mapped onto one of our sandbox tiers, or refused."""
+    if environment in _REMOTE_ENVIRONMENTS:
+        raise ConfigError(
+            f"environment {environment!r} (a remote cloud sandbox) is not supported: rlm_async runs every "
+            "REPL in a sandboxed worker process on this machine (bubblewrap or landlock); use "
+            "environment='local' (the strongest tier that works here) or 'docker' (the bubblewrap tier)"
+        )
+    if environment not in _ENVIRONMENT_TIERS:
+        raise ConfigError(
+            f"environment {environment!r} is unknown; use 'local' (or 'docker', 'ipython'); rlm_async runs "
+            "every REPL in its own sandboxed worker process, configured by RLMConfig(sandbox=...)"
+        )
+    tier = _ENVIRONMENT_TIERS[environment]
+    return sandbox if tier is None else dataclasses.replace(sandbox, isolation=tier)  # type: ignore[arg-type]
+
+
+def _with_sampling(model: ModelConfig, args: dict[str, Any], where: str) -> ModelConfig:
+    """The official `sampling_args` on one model: `temperature` and `max_tokens` (or
+    `max_completion_tokens`) are the model's own settings; `extra_body` is merged in, as the
+    official client merges it; `None` values are dropped, as it drops them; the rest is sent
+    as it is."""
+    if not isinstance(args, dict):
+        raise ConfigError(f"{where} must be a dict of request fields, not {type(args).__name__}")
+    rest = {k: v for k, v in args.items() if v is not None}
+    extra = rest.pop("extra_body", None) or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{where}['extra_body'] must be a dict, not {type(extra).__name__}")
+    changes: dict[str, Any] = {}
+    for key in ("max_tokens", "max_completion_tokens"):
+        if key in rest:
+            changes["max_tokens"] = rest.pop(key)
+    if "temperature" in rest:
+        changes["temperature"] = rest.pop("temperature")
+    sampling = {**model.sampling, **rest, **extra}
+    try:
+        json.dumps(sampling, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where} must hold JSON data (it is sent in each request): {exc}") from None
+    return dataclasses.replace(model, sampling=sampling, **changes)
+
+
+def _with_subcall_concurrency(config: RLMConfig, limit: int) -> RLMConfig:
+    """The official `max_concurrent_subcalls` as the governor's concurrency cap of the sub
+    model's endpoint+model. The governor's limits are global: this caps that endpoint+model
+    for every query in the process (and the root's calls too when the root is that model)."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ConfigError(f"max_concurrent_subcalls is {limit!r}; use an int >= 1")
+    target = config.model_for_depth(1)
+
+    def capped(m: ModelConfig) -> ModelConfig:
+        if (m.base_url, m.model) != (target.base_url, target.model):
+            return m
+        return dataclasses.replace(m, limits=dataclasses.replace(m.limits, max_concurrency=limit))
+
+    return dataclasses.replace(
+        config,
+        root=capped(config.root),
+        sub=None if config.sub is None else capped(config.sub),
+        depth_models=tuple(map(capped, config.depth_models)),
+        others=tuple(map(capped, config.others)),
+    )
 
 
 class RLM:
@@ -118,13 +194,25 @@ class RLM:
         on_iteration_start: Callable[[int, int], None] | None = None,
         on_iteration_complete: Callable[[int, int, float], None] | None = None,
         *,
+        logger: RLMLogger | None = None,
+        compaction: bool = False,
+        compaction_threshold_pct: float | None = None,
+        max_errors: int | None = None,
+        custom_tools: Mapping[str, Any] | None = None,
+        custom_sub_tools: Mapping[str, Any] | None = None,
+        max_concurrent_subcalls: int | None = None,
+        sampling_args: dict[str, Any] | None = None,
+        sub_sampling_args: dict[str, Any] | None = None,
+        orchestrator: bool = True,
+        user_prologue: str | None = None,
         config: RLMConfig | None = None,
         governor: Governor | None = None,
         transport: Transport | Callable[[ModelConfig], Transport] | None = None,
         event_sinks: Sequence[_events.EventSink] = (),
+        journal: Journal | None = None,
         **unsupported: Any,
     ) -> None:
-        _refuse_unsupported(unsupported, persistent=persistent, environment=environment, depth=depth)
+        _refuse_unsupported(unsupported, depth=depth)
         self._api_keys: dict[str, str] = {}
         if config is None:
             config = self._config_from_official(
@@ -134,14 +222,31 @@ class RLM:
                 other_backend_kwargs,
                 max_depth=max_depth,
                 max_iterations=max_iterations,
-                system_prompt=custom_system_prompt,
                 budget=BudgetLimits(max_usd=max_budget, max_total_tokens=max_tokens, max_seconds=max_timeout),
             )
         elif backend_kwargs or other_backends:
             raise ConfigError("pass either config= or backend_kwargs/other_backends, not both")
+        config = self._official_extras(
+            config,
+            environment=environment,
+            max_errors=max_errors,
+            custom_system_prompt=custom_system_prompt,
+            custom_tools=custom_tools,
+            custom_sub_tools=custom_sub_tools,
+            max_concurrent_subcalls=max_concurrent_subcalls,
+            sampling_args=sampling_args,
+            sub_sampling_args=sub_sampling_args,
+            orchestrator=orchestrator,
+            user_prologue=user_prologue,
+            compaction=compaction,
+            compaction_threshold_pct=compaction_threshold_pct,
+        )
         self.config = config
         self._governor = governor
         self._transport = transport
+        self._journal = journal
+        """An open journal to use instead of opening `config.journal_path` (the distributed
+        runner's replicated one); the caller owns it and closes it."""
         self._sinks = list(event_sinks)
         hooks = (on_subcall_start, on_subcall_complete, on_iteration_start, on_iteration_complete)
         if any(hooks):
@@ -149,10 +254,19 @@ class RLM:
 
             self._sinks.append(OfficialCallbacks(*hooks))
         self.verbose = verbose
+        self.persistent = persistent
+        """One REPL across `completion` calls (the official flag): see `session()`."""
+        self.logger = logger
         self._engines: dict[object, Engine] = {}
         self._pools: dict[object, tuple[WorkerPool, int]] = {}
         """The worker pool open for an event loop, and how many `async with` hold it."""
+        self._sessions: dict[object, Session] = {}
+        self._portal: _Portal | None = None
         self._refuse_misuse()
+        if logger is not None:  # as officially: the run's metadata first, at construction
+            logger.log_metadata(
+                _log_metadata(backend, backend_kwargs, environment, environment_kwargs, other_backends, self.config)
+            )
 
     def _config_from_official(
         self,
@@ -163,7 +277,6 @@ class RLM:
         *,
         max_depth: int,
         max_iterations: int,
-        system_prompt: str | None,
         budget: BudgetLimits,
     ) -> RLMConfig:
         """The native configuration for the official constructor's arguments; API keys
@@ -187,9 +300,58 @@ class RLM:
             others=tuple(others[1:]),
             max_depth=max_depth,
             max_iterations=max_iterations,
-            system_prompt=system_prompt,
             budget=budget,
         )
+
+    @staticmethod
+    def _official_extras(
+        config: RLMConfig,
+        *,
+        environment: str,
+        max_errors: int | None,
+        custom_system_prompt: str | None,
+        custom_tools: Mapping[str, Any] | None,
+        custom_sub_tools: Mapping[str, Any] | None,
+        max_concurrent_subcalls: int | None,
+        sampling_args: dict[str, Any] | None,
+        sub_sampling_args: dict[str, Any] | None,
+        orchestrator: bool,
+        user_prologue: str | None,
+        compaction: bool,
+        compaction_threshold_pct: float | None,
+    ) -> RLMConfig:
+        """The official arguments beyond models and budgets, onto the native config (built
+        from the official arguments or given as `config=`): each given one replaces its field."""
+        changes: dict[str, Any] = {"sandbox": _sandbox_for(environment, config.sandbox)}
+        if max_errors is not None:
+            changes["max_errors"] = max_errors
+        if custom_system_prompt:
+            # A user's own prompt text is used the official package's way, message formats
+            # included, so a model trained on its trajectories sees what it was trained on.
+            changes["official_prompt"] = OfficialPrompt(
+                template=custom_system_prompt, orchestrator=orchestrator
+            )
+        if custom_tools is not None:
+            changes["tools"] = parse_tools(custom_tools, "custom_tools")
+        if custom_sub_tools is not None:
+            changes["sub_tools"] = parse_tools(custom_sub_tools, "custom_sub_tools")
+        if user_prologue is not None:
+            changes["user_prologue"] = user_prologue
+        if compaction:
+            changes["compaction"] = True
+        if compaction_threshold_pct is not None:
+            changes["compaction_threshold_pct"] = compaction_threshold_pct
+        if sampling_args is not None:
+            changes["root"] = _with_sampling(config.root, sampling_args, "sampling_args")
+        if sub_sampling_args is not None:
+            # As the official package: without another backend, sub-calls get a copy of the
+            # root model (with the root's sampling_args) carrying these.
+            sub = config.sub or changes.get("root", config.root)
+            changes["sub"] = _with_sampling(sub, sub_sampling_args, "sub_sampling_args")
+        config = dataclasses.replace(config, **changes)
+        if max_concurrent_subcalls is not None:
+            config = _with_subcall_concurrency(config, max_concurrent_subcalls)
+        return config
 
     def _refuse_misuse(self) -> None:
         """Misuse is refused here, at construction, naming the fix, rather than at the first
@@ -226,7 +388,7 @@ class RLM:
         loop = anyio.lowlevel.current_token()
         engine = self._engines.get(loop)
         if engine is None:
-            journal = (
+            journal = self._journal or (
                 await Journal.open(
                     self.config.journal_path,
                     reuse_nondeterministic=self.config.journal_reuse_nondeterministic,
@@ -248,11 +410,16 @@ class RLM:
         return engine
 
     async def aclose(self) -> None:
-        """Close connection pools and the journal held for the current event loop."""
-        engine = self._engines.pop(anyio.lowlevel.current_token(), None)
+        """Close the persistent session (its worker), connection pools and the journal held
+        for the current event loop."""
+        loop = anyio.lowlevel.current_token()
+        session = self._sessions.pop(loop, None)
+        if session is not None:
+            await session.aclose()
+        engine = self._engines.pop(loop, None)
         if engine is not None:
             await engine.aclose()
-            if engine.journal is not None:
+            if engine.journal is not None and engine.journal is not self._journal:
                 await engine.journal.aclose()
 
     @property
@@ -271,7 +438,8 @@ class RLM:
             if held is not None:  # nested: the outer `async with` keeps the pool
                 self._pools[loop] = (held[0], held[1] + 1)
                 return self
-            pool = WorkerPool(self.config.sandbox, self.config.worker_pool)
+            # peers: the engine's slots cap, as its on-demand starts pass (`Engine.start_worker`).
+            pool = WorkerPool(self.config.sandbox, self.config.worker_pool, peers=self.config.max_workers)
             await pool.__aenter__()
             self._pools[loop] = (pool, 1)
             engine = self._engines.get(loop)
@@ -293,6 +461,14 @@ class RLM:
                 await held[0].__aexit__(*exc)
 
     # ------------------------------------------------------------------ the API
+    def session(self) -> Session:
+        """A persistent REPL across calls: `async with rlm.session() as s: await
+        s.completion(...)`. Leaving the block kills its worker (see `rlm_async.Session`)."""
+        return Session(self._run, self._open_session)
+
+    async def _open_session(self) -> SessionState:
+        return (await self._engine()).open_session()
+
     async def acompletion(
         self,
         prompt: Context,
@@ -308,7 +484,36 @@ class RLM:
 
         `max_depth` and `budget` replace the configured ones for this query only (a service
         bounds them per request); `ledger_parent` puts the query's ledger under another
-        ledger of this RLM's governor (a tenant's budget) instead of the process ledger."""
+        ledger of this RLM's governor (a tenant's budget) instead of the process ledger.
+        With `persistent=True`, calls go to this event loop's session, one at a time."""
+        if self.persistent:
+            loop = anyio.lowlevel.current_token()
+            session = self._sessions.get(loop)
+            if session is None:
+                session = self._sessions[loop] = self.session()
+            return await session.completion(
+                prompt,
+                root_prompt,
+                event_sinks=event_sinks,
+                max_depth=max_depth,
+                budget=budget,
+                ledger_parent=ledger_parent,
+            )
+        return await self._run(
+            prompt, root_prompt, event_sinks=event_sinks, max_depth=max_depth, budget=budget, ledger_parent=ledger_parent
+        )
+
+    async def _run(
+        self,
+        prompt: Context,
+        root_prompt: str | None,
+        *,
+        event_sinks: Sequence[_events.EventSink] = (),
+        max_depth: int | None = None,
+        budget: BudgetLimits | None = None,
+        ledger_parent: BudgetLedger | None = None,
+        session: SessionState | None = None,
+    ) -> RLMResult:
         context = validate_context(prompt)
         engine = await self._engine()
         changes: dict[str, Any] = {}
@@ -318,18 +523,25 @@ class RLM:
             changes["budget"] = budget
         if changes:
             engine = engine.with_config(dataclasses.replace(self.config, **changes))
+        if self.logger is not None:
+            self.logger.clear_iterations()  # as officially: a trajectory per completion
         sinks = (*self._sinks, *event_sinks)
         query_id = f"q{next(_query_ids)}"
+        run = functools.partial(
+            engine.run,
+            context,
+            root_prompt,
+            query_id=query_id,
+            ledger_parent=ledger_parent,
+            session=session,
+            logger=self.logger,
+        )
         if not self.verbose:
-            return await engine.run(
-                context, root_prompt, sinks=sinks, query_id=query_id, ledger_parent=ledger_parent
-            )
+            return await run(sinks=sinks)
         from ._progress import LiveProgress  # verbose=True: the official flag shows live progress
 
         with LiveProgress() as progress:
-            return await engine.run(
-                context, root_prompt, sinks=(*sinks, progress), query_id=query_id, ledger_parent=ledger_parent
-            )
+            return await run(sinks=(*sinks, progress))
 
     async def abatch(
         self,
@@ -379,7 +591,9 @@ class RLM:
         return anyio.run(run)
 
     def completion(self, prompt: Context, root_prompt: str | None = None) -> RLMResult:
-        """Synchronous `acompletion`: runs its own event loop, then closes what it opened."""
+        """Synchronous `acompletion`: runs its own event loop, then closes what it opened.
+        With `persistent=True` the loop is a background thread's, kept (with the session's
+        worker) until `close()`."""
 
         async def run() -> RLMResult:
             try:
@@ -396,6 +610,10 @@ class RLM:
             pass  # no asyncio loop in this thread: the normal case
         else:
             raise inside_loop
+        if self.persistent:
+            if self._portal is None:
+                self._portal = _Portal()
+            return self._portal.call(self.acompletion, prompt, root_prompt)
         try:
             return anyio.run(run)
         except RuntimeError as exc:
@@ -403,6 +621,77 @@ class RLM:
             if "already running" in str(exc).lower():
                 raise inside_loop from None
             raise
+
+
+    def close(self) -> None:
+        """End what synchronous `completion` calls kept open (with `persistent=True`, the
+        session's worker and its event loop's thread). Idempotent; the official method."""
+        portal, self._portal = self._portal, None
+        if portal is not None:
+            portal.close(self.aclose)
+
+    def __enter__(self) -> RLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Portal:
+    """An event loop in a daemon thread of its own, for synchronous calls of a persistent
+    RLM: its worker (a process the loop owns) outlives each call, so the loop must too.
+    A daemon, so that a program that never calls `close()` still exits; its workers then
+    die with the process (each tier's worker dies with its parent)."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._thread = threading.Thread(target=anyio.run, args=(self._serve,), name="rlm-async-session", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    async def _serve(self) -> None:
+        async with anyio.from_thread.BlockingPortal() as portal:
+            self._portal = portal
+            self._ready.set()
+            await portal.sleep_until_stopped()
+
+    def call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+        assert self._portal is not None
+        return self._portal.call(func, *args)
+
+    def close(self, aclose: Callable[[], Awaitable[None]]) -> None:
+        assert self._portal is not None
+        try:
+            self._portal.call(aclose)
+        finally:
+            self._portal.call(self._portal.stop)
+            self._thread.join()
+
+
+def _log_metadata(
+    backend: str,
+    backend_kwargs: dict[str, Any] | None,
+    environment: str,
+    environment_kwargs: dict[str, Any] | None,
+    other_backends: Sequence[str] | None,
+    config: RLMConfig,
+) -> RLMMetadata:
+    """The official log's first line; keys naming an API key are left out, as officially."""
+
+    def public(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        return {k: v for k, v in (kwargs or {}).items() if not ("api" in k.lower() and "key" in k.lower())}
+
+    return RLMMetadata(
+        root_model=config.root.model,
+        max_depth=config.max_depth,
+        max_iterations=config.max_iterations,
+        backend=backend,
+        backend_kwargs=public(backend_kwargs),
+        environment_type=environment,
+        environment_kwargs=public(environment_kwargs),
+        other_backends=list(other_backends) if other_backends else None,
+    )
 
 
 def _shared_governor(config: RLMConfig) -> Governor:

@@ -58,6 +58,7 @@ from pathlib import Path
 from types import NoneType, TracebackType, UnionType
 from typing import IO, Any, get_args, get_type_hints
 
+import orjson
 import structlog
 
 from ._events import ENVELOPE, EVENT_TYPES, CallRetry, CallStart, Event, payload_fields
@@ -113,20 +114,27 @@ _encode = json.JSONEncoder(
 
 
 def event_to_json(event: Event, *, redact: frozenset[str] = frozenset()) -> str:
-    """One trace line (without the newline) for `event`."""
+    """One trace line (without the newline) for `event`.
+
+    orjson writes it (about three times faster than `json`: a traced fan-out of 5,000
+    writes 35,000 lines from the event loop); what orjson refuses (a lone surrogate in an
+    error text, an integer over 64 bits, a non-string key) falls back to `json`, which
+    writes the same line for everything else."""
     fields = event.payload()
     if redact and not redact.isdisjoint(fields):
         fields = {k: v for k, v in fields.items() if k not in redact}
-    return _encode(
-        {
-            "kind": event.kind,
-            "time": event.time,
-            "query_id": event.query_id,
-            "node_id": event.node_id,
-            "depth": event.depth,
-            "fields": fields,
-        }
-    )
+    line = {
+        "kind": event.kind,
+        "time": event.time,
+        "query_id": event.query_id,
+        "node_id": event.node_id,
+        "depth": event.depth,
+        "fields": fields,
+    }
+    try:
+        return orjson.dumps(line, default=_jsonable).decode("utf-8")
+    except TypeError:  # orjson.JSONEncodeError is one
+        return _encode(line)
 
 
 def _event_lines(events: list[Event], redact: frozenset[str]) -> str:

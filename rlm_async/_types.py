@@ -6,6 +6,7 @@ conversion to JSON-ready dicts. Nothing here imports from the rest of the packag
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +40,8 @@ class ModelRequest:
     temperature: float | None = None
     prompt_cache_key: str | None = None
     """OpenAI's routing hint for prefix caching; `None` sends nothing."""
+    sampling: Mapping[str, Any] | None = field(default=None, hash=False)
+    """More body fields sent as they are (`ModelConfig.sampling`); part of the journal key."""
 
     def prompt_chars(self) -> int:
         return sum(len(m.content) for m in self.messages)
@@ -94,6 +97,18 @@ class Usage:
             failed_calls=self.failed_calls + other.failed_calls,
             refused_calls=self.refused_calls + other.refused_calls,
             journal_hits=self.journal_hits + other.journal_hits,
+        )
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens - other.prompt_tokens,
+            self.completion_tokens - other.completion_tokens,
+            self.cached_tokens - other.cached_tokens,
+            cost_usd=self.cost_usd - other.cost_usd,
+            calls=self.calls - other.calls,
+            failed_calls=self.failed_calls - other.failed_calls,
+            refused_calls=self.refused_calls - other.refused_calls,
+            journal_hits=self.journal_hits - other.journal_hits,
         )
 
     def __neg__(self) -> Usage:

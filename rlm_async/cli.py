@@ -6,6 +6,7 @@
     rlm-async trace view TRACE.jsonl -o run.html    a self-contained HTML timeline
     rlm-async batch INPUT.jsonl --out OUT.jsonl [--config ...] [--concurrency N] [--budget-usd X]
               [--budget-tokens N] [--journal PATH]    many queries under one budget, resumable
+              [--ray [ADDRESS] [--ray-actors N]]      ... on a Ray cluster (the ray extra)
     rlm-async doctor [--config configs/NAME.toml] [--json]   what each server is, and the defaults;
               and which sandbox tier model code would run under (exit 2: none can run here)
     rlm-async doctor --sandbox [--isolation TIER] [--json]   the sandbox tiers alone
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tomllib
 import traceback
@@ -107,11 +109,27 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--max-context-chars", type=int, help="refuse larger contexts (default 100M)")
     batch.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     batch.add_argument("--quiet", action="store_true", help="no live progress")
+    batch.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="run on a Ray cluster (the ray extra): its address, 'auto' (default) or 'local' to start one here",
+    )
+    batch.add_argument("--ray-actors", type=int, default=2, help="query actors on the cluster (default 2)")
+    batch.add_argument(
+        "--ray-resources",
+        help="custom resources each actor needs, as JSON (e.g. '{\"rlm_query\": 1}' to keep actors on nodes that have it)",
+    )
     doctor = sub.add_parser("doctor", help="identify each configured server and show the settings it gets")
     doctor.add_argument("--config", help="a TOML file from configs/")
     doctor.add_argument("--json", action="store_true", help="print the decisions as JSON")
-    doctor.add_argument("--sandbox", action="store_true", help="only the sandbox: which isolation tiers work here")
-    doctor.add_argument("--isolation", choices=ISOLATION_TIERS, default="auto", help="the tier to check (default auto)")
+    doctor.add_argument(
+        "--sandbox", action="store_true", help="only the sandbox: which isolation tiers work here"
+    )
+    doctor.add_argument(
+        "--isolation", choices=ISOLATION_TIERS, default="auto", help="the tier to check (default auto)"
+    )
 
     serve = sub.add_parser("serve", help="serve RLMs over an OpenAI-compatible API (default: the simulator)")
     serve.add_argument("--config", help="a TOML file from configs/ (default: the bundled simulator)")
@@ -303,6 +321,14 @@ async def _batch(args: argparse.Namespace) -> int:
             sim = await stack.enter_async_context(SimServer(SimConfig.from_dict(sim_table or {})))
             config = _point_at(config, sim.base_url)
         progress = stack.enter_context(BatchProgress(total=0, console=console, quiet=args.quiet or args.json))
+        if args.ray is not None:
+            summary, figures = await _batch_on_ray(args, config, source, budget, progress)
+            extra: dict[str, Any] = {"ray": figures.to_dict()}
+            if args.json:
+                print(json.dumps({**summary.to_dict(), **extra}, indent=2))
+            else:
+                console.print(render_summary(summary))
+            return int(summary.exit_code)
         rlm = await stack.enter_async_context(RLM(config=config))
         summary = await run_file(
             rlm,
@@ -319,6 +345,64 @@ async def _batch(args: argparse.Namespace) -> int:
     else:
         console.print(render_summary(summary))
     return summary.exit_code
+
+
+async def _batch_on_ray(
+    args: argparse.Namespace, config: RLMConfig, source: Path, budget: Any, progress: Any
+) -> tuple[Any, Any]:
+    resources: dict[str, float] = {}
+    if args.ray_resources:
+        try:
+            resources = {str(k): float(v) for k, v in json.loads(args.ray_resources).items()}
+        except (ValueError, AttributeError, TypeError):
+            raise CLIError(
+                f"--ray-resources is not a JSON object of numbers: {args.ray_resources!r}; e.g. '{{\"rlm_query\": 1}}'"
+            ) from None
+    if args.ray_actors < 1:
+        raise CLIError(f"--ray-actors is {args.ray_actors}; use at least 1")
+    address = None if args.ray == "local" else args.ray
+    try:
+        import ray
+    except ImportError:
+        raise CLIError('--ray needs Ray: pip install "rlm-async[ray]"') from None
+    from .batch import DEFAULT_MAX_CONTEXT_CHARS
+    from .ray import run_file_ray
+
+    def connect() -> None:
+        if address is None:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+
+    try:
+        connect()  # on the main thread (Ray installs its signal handlers there); nothing else runs yet
+    except ConnectionError as exc:
+        raise CLIError(
+            f"cannot reach the Ray cluster at {args.ray} ({exc}); start one with `ray start --head`"
+        ) from None
+    # Ray's own messages (a node died, a worker's log) go to this process' stdout, where
+    # they would break --json: send them to stderr while Ray runs.
+    real_stdout = os.dup(1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    try:
+        return await run_file_ray(
+            config,
+            source,
+            Path(args.out),
+            actors=args.ray_actors,
+            concurrency=args.concurrency,
+            budget=budget,
+            journal_path=Path(args.journal) if args.journal else None,
+            max_context_chars=args.max_context_chars or DEFAULT_MAX_CONTEXT_CHARS,
+            progress=progress,
+            actor_options={"resources": resources} if resources else None,
+        )
+    finally:
+        ray.shutdown()
+        sys.stdout.flush()
+        os.dup2(real_stdout, 1)
+        os.close(real_stdout)
 
 
 # ---------------------------------------------------------------------- demo

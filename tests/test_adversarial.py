@@ -39,6 +39,7 @@ from test_sandbox_support import open_worker as _open_worker
 from rlm_async.exceptions import BudgetExceeded
 from rlm_async.sandbox import Worker, WorkerRequest
 from rlm_async.sandbox import _seccomp as seccomp
+from rlm_async.sim import SimServer
 
 pytestmark = [pytest.mark.anyio]
 
@@ -440,6 +441,43 @@ class TestNetwork:
         finally:
             listener.close()
 
+    async def test_the_model_servers_port_is_unreachable(self, tier: str) -> None:
+        """The model server the engine talks to (the simulator, on loopback) gets nothing
+        from the code: an HTTP request over TCP and a UDP datagram to its port both fail,
+        and its request log stays empty."""
+        async with SimServer() as sim:
+            port = sim.port
+            body = '{"model": "sim-model", "messages": [{"role": "user", "content": "loot"}]}'
+            request = (
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+            )
+            code = textwrap.dedent(
+                f"""
+                import socket
+                out = []
+                try:
+                    s = socket.create_connection(('127.0.0.1', {port}), timeout=2)
+                    s.sendall({request.encode()!r})
+                    out.append('tcp sent: ' + s.recv(100).decode('latin-1'))
+                except OSError as e:
+                    out.append('tcp ' + type(e).__name__)
+                try:
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'loot', ('127.0.0.1', {port}))
+                    out.append('udp sent')
+                except OSError as e:
+                    out.append('udp ' + type(e).__name__)
+                print(out)
+                """
+            )
+            async with open_worker() as worker:
+                result = await worker.run_cell(code, refuse)
+            await anyio.sleep(0.2)
+            assert result.status == "ok" and "tcp sent" not in result.stdout, result
+            if tier == "landlock":  # no TCP or UDP socket can even be created
+                assert result.stdout.strip() == str(["tcp PermissionError", "udp PermissionError"]), result
+            assert list(sim.log) == []
+
     async def test_udp_and_tcp_to_loopback_never_arrive(self, tier: str) -> None:
         """Datagrams and connections to listeners of the engine on 127.0.0.1 and ::1 never
         arrive, whatever the family or port."""
@@ -817,12 +855,15 @@ async def on_request(request):
     return ["ok"] * len(request.prompts)
 
 async def main():
-    worker = await start_worker("", SandboxConfig(isolation=tier, cell_timeout_s=60, start_timeout_s=60))
+    # "auto" with bubblewrap absent: the default config on a host without bubblewrap.
+    isolation, bwrap = ("auto", "/nonexistent/bwrap") if tier == "auto-without-bubblewrap" else (tier, None)
+    config = SandboxConfig(isolation=isolation, bwrap_path=bwrap, cell_timeout_s=60, start_timeout_s=60)
+    worker = await start_worker("", config)
     result = await worker.run_cell(code, on_request)
     await worker.aclose()
-    return result
+    return result, worker.tier
 
-result = anyio.run(main)
+result, ran_under = anyio.run(main)
 arrived = []
 try:
     tcp.accept()
@@ -844,7 +885,7 @@ for pid in os.listdir("/proc"):
     except OSError:
         pass
 print(json.dumps({
-    "status": result.status, "stdout": result.stdout, "stderr": result.stderr, "prompts": prompts,
+    "tier": ran_under, "engine_uid": os.getuid(), "status": result.status, "stdout": result.stdout, "stderr": result.stderr, "prompts": prompts,
     "memory_canary": memory_canary.value.decode(), "arrived": arrived, "escapees": escapees,
 }))
 """
@@ -922,6 +963,7 @@ os.read(r, 1)
 
 attempt('kill engine', lambda: os.kill({engine}, 9))
 attempt('kill parent', lambda: os.kill(os.getppid(), 9))
+log.append('uid %d' % os.getuid())
 print('\n'.join(log))
 llm_query('\n'.join(loot))
 llm_batch(loot)
@@ -938,29 +980,45 @@ class TestEngineSecrets:
         grandchild without the subreaper flag, and killing the engine, then ships all it
         found through llm_query. No canary reaches a request, nothing arrives, nothing is
         written, the engine survives, and no process outlives the query."""
-        canaries = {
-            name: f"{name}-canary-{os.urandom(8).hex()}"
-            for name in ("apikey", "other", "argv", "dotenv", "netrc")
-        }
-        cwd, home = tmp_path / "engine-cwd", tmp_path / "engine-home"
-        cwd.mkdir()
-        home.mkdir()
-        (cwd / ".env").write_text(f"OPENAI_API_KEY={canaries['dotenv']}\n")
-        (home / ".netrc").write_text(f"machine api.example password {canaries['netrc']}\n")
-        env = {**os.environ, "OPENAI_API_KEY": canaries["apikey"], "RLM_OTHER_SECRET": canaries["other"]}
-        env["HOME"] = str(home)
-        argv = [sys.executable, "-c", ENGINE_SCRIPT, tier, HOSTILE_CODE, f"--token={canaries['argv']}"]
-        proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, proc.stderr[-3000:]  # the engine survived
-        report = json.loads(proc.stdout.splitlines()[-1])
-        assert report["status"] == "ok", report
-        shipped = "\n".join(report["prompts"]) + report["stdout"]
-        assert report["prompts"], report
-        for name, canary in {**canaries, "memory": report["memory_canary"]}.items():
-            assert canary not in shipped, f"the {name} canary leaked: {report['stdout']}"
-        assert report["arrived"] == [] and report["escapees"] == [], report
-        for where in (cwd / "pwned", home / "pwned", Path("/usr/pwned")):
-            assert not where.exists(), where
-        log = report["stdout"]
-        for attack in ("process_vm_readv", "ptrace", "tcp", "kill engine", "/proc/engine/mem"):
-            assert f"{attack} ok" not in log, log
+        check_hostile_engine(tier, tier, tmp_path)
+
+    def test_auto_without_bubblewrap_keeps_everything_in(self, tier: str, tmp_path: Path) -> None:
+        """The same attack against an engine left at the default, isolation="auto", on a
+        host where bubblewrap is absent: it runs under the landlock tier, and finds nothing."""
+        if tier != "landlock":
+            pytest.skip("auto without bubblewrap is the landlock tier: run once, with its param")
+        check_hostile_engine("auto-without-bubblewrap", "landlock", tmp_path)
+
+
+def check_hostile_engine(mode: str, expected_tier: str, tmp_path: Path) -> None:
+    """Run ENGINE_SCRIPT (isolation `mode`) with HOSTILE_CODE and check that nothing leaked."""
+    canaries = {
+        name: f"{name}-canary-{os.urandom(8).hex()}"
+        for name in ("apikey", "other", "argv", "dotenv", "netrc")
+    }
+    cwd, home = tmp_path / "engine-cwd", tmp_path / "engine-home"
+    cwd.mkdir()
+    home.mkdir()
+    (cwd / ".env").write_text(f"OPENAI_API_KEY={canaries['dotenv']}\n")
+    (home / ".netrc").write_text(f"machine api.example password {canaries['netrc']}\n")
+    env = {**os.environ, "OPENAI_API_KEY": canaries["apikey"], "RLM_OTHER_SECRET": canaries["other"]}
+    env["HOME"] = str(home)
+    argv = [sys.executable, "-c", ENGINE_SCRIPT, mode, HOSTILE_CODE, f"--token={canaries['argv']}"]
+    proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # the engine survived
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["status"] == "ok", report
+    assert report["tier"] == expected_tier, report
+    shipped = "\n".join(report["prompts"]) + report["stdout"]
+    assert report["prompts"], report
+    for name, canary in {**canaries, "memory": report["memory_canary"]}.items():
+        assert canary not in shipped, f"the {name} canary leaked: {report['stdout']}"
+    assert report["arrived"] == [] and report["escapees"] == [], report
+    for where in (cwd / "pwned", home / "pwned", Path("/usr/pwned")):
+        assert not where.exists(), where
+    log = report["stdout"]
+    reads = (f"{os.path.realpath(cwd)}/.env", f"{os.path.realpath(home)}/.netrc", "/etc/shadow")
+    for attack in ("process_vm_readv", "ptrace", "tcp", "kill engine", "/proc/engine/mem", *reads):
+        assert f"\n{attack} " in f"\n{log}" and f"{attack} ok" not in log, log  # tried, and failed
+    if report["engine_uid"] == 0:  # an engine run as root (its Python possibly under 0700 /root)
+        assert "uid 0" not in log.splitlines(), log  # the code ran unprivileged all the same

@@ -21,6 +21,7 @@ from rlm_async.batch import (
     CostEstimator,
     InvalidItem,
     OutputFile,
+    SpendLog,
     read_items,
 )
 from rlm_async.exceptions import ConfigError
@@ -131,6 +132,51 @@ class TestOutputFile:
         with pytest.raises(BatchOutputError, match="line 2"):
             OutputFile.open(path)
         assert path.read_bytes() == before
+
+
+class TestSpendLog:
+    def test_a_rerun_carries_settled_spend_and_reservations_a_crash_left_open(self, tmp_path: Path) -> None:
+        """The batch ledger writes each reservation before it returns and each settlement
+        after; reopened, the log carries what was spent plus what unsettled reservations
+        held (calls in flight when the process died, at their upper bound)."""
+        path = tmp_path / "out.jsonl.spend"
+        log = SpendLog.open(path, fresh=True)
+        batch = BudgetLedger(BudgetLimits(max_usd=1.0), name="batch", log=log)
+        query = BudgetLedger(parent=batch)
+        paid = query.reserve(Charge(Usage(1000, 500, calls=1), Decimal("0.006")))
+        query.settle(paid, Charge(Usage(1000, 20, 800, calls=1), Decimal("0.0015")))
+        query.reserve(Charge(Usage(2000, 500, calls=1), Decimal("0.007")))  # in flight at the "crash"
+        refused = query.reserve(Charge(Usage(calls=1), Decimal("0.5")))
+        query.release(refused)  # released unsent: counts nothing
+        log.close()
+        with path.open("ab") as f:
+            f.write(b'{"reserve":{"usd":"0.')  # a write the crash cut short: never returned
+        again = SpendLog.open(path, fresh=False)
+        assert again.carried.usd == Decimal("0.0085")
+        assert again.carried.usage.total_tokens == 1020 + 2500
+        again.close()
+        # Compacted into one record, and carried again by the next run.
+        assert len(path.read_text().splitlines()) == 1
+        assert SpendLog.open(path, fresh=False).carried == again.carried
+
+    def test_a_new_batch_starts_a_new_log(self, tmp_path: Path) -> None:
+        """`fresh` (no output file yet): an old log at that path belongs to another batch
+        and is discarded."""
+        path = tmp_path / "out.jsonl.spend"
+        path.write_text('{"carried":{"usd":"3","prompt_tokens":1,"completion_tokens":1,"cached_tokens":0,"calls":1}}\n')
+        with SpendLog.open(path, fresh=True) as log:
+            assert log.carried == Charge()
+        assert path.read_text() == ""
+
+    def test_a_reservation_that_cannot_be_written_is_refused(self, tmp_path: Path) -> None:
+        """A log that cannot be written refuses reservations (nothing is sent that a rerun
+        could not count), naming the file and the fix."""
+        log = SpendLog.open(tmp_path / "out.jsonl.spend", fresh=True)
+        log.close()
+        ledger = BudgetLedger(name="batch", log=log)
+        with pytest.raises(BatchOutputError, match=r"spend log .*rerun to resume"):
+            ledger.reserve(Charge(Usage(calls=1), Decimal("0.001")))
+        assert ledger.reserved == Usage()
 
 
 class TestAdmission:
@@ -245,3 +291,59 @@ class TestPythonAPI:
                     control.stop()
                 # The query started when the first slot freed finishes; the third never starts.
                 assert len(seen) == 2
+
+
+class TestProgress:
+    @pytest.mark.e2e
+    @pytest.mark.asyncio
+    async def test_a_terminal_shows_the_live_line_and_a_pipe_gets_nothing(self, tmp_path: Path) -> None:
+        """On a terminal the live line shows queries done and running, dollars against the
+        cap, calls in flight and an ETA, and its counters end at every row done, nothing
+        running and no call in flight; off a terminal nothing is drawn."""
+        import io
+
+        from conftest import open_sim, sim_config
+        from rich.console import Console
+
+        from rlm_async._rlm import RLM
+        from rlm_async.batch import BatchProgress, run_file
+        from rlm_async.batch._progress import render_batch
+        from rlm_async.sim import Policies, PolicySpec, SimConfig
+        from rlm_async.workloads import s_niah
+
+        source = tmp_path / "in.jsonl"
+        source.write_text(
+            "".join(
+                json.dumps({"id": i, "query": w.query, "context": w.context}) + "\n"
+                for i, w in enumerate(s_niah("1k", seed=i) for i in range(4))
+            ),
+            encoding="utf-8",
+        )
+        screens = {"terminal": io.StringIO(), "pipe": io.StringIO()}
+        async with open_sim(
+            SimConfig(policies=Policies(root=PolicySpec(name="rlm", options={"chunks": 2})))
+        ) as sim:
+            for name, screen in screens.items():
+                console = Console(file=screen, force_terminal=name == "terminal", width=200)
+                with BatchProgress(total=0, console=console, refresh_per_second=50) as progress:
+                    async with RLM(
+                        config=sim_config(sim, root_overrides={"prices": PRICE}, sub_overrides={"prices": PRICE})
+                    ) as rlm:
+                        summary = await run_file(
+                            rlm,
+                            source,
+                            tmp_path / f"{name}.jsonl",
+                            concurrency=2,
+                            budget=BudgetLimits(max_usd=5.0),
+                            progress=progress,
+                        )
+                    snap = progress.snapshot()
+                    assert progress.enabled is (name == "terminal")
+                    final = render_batch(snap).plain
+                assert summary.by_status == {"ok": 4}
+                assert (snap.done, snap.running, snap.calls_in_flight, snap.total) == (4, 0, 0, 4)
+                assert snap.cap_usd == 5.0 and snap.spent_usd == pytest.approx(summary.cost_usd)
+                assert final.startswith("queries 4/4 done, 0 failed, 0 running") and "of $5.00" in final
+        drawn = screens["terminal"].getvalue()
+        assert "queries 4/4 done" in drawn and "calls in flight" in drawn and "ETA" in drawn
+        assert screens["pipe"].getvalue() == ""

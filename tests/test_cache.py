@@ -4,6 +4,7 @@ hit-ratio reporting."""
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 
@@ -76,6 +77,37 @@ class TestSharedPrefix:
         split = ModelRequest(model="m", messages=(Message("user", "ab"), Message("user", "cd")))
         joined = ModelRequest(model="m", messages=(Message("user", "abcd"),))
         assert shared_prefix([split, joined]).chars == len("user") + len("ab")
+
+    def test_matches_the_common_prefix_of_the_rendered_prompts(self) -> None:
+        """Read message by message, the prefix is what the common prefix of every request
+        rendered as one string (NUL before each role and each content) gives, cut back to
+        a whole role: checked on random batches over a small alphabet, where prefixes,
+        role changes and missing messages are common."""
+        rng = random.Random(7)
+
+        def rendered_prefix(requests: list[ModelRequest]) -> int:
+            texts = ["".join(f"\x00{m.role}\x00{m.content}" for m in r.messages) for r in requests]
+            lo, hi = min(texts), max(texts)
+            n = 0
+            while n < min(len(lo), len(hi)) and lo[n] == hi[n]:
+                n += 1
+            common = lo[:n]
+            if common.count("\x00") % 2:
+                common = common[: common.rindex("\x00")]
+            return len(common.replace("\x00", ""))
+
+        for _ in range(500):
+            requests = [
+                ModelRequest(
+                    model="m",
+                    messages=tuple(
+                        Message(rng.choice(("system", "user")), "".join(rng.choices("ab", k=rng.randint(0, 4))))
+                        for _ in range(rng.randint(1, 3))
+                    ),
+                )
+                for _ in range(rng.randint(1, 4))
+            ]
+            assert shared_prefix(requests).chars == rendered_prefix(requests), requests
 
     def test_tokens_use_chars_per_token(self) -> None:
         """Token estimates follow the configured ratio, rounded down."""

@@ -141,7 +141,7 @@ class TestKey:
         """A field added to ModelRequest must be looked at here: it is in the key unless it is
         listed as not output-affecting."""
         names = {f.name for f in dataclasses.fields(ModelRequest)}
-        assert names == {"model", "messages", "max_tokens", "temperature", "prompt_cache_key"}
+        assert names == {"model", "messages", "max_tokens", "temperature", "prompt_cache_key", "sampling"}
 
 
 class TestReusable:

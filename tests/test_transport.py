@@ -213,6 +213,29 @@ class TestErrors:
         await t.aclose()
 
     @pytest.mark.asyncio
+    async def test_a_redirect_is_refused_naming_where_it_points(self, server: tuple[Server, str]) -> None:
+        """A 307 is not followed (the body is not kept to send twice): it is a BadRequest
+        naming the address, so the user fixes base_url; the server saw one request."""
+        app, url = server
+        app.reply = lambda _: (307, {"location": "http://127.0.0.1:1/elsewhere"}, b"")
+        t = OpenAITransport(url, api_key_env=None)
+        with pytest.raises(BadRequest, match=re.escape("redirect to 'http://127.0.0.1:1/elsewhere'")):
+            await t.complete(request())
+        await t.aclose()
+        assert len(app.bodies) == 1
+
+    @pytest.mark.asyncio
+    async def test_the_body_is_sent_whole(self, server: tuple[Server, str]) -> None:
+        """A 50 KB prompt arrives intact though the client lets go of its bytes once written."""
+        app, url = server
+        text = "".join(chr(0x41 + i % 26) for i in range(50_000)) + " \u00e9\u4e2d"
+        t = OpenAITransport(url, api_key_env=None)
+        for _ in range(3):
+            await t.complete(request(text))
+        await t.aclose()
+        assert [b["messages"][0]["content"] for b in app.bodies] == [text] * 3
+
+    @pytest.mark.asyncio
     async def test_nothing_listening(self) -> None:
         """A closed port is ConnectionFailed naming the URL and what to check."""
         t = OpenAITransport("http://127.0.0.1:9/v1", api_key_env=None)

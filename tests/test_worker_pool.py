@@ -22,7 +22,7 @@ from test_sandbox_support import ISOLATING_TIERS, assert_nothing_left, config
 from rlm_async._events import WorkerSlotWait, WorkerStart
 from rlm_async._rlm import RLM
 from rlm_async.exceptions import ConfigError, ContextTypeError, IsolationUnavailable, SandboxError
-from rlm_async.sandbox import WorkerPool, WorkerRequest, start_worker
+from rlm_async.sandbox import ReplSetup, WorkerPool, WorkerRequest, start_worker
 from rlm_async.sandbox import _procs as procs
 from rlm_async.testing import capture_events
 from rlm_async.workloads import oolong_counting
@@ -118,6 +118,29 @@ class TestHandingOut:
         assert pooled.tier == fresh.tier
         assert (pooled.uid is None) == (fresh.uid is None)
         assert a.stdout == b.stdout  # limits, root or not, worker pid inside, /proc, home, env
+
+    async def test_a_pooled_worker_gets_its_setup_with_its_context(self) -> None:
+        """A worker pre-started with no context gets a `ReplSetup`'s values, tools and
+        variable listing with its context, as one started on demand with the same setup."""
+        setup = ReplSetup(tools=(("lookup", "Look a key up."),), values_json='{"k": [1, 2]}', list_variables=True)
+        code = "print(context, k, callable(lookup), lookup.__doc__)\nmine = 3"
+        async with WorkerPool(config(), size=1) as pool:
+            await pool.wait_full()
+            pooled = await pool.start_worker("c", setup)
+            try:
+                assert pool.stats().taken == 1
+                fresh = await start_worker("c", config(), setup)
+                try:
+                    a = await pooled.run_cell(code, no_requests)
+                    b = await fresh.run_cell(code, no_requests)
+                finally:
+                    await fresh.aclose()
+            finally:
+                await pooled.aclose()
+        assert a.status == b.status == "ok", (a.error, b.error)
+        assert a.stdout.strip() == "c [1, 2] True Look a key up."
+        assert (a.stdout, a.variables) == (b.stdout, b.variables)
+        assert a.variables is not None and "mine" in a.variables
 
     async def test_a_worker_that_died_while_idle_is_skipped(self) -> None:
         """An idle worker killed from outside is not handed out: the taker gets a live one

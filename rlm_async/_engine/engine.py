@@ -19,10 +19,13 @@ from .._journal import Journal
 from .._result import RLMResult
 from .._servers import ServerProfile, ServerSettings, detect, resolve, window_from_error
 from .._types import ModelRequest
-from ..sandbox import Worker, WorkerPool, start_worker
+from ..logger import RLMLogger
+from ..sandbox import ReplSetup, Worker, WorkerPool, start_worker
 from ..transport import Transport
 from .query import Query
+from .session import SessionState
 from .slots import WorkerSlots
+from .tools import ToolLimiters
 
 __all__ = ["Engine"]
 
@@ -58,6 +61,8 @@ class Engine:
         self._profiles: dict[str, ServerProfile] = {}
         self._settings: dict[ModelConfig, ServerSettings] = {}
         self._detecting = anyio.Lock()
+        self.tool_limiters = ToolLimiters()
+        """Per-tool concurrency caps (`Tool.max_concurrency`), shared by every query."""
 
     def with_config(self, config: RLMConfig) -> Engine:
         """An engine for `config` (the same models; other limits, depth or budget) that shares
@@ -78,6 +83,7 @@ class Engine:
         derived._profiles = self._profiles
         derived._settings = self._settings
         derived._detecting = self._detecting
+        derived.tool_limiters = self.tool_limiters
         return derived
 
     def planner(
@@ -129,13 +135,15 @@ class Engine:
         self._settings[model] = settings = settings.with_window(window)
         _events.emit(_events.ServerDetected, **settings.event_fields())
 
-    async def start_worker(self, context: Context) -> Worker:
-        """A REPL worker for one RLM node: from the pool when one is open for this very
-        sandbox configuration (same tier, same limits), else started now."""
+    async def start_worker(self, context: Context, setup: ReplSetup | None = None) -> Worker:
+        """A REPL worker for one RLM node (or a session's root), `setup`'s tools and values
+        loaded with its context: from the pool when one is open for this very sandbox
+        configuration (same tier, same limits), else started now. Either way its process
+        cap counts the slots' cap of workers that may be alive beside it (`peers`)."""
         pool = self.pool
         if pool is not None and pool.config == self.config.sandbox:
-            return await pool.start_worker(context)
-        return await start_worker(context, self.config.sandbox)
+            return await pool.start_worker(context, setup, peers=self.slots.cap)
+        return await start_worker(context, self.config.sandbox, setup, peers=self.slots.cap)
 
     def transport_for(self, model: ModelConfig) -> Transport:
         key = (model.base_url, model.api_key_env)
@@ -158,8 +166,13 @@ class Engine:
         sinks: tuple[_events.EventSink, ...] = (),
         query_id: str = "q1",
         ledger_parent: BudgetLedger | None = None,
+        session: SessionState | None = None,
+        logger: RLMLogger | None = None,
     ) -> RLMResult:
-        query = Query(self, query_id=query_id, ledger_parent=ledger_parent)
+        """One query. With `session`, its root runs in the session's worker (contexts and
+        histories of earlier calls there); with `logger`, its root turns go into the
+        official log."""
+        query = Query(self, query_id=query_id, ledger_parent=ledger_parent, session=session, logger=logger)
         query.check_prices()
         kept: list[_events.Event] = []
         if self.config.keep_events:
@@ -167,4 +180,13 @@ class Engine:
         with _events.sinks(*sinks, clock=self.clock), _events.bind(query_id=query_id):
             result = await query.run(context, root_prompt)
         result.events = kept
+        if logger is not None:
+            result.metadata = logger.get_trajectory()
         return result
+
+    def open_session(self) -> SessionState:
+        """A persistent session's state: its root worker starts at its first query."""
+        config = self.config
+        return SessionState(
+            slots=self.slots, start=self.start_worker, below=config.max_depth - 1, compaction=config.compaction
+        )

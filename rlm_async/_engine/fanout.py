@@ -1,5 +1,5 @@
 """The sub-calls a cell asks for: `llm_query`, `llm_batch`, `llm_batch_as_completed`,
-`rlm_query`, `rlm_query_batched`.
+`rlm_query`, `rlm_query_batched`; and its custom tool calls, which `tools.ToolRunner` runs.
 
 One `FanOut` per request from a worker: every prompt is one task in the asking node's task
 group — never a thread per blocked call, never a per-batch concurrency cap (the governor's
@@ -23,6 +23,7 @@ record each; work over the admitted prompts yields to the event loop as it goes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -40,11 +41,13 @@ from .._result import SubCallFailure, SubCallResult
 from .._tree import Node
 from .._types import Message, ModelRequest
 from ..exceptions import BudgetExceeded, SandboxError, TransportError
-from ..sandbox import OnResult, WorkerRequest
+from ..logger import LoggedCall
+from ..sandbox import OnResult, ToolCallError, WorkerRequest
 from .calls import CallPath
 from .hedge import FanoutHedger, book_for
 from .outcome import RunEnded, RunOutcome
 from .state import QueryState
+from .tools import ToolRunner
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -77,6 +80,7 @@ class SubCallHandler:
         *,
         node: Node,
         depth: int,
+        tools: ToolRunner | None = None,
     ) -> None:
         self._engine = engine
         self._state = state
@@ -84,12 +88,27 @@ class SubCallHandler:
         self._run_child = run_child
         self._node = node
         self._depth = depth
+        self._observed: list[LoggedCall] | None = None
+        self._tools = tools
 
     @property
     def node_id(self) -> str:
         return self._node.node_id
 
+    def observe(self) -> list[LoggedCall]:
+        """Keep every sub-call answered from now on (for the official log): the list
+        returned fills as they finish, until `stop_observing()`."""
+        self._observed = []
+        return self._observed
+
+    def stop_observing(self) -> None:
+        self._observed = None
+
     async def __call__(self, request: WorkerRequest) -> list[str]:
+        if request.op == "tool":
+            if self._tools is None or request.tool is None:
+                raise ToolCallError(f"there is no tool named {request.tool!r} here")
+            return [await self._tools.call(request.tool, request.prompts[0])]
         config = self._engine.config
         recursive = request.op in ("rlm_query", "rlm_batch") and self._depth + 1 < config.max_depth
         sub_model = self._sub_model(request.model)
@@ -173,15 +192,28 @@ class SubCallHandler:
         model: ModelConfig,
         hedge: tuple[FanoutHedger, int] | None = None,
     ) -> str:
+        started = self._engine.clock()
         completion = await self._calls.call_model(
             self._node, self._depth + 1, "sub", request, model, hedge=hedge
         )
         self._keep(prompt, completion.text)
+        if self._observed is not None:
+            self._observed.append(
+                LoggedCall(
+                    model=model.model,
+                    prompt=prompt,
+                    response=completion.text,
+                    execution_time=self._engine.clock() - started,
+                    input_tokens=completion.usage.prompt_tokens,
+                    output_tokens=completion.usage.completion_tokens,
+                )
+            )
         return completion.text
 
     async def child(self, prompt: str) -> str:
         """A child RLM over `prompt`, one level down, with its own worker."""
         depth = self._depth + 1
+        started = self._engine.clock()
         try:
             outcome = await self._run_child(prompt, depth, self._node)
         except RunEnded as ended:
@@ -198,6 +230,12 @@ class SubCallHandler:
         if outcome.answer is None:
             return self.fail(f"child RLM ended without an answer ({outcome.status}: {outcome.detail})")
         self._keep(prompt, outcome.answer)
+        if self._observed is not None:
+            model = self._engine.config.model_for_depth(depth).model
+            elapsed = self._engine.clock() - started
+            self._observed.append(
+                LoggedCall(model=model, prompt=prompt, response=outcome.answer, execution_time=elapsed)
+            )
         return outcome.answer
 
     def _keep(self, prompt: str, answer: str) -> None:
@@ -237,7 +275,8 @@ class _FanOut:
         n = len(self._prompts)
         if not self._recursive:
             settings = await self._engine.server_settings(self._model)
-            plan = self._engine.planner(self._prompts, self._model, _sub_requests, settings.cache)
+            to_requests = functools.partial(_sub_requests, system=self._engine.config.official_prompt is None)
+            plan = self._engine.planner(self._prompts, self._model, to_requests, settings.cache)
             # Work proportional to the batch runs off the event loop when the batch is large.
             self._plan = await anyio.to_thread.run_sync(plan) if n >= _OFF_LOOP else plan()
             self._engine.announce_plan(self._plan)
@@ -308,14 +347,18 @@ class AdmissionRefused(Exception):
     """Prompts of a request that were not admitted (too many sub-calls pending)."""
 
 
-def _sub_requests(prompts: Sequence[str], model: ModelConfig) -> list[ModelRequest]:
-    return [_sub_request(p, model) for p in prompts]
+def _sub_requests(prompts: Sequence[str], model: ModelConfig, *, system: bool = True) -> list[ModelRequest]:
+    """`system`: rlm_async's sub-call system prompt first; without it, the prompt alone as
+    one user message, as the official package sends its plain sub-calls."""
+    return [_sub_request(p, model, system=system) for p in prompts]
 
 
-def _sub_request(prompt: str, model: ModelConfig) -> ModelRequest:
+def _sub_request(prompt: str, model: ModelConfig, *, system: bool = True) -> ModelRequest:
+    user = Message("user", prompt)
     return ModelRequest(
         model=model.model,
-        messages=(Message("system", sub_system_prompt()), Message("user", prompt)),
+        messages=(Message("system", sub_system_prompt()), user) if system else (user,),
         max_tokens=model.max_tokens,
         temperature=model.temperature,
+        sampling=model.sampling or None,
     )

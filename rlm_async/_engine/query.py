@@ -17,8 +17,10 @@ from .._result import RLMResult
 from .._tree import CallTree
 from .._types import Usage
 from ..exceptions import BudgetExceeded, ConfigError
+from ..logger import RLMLogger
 from .calls import CallPath
 from .outcome import RunEnded, RunOutcome
+from .session import SessionState
 from .state import QueryState
 from .turns import RLMLoop
 
@@ -31,7 +33,15 @@ __all__ = ["Query"]
 class Query:
     """The root of one `acompletion`: wires the state, the call path and the turn loop."""
 
-    def __init__(self, engine: Engine, *, query_id: str, ledger_parent: BudgetLedger | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        query_id: str,
+        ledger_parent: BudgetLedger | None = None,
+        session: SessionState | None = None,
+        logger: RLMLogger | None = None,
+    ) -> None:
         self._engine = engine
         self._config = engine.config
         self.state = QueryState(
@@ -39,7 +49,8 @@ class Query:
             tree=CallTree(engine.clock),
             ledger=engine.governor.ledger(self._config.budget, parent=ledger_parent),
         )
-        self._loop = RLMLoop(engine, self.state, CallPath(engine, self.state))
+        self._loop = RLMLoop(engine, self.state, CallPath(engine, self.state), logger=logger)
+        self._session = session
 
     def check_prices(self) -> None:
         """A dollar cap needs a price for every model the tree may call. Refused here, before
@@ -77,7 +88,9 @@ class Query:
         deadline = self._config.budget.max_seconds
         with anyio.move_on_after(math.inf if deadline is None else deadline) as scope:
             try:
-                outcome = await self._loop.run(context, root_prompt, depth=0, parent=None)
+                outcome = await self._loop.run(
+                    context, root_prompt, depth=0, parent=None, session=self._session
+                )
             except RunEnded as ended:
                 outcome = ended.outcome
             except anyio.get_cancelled_exc_class():

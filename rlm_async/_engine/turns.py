@@ -17,20 +17,30 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .. import _events
+from .. import _events, _official_prompts
 from .._config import ModelConfig
 from .._context import Context
 from .._parsing import find_code_blocks, find_final, truncate_output
-from .._prompts import describe_context, first_user_message, root_system_prompt
+from .._prompts import (
+    compaction_system_note,
+    describe_context,
+    first_user_message,
+    root_system_prompt,
+    session_note,
+)
 from .._tree import Node, NodeStatus
 from .._types import CallKind, Message, ModelRequest
 from ..exceptions import BudgetExceeded, FatalError, RetryableError
-from ..sandbox import CellResult, Worker
+from ..logger import CodeBlock, LoggedCall, REPLResult, RLMIteration, RLMLogger
+from ..sandbox import CellResult, ReplSetup, Worker
 from .calls import CallPath
+from .compaction import Compactor
 from .fanout import SubCallHandler
 from .hedge import book_for, hedge_alone
 from .outcome import RunEnded, RunOutcome
+from .session import SessionState
 from .state import QueryState
+from .tools import ToolRunner
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -38,29 +48,57 @@ if TYPE_CHECKING:
 __all__ = ["RLMLoop"]
 
 _FINAL_MAX_TOKENS = 512
+_RESTART_NOTICE = "[the REPL worker was killed"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _TurnResult:
-    """What running one reply's cells gave: the answer, if one was set, and the observation."""
+    """What running one reply's cells gave: the answer, if one was set, the observation,
+    and each cell's result (for the official observation format and `max_errors`)."""
 
     answer: str | None
     observation: str
+    results: tuple[CellResult, ...] = ()
+    blocks: tuple[CodeBlock, ...] = ()
+    """Each code block run and what it did, for the official log (only when one is kept)."""
+
+    @property
+    def restarts(self) -> list[str]:
+        """The notices of workers replaced during the turn (in `observation` already; the
+        official observation format, made from `results`, adds them itself)."""
+        return [line for line in self.observation.split("\n\n") if line.startswith(_RESTART_NOTICE)]
+
+    @property
+    def failed(self) -> bool:
+        """A cell raised, wrote to stderr or was stopped: an error turn, as the official
+        package counts them for `max_errors`."""
+        return any(r.stderr or r.status not in ("ok", "output_limit") for r in self.results)
 
 
 class RLMLoop:
     """Runs RLM nodes (the query's root and every child RLM) for one query."""
 
-    def __init__(self, engine: Engine, state: QueryState, calls: CallPath) -> None:
+    def __init__(
+        self, engine: Engine, state: QueryState, calls: CallPath, *, logger: RLMLogger | None = None
+    ) -> None:
         self._engine = engine
         self._config = engine.config
         self._state = state
         self._calls = calls
+        self._logger = logger
+        """The official log of the root's turns (`rlm_async.logger`), when one is kept."""
 
     async def run(
-        self, context: Context, root_prompt: str | None, *, depth: int, parent: Node | None
+        self,
+        context: Context,
+        root_prompt: str | None,
+        *,
+        depth: int,
+        parent: Node | None,
+        session: SessionState | None = None,
     ) -> RunOutcome:
-        """Run one RLM loop to its end, in its own worker; raises `RunEnded` when a root call
+        """Run one RLM loop to its end, in its own worker (or, for a session's root, in the
+        session's worker, which outlives the loop); raises `RunEnded` when a root call
         cannot be made."""
         model = self._config.model_for_depth(depth)
         tree = self._state.tree
@@ -69,23 +107,27 @@ class RLMLoop:
         below = self._config.max_depth - 1 - depth  # levels of child RLMs possible under this one
         try:
             with _events.bind(node_id=node.node_id, depth=depth):
-                asked = self._engine.clock()
-                slots = self._engine.slots
-                async with slots.hold(below=below):
-                    _events.emit(
-                        _events.WorkerSlotWait,
-                        waited_s=self._engine.clock() - asked,
-                        live=slots.live,
-                        cap=slots.cap,
-                    )
-                    try:
-                        worker = await self._engine.start_worker(context)
-                        self._state.isolation = worker.tier
-                        outcome = await self._loop(node, worker, context, root_prompt, depth, model)
-                    finally:
-                        if worker is not None:  # before the slot is given back
-                            with anyio.CancelScope(shield=True):
-                                await worker.aclose()
+                if session is not None:
+                    outcome = await self._run_in_session(session, node, context, root_prompt, model)
+                else:
+                    asked = self._engine.clock()
+                    slots = self._engine.slots
+                    async with slots.hold(below=below):
+                        _events.emit(
+                            _events.WorkerSlotWait,
+                            waited_s=self._engine.clock() - asked,
+                            live=slots.live,
+                            cap=slots.cap,
+                        )
+                        try:
+                            worker = await self._engine.start_worker(context, self._repl_setup(depth))
+                            self._state.isolation = worker.tier
+                            messages = self._opening(context, root_prompt, depth)
+                            outcome = await self._loop(node, worker, messages, root_prompt, depth, model)
+                        finally:
+                            if worker is not None:  # before the slot is given back
+                                with anyio.CancelScope(shield=True):
+                                    await worker.aclose()
             tree.close(node, "ok" if outcome.status == "ok" else "error", outcome.detail)
             return outcome
         except RunEnded as ended:
@@ -99,6 +141,58 @@ class RLMLoop:
             tree.close(node, "error", f"{type(exc).__name__}: {exc}")
             raise
 
+    async def _run_in_session(
+        self, session: SessionState, node: Node, context: Context, root_prompt: str | None, model: ModelConfig
+    ) -> RunOutcome:
+        """A persistent session's call: this context becomes the next `context_N` of the
+        session's worker, and the call's messages its next `history_N` when it ends."""
+        worker, index, lost = await session.attach(context, self._repl_setup(0))
+        self._state.isolation = worker.tier
+        note: str | None = None
+        if self._config.official_prompt is None:  # the official format says it in each turn
+            note = session_note(
+                index=index, contexts=session.contexts, histories=session.histories, compaction=session.compaction
+            )
+        if lost is not None:
+            note = lost if note is None else f"{lost}\n{note}"
+        messages = self._opening(context, root_prompt, 0, note=note)
+        counts = (session.contexts, session.histories)
+        outcome = await self._loop(node, worker, messages, root_prompt, 0, model, counts=counts)
+        await session.add_history(messages)
+        return outcome
+
+    def _repl_setup(self, depth: int) -> ReplSetup | None:
+        official = self._config.official_prompt is not None
+        tools = self._config.tools_for_depth(depth)
+        return tools.repl_setup(list_variables=official) if tools or official else None
+
+    def _opening(
+        self, context: Context, root_prompt: str | None, depth: int, *, note: str | None = None
+    ) -> list[Message]:
+        """The system prompt and the first user message(s): rlm_async's own, or the
+        official package's when `official_prompt` is set. `note` ends the first message (a
+        session's contexts and histories)."""
+        config = self._config
+        tools = config.tools_for_depth(depth)
+        if config.official_prompt is not None:
+            system = _official_prompts.system_message(config.official_prompt, tools)
+            first = _official_prompts.metadata_message(context, root_prompt)
+        else:
+            system = config.system_prompt or root_system_prompt(
+                completion_order=config.completion_order,
+                hedging=config.model_for_depth(depth + 1).hedge.enabled,
+            )
+            system += tools.prompt_section()
+            first = first_user_message(describe_context(context), root_prompt)
+        if config.compaction and depth == 0:
+            system += compaction_system_note()
+        if note:
+            first = f"{first}\n\n{note}"
+        messages = [Message("system", system), Message("user", first)]
+        if config.user_prologue:
+            messages.append(Message("user", config.user_prologue))
+        return messages
+
     async def _run_child(self, prompt: str, depth: int, parent: Node) -> RunOutcome:
         return await self.run(prompt, None, depth=depth, parent=parent)
 
@@ -106,52 +200,90 @@ class RLMLoop:
         self,
         node: Node,
         worker: Worker,
-        context: Context,
+        messages: list[Message],
         root_prompt: str | None,
         depth: int,
         model: ModelConfig,
+        *,
+        counts: tuple[int, int] = (1, 0),
     ) -> RunOutcome:
+        """The turns of one node over `messages` (changed in place: the caller keeps the
+        conversation as it ended). `counts`: a session's contexts and histories, which the
+        official per-turn message names."""
         config = self._config
-        messages: list[Message] = [
-            Message(
-                "system",
-                config.system_prompt
-                or root_system_prompt(
-                    completion_order=config.completion_order,
-                    hedging=config.model_for_depth(depth + 1).hedge.enabled,
-                ),
-            ),
-            Message("user", first_user_message(describe_context(context), root_prompt)),
-        ]
-        handler = SubCallHandler(
-            self._engine, self._state, self._calls, self._run_child, node=node, depth=depth
+        official = config.official_prompt is not None
+        tools = ToolRunner(
+            config.tools_for_depth(depth), self._state.ledger, self._engine.tool_limiters, clock=self._engine.clock
         )
+        handler = SubCallHandler(
+            self._engine, self._state, self._calls, self._run_child, node=node, depth=depth, tools=tools
+        )
+        failed_turns = 0
         # "child": the turn of a child RLM (see CallKind), so hooks and traces tell them apart.
         kind: CallKind = "root" if depth == 0 else "child"
+        root = depth == 0
+        compactor = Compactor(self._engine, model) if config.compaction and root else None
+        if compactor is not None:
+            await compactor.prepare(worker)
+        log = self._logger if root else None
+
+        async def summarise(prompt: list[Message]) -> str:
+            return await self._root_turn(node, model, depth, prompt, kind=kind)
+
         for iteration in range(1, config.max_iterations + 1):
-            if depth == 0:
+            if root:
                 self._state.iterations = iteration
             it_started = self._engine.clock()
             _events.emit(_events.IterationStart, iteration=iteration)
             try:
                 try:
+                    if compactor is not None:  # before the turn's message, as officially
+                        await compactor.maybe_compact(worker, messages, summarise)
+                    if official:  # the official package asks for every turn in a message of its own
+                        text = _official_prompts.turn_message(
+                            iteration - 1, config.max_iterations, context_count=counts[0], history_count=counts[1]
+                        )
+                        messages.append(Message("user", text))
+                    sent = list(messages)
                     reply = await self._root_turn(node, model, depth, messages, kind=kind)
                 except BudgetExceeded as exc:
                     return await self._budget_ended(node, worker, model, depth, messages, exc)
                 messages.append(Message("assistant", reply))
-                turn = await self._execute_reply(worker, reply, iteration, handler)
+                turn = await self._execute_reply(worker, reply, iteration, handler, logging=log is not None)
             finally:
                 _events.emit(
                     _events.IterationFinish, iteration=iteration, duration_s=self._engine.clock() - it_started
                 )
+            if log is not None:
+                await self._log(log, sent, reply, turn.blocks, turn.answer, self._engine.clock() - it_started)
             if turn.answer is not None:
+                messages.pop()  # as officially: a call's history ends with the prompt of its last turn
                 return RunOutcome(turn.answer, "ok")
-            messages.append(Message("user", self._feedback(turn.observation, iteration)))
+            failed_turns = failed_turns + 1 if turn.failed else 0
+            if config.max_errors is not None and failed_turns >= config.max_errors:
+                last = next((r.error or r.stderr for r in reversed(turn.results) if r.error or r.stderr), "")
+                return RunOutcome(
+                    None,
+                    "error",
+                    f"max_errors ({config.max_errors}) reached: the code of {failed_turns} turns in a row "
+                    f"failed; the last error: {last.strip()[-500:]}",
+                )
+            turn_start = len(messages) - 1  # the reply
+            if not official:
+                messages.append(Message("user", self._feedback(turn.observation, iteration)))
+            elif (seen := _official_prompts.observation(turn.results, config.output_limit_chars)) is not None:
+                # A replaced worker is ours to tell of: the official REPL never restarts.
+                messages.append(Message("user", "\n\n".join([seen, *turn.restarts])))
+            if compactor is not None:
+                await compactor.record(worker, messages[turn_start:])
         # Out of iterations: one last call asks for the best answer from what is known.
-        note = (
+        note = Message(
+            "user",
             f"You have used all {config.max_iterations} iterations. Give your best final answer "
-            "now, from what you know, on a line of its own: FINAL(your answer)."
+            "now, from what you know, on a line of its own: FINAL(your answer).",
         )
+        if official:  # the official package's own last request, as it words it
+            note = Message("assistant", _official_prompts.FINAL_ASK)
         detail = f"max_iterations ({config.max_iterations}) reached; the answer comes from a final call"
         try:
             answer = await self._final_call(node, worker, model, depth, messages, note)
@@ -171,9 +303,10 @@ class RLMLoop:
         exc: BudgetExceeded,
     ) -> RunOutcome:
         """A root turn was refused: ask once more, with a small output cap, for the answer."""
-        note = (
+        note = Message(
+            "user",
             f"The budget is exhausted ({exc.limit} cap {exc.cap:g}). Give your best final answer "
-            "now, from what you know, on a line of its own: FINAL(your answer)."
+            "now, from what you know, on a line of its own: FINAL(your answer).",
         )
         try:
             answer = await self._final_call(node, worker, model, depth, messages, note)
@@ -188,22 +321,47 @@ class RLMLoop:
         model: ModelConfig,
         depth: int,
         messages: list[Message],
-        note: str,
+        note: Message,
     ) -> str | None:
         """One last root call that asks for the answer. Its output cap is small, so that it
         still fits a budget that refused a full turn."""
         final_model = dataclasses.replace(
             model, max_tokens=min(model.max_tokens or _FINAL_MAX_TOKENS, _FINAL_MAX_TOKENS)
         )
-        reply = await self._root_turn(
-            node, final_model, depth, [*messages, Message("user", note)], kind="final"
-        )
+        prompt = [*messages, note]
+        started = self._engine.clock()
+        reply = await self._root_turn(node, final_model, depth, prompt, kind="final")
         marker = find_final(reply)
+        answer: str | None
         if marker is None:
-            return reply.strip() or None
-        if marker.kind == "var":
-            return await worker.get_variable(marker.value)
-        return marker.value
+            answer = reply.strip() or None
+        elif marker.kind == "var":
+            answer = await worker.get_variable(marker.value)
+        else:
+            answer = marker.value
+        if depth == 0 and self._logger is not None:
+            await self._log(self._logger, prompt, reply, (), answer, self._engine.clock() - started)
+        return answer
+
+    async def _log(
+        self,
+        log: RLMLogger,
+        sent: list[Message],
+        reply: str,
+        blocks: tuple[CodeBlock, ...],
+        answer: str | None,
+        seconds: float,
+    ) -> None:
+        """One root turn into the official log; written off the event loop (it holds the
+        whole prompt, as the official log does)."""
+        entry = RLMIteration(
+            prompt=[m.to_dict() for m in sent],
+            response=reply,
+            code_blocks=blocks,
+            final_answer=answer,
+            iteration_time=seconds,
+        )
+        await anyio.to_thread.run_sync(log.log, entry)
 
     async def _root_turn(
         self, node: Node, model: ModelConfig, depth: int, messages: list[Message], *, kind: CallKind
@@ -213,6 +371,7 @@ class RLMLoop:
             messages=tuple(messages),
             max_tokens=model.max_tokens,
             temperature=model.temperature,
+            sampling=model.sampling or None,
         )
         try:
             if kind == "child" and model.hedge.enabled:
@@ -233,13 +392,15 @@ class RLMLoop:
         return completion.text
 
     async def _execute_reply(
-        self, worker: Worker, reply: str, iteration: int, handler: SubCallHandler
+        self, worker: Worker, reply: str, iteration: int, handler: SubCallHandler, *, logging: bool = False
     ) -> _TurnResult:
         """Run every ```repl block of a reply in order, all of them together within
         `turn_timeout_s`; then look for FINAL/FINAL_VAR. A worker that died (for any reason)
         is replaced before anything else runs in it."""
         blocks = find_code_blocks(reply)
         parts: list[str] = []
+        results: list[CellResult] = []
+        logged: list[CodeBlock] = []
         limit = self._config.output_limit_chars
         turn_limit = self._config.turn_timeout_s
         clock = self._engine.clock
@@ -252,8 +413,14 @@ class RLMLoop:
             await self._ensure_alive(worker, parts)
             _events.emit(_events.CellStart, iteration=iteration, cell=index)
             result: CellResult | None = None
-            with anyio.move_on_after(math.inf if left is None else left):
-                result = await worker.run_cell(code, handler)
+            calls = handler.observe() if logging else None
+            try:
+                with anyio.move_on_after(math.inf if left is None else left):
+                    result = await worker.run_cell(code, handler)
+            finally:
+                handler.stop_observing()
+            if calls is not None and result is not None:
+                logged.append(await _logged_block(worker, code, result, calls))
             if result is None:  # the turn's bound ran out inside this block
                 _events.emit(
                     _events.CellFinish,
@@ -265,9 +432,22 @@ class RLMLoop:
                     stderr_chars=0,
                     error=f"stopped at turn_timeout_s={turn_limit:g}",
                 )
-                parts.append(
-                    f"{_head(index, len(blocks))}:\n[stopped: the turn's time limit (turn_timeout_s="
-                    f"{turn_limit:g} s, all blocks of one reply together) ran out while this block ran]"
+                stopped = (
+                    f"[stopped: the turn's time limit (turn_timeout_s={turn_limit:g} s, all blocks of one "
+                    "reply together) ran out while this block ran]"
+                )
+                parts.append(f"{_head(index, len(blocks))}:\n{stopped}")
+                results.append(
+                    CellResult(
+                        stdout="",
+                        stderr="",
+                        error=stopped,
+                        status="timeout",
+                        final_answer=None,
+                        dropped_output_bytes=0,
+                        duration_s=left or 0.0,
+                        worker_dead=True,
+                    )
                 )
                 await self._ensure_alive(worker, parts)
                 if index < len(blocks):
@@ -284,18 +464,19 @@ class RLMLoop:
                 error=result.error,
             )
             parts.append(truncate_output(_cell_text(index, len(blocks), result), limit))
+            results.append(result)
             if result.worker_dead:
                 await self._ensure_alive(worker, parts, why=result.status)
             if result.final_answer is not None:
-                return _TurnResult(result.final_answer, _observation(parts, limit))
+                return _TurnResult(result.final_answer, _observation(parts, limit), tuple(results), tuple(logged))
         marker = find_final(reply)
         if marker is not None:
             if marker.kind == "text":
-                return _TurnResult(marker.value, _observation(parts, limit))
+                return _TurnResult(marker.value, _observation(parts, limit), tuple(results), tuple(logged))
             await self._ensure_alive(worker, parts)
             value = await worker.get_variable(marker.value)
             if value is not None:
-                return _TurnResult(value, _observation(parts, limit))
+                return _TurnResult(value, _observation(parts, limit), tuple(results), tuple(logged))
             if not worker.alive:  # str() of it hung (or the worker died): not "no such variable"
                 timeout = self._config.sandbox.cell_timeout_s
                 parts.append(
@@ -314,15 +495,17 @@ class RLMLoop:
                 "Your reply had no ```repl block and no FINAL(...) line. Write Python in a ```repl block "
                 "to work with `context`, or give your answer as FINAL(...)."
             )
-        return _TurnResult(None, _observation(parts, limit))
+        return _TurnResult(None, _observation(parts, limit), tuple(results), tuple(logged))
 
     async def _ensure_alive(self, worker: Worker, parts: list[str], *, why: str | None = None) -> None:
         """Replace a worker that is not running, and tell the model its variables are gone."""
         if worker.alive:
             return
         await worker.restart()
+        session = worker.holds("context_1") or worker.holds("history_0")
+        reloaded = "every context and history (context_N, history_N) is" if session else "`context` is"
         parts.append(
-            f"[the REPL worker was killed ({why or 'it had stopped'}) and a fresh one started: `context` is "
+            f"{_RESTART_NOTICE} ({why or 'it had stopped'}) and a fresh one started: {reloaded} "
             "reloaded, but every variable you created is gone]"
         )
 
@@ -333,6 +516,23 @@ class RLMLoop:
         if budget:
             lines.append(f"[budget left: {budget}]")
         return "\n".join(lines)
+
+
+async def _logged_block(worker: Worker, code: str, result: CellResult, calls: list[LoggedCall]) -> CodeBlock:
+    """One code block as the official log shows it; `locals` describes the variables."""
+    names = await worker.describe_variables() if worker.alive else {}
+    stderr = "\n".join(t.rstrip("\n") for t in (result.stderr, result.error) if t)
+    return CodeBlock(
+        code=code,
+        result=REPLResult(
+            stdout=result.stdout,
+            stderr=stderr,
+            locals=names,
+            execution_time=result.duration_s,
+            rlm_calls=tuple(calls),
+            final_answer=result.final_answer,
+        ),
+    )
 
 
 def _head(index: int, total: int) -> str:

@@ -9,7 +9,7 @@ acquire starves), it cannot refund, and it reads the asyncio loop's clock, so a 
 of our own meters both requests and tokens.
 """
 
-from ._budget import BudgetLedger, BudgetLimits, Charge, Reservation, Room
+from ._budget import BudgetLedger, BudgetLimits, Charge, LedgerLog, Reservation, Room
 from ._clock import Clock, ManualClock, Sleep, wait_until_idle
 from ._core import CallTally, GovernedCompletion, Governor, GovernorConfig
 from ._estimate import CharsPerTokenEstimator, TokenEstimator, TokenizerEstimator, Utf8BytesEstimator
@@ -29,6 +29,7 @@ __all__ = [
     "GovernedCompletion",
     "Governor",
     "GovernorConfig",
+    "LedgerLog",
     "LimitState",
     "ManualClock",
     "ModelPrice",

@@ -18,7 +18,10 @@ than what was reserved (the estimator is an upper bound, see `_estimate.py`), sp
 logs it: the bill is what it is. Everything here is synchronous and safe under cancellation.
 
 The ledger enforces caps; it is not a second set of books. Per-model and per-depth figures
-come from the call records (`RLMResult.by_model`, `by_depth`), not from here.
+come from the call records (`RLMResult.by_model`, `by_depth`), not from here. A ledger may
+persist its own books through a `LedgerLog` (the batch's spend log): told of every
+reservation before the call can be sent, and of every settlement, so a process killed
+mid-call leaves a record of what it had committed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from typing import Protocol
 
 import structlog
 
@@ -35,7 +39,7 @@ from .._types import Usage
 from ..exceptions import BudgetExceeded, ConfigError
 from ._clock import Clock
 
-__all__ = ["BudgetLedger", "BudgetLimits", "Charge", "Reservation", "Room"]
+__all__ = ["BudgetLedger", "BudgetLimits", "Charge", "LedgerLog", "Reservation", "Room"]
 
 _log = structlog.get_logger("rlm_async.governor")
 
@@ -119,7 +123,7 @@ class Charge:
         return Charge(self.usage + other.usage, self.usd + other.usd)
 
     def __sub__(self, other: Charge) -> Charge:
-        return Charge(self.usage + -other.usage, self.usd - other.usd)
+        return Charge(self.usage - other.usage, self.usd - other.usd)
 
     def dim(self, dim: str) -> Decimal | int:
         """The amount a cap named `dim` ("usd", "input_tokens", ...) counts."""
@@ -160,6 +164,17 @@ class Room:
     """cap - committed, never below 0."""
 
 
+class LedgerLog(Protocol):
+    """Persists one ledger's books as they change. Called synchronously, so a record is
+    written before the reserved call can be sent."""
+
+    def reserved(self, charge: Charge) -> None:
+        """`charge` is about to be reserved; raising refuses the reservation (nothing sent)."""
+
+    def settled(self, held: Charge, spent: Charge) -> None:
+        """A reservation of `held` was replaced by `spent` (zero: released unsent)."""
+
+
 class Reservation:
     """A reservation made by `BudgetLedger.reserve`; settle or release it exactly once."""
 
@@ -184,10 +199,13 @@ class BudgetLedger:
         parent: BudgetLedger | None = None,
         name: str = "",
         clock: Clock = time.monotonic,
+        log: LedgerLog | None = None,
     ) -> None:
         self.limits = limits or BudgetLimits()
         self.parent = parent
         self.name = name
+        self.log = log
+        """Told of every reservation and settlement in this ledger (see `LedgerLog`)."""
         """Prefixes limit names in errors ("process.usd"); empty for a query's ledger."""
         self._clock = clock
         self.started_at = clock()
@@ -209,6 +227,16 @@ class BudgetLedger:
         for a query like this one, well above what it ends up spending."""
         self.peak_committed_tokens = 0
         """The same for total tokens."""
+
+    def set_limits(self, limits: BudgetLimits) -> None:
+        """Replace this ledger's caps while it runs (a distributed runner's lease grows or
+        shrinks). What is already committed stays; a cap below it refuses new reservations."""
+        self.limits = limits
+        self._caps = {}
+        for dim in _DIMS:
+            cap = getattr(limits, f"max_{dim}")
+            if cap is not None:
+                self._caps[dim] = Decimal(str(cap)) if dim == "usd" else int(cap)
 
     # ------------------------------------------------------------------ chain
     def chain(self) -> Iterator[BudgetLedger]:
@@ -248,6 +276,9 @@ class BudgetLedger:
                     )
                     raise exc
         for ledger in self.chain():
+            if ledger.log is not None:
+                ledger.log.reserved(charge)  # may raise: then nothing is reserved or sent
+        for ledger in self.chain():
             ledger._reserved += charge
             ledger._note_peak()
         emit(
@@ -271,16 +302,27 @@ class BudgetLedger:
         for ledger in self.chain():
             ledger._reserved -= reservation.charge
             ledger._spent += actual
+            if ledger.log is not None:
+                ledger.log.settled(reservation.charge, actual)
             for dim, cap in ledger._caps.items():
                 if ledger._spent.dim(dim) > cap:
                     overrun.append(
                         f"{ledger._label(dim)} {float(ledger._spent.dim(dim)):g} > cap {float(cap):g}"
                     )
         over_reserved = []
-        for dim in _DIMS:
-            used, held = actual.dim(dim), reservation.charge.dim(dim)
-            if used > held:
-                over_reserved.append(f"{dim} {float(used):g} > reserved {float(held):g}")
+        held, used_usage, held_usage = reservation.charge, actual.usage, reservation.charge.usage
+        # The common case (within the reservation) in a few comparisons; dims named only
+        # when one was crossed. Runs once per call, 5,000 times in a wide fan-out.
+        if (
+            actual.usd > held.usd
+            or used_usage.prompt_tokens > held_usage.prompt_tokens
+            or used_usage.completion_tokens > held_usage.completion_tokens
+            or used_usage.calls > held_usage.calls
+        ):
+            for dim in _DIMS:
+                used, reserved = actual.dim(dim), held.dim(dim)
+                if used > reserved:
+                    over_reserved.append(f"{dim} {float(used):g} > reserved {float(reserved):g}")
         if over_reserved:
             for ledger in self.chain():
                 ledger.overruns += 1

@@ -28,6 +28,7 @@ from ._pipeline import run_file
 from ._progress import BatchProgress, BatchSnapshot
 from ._rows import FINAL_STATUSES, BatchRow, RowStatus
 from ._runner import BatchControl, BatchObserver, BatchRunner, QueryFn, stream_rows
+from ._spend import SpendLog, spend_log_path
 from ._summary import BatchSummary, render_summary
 
 __all__ = [
@@ -53,9 +54,11 @@ __all__ = [
     "QueryFn",
     "Resumed",
     "RowStatus",
+    "SpendLog",
     "count_inputs",
     "read_items",
     "render_summary",
     "run_file",
+    "spend_log_path",
     "stream_rows",
 ]

@@ -33,7 +33,7 @@ from decimal import Decimal
 from typing import Any
 
 from .._config import RLMConfig
-from .._governor import BudgetLedger, BudgetLimits, Charge, PriceTable
+from .._governor import BudgetLedger, BudgetLimits, Charge, LedgerLog, PriceTable
 from .._prompts import root_system_prompt, sub_system_prompt
 from .._types import Usage
 from ..exceptions import ConfigError
@@ -217,9 +217,11 @@ class BatchBudget:
         *,
         parent: BudgetLedger | None = None,
         spent_before: Charge | None = None,
+        log: LedgerLog | None = None,
     ) -> None:
-        """`spent_before`: what rows of an earlier run of this batch already spent; it
-        counts against the caps, which this run sees lowered by that much."""
+        """`spent_before`: what earlier runs of this batch already spent (or may have: see
+        `SpendLog`); it counts against the caps, which this run sees lowered by that much.
+        `log`: persists the batch ledger's books (the `SpendLog` beside an output file)."""
         limits = limits or BudgetLimits()
         others = [
             f"max_{d}"
@@ -238,7 +240,7 @@ class BatchBudget:
             if cap is not None:
                 left = max(cap - _dim(self.spent_before, d), Decimal(0))
                 lowered[f"max_{d}"] = float(left) if d == "usd" else int(left)
-        self.ledger = BudgetLedger(replace(limits, **lowered), parent=parent, name="batch")
+        self.ledger = BudgetLedger(replace(limits, **lowered), parent=parent, name="batch", log=log)
         self.estimator = estimator
         self._leases: set[Lease] = set()
         self.last_refusal: AdmissionRefused | None = None
@@ -281,3 +283,10 @@ class BatchBudget:
     def spent(self) -> Charge:
         """This run's spend plus `spent_before`."""
         return spent_charge(self.ledger) + self.spent_before
+
+    def held(self, dim: str) -> Decimal:
+        """What admission counts as taken in `dim` ("usd" or "total_tokens"): committed in
+        the batch ledger plus what running queries may still commit, by their estimates."""
+        return _committed(self.ledger, dim) + sum(
+            (lease.outstanding(dim) for lease in self._leases), Decimal(0)
+        )

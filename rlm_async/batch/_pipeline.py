@@ -11,6 +11,7 @@ running ones; either way every row written is complete and a rerun finishes the 
 
 from __future__ import annotations
 
+import functools
 import signal
 from contextlib import aclosing
 from decimal import Decimal
@@ -28,6 +29,7 @@ from ._output import OutputFile
 from ._progress import BatchProgress
 from ._rows import BatchRow
 from ._runner import BatchControl
+from ._spend import SpendLog, spend_log_path
 from ._summary import BatchSummary
 
 if TYPE_CHECKING:
@@ -50,17 +52,28 @@ async def run_file(
     handle_sigint: bool = False,
     extra_sinks: tuple[EventSink, ...] = (),
 ) -> BatchSummary:
-    """Run every input of `input_path` that has no final row in `output_path` yet."""
+    """Run every input of `input_path` that has no final row in `output_path` yet.
+
+    The cap counts what earlier runs of this batch spent: the larger of the spend log's
+    books (beside the output, `<out>.spend`: every call they made, including those of
+    queries a crash cut off) and the kept rows' cost (the rows are fsynced, the log is not)."""
+    fresh = not await anyio.Path(output_path).exists()
     output = await anyio.to_thread.run_sync(OutputFile.open, output_path)
+    spend: SpendLog | None = None
     try:
+        spend = await anyio.to_thread.run_sync(
+            functools.partial(SpendLog.open, spend_log_path(Path(output_path)), fresh=fresh)
+        )
         total = await anyio.to_thread.run_sync(count_inputs, input_path)
         kept = list(output.rows.values())
-        spent_before = Charge(
+        rows_spent = Charge(
             sum((r.usage for r in kept), Usage()), sum((_decimal(r.cost_usd) for r in kept), _decimal(0.0))
         )
         if progress is not None:
             progress.set_total(total, already_done=len(kept))
-        control = BatchControl(spent_before=spent_before, observer=progress)
+        control = BatchControl(
+            spent_before=_larger(spend.carried, rows_spent), observer=progress, spend_log=spend
+        )
         not_started: list[BatchRow] = []
 
         def todo() -> Iterator[BatchItem | InvalidItem]:
@@ -71,7 +84,7 @@ async def run_file(
         sinks = (*((progress,) if progress is not None else ()), *extra_sinks)
         async with anyio.create_task_group() as tg:
             if handle_sigint:
-                tg.start_soon(_watch_sigint, control)
+                tg.start_soon(_watch_sigint, control, progress)
             rows = rlm.abatch(
                 todo(), concurrency=concurrency, budget=budget, control=control, event_sinks=sinks
             )
@@ -90,15 +103,32 @@ async def run_file(
         )
     finally:
         output.close()
+        if spend is not None:
+            spend.close()
 
 
-async def _watch_sigint(control: BatchControl) -> None:
+async def _watch_sigint(control: BatchControl, progress: BatchProgress | None) -> None:
     with anyio.open_signal_receiver(signal.SIGINT) as signals:
         async for _ in signals:
-            if control.stopping:
+            cancelling = control.stopping
+            if progress is not None:
+                progress.interrupted(cancelling=cancelling)
+            if cancelling:
                 control.cancel()
                 return
             control.stop()
+
+
+def _larger(a: Charge, b: Charge) -> Charge:
+    """Per quantity, the larger of two accounts of the same spending."""
+    ua, ub = a.usage, b.usage
+    usage = Usage(
+        max(ua.prompt_tokens, ub.prompt_tokens),
+        max(ua.completion_tokens, ub.completion_tokens),
+        max(ua.cached_tokens, ub.cached_tokens),
+        calls=max(ua.calls, ub.calls),
+    )
+    return Charge(usage, max(a.usd, b.usd))
 
 
 def _decimal(x: float) -> Decimal:

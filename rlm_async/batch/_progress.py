@@ -67,6 +67,9 @@ class BatchProgress:
         self._budget: BatchBudget | None = None
         self._refresh = refresh_per_second
         self._live: Live | None = None
+        self._rows_usd = 0.0
+        self._rows_only = False
+        self._rows_cap: float | None = None
 
     def set_total(self, total: int, *, already_done: int = 0) -> None:
         """The inputs in all, and how many already have rows (a resumed batch)."""
@@ -82,6 +85,19 @@ class BatchProgress:
         with self._lock:
             self._running += 1
 
+    def rows_only(self, cap_usd: float | None, *, spent_before: float = 0.0) -> None:
+        """No batch ledger in this process (a distributed runner): dollars are what the
+        rows report (plus `spent_before`, rows kept from an earlier run), against `cap_usd`."""
+        with self._lock:
+            self._rows_cap = cap_usd
+            self._rows_usd = spent_before
+            self._rows_only = True
+
+    def query_requeued(self) -> None:
+        """A started query went back to the queue (its Ray actor died); it starts again."""
+        with self._lock:
+            self._running -= 1
+
     def row_done(self, row: BatchRow) -> None:
         with self._lock:
             self._done += 1
@@ -90,6 +106,7 @@ class BatchProgress:
             if row.started_at is not None and row.status not in ("invalid", "not_started"):
                 self._running -= 1
             self._finishes.append(self._clock())
+            self._rows_usd += row.cost_usd
 
     # ------------------------------------------------------------------ event sink
     def __call__(self, event: Event) -> None:
@@ -100,11 +117,25 @@ class BatchProgress:
             with self._lock:
                 self._in_flight -= 1
 
+    def interrupted(self, *, cancelling: bool) -> None:
+        """Say on the console what a Ctrl-C does (even when quiet: the user asked)."""
+        running = self.snapshot().running
+        if cancelling:
+            line = f"Ctrl-C again: cancelling the {running:,} running queries; rerun the same command to finish"
+        else:
+            line = (
+                f"Ctrl-C: no more queries start; the {running:,} running finish and write their rows. "
+                "Ctrl-C again to cancel them."
+            )
+        self.console.print(line, style="yellow", highlight=False, soft_wrap=True)
+
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> BatchSnapshot:
         budget = self._budget
         spent = float(budget.spent().usd) if budget is not None else 0.0
         cap = budget.limits.max_usd if budget is not None else None
+        if self._rows_only:
+            spent, cap = self._rows_usd, self._rows_cap
         with self._lock:
             left = self.total - self._done
             eta: float | None = None

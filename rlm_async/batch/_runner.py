@@ -31,7 +31,7 @@ from anyio.abc import TaskGroup
 
 from .._config import RLMConfig
 from .._context import Context
-from .._governor import BudgetLedger, BudgetLimits, Charge, Governor
+from .._governor import BudgetLedger, BudgetLimits, Charge, Governor, LedgerLog
 from .._result import RLMResult
 from ..exceptions import ConfigError, ContextTypeError, MissingAPIKey
 from ._budget import BatchBudget, CostEstimator, Lease
@@ -56,12 +56,20 @@ class BatchObserver(Protocol):
 class BatchControl:
     """Steers a running batch from outside: stop starting queries, or cancel running ones.
 
-    Also carries what a resumed batch brings along: `spent_before` (what earlier rows
-    spent, counted against the cap) and an optional observer."""
+    Also carries what a resumed batch brings along: `spent_before` (what earlier runs
+    spent, counted against the cap), `spend_log` (where the batch ledger writes its books,
+    for the next run's `spent_before`) and an optional observer."""
 
-    def __init__(self, *, spent_before: Charge | None = None, observer: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        spent_before: Charge | None = None,
+        observer: BatchObserver | None = None,
+        spend_log: LedgerLog | None = None,
+    ) -> None:
         self.spent_before = spent_before
         self.observer = observer
+        self.spend_log = spend_log
         self.stopping = False
         self.cancelled = False
         self._scope: anyio.CancelScope | None = None
@@ -104,6 +112,7 @@ class BatchRunner:
             CostEstimator(config, governor.prices),
             parent=governor.process_ledger,
             spent_before=self.control.spent_before,
+            log=self.control.spend_log,
         )
         self._observer = self.control.observer
         self._wall = wall_clock

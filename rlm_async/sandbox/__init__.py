@@ -34,13 +34,16 @@ cap across processes: RLIMIT_AS is per process.
 
 from __future__ import annotations
 
+from ._bootstrap import HELPER_NAMES as REPL_NAMES
 from ._config import (
     ISOLATION_TIERS,
     CellResult,
     CellStatus,
     OnResult,
+    ReplSetup,
     RequestHandler,
     SandboxConfig,
+    ToolCallError,
     WorkerRequest,
 )
 from ._doctor import Diagnosis, diagnose, render
@@ -50,14 +53,17 @@ from ._worker import Worker, start_worker
 
 __all__ = [
     "ISOLATION_TIERS",
+    "REPL_NAMES",
     "CellResult",
     "CellStatus",
     "Diagnosis",
     "OnResult",
     "PoolStats",
+    "ReplSetup",
     "RequestHandler",
     "SandboxConfig",
     "Tier",
+    "ToolCallError",
     "Worker",
     "WorkerPool",
     "WorkerRequest",

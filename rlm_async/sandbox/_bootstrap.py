@@ -12,11 +12,13 @@ A frame is a `HEADER` (JSON length, blob length) then UTF-8 JSON, then the blob.
     worker -> engine   hello {pid}   (first, unasked: the interpreter is up; a pool may
                        keep the worker waiting here for its context)
     engine -> worker   init {limits, uid, ...} + context blob | exec {cell, code}
-                       | getvar {name} | reply {id, results} or {id, error, message}
+                       | getvar {name} | describe | setvar {name, type, aliases, append} + value blob
+                       | reply {id, results} or {id, error, message}
                        | result {id, index, text} ... then reply {id, end}   (a stream)
-    worker -> engine   ready {pid} | request {id, kind, lengths, model} + prompts blob
+    worker -> engine   ready {pid} | request {id, kind, lengths, model[, tool]} + prompts blob
                        | cancel {id}   (a stream the code stopped iterating)
                        | done {cell, status, error, final_answer, dropped} | var {found, value}
+                       | set {name} | names {names: {name: description}}
 
 A request's prompts travel as one blob, each prompt UTF-8 and `lengths` giving its size in
 bytes, so neither side escapes, parses or copies 40 MB of JSON for a big fan-out.
@@ -50,7 +52,7 @@ from typing import Any, NoReturn
 PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">II")
 """Every frame starts with (JSON length, blob length), both big-endian uint32."""
-REQUEST_KINDS = ("llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch")
+REQUEST_KINDS = ("llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch", "tool")
 EXIT_ENGINE_GONE = 0
 EXIT_MEMORY = 3
 EXIT_PROTOCOL = 4
@@ -69,8 +71,14 @@ HELPER_NAMES = frozenset(
         "SHOW_VARS",
         "FINAL_VAR",
         "BudgetExceeded",
+        "ToolError",
     }
 )
+PLAIN_TYPES = (str, int, float, bool, list, dict, tuple)
+"""The types whose variables the official observation format lists."""
+
+_DESCRIBED = 200
+"""Variables `describe` lists at most."""
 
 _THIS_FILE = os.path.abspath(__file__)
 # Private references taken at start-up, so code that rebinds `json.dumps` or empties
@@ -84,6 +92,11 @@ _MAIN_PID = [0]
 
 class BudgetExceeded(Exception):
     """The engine refused this sub-call: a budget cap would be crossed. Catch it to stop."""
+
+
+class ToolError(Exception):
+    """A custom tool failed on the host: it raised (the message ends with its traceback), or
+    its arguments or result were not JSON data."""
 
 
 # ---------------------------------------------------------------------------- framing
@@ -171,7 +184,7 @@ class _Channel:
         """Thread body: route replies to the threads waiting for them, commands to main."""
         try:
             while True:
-                obj, _ = self.recv()
+                obj, blob = self.recv()
                 op = obj["op"]
                 if op in ("reply", "result"):
                     with self.waiters_lock:
@@ -183,6 +196,8 @@ class _Channel:
                         slot[1] = obj
                         slot[0].set()
                 else:
+                    if blob:
+                        obj["_blob"] = blob
                     self.commands.put(obj)
         except EOFError:
             os._exit(EXIT_ENGINE_GONE)
@@ -201,11 +216,7 @@ class _Channel:
                 f"{kind}: {len(prompts):,} prompts in one call, over the sandbox limit of "
                 f"{self.max_prompts:,} (SandboxConfig.max_batch_prompts); send fewer prompts per call"
             )
-        event = threading.Event()
-        slot: list[Any] = [event, None]
-        self._send_request(kind, prompts, model, slot, hedge)
-        event.wait()
-        reply: dict[str, Any] = slot[1]
+        reply = self._exchange(kind, prompts, model, **({} if hedge is None else {"hedge": hedge}))
         if "results" in reply:
             results = reply["results"]
             if isinstance(results, list) and len(results) == len(prompts):
@@ -213,10 +224,31 @@ class _Channel:
             raise RuntimeError(f"{kind}: malformed reply from the engine")
         _raise_refusal(reply)
 
+    def call_tool(self, name: str, payload: str) -> str:
+        """Call the host's tool `name` with JSON `payload`; its result as JSON text."""
+        reply = self._exchange("tool", [payload], None, tool=name)
+        results = reply.get("results")
+        if isinstance(results, list) and len(results) == 1 and isinstance(results[0], str):
+            return results[0]
+        if reply.get("error") == "tool":
+            raise ToolError(str(reply.get("message", "the tool failed")))
+        if "results" in reply:
+            raise RuntimeError(f"{name}: malformed reply from the engine")
+        _raise_refusal(reply)
+
+    def _exchange(self, kind: str, prompts: list[str], model: str | None, **extra: Any) -> dict[str, Any]:
+        event = threading.Event()
+        slot: list[Any] = [event, None]
+        self._send_request(kind, prompts, model, slot, extra)
+        event.wait()
+        reply: dict[str, Any] = slot[1]
+        return reply
+
     def stream(self, prompts: list[str], model: str | None, hedge: bool | None = None) -> _ResultStream:
         """Send a streaming request; its results arrive on the returned iterator."""
         results: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-        rid = self._send_request("llm_batch_stream", prompts, model, results, hedge)
+        extra = None if hedge is None else {"hedge": hedge}
+        rid = self._send_request("llm_batch_stream", prompts, model, results, extra)
         return _ResultStream(self, rid, len(prompts), results)
 
     def cancel(self, rid: int) -> None:
@@ -233,7 +265,7 @@ class _Channel:
             self.deferred_cancels.append(rid)
 
     def _send_request(
-        self, kind: str, prompts: list[str], model: str | None, slot: Any, hedge: bool | None = None
+        self, kind: str, prompts: list[str], model: str | None, slot: Any, extra: dict[str, Any] | None = None
     ) -> int:
         with self.waiters_lock:
             self.next_id += 1
@@ -243,16 +275,18 @@ class _Channel:
             parts = encode_prompts(prompts)
             lengths = [len(b) for b in parts]
             blob_len = sum(lengths)
-            frame: dict[str, Any] = {
-                "op": "request",
-                "id": rid,
-                "kind": kind,
-                "lengths": lengths,
-                "model": model,
-            }
-            if hedge is not None:  # absent unless the code chose one: other frames stay as they were
-                frame["hedge"] = hedge
-            head = encode_frame(frame, blob_len)
+            head = encode_frame(
+                {
+                    "op": "request",
+                    "id": rid,
+                    "kind": kind,
+                    "lengths": lengths,
+                    "model": model,
+                    # "hedge" only when the code chose one: other frames stay as they were
+                    **(extra or {}),
+                },
+                blob_len,
+            )
             size = len(head) + blob_len
             if size > self.max_message:
                 raise ValueError(
@@ -491,9 +525,20 @@ def _identity(fd: int) -> tuple[int, int] | None:
 
 
 class _Repl:
-    def __init__(self, channel: _Channel, context: object, output_limit: int) -> None:
+    def __init__(
+        self,
+        channel: _Channel,
+        context: object,
+        output_limit: int,
+        *,
+        tools: tuple[tuple[str, str], ...] = (),
+        values: dict[str, Any] | None = None,
+        list_variables: bool = False,
+    ) -> None:
         self.channel = channel
         self.output_limit = output_limit
+        self.list_variables = list_variables
+        self.value_names = list(values or {})
         self.stdout = _CappedWriter(1, "<stdout>")
         self.stderr = _CappedWriter(2, "<stderr>")
         self.streams = {name: _identity(fd) for fd, name in ((1, "stdout"), (2, "stderr"))}
@@ -514,7 +559,14 @@ class _Repl:
             "SHOW_VARS": self._show_vars,
             "FINAL_VAR": self._final_var,
             "BudgetExceeded": BudgetExceeded,
+            "ToolError": ToolError,
         }
+        self.owned: dict[str, Any] = {}
+        """Variables the engine set (`setvar`): a later `append` extends the engine's list
+        even when the code rebound the name."""
+        for name, doc in tools:
+            self.ns[name] = self._tool(name, doc)
+        self.ns.update(values or {})
 
     # -- helpers visible to the code
     @staticmethod
@@ -583,6 +635,38 @@ class _Repl:
     ) -> list[str]:
         """Hand several questions to child RLMs concurrently; replies come back in order."""
         return self._request("rlm_batch", self._check_prompts("rlm_query_batched", prompts), model, hedge)
+
+    def _tool(self, name: str, doc: str) -> Callable[..., Any]:
+        """The REPL's face of a host tool: its arguments go to the engine as JSON, the tool
+        runs there, and its JSON result comes back. The tool itself never comes here."""
+        channel, stdout, stderr = self.channel, self.stdout, self.stderr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                payload = _dumps({"args": list(args), "kwargs": kwargs}, ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(
+                    f"{name}: arguments must be JSON data (str, int, float, bool, None, lists, dicts "
+                    f"with str keys) to reach the host: {exc}"
+                ) from None
+            stdout.flush()
+            stderr.flush()
+            return _loads(channel.call_tool(name, payload))
+
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = doc or None
+        return call
+
+    def _plain_variables(self) -> list[str]:
+        """The names the official observation lists: plain-typed variables not starting with
+        "_", in its order (answer, injected values, context_0, context, then the rest)."""
+        first = ["answer", *self.value_names, "context_0", "context"]
+        rest = [n for n in self.ns if n not in first]
+        return [
+            n
+            for n in first + rest
+            if n in self.ns and not n.startswith("_") and isinstance(self.ns[n], PLAIN_TYPES)
+        ]
 
     def _show_vars(self) -> str:
         """The variables you created, with their types (and lengths where they have one)."""
@@ -658,6 +742,11 @@ class _Repl:
         ]
         if broken:
             done["streams"] = broken
+        if self.list_variables:
+            try:
+                done["variables"] = self._plain_variables()
+            except BaseException:
+                pass  # a namespace the code wrecked: no listing, never a broken report
         frame = encode_frame(done)
         with self.channel.send_lock:
             self.channel.cell_active = False
@@ -682,6 +771,47 @@ class _Repl:
         if isinstance(box, dict) and dict.get(box, "ready") is True:
             return str(dict.get(box, "content"))
         return None
+
+    def set_variable(self, command: dict[str, Any], blob: bytearray) -> None:
+        """`setvar`: bind `name` (and each of `aliases`) to the value in the blob; with
+        `append`, append it to the list the engine set under `name` instead."""
+        name, aliases = command["name"], command.get("aliases") or []
+        if not isinstance(name, str) or not name.isidentifier() or not isinstance(aliases, list):
+            raise ValueError("malformed setvar")
+        value = _load_context(command.get("type"), blob)
+        del blob
+        if command.get("append"):
+            owned = self.owned.get(name)
+            if not isinstance(owned, list):
+                owned = self.owned[name] = []
+            owned.append(value)
+            value = owned
+        self.owned[name] = value
+        for key in (name, *aliases):
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ValueError("malformed setvar alias")
+            self.ns[key] = value
+        self.channel.send({"op": "set", "name": name})
+
+    def describe_variables(self) -> None:
+        """`describe`: each variable's type (and length where it has one), never its value,
+        at most `_DESCRIBED` of them: the official log's `locals`, without the context."""
+        names: dict[str, str] = {}
+        for name, value in list(self.ns.items()):
+            if name.startswith("_") or name in HELPER_NAMES - {"context"}:
+                continue
+            kind = type(value).__name__
+            if kind in ("module", "function", "type", "builtin_function_or_method"):
+                continue
+            desc = f"<{kind}>"
+            try:
+                desc = f"<{kind} of length {len(value)}>"
+            except Exception:
+                pass
+            names[name] = desc
+            if len(names) >= _DESCRIBED:
+                break
+        self.channel.send({"op": "names", "names": names})
 
     def get_variable(self, name: object) -> None:
         budget = self.channel.max_message - 4096
@@ -771,6 +901,23 @@ def _load_context(kind: object, blob: bytearray) -> object:
     raise ValueError(f"unknown context type {kind!r}")
 
 
+def _start_reader(channel: _Channel) -> None:
+    """The control channel's reader thread; when it cannot start, say why on stderr (which
+    the engine puts in its error) and exit 1."""
+    try:
+        threading.Thread(target=channel.reader, name="rlm-control", daemon=True).start()
+    except RuntimeError as exc:  # "can't start new thread": EAGAIN from clone()
+        soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+        sys.stderr.write(
+            f"rlm worker: cannot start its control thread ({exc}): RLIMIT_NPROC is {limit} "
+            f"(set from SandboxConfig.max_processes) and counts every process and thread of "
+            f"uid {os.getuid()}\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def main(argv: list[str]) -> None:
     sock = socket.socket(fileno=int(argv[1]))
     sock.setblocking(True)
@@ -798,14 +945,28 @@ def main(argv: list[str]) -> None:
         context = _load_context(init.get("context_type"), _recv_exact(sock, blob_len))
     except MemoryError:
         os._exit(EXIT_MEMORY)
-    repl = _Repl(channel, context, int(init["output_limit"]))
+    # Before stderr is the cell's: a failure here must reach the engine's error message.
+    _start_reader(channel)
+    try:
+        values = _loads(init.get("values") or "{}")
+    except MemoryError:
+        os._exit(EXIT_MEMORY)
+    repl = _Repl(
+        channel,
+        context,
+        int(init["output_limit"]),
+        tools=tuple((str(n), str(d)) for n, d in init.get("tools") or ()),
+        values=values,
+        list_variables=bool(init.get("list_variables")),
+    )
     del context
     sys.stdout, sys.stderr = repl.stdout, repl.stderr
-    threading.Thread(target=channel.reader, name="rlm-control", daemon=True).start()
     channel.send({"op": "ready", "pid": os.getpid(), "uid": os.getuid()})
     handlers: dict[str, Callable[[dict[str, Any]], None]] = {
         "exec": lambda c: repl.run_cell(int(c["cell"]), str(c["code"])),
         "getvar": lambda c: repl.get_variable(c.get("name")),
+        "setvar": lambda c: repl.set_variable(c, c.pop("_blob", bytearray())),
+        "describe": lambda c: repl.describe_variables(),
     }
     while True:
         command = channel.commands.get()

@@ -15,7 +15,7 @@ from anyio.abc import TaskGroup
 
 from ..exceptions import BudgetExceeded, SandboxError
 from ._channel import Channel, ChannelClosed, ProtocolViolation
-from ._config import RequestHandler, SandboxConfig, WorkerRequest
+from ._config import RequestHandler, SandboxConfig, ToolCallError, WorkerRequest
 from ._protocol import Outcome, parse_cancel, parse_done, parse_request
 
 __all__ = ["CellExchange"]
@@ -133,7 +133,8 @@ class CellExchange:
                     rid, request = parse_request(msg, blob, self._config.max_batch_prompts)
                 del blob  # its text is in request.prompts now
                 self._admit(rid, request)
-                self._clock.pause()
+                if request.op != "tool":  # a tool call runs on the cell's own clock
+                    self._clock.pause()
                 tg.start_soon(self._serve, rid, request, deadline)
             elif op == "cancel":
                 scope = self._streams.get(parse_cancel(msg))
@@ -183,6 +184,8 @@ class CellExchange:
                     reply = {"op": "reply", "id": rid, "results": results}
             except BudgetExceeded as exc:
                 reply = {"op": "reply", "id": rid, "error": "budget", "message": str(exc)}
+            except ToolCallError as exc:
+                reply = {"op": "reply", "id": rid, "error": "tool", "message": str(exc)}
             self._pending.pop(rid, None)
             if reply is None:  # cancelled by the worker: it no longer listens
                 return
@@ -197,7 +200,8 @@ class CellExchange:
             self.handler_error = exc
             deadline.cancel()
         finally:
-            self._clock.resume()
+            if request.op != "tool":
+                self._clock.resume()
 
     async def _serve_stream(self, rid: int, request: WorkerRequest) -> dict[str, Any] | None:
         n = len(request.prompts)

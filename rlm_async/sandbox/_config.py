@@ -15,8 +15,10 @@ __all__ = [
     "CellResult",
     "CellStatus",
     "OnResult",
+    "ReplSetup",
     "RequestHandler",
     "SandboxConfig",
+    "ToolCallError",
     "WorkerRequest",
 ]
 
@@ -102,9 +104,12 @@ class SandboxConfig:
     max_processes: int | None = 64
     """Processes and threads the worker may have at once, the worker and its reader thread
     included. Enforced by RLIMIT_NPROC on a uid of the worker's own (the engine runs as
-    root: it gives each worker a private unprivileged uid), on the user namespace
-    bubblewrap creates (the engine runs unprivileged), or on the engine's uid counting its
-    other processes too (landlock tier, engine unprivileged). Root keeps ignoring
+    root: it gives each worker a private unprivileged uid) or on the user namespace
+    bubblewrap creates (the engine runs unprivileged). Where the worker keeps the engine's
+    uid (landlock or none tier, engine unprivileged) the limit counts every process and
+    thread of that user, so it is a ceiling for the user as a whole: the user's tasks when
+    the worker starts plus this many for each worker that may be alive with it (the engine's
+    `max_workers`); one worker can then use its peers' share. Root keeps ignoring
     RLIMIT_NPROC, so a "none" worker that cannot drop root has no process cap; it is still
     killed whole at the deadline."""
     output_limit_bytes: int = 1_000_000
@@ -167,8 +172,10 @@ OnResult = Callable[[int, str], Awaitable[None]]
 class WorkerRequest:
     """A sub-call the code asked for. Untrusted data: sizes are checked, content is not."""
 
-    op: Literal["llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch"]
+    op: Literal["llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch", "tool"]
     prompts: tuple[str, ...]
+    """The prompts; for "tool", one: the call's arguments as JSON text
+    (`{"args": [...], "kwargs": {...}}`), untrusted."""
     model: str | None
     hedge: bool | None = None
     """The code's `hedge=` argument: `False` turns hedging off for this request, `True` on
@@ -177,6 +184,32 @@ class WorkerRequest:
     """Set by the sandbox for `llm_batch_stream` (the REPL's `llm_batch_as_completed`): the
     handler calls it as each slot is filled, so the worker can yield answers in completion
     order."""
+    tool: str | None = None
+    """For "tool": the name of the custom tool the code called. The handler returns one str,
+    the result as JSON text, or raises `ToolCallError`."""
+
+
+class ToolCallError(Exception):
+    """A custom tool call failed in the engine (the tool raised, its arguments or result are
+    not JSON data, no such tool): the code sees `ToolError` with this message."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplSetup:
+    """What a worker's namespace holds beyond `context` and the helpers.
+
+    Custom tools are names only: the worker defines a function of that name (with that
+    docstring) which sends its JSON arguments over the control channel, so the tool itself,
+    and whatever it holds (a connection, an API key), never enters the sandbox."""
+
+    tools: tuple[tuple[str, str], ...] = ()
+    """(name, docstring) of each host function the code may call."""
+    values_json: str = ""
+    """A JSON object of plain values set as variables (`custom_tools` entries that are not
+    callable); empty for none."""
+    list_variables: bool = False
+    """Each cell's report names the namespace's plain variables (`CellResult.variables`),
+    as the official package's observation format shows them."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,6 +231,9 @@ class CellResult:
     """Wall-clock time of the cell, sub-calls included."""
     worker_dead: bool
     """The worker was killed or died: call `restart()`; the model's variables are gone."""
+    variables: tuple[str, ...] | None = None
+    """With `ReplSetup.list_variables`: the names of the namespace's variables of a plain
+    type (str, int, float, bool, list, dict, tuple), in the official package's order."""
 
 
 RequestHandler = Callable[[WorkerRequest], Awaitable[list[str]]]

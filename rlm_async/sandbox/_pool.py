@@ -22,6 +22,11 @@ What it does not do, on purpose:
   touches any untrusted data, exactly as an on-demand one does.
 - **Not counted under `RLMConfig.max_workers`.** Idle workers hold no context (about 18 MB
   resident each); `size` bounds them. A taken worker counts as soon as its node holds a slot.
+  Where workers share the engine's uid (landlock or none tier, engine not root), idle ones
+  do count in the shared-uid process accounting, and each worker's process cap is sized
+  when its context arrives (with the caller's `peers`), not when it was pre-started.
+- **No different REPL.** The tools and values of a query (`ReplSetup`) go to a pre-started
+  worker with its context, in the same `init` frame an on-demand worker gets.
 
 A pool that cannot pre-start a worker says so at once: entering it raises the
 `IsolationUnavailable` or `SandboxError` an on-demand start would. Failures later (a
@@ -44,7 +49,7 @@ import anyio.lowlevel
 
 from .._context import Context, validate_context
 from ..exceptions import ConfigError, SandboxError
-from ._config import SandboxConfig
+from ._config import ReplSetup, SandboxConfig
 from ._isolation import Plan, plan_isolation
 from ._process import WorkerProcess, encode_context, launch_process
 from ._worker import Worker
@@ -89,6 +94,7 @@ class WorkerPool:
         config: SandboxConfig,
         size: int,
         *,
+        peers: int | None = None,
         refill_at_once: int = 2,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         clock: Callable[[], float] = time.perf_counter,
@@ -100,6 +106,10 @@ class WorkerPool:
         self.config = config
         """The sandbox configuration every worker of the pool is launched with."""
         self.size = size
+        self.peers = peers
+        """How many workers its user may keep alive at once (`RLMConfig.max_workers`), as
+        `start_worker` takes it: sizes a worker's process cap where workers share the
+        engine's uid (a query's own `peers` wins, see `start_worker`)."""
         self._refill_at_once = refill_at_once
         self._sleep = sleep
         self._clock = clock
@@ -166,11 +176,16 @@ class WorkerPool:
             await self._filled.wait()
 
     # -- handing out
-    async def start_worker(self, context: Context) -> Worker:
-        """A worker with `context` loaded: a pre-started one when the pool has one up,
-        else one started now (as `start_worker` would). Either way it is the caller's alone
-        and is killed by its `aclose()`; the pool starts a replacement in the background."""
+    async def start_worker(
+        self, context: Context, setup: ReplSetup | None = None, *, peers: int | None = None
+    ) -> Worker:
+        """A worker with `context` and `setup` (tools, values) loaded: a pre-started one
+        when the pool has one up, else one started now (as `start_worker` would). Either way
+        it is the caller's alone and is killed by its `aclose()`; the pool starts a
+        replacement in the background. `peers` as `start_worker` takes it (default: the
+        pool's)."""
         context = validate_context(context)
+        peers = self.peers if peers is None else peers
         if self._stack is None:
             raise SandboxError("the worker pool is not open: use it as `async with WorkerPool(...)`")
         plan = self.plan
@@ -181,7 +196,7 @@ class WorkerPool:
             process = self._idle.popleft()
             self._want_more()
             try:
-                worker = await Worker.adopt(process, context, encoded, self.config, plan)
+                worker = await Worker.adopt(process, context, encoded, self.config, plan, setup, peers=peers)
             except SandboxError as exc:
                 # Killed already. It may have died while idle, or this context may not fit:
                 # one start on demand tells which, and raises the query's own error if any.
@@ -193,7 +208,7 @@ class WorkerPool:
         else:
             self._misses += 1
             self._want_more()
-        return await Worker.start(context, self.config, plan)
+        return await Worker.start(context, self.config, plan, setup, peers=peers)
 
     # -- filling
     def _want_more(self) -> None:
@@ -248,7 +263,7 @@ class WorkerPool:
     async def _prestart(self) -> WorkerProcess:
         """Launch a worker and wait for its `hello`; kill it if it does not come up."""
         started = time.monotonic()
-        process = await launch_process(self.config, self.plan)
+        process = await launch_process(self.config, self.plan, peers=self.peers)
         try:
             failure = await process.come_up()
         except BaseException:

@@ -3,9 +3,11 @@ a plain subprocess that confines itself (landlock tier) or not (none tier)), wai
 is up (its `hello`), loading the context into it (the `init`/`ready` handshake), killing
 every process it started, and closing its channel, pipes and temporary directory.
 
-Launching needs no context: everything the `init` frame carries but the context is fixed at
-launch (limits, uid, tier), so a pre-started worker (`_pool`) and one started on demand are
-the same process, confined the same way once its context arrives."""
+Launching needs no context: what the `init` frame carries but the context, the REPL's setup
+(tools, values) and the process cap is fixed at launch (limits, uid, tier), so a pre-started
+worker (`_pool`) and one started on demand are the same process, confined the same way once
+its context arrives. The context, the setup and the process cap (sized against the tasks the
+engine's uid has then, see `_process_limit`) go with `init`, after the worker's `hello`."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from . import _procs as procs
 from . import _seccomp as seccomp
 from . import _unprivileged as unprivileged
 from ._channel import Channel, ChannelClosed, ProtocolViolation
-from ._config import SandboxConfig
+from ._config import ReplSetup, SandboxConfig
 from ._isolation import Plan
 from ._output import Capture, drain, drain_now
 
@@ -56,6 +58,8 @@ class WorkerProcess:
         uid: int | None,
         tmpdir: str | None,
         init: dict[str, Any],
+        shares_uid: bool,
+        peers: int | None,
     ) -> None:
         self._proc = proc
         self._config = config
@@ -74,19 +78,38 @@ class WorkerProcess:
         self._init: dict[str, Any] | None = init
         self._stderr_tail = Capture(4096)
         self._released = False
+        self._shares_uid = shares_uid
+        """Counted in `_shared_uid.live` until released."""
+        self._peers = peers
 
     async def come_up(self) -> str | None:
         """Wait for `hello` (within `start_timeout_s`). None when the worker is up, else why
         not (see `start_error`)."""
         return await self._handshake(self._hello)
 
-    async def load_context(self, kind: str, blob: bytes) -> str | None:
-        """Send `init` with the context (encoded by `encode_context`) and wait for `ready`,
-        and for `hello` first if it has not come yet, all within `start_timeout_s`. None
-        when the worker came up, else why not (see `start_error`). Once per process: a
-        worker is never given a second context."""
+    async def load_context(
+        self, kind: str, blob: bytes, setup: ReplSetup | None = None, *, peers: int | None = None
+    ) -> str | None:
+        """Send `init` with the context (encoded by `encode_context`) and `setup`'s tools
+        and values, and wait for `ready`, and for `hello` first if it has not come yet, all
+        within `start_timeout_s`. None when the worker came up, else why not (see
+        `start_error`). Once per process: a worker is never given a second context.
+
+        The process cap (RLIMIT_NPROC) is sized here, not at launch: where it caps the
+        engine's whole uid it counts the user's tasks, and a pre-started worker may have
+        waited in its pool while those grew; `peers` (default: the launch's) is the user's
+        count, as `launch_process` takes it."""
         assert self._init is not None, "a worker process takes one context, once"
-        init, self._init = {**self._init, "context_type": kind}, None
+        init, self._init = self._init, None
+        peers = self._peers if peers is None else peers
+        nproc = await _process_limit(self._config, self.uid, shares_uid=self._shares_uid, peers=peers)
+        init = {**init, "context_type": kind, "limits": {**init["limits"], "nproc": nproc}}
+        if setup is not None:
+            init.update(
+                tools=[list(t) for t in setup.tools],
+                values=setup.values_json,
+                list_variables=setup.list_variables,
+            )
         self.context_bytes = len(blob)
 
         async def exchange() -> str | None:
@@ -168,6 +191,8 @@ class WorkerProcess:
             if self._released:
                 return
             self._released = True
+            if self._shares_uid:
+                _shared_uid.live -= 1
             self.channel.close()
             for fd in self.fds:
                 anyio.notify_closing(fd)
@@ -196,22 +221,38 @@ _reserved_uids: set[int | None] = set()
 uid only when its context arrives, so a /proc scan alone would not see it as taken."""
 
 
-async def launch_process(config: SandboxConfig, plan: Plan) -> WorkerProcess:
-    """Start a worker process with no context yet (`load_context` gives it one). Raises
-    `SandboxError` when the process cannot be started."""
+class _SharedUidWorkers:
+    live = 0
+    """Workers of this process, started, starting or pre-started and idle in a pool, whose
+    processes count against the engine's own uid's RLIMIT_NPROC (`_process_limit`)."""
+
+
+_shared_uid = _SharedUidWorkers()
+
+
+async def launch_process(config: SandboxConfig, plan: Plan, *, peers: int | None = None) -> WorkerProcess:
+    """Start a worker process with no context yet (`load_context` gives it one, with the
+    REPL's setup). `peers`: how many workers the caller may keep alive at once (see
+    `start_worker`). Raises `SandboxError` when the process cannot be started."""
     uid = None
     if plan.drop_uid:
         uid = await anyio.to_thread.run_sync(procs.pick_free_uid, frozenset(_reserved_uids))
         _reserved_uids.add(uid)
+    shares_uid = _shares_uid(config, plan, uid)
+    if shares_uid:
+        _shared_uid.live += 1  # before counting: workers starting together see each other
     try:
-        return await _launch(config, plan, uid)
+        return await _launch(config, plan, uid=uid, shares_uid=shares_uid, peers=peers)
     except BaseException:
         _reserved_uids.discard(uid)
+        if shares_uid:
+            _shared_uid.live -= 1
         raise
 
 
-async def _launch(config: SandboxConfig, plan: Plan, uid: int | None) -> WorkerProcess:
-    nproc = await _process_limit(config, plan, uid)
+async def _launch(
+    config: SandboxConfig, plan: Plan, *, uid: int | None, shares_uid: bool, peers: int | None
+) -> WorkerProcess:
     # From here to open_process nothing awaits, so nothing below can leak on cancellation.
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for s in (parent_sock, child_sock):
@@ -239,21 +280,49 @@ async def _launch(config: SandboxConfig, plan: Plan, uid: int | None) -> WorkerP
         except OSError:
             pass
     channel = Channel(parent_sock, max_inbound=config.max_message_bytes)
-    init = _init_frame(config, plan, uid=uid, nproc=nproc, tmpdir=tmpdir)
-    return WorkerProcess(proc, channel, (out_r, err_r), config=config, uid=uid, tmpdir=tmpdir, init=init)
+    init = _init_frame(config, plan, uid=uid, tmpdir=tmpdir)
+    return WorkerProcess(
+        proc,
+        channel,
+        (out_r, err_r),
+        config=config,
+        uid=uid,
+        tmpdir=tmpdir,
+        init=init,
+        shares_uid=shares_uid,
+        peers=peers,
+    )
 
 
-async def _process_limit(config: SandboxConfig, plan: Plan, uid: int | None) -> int | None:
-    """The worker's RLIMIT_NPROC: `max_processes`, plus the user's other processes where
-    the limit counts them too; None where it cannot bind (root keeps ignoring it)."""
+def _shares_uid(config: SandboxConfig, plan: Plan, uid: int | None) -> bool:
+    """Whether the worker's RLIMIT_NPROC counts the engine's uid: every process and thread
+    of the user, this engine's other workers included. Not with a private uid (the engine
+    runs as root), nor inside bubblewrap's user namespace (an unprivileged engine), where
+    it counts only the worker's own; not for root, which the limit does not bind."""
+    if config.max_processes is None or uid is not None or os.geteuid() == 0:
+        return False
+    return plan.tier != "bubblewrap"
+
+
+async def _process_limit(
+    config: SandboxConfig, uid: int | None, *, shares_uid: bool, peers: int | None
+) -> int | None:
+    """The worker's RLIMIT_NPROC; None where it cannot bind (root keeps ignoring it).
+
+    Where it counts only the worker's processes, `max_processes`. Where the worker shares
+    the engine's uid the limit is a ceiling on the whole uid, checked at every fork and
+    thread start against every task of the user, so it cannot be one worker's share:
+    sized for the user's tasks now plus `max_processes` for each worker that may be alive
+    while this one is. Sized for this one alone, as it once was, the workers started
+    together (a fan-out, queries waiting for a worker slot) were each allowed 64 tasks
+    more than the same count, used them up between them with their own start-up
+    threads, and the rest failed to start ("can't start new thread", exit status 1)."""
     if config.max_processes is None:
         return None
-    root = os.geteuid() == 0
-    if uid is not None or (plan.tier == "bubblewrap" and not root):
-        return config.max_processes  # counts only this worker's processes
-    if not root:  # counts all of the user's processes: allow that many more
-        return await anyio.to_thread.run_sync(procs.count_user_tasks, os.getuid()) + config.max_processes
-    return None
+    if not shares_uid:
+        return None if uid is None and os.geteuid() == 0 else config.max_processes
+    tasks = await anyio.to_thread.run_sync(procs.count_user_tasks, os.getuid())
+    return tasks + config.max_processes * max(peers or 1, _shared_uid.live)
 
 
 async def _open_process(
@@ -309,10 +378,9 @@ async def _open_process(
     return proc, tmpdir
 
 
-def _init_frame(
-    config: SandboxConfig, plan: Plan, *, uid: int | None, nproc: int | None, tmpdir: str | None
-) -> dict[str, Any]:
-    """The `init` frame but its `context_type`: how the bootstrap confines itself."""
+def _init_frame(config: SandboxConfig, plan: Plan, *, uid: int | None, tmpdir: str | None) -> dict[str, Any]:
+    """The `init` frame but its `context_type`, its process cap and the REPL's setup (all
+    added by `load_context`): how the bootstrap confines itself."""
     lockdown = None
     if plan.tier == "landlock":
         assert tmpdir is not None
@@ -327,7 +395,7 @@ def _init_frame(
             "cpu": None if config.cpu_seconds is None else math.ceil(config.cpu_seconds),
             "fsize": config.file_size_bytes,
             "nofile": config.open_files,
-            "nproc": nproc,
+            "nproc": None,  # `load_context` sizes it
             "core": 0,
         },
         "uid": None if lockdown is not None else uid,  # the lock-down switches uid itself

@@ -24,6 +24,7 @@ class Outcome:
     final_answer: str | None = None
     worker_dropped: int = 0
     kill: bool = False
+    variables: tuple[str, ...] | None = None
 
 
 def clean(text: str) -> str:
@@ -79,10 +80,16 @@ def parse_request(
         raise ProtocolViolation(f"unknown request kind {kind!r}")
     if model is not None and not isinstance(model, str):
         raise ProtocolViolation("request model must be a str or null")
+    tool = msg.get("tool")
+    if kind == "tool":
+        if not isinstance(tool, str) or not tool.isidentifier() or model is not None:
+            raise ProtocolViolation("a tool request names its tool as an identifier, and no model")
+    elif tool is not None:
+        raise ProtocolViolation(f"a {kind} request names no tool")
     hedge = msg.get("hedge")
     if hedge is not None and not isinstance(hedge, bool):
         raise ProtocolViolation("request hedge must be a bool or null")
-    single = kind in ("llm_query", "rlm_query")
+    single = kind in ("llm_query", "rlm_query", "tool")
     if "lengths" in msg:
         if "prompts" in msg:
             raise ProtocolViolation("a request carries either prompts or lengths, not both")
@@ -100,7 +107,11 @@ def parse_request(
             raise ProtocolViolation(f"{kind} carries exactly one prompt")
         prompts = tuple(clean(p) for p in raw)
     return rid, WorkerRequest(
-        op=kind, prompts=prompts, model=None if model is None else clean(model), hedge=hedge
+        op=kind,
+        prompts=prompts,
+        model=None if model is None else clean(model),
+        tool=tool,
+        hedge=hedge,
     )
 
 
@@ -138,6 +149,11 @@ def parse_done(msg: dict[str, Any]) -> Outcome:
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dropped)
     ):
         raise ProtocolViolation("cell 'dropped' must be two non-negative integers")
+    variables = msg.get("variables")
+    if variables is not None:
+        if not isinstance(variables, list) or not all(isinstance(v, str) for v in variables):
+            raise ProtocolViolation("cell 'variables' must be a list of str")
+        variables = tuple(clean(v)[:200] for v in variables[:10_000])
     if streams:
         said = "; ".join(clean(x)[:200] for x in streams[:2])
         return Outcome(
@@ -157,6 +173,7 @@ def parse_done(msg: dict[str, Any]) -> Outcome:
         final_answer=None if final is None else clean(final),
         worker_dropped=sum(dropped),
         kill=status == "memory",
+        variables=variables,
     )
 
 

@@ -5,14 +5,17 @@ in `_cell`. The public face is `rlm_async.sandbox`."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any, cast
 
 import anyio
 
 from .. import _events
 from .._context import Context, validate_context
+from ..exceptions import SandboxError
 from ._cell import CellExchange
 from ._channel import ChannelClosed, ProtocolViolation
-from ._config import WORKER_DEAD_STATUSES, CellResult, RequestHandler, SandboxConfig
+from ._config import WORKER_DEAD_STATUSES, CellResult, ReplSetup, RequestHandler, SandboxConfig
 from ._isolation import Plan, Tier, plan_isolation
 from ._output import Capture, drain, drain_now
 from ._process import WorkerProcess, encode_context, launch_process
@@ -23,13 +26,31 @@ __all__ = ["Worker", "start_worker"]
 _MiB = 1 << 20
 
 
-async def start_worker(context: Context, config: SandboxConfig) -> Worker:
-    """Start a worker with `context` (and `context_0`) loaded. Raises `ContextTypeError` for
+@dataclass(slots=True)
+class _SetVariable:
+    """A variable the engine put into the worker (`set_variable`), kept to be put again
+    into a replacement worker: a restart loses what the code created, never these."""
+
+    value: Any
+    aliases: tuple[str, ...]
+
+
+async def start_worker(
+    context: Context, config: SandboxConfig, setup: ReplSetup | None = None, *, peers: int | None = None
+) -> Worker:
+    """Start a worker with `context` (and `context_0`) loaded, and `setup`'s tools and
+    values (kept for every restart). Raises `ContextTypeError` for
     an unsupported context, `IsolationUnavailable` when no tier `config.isolation` allows
-    can run here, `SandboxError` when the worker does not come up (the message says why)."""
+    can run here, `SandboxError` when the worker does not come up (the message says why).
+
+    `peers`: how many workers the caller may keep alive at once in this process (the
+    engine passes `RLMConfig.max_workers`). It matters only where the worker shares the
+    engine's uid (landlock or none tier, engine not root): RLIMIT_NPROC then caps the whole
+    uid, so each worker's cap leaves `max_processes` for every peer. None: the workers of
+    this process alive or starting when this one starts."""
     context = validate_context(context)  # a public entry of its own, as RLM.acompletion is
     plan = await plan_isolation(config)
-    return await Worker.start(context, config, plan)
+    return await Worker.start(context, config, plan, setup, peers=peers)
 
 
 class Worker:
@@ -46,11 +67,21 @@ class Worker:
     uid: int | None
     """The private host uid the worker runs as, or None when it keeps the engine's uid."""
 
-    def __init__(self, context: Context, config: SandboxConfig, plan: Plan) -> None:
+    def __init__(
+        self,
+        context: Context,
+        config: SandboxConfig,
+        plan: Plan,
+        setup: ReplSetup | None = None,
+        *,
+        peers: int | None = None,
+    ) -> None:
         """A worker not yet started: `Worker.start` (or `start_worker`) gives a running one."""
         self._context = context
+        self._setup = setup
         self._config = config
         self._plan = plan
+        self._peers = peers
         self.tier = plan.tier
         self.isolated = plan.isolated
         self.pid = 0
@@ -60,11 +91,20 @@ class Worker:
         self._cell = 0
         self._busy = anyio.Lock()
         """One conversation on the control channel at a time (a cell, a get_variable, a restart)."""
+        self._set: dict[str, _SetVariable] = {}
 
     @classmethod
-    async def start(cls, context: Context, config: SandboxConfig, plan: Plan) -> Worker:
+    async def start(
+        cls,
+        context: Context,
+        config: SandboxConfig,
+        plan: Plan,
+        setup: ReplSetup | None = None,
+        *,
+        peers: int | None = None,
+    ) -> Worker:
         """A running worker with `context` loaded, launched as `plan` says."""
-        worker = cls(context, config, plan)
+        worker = cls(context, config, plan, setup, peers=peers)
         await worker._spawn()
         return worker
 
@@ -76,12 +116,16 @@ class Worker:
         encoded: tuple[str, bytes],
         config: SandboxConfig,
         plan: Plan,
+        setup: ReplSetup | None = None,
+        *,
+        peers: int | None = None,
     ) -> Worker:
         """A running worker made of a pre-started `process` (launched with `config` and
-        `plan`, waiting for a context): `context` (`encoded` by `encode_context`) is loaded
-        into it. The process is this worker's for good, like one started on demand (killed
-        if loading fails); `restart()` starts a fresh one."""
-        worker = cls(context, config, plan)
+        `plan`, waiting for a context): `context` (`encoded` by `encode_context`) and
+        `setup` are loaded into it. The process is this worker's for good, like one started
+        on demand (killed if loading fails); `restart()` starts a fresh one, with `peers`
+        as `start_worker` takes it."""
+        worker = cls(context, config, plan, setup, peers=peers)
         await worker._load(process, *encoded, time.monotonic(), pooled=True)
         return worker
 
@@ -97,24 +141,32 @@ class Worker:
         # queries' work would wait for it. Before launching, so a context JSON cannot
         # carry costs no process.
         kind, blob = await anyio.to_thread.run_sync(encode_context, self._context)
-        process = await launch_process(self._config, self._plan)
+        process = await launch_process(self._config, self._plan, peers=self._peers)
         await self._load(process, kind, blob, started, pooled=False)
 
     async def _load(
         self, process: WorkerProcess, kind: str, blob: bytes, started: float, *, pooled: bool
     ) -> None:
-        """Make `process` this worker's and load the context into it; on failure it is
-        killed and the error raised."""
+        """Make `process` this worker's and load the context and the setup into it; on
+        failure it is killed and the error raised."""
         self._process, self.pid, self.uid, self._dead = process, process.pid, process.uid, None
         try:
-            failure = await process.load_context(kind, blob)
+            failure = await process.load_context(kind, blob, self._setup, peers=self._peers)
         except BaseException:
             await self._kill("start cancelled")
             raise
         if failure is not None:
-            error = await process.start_error(failure)
-            await self._kill("failed to start")
+            try:
+                error = await process.start_error(failure)
+            finally:  # also when cancelled while reading why (a sibling's failure)
+                await self._kill("failed to start")
             raise error
+        try:
+            for name, var in self._set.items():  # a replacement gets them back
+                await self._send_variable(name, var.value, var.aliases, append=False)
+        except BaseException:
+            await self._kill("start cancelled")
+            raise
         _events.emit(
             _events.WorkerStart,
             pid=process.pid,
@@ -221,6 +273,7 @@ class Worker:
             dropped_output_bytes=dropped,
             duration_s=time.monotonic() - started,
             worker_dead=status in WORKER_DEAD_STATUSES,
+            variables=outcome.variables,
         )
         _events.emit(
             _events.WorkerCell,
@@ -255,6 +308,99 @@ class Worker:
         return Outcome(status, error=message, kill=True)
 
     # -- variables
+    async def set_variable(
+        self, name: str, value: Any, *, aliases: tuple[str, ...] = (), append: bool = False
+    ) -> None:
+        """Bind the REPL variable `name` (and each of `aliases`) to `value`: a str, or data
+        JSON can carry (it arrives as the JSON round trip of it). With `append`, add `value`
+        to the list held under `name` instead (one is made if none is). The worker keeps
+        them across `restart()`, unlike what the code created; on a worker that is not
+        running it is kept for the next `restart()`. Raises `SandboxError` when the worker
+        cannot take the value (memory, `start_timeout_s`); the worker is killed then."""
+        for key in (name, *aliases):
+            if not key.isidentifier():
+                raise ValueError(f"{key!r} is not a Python identifier")
+        async with self._busy:
+            if append:
+                held = self._set.get(name)
+                if held is None or not isinstance(held.value, list):
+                    held = self._set[name] = _SetVariable([], aliases)
+                held.value.append(value)
+            else:
+                self._set[name] = _SetVariable(value, aliases)
+            if self._dead is not None:
+                return  # kept: the next restart() puts it in
+            await self._send_variable(name, value, aliases, append=append)
+
+    async def describe_variables(self) -> dict[str, str]:
+        """Each REPL variable's type and length (never its value), for the official log's
+        `locals`. Empty when the worker is not running or does not answer within
+        `cell_timeout_s` (then it is killed: check `alive`)."""
+        async with self._busy:
+            process = self._process
+            if self._dead is not None or process is None:
+                return {}
+            names: dict[str, str] = {}
+            kill: str | None = None
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(drain, process.fds[0], Capture(0))
+                    tg.start_soon(drain, process.fds[1], Capture(0))
+                    try:
+                        with anyio.fail_after(self._config.cell_timeout_s):
+                            await process.channel.send({"op": "describe"})
+                            names = await _await_names(process)
+                    except TimeoutError:
+                        kill = "timeout in describe_variables"
+                    except (ProtocolViolation, ChannelClosed) as exc:
+                        kill = f"describe_variables failed: {exc}"
+                    finally:
+                        tg.cancel_scope.cancel()
+            except BaseException:
+                await self._kill("cancelled in describe_variables")
+                raise
+            if kill is not None:
+                await self._kill(kill)
+                return {}
+            return names
+
+    def holds(self, name: str) -> bool:
+        """Whether `name` is a variable the engine set (`set_variable`)."""
+        return name in self._set
+
+    async def _send_variable(self, name: str, value: Any, aliases: tuple[str, ...], *, append: bool) -> None:
+        process = self._process
+        assert process is not None
+        kind, blob = await anyio.to_thread.run_sync(encode_context, cast(Context, value))
+        failure: str | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain, process.fds[0], Capture(0))
+                tg.start_soon(drain, process.fds[1], Capture(0))
+                try:
+                    with anyio.fail_after(self._config.start_timeout_s):
+                        await process.channel.send(
+                            {"op": "setvar", "name": name, "type": kind, "aliases": list(aliases), "append": append},
+                            blob,
+                        )
+                        del blob
+                        await _await_set(process)
+                except TimeoutError:
+                    failure = f"it did not take {name!r} within start_timeout_s={self._config.start_timeout_s}"
+                except (ProtocolViolation, ChannelClosed) as exc:
+                    failure = f"it died while taking {name!r} ({exc})"
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseException:
+            await self._kill("cancelled in set_variable")
+            raise
+        if failure is not None:
+            await self._kill(failure)
+            raise SandboxError(
+                f"the REPL worker could not take the variable {name!r}: {failure}; a value that large "
+                f"may not fit its memory_bytes={self._config.memory_bytes:,}"
+            )
+
     async def get_variable(self, name: str) -> str | None:
         """`str()` of a REPL variable, for FINAL_VAR(name) in a reply; None when undefined
         or the worker is not running. Bounded by `cell_timeout_s`: a `__str__` that hangs
@@ -291,6 +437,42 @@ class Worker:
         return value
 
 
+async def _await_set(process: WorkerProcess) -> None:
+    """Read up to the `set` reply, refusing sub-calls meanwhile (as `_ask_variable` does)."""
+    channel = process.channel
+    while True:
+        msg, blob = await channel.receive()
+        if msg["op"] == "set":
+            return
+        if msg["op"] == "request":
+            await _refuse_request(process, msg, blob)
+        elif msg["op"] != "done":
+            raise ProtocolViolation(f"unexpected {msg['op']!r} frame")
+
+
+async def _await_names(process: WorkerProcess) -> dict[str, str]:
+    """Read up to the `names` reply; its content is untrusted: only str -> str kept."""
+    while True:
+        msg, blob = await process.channel.receive()
+        if msg["op"] == "names":
+            raw = msg.get("names")
+            if not isinstance(raw, dict):
+                raise ProtocolViolation("malformed 'names' frame")
+            return {clean(str(k))[:200]: clean(str(v))[:200] for k, v in list(raw.items())[:200]}
+        if msg["op"] == "request":
+            await _refuse_request(process, msg, blob)
+        elif msg["op"] != "done":
+            raise ProtocolViolation(f"unexpected {msg['op']!r} frame")
+
+
+async def _refuse_request(process: WorkerProcess, msg: dict[str, Any], blob: bytearray) -> None:
+    rid, _ = parse_request(msg, blob)
+    await process.channel.send(
+        {"op": "reply", "id": rid, "error": "unavailable", "message": "sub-calls are served only while a cell runs"},
+        atomic=True,
+    )
+
+
 async def _ask_variable(process: WorkerProcess, name: str) -> str | None:
     """Send `getvar` and read up to its `var` reply, refusing sub-calls meanwhile (threads
     the last cell left running may still make them)."""
@@ -306,15 +488,6 @@ async def _ask_variable(process: WorkerProcess, name: str) -> str | None:
                 raise ProtocolViolation("malformed 'var' frame")
             return None
         if msg["op"] == "request":
-            rid, _ = parse_request(msg, blob)
-            await channel.send(
-                {
-                    "op": "reply",
-                    "id": rid,
-                    "error": "unavailable",
-                    "message": "sub-calls are served only while a cell runs",
-                },
-                atomic=True,
-            )
+            await _refuse_request(process, msg, blob)
         elif msg["op"] != "done":
             raise ProtocolViolation(f"unexpected {msg['op']!r} frame")

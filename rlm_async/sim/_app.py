@@ -73,6 +73,7 @@ class _Draft:
     policy: str | None = None
     modeled_s: float | None = None
     body_sha256: str | None = None
+    body: dict[str, Any] | None = None
     logged: bool = False
 
     def done(self, status: int, outcome: str) -> None:
@@ -99,6 +100,7 @@ class _Draft:
             policy=self.policy,
             modeled_s=self.modeled_s,
             body_sha256=self.body_sha256,
+            body=self.body,
         )
 
 
@@ -266,6 +268,8 @@ class SimApp:
         if not self._authorized(scope):
             raise _auth_error()
         request = _parse_body(body)
+        if cfg.record_bodies:
+            draft.body = request
         model = request.get("model")
         draft.model = model if isinstance(model, str) else None
         messages = _parse_messages(request.get("messages"))

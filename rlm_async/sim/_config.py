@@ -355,6 +355,10 @@ class SimConfig:
     (some proxies and self-hosted servers), so a client cannot learn what it spent."""
     log_path: str | None = None
     """Append one JSON line per finished request here (the in-memory log is always kept)."""
+    record_bodies: bool = False
+    """Keep each request's parsed JSON body in its log entry (`LogEntry.body`): for tests that
+    compare, field by field, what two clients sent. Off by default: bodies of a big fan-out
+    are large."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "sim config") -> SimConfig:

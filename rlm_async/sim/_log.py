@@ -65,6 +65,8 @@ class LogEntry:
     body_sha256: str | None = None
     """Hex SHA-256 of the request body as received: equal for byte-identical requests, so
     a test can tell which requests of a re-run repeat ones an earlier run already sent."""
+    body: dict[str, Any] | None = None
+    """The request's JSON body as parsed, when `SimConfig.record_bodies` is on."""
 
     @property
     def latency_s(self) -> float:

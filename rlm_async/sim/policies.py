@@ -18,7 +18,9 @@ The server picks a policy by the request's kind (root turn, sub-call, other) fro
 ``fixed``          Always the same reply (option ``text``), e.g. ``"FINAL(42)"``.
 ``script``         Reply ``replies[turn]`` (option ``replies``, a list; the last one
                    repeats), or per query (option ``by_query``: query line -> replies):
-                   scripted conversations, e.g. hostile replies in tests.
+                   scripted conversations, e.g. hostile replies in tests. Option
+                   ``on_last_user`` (text -> reply) answers first any request whose last
+                   user message contains that text (a summary request, say).
 ``no_code``        Misbehaves: prose only, never a code block or FINAL.
 ``syntax_error``   Misbehaves: every code block is invalid Python.
 ``endless``        Misbehaves: a very long reply (option ``chars``), cut at ``max_tokens``.
@@ -501,13 +503,20 @@ class ScriptPolicy:
         *,
         replies: list[str] | tuple[str, ...] = ("FINAL(42)",),
         by_query: Mapping[str, list[str] | tuple[str, ...]] | None = None,
+        on_last_user: Mapping[str, str] | None = None,
     ) -> None:
         if not replies or any(not r for r in (by_query or {}).values()):
             raise ValueError("every script must hold at least one reply")
         self.replies = tuple(replies)
         self.by_query = {k: tuple(v) for k, v in (by_query or {}).items()}
+        self.on_last_user = dict(on_last_user or {})
 
     def __call__(self, request: PolicyRequest) -> str:
+        if self.on_last_user:
+            last = request.last_user()
+            for text, reply in self.on_last_user.items():
+                if text in last:
+                    return reply
         replies = self.replies
         if self.by_query:
             query = next(

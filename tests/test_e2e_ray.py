@@ -1,0 +1,307 @@
+"""Batches on a Ray cluster, end to end: a head and two worker nodes started with `ray
+start` as separate processes on loopback, the simulator in a process of its own logging
+every request, and `rlm-async batch --ray ADDRESS` as the driver. Every check is on what
+the server observed (requests and tokens per window, dollars at the configured prices)
+and on the output rows; no test asserts a duration.
+
+Ray is the `ray` extra. Without it the module skips, naming the install command — except
+in CI (`CI=true`), where a missing install fails instead (`.ci/install-ray`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _ray_cluster import RayCluster
+from conftest import bwrap_works
+
+from rlm_async._governor import ModelPrice
+from rlm_async.sim import LogEntry, Policies, PolicySpec, RateLimits, SimConfig, SimProcess, priced
+from rlm_async.workloads import Workload, oolong_counting, s_niah
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+MISSING = None if importlib.util.find_spec("ray") is not None else "ray is not installed"
+if MISSING and not IN_CI:
+    pytest.skip(
+        f'Ray cluster tests need the ray extra ({MISSING}); run .ci/install-ray or pip install -e ".[dev,ray]"',
+        allow_module_level=True,
+    )
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+
+PRICES = {
+    "sim-model": ModelPrice(input_per_mtok=1.25, cached_input_per_mtok=0.125, output_per_mtok=10.0),
+    "sim-mini": ModelPrice(input_per_mtok=0.25, cached_input_per_mtok=0.025, output_per_mtok=2.0),
+}
+# The cluster's limits (client side, per model); the simulator enforces their sum.
+LIMITS = {"sim-model": (600, 1_500_000), "sim-mini": (1500, 1_500_000)}
+WINDOW_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RayCluster]:
+    if MISSING:  # only in CI: there it must run, never skip
+        pytest.fail(f"CI=true but Ray is not installed ({MISSING}); .ci/run must call .ci/install-ray")
+    with RayCluster(workers=2) as c:  # stopped on the way out, failure or not
+        yield c
+
+
+def write_config(path: Path, base_url: str) -> Path:
+    isolation = "bwrap" if bwrap_works() else "none"
+    (rpm_root, tpm_root), (rpm_sub, tpm_sub) = LIMITS["sim-model"], LIMITS["sim-mini"]
+    path.write_text(
+        f"""
+[rlm]
+max_iterations = 6
+
+[root]
+model = "sim-model"
+base_url = "{base_url}"
+api_key_env = ""
+max_tokens = 1024
+temperature = 0.0
+server = "off"
+prices = {{ input_per_mtok = 1.25, cached_input_per_mtok = 0.125, output_per_mtok = 10.0 }}
+
+[root.limits]
+requests_per_minute = {rpm_root}
+tokens_per_minute = {tpm_root}
+
+[sub]
+model = "sim-mini"
+base_url = "{base_url}"
+api_key_env = ""
+max_tokens = 256
+temperature = 0.0
+server = "off"
+prices = {{ input_per_mtok = 0.25, cached_input_per_mtok = 0.025, output_per_mtok = 2.0 }}
+
+[sub.limits]
+requests_per_minute = {rpm_sub}
+tokens_per_minute = {tpm_sub}
+
+[governor]
+chars_per_token = 4.0
+
+[governor.retry]
+max_attempts = 8
+base_s = 0.05
+
+[sandbox]
+isolation = "{isolation}"
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def workloads(n: int) -> dict[str, Workload]:
+    return {f"q{i:04d}": (s_niah("2k", seed=i) if i % 2 else oolong_counting("2k", seed=i)) for i in range(n)}
+
+
+def write_input(path: Path, items: dict[str, Workload]) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for item_id, w in items.items():
+            f.write(json.dumps({"id": item_id, "query": w.query, "context": w.context}) + "\n")
+    return path
+
+
+def sim_config() -> SimConfig:
+    rpm = sum(r for r, _ in LIMITS.values())
+    tpm = sum(t for _, t in LIMITS.values())
+    return SimConfig(
+        policies=Policies(root=PolicySpec(name="rlm", options={"chunks": 2})),
+        rate_limits=RateLimits(rpm=rpm, tpm=tpm),
+    )
+
+
+def command(source: Path, out: Path, config: Path, cluster: RayCluster, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "rlm_async.cli",
+        "batch",
+        str(source),
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+        "--quiet",
+        "--json",
+        "--concurrency",
+        "8",
+        "--ray",
+        cluster.address,
+        "--ray-actors",
+        "2",
+        "--ray-resources",
+        json.dumps({cluster.worker_resource: 1}),
+        *extra,
+    ]
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def busiest_windows(entries: list[LogEntry]) -> dict[str, tuple[int, int]]:
+    """Per model: the most requests, and the most tokens (prompt + max_tokens, as the
+    server's TPM meter counts them), that arrived in any `WINDOW_S`-second window."""
+    out: dict[str, tuple[int, int]] = {}
+    by_model: dict[str, list[LogEntry]] = defaultdict(list)
+    for e in entries:
+        if e.model is not None:
+            by_model[e.model].append(e)
+    for model, es in by_model.items():
+        es.sort(key=lambda e: e.arrival)
+        most_req = most_tok = 0
+        j = tok = 0
+        for i, e in enumerate(es):
+            tok += e.prompt_tokens + (e.max_tokens or 0)
+            while es[j].arrival <= e.arrival - WINDOW_S:
+                tok -= es[j].prompt_tokens + (es[j].max_tokens or 0)
+                j += 1
+            most_req = max(most_req, i - j + 1)
+            most_tok = max(most_tok, tok)
+        out[model] = (most_req, most_tok)
+    return out
+
+
+class TestClusterBatch:
+    def test_300_queries_every_row_right_within_rate_limits_and_cap(
+        self, cluster: RayCluster, tmp_path: Path
+    ) -> None:
+        """300 queries on two worker nodes: every input has exactly one row and the right
+        answer; per model, no 10-second window of the server's log holds more requests or
+        tokens than the configured per-minute limits allow in 10 seconds; and what the
+        server charged stays within the batch's dollar cap."""
+        items = workloads(300)
+        source = write_input(tmp_path / "in.jsonl", items)
+        out = tmp_path / "out.jsonl"
+        cap = 5.0  # about $0.01 a query: room for all 300, so every row must be "ok"
+        with SimProcess(sim_config(), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            done = subprocess.run(
+                command(source, out, config, cluster, "--budget-usd", str(cap)),
+                capture_output=True,
+                text=True,
+                timeout=780,
+            )
+            sim.wait_until_idle()
+            log = sim.read_log().entries
+        assert done.returncode == 0, (done.stdout[:400], done.stderr[-3000:])
+        summary = json.loads(done.stdout)
+        rows = read_rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(items)
+        assert [r["id"] for r in rows if not items[r["id"]].score(r["answer"])] == []
+        assert summary["by_status"] == {"ok": 300}
+        # Both worker nodes ran queries, and the coordinators paced real leases.
+        ray_figures = summary["ray"]
+        assert len({a["node"] for a in ray_figures["actors"]}) == 2
+        assert sum(a["queries"] for a in ray_figures["actors"]) == 300
+        for model, (most_req, most_tok) in busiest_windows(log).items():
+            rpm, tpm = LIMITS[model]
+            assert most_req <= rpm * WINDOW_S / 60, (model, most_req)
+            assert most_tok <= tpm * WINDOW_S / 60, (model, most_tok)
+        assert Counter(e.outcome for e in log)["rate_limited"] == 0
+        spent = priced(log, PRICES)
+        assert 0 < spent <= cap
+        assert summary["cost_usd"] == pytest.approx(spent, rel=1e-6)
+        assert ray_figures["budget"]["grants"] > 0
+
+    def test_a_cap_below_what_the_batch_needs_is_never_crossed(
+        self, cluster: RayCluster, tmp_path: Path
+    ) -> None:
+        """60 queries under a cap of about a third of what they need, leased to two actors
+        in blocks: what the server charged stays within the cap, the queries the budget
+        could not cover get `not_started` rows naming it, and the exit code is 3."""
+        items = workloads(60)
+        source = write_input(tmp_path / "in.jsonl", items)
+        out = tmp_path / "out.jsonl"
+        cap = 0.2
+        with SimProcess(sim_config(), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            done = subprocess.run(
+                command(source, out, config, cluster, "--budget-usd", str(cap)),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            sim.wait_until_idle()
+            log = sim.read_log().entries
+        assert done.returncode == 3, (done.stdout[:400], done.stderr[-3000:])
+        rows = read_rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(items)
+        statuses = Counter(r["status"] for r in rows)
+        assert statuses["ok"] > 0 and statuses["not_started"] > 0, statuses
+        assert all(r["error"].startswith("budget: batch.usd") for r in rows if r["status"] == "not_started")
+        assert all(items[r["id"]].score(r["answer"]) for r in rows if r["status"] == "ok")
+        assert 0 < priced(log, PRICES) <= cap
+
+
+class TestNodeDeath:
+    def test_a_worker_node_killed_mid_run_loses_nothing_and_pays_little_twice(
+        self, cluster: RayCluster, tmp_path: Path
+    ) -> None:
+        """A worker node's raylet process group killed with SIGKILL once a third of the
+        rows are written: its queries finish on the other node, every input has exactly one
+        row and the right answer, and at most 2% of the requests the server completed are
+        sent again (same request body)."""
+        items = workloads(150)
+        source = write_input(tmp_path / "in.jsonl", items)
+        out = tmp_path / "out.jsonl"
+        with SimProcess(sim_config(), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            with (tmp_path / "driver.log").open("w") as driver_log:
+                driver = subprocess.Popen(
+                    command(source, out, config, cluster),
+                    stdout=subprocess.PIPE,
+                    stderr=driver_log,
+                    text=True,
+                )
+                try:
+                    give_up = time.monotonic() + 400
+                    while not out.exists() or out.read_bytes().count(b"\n") < len(items) // 3:
+                        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+                        assert time.monotonic() < give_up, "the batch never got a third of the way"
+                        time.sleep(0.05)
+                    hosts = cluster.workers_running("ray::QueryActor")
+                    assert hosts, "no worker node runs a query actor"
+                    cluster.kill_worker(hosts[0])
+                    stdout, _ = driver.communicate(timeout=600)
+                finally:
+                    if driver.poll() is None:
+                        driver.kill()
+                        driver.wait()
+            sim.wait_until_idle()
+            log = sim.read_log().entries
+        assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-3000:]
+        summary = json.loads(stdout)
+        rows = read_rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(items)  # one row each, none twice
+        assert [r["id"] for r in rows if not items[r["id"]].score(r["answer"])] == []
+        assert summary["ray"]["actor_deaths"] >= 1 and summary["ray"]["requeued"] >= 1
+        completed = [e for e in log if e.status == 200]
+        sent = Counter(e.body_sha256 for e in log if e.model is not None)
+        same_body_twice = sum(n - 1 for n in sent.values() if n > 1)
+        # Every call a row needed was paid once (or replayed free); what the server completed
+        # beyond that was paid twice, whether or not its body matched the first copy.
+        needed = sum(r["usage"]["calls"] - r["usage"]["failed_calls"] for r in rows)
+        paid_twice = len(completed) - needed
+        assert 0 <= paid_twice <= 0.02 * len(completed), (paid_twice, len(completed))
+        assert same_body_twice <= paid_twice
+        # The re-run queries replayed what their dead actor had journaled.
+        assert sum(a["seeded_rows"] for a in summary["ray"]["actors"]) > 0
