@@ -11,7 +11,7 @@ A frame is a `HEADER` (JSON length, blob length) then UTF-8 JSON, then the blob.
 
     worker -> engine   hello {pid}   (first, unasked: the interpreter is up; a pool may
                        keep the worker waiting here for its context)
-    engine -> worker   init {limits, uid, ...} + context blob | exec {cell, code}
+    engine -> worker   init {limits, uid, tools, values, ...} + context blob | exec {cell, code}
                        | getvar {name} | describe | setvar {name, type, aliases, append} + value blob
                        | reply {id, results} or {id, error, message}
                        | result {id, index, text} ... then reply {id, end}   (a stream)
