@@ -129,19 +129,36 @@ class RayCluster:
 
     def workers_running(self, marker: str) -> list[int]:
         """Worker nodes with a process whose command line contains `marker` (Ray titles an
-        actor's process "ray::ClassName")."""
+        actor's process "ray::ClassName"). A process belongs to the node whose `ray start`
+        process group holds it or one of its ancestors: Ray may start workers in process
+        groups of their own."""
         groups = {self.procs[1 + i].pid: i for i in range(self.workers)}
-        found: set[int] = set()
+        parents: dict[int, int] = {}
+        marked: list[int] = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
-                pgid = os.getpgid(int(entry.name))
+                status = (entry / "status").read_text()
                 cmdline = (entry / "cmdline").read_bytes()
-            except (OSError, ProcessLookupError):
+            except OSError:
                 continue
-            if pgid in groups and marker.encode() in cmdline:
-                found.add(groups[pgid])
+            ppid = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), 0)
+            parents[int(entry.name)] = ppid
+            if marker.encode() in cmdline:
+                marked.append(int(entry.name))
+        found: set[int] = set()
+        for pid in marked:
+            seen = 0
+            while pid > 1 and seen < 64:  # bounded: a pid reused mid-walk cannot loop forever
+                try:
+                    pgid = os.getpgid(pid)
+                except ProcessLookupError:
+                    break
+                if pgid in groups:
+                    found.add(groups[pgid])
+                    break
+                pid, seen = parents.get(pid, 0), seen + 1
         return sorted(found)
 
     def kill_worker(self, i: int) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from conftest import bwrap_works, open_sim, sim_config
 
+from rlm_async._governor import BudgetLimits
 from rlm_async._result import RLMResult
 from rlm_async._rlm import RLM
 from rlm_async.cli import main as cli_main
@@ -186,7 +187,11 @@ class TestCrashAndResume:
 
 
 async def run_twice(
-    tmp_path: Path, *, temperature: float | None, reuse_nondeterministic: bool = True
+    tmp_path: Path,
+    *,
+    temperature: float | None,
+    reuse_nondeterministic: bool = True,
+    budget: BudgetLimits | None = None,
 ) -> tuple[RLMResult, RLMResult, list[LogEntry], list[LogEntry]]:
     """The same 20-chunk query run twice with one journal, each run in an `RLM` of its
     own; returns both results and the server's log of each run."""
@@ -203,6 +208,7 @@ async def run_twice(
             sub_overrides=overrides,
             journal_path=str(tmp_path / "run.journal"),
             journal_reuse_nondeterministic=reuse_nondeterministic,
+            budget=budget or BudgetLimits(),
         )
         for _ in range(2):
             before = len(sim.log)
@@ -231,6 +237,17 @@ class TestWhatIsReused:
         configuration, a re-run is replayed too: nothing is sent, nothing is paid twice."""
         first, second, _, sent_again = await run_twice(tmp_path, temperature=None)
         assert first.total.journal_hits == 0
+        assert sent_again == []
+        assert second.total.journal_hits == second.total.calls == first.total.calls
+
+    @pytest.mark.asyncio
+    async def test_a_budget_does_not_make_root_turns_miss(self, tmp_path: Path) -> None:
+        """With a budget, the root's prompts carry a `[budget left: ...]` line whose
+        figures differ on the re-run (journal hits spend nothing); the line stays out of
+        the key, so the re-run still sends nothing, its later root turns included."""
+        budget = BudgetLimits(max_calls=1_000, max_total_tokens=10_000_000)
+        first, second, log1, sent_again = await run_twice(tmp_path, temperature=0.0, budget=budget)
+        assert sum(e.kind == "root" for e in log1) >= 2  # turns after the first carry the line
         assert sent_again == []
         assert second.total.journal_hits == second.total.calls == first.total.calls
 

@@ -286,6 +286,8 @@ class TestNodeDeath:
                     if driver.poll() is None:
                         driver.kill()
                         driver.wait()
+                    if driver.stdout is not None:  # on a failure above, before communicate()
+                        driver.stdout.close()
             sim.wait_until_idle()
             log = sim.read_log().entries
         assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-3000:]

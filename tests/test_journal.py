@@ -18,6 +18,7 @@ import pytest
 
 from rlm_async._events import JournalHit
 from rlm_async._journal import APPLICATION_ID, Journal, request_key
+from rlm_async._journal.keys import budget_note
 from rlm_async._types import Completion, Message, ModelRequest, RateLimitInfo, Usage
 from rlm_async.exceptions import JournalError, ServerError
 from rlm_async.testing import capture_events
@@ -136,6 +137,19 @@ class TestKey:
         base = request_key(request())
         assert request_key(request(prompt_cache_key="rlm-abc-3")) == base
         assert request_key(request(temperature=0)) == base
+
+    def test_key_ignores_the_budget_note_in_user_messages_only(self) -> None:
+        """The root prompt's budget line changes from run to run (a shared budget, journal
+        hits that spend nothing), so a resumed query must still find its turns; the rest
+        of the message, and the same text said by the assistant, stay in the key."""
+        said = "out: 17\n\n[iteration 2 of 30; 28 left]\n"
+        base = request_key(request(said + budget_note("$0.91 of $1.00; 12 calls")))
+        assert request_key(request(said + budget_note("$1.00 of $1.00; 0 calls"))) == base
+        assert request_key(request(said.replace("17", "18") + budget_note("$1.00"))) != base
+        assistant = request(messages=(Message("assistant", budget_note("$1")), Message("user", "go")))
+        other = request(messages=(Message("assistant", budget_note("$2")), Message("user", "go")))
+        assert request_key(assistant) != request_key(other)
+        assert request_key(request()) == GOLDEN_KEY  # keys without the line are as before
 
     def test_every_request_field_is_classified(self) -> None:
         """A field added to ModelRequest must be looked at here: it is in the key unless it is

@@ -20,6 +20,7 @@ import anyio
 from .. import _events, _official_prompts
 from .._config import ModelConfig
 from .._context import Context
+from .._journal.keys import budget_note
 from .._parsing import find_code_blocks, find_final, truncate_output
 from .._prompts import (
     compaction_system_note,
@@ -514,7 +515,7 @@ class RLMLoop:
         budget = self._state.ledger.describe_remaining()
         lines = [observation, "", f"[iteration {iteration} of {total}; {total - iteration} left]"]
         if budget:
-            lines.append(f"[budget left: {budget}]")
+            lines.append(budget_note(budget))
         return "\n".join(lines)
 
 

@@ -15,6 +15,9 @@ What it is:
   is not part of what was asked, so a re-run against a restarted server still finds its
   calls. A journal file therefore belongs to one deployment of each model name: two
   servers that serve different weights under the same model name must not share a file.
+  One line is left out of the key: the root prompt's `[budget left: …]` note
+  (`keys.budget_note`), whose figures change from run to run when queries share a budget,
+  so a resumed query's later root turns still find what the first run paid for.
 * **A re-run replays the run.** A greedy call (`temperature == 0`) is one answer, however
   often it is asked. A sampled call (`temperature` unset or above 0) is one draw: the n-th
   identical sampled call made through an open journal is keyed as the n-th occurrence, so

@@ -7,12 +7,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from typing import Any
 
 from .._text import scrub
 from .._types import Completion, Message, ModelRequest, Usage
 
-__all__ = ["decode_completion", "encode_completion", "greedy", "occurrence_key", "request_key"]
+__all__ = ["budget_note", "decode_completion", "encode_completion", "greedy", "occurrence_key", "request_key"]
 
 _KEY_SCHEME = "rlm_async.journal.key/v2"
 """Hashed into every key, so a change to how keys are built can never collide with old rows.
@@ -21,6 +22,20 @@ v1 also hashed the endpoint URL; v2 leaves it out and numbers sampled calls' occ
 _NOT_OUTPUT_AFFECTING = frozenset({"prompt_cache_key"})
 """`ModelRequest` fields that do not change the answer and so stay out of the key. Every
 other field is in the key, including fields added to `ModelRequest` later."""
+
+
+_BUDGET_NOTE = re.compile(r"^\[budget left: [^\n]*\]$", re.MULTILINE)
+
+
+def budget_note(left: str) -> str:
+    """The line that tells the root model what budget is left, as the engine writes it.
+
+    Its figures differ from run to run (a batch's queries share one budget, and finish in
+    a different order when resumed), so journal keys leave the line out: otherwise a
+    resumed query's later root turns would miss the journal and be paid for twice. The
+    rest of the prompt still decides the key, so the model's answer to it is the same
+    answer the first run paid for."""
+    return f"[budget left: {left}]"
 
 
 def request_key(request: ModelRequest) -> str:
@@ -50,7 +65,10 @@ def greedy(request: ModelRequest) -> bool:
 def _canonical(value: Any, where: str) -> Any:
     """A JSON value that is equal exactly when the request means the same thing."""
     if isinstance(value, Message):
-        return [value.role, value.content]
+        content = value.content
+        if value.role == "user" and "[budget left: " in content:
+            content = _BUDGET_NOTE.sub("", content)
+        return [value.role, content]
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
