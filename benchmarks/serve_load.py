@@ -94,7 +94,7 @@ def _start(
     env = {k: v for k, v in os.environ.items() if k != "RLM_SERVE_KEYS"}
     argv = [sys.executable, "-m", "rlm_async.cli", "serve", "--config", str(config_path), "--port", "0"]
     src = code or ROOT
-    if "--trace" in (src / "rlm_async" / "cli.py").read_text():
+    if "trace_dir" in (src / "rlm_async" / "serve" / "_config.py").read_text():
         argv += ["--trace", str(trace_dir)]
     with open(log, "wb") as stderr:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
@@ -117,6 +117,28 @@ def _start(
     raise SystemExit("the server did not start")
 
 
+def _profilers(
+    directory: Path | None, pids: dict[str, int | None], pool: int
+) -> list[subprocess.Popen[bytes]]:
+    """py-spy (if installed: `pip install py-spy`) sampling each process during the burst,
+    writing collapsed stacks (`DIR/<name>-pool<N>-<pid>.txt`, one line per stack and its
+    sample count); `benchmarks/serve_load.py --profile DIR` sums them by function."""
+    if directory is None:
+        return []
+    spy = Path(sys.executable).with_name("py-spy")
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, pid in pids.items():
+        if pid is None:
+            continue
+        path = directory / f"{name}-pool{pool}-{pid}.txt"
+        argv = [str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "100"]
+        argv += ["--output", str(path)]
+        out.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(0.5)  # attached before the first request
+    return out
+
+
 def _sim_process(chunks: int) -> SimProcess:
     """The simulator configs/sim.toml describes (its [sim] table, `chunks` replaced), in a
     child process of its own."""
@@ -132,6 +154,7 @@ def run(
     pool: int = 0,
     sim: str = "process",
     code: Path | None = None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """One fresh server, one query alone, then the burst. `sim`: "process" (the simulator
     in a child process of its own, as a model server would be: the server's CPU is then the
@@ -141,7 +164,7 @@ def run(
         sim_proc = None
         if sim == "process":
             sim_proc = stack.enter_context(_sim_process(chunks))
-        result = _run(users, tokens, chunks, run_time, workdir, pool, sim_proc, code)
+        result = _run(users, tokens, chunks, run_time, workdir, pool, sim_proc, code, profile)
         if sim_proc is not None:
             t0, t1 = result.pop("_burst_window")
             result["simulator"] = sim_pieces(sim_proc.read_log().entries, t0, t1)
@@ -165,6 +188,7 @@ def _run(
     pool: int,
     sim: SimProcess | None,
     code: Path | None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     sim_url = sim.base_url if sim is not None else None
     config_path = workdir / "serve.toml"
@@ -219,11 +243,15 @@ def _run(
         cpu0 = _cpu_s(proc.pid)
         burst0 = time.monotonic()
         sampler.start()
+        spies = _profilers(profile, {"server": proc.pid, "simulator": sim.pid if sim else None}, pool)
         lp_proc = subprocess.Popen(locust, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             _, lp_err = lp_proc.communicate(timeout=run_time + 60)
         finally:
             sampler.stop()
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                spy.wait(timeout=60)
         burst1 = time.monotonic()
         cpu_burst = _cpu_s(proc.pid) - cpu0  # the tail after the last answer is small
         cpu_report = sampler.report(locust=lp_proc.pid)
@@ -303,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-time", type=int, default=300, help="locust's bound, seconds")
     p.add_argument("--out", default=str(RESULTS / "serve_load.json"))
     p.add_argument(
+        "--profile",
+        default=None,
+        help="a directory: py-spy (if installed) samples the server and the simulator during each burst",
+    )
+    p.add_argument(
         "--code",
         default="here",
         help="comma-separated rlm_async source trees to alternate with each pool size "
@@ -326,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                     pool,
                     args.sim,
                     code,
+                    Path(args.profile) if args.profile else None,
                 )
             r["repeat"] = rep
             r["code"] = "here" if code is None else str(code)
