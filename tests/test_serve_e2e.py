@@ -520,7 +520,11 @@ class TestAdmission:
                 httpx.Client(base_url=s.root_url, timeout=60) as c,
                 c.stream("POST", "/v1/chat/completions", json=body) as r,
             ):
-                for line in r.iter_lines():
+                # Held, not dropped at `break`: a dropped line iterator is finalised (at once,
+                # or by the collector later) and closing it closes the connection, which
+                # cancels the query before the checks below.
+                lines = r.iter_lines()
+                for line in lines:
                     if "call.finish" in line:  # the first root turn is done: the fan-out is in flight
                         break
                 assert s.children(), "the query's worker should be running"
@@ -751,7 +755,8 @@ class TestWorkerPool:
                 "messages": [{"role": "user", "content": CONTEXT}, {"role": "user", "content": "?"}],
             }
             with c.stream("POST", "/v1/chat/completions", json=body) as r:
-                for line in r.iter_lines():
+                lines = r.iter_lines()  # held: dropping it would disconnect before the uids are read
+                for line in lines:
                     if "call.finish" in line:  # the fan-out is in flight, in a pooled worker
                         break
                 taken_uids = s.worker_uids() - idle_uids  # it switched to its uid with its context

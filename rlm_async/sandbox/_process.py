@@ -64,6 +64,7 @@ class WorkerProcess:
         shares_uid: bool,
         peers: int | None,
         info_fd: int | None = None,
+        pidfd: int | None = None,
     ) -> None:
         self._proc = proc
         self._config = config
@@ -87,6 +88,8 @@ class WorkerProcess:
         self._peers = peers
         self._info_fd = info_fd
         """Under bubblewrap: the read end of its `--info-fd` (the namespace init's host pid)."""
+        self._pidfd = pidfd
+        """Under bubblewrap: a pidfd of bwrap itself, opened at launch."""
 
     async def come_up(self) -> str | None:
         """Wait for `hello` (within `start_timeout_s`). None when the worker is up, else why
@@ -186,10 +189,14 @@ class WorkerProcess:
             proc = self._proc
             _events.emit(_events.WorkerKill, pid=proc.pid, reason=reason)
             if not await self._kill_namespace():
-                # The tree root only while it is unreaped: a reaped pid may be reused.
+                # The tree root and the group only while bwrap or the interpreter is unreaped:
+                # its number is then still its own (a zombie keeps it). Once reaped, the
+                # number may be another program's, and a group of that number its group
+                # (pids wrap within minutes on a busy machine with pid_max 32768: a test's
+                # worker was seen stopped, then killed, by another process mid-query).
                 root = proc.pid if proc.returncode is None else None
                 uid = self.uid
-                await anyio.to_thread.run_sync(lambda: procs.kill_all(root=root, group=proc.pid, uid=uid))
+                await anyio.to_thread.run_sync(lambda: procs.kill_all(root=root, group=root, uid=uid))
             await proc.wait()
 
     async def _kill_namespace(self, wait_s: float = 5.0) -> bool:
@@ -211,9 +218,10 @@ class WorkerProcess:
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            try:  # bwrap itself (its session and group are its own: start_new_session)
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+            try:  # bwrap itself, through its own pidfd: its pid may be another's by now
+                assert self._pidfd is not None  # `_namespace_init` checked
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
                 pass
             if pidfd is None:
                 return True
@@ -230,7 +238,9 @@ class WorkerProcess:
         that init has exited already (the namespace is empty); None when unknown (not under
         bubblewrap, bwrap reaped or its info not written)."""
         info_fd, self._info_fd = self._info_fd, None
-        if info_fd is None:
+        if info_fd is None or self._pidfd is None:
+            if info_fd is not None:
+                os.close(info_fd)
             return None
         try:
             info = os.read(info_fd, 1 << 12)  # written by bwrap at start; non-blocking
@@ -239,8 +249,8 @@ class WorkerProcess:
         finally:
             os.close(info_fd)
         found = re.search(rb'"child-pid"\s*:\s*(\d+)', info)
-        if found is None or self._proc.returncode is not None:
-            return None  # bwrap already reaped: its pid, and so the check below, mean nothing
+        if found is None or select.select([self._pidfd], [], [], 0)[0]:
+            return None  # bwrap exited (maybe reaped): its pid, and so the check below, mean nothing
         pid = int(found.group(1))
         try:
             pidfd = os.pidfd_open(pid)
@@ -248,9 +258,9 @@ class WorkerProcess:
             return -1  # exited and reaped: its namespace died with it
         except OSError:
             return None
-        # The pid may have been reused if the init died: it is bwrap's child (bwrap is our
-        # unreaped child, so its pid is its own), and it was still alive after that was read
-        # (a pidfd refers to one process; a pid is reused only after it is reaped).
+        # The pid may have been reused if the init died: it is bwrap's child (bwrap was
+        # alive after the init's pidfd was opened, so its pid was its own), and it was
+        # still alive after that was read (a pid is reused only after it is reaped).
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read()
@@ -258,6 +268,8 @@ class WorkerProcess:
         except (OSError, ValueError, IndexError):
             ppid = -1
         exited = bool(select.select([pidfd], [], [], 0)[0])
+        if not exited and select.select([self._pidfd], [], [], 0)[0]:
+            ppid = -1  # bwrap died meanwhile: the check above may have read another's pid
         if exited or ppid != self._proc.pid:
             os.close(pidfd)
             # Exited: its namespace is empty. Not bwrap's child: bwrap was killed and its
@@ -277,9 +289,10 @@ class WorkerProcess:
             for fd in self.fds:
                 anyio.notify_closing(fd)
                 os.close(fd)
-            info_fd, self._info_fd = self._info_fd, None
-            if info_fd is not None:
-                os.close(info_fd)
+            for extra in (self._info_fd, self._pidfd):
+                if extra is not None:
+                    os.close(extra)
+            self._info_fd = self._pidfd = None
             _reserved_uids.discard(self.uid)
             tmpdir, self._tmpdir = self._tmpdir, None
             if tmpdir is not None:
@@ -362,6 +375,7 @@ async def _launch(
             os.close(info_w)
     if info_r is not None:
         os.set_blocking(info_r, False)
+    own_pidfd = _pin_child(proc.pid) if info_r is not None else None
     for fd in (out_r, err_r):
         os.set_blocking(fd, False)
         try:  # fewer wake-ups when a cell prints a lot
@@ -381,7 +395,29 @@ async def _launch(
         shares_uid=shares_uid,
         peers=peers,
         info_fd=info_r,
+        pidfd=own_pidfd,
     )
+
+
+def _pin_child(pid: int) -> int | None:
+    """A pidfd of our child `pid`, just started: signalled through it, a kill cannot reach
+    another process that got the pid after the child was reaped (asyncio's child watcher
+    reaps in a thread, before the loop sees the exit). None if it exited already."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        ppid = -1
+    # Still ours after the check (a pid is reused only once its process is reaped).
+    if ppid != os.getpid() or select.select([pidfd], [], [], 0)[0]:
+        os.close(pidfd)
+        return None
+    return pidfd
 
 
 def _shares_uid(config: SandboxConfig, plan: Plan, uid: int | None) -> bool:
