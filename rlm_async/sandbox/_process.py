@@ -189,14 +189,10 @@ class WorkerProcess:
             proc = self._proc
             _events.emit(_events.WorkerKill, pid=proc.pid, reason=reason)
             if not await self._kill_namespace():
-                # The tree root and the group only while bwrap or the interpreter is unreaped:
-                # its number is then still its own (a zombie keeps it). Once reaped, the
-                # number may be another program's, and a group of that number its group
-                # (pids wrap within minutes on a busy machine with pid_max 32768: a test's
-                # worker was seen stopped, then killed, by another process mid-query).
+                # The tree root only while it is unreaped: a reaped pid may be reused.
                 root = proc.pid if proc.returncode is None else None
                 uid = self.uid
-                await anyio.to_thread.run_sync(lambda: procs.kill_all(root=root, group=root, uid=uid))
+                await anyio.to_thread.run_sync(lambda: procs.kill_all(root=root, group=proc.pid, uid=uid))
             await proc.wait()
 
     async def _kill_namespace(self, wait_s: float = 5.0) -> bool:
