@@ -128,6 +128,30 @@ class CallTally:
         return self.spent.usage.calls
 
 
+def _before_sleep(
+    tally: CallTally, call_id: str, model: str, endpoint: str
+) -> Callable[[tenacity.RetryCallState], None]:
+    """What tenacity calls before each backoff: counts the wait and emits `call.retry`. Made
+    only once a first attempt failed (most calls never retry; a wide fan-out holds
+    thousands of calls at once)."""
+
+    def before_sleep(retry_state: tenacity.RetryCallState) -> None:
+        wait = retry_state.upcoming_sleep
+        tally.backoff_s += wait
+        error = retry_state.outcome.exception() if retry_state.outcome is not None else None
+        emit(
+            CallRetry,
+            call_id=call_id,
+            attempt=retry_state.attempt_number,
+            error=f"{type(error).__name__}: {error}",
+            wait_s=wait,
+            model=model,
+            endpoint=endpoint,
+        )
+
+    return before_sleep
+
+
 class Governor:
     """Run-wide limits, the one retry layer, and budgets enforced before spending.
 
@@ -220,20 +244,6 @@ class Governor:
         tally = tally if tally is not None else CallTally()
         retry_id = call_id if call_id is not None else f"g{next(_standalone_call_ids)}"
 
-        def before_sleep(retry_state: tenacity.RetryCallState) -> None:
-            wait = retry_state.upcoming_sleep
-            tally.backoff_s += wait
-            error = retry_state.outcome.exception() if retry_state.outcome is not None else None
-            emit(
-                CallRetry,
-                call_id=retry_id,
-                attempt=retry_state.attempt_number,
-                error=f"{type(error).__name__}: {error}",
-                wait_s=wait,
-                model=model,
-                endpoint=transport.endpoint,
-            )
-
         cancelled_charge = (
             Charge(
                 Usage(prompt_bound, calls=1),
@@ -250,6 +260,7 @@ class Governor:
         except RetryableError as exc:
             if self.config.retry.max_attempts <= 1:
                 raise
+            before_sleep = _before_sleep(tally, retry_id, model, transport.endpoint)
             completion = await self._retry(exc, args, before_sleep)
         spent = tally.spent.usage
         return GovernedCompletion(
