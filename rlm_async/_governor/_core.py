@@ -50,6 +50,8 @@ __all__ = ["CallTally", "GovernedCompletion", "Governor", "GovernorConfig"]
 _log = structlog.get_logger("rlm_async.governor")
 # Ids for the calls of a governor used without the engine (which passes its own).
 _standalone_call_ids = itertools.count(1)
+_ONE_CALL = Charge(Usage(calls=1))
+"""A call the server saw that reported nothing (frozen: one instance serves every call)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -250,7 +252,7 @@ class Governor:
                 self.prices.reserve_cost(model, prompt_bound, 0, override=price),
             )
             if bill_cancelled_prompt
-            else Charge(Usage(calls=1))
+            else _ONE_CALL
         )
         args = (request, transport, state, ledger, reserve, rate_tokens, price, tally, cancelled_charge)
         try:
@@ -326,7 +328,7 @@ class Governor:
             if sent:
                 # The server saw it; no usage reported. Cancelled, it may still bill input.
                 cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
-                failed = cancelled_charge if cancelled else Charge(Usage(calls=1))
+                failed = cancelled_charge if cancelled else _ONE_CALL
                 ledger.settle(reservation, failed)
                 tally.spent += failed
             else:
