@@ -38,7 +38,12 @@ class _SetVariable:
 
 
 async def start_worker(
-    context: Context, config: SandboxConfig, setup: ReplSetup | None = None, *, peers: int | None = None
+    context: Context,
+    config: SandboxConfig,
+    setup: ReplSetup | None = None,
+    *,
+    peers: int | None = None,
+    checked: bool = False,
 ) -> Worker:
     """Start a worker with `context` (and `context_0`) loaded, and `setup`'s tools and
     values (kept for every restart). Raises `ContextTypeError` for
@@ -49,8 +54,13 @@ async def start_worker(
     engine passes `RLMConfig.max_workers`). It matters only where the worker shares the
     engine's uid (landlock or none tier, engine not root): RLIMIT_NPROC then caps the whole
     uid, so each worker's cap leaves `max_processes` for every peer. None: the workers of
-    this process alive or starting when this one starts."""
-    context = validate_context(context)  # a public entry of its own, as RLM.acompletion is
+    this process alive or starting when this one starts.
+
+    `checked`: the caller ran `validate_context` where the context entered (the engine's
+    contexts were, at `RLM.acompletion`), so it is not checked again here. Values nested
+    in a list or dict are looked at either way, when the context is encoded."""
+    if not checked:
+        context = validate_context(context)  # a public entry of its own, as RLM.acompletion is
     plan = await plan_isolation(config)
     return await Worker.start(context, config, plan, setup, peers=peers)
 
