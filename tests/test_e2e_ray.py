@@ -24,6 +24,7 @@ import pytest
 from _batch_config import PRICES, read_rows, sim_config, workloads, write_config, write_input
 from _ray_cluster import RayCluster
 
+from rlm_async.ray._local import AUTH_ENV
 from rlm_async.sim import LogEntry, RateLimits, SimProcess, priced
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -234,3 +235,31 @@ class TestNodeDeath:
         assert same_body_twice <= paid_twice
         # The re-run queries replayed what their dead actor had journaled.
         assert sum(a["seeded_rows"] for a in summary["ray"]["actors"]) > 0
+
+
+class TestLocalRay:
+    def test_a_local_ray_answers_and_leaves_no_token_in_home(self, tmp_path: Path) -> None:
+        """`--ray local` starts a one-machine Ray (never joining another one), answers every
+        query, and writes no ~/.ray/auth_token: such a file would turn token auth on for
+        every later `ray start` cluster on the machine, which then refuses drivers that
+        join by address."""
+        if MISSING:  # only in CI: there it must run, never skip
+            pytest.fail(f"CI=true but Ray is not installed ({MISSING}); .ci/run must call .ci/install-ray")
+        items = workloads(6)
+        source = write_input(tmp_path / "in.jsonl", items)
+        out = tmp_path / "out.jsonl"
+        home = tmp_path / "home"
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV and k != "RAY_ADDRESS"}
+        env |= {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
+        with SimProcess(sim_config(chunks=2), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url, server="off")
+            argv = [sys.executable, "-m", "rlm_async.cli", "batch", str(source), "--out", str(out)]
+            argv += ["--config", str(config), "--quiet", "--json", "--ray", "local", "--ray-actors", "1"]
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (done.stdout[:400], done.stderr[-3000:])
+        rows = read_rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(items)
+        assert all(items[r["id"]].score(r["answer"]) for r in rows)
+        assert not (home / ".ray").exists()
