@@ -63,6 +63,12 @@ _CHUNK = 2_000
 in flight at once, as before; a larger one lets other tasks run while it starts."""
 _OFF_LOOP = 2_000
 """Batches at least this large are planned in a worker thread, off the event loop."""
+_WAVE = 32
+"""Followers released together when their warm-up finishes. Released all at once, every
+follower would open its connection before the event loop next polled its sockets, so the
+first of them reached the server only after all of them had done that work (0.2 s at
+1,000, 0.9 s at 5,000 measured), with the server idle meanwhile. In waves, with the loop
+polling between two waves, the first wave is sent while the next ones start."""
 
 RunChild = Callable[[str, int, Node], Awaitable[RunOutcome]]
 """Runs a child RLM loop over a prompt at a depth, under a parent node."""
@@ -266,7 +272,7 @@ class _FanOut:
         self.results: list[str] = [""] * len(prompts)
         self.refused: list[BudgetExceeded] = []
         self._plan: BatchPlan | None = None
-        self._gates: dict[int, anyio.Event] = {}
+        self._gates: dict[int, _Waves] = {}
         self._on_result = on_result
         self._hedge = hedge
         self._hedger: FanoutHedger | None = None
@@ -280,7 +286,7 @@ class _FanOut:
             # Work proportional to the batch runs off the event loop when the batch is large.
             self._plan = await anyio.to_thread.run_sync(plan) if n >= _OFF_LOOP else plan()
             self._engine.announce_plan(self._plan)
-            self._gates = {w: anyio.Event() for w in self._plan.warmups}
+            self._gates = _waves(self._plan)
             if self._hedge is not None and self._prompts:
                 self._hedger = FanoutHedger(
                     self._hedge,
@@ -302,7 +308,7 @@ class _FanOut:
         plan = self._plan
         gate = plan.gate(i) if plan is not None else None
         if gate is not None:
-            await self._gates[gate].wait()
+            await self._gates[gate].wait(i)
         try:
             await self._one(i)
             if self._on_result is not None:
@@ -312,8 +318,11 @@ class _FanOut:
                 self._hedger.finish(i)
             if i in self._gates:  # a failed warm-up releases its bucket too: the rest go cold
                 assert plan is not None
-                self._gates[i].set()
                 self._engine.mark_warm(plan.buckets[plan.bucket_of[i]])
+                # Shielded: the followers must not stay gated if this task is cancelled
+                # while it releases them (they are then cancelled with it, or go on).
+                with anyio.CancelScope(shield=True):
+                    await self._gates[i].release()
 
     async def _one(self, i: int) -> None:
         prompt = self._prompts[i]
@@ -333,6 +342,40 @@ class _FanOut:
         except Exception as exc:  # a bug below us must cost one slot, not the whole query
             _log.exception("sub-call failed unexpectedly", node_id=self._handler.node_id)
             self.results[i] = self._handler.fail(f"{type(exc).__name__}: {exc}", shown_as="internal error: ")
+
+
+class _Waves:
+    """The gate of one warm-up's followers: they wait on it, and are let through `_WAVE`
+    at a time, in input order, with a pass through the event loop between two waves."""
+
+    def __init__(self) -> None:
+        self._waves: list[anyio.Event] = []
+        self._of: dict[int, anyio.Event] = {}
+
+    def add(self, index: int) -> None:
+        if not self._waves or len(self._of) % _WAVE == 0:
+            self._waves.append(anyio.Event())
+        self._of[index] = self._waves[-1]
+
+    async def wait(self, index: int) -> None:
+        await self._of[index].wait()
+
+    async def release(self) -> None:
+        for n, wave in enumerate(self._waves):
+            if n:
+                await anyio.lowlevel.checkpoint()
+            wave.set()
+
+
+def _waves(plan: BatchPlan) -> dict[int, _Waves]:
+    """The gate of each warm-up of `plan`, its followers added in input order."""
+    gates = {w: _Waves() for w in plan.warmups}
+    if gates:
+        for i in range(plan.batch_size):
+            gate = plan.gate(i)
+            if gate is not None:
+                gates[gate].add(i)
+    return gates
 
 
 def hedge_config(model: HedgeConfig, asked: bool | None) -> HedgeConfig | None:
