@@ -2,7 +2,8 @@
 the wall time of one query alone, and where the extra time goes.
 
     .venv/bin/python benchmarks/concurrency.py [--queries 1,20,100] [--tokens 100K] [--chunks 20]
-        [--repeat 1] [--separate-scans] [--out benchmarks/results/concurrency.json] [--label NAME]
+        [--repeat 1] [--max-workers 32,none] [--pool 0,100] [--separate-scans]
+        [--out benchmarks/results/concurrency.json] [--label NAME]
 
 Each query is COUNT (OOLONG-like counting) over its own seeded context of `--tokens`
 simulator tokens, fanned out to `--chunks` sub-calls, all on one shared `RLM` (one engine,
@@ -24,13 +25,18 @@ one clock, and the simulator's log):
                own CPU share), mean
 * `cpu ms/q`   CPU of the engine process over the batch / N (workload generation excluded)
 
-`--separate-scans` is the A/B switch for the sandbox's /proc scans: each kill and each
-worker start reads /proc itself, as before concurrent scans shared one pass.
+* `slot wait s` waiting for a slot under `RLMConfig.max_workers` (`worker.slot` events)
+
+`--max-workers` and `--pool` take comma lists; every combination runs in turn within each
+repeat (A/B alternated, so each sees the same machine load), and the table gives each
+combination's median. `--separate-scans` is the A/B switch for the sandbox's /proc scans:
+each kill and each worker start reads /proc itself, as before concurrent scans shared one pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -67,6 +73,7 @@ class _Collector:
             "cell.start",
             "cell.finish",
             "limiter.wait",
+            "worker.slot",
         ):
             self.events.append(event)
 
@@ -106,8 +113,10 @@ class _Collector:
                 cells += (e.time - cell_start) - span
                 cell_start = None
         waited = sum(e.payload().get("waited_s", 0.0) for e in ev if e.kind == "limiter.wait")
+        slot = sum(e.payload().get("waited_s", 0.0) for e in ev if e.kind == "worker.slot")
         return {
             "wall_s": t1 - t0,
+            "slot_wait_s": slot,
             "start_s": start,
             "first_call_s": (first_call - t0) if first_call is not None else 0.0,
             "root_s": root,
@@ -117,12 +126,17 @@ class _Collector:
         }
 
 
-async def _batch(base_url: str, n: int, tokens: int, seed0: int) -> dict[str, Any]:
+async def _batch(
+    base_url: str, n: int, tokens: int, seed0: int, max_workers: int | None = 32, pool: int = 0
+) -> dict[str, Any]:
     workloads = [oolong_counting(tokens, seed=seed0 + i) for i in range(n)]
-    config = demo_config(base_url)
+    config = dataclasses.replace(demo_config(base_url), max_workers=max_workers, worker_pool=pool)
     collectors = [_Collector() for _ in range(n)]
     results: list[Any] = [None] * n
     async with RLM(config=config) as rlm:
+        if rlm.worker_pool is not None:
+            await rlm.worker_pool.wait_full()  # pre-started before the queries arrive
+
         async def one(i: int) -> None:
             w = workloads[i]
             results[i] = await rlm.acompletion(w.context, w.query, event_sinks=[collectors[i]])
@@ -165,7 +179,7 @@ def _row(label: str, r: dict[str, Any], base: float | None) -> str:
     ratio = f"{r['wall_s'] / base:.2f}" if base else "-"
     return (
         f"| {label} | {r['n']} | {r['correct']}/{r['n']} | {r['wall_s']:.2f} | {ratio} | "
-        f"{m['start_s']:.3f} | {m['first_call_s']:.3f} | {m['root_s']:.2f} | {m['fanout_s']:.2f} | "
+        f"{m['slot_wait_s']:.3f} | {m['start_s']:.3f} | {m['first_call_s']:.3f} | {m['root_s']:.2f} | {m['fanout_s']:.2f} | "
         f"{m['cells_s']:.3f} | {m['gov_wait_s']:.3f} | "
         f"{r.get('sim_lag_s', 0.0):.3f} | {r['cpu_ms_per_query']:.0f} |"
     )
@@ -183,6 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="A/B: every /proc scan of the sandbox reads /proc itself (as before the shared scan)",
     )
+    p.add_argument(
+        "--max-workers",
+        default="32",
+        help="RLMConfig.max_workers values to alternate, e.g. 32,none ('none': no cap on live workers)",
+    )
+    p.add_argument(
+        "--pool",
+        default="0",
+        help="RLMConfig.worker_pool sizes to alternate, e.g. 0,100 (0: workers start on demand)",
+    )
     p.add_argument("--out", default=str(RESULTS / "concurrency.json"))
     args = p.parse_args(argv)
     if args.separate_scans:
@@ -190,38 +214,45 @@ def main(argv: list[str] | None = None) -> int:
 
         _procs.scan = _procs._scan_now
     sizes = [int(x) for x in args.queries.split(",")]
+    pools = [int(x) for x in args.pool.split(",")]
+    caps = [None if x == "none" else int(x) for x in args.max_workers.split(",")]
+    configs = [(cap, pool) for cap in caps for pool in pools]
     tokens = parse_size(args.tokens)
     label = args.label or ("separate /proc scans" if args.separate_scans else "shared /proc scan")
     runs: list[dict[str, Any]] = []
     with SimProcess(sim_config(args.chunks, latency=DEMO_LATENCY)) as sim:
         assert sim.base_url is not None
-        base: float | None = None
         for rep in range(args.repeat):
             for n in sizes:
-                load0 = os.getloadavg()[0]
-                since = time.monotonic()
-                r = anyio.run(_batch, sim.base_url, n, tokens, 1000 * rep)
-                sim.wait_until_idle()
-                r.update(_sim_lags(sim.read_log(), since))
-                r["repeat"] = rep
-                r["loadavg_before"] = load0
-                r["label"] = label
-                runs.append(r)
-                if n == 1 and (base is None or rep == 0):
-                    base = r["wall_s"]
-                print(
-                    f"  {label} n={n} rep={rep}: wall {r['wall_s']:.2f} s, correct {r['correct']}/{n}",
-                    file=sys.stderr,
-                )
-    base_wall = statistics.median(r["wall_s"] for r in runs if r["n"] == 1) if 1 in sizes else None
+                for cap, pool in configs:  # A/B alternated, so each sees the same machine load
+                    load0 = os.getloadavg()[0]
+                    since = time.monotonic()
+                    r = anyio.run(_batch, sim.base_url, n, tokens, 1000 * rep, cap, pool)
+                    sim.wait_until_idle()
+                    r.update(_sim_lags(sim.read_log(), since))
+                    r["repeat"] = rep
+                    r["loadavg_before"] = load0
+                    r["label"] = label
+                    r["pool"] = pool
+                    r["max_workers"] = cap
+                    runs.append(r)
+                    print(
+                        f"  {label} max_workers={cap} pool={pool} n={n} rep={rep}: wall {r['wall_s']:.2f} s, "
+                        f"correct {r['correct']}/{n}, load {load0:.1f}",
+                        file=sys.stderr,
+                    )
     print(
-        "| config | N | correct | wall s | ratio | start s | 1st call s | root s | fan-out s | cells s "
-        "| gov wait s | sim lag s | cpu ms/q |"
+        "| config | N | correct | wall s | ratio | slot wait s | start s | 1st call s | root s | fan-out s "
+        "| cells s | gov wait s | sim lag s | cpu ms/q |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n in sizes:
-        mine = sorted((r for r in runs if r["n"] == n), key=lambda r: r["wall_s"])
-        print(_row(label, mine[len(mine) // 2], base_wall))
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for cap, pool in configs:
+        mine_all = [r for r in runs if r["pool"] == pool and r["max_workers"] == cap]
+        alone = [r["wall_s"] for r in mine_all if r["n"] == 1]
+        base_wall = statistics.median(alone) if alone else None
+        for n in sizes:
+            mine = sorted((r for r in mine_all if r["n"] == n), key=lambda r: r["wall_s"])
+            print(_row(f"max_workers {cap}, pool {pool}", mine[len(mine) // 2], base_wall))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
@@ -230,7 +261,6 @@ def main(argv: list[str] | None = None) -> int:
         **provenance("concurrency.py", argv, loadavg=os.getloadavg()),
         "tokens": tokens,
         "chunks": args.chunks,
-        "base_wall_s": base_wall,
         "runs": runs,
     }
     out.write_text(json.dumps({"configs": configs}, indent=2) + "\n")

@@ -1,22 +1,30 @@
 """Load test of `rlm-async serve` with locust (headless, loopback only, bounded in count and
-time): N concurrent queries against one query alone.
+time): N concurrent queries against one query alone, with the worker pool on and off.
 
-    .venv/bin/python benchmarks/serve_load.py [--users 100] [--tokens 100K] [--chunks 20]
-        [--run-time 300] [--out benchmarks/results/serve_load.json]
+    .venv/bin/python benchmarks/serve_load.py [--users 100] [--pool 100,0] [--repeat 1] [--sim process]
+        [--tokens 100K] [--chunks 20] [--run-time 300] [--out benchmarks/results/serve_load.json]
 
-Starts the server on 127.0.0.1 (port 0) on the simulator in-process with the bundled
-latencies (root 0.4 s + 4 ms/token, sub 0.3 s + 4 ms/token; configs/sim.toml), uploads one
+Starts the server on 127.0.0.1 (port 0) on the simulator with the bundled latencies (root
+0.4 s + 4 ms/token, sub 0.3 s + 4 ms/token; configs/sim.toml), by default in a process of
+its own as a model server would be (`--sim inline`: inside the server's), uploads one
 COUNT (OOLONG-like counting) context per user with `POST /v1/files`, times one query
-alone, then runs locust: `--users` users spawned at once, each sending one chat completion
-naming its file (`rlm.file_id`), checking the answer against the workload's truth, and
-stopping. Figures: `ratio` = aggregate wall (first request sent -> last answer back) / the
-wall of the one query alone (target <= 1.2 at 100 users), errors, answers right. Exit 1
-on any error or wrong answer.
+alone, waits until the worker pool is full (`/metrics`), then runs locust: `--users` users
+spawned at once, each sending one chat completion naming its file (`rlm.file_id`),
+checking the answer against the workload's truth, and stopping. Each `--pool` size is one
+fresh server; sizes alternate within each repeat, so A and B see the same machine load.
+
+Figures per run: `ratio` = aggregate wall (first request sent -> last answer back) / the
+wall of the one query alone (target <= 1.2 at 100 users), errors, answers right, and the
+server process's CPU time (user + system, its own threads: engine, HTTP, the in-process
+simulator; not the REPL workers) per query, for the burst and for the query alone; the
+load average before and after. The summary gives medians over repeats. Exit 1 on any
+error or wrong answer.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -26,12 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import httpx
 from _provenance import provenance
 
+from rlm_async.sim import SimConfig, SimProcess
 from rlm_async.workloads import oolong_counting, parse_size
 
 HERE = Path(__file__).parent
@@ -39,10 +49,39 @@ RESULTS = HERE / "results"
 ROOT = HERE.parent
 
 
-def _config(chunks: int, users: int) -> str:
+def _config(chunks: int, users: int, pool: int, sim_url: str | None = None) -> str:
     base = (ROOT / "configs" / "sim.toml").read_text()
     base = re.sub(r"chunks = \d+", f"chunks = {chunks}", base)
-    return f"[serve]\nmax_running = {users}\nmax_queued = {users}\n\n" + base
+    if sim_url is not None:  # the simulator in its own process, where a model server would be
+        base = base.replace('base_url = "sim"', f'base_url = "{sim_url}"')
+    base = re.sub(r"max_workers = \d+", f"max_workers = {max(users, 100)}", base)
+    serve = f"max_running = {users}\nmax_queued = {users}\nworker_pool = {pool}\n"
+    return f"[serve]\n{serve}\n" + base
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    return None
+
+
+def _wait_pool_full(c: httpx.Client, pool: int, timeout_s: float = 120.0) -> float:
+    """Seconds until the server reports `pool` idle pre-started workers."""
+    t0 = time.monotonic()
+    while pool and time.monotonic() - t0 < timeout_s:
+        if (_metric(c.get("/metrics").text, "rlm_worker_pool_idle") or 0) >= pool:
+            break
+        time.sleep(0.1)
+    return time.monotonic() - t0
 
 
 def _start(config_path: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -67,9 +106,41 @@ def _start(config_path: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("the server did not start")
 
 
-def run(users: int, tokens: int, chunks: int, run_time: int, workdir: Path) -> dict[str, Any]:
+def _sim_process(chunks: int) -> SimProcess:
+    """The simulator configs/sim.toml describes (its [sim] table, `chunks` replaced), in a
+    child process of its own."""
+    table = tomllib.loads((ROOT / "configs" / "sim.toml").read_text())["sim"]
+    table["policies"]["root"]["chunks"] = chunks
+    return SimProcess(SimConfig.from_dict(table))
+
+
+def run(
+    users: int,
+    tokens: int,
+    chunks: int,
+    run_time: int,
+    workdir: Path,
+    pool: int = 0,
+    sim: str = "process",
+) -> dict[str, Any]:
+    """One fresh server, one query alone, then the burst. `sim`: "process" (the simulator
+    in a child process of its own, as a model server would be: the server's CPU is then the
+    service's own) or "inline" (in the server's process, as `rlm-async serve` runs it with
+    no config)."""
+    with contextlib.ExitStack() as stack:
+        sim_url = None
+        if sim == "process":
+            sim_url = stack.enter_context(_sim_process(chunks)).base_url
+        result = _run(users, tokens, chunks, run_time, workdir, pool, sim_url)
+    result["sim"] = sim
+    return result
+
+
+def _run(
+    users: int, tokens: int, chunks: int, run_time: int, workdir: Path, pool: int, sim_url: str | None
+) -> dict[str, Any]:
     config_path = workdir / "serve.toml"
-    config_path.write_text(_config(chunks, users))
+    config_path.write_text(_config(chunks, users, pool, sim_url))
     proc, root = _start(config_path, workdir / "server.log")
     try:
         workloads = [oolong_counting(tokens, seed=i) for i in range(users + 1)]
@@ -82,6 +153,8 @@ def run(users: int, tokens: int, chunks: int, run_time: int, workdir: Path) -> d
                 plan.append({"file_id": r.json()["id"], "query": w.query, "truth": w.truth})
             # One query alone (its own context, not one of the load's).
             alone = plan.pop()
+            _wait_pool_full(c, pool)
+            cpu_alone0 = _cpu_s(proc.pid)
             t0 = time.monotonic()
             r = c.post(
                 "/v1/chat/completions",
@@ -92,8 +165,11 @@ def run(users: int, tokens: int, chunks: int, run_time: int, workdir: Path) -> d
                 },
             )
             single_wall = time.monotonic() - t0
+            cpu_alone = _cpu_s(proc.pid) - cpu_alone0
             r.raise_for_status()
             single_ok = str(alone["truth"]) in r.json()["choices"][0]["message"]["content"]
+            pool_wait_s = _wait_pool_full(c, pool)  # refilled after the query alone
+        load_burst = os.getloadavg()
         plan_path, out_path = workdir / "plan.json", workdir / "results.jsonl"
         plan_path.write_text(json.dumps(plan))
         env = {**os.environ, "RLM_LOAD_PLAN": str(plan_path), "RLM_LOAD_OUT": str(out_path)}
@@ -104,7 +180,9 @@ def run(users: int, tokens: int, chunks: int, run_time: int, workdir: Path) -> d
             "--host", root, "--run-time", f"{run_time}s", "--stop-timeout", "10",
             "--only-summary", "--json-file", str(workdir / "locust"),
         ]  # fmt: skip
+        cpu0 = _cpu_s(proc.pid)
         lp = subprocess.run(locust, env=env, capture_output=True, timeout=run_time + 60)
+        cpu_burst = _cpu_s(proc.pid) - cpu0  # the tail after the last answer is small
         records = (
             [json.loads(line) for line in out_path.read_text().splitlines()] if out_path.exists() else []
         )
@@ -120,6 +198,7 @@ def run(users: int, tokens: int, chunks: int, run_time: int, workdir: Path) -> d
     aggregate = (max(r["finished"] for r in records) - min(r["started"] for r in records)) if records else 0.0
     walls = [r["finished"] - r["started"] for r in records]
     return {
+        "pool": pool,
         "users": users,
         "tokens": tokens,
         "chunks": chunks,
@@ -132,6 +211,12 @@ def run(users: int, tokens: int, chunks: int, run_time: int, workdir: Path) -> d
         "correct": sum(1 for r in ok if r.get("correct")),
         "query_wall_median_s": statistics.median(walls) if walls else None,
         "query_wall_max_s": max(walls) if walls else None,
+        "server_cpu_ms_per_query": 1000 * cpu_burst / users,
+        "server_cpu_ms_alone": 1000 * cpu_alone,
+        "pool_fill_wait_s": pool_wait_s,
+        "pooled_workers": _metric(metrics, "rlm_sandbox_workers_pooled_total"),
+        "pool_misses": _metric(metrics, "rlm_worker_pool_misses"),
+        "loadavg_at_burst": load_burst,
         "locust_exit": lp.returncode,
         "locust_stderr_tail": lp.stderr.decode(errors="replace")[-1500:],
         "metrics_429_sent": next(
@@ -144,33 +229,83 @@ def run(users: int, tokens: int, chunks: int, run_time: int, workdir: Path) -> d
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, default=100)
+    p.add_argument("--pool", default="100,0", help="[serve] worker_pool sizes to alternate (0: off)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of the A/B alternation")
+    p.add_argument(
+        "--sim",
+        choices=("process", "inline"),
+        default="process",
+        help="the simulator in its own process (default) or inside the server's",
+    )
     p.add_argument("--tokens", default="100K")
     p.add_argument("--chunks", type=int, default=20)
     p.add_argument("--run-time", type=int, default=300, help="locust's bound, seconds")
     p.add_argument("--out", default=str(RESULTS / "serve_load.json"))
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="rlm-load-") as tmp:
-        load0 = os.getloadavg()
-        r = run(args.users, parse_size(args.tokens), args.chunks, args.run_time, Path(tmp))
+    pools = [int(x) for x in args.pool.split(",")]
+    load0 = os.getloadavg()
+    runs: list[dict[str, Any]] = []
+    for rep in range(args.repeat):
+        for pool in pools:
+            with tempfile.TemporaryDirectory(prefix="rlm-load-") as tmp:
+                r = run(
+                    args.users, parse_size(args.tokens), args.chunks, args.run_time, Path(tmp), pool, args.sim
+                )
+            r["repeat"] = rep
+            runs.append(r)
+            print(
+                f"  pool={pool} rep={rep}: ratio {r['ratio']:.2f} ({r['aggregate_wall_s']:.2f} / "
+                f"{r['single_wall_s']:.2f} s), {r['correct']}/{r['users']} right, {r['errors']} errors, "
+                f"server CPU {r['server_cpu_ms_per_query']:.1f} ms/query, load {r['loadavg_at_burst'][0]:.1f}",
+                file=sys.stderr,
+            )
     print(
-        "| users | one query alone s | aggregate wall s | ratio | errors | right | median query s | max query s |"
+        "| worker pool | users | runs | one query alone s | aggregate wall s | ratio | errors | right "
+        "| median query s | server CPU ms/query (burst) | server CPU ms (alone) | load average |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(
-        f"| {r['users']} | {r['single_wall_s']:.2f} | {r['aggregate_wall_s']:.2f} | {r['ratio']:.2f} | "
-        f"{r['errors']} | {r['correct']}/{r['users']} | {r['query_wall_median_s'] or 0:.2f} | {r['query_wall_max_s'] or 0:.2f} |"
-    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    summary: dict[str, Any] = {}
+    for pool in pools:
+        mine = [r for r in runs if r["pool"] == pool]
+
+        def med(key: str, rows: list[dict[str, Any]] = mine) -> float:
+            return statistics.median(float(r[key] or 0.0) for r in rows)
+
+        summary[str(pool)] = {
+            k: med(k)
+            for k in (
+                "single_wall_s",
+                "aggregate_wall_s",
+                "ratio",
+                "query_wall_median_s",
+                "server_cpu_ms_per_query",
+                "server_cpu_ms_alone",
+            )
+        }
+        loads = [r["loadavg_at_burst"][0] for r in mine]
+        print(
+            f"| {pool} | {args.users} | {len(mine)} | {med('single_wall_s'):.2f} | {med('aggregate_wall_s'):.2f} "
+            f"| {med('ratio'):.2f} | {sum(r['errors'] for r in mine)} "
+            f"| {sum(r['correct'] for r in mine)}/{args.users * len(mine)} | {med('query_wall_median_s'):.2f} "
+            f"| {med('server_cpu_ms_per_query'):.1f} | {med('server_cpu_ms_alone'):.0f} "
+            f"| {min(loads):.1f}-{max(loads):.1f} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
-            {**provenance("serve_load.py", argv, loadavg_before=load0, loadavg_after=os.getloadavg()), **r},
+            {
+                **provenance("serve_load.py", argv, loadavg_before=load0, loadavg_after=os.getloadavg()),
+                "medians_by_pool": summary,
+                "runs": runs,
+            },
             indent=2,
         )
         + "\n"
     )
     print(f"wrote {out}", file=sys.stderr)
-    return 0 if r["errors"] == 0 and r["correct"] == r["users"] else 1
+    ok = all(r["errors"] == 0 and r["correct"] == r["users"] for r in runs)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

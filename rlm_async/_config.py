@@ -204,6 +204,13 @@ class RLMConfig:
     `SandboxConfig.memory_bytes`), so size it as the memory you give workers divided by
     that. Deeper workers are always left a slot (see `_engine/slots.py`), so nested RLMs
     cannot deadlock; it must be at least `max_depth`. `None`: no cap."""
+    worker_pool: int = 0
+    """REPL workers kept pre-started (up, with no context yet) inside `async with RLM(...)`,
+    refilled in the background, so a query does not wait for its worker's start-up. Each is
+    used by one RLM node only and then killed, never reused; it is launched with the same
+    `sandbox` tier and limits as one started on demand. Idle ones (about 18 MB resident each) do not
+    count under `max_workers`. 0 (the default): workers start on demand, and nothing runs
+    between queries. Outside `async with` (e.g. `completion()`), workers start on demand."""
     system_prompt: str | None = None
     """Replaces the built-in root system prompt."""
     budget: BudgetLimits = field(default_factory=BudgetLimits)
@@ -269,6 +276,8 @@ class RLMConfig:
             raise ConfigError(f"turn_timeout_s is {self.turn_timeout_s}; use a number > 0, or None")
         if self.max_pending_subcalls is not None and self.max_pending_subcalls < 1:
             raise ConfigError(f"max_pending_subcalls is {self.max_pending_subcalls}; use >= 1, or None")
+        if not isinstance(self.worker_pool, int) or self.worker_pool < 0:
+            raise ConfigError(f"worker_pool must be an int >= 0 (0: no pool), not {self.worker_pool!r}")
         if self.max_errors is not None and self.max_errors < 1:
             raise ConfigError(f"max_errors is {self.max_errors}; use >= 1, or None for no limit")
         if self.max_workers is not None and self.max_workers < self.max_depth:

@@ -81,6 +81,7 @@ __all__ = [
     "WarmupDecision",
     "WorkerCell",
     "WorkerKill",
+    "WorkerSlotWait",
     "WorkerStart",
     "bind",
     "current_ids",
@@ -363,6 +364,23 @@ class WorkerStart(Event):
     """The user it runs as, when it dropped to a free uid."""
     context_bytes: int
     duration_s: float
+    """How long the node waited for it: launch and context loading, or, for a pooled worker,
+    loading alone."""
+    pooled: bool = False
+    """Taken from the pool of pre-started workers (`RLMConfig.worker_pool`), never used before."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSlotWait(Event):
+    """An RLM node got its slot under the process-wide cap on live workers (`max_workers`):
+    how long it waited, and how many were alive then. Not emitted for a persistent
+    session's root worker, whose slot is held for the whole session."""
+
+    kind: ClassVar[str] = "worker.slot"
+    waited_s: float
+    live: int
+    """Workers alive (slots held) once it got its own, itself included."""
+    cap: int | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -604,6 +622,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         ToolStart,
         ToolFinish,
         WorkerStart,
+        WorkerSlotWait,
         WorkerKill,
         WorkerCell,
         SandboxReducedIsolation,

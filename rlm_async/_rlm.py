@@ -39,7 +39,7 @@ from ._session import Session
 from ._tools import parse_tools
 from .exceptions import ConfigError
 from .logger import RLMLogger, RLMMetadata
-from .sandbox import SandboxConfig
+from .sandbox import SandboxConfig, WorkerPool
 from .transport import OpenAITransport, Transport, require_api_key
 
 if TYPE_CHECKING:
@@ -258,6 +258,8 @@ class RLM:
         """One REPL across `completion` calls (the official flag): see `session()`."""
         self.logger = logger
         self._engines: dict[object, Engine] = {}
+        self._pools: dict[object, tuple[WorkerPool, int]] = {}
+        """The worker pool open for an event loop, and how many `async with` hold it."""
         self._sessions: dict[object, Session] = {}
         self._portal: _Portal | None = None
         self._refuse_misuse()
@@ -400,6 +402,7 @@ class RLM:
                 governor=self._governor or _shared_governor(self.config),
                 journal=journal,
                 slots=shared_slots(self.config.max_workers),
+                pool=self._pools[loop][0] if loop in self._pools else None,
             )
             for model in self.config.all_models():  # fail fast on a missing key, before any work
                 engine.transport_for(model)
@@ -419,11 +422,43 @@ class RLM:
             if engine.journal is not None and engine.journal is not self._journal:
                 await engine.journal.aclose()
 
+    @property
+    def worker_pool(self) -> WorkerPool | None:
+        """The pool of pre-started workers open for the current event loop (inside `async
+        with` and `RLMConfig.worker_pool` > 0), else None."""
+        held = self._pools.get(anyio.lowlevel.current_token())
+        return held[0] if held is not None else None
+
     async def __aenter__(self) -> RLM:
+        """Open the worker pool (`RLMConfig.worker_pool` > 0) for this event loop: its first
+        worker starts now, so a sandbox that cannot start raises here, not at a query."""
+        if self.config.worker_pool > 0:
+            loop = anyio.lowlevel.current_token()
+            held = self._pools.get(loop)
+            if held is not None:  # nested: the outer `async with` keeps the pool
+                self._pools[loop] = (held[0], held[1] + 1)
+                return self
+            # peers: the engine's slots cap, as its on-demand starts pass (`Engine.start_worker`).
+            pool = WorkerPool(self.config.sandbox, self.config.worker_pool, peers=self.config.max_workers)
+            await pool.__aenter__()
+            self._pools[loop] = (pool, 1)
+            engine = self._engines.get(loop)
+            if engine is not None:
+                engine.pool = pool
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+        loop = anyio.lowlevel.current_token()
+        held = self._pools.get(loop)
+        if held is not None and held[1] > 1:
+            self._pools[loop] = (held[0], held[1] - 1)
+            held = None
+        try:
+            await self.aclose()
+        finally:
+            if held is not None:
+                del self._pools[loop]
+                await held[0].__aexit__(*exc)
 
     # ------------------------------------------------------------------ the API
     def session(self) -> Session:

@@ -62,13 +62,17 @@ chunks = @CHUNKS@
 _READY = re.compile(r"listening on (http://\S+/v1)")
 
 
-def config_text(*, serve: str = "", root_ttft: float = 0.02, sub_ttft: float = 0.02, chunks: int = 4) -> str:
+def config_text(
+    *, serve: str = "", root_ttft: float = 0.02, sub_ttft: float = 0.02, chunks: int = 4, pool: int = 0
+) -> str:
+    """A config file's text. `pool`: `[serve] worker_pool` (0 here unless a test asks, so a
+    server's child processes are its queries' workers, which tests count)."""
     text = (
         BASE_CONFIG.replace("@ROOT_TTFT@", str(root_ttft))
         .replace("@SUB_TTFT@", str(sub_ttft))
         .replace("@CHUNKS@", str(chunks))
     )
-    return ("[serve]\n" + serve + "\n" + text) if serve else text
+    return f"[serve]\nworker_pool = {pool}\n" + serve + "\n" + text
 
 
 class ServerProcess:

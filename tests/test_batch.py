@@ -223,6 +223,26 @@ class TestAdmission:
         first.close(learn=False)
         assert b.admit(prior) is not None
 
+    def test_a_query_that_replayed_the_journal_teaches_nothing(self) -> None:
+        """A resumed batch's cut-off queries replay their paid calls for nothing; learning
+        from them would shrink every estimate and admit queries the cap then cuts off. A
+        fresh query teaches, and so does one cut short by a budget (at least its lease)."""
+        b = self.budget(1.0)
+        prior = Charge(usd=Decimal("0.1"))
+        before = b.estimator.estimate(prior)["usd"]
+        for hits, status in ((3, "ok"), (1, "max_iterations")):
+            lease = b.admit(prior)
+            assert lease is not None
+            lease.close_after(status, journal_hits=hits)
+        assert b.estimator.observed == 0 and b.estimator.estimate(prior)["usd"] == before
+        cut = b.admit(prior)
+        assert cut is not None
+        cut.close_after("budget_exceeded", journal_hits=2)
+        fresh = b.admit(prior)
+        assert fresh is not None
+        fresh.close_after("ok", journal_hits=0)
+        assert b.estimator.observed == 2
+
     def test_spend_of_earlier_runs_counts_against_the_cap(self) -> None:
         """A resumed batch sees its cap lowered by what the kept rows already spent."""
         b = self.budget(1.0, spent=Charge(usd=Decimal("0.75")))

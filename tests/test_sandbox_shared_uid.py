@@ -14,6 +14,7 @@ is what is under test.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from test_sandbox_support import assert_nothing_left, config, needs_landlock
 
 from rlm_async import RLM
 from rlm_async._events import WorkerStart
-from rlm_async.sandbox import Worker, WorkerRequest, start_worker
+from rlm_async.sandbox import Worker, WorkerPool, WorkerRequest, start_worker
 from rlm_async.sandbox import _bootstrap as proto
 from rlm_async.sandbox import _launch as launch
 from rlm_async.sandbox import _procs as procs
@@ -93,6 +94,34 @@ class TestManyWorkersOnOneUid:
                     await worker.aclose()
         for worker in workers:
             await assert_nothing_left(worker.pid, worker.uid)
+
+
+class TestPooledWorkers:
+    @pytest.mark.parametrize("tier", SHARED_UID_TIERS)
+    async def test_a_pooled_worker_gets_the_same_process_cap_as_one_started_on_demand(self, tier: str) -> None:
+        """A worker pre-started by a pool with `peers` has its RLIMIT_NPROC sized when its
+        context arrives, by the same rule as an on-demand worker: `max_processes` for its
+        own uid (root), or room for `max_processes` per peer on the shared uid; and it can
+        start threads."""
+        peers, cap = 10, 16
+        cfg = config(isolation=tier, max_processes=cap)
+        code = "import resource\nprint(resource.getrlimit(resource.RLIMIT_NPROC)[0])\n" + THREADED_CELL
+        async with WorkerPool(cfg, size=1, peers=peers) as pool:
+            await pool.wait_full()
+            worker = await pool.start_worker("")
+            try:
+                assert pool.stats().taken == 1
+                result = await worker.run_cell(code, echo)
+            finally:
+                await worker.aclose()
+        assert result.status == "ok", (result.error, result.stderr)
+        nproc, threads = result.stdout.split()
+        assert threads == str(THREADS)
+        if worker.uid is not None:
+            assert int(nproc) == cap
+        elif os.geteuid() != 0:
+            assert int(nproc) >= cap * peers
+        await assert_nothing_left(worker.pid, worker.uid)
 
 
 class TestQueriesWaitingForWorkerSlots:
@@ -163,7 +192,22 @@ class TestAStartFailureSaysWhy:
             child.close()
             parent.sendall(proto.encode_frame(init, 0))
             _, err = proc.communicate(timeout=60)
-            assert parent.recv(1) == b""  # no "ready": the channel closed
+            received = b""
+            while chunk := parent.recv(1 << 16):
+                received += chunk
+        # Its `hello` (protocol 2: sent before the context), then no "ready": the channel closed.
+        assert _ops(received) == ["hello"], received
         text = err.decode("utf-8", "replace")
         assert proc.returncode == 1, text
         assert "cannot start its control thread" in text and "RLIMIT_NPROC is 1" in text, text
+
+
+def _ops(data: bytes) -> list[str]:
+    """The `op` of each whole frame in `data`."""
+    ops = []
+    while len(data) >= proto.HEADER.size:
+        json_len, blob_len = proto.HEADER.unpack_from(data)
+        end = proto.HEADER.size + json_len
+        ops.append(json.loads(data[proto.HEADER.size : end])["op"])
+        data = data[end + blob_len :]
+    return ops

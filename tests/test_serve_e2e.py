@@ -604,3 +604,82 @@ class TestOperations:
             assert f"# TYPE {name} " in text, name
         assert 'rlm_queries_total{status="ok",tenant="local"}' in text
         assert 'rlm_sandbox_workers_total{tier="' in text
+
+
+class TestWorkerPool:
+    def test_the_server_hands_out_prestarted_workers_once_and_leaves_none(self) -> None:
+        """With [serve] worker_pool = 2: two workers wait before any query; two queries
+        take them (the metrics count 2 pooled workers), after which those two processes
+        are gone and the pool holds two new ones; SIGTERM leaves no child process."""
+        with ServerProcess(config_text(pool=2)) as s, _client(s) as c:
+
+            def idle() -> float:
+                for line in c.get("/metrics").text.splitlines():
+                    if line.startswith("rlm_worker_pool_idle "):
+                        return float(line.split()[-1])
+                raise AssertionError("no rlm_worker_pool_idle gauge")
+
+            def wait_idle(n: int) -> None:
+                deadline = time.monotonic() + 60
+                while idle() < n:
+                    assert time.monotonic() < deadline, "the pool did not fill"
+                    time.sleep(0.05)
+
+            wait_idle(2)
+            first = set(s.children())
+            assert first, "the pool's workers are the server's children"
+            body = {
+                "model": "rlm",
+                "messages": [{"role": "user", "content": CONTEXT}, {"role": "user", "content": "?"}],
+            }
+            with concurrent.futures.ThreadPoolExecutor(2) as ex:
+                replies = list(ex.map(lambda _: c.post("/v1/chat/completions", json=body), range(2)))
+            assert [r.status_code for r in replies] == [200, 200]
+            text = c.get("/metrics").text
+            assert "rlm_sandbox_workers_pooled_total 2" in text
+            wait_idle(2)
+            now = set(s.children())
+            assert now and not now & first  # the pre-started ones were used once, then killed
+            assert s.terminate() == 0
+            assert s.children() == []
+
+    def test_a_client_disconnecting_kills_its_pooled_worker(self) -> None:
+        """With the pool on, a streaming client that goes away mid-query: its query is
+        cancelled and the pooled worker it took is killed, so the server's child processes
+        are then those of the pool's idle workers alone (no orphan), and it keeps serving."""
+        with ServerProcess(config_text(sub_ttft=5.0, pool=2)) as s, _client(s) as c:
+
+            def idle() -> list[str]:
+                return [
+                    ln for ln in c.get("/metrics").text.splitlines() if ln.startswith("rlm_worker_pool_idle ")
+                ]
+
+            deadline = time.monotonic() + 60
+            while idle() != ["rlm_worker_pool_idle 2"]:
+                assert time.monotonic() < deadline, "the pool did not fill"
+                time.sleep(0.05)
+            prestarted = set(s.children())  # every process of the two idle workers
+            body = {
+                "model": "rlm",
+                "stream": True,
+                "messages": [{"role": "user", "content": CONTEXT}, {"role": "user", "content": "?"}],
+            }
+            with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if "call.finish" in line:  # the fan-out is in flight, in a pooled worker
+                        break
+            deadline = time.monotonic() + 30
+            while 'rlm_queries_total{status="cancelled"' not in c.get("/metrics").text:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            deadline = time.monotonic() + 30
+            while True:  # the refill replaces the taken worker; nothing else may remain
+                left = set(s.children())
+                if len(left) == len(prestarted) and idle() == ["rlm_worker_pool_idle 2"]:
+                    break
+                assert time.monotonic() < deadline, (prestarted, left, idle())
+                time.sleep(0.05)
+            gone = prestarted - left
+            assert gone and len(gone) == len(prestarted) // 2  # the taken worker, all of it
+            assert "rlm_sandbox_workers_pooled_total 1" in c.get("/metrics").text
+            _still_serving(s)

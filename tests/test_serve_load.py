@@ -1,6 +1,6 @@
 """The load test's machinery, small: `benchmarks/serve_load.py` with locust (headless,
-loopback, bounded) runs 8 concurrent queries through a live server with no error and every
-answer right. The ratio is printed by the benchmark, not asserted here: walls on a shared
+loopback, bounded) runs 8 concurrent queries through a live server with a worker pool, with
+no error, every answer right and every worker taken from the pool. The ratio is printed by the benchmark, not asserted here: walls on a shared
 machine are not a test's business."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ BENCH = Path(__file__).parents[1] / "benchmarks"
 
 
 def test_locust_load_runs_clean() -> None:
-    """8 users at once, one query each: 8 answered, all right, no error, locust exit 0."""
+    """8 users at once, one query each: 8 answered, all right, no error, locust exit 0, and
+    all nine workers (the query alone's and the eight) pre-started."""
     sys.path.insert(0, str(BENCH))
     try:
         spec = importlib.util.spec_from_file_location("serve_load", BENCH / "serve_load.py")
@@ -26,9 +27,11 @@ def test_locust_load_runs_clean() -> None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         with tempfile.TemporaryDirectory() as tmp:
-            result = module.run(8, 8_000, 4, 120, Path(tmp))
+            result = module.run(8, 8_000, 4, 120, Path(tmp), pool=8)
     finally:
         sys.path.remove(str(BENCH))
     assert result["errors"] == 0, result
     assert result["correct"] == 8 and result["single_correct"], result
     assert result["locust_exit"] == 0, result["locust_stderr_tail"]
+    # The server used its pool: the query alone and the eight took pre-started workers.
+    assert result["pooled_workers"] == 9 and result["pool_misses"] == 0, result

@@ -125,6 +125,23 @@ class TestSession:
         assert len(sim.log.of_kind("root")) == 6
 
     @pytest.mark.asyncio
+    async def test_a_sessions_worker_may_come_from_the_worker_pool(self) -> None:
+        """With `worker_pool` open, the session's first call takes a pre-started worker (its
+        context loaded after the worker's `hello`); the next call runs in that same worker."""
+        events = EventLog()
+        async with open_sim(_script(VARIABLES)) as sim:
+            async with (
+                RLM(config=sim_config(sim, worker_pool=1), event_sinks=[events]) as rlm,
+                rlm.session() as session,
+            ):
+                first = await session.completion("a", "what?")
+                second = await session.completion("b", "what?")
+        assert first.response == "call 1: ['context', 'context_0']"
+        assert second.response == "call 2: ['context', 'context_0', 'context_1', 'history', 'history_0']"
+        assert [e.pooled for e in events.of(WorkerStart)] == [True]
+        assert _alive_descendants() == []
+
+    @pytest.mark.asyncio
     async def test_history_holds_the_messages_of_the_earlier_call(self) -> None:
         """history_0 is the first call's conversation, as dicts with role and content."""
         peek = (

@@ -23,7 +23,7 @@ import pytest
 from conftest import EventLog, sandbox_config, sim_config
 
 from rlm_async import Tool
-from rlm_async._events import ToolFinish, ToolStart
+from rlm_async._events import ToolFinish, ToolStart, WorkerStart
 from rlm_async._governor import BudgetLimits
 from rlm_async._result import RLMResult
 from rlm_async._rlm import RLM
@@ -109,6 +109,26 @@ class TestCalls:
         async with SimServer(scripted(fence(code))) as sim:
             result = await run(sim, {"threshold": 5, "labels": ["a", "b"], "meta": {"k": None}})
         assert result.response == "5 ['a', 'b'] None"
+
+    @pytest.mark.asyncio
+    async def test_a_pooled_worker_gets_the_tools_and_values(self, events: EventLog) -> None:
+        """With a worker pool the root's worker was pre-started with no context: its tools
+        and values arrive with the context, and the code calls the tool and reads the value
+        as in a worker started on demand."""
+        received: list[int] = []
+
+        def double(x: int) -> int:
+            received.append(x)
+            return 2 * x
+
+        code = 'answer["content"] = f"{double(threshold)} {labels}"\nanswer["ready"] = True'
+        async with SimServer(scripted(fence(code))) as sim:
+            result = await run(
+                sim, {"double": double, "threshold": 21, "labels": ["a"]}, events=events, worker_pool=1
+            )
+        assert result.status == "ok" and result.response == "42 ['a']"
+        assert received == [21]
+        assert [e.pooled for e in events.of(WorkerStart)] == [True]
 
     @pytest.mark.asyncio
     async def test_the_system_prompt_lists_names_signatures_and_docstrings(self) -> None:

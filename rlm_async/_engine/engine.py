@@ -20,6 +20,7 @@ from .._result import RLMResult
 from .._servers import ServerProfile, ServerSettings, detect, resolve, window_from_error
 from .._types import ModelRequest
 from ..logger import RLMLogger
+from ..sandbox import ReplSetup, Worker, WorkerPool, start_worker
 from ..transport import Transport
 from .query import Query
 from .session import SessionState
@@ -44,10 +45,13 @@ class Engine:
         journal: Journal | None = None,
         clock: Callable[[], float] = time.monotonic,
         slots: WorkerSlots | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         self.config = config
         self.slots = slots if slots is not None else WorkerSlots(config.max_workers)
         """Live REPL workers: the process' shared slots (see `slots.py`)."""
+        self.pool = pool
+        """Pre-started workers (`RLMConfig.worker_pool`), when open for this event loop."""
         self.governor = governor
         self.journal = journal
         self.clock = clock
@@ -71,6 +75,7 @@ class Engine:
             journal=self.journal,
             clock=self.clock,
             slots=self.slots,  # the process' cap on workers holds across per-request configs
+            pool=self.pool,  # used only while the sandbox config is the pool's (start_worker)
         )
         derived._transports = self._transports
         derived._warm_buckets = self._warm_buckets
@@ -130,6 +135,16 @@ class Engine:
         self._settings[model] = settings = settings.with_window(window)
         _events.emit(_events.ServerDetected, **settings.event_fields())
 
+    async def start_worker(self, context: Context, setup: ReplSetup | None = None) -> Worker:
+        """A REPL worker for one RLM node (or a session's root), `setup`'s tools and values
+        loaded with its context: from the pool when one is open for this very sandbox
+        configuration (same tier, same limits), else started now. Either way its process
+        cap counts the slots' cap of workers that may be alive beside it (`peers`)."""
+        pool = self.pool
+        if pool is not None and pool.config == self.config.sandbox:
+            return await pool.start_worker(context, setup, peers=self.slots.cap)
+        return await start_worker(context, self.config.sandbox, setup, peers=self.slots.cap)
+
     def transport_for(self, model: ModelConfig) -> Transport:
         key = (model.base_url, model.api_key_env)
         transport = self._transports.get(key)
@@ -173,5 +188,5 @@ class Engine:
         """A persistent session's state: its root worker starts at its first query."""
         config = self.config
         return SessionState(
-            slots=self.slots, sandbox=config.sandbox, below=config.max_depth - 1, compaction=config.compaction
+            slots=self.slots, start=self.start_worker, below=config.max_depth - 1, compaction=config.compaction
         )

@@ -11,6 +11,7 @@ worker of its own.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import anyio
@@ -18,7 +19,7 @@ import anyio
 from .._context import Context
 from .._types import Message
 from ..exceptions import ConfigError, SandboxError
-from ..sandbox import ReplSetup, SandboxConfig, Worker, start_worker
+from ..sandbox import ReplSetup, Worker
 from .slots import WorkerSlots
 
 __all__ = ["SessionState"]
@@ -27,9 +28,18 @@ __all__ = ["SessionState"]
 class SessionState:
     """The engine's side of one session. One query at a time; `aclose()` ends it."""
 
-    def __init__(self, *, slots: WorkerSlots, sandbox: SandboxConfig, below: int, compaction: bool) -> None:
+    def __init__(
+        self,
+        *,
+        slots: WorkerSlots,
+        start: Callable[[Context, ReplSetup | None], Awaitable[Worker]],
+        below: int,
+        compaction: bool,
+    ) -> None:
         self._slots = slots
-        self._sandbox = sandbox
+        self._start = start
+        """Starts the root worker (`Engine.start_worker`: from the worker pool when one is
+        open, with the engine's `peers` count)."""
         self._below = below
         self.compaction = compaction
         self.worker: Worker | None = None
@@ -55,7 +65,7 @@ class SessionState:
         if self.worker is None:
             await self._stack.enter_async_context(self._slots.hold(below=self._below))
             try:
-                self.worker = await start_worker(context, self._sandbox, setup)
+                self.worker = await self._start(context, setup)
             except BaseException:
                 await self._stack.aclose()  # the slot goes back; the next call tries afresh
                 raise

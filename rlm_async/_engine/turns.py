@@ -33,7 +33,7 @@ from .._tree import Node, NodeStatus
 from .._types import CallKind, Message, ModelRequest
 from ..exceptions import BudgetExceeded, FatalError, RetryableError
 from ..logger import CodeBlock, LoggedCall, REPLResult, RLMIteration, RLMLogger
-from ..sandbox import CellResult, ReplSetup, Worker, start_worker
+from ..sandbox import CellResult, ReplSetup, Worker
 from .calls import CallPath
 from .compaction import Compactor
 from .fanout import SubCallHandler
@@ -111,11 +111,17 @@ class RLMLoop:
                 if session is not None:
                     outcome = await self._run_in_session(session, node, context, root_prompt, model)
                 else:
-                    async with self._engine.slots.hold(below=below):
+                    asked = self._engine.clock()
+                    slots = self._engine.slots
+                    async with slots.hold(below=below):
+                        _events.emit(
+                            _events.WorkerSlotWait,
+                            waited_s=self._engine.clock() - asked,
+                            live=slots.live,
+                            cap=slots.cap,
+                        )
                         try:
-                            worker = await start_worker(
-                                context, self._config.sandbox, self._repl_setup(depth), peers=self._engine.slots.cap
-                            )
+                            worker = await self._engine.start_worker(context, self._repl_setup(depth))
                             self._state.isolation = worker.tier
                             messages = self._opening(context, root_prompt, depth)
                             outcome = await self._loop(node, worker, messages, root_prompt, depth, model)

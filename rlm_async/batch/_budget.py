@@ -192,6 +192,14 @@ class Lease:
         """What the query may still commit, by its estimate."""
         return max(self.estimate[dim] - _committed(self.ledger, dim), Decimal(0))
 
+    def close_after(self, status: str, *, journal_hits: int) -> None:
+        """The query ran and ended with `status`. A query cut short by a budget needed at
+        least its lease; one that replayed calls from the journal (a resumed batch) cost
+        less than a fresh query will, so it teaches nothing: learning from it would shrink
+        the estimate and admit queries the cap then cuts off."""
+        cut_short = status == "budget_exceeded"
+        self.close(learn=cut_short or journal_hits == 0, cut_short=cut_short)
+
     def close(self, *, learn: bool, cut_short: bool = False) -> None:
         """The query ended; `learn`: it ran, so what it held teaches the estimator;
         `cut_short`: a budget refused some of its calls, so it needed more than it held,

@@ -192,7 +192,7 @@ class BatchRunner:
     ) -> None:
         started = self._wall()
         row: BatchRow | None = None
-        learn = cut_short = False
+        result: RLMResult | None = None
         try:
             try:
                 context = await anyio.to_thread.run_sync(item.load_context)
@@ -217,11 +217,11 @@ class BatchRunner:
                 )
                 return
             row = BatchRow.of_result(item.id, item.line, result, started)
-            # Even a query cut short by a budget held at least what it held: learn from it.
-            learn = True
-            cut_short = result.status == "budget_exceeded"
         finally:
-            lease.close(learn=learn, cut_short=cut_short)
+            if result is None:
+                lease.close(learn=False)
+            else:
+                lease.close_after(result.status, journal_hits=result.total.journal_hits)
             self._notify()
             if row is not None:
                 await self._deliver(deliver, row)

@@ -25,6 +25,7 @@ import anyio
 
 from .._config import ModelConfig, RLMConfig
 from .._governor import BudgetLimits, EndpointLimits, Governor
+from .._result import RLMResult
 from .._rlm import RLM
 from ..batch import BatchBudget, BatchItem, BatchRow, CostEstimator, InputProblem, Lease
 from ..exceptions import ConfigError, ContextTypeError, MissingAPIKey
@@ -165,11 +166,10 @@ class QueryActor:
 
     async def _run(self, rlm: RLM, item: BatchItem, lease: Lease) -> BatchRow:
         started = time.time()
-        learn = cut_short = False
+        result: RLMResult | None = None
         try:
             context = item.load_context()
             result = await rlm.acompletion(context, item.query, ledger_parent=lease.ledger)
-            learn, cut_short = True, result.status == "budget_exceeded"
             self.queries += 1
             return dataclasses.replace(BatchRow.of_result(item.id, item.line, result, started), result=None)
         except (InputProblem, ContextTypeError) as exc:
@@ -187,7 +187,10 @@ class QueryActor:
                 wall_s=time.time() - started,
             )
         finally:
-            lease.close(learn=learn, cut_short=cut_short)
+            if result is None:
+                lease.close(learn=False)
+            else:
+                lease.close_after(result.status, journal_hits=result.total.journal_hits)
             # No flush here: once its row reaches the driver a query never re-runs, so its
             # rows need the store only while it runs (the shipper covers that).
             with anyio.CancelScope(shield=True):

@@ -21,6 +21,9 @@ works here (`SandboxConfig.isolation="auto"`), and where none does, it does not 
 
 `rlm-async doctor --sandbox` (`diagnose()`) says which tiers work here and what each isolates.
 
+`WorkerPool` keeps workers pre-started (up, no context yet) so a query need not wait for a
+start-up; each is handed out once and killed after, never reused.
+
 Sub-calls (`llm_query` and friends) travel over a socket passed to the worker as an extra
 fd, not over stdout, so nothing the code prints can pose as a request. Every frame from the
 worker is validated; a malformed one kills that worker (status "crashed"), never the engine.
@@ -45,6 +48,7 @@ from ._config import (
 )
 from ._doctor import Diagnosis, diagnose, render
 from ._isolation import Tier
+from ._pool import PoolStats, WorkerPool
 from ._worker import Worker, start_worker
 
 __all__ = [
@@ -54,12 +58,14 @@ __all__ = [
     "CellStatus",
     "Diagnosis",
     "OnResult",
+    "PoolStats",
     "ReplSetup",
     "RequestHandler",
     "SandboxConfig",
     "Tier",
     "ToolCallError",
     "Worker",
+    "WorkerPool",
     "WorkerRequest",
     "diagnose",
     "render",

@@ -9,7 +9,9 @@ The control channel is the socket on CTL_FD, never stdout: whatever the code pri
 fds 1 and 2, which the engine drains as plain data, so printed text cannot pose as a frame.
 A frame is a `HEADER` (JSON length, blob length) then UTF-8 JSON, then the blob.
 
-    engine -> worker   init {limits, uid, ...} + context blob | exec {cell, code}
+    worker -> engine   hello {pid}   (first, unasked: the interpreter is up; a pool may
+                       keep the worker waiting here for its context)
+    engine -> worker   init {limits, uid, tools, values, ...} + context blob | exec {cell, code}
                        | getvar {name} | describe | setvar {name, type, aliases, append} + value blob
                        | reply {id, results} or {id, error, message}
                        | result {id, index, text} ... then reply {id, end}   (a stream)
@@ -47,7 +49,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">II")
 """Every frame starts with (JSON length, blob length), both big-endian uint32."""
 REQUEST_KINDS = ("llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch", "tool")
@@ -920,9 +922,15 @@ def main(argv: list[str]) -> None:
     sock = socket.socket(fileno=int(argv[1]))
     sock.setblocking(True)
     channel = _Channel(sock, max_message=1 << 30)
-    head = _recv_exact(sock, HEADER.size)
-    json_len, blob_len = HEADER.unpack(head)
-    init = _loads(bytes(_recv_exact(sock, json_len)).decode("utf-8"))
+    # Up and waiting: everything costly in starting a worker (the sandbox, the interpreter,
+    # this module's imports) is done before its context exists, so a pool can pay it early.
+    channel.send({"op": "hello", "pid": os.getpid()})
+    try:
+        head = _recv_exact(sock, HEADER.size)
+        json_len, blob_len = HEADER.unpack(head)
+        init = _loads(bytes(_recv_exact(sock, json_len)).decode("utf-8"))
+    except EOFError:  # the engine went away while this worker waited in its pool
+        os._exit(EXIT_ENGINE_GONE)
     if init.get("op") != "init" or init.get("version") != PROTOCOL_VERSION:
         os._exit(EXIT_PROTOCOL)
     confine = None

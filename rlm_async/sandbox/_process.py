@@ -1,6 +1,13 @@
 """One worker process and the host resources it holds: launching it (under bubblewrap, or as
-a plain subprocess that confines itself (landlock tier) or not (none tier)), loading the context into it (the `init`/`ready` handshake), killing
-every process it started, and closing its channel, pipes and temporary directory."""
+a plain subprocess that confines itself (landlock tier) or not (none tier)), waiting until it
+is up (its `hello`), loading the context into it (the `init`/`ready` handshake), killing
+every process it started, and closing its channel, pipes and temporary directory.
+
+Launching needs no context: what the `init` frame carries but the context, the REPL's setup
+(tools, values) and the process cap is fixed at launch (limits, uid, tier), so a pre-started
+worker (`_pool`) and one started on demand are the same process, confined the same way once
+its context arrives. The context, the setup and the process cap (sized against the tasks the
+engine's uid has then, see `_process_limit`) go with `init`, after the worker's `hello`."""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -50,8 +58,8 @@ class WorkerProcess:
         uid: int | None,
         tmpdir: str | None,
         init: dict[str, Any],
-        blob: bytes,
         shares_uid: bool,
+        peers: int | None,
     ) -> None:
         self._proc = proc
         self._config = config
@@ -62,21 +70,71 @@ class WorkerProcess:
         """The private host uid the worker runs as, or None when it keeps the engine's uid."""
         self.channel = channel
         self.fds = fds
-        self.context_bytes = len(blob)
+        self.context_bytes = 0
         self.killed = False
+        self.up = False
+        """It said `hello`: the interpreter runs and waits for its context."""
         self._tmpdir = tmpdir
-        self._boot: tuple[dict[str, Any], bytes] | None = (init, blob)
+        self._init: dict[str, Any] | None = init
         self._stderr_tail = Capture(4096)
         self._released = False
         self._shares_uid = shares_uid
         """Counted in `_shared_uid.live` until released."""
+        self._peers = peers
 
-    async def load_context(self) -> str | None:
-        """Send `init` with the context and wait for `ready` (within `start_timeout_s`).
-        None when the worker came up, else why not (see `start_error`)."""
-        assert self._boot is not None
-        init, blob = self._boot
-        self._boot = None
+    async def come_up(self) -> str | None:
+        """Wait for `hello` (within `start_timeout_s`). None when the worker is up, else why
+        not (see `start_error`)."""
+        return await self._handshake(self._hello)
+
+    async def load_context(
+        self, kind: str, blob: bytes, setup: ReplSetup | None = None, *, peers: int | None = None
+    ) -> str | None:
+        """Send `init` with the context (encoded by `encode_context`) and `setup`'s tools
+        and values, and wait for `ready`, and for `hello` first if it has not come yet, all
+        within `start_timeout_s`. None when the worker came up, else why not (see
+        `start_error`). Once per process: a worker is never given a second context.
+
+        The process cap (RLIMIT_NPROC) is sized here, not at launch: where it caps the
+        engine's whole uid it counts the user's tasks, and a pre-started worker may have
+        waited in its pool while those grew; `peers` (default: the launch's) is the user's
+        count, as `launch_process` takes it."""
+        assert self._init is not None, "a worker process takes one context, once"
+        init, self._init = self._init, None
+        peers = self._peers if peers is None else peers
+        nproc = await _process_limit(self._config, self.uid, shares_uid=self._shares_uid, peers=peers)
+        init = {**init, "context_type": kind, "limits": {**init["limits"], "nproc": nproc}}
+        if setup is not None:
+            init.update(
+                tools=[list(t) for t in setup.tools],
+                values=setup.values_json,
+                list_variables=setup.list_variables,
+            )
+        self.context_bytes = len(blob)
+
+        async def exchange() -> str | None:
+            if not self.up:
+                failure = await self._hello()
+                if failure is not None:
+                    return failure
+            await self.channel.send(init, blob)
+            ready, _ = await self.channel.receive()
+            if ready.get("op") != "ready":
+                return f"it answered its context with {ready.get('op')!r}, not 'ready'"
+            return None
+
+        return await self._handshake(exchange)
+
+    async def _hello(self) -> str | None:
+        hello, _ = await self.channel.receive()
+        if hello.get("op") != "hello":
+            return f"its first frame was {hello.get('op')!r}, not 'hello'"
+        self.up = True
+        return None
+
+    async def _handshake(self, exchange: Callable[[], Awaitable[str | None]]) -> str | None:
+        """Run one start-up exchange within `start_timeout_s`, draining the worker's output
+        meanwhile (its stderr's end is kept for `start_error`)."""
         failure: str | None = None
         timeout = self._config.start_timeout_s
         async with anyio.create_task_group() as tg:
@@ -84,11 +142,7 @@ class WorkerProcess:
             tg.start_soon(drain, self.fds[1], self._stderr_tail)
             try:
                 with anyio.fail_after(timeout):
-                    await self.channel.send(init, blob)
-                    del blob
-                    ready, _ = await self.channel.receive()
-                if ready.get("op") != "ready":
-                    failure = f"its first frame was {ready.get('op')!r}, not 'ready'"
+                    failure = await exchange()
             except TimeoutError:
                 failure = f"it did not become ready within start_timeout_s={timeout}"
             except (ChannelClosed, ProtocolViolation) as exc:
@@ -143,6 +197,7 @@ class WorkerProcess:
             for fd in self.fds:
                 anyio.notify_closing(fd)
                 os.close(fd)
+            _reserved_uids.discard(self.uid)
             tmpdir, self._tmpdir = self._tmpdir, None
             if tmpdir is not None:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmpdir, ignore_errors=True))
@@ -161,63 +216,43 @@ def encode_context(context: Context) -> tuple[str, bytes]:
     return "json", text.encode("utf-8", "surrogatepass")
 
 
+_reserved_uids: set[int | None] = set()
+"""Private uids picked for workers not yet released: a pre-started worker switches to its
+uid only when its context arrives, so a /proc scan alone would not see it as taken."""
+
+
 class _SharedUidWorkers:
     live = 0
-    """Workers of this process, started or starting, whose processes count against the
-    engine's own uid's RLIMIT_NPROC (`_process_limit`)."""
+    """Workers of this process, started, starting or pre-started and idle in a pool, whose
+    processes count against the engine's own uid's RLIMIT_NPROC (`_process_limit`)."""
 
 
 _shared_uid = _SharedUidWorkers()
 
 
-async def launch_process(
-    context: Context,
-    config: SandboxConfig,
-    plan: Plan,
-    setup: ReplSetup | None = None,
-    *,
-    peers: int | None = None,
-) -> WorkerProcess:
-    """Start a worker process, its context encoded but not yet sent (`load_context` does).
-    `peers`: how many workers the caller may keep alive at once (see `start_worker`).
-    Raises `ContextTypeError` for a context JSON cannot carry, `SandboxError` when the
-    process cannot be started."""
-    # Encoding 40 MB takes tens of milliseconds: not on the event loop, where other
-    # queries' work would wait for it.
-    kind, blob = await anyio.to_thread.run_sync(encode_context, context)
-    uid = await anyio.to_thread.run_sync(procs.pick_free_uid) if plan.drop_uid else None
+async def launch_process(config: SandboxConfig, plan: Plan, *, peers: int | None = None) -> WorkerProcess:
+    """Start a worker process with no context yet (`load_context` gives it one, with the
+    REPL's setup). `peers`: how many workers the caller may keep alive at once (see
+    `start_worker`). Raises `SandboxError` when the process cannot be started."""
+    uid = None
+    if plan.drop_uid:
+        uid = await anyio.to_thread.run_sync(procs.pick_free_uid, frozenset(_reserved_uids))
+        _reserved_uids.add(uid)
     shares_uid = _shares_uid(config, plan, uid)
     if shares_uid:
         _shared_uid.live += 1  # before counting: workers starting together see each other
     try:
-        return await _launch(
-            context_kind=kind,
-            blob=blob,
-            config=config,
-            plan=plan,
-            setup=setup,
-            uid=uid,
-            shares_uid=shares_uid,
-            peers=peers,
-        )
+        return await _launch(config, plan, uid=uid, shares_uid=shares_uid, peers=peers)
     except BaseException:
+        _reserved_uids.discard(uid)
         if shares_uid:
             _shared_uid.live -= 1
         raise
 
 
 async def _launch(
-    *,
-    context_kind: str,
-    blob: bytes,
-    config: SandboxConfig,
-    plan: Plan,
-    setup: ReplSetup | None,
-    uid: int | None,
-    shares_uid: bool,
-    peers: int | None,
+    config: SandboxConfig, plan: Plan, *, uid: int | None, shares_uid: bool, peers: int | None
 ) -> WorkerProcess:
-    nproc = await _process_limit(config, uid, shares_uid=shares_uid, peers=peers)
     # From here to open_process nothing awaits, so nothing below can leak on cancellation.
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for s in (parent_sock, child_sock):
@@ -245,13 +280,7 @@ async def _launch(
         except OSError:
             pass
     channel = Channel(parent_sock, max_inbound=config.max_message_bytes)
-    init = _init_frame(config, plan, kind=context_kind, uid=uid, nproc=nproc, tmpdir=tmpdir)
-    if setup is not None:
-        init.update(
-            tools=[list(t) for t in setup.tools],
-            values=setup.values_json,
-            list_variables=setup.list_variables,
-        )
+    init = _init_frame(config, plan, uid=uid, tmpdir=tmpdir)
     return WorkerProcess(
         proc,
         channel,
@@ -260,8 +289,8 @@ async def _launch(
         uid=uid,
         tmpdir=tmpdir,
         init=init,
-        blob=blob,
         shares_uid=shares_uid,
+        peers=peers,
     )
 
 
@@ -349,10 +378,9 @@ async def _open_process(
     return proc, tmpdir
 
 
-def _init_frame(
-    config: SandboxConfig, plan: Plan, *, kind: str, uid: int | None, nproc: int | None, tmpdir: str | None
-) -> dict[str, Any]:
-    """The `init` frame: how the bootstrap confines itself and loads the context."""
+def _init_frame(config: SandboxConfig, plan: Plan, *, uid: int | None, tmpdir: str | None) -> dict[str, Any]:
+    """The `init` frame but its `context_type`, its process cap and the REPL's setup (all
+    added by `load_context`): how the bootstrap confines itself."""
     lockdown = None
     if plan.tier == "landlock":
         assert tmpdir is not None
@@ -362,13 +390,12 @@ def _init_frame(
     return {
         "op": "init",
         "version": proto.PROTOCOL_VERSION,
-        "context_type": kind,
         "limits": {
             "as": config.memory_bytes,
             "cpu": None if config.cpu_seconds is None else math.ceil(config.cpu_seconds),
             "fsize": config.file_size_bytes,
             "nofile": config.open_files,
-            "nproc": nproc,
+            "nproc": None,  # `load_context` sizes it
             "core": 0,
         },
         "uid": None if lockdown is not None else uid,  # the lock-down switches uid itself

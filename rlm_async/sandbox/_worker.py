@@ -108,6 +108,27 @@ class Worker:
         await worker._spawn()
         return worker
 
+    @classmethod
+    async def adopt(
+        cls,
+        process: WorkerProcess,
+        context: Context,
+        encoded: tuple[str, bytes],
+        config: SandboxConfig,
+        plan: Plan,
+        setup: ReplSetup | None = None,
+        *,
+        peers: int | None = None,
+    ) -> Worker:
+        """A running worker made of a pre-started `process` (launched with `config` and
+        `plan`, waiting for a context): `context` (`encoded` by `encode_context`) and
+        `setup` are loaded into it. The process is this worker's for good, like one started
+        on demand (killed if loading fails); `restart()` starts a fresh one, with `peers`
+        as `start_worker` takes it."""
+        worker = cls(context, config, plan, setup, peers=peers)
+        await worker._load(process, *encoded, time.monotonic(), pooled=True)
+        return worker
+
     @property
     def alive(self) -> bool:
         """False after the worker died or was killed, until `restart()`."""
@@ -116,10 +137,21 @@ class Worker:
     # -- life cycle
     async def _spawn(self) -> None:
         started = time.monotonic()
-        process = await launch_process(self._context, self._config, self._plan, self._setup, peers=self._peers)
+        # Encoding 40 MB takes tens of milliseconds: not on the event loop, where other
+        # queries' work would wait for it. Before launching, so a context JSON cannot
+        # carry costs no process.
+        kind, blob = await anyio.to_thread.run_sync(encode_context, self._context)
+        process = await launch_process(self._config, self._plan, peers=self._peers)
+        await self._load(process, kind, blob, started, pooled=False)
+
+    async def _load(
+        self, process: WorkerProcess, kind: str, blob: bytes, started: float, *, pooled: bool
+    ) -> None:
+        """Make `process` this worker's and load the context and the setup into it; on
+        failure it is killed and the error raised."""
         self._process, self.pid, self.uid, self._dead = process, process.pid, process.uid, None
         try:
-            failure = await process.load_context()
+            failure = await process.load_context(kind, blob, self._setup, peers=self._peers)
         except BaseException:
             await self._kill("start cancelled")
             raise
@@ -143,6 +175,7 @@ class Worker:
             uid=process.uid,
             context_bytes=process.context_bytes,
             duration_s=time.monotonic() - started,
+            pooled=pooled,
         )
 
     async def restart(self) -> None:

@@ -53,7 +53,7 @@ _PROGRESS_FIELDS = {
         "from_journal",
     ),
     "cell.finish": ("iteration", "cell", "status", "duration_s"),
-    "worker.start": ("isolated", "tier", "duration_s"),
+    "worker.start": ("isolated", "tier", "duration_s", "pooled"),
     "budget.refuse": ("limit", "cap", "committed", "requested"),
 }
 

@@ -39,6 +39,7 @@ class Metrics:
         self.http_429_sent = 0
         self.upstream_429 = 0
         self.sandbox_tiers: Counter[str] = Counter()
+        self.pooled_workers = 0
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
@@ -71,6 +72,8 @@ class Metrics:
                 self.upstream_429 += 1
             elif kind == "worker.start":
                 self.sandbox_tiers[str(f.get("tier") or "unknown")] += 1
+                if f.get("pooled"):
+                    self.pooled_workers += 1
 
         return observe
 
@@ -105,6 +108,12 @@ class Metrics:
             "counter",
             "REPL workers started, by sandbox tier.",
             {(("tier", tier),): n for tier, n in self.sandbox_tiers.items()},
+        )
+        family(
+            "rlm_sandbox_workers_pooled_total",
+            "counter",
+            "REPL workers taken pre-started from the worker pool (the rest started on demand).",
+            {(): self.pooled_workers},
         )
         for name, (help_text, read) in self.gauges.items():
             family(name, "gauge", help_text, {(): read()})

@@ -101,6 +101,7 @@ async def run_server(
 
         otel_sinks = (SpanSink(),)
     async with Service(config, event_sinks=otel_sinks) as service:
+        note = "; ".join((note, *service.notes))
         app = create_app(service, keys)
         uv = uvicorn.Config(
             app,

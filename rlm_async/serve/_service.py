@@ -27,6 +27,7 @@ from .._config import ModelConfig, RLMConfig
 from .._context import Context
 from .._governor import BudgetLimits, Governor
 from .._rlm import RLM
+from ..sandbox import WorkerPool
 from ._admission import Admission, Tenants, TenantState
 from ._config import ServeConfig
 from ._errors import APIError
@@ -87,6 +88,8 @@ class Service:
         self.store: JobStore | None = None
         self.files: FileStore | None = None
         self.sim_base_url: str | None = None
+        self.notes: list[str] = []
+        """What the operator should know at start (said once, beside the listening line)."""
         self.metrics.gauge("rlm_queries_in_flight", "Queries running now.", lambda: self.admission.running)
         self.metrics.gauge(
             "rlm_queue_depth", "Queries admitted and waiting for a slot.", lambda: self.admission.queued
@@ -117,11 +120,36 @@ class Service:
         self._governor = Governor(first.governor)
         self._tenants = Tenants(self._governor, self.config.tenant_limits)
         for name, cfg in profiles.items():
-            rlm = RLM(config=cfg, governor=self._governor)
-            stack.push_async_callback(rlm.aclose)
-            self.rlms[name] = rlm
+            cfg = dataclasses.replace(cfg, worker_pool=self.config.worker_pool)
+            self._check_capacity(name, cfg)
+            # Entered, not only closed: `async with` opens the profile's worker pool (its
+            # first pre-start raises here when the sandbox cannot start, before serving).
+            self.rlms[name] = await stack.enter_async_context(RLM(config=cfg, governor=self._governor))
+        self.metrics.gauge(
+            "rlm_worker_pool_idle",
+            "REPL workers pre-started and waiting, over every profile.",
+            lambda: sum(p.stats().idle for p in self._pools()),
+        )
+        self.metrics.gauge(
+            "rlm_worker_pool_misses",
+            "Queries that found the worker pool empty and started a worker on demand.",
+            lambda: sum(p.stats().misses for p in self._pools()),
+        )
         self._tg = await stack.enter_async_context(anyio.create_task_group())
         return self
+
+    def _pools(self) -> list[WorkerPool]:
+        return [p for p in (r.worker_pool for r in self.rlms.values()) if p is not None]
+
+    def _check_capacity(self, name: str, cfg: RLMConfig) -> None:
+        """Admitting more queries at once than the profile may have REPL workers makes the
+        extra ones wait for a worker while they count as running: say so at start."""
+        if cfg.max_workers is not None and cfg.max_workers < self.config.max_running:
+            self.notes.append(
+                f"profile {name!r}: at most {cfg.max_workers} REPL workers at once ([rlm] max_workers) "
+                f"for max_running={self.config.max_running} queries, so queries beyond "
+                f"{cfg.max_workers} wait for a worker; raise [rlm] max_workers to match"
+            )
 
     async def __aexit__(self, *exc: object) -> None:
         if self._tg is not None:
