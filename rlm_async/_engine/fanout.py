@@ -5,7 +5,7 @@ One `FanOut` per request from a worker: every prompt is one task in the asking n
 group — never a thread per blocked call, never a per-batch concurrency cap (the governor's
 run-wide limits are the only cap). Plain sub-calls are planned for prefix caching first:
 the warm-up request of each cache bucket goes alone, and the rest of its bucket waits on a
-gate until it has finished. Below `max_depth`, `rlm_*` prompts become child RLM loops.
+gate until it has finished, then goes in a few waves. Below `max_depth`, `rlm_*` prompts become child RLM loops.
 
 A model with hedging on gets a `FanoutHedger` per fan-out of plain sub-calls: its monitor
 runs in the same task group, and each sub-call races its copies (`hedge.py`). A request that
@@ -68,8 +68,7 @@ _MIN_WAVE = 32
 """A warm-up's followers are let go in `_WAVES` waves of at least `_MIN_WAVE`, in input
 order, the event loop polling between two waves. All at once, every follower opened its
 connection before the loop next polled its sockets, so the first reached the server only
-after all had done that work (0.2 s at 1,000, 0.9-1.3 s at 5,000 measured), the server
-idle meanwhile. Waves of 32 cut that to 0.01 s but spread the rest's arrivals over much
+after all had done that work (0.2 s at 1,000, 0.9-1.3 s at 5,000 measured). Waves of 32 cut that to 0.01 s but spread the rest's arrivals over much
 longer at 5,000 (more loop passes in both processes, smaller batches); eight waves keep
 the first arrival within an eighth of that work at a handful of passes."""
 
