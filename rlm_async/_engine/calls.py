@@ -178,6 +178,7 @@ class CallPath:
             server,
             transport,
             bound=governor.estimator.prompt_tokens(request),
+            guess=governor.rate_estimator.prompt_tokens(request),
             default_max_tokens=governor.config.default_max_tokens,
             count_for_budget=capped,
         )
