@@ -708,26 +708,40 @@ def listening() -> bool:
     return bool(_sinks.get())
 
 
-@contextmanager
-def bind(
-    *,
-    query_id: str | None = None,
-    node_id: str | None = None,
-    depth: int | None = None,
-) -> Iterator[None]:
-    """Bind ids for everything emitted inside the block (and in tasks started inside it)."""
-    outer_query, outer_node, outer_depth = _ids.get()
-    token = _ids.set(
-        (
-            outer_query if query_id is None else query_id,
-            outer_node if node_id is None else node_id,
-            outer_depth if depth is None else depth,
+class bind:  # lower case: used like a function, as contextlib's context managers are
+    """Bind ids for everything emitted inside the block (and in tasks started inside it).
+
+    A class rather than a generator-based context manager: every model call binds its node
+    for as long as it runs, and a fan-out of thousands holds them all at once (a generator,
+    its frame and contextlib's wrapper each, against one small object here)."""
+
+    __slots__ = ("_ids", "_token")
+
+    def __init__(
+        self,
+        *,
+        query_id: str | None = None,
+        node_id: str | None = None,
+        depth: int | None = None,
+    ) -> None:
+        self._ids = (query_id, node_id, depth)
+        self._token: contextvars.Token[_Ids] | None = None
+
+    def __enter__(self) -> None:
+        query_id, node_id, depth = self._ids
+        outer_query, outer_node, outer_depth = _ids.get()
+        self._token = _ids.set(
+            (
+                outer_query if query_id is None else query_id,
+                outer_node if node_id is None else node_id,
+                outer_depth if depth is None else depth,
+            )
         )
-    )
-    try:
-        yield
-    finally:
-        _ids.reset(token)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._token is not None
+        _ids.reset(self._token)
+        self._token = None
 
 
 @contextmanager

@@ -448,12 +448,15 @@ async def fit(
     transport: Transport,
     *,
     bound: int,
+    guess: int,
     default_max_tokens: int,
     count_for_budget: bool,
 ) -> Fitted:
     """Refuse a prompt that cannot fit the context window, before it is sent; cut
     `max_tokens` to what still fits. `bound` is the budget estimator's upper bound of the
     prompt: when prompt bound + `max_tokens` fit the window, nothing needs counting.
+    `guess` is a fair estimate of it (the governor's rate estimator, which compaction uses
+    too), for trimming `max_tokens` when the server cannot count.
     `count_for_budget`: count anyway, because a budget cap wants an exact reservation."""
     window = settings.context_window
     max_tokens = request.max_tokens if request.max_tokens is not None else default_max_tokens
@@ -465,9 +468,9 @@ async def fit(
     )
     if not needs_window or window is None:
         return Fitted(request, counted)
-    # Without the server's count, a fair guess (4 characters a token) trims max_tokens; only a
-    # count refuses, so an estimate never turns away a prompt the server would take.
-    prompt = counted if counted is not None else request.prompt_chars() // 4
+    # Without the server's count, the fair guess trims max_tokens; only a count refuses, so
+    # an estimate never turns away a prompt the server would take.
+    prompt = counted if counted is not None else guess
     if counted is not None and counted >= window:
         chunk = request.messages[-1].content
         raise ContextLengthExceeded(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -362,16 +363,36 @@ async def _batch_on_ray(
     if args.ray_actors < 1:
         raise CLIError(f"--ray-actors is {args.ray_actors}; use at least 1")
     address = None if args.ray == "local" else args.ray
-    try:
-        import ray
-    except ImportError:
-        raise CLIError('--ray needs Ray: pip install "rlm-async[ray]"') from None
+    if importlib.util.find_spec("ray") is None:
+        raise CLIError('--ray needs Ray: pip install "rlm-async[ray]"')
+    from .ray import local_token
+
+    with ExitStack() as stack:
+        if address is None:  # Ray's token for it in a temporary file, never ~/.ray (see ray/_local.py)
+            stack.enter_context(local_token())
+        return await _run_on_ray(args, config, source, budget, progress, address, resources)
+
+
+async def _run_on_ray(
+    args: argparse.Namespace,
+    config: RLMConfig,
+    source: Path,
+    budget: Any,
+    progress: Any,
+    address: str | None,
+    resources: dict[str, float],
+) -> tuple[Any, Any]:
+    """Join the Ray at `address` (None: start one here), run the batch, leave it."""
+    import ray
+
     from .batch import DEFAULT_MAX_CONTEXT_CHARS
     from .ray import run_file_ray
 
     def connect() -> None:
         if address is None:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            # "local", not None: None would join the cluster a `ray start` on this machine
+            # left in /tmp/ray (or RAY_ADDRESS) instead of starting one.
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
         else:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
 

@@ -44,6 +44,7 @@ from aiohttp.abc import AbstractStreamWriter
 from ._descriptors import connection_budget
 from ._text import decode_utf8, scrub
 from ._types import Completion, ModelRequest, RateLimitInfo, Usage
+from ._version import __version__
 from .exceptions import (
     AuthenticationFailed,
     BadRequest,
@@ -225,25 +226,26 @@ class _EncodedOnWrite(aiohttp.payload.Payload):
     tokens, and orjson's buffer is about ten times the body). Here the body is encoded once
     to learn its length (the Content-Length header; that buffer is freed at once), and
     again as it is written: orjson is deterministic, and two encodings of 46 KB cost what
-    one encoding plus an exact-size copy did. Writing it twice is a bug (aiohttp replays a
-    body only for redirects, which `OpenAITransport` does not follow), so it raises."""
+    one encoding plus an exact-size copy did. Until then it holds only the request (whose
+    prompt the engine holds anyway), not the body's dicts. Writing it twice is a bug
+    (aiohttp replays a body only for redirects, which `OpenAITransport` does not follow),
+    so it raises."""
 
     def __init__(self, request: ModelRequest) -> None:
-        body = _body(request)
-        super().__init__(body, content_type="application/json")
-        self._size = len(orjson.dumps(body))
+        super().__init__(request, content_type="application/json")
+        self._size = len(orjson.dumps(_body(request)))
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        return orjson.dumps(self._value).decode(encoding, errors)
+        return orjson.dumps(_body(self._value)).decode(encoding, errors)
 
     async def write(self, writer: AbstractStreamWriter) -> None:
         await self.write_with_length(writer, None)
 
     async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
-        body, self._value = self._value, None
-        if body is None:
+        request, self._value = self._value, None
+        if request is None:
             raise RuntimeError("a request body was written twice")
-        data = orjson.dumps(body)
+        data = orjson.dumps(_body(request))
         if len(data) != self._size:
             raise RuntimeError(f"a request body encoded to {len(data)} bytes, not the {self._size} announced")
         await writer.write(data if content_length is None else data[:content_length])
@@ -276,6 +278,9 @@ class OpenAITransport(Transport):
         self._headers = {
             "content-type": "application/json",
             "accept": "application/json",
+            # Our own name, so that aiohttp adds none: skipping its User-Agent instead
+            # (`skip_auto_headers`) builds two header dicts more per request.
+            "user-agent": f"rlm_async/{__version__}",
             **(extra_headers or {}),
         }
         if key:
@@ -298,9 +303,8 @@ class OpenAITransport(Transport):
             connector=connector,
             timeout=self._timeout,
             headers=self._headers,
-            # No cookies between calls, no User-Agent probing: every call stands alone.
+            # No cookies between calls: every call stands alone.
             cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent",),
         )
         return self._session
 

@@ -12,6 +12,9 @@ Conventions (visible in each page's source, as an HTML comment on the line befor
   required; such blocks should be few.
 - ``<!-- run in the background -->``: a server (the simulator). It is started, the test waits
   for the ``--port`` it names to accept connections, and it is stopped when the page ends.
+  A page reads naturally with a fixed port (``--port 8412``), but each run gives the server
+  a free one: the port a background block names is replaced, in every block of its page,
+  by one the kernel just handed out, so two test runs on one machine never meet.
 - ``<!-- run in the repository root -->``: runs in the checkout itself (the README's install
   command); every other block runs in a scratch directory per page where ``configs/`` is
   the checkout's, so files the examples write land there.
@@ -30,7 +33,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -93,6 +96,26 @@ def _argv(block: Block) -> list[str]:
     return ["bash", "-euo", "pipefail", "-c", block.code]
 
 
+def _free_ports(todo: list[Block]) -> dict[str, str]:
+    """Each port a background block of the page names -> a free loopback port for this run."""
+    ports: dict[str, str] = {}
+    for b in todo:
+        if b.marker == "run in the background":
+            named = re.search(r"--port (\d+)", b.code)
+            assert named, f"{b.where}: a background block names its --port"
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))  # closed at once: the server binds it next
+                ports[named.group(1)] = str(s.getsockname()[1])
+    return ports
+
+
+def _with_ports(block: Block, ports: dict[str, str]) -> Block:
+    code = block.code
+    for written, free in ports.items():
+        code = re.sub(rf"(?<!\d){written}(?!\d)", free, code)
+    return replace(block, code=code)
+
+
 def _wait_for_port(port: int, proc: subprocess.Popen[str], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -124,6 +147,17 @@ class TestConventions:
         assert "apt-get install -y -qq --no-install-recommends" in script
         assert "sudo apt-get" not in readme
 
+    def test_each_run_gives_a_background_server_a_free_port(self) -> None:
+        """The serving page's server and every block that reaches it use a port free for
+        this run, never the fixed one the page shows."""
+        todo = [b for b in blocks(REPO / "docs" / "serve.md") if runnable(b)]
+        ports = _free_ports(todo)
+        assert list(ports) == ["8412"] and ports["8412"] != "8412"
+        ported = [_with_ports(b, ports) for b in todo]
+        assert not any("8412" in b.code for b in ported)
+        reaching = [b for b in ported if ports["8412"] in b.code]
+        assert len(reaching) == sum("8412" in b.code for b in todo) >= 4
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
@@ -132,6 +166,8 @@ def test_examples_run(page: Path, tmp_path: Path) -> None:
     todo = [b for b in blocks(page) if runnable(b)]
     if not todo:
         pytest.skip("no runnable examples on this page")
+    ports = _free_ports(todo)
+    todo = [_with_ports(b, ports) for b in todo]
     (tmp_path / "configs").symlink_to(REPO / "configs")
     env = _env()
     background: list[subprocess.Popen[str]] = []

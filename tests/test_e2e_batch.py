@@ -18,96 +18,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import bwrap_works
+from _batch_config import PRICES, read_rows, sim_config, workloads, write_config, write_input
 
-from rlm_async._governor import ModelPrice
 from rlm_async.cli import main as cli_main
 from rlm_async.sim import (
     Faults,
     KindLatency,
     LatencyModel,
     LogEntry,
-    Policies,
-    PolicySpec,
-    SimConfig,
     SimProcess,
     priced,
 )
-from rlm_async.workloads import Workload, oolong_counting, s_niah
+from rlm_async.workloads import s_niah
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-PRICES = {
-    "sim-model": ModelPrice(input_per_mtok=1.25, cached_input_per_mtok=0.125, output_per_mtok=10.0),
-    "sim-mini": ModelPrice(input_per_mtok=0.25, cached_input_per_mtok=0.025, output_per_mtok=2.0),
-}
 FAULTS = Faults(error_500=0.03, error_429=0.02, drop=0.02, malformed=0.01, retry_after_s=0.05)
 
 
 # ============================================================================ plumbing
-
-
-def write_config(path: Path, base_url: str, *, per_query_usd: float | None = None) -> Path:
-    """Temperature 0 (the journal reuses such calls), a small fan-out per query."""
-    isolation = "bwrap" if bwrap_works() else "none"
-    budget = f"\n[budget]\nmax_usd = {per_query_usd}\n" if per_query_usd is not None else ""
-    path.write_text(
-        f"""
-[rlm]
-max_iterations = 6
-
-[root]
-model = "sim-model"
-base_url = "{base_url}"
-api_key_env = ""
-max_tokens = 1024
-temperature = 0.0
-prices = {{ input_per_mtok = 1.25, cached_input_per_mtok = 0.125, output_per_mtok = 10.0 }}
-
-[sub]
-model = "sim-mini"
-base_url = "{base_url}"
-api_key_env = ""
-max_tokens = 256
-temperature = 0.0
-prices = {{ input_per_mtok = 0.25, cached_input_per_mtok = 0.025, output_per_mtok = 2.0 }}
-
-[governor]
-chars_per_token = 4.0
-
-[governor.retry]
-max_attempts = 8
-base_s = 0.05
-
-[sandbox]
-isolation = "{isolation}"
-{budget}""",
-        encoding="utf-8",
-    )
-    return path
-
-
-def workloads(n: int) -> dict[str, Workload]:
-    """Alternating needle and counting questions over small contexts, each with its truth."""
-    out: dict[str, Workload] = {}
-    for i in range(n):
-        out[f"q{i:04d}"] = s_niah("2k", seed=i) if i % 2 else oolong_counting("2k", seed=i)
-    return out
-
-
-def write_input(path: Path, items: dict[str, Workload]) -> Path:
-    with path.open("w", encoding="utf-8") as f:
-        for item_id, w in items.items():
-            f.write(json.dumps({"id": item_id, "query": w.query, "context": w.context}) + "\n")
-    return path
-
-
-def sim_config(chunks: int = 4, **overrides: Any) -> SimConfig:
-    return SimConfig(policies=Policies(root=PolicySpec(name="rlm", options={"chunks": chunks})), **overrides)
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def batch_args(input_path: Path, out: Path, config: Path, *extra: str) -> list[str]:
@@ -291,7 +220,9 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "rlm_async.cli", *args]
 
 
-def wait_for_rows(out: Path, n: int, proc: subprocess.Popen[bytes], log: Path, give_up_s: float = 150) -> None:
+def wait_for_rows(
+    out: Path, n: int, proc: subprocess.Popen[bytes], log: Path, give_up_s: float = 150
+) -> None:
     """Poll the output file until it holds `n` complete lines (the process must still run)."""
     give_up = time.monotonic() + give_up_s
     while not out.exists() or out.read_bytes().count(b"\n") < n:
@@ -533,7 +464,9 @@ class TestBadInput:
             assert sim.base_url is not None
             config = write_config(tmp_path / "rlm.toml", sim.base_url)
             code = cli_main(
-                batch_args(source, out, config, "--max-context-chars", str(limit), "--json", "--concurrency", "2")
+                batch_args(
+                    source, out, config, "--max-context-chars", str(limit), "--json", "--concurrency", "2"
+                )
             )
             sim.wait_until_idle()
             log = sim.read_log().entries

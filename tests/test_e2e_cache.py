@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
+import anyio.lowlevel
 import pytest
 from conftest import EventLog, sandbox_config
 
@@ -59,24 +60,33 @@ STEP_TOKENS = 128
 
 
 class CapturingTransport(Transport):
-    """The real HTTP transport, keeping every request it sends."""
+    """The real HTTP transport, keeping every request it sends, and for each, how many
+    requests had been handed to it when this one went on to be sent: it passes through the
+    event loop once first, so requests handed over in the same step all count."""
 
-    def __init__(self, inner: Transport, sent: list[ModelRequest]) -> None:
+    def __init__(
+        self, inner: Transport, sent: list[ModelRequest], handed: list[tuple[ModelRequest, int]]
+    ) -> None:
         self.inner = inner
         self.endpoint = inner.endpoint
         self.sent = sent
+        self.handed = handed
 
     async def complete(self, request: ModelRequest) -> Completion:
         self.sent.append(request)
+        await anyio.lowlevel.checkpoint()
+        self.handed.append((request, len(self.sent)))
         return await self.inner.complete(request)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
 
 
-def capturing(sent: list[ModelRequest]) -> Callable[[ModelConfig], Transport]:
+def capturing(
+    sent: list[ModelRequest], handed: list[tuple[ModelRequest, int]]
+) -> Callable[[ModelConfig], Transport]:
     def factory(model: ModelConfig) -> Transport:
-        return CapturingTransport(OpenAITransport(model.base_url, api_key_env=None), sent)
+        return CapturingTransport(OpenAITransport(model.base_url, api_key_env=None), sent, handed)
 
     return factory
 
@@ -90,6 +100,9 @@ class CountRun:
     events: EventLog
     log: list[LogEntry]
     sub_requests: list[ModelRequest]
+    sub_handed: list[int]
+    """For each sub-call, in the order they went on to be sent: how many sub-calls had been
+    handed to the transport by then."""
 
     @property
     def subs(self) -> list[LogEntry]:
@@ -139,6 +152,7 @@ def count_run(
     )
     events = EventLog()
     sent: list[ModelRequest] = []
+    handed: list[tuple[ModelRequest, int]] = []
     with SimProcess(sim) as server:
         assert server.base_url is not None
         config = demo_config(server.base_url)
@@ -151,16 +165,20 @@ def count_run(
         )
 
         async def go() -> RLMResult:
-            async with RLM(config=config, transport=capturing(sent), event_sinks=[events]) as rlm:
+            async with RLM(config=config, transport=capturing(sent, handed), event_sinks=[events]) as rlm:
                 return await rlm.acompletion(workload.context, workload.query)
 
         result = anyio.run(go)
     log = server.read_log().entries
     subs = [r for r in sent if r.messages[0].content == SUB_SYSTEM]
+    # The root turns before the fan-out: a sub-call's count less these is its count among
+    # the sub-calls (root turns and sub-calls never overlap here).
+    roots_before = next((i for i, r in enumerate(sent) if r.messages[0].content == SUB_SYSTEM), 0)
+    sub_handed = [n - roots_before for r, n in handed if r.messages[0].content == SUB_SYSTEM]
     assert result.status == "ok", result.detail
     assert workload.score(result.response), (result.response, workload.truth)
     assert len(subs) == chunks and all(e.status == 200 for e in log)
-    return CountRun(workload, result, events, log, subs)
+    return CountRun(workload, result, events, log, subs, sub_handed)
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +229,17 @@ class TestWarmFanOut:
         assert all(e.arrival >= warmup.finish for e in rest)
         # Not sent one after another either: most of them are in the server together.
         assert max(e.in_flight for e in rest) >= 0.5 * len(rest)
+
+    def test_the_followers_are_let_go_in_waves_not_all_at_once(self, warm_run: CountRun) -> None:
+        """When the warm-up has finished, the first followers go on to be sent before most
+        of the others have even been handed to the transport: they are let go an eighth at
+        a time (125 of the 999), with the event loop running between, rather than all in
+        one step (which had every follower open its connection before the first was sent)."""
+        assert warm_run.sub_handed[0] == 1  # the warm-up, alone
+        first_follower = warm_run.sub_handed[1]
+        wave = -(-(CHUNKS - 1) // 8)
+        assert 1 < first_follower <= 1 + 2 * wave < CHUNKS // 2
+        assert warm_run.sub_handed[-1] == CHUNKS
 
     def test_at_least_90_percent_of_the_shared_prefix_is_served_from_cache(self, warm_run: CountRun) -> None:
         """Of the shared-prefix tokens of the 1000 sub-calls, at least 90% are reported

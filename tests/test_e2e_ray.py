@@ -19,15 +19,13 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from _batch_config import PRICES, read_rows, sim_config, workloads, write_config, write_input
 from _ray_cluster import RayCluster
-from conftest import bwrap_works
 
-from rlm_async._governor import ModelPrice
-from rlm_async.sim import LogEntry, Policies, PolicySpec, RateLimits, SimConfig, SimProcess, priced
-from rlm_async.workloads import Workload, oolong_counting, s_niah
+from rlm_async.ray._local import AUTH_ENV
+from rlm_async.sim import LogEntry, RateLimits, SimProcess, priced
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 MISSING = None if importlib.util.find_spec("ray") is not None else "ray is not installed"
@@ -39,13 +37,10 @@ if MISSING and not IN_CI:
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
-PRICES = {
-    "sim-model": ModelPrice(input_per_mtok=1.25, cached_input_per_mtok=0.125, output_per_mtok=10.0),
-    "sim-mini": ModelPrice(input_per_mtok=0.25, cached_input_per_mtok=0.025, output_per_mtok=2.0),
-}
 # The cluster's limits (client side, per model); the simulator enforces their sum.
 LIMITS = {"sim-model": (600, 1_500_000), "sim-mini": (1500, 1_500_000)}
 WINDOW_S = 10.0
+CLUSTER_RATE = RateLimits(rpm=sum(r for r, _ in LIMITS.values()), tpm=sum(t for _, t in LIMITS.values()))
 
 
 @pytest.fixture(scope="module")
@@ -54,75 +49,6 @@ def cluster() -> Iterator[RayCluster]:
         pytest.fail(f"CI=true but Ray is not installed ({MISSING}); .ci/run must call .ci/install-ray")
     with RayCluster(workers=2) as c:  # stopped on the way out, failure or not
         yield c
-
-
-def write_config(path: Path, base_url: str) -> Path:
-    isolation = "bwrap" if bwrap_works() else "none"
-    (rpm_root, tpm_root), (rpm_sub, tpm_sub) = LIMITS["sim-model"], LIMITS["sim-mini"]
-    path.write_text(
-        f"""
-[rlm]
-max_iterations = 6
-
-[root]
-model = "sim-model"
-base_url = "{base_url}"
-api_key_env = ""
-max_tokens = 1024
-temperature = 0.0
-server = "off"
-prices = {{ input_per_mtok = 1.25, cached_input_per_mtok = 0.125, output_per_mtok = 10.0 }}
-
-[root.limits]
-requests_per_minute = {rpm_root}
-tokens_per_minute = {tpm_root}
-
-[sub]
-model = "sim-mini"
-base_url = "{base_url}"
-api_key_env = ""
-max_tokens = 256
-temperature = 0.0
-server = "off"
-prices = {{ input_per_mtok = 0.25, cached_input_per_mtok = 0.025, output_per_mtok = 2.0 }}
-
-[sub.limits]
-requests_per_minute = {rpm_sub}
-tokens_per_minute = {tpm_sub}
-
-[governor]
-chars_per_token = 4.0
-
-[governor.retry]
-max_attempts = 8
-base_s = 0.05
-
-[sandbox]
-isolation = "{isolation}"
-""",
-        encoding="utf-8",
-    )
-    return path
-
-
-def workloads(n: int) -> dict[str, Workload]:
-    return {f"q{i:04d}": (s_niah("2k", seed=i) if i % 2 else oolong_counting("2k", seed=i)) for i in range(n)}
-
-
-def write_input(path: Path, items: dict[str, Workload]) -> Path:
-    with path.open("w", encoding="utf-8") as f:
-        for item_id, w in items.items():
-            f.write(json.dumps({"id": item_id, "query": w.query, "context": w.context}) + "\n")
-    return path
-
-
-def sim_config() -> SimConfig:
-    rpm = sum(r for r, _ in LIMITS.values())
-    tpm = sum(t for _, t in LIMITS.values())
-    return SimConfig(
-        policies=Policies(root=PolicySpec(name="rlm", options={"chunks": 2})),
-        rate_limits=RateLimits(rpm=rpm, tpm=tpm),
-    )
 
 
 def command(source: Path, out: Path, config: Path, cluster: RayCluster, *extra: str) -> list[str]:
@@ -148,10 +74,6 @@ def command(source: Path, out: Path, config: Path, cluster: RayCluster, *extra: 
         json.dumps({cluster.worker_resource: 1}),
         *extra,
     ]
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def busiest_windows(entries: list[LogEntry]) -> dict[str, tuple[int, int]]:
@@ -189,9 +111,11 @@ class TestClusterBatch:
         source = write_input(tmp_path / "in.jsonl", items)
         out = tmp_path / "out.jsonl"
         cap = 5.0  # about $0.01 a query: room for all 300, so every row must be "ok"
-        with SimProcess(sim_config(), log_path=tmp_path / "requests.jsonl") as sim:
+        with SimProcess(
+            sim_config(chunks=2, rate_limits=CLUSTER_RATE), log_path=tmp_path / "requests.jsonl"
+        ) as sim:
             assert sim.base_url is not None
-            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            config = write_config(tmp_path / "rlm.toml", sim.base_url, limits=LIMITS, server="off")
             done = subprocess.run(
                 command(source, out, config, cluster, "--budget-usd", str(cap)),
                 capture_output=True,
@@ -230,9 +154,11 @@ class TestClusterBatch:
         source = write_input(tmp_path / "in.jsonl", items)
         out = tmp_path / "out.jsonl"
         cap = 0.2
-        with SimProcess(sim_config(), log_path=tmp_path / "requests.jsonl") as sim:
+        with SimProcess(
+            sim_config(chunks=2, rate_limits=CLUSTER_RATE), log_path=tmp_path / "requests.jsonl"
+        ) as sim:
             assert sim.base_url is not None
-            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            config = write_config(tmp_path / "rlm.toml", sim.base_url, limits=LIMITS, server="off")
             done = subprocess.run(
                 command(source, out, config, cluster, "--budget-usd", str(cap)),
                 capture_output=True,
@@ -262,9 +188,11 @@ class TestNodeDeath:
         items = workloads(150)
         source = write_input(tmp_path / "in.jsonl", items)
         out = tmp_path / "out.jsonl"
-        with SimProcess(sim_config(), log_path=tmp_path / "requests.jsonl") as sim:
+        with SimProcess(
+            sim_config(chunks=2, rate_limits=CLUSTER_RATE), log_path=tmp_path / "requests.jsonl"
+        ) as sim:
             assert sim.base_url is not None
-            config = write_config(tmp_path / "rlm.toml", sim.base_url)
+            config = write_config(tmp_path / "rlm.toml", sim.base_url, limits=LIMITS, server="off")
             with (tmp_path / "driver.log").open("w") as driver_log:
                 driver = subprocess.Popen(
                     command(source, out, config, cluster),
@@ -307,3 +235,31 @@ class TestNodeDeath:
         assert same_body_twice <= paid_twice
         # The re-run queries replayed what their dead actor had journaled.
         assert sum(a["seeded_rows"] for a in summary["ray"]["actors"]) > 0
+
+
+class TestLocalRay:
+    def test_a_local_ray_answers_and_leaves_no_token_in_home(self, tmp_path: Path) -> None:
+        """`--ray local` starts a one-machine Ray (never joining another one), answers every
+        query, and writes no ~/.ray/auth_token: such a file would turn token auth on for
+        every later `ray start` cluster on the machine, which then refuses drivers that
+        join by address."""
+        if MISSING:  # only in CI: there it must run, never skip
+            pytest.fail(f"CI=true but Ray is not installed ({MISSING}); .ci/run must call .ci/install-ray")
+        items = workloads(6)
+        source = write_input(tmp_path / "in.jsonl", items)
+        out = tmp_path / "out.jsonl"
+        home = tmp_path / "home"
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV and k != "RAY_ADDRESS"}
+        env |= {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
+        with SimProcess(sim_config(chunks=2), log_path=tmp_path / "requests.jsonl") as sim:
+            assert sim.base_url is not None
+            config = write_config(tmp_path / "rlm.toml", sim.base_url, server="off")
+            argv = [sys.executable, "-m", "rlm_async.cli", "batch", str(source), "--out", str(out)]
+            argv += ["--config", str(config), "--quiet", "--json", "--ray", "local", "--ray-actors", "1"]
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (done.stdout[:400], done.stderr[-3000:])
+        rows = read_rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(items)
+        assert all(items[r["id"]].score(r["answer"]) for r in rows)
+        assert not (home / ".ray").exists()

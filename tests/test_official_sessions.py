@@ -15,25 +15,16 @@ from typing import Any
 import anyio
 import pytest
 from _official import rlm_async_backend_kwargs, run_official
+from _session_scripts import VARIABLES, scripted, steps
 from conftest import sandbox_config
 
 import rlm_async
-from rlm_async.sim import Policies, PolicySpec, SimConfig, SimServer
+from rlm_async.sim import SimServer
 from rlm_async.sim._config import Persona
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ASK = '```repl\nreply = llm_query("TASK ask\\nsay hello")\nprint(len(reply) > 0)\n```'
-VARIABLES = """```repl
-try:
-    calls += 1
-except NameError:
-    calls = 1
-names = sorted(n for n in dir() if n.startswith(("context", "history")))
-answer["content"] = f"call {calls}: {names}"
-answer["ready"] = True
-```"""
-
 SCRIPT = """
 import glob, json, tempfile
 
@@ -58,16 +49,25 @@ class _TestRLM(rlm_async.RLM):
         self.config = dataclasses.replace(self.config, sandbox=sandbox_config())
 
 
-def _run_ours(sim: SimServer) -> dict[str, Any]:
+def _run_ours(script: str, sim: SimServer) -> dict[str, Any]:
+    """Run `script` under rlm_async in this thread, with what the official harness's
+    preamble gives a script (`backend_kwargs`, `report`); return what it reported."""
     reported: dict[str, Any] = {}
     namespace: dict[str, Any] = {
         "RLM": _TestRLM,
         "RLMLogger": rlm_async.RLMLogger,
-        "backend_kwargs": lambda: rlm_async_backend_kwargs(sim),
+        "backend_kwargs": lambda model=None: rlm_async_backend_kwargs(sim, model or "sim-model"),
         "report": reported.update,
     }
-    exec(compile(textwrap.dedent(SCRIPT), "<same script>", "exec"), namespace)
+    exec(compile(textwrap.dedent(script), "<same script>", "exec"), namespace)
     return reported
+
+
+async def _run_both(script: str, sim: SimServer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What `script` reported under the official package, then under rlm_async."""
+    official = await run_official(OFFICIAL_IMPORTS + textwrap.dedent(script), sim)
+    ours = await anyio.to_thread.run_sync(_run_ours, script, sim)
+    return official.report, ours
 
 
 def _shape(value: Any, key: str = "") -> Any:
@@ -88,19 +88,17 @@ class TestPersistentParity:
         """Three calls of one persistent RLM: the official package and rlm_async answer the
         same, expose the same context_N/history_N variables, and write logs of the same
         structure (the same line types, keys and value types)."""
-        script = PolicySpec(name="script", options={"replies": [ASK, VARIABLES]})
-        config = SimConfig(policies=Policies(root=script, other=script))
+        config = scripted(ASK, VARIABLES)
         async with SimServer(config) as sim:
-            official = await run_official(OFFICIAL_IMPORTS + textwrap.dedent(SCRIPT), sim)
-            ours = await anyio.to_thread.run_sync(_run_ours, sim)
+            theirs, ours = await _run_both(SCRIPT, sim)
         expected = [
             "call 1: ['context', 'context_0']",
             "call 2: ['context', 'context_0', 'context_1', 'history', 'history_0']",
             "call 3: ['context', 'context_0', 'context_1', 'context_2', 'history', 'history_0', 'history_1']",
         ]
-        assert official.report["answers"] == expected
+        assert theirs["answers"] == expected
         assert ours["answers"] == expected
-        theirs_log, our_log = official.report["log"], ours["log"]
+        theirs_log, our_log = theirs["log"], ours["log"]
         assert [line["type"] for line in our_log] == [line["type"] for line in theirs_log]
         assert [line["type"] for line in our_log] == ["metadata"] + ["iteration"] * 6
         assert [_shape(line) for line in our_log] == [_shape(line) for line in theirs_log]
@@ -110,33 +108,13 @@ class TestPersistentParity:
             assert call["prompt"] == "TASK ask\nsay hello"
 
 
-STEPS = """```repl
-try:
-    step += 1
-except NameError:
-    step = 1
-print(f"step {step}: " + "lorem ipsum dolor " * 200)
-if step >= 10:
-    answer["content"] = f"{step} steps; history: {len(history)} entries, {sum(isinstance(h, dict) for h in history)} summaries"
-    answer["ready"] = True
-```"""
+STEPS = steps("lorem ipsum dolor ", 200, until=10)
 """Each turn prints 3,600 characters (about 900 tokens): an 8,192-token window fills fast."""
 
 COMPACTION_SCRIPT = """
 r = RLM(backend="openai", backend_kwargs=backend_kwargs(model="gpt-4"), compaction=True, max_iterations=20)
 report(answer=r.completion("some context", root_prompt="Count the steps.").response)
 """
-
-
-def _run_ours_compaction(sim: SimServer) -> dict[str, Any]:
-    reported: dict[str, Any] = {}
-    namespace: dict[str, Any] = {
-        "RLM": _TestRLM,
-        "backend_kwargs": lambda model: rlm_async_backend_kwargs(sim, model),
-        "report": reported.update,
-    }
-    exec(compile(textwrap.dedent(COMPACTION_SCRIPT), "<same script>", "exec"), namespace)
-    return reported
 
 
 class TestCompactionParity:
@@ -146,18 +124,14 @@ class TestCompactionParity:
         reads it from the server): the same script, compacted at 85%, ends with the same
         answer, and the REPL's `history` holds the same turns and summaries."""
         summary = "SUMMARY: printed lorem ipsum each step; the counter is `step`."
-        script = PolicySpec(
-            name="script", options={"replies": [STEPS], "on_last_user": {"Summarize your progress": summary}}
-        )
-        config = SimConfig(
-            policies=Policies(root=script, other=script),
+        config = dataclasses.replace(
+            scripted(STEPS, on_last_user={"Summarize your progress": summary}),
             persona=Persona.vllm(),
             context_window=8192,
             models=("gpt-4",),
         )
         async with SimServer(config) as sim:
-            official = await run_official(OFFICIAL_IMPORTS + textwrap.dedent(COMPACTION_SCRIPT), sim)
-            ours = await anyio.to_thread.run_sync(_run_ours_compaction, sim)
-        assert official.report["answer"].startswith("10 steps; history: ")
-        assert not official.report["answer"].endswith(" 0 summaries")
-        assert ours["answer"] == official.report["answer"], (ours, official.report)
+            theirs, ours = await _run_both(COMPACTION_SCRIPT, sim)
+        assert theirs["answer"].startswith("10 steps; history: ")
+        assert not theirs["answer"].endswith(" 0 summaries")
+        assert ours["answer"] == theirs["answer"], (ours, theirs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 import socket
+import subprocess
+import sys
 from decimal import Decimal
 
 import pytest
@@ -40,6 +42,25 @@ class TestTable:
         small = table.cost("claude-sonnet-4-5", Usage(100_000, 0)) / 100_000
         large = table.cost("claude-sonnet-4-5", Usage(300_000, 0)) / 300_000
         assert large > small
+
+
+class TestLazyTable:
+    def test_table_is_loaded_only_for_a_model_without_override(self) -> None:
+        """Importing the engine and pricing overridden models loads neither genai-prices nor
+        pydantic (about 11 MB resident); the first model without an override loads them."""
+        code = (
+            "import sys\n"
+            "from rlm_async import RLM\n"
+            "from rlm_async._governor import ModelPrice, PriceTable\n"
+            "from rlm_async._types import Usage\n"
+            "table = PriceTable({'sim-*': ModelPrice.free()})\n"
+            "assert table.cost('sim-sub', Usage(10, 10)) == 0\n"
+            "print(sorted(m for m in ('genai_prices', 'pydantic') if m in sys.modules))\n"
+            "assert table.cost('gpt-4o-mini', Usage(1_000_000, 0)) > 0\n"
+            "print(sorted(m for m in ('genai_prices', 'pydantic') if m in sys.modules))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.split("\n")[:2] == ["[]", "['genai_prices', 'pydantic']"]
 
 
 class TestOverrides:

@@ -5,7 +5,9 @@ itself is tested end to end in tests/test_e2e_ray.py.
 
 from __future__ import annotations
 
+import os
 import random
+import stat
 from decimal import Decimal
 from pathlib import Path
 from typing import cast
@@ -17,8 +19,9 @@ from rlm_async._governor import ManualClock, RequestTooLarge
 from rlm_async._governor._estimate import CharsPerTokenEstimator
 from rlm_async._types import Completion, Message, ModelRequest, Usage
 from rlm_async.exceptions import ConfigError
-from rlm_async.ray import BudgetBook, Coordinator, PacedGrants, Pacing
+from rlm_async.ray import BudgetBook, Coordinator, PacedGrants, Pacing, local_token
 from rlm_async.ray._journal_store import CURRENT_QUERY, JournalStore, ReplicatedJournal, StoreRow
+from rlm_async.ray._local import AUTH_ENV
 from rlm_async.ray._pool import LeasedTransport, LeasePool
 from rlm_async.testing import ScriptedTransport
 
@@ -288,3 +291,32 @@ class TestRayFlagsOnTheCommandLine:
         assert cli_main([*base, "--ray", "127.0.0.1:1", "--ray-actors", "0"]) == 2
         assert "--ray-actors is 0; use at least 1" in capsys.readouterr().err
         assert not (tmp_path / "out.jsonl").exists()
+
+
+class TestLocalToken:
+    def test_a_local_ray_gets_a_private_token_that_is_gone_afterwards(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Inside the block Ray is pointed at a fresh token in a file only its owner can
+        read, in a directory of its own; afterwards the file, the directory and every auth
+        variable (RAY_AUTH_MODE included, which ray.init sets) are gone."""
+        for name in AUTH_ENV:
+            monkeypatch.delenv(name, raising=False)
+        with local_token() as path:
+            assert path is not None and os.environ["RAY_AUTH_TOKEN_PATH"] == str(path)
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+            assert len(path.read_text(encoding="ascii")) == 64
+            assert Path.home() not in path.parents
+            os.environ["RAY_AUTH_MODE"] = "token"  # what ray.init does for the processes it starts
+        assert not path.parent.exists()
+        assert [name for name in AUTH_ENV if name in os.environ] == []
+
+    def test_auth_the_environment_configures_is_left_alone(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """RAY_AUTH_MODE (or a token) set by the user: no token is made, nothing changes."""
+        for name in AUTH_ENV:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+        with local_token() as path:
+            assert path is None and "RAY_AUTH_TOKEN_PATH" not in os.environ
+        assert os.environ["RAY_AUTH_MODE"] == "disabled"

@@ -21,10 +21,11 @@ from conftest import EventLog, model, sandbox_config
 from rlm_async._cache import CacheSettings
 from rlm_async._config import ModelConfig, RLMConfig
 from rlm_async._events import CallFinish, ServerDetected, WarmupDecision
-from rlm_async._governor import EndpointLimits, ModelPrice
+from rlm_async._governor import EndpointLimits, Governor, ModelPrice
 from rlm_async._result import RLMResult
 from rlm_async._rlm import RLM
 from rlm_async._servers import (
+    Fitted,
     ServerProfile,
     count_prompt_tokens,
     detect,
@@ -257,8 +258,17 @@ def request(chunk_chars: int, max_tokens: int | None = 4096) -> ModelRequest:
     )
 
 
+RATE = Governor().rate_estimator
+"""The engine's fair guess of a prompt's tokens (4 characters a token, plus allowances)."""
+
+
 def counting_server(count: int) -> FakeServer:
     return FakeServer({("POST", "/tokenize"): ok({"count": count, "max_model_len": 4096})})
+
+
+async def _fit(request: ModelRequest, *args: Any, **kwargs: Any) -> Fitted:
+    """`fit` with the guess the engine passes: the governor's rate estimate."""
+    return await fit(request, *args, guess=RATE.prompt_tokens(request), **kwargs)
 
 
 class TestFit:
@@ -268,7 +278,7 @@ class TestFit:
         fake = counting_server(4500)
         settings = resolve(model("m", EP), vllm_profile())
         with pytest.raises(ContextLengthExceeded, match=r"18,000 characters.*4,096 tokens"):
-            await fit(
+            await _fit(
                 request(18_000), settings, fake, bound=18_100, default_max_tokens=8192, count_for_budget=False
             )
         assert [p for _, p, _ in fake.probed] == ["/tokenize"]
@@ -276,7 +286,7 @@ class TestFit:
     async def test_max_tokens_is_cut_to_what_still_fits(self) -> None:
         """A 1,000-token prompt with max_tokens 4,096 in a 4,096 window asks for 3,096."""
         settings = resolve(model("m", EP), vllm_profile())
-        fitted = await fit(
+        fitted = await _fit(
             request(4000),
             settings,
             counting_server(1000),
@@ -290,7 +300,7 @@ class TestFit:
         """Byte bound + max_tokens inside the window: no tokenize request, nothing changed."""
         fake = counting_server(10)
         settings = resolve(model("m", EP), vllm_profile(window=100_000))
-        fitted = await fit(
+        fitted = await _fit(
             request(100), settings, fake, bound=200, default_max_tokens=8192, count_for_budget=False
         )
         assert fitted.request == request(100) and fitted.prompt_tokens is None and not fake.probed
@@ -299,7 +309,7 @@ class TestFit:
         """With a budget cap the prompt is counted even when it fits, so the reservation is
         the server's count, not the byte bound."""
         settings = resolve(model("m", EP), vllm_profile(window=100_000))
-        fitted = await fit(
+        fitted = await _fit(
             request(100),
             settings,
             counting_server(40),
@@ -313,7 +323,7 @@ class TestFit:
         """No tokenize endpoint: max_tokens is trimmed by a 4-characters-a-token guess, and
         the prompt is left for the server to judge."""
         settings = resolve(model("m", EP, context_window=4096), ServerProfile(endpoint=EP))
-        fitted = await fit(
+        fitted = await _fit(
             request(4000),
             settings,
             FakeServer({}),
@@ -322,7 +332,7 @@ class TestFit:
             count_for_budget=False,
         )
         assert fitted.request.max_tokens is not None and fitted.request.max_tokens < 4096
-        huge = await fit(
+        huge = await _fit(
             request(40_000),
             settings,
             FakeServer({}),
@@ -538,6 +548,10 @@ class TestDoctor:
                 code = await anyio.to_thread.run_sync(main, ["doctor", "--config", str(path), "--json"])
             assert code == 0 and len(sim.log) == 0
         (decision,) = json.loads(out.getvalue())
-        assert (decision["server"], decision["cache_source"], decision["context_window"]) == ("vllm", "detected", 40_960)
+        assert (decision["server"], decision["cache_source"], decision["context_window"]) == (
+            "vllm",
+            "detected",
+            40_960,
+        )
         assert (decision["max_concurrency"], decision["limits_source"]) == (256, "configured")
         assert decision["min_cacheable_tokens"] == 16

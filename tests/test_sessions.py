@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 import pytest
+from _session_scripts import VARIABLES, scripted, steps
 from conftest import EventLog, model, open_sim, sandbox_config, sim_config
 
 from rlm_async import RLM, ModelPrice, RLMConfig
@@ -32,26 +33,10 @@ from rlm_async.sandbox import _procs as procs
 from rlm_async.sandbox import start_worker
 from rlm_async.sandbox._config import WorkerRequest
 from rlm_async.sim import SimConfig, SimServer
-from rlm_async.sim._config import CacheModel, Persona, Policies, PolicySpec
+from rlm_async.sim._config import CacheModel, Persona
 from rlm_async.sim.server import SimProcess
 
 pytestmark = pytest.mark.e2e
-
-VARIABLES = """```repl
-try:
-    calls += 1
-except NameError:
-    calls = 1
-names = sorted(n for n in dir() if n.startswith(("context", "history")))
-answer["content"] = f"call {calls}: {names}"
-answer["ready"] = True
-```"""
-"""Every call: count the calls this REPL has seen and list its context/history variables."""
-
-
-def _script(*replies: str, **options: Any) -> SimConfig:
-    spec = PolicySpec(name="script", options={"replies": list(replies), **options})
-    return SimConfig(policies=Policies(root=spec, other=spec))
 
 
 @asynccontextmanager
@@ -114,7 +99,7 @@ class TestSession:
         and, as the official package names them, context_0..2, history_0..1 and the two
         aliases; the answer of one call never ends the next one's first turn."""
         peek = "```repl\nprint(type(context).__name__)\n```"
-        async with _rlm(_script(peek, VARIABLES)) as (rlm, sim), rlm.session() as session:
+        async with _rlm(scripted(peek, VARIABLES)) as (rlm, sim), rlm.session() as session:
             answers = [(await session.completion(ctx, "what?")).response for ctx in ("a", ["b"], {"c": "d"})]
             assert (session.contexts, session.histories) == (3, 3)
         assert answers == [
@@ -129,7 +114,7 @@ class TestSession:
         """With `worker_pool` open, the session's first call takes a pre-started worker (its
         context loaded after the worker's `hello`); the next call runs in that same worker."""
         events = EventLog()
-        async with open_sim(_script(VARIABLES)) as sim:
+        async with open_sim(scripted(VARIABLES)) as sim:
             async with (
                 RLM(config=sim_config(sim, worker_pool=1), event_sinks=[events]) as rlm,
                 rlm.session() as session,
@@ -148,7 +133,7 @@ class TestSession:
             '```repl\nanswer["content"] = repr([m["role"] for m in history_0]) + "|" '
             '+ history_0[1]["content"].splitlines()[-1]\nanswer["ready"] = True\n```'
         )
-        config = _script(peek, by_query={"first": [VARIABLES]})
+        config = scripted(peek, by_query={"first": [VARIABLES]})
         async with _rlm(config) as (rlm, _), rlm.session() as session:
             await session.completion("ctx", "first")
             second = await session.completion("ctx2", "second")
@@ -160,7 +145,7 @@ class TestSession:
         """After `async with rlm.session()` the session's worker, and every process it
         started, is gone from the host (found by scanning /proc)."""
         spawn = '```repl\nimport subprocess\nsubprocess.Popen(["sleep", "300"])\nanswer["content"] = "spawned"\nanswer["ready"] = True\n```'
-        async with _rlm(_script(spawn)) as (rlm, _):
+        async with _rlm(scripted(spawn)) as (rlm, _):
             async with rlm.session() as session:
                 result = await session.completion("ctx", "go")
                 pid = session.worker_pid
@@ -176,7 +161,7 @@ class TestSession:
         the model gets says so."""
         crash = "```repl\nimport os, signal\nmine = 1\nos.kill(os.getpid(), signal.SIGKILL)\n```"
         check = "```repl\nanswer[\"content\"] = f\"{sorted(n for n in dir() if n.startswith(('context', 'history', 'mine')))}\"\nanswer[\"ready\"] = True\n```"
-        config = _script(VARIABLES, by_query={"crash": [crash, check]})
+        config = scripted(VARIABLES, by_query={"crash": [crash, check]})
         logger = RLMLogger()
         async with open_sim(config) as sim:
             rlm = RLM(config=sim_config(sim), logger=logger)
@@ -203,7 +188,7 @@ class TestSession:
             "'history', 'mine')))}\"\nanswer[\"ready\"] = True\n```"
         )
         logger = RLMLogger()
-        async with open_sim(_script(crash, check)) as sim:
+        async with open_sim(scripted(crash, check)) as sim:
             official = RLM(config=sim_config(sim), custom_system_prompt="You are an RLM.", logger=logger)
             async with official.session() as session:
                 await session.completion("first", "one")
@@ -224,7 +209,7 @@ class TestSession:
         contexts and histories, and its first message says the variables are gone."""
         logger = RLMLogger()
         events = EventLog()
-        async with open_sim(_script(VARIABLES)) as sim:
+        async with open_sim(scripted(VARIABLES)) as sim:
             rlm = RLM(config=sim_config(sim), logger=logger, event_sinks=[events])
             async with rlm.session() as session:
                 await session.completion("first", "one")
@@ -247,7 +232,7 @@ class TestSession:
     @pytest.mark.asyncio
     async def test_a_closed_session_refuses_calls(self) -> None:
         """A session is not reusable once closed: the error says to open a new one."""
-        async with _rlm(_script(VARIABLES)) as (rlm, _):
+        async with _rlm(scripted(VARIABLES)) as (rlm, _):
             async with rlm.session() as session:
                 await session.completion("ctx", "q")
             with pytest.raises(ConfigError, match="open a new one"):
@@ -258,7 +243,7 @@ class TestSession:
         """`RLM(persistent=True)`: plain acompletion calls share one worker per event loop;
         aclose() kills it."""
         events = EventLog()
-        async with open_sim(_script(VARIABLES)) as sim:
+        async with open_sim(scripted(VARIABLES)) as sim:
             config = sim_config(sim)
             rlm = RLM(config=config, persistent=True, event_sinks=[events])
             first = await rlm.acompletion("a", "q")
@@ -275,7 +260,7 @@ class TestSyncPersistent:
         """The synchronous official form: `RLM(persistent=True).completion(...)` twice shares
         one worker (its event loop lives in a thread); `close()` leaves no process behind."""
         events = EventLog()
-        with SimProcess(_script(VARIABLES), log_path=tmp_path / "requests.jsonl") as sim:
+        with SimProcess(scripted(VARIABLES), log_path=tmp_path / "requests.jsonl") as sim:
             assert sim.base_url is not None
             model = {"model_name": "sim-model", "base_url": sim.base_url, "prices": ModelPrice.free()}
             with RLM(backend="openai", backend_kwargs=model, persistent=True, event_sinks=[events]) as rlm:
@@ -310,7 +295,7 @@ class TestSyncPersistent:
                 """
             )
         )
-        with SimProcess(_script(VARIABLES), log_path=tmp_path / "requests.jsonl") as sim:
+        with SimProcess(scripted(VARIABLES), log_path=tmp_path / "requests.jsonl") as sim:
             assert sim.base_url is not None
             done = subprocess.run(
                 [sys.executable, "-W", "ignore", str(script), sim.base_url, str(sim.pid)],
@@ -339,16 +324,7 @@ class TestSyncPersistent:
         assert running() == []
 
 
-STEPS = """```repl
-try:
-    step += 1
-except NameError:
-    step = 1
-print(f"step {step}: " + "lorem ipsum " * 150)
-if step >= 12:
-    answer["content"] = f"{step} steps; history: {len(history)} entries, {sum(isinstance(h, dict) for h in history)} summaries"
-    answer["ready"] = True
-```"""
+STEPS = steps("lorem ipsum ", 150, until=12)
 """Each turn prints ~1,800 characters, so the conversation grows past any small window."""
 
 SUMMARY = "SUMMARY: I printed lorem ipsum blocks; the step counter is in `step`."
@@ -362,7 +338,7 @@ class TestCompaction:
         the summary request is served from cache up to the turn before it, and the turn after
         a summary still hits the cached system prompt and first message."""
         config = dataclasses.replace(
-            _script(STEPS, on_last_user={"Summarize your progress so far": SUMMARY}),
+            scripted(STEPS, on_last_user={"Summarize your progress so far": SUMMARY}),
             persona=Persona.vllm(),
             context_window=6000,
             cache=CacheModel(min_tokens=16, step_tokens=16),
@@ -398,7 +374,7 @@ class TestCompaction:
     @pytest.mark.asyncio
     async def test_no_compaction_below_the_threshold(self) -> None:
         """A short conversation under the threshold is never summarised."""
-        config = _script(VARIABLES)
+        config = scripted(VARIABLES)
         events = EventLog()
         async with _rlm(config, compaction=True) as (rlm, sim):
             result = await rlm.acompletion("ctx", "q", event_sinks=[events])
@@ -419,7 +395,7 @@ class TestLogger:
         their usage) and the answer; the result carries the same trajectory."""
         ask = '```repl\nreply = llm_query("TASK ask\\nsay hi")\nprint(reply)\n```'
         done = '```repl\nanswer["content"] = "done"\nanswer["ready"] = True\n```'
-        async with open_sim(_script(ask, done)) as sim:
+        async with open_sim(scripted(ask, done)) as sim:
             logger = RLMLogger(log_dir=str(tmp_path / "logs"))
             backend = {
                 "model_name": "sim-model",

@@ -6,6 +6,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from itertools import combinations
+from random import Random
 
 import pytest
 
@@ -18,6 +19,8 @@ from rlm_async.workloads import (
     oolong_counting,
     oolong_pairs,
     parse_query,
+    parse_record,
+    parse_records,
     parse_size,
     s_niah,
 )
@@ -169,3 +172,67 @@ class TestQueries:
         assert make_workload("oolong-pairs", 5000).name == "oolong-pairs-5000"
         with pytest.raises(ValueError, match="unknown workload"):
             make_workload("nope", "8k")
+
+
+def records_line_by_line(text: str) -> list[tuple[int, str | None]]:
+    """What `parse_records` must equal: `parse_record` of each line, non-records left out."""
+    return [r for line in text.splitlines() if (r := parse_record(line)) is not None]
+
+
+class TestParseRecords:
+    def test_a_whole_context_reads_as_its_lines_do(self) -> None:
+        """The records of a generated context, read in one scan, equal those read line by line."""
+        text = text_of(oolong_counting("64k", seed=4).context)
+        found = parse_records(text)
+        assert len(found) > 500
+        assert found == records_line_by_line(text)
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "",
+            "no records here\nat all",
+            "Date: x || User: 12 || Instance: What is a {0}?",
+            "Date: x || User: 12 || Instance: What is the population of Paris?  \nnext",
+            "Date: x || User: +12 || Instance: q",  # int() takes it; the scan's digits do not
+            "Date: x || User:  12 || Instance: q",
+            "Date: x || User: 1_2 || Instance: q",
+            "Date: x || User: \u0661\u0662 || Instance: q",  # Arabic-Indic digits: int() reads 12
+            "Date: x || User: 12 || Instance: q || extra",  # a third separator: not a record
+            "Date: x || || User: 12 || Instance: q",  # overlapping separators
+            "a || b\nDate: x || User: 12 || Instance: q",  # a separator on a line that is no record
+            "Date: x || User: 12 || Instance: q\r\nDate: y || User: 13 || Instance: r",
+            "Date: x || User: 12 || Instance: q\x1cDate: y || User: 13 || Instance: r",
+            "Date: x || User: 12 || Instance: q\u2028Date: y || User: 13 || Instance: r",
+            "Date: x || User: 12 || Instance:q",
+            "|| User: 12 || Instance: q\n || User: 13 || Instance: r\n",
+        ],
+    )
+    def test_texts_a_scan_could_misread_read_as_their_lines_do(self, text: str) -> None:
+        """Odd line breaks, stray or overlapping separators, and user ids that only int() reads
+        give what the line-by-line reading gives."""
+        real = "Date: Jan 01, 2023 || User: 7 || Instance: " + next(iter(_questions()))
+        for sample in (text, text + "\n" + real, real + "\n" + text):
+            assert parse_records(sample) == records_line_by_line(sample), sample
+
+    def test_random_edits_of_records_read_as_their_lines_do(self) -> None:
+        """Seeded random edits of real record lines (separators, digits, spaces, line breaks
+        inserted or deleted) never make the scan differ from the line-by-line reading."""
+        rng = Random(12)
+        lines = text_of(oolong_counting("8k", seed=1).context).split("\n")[:40]
+        pieces = [" || ", "||", " ", "User: ", "Instance: ", "7", "+", "\n", "\r", "\u2029", "x", "|"]
+        for _ in range(600):
+            sample = lines[rng.randrange(len(lines)) :][: rng.randint(1, 5)]
+            text = "\n".join(sample)
+            for _ in range(rng.randint(0, 3)):
+                at = rng.randrange(len(text) + 1)
+                if rng.random() < 0.7:
+                    text = text[:at] + rng.choice(pieces) + text[at:]
+                else:
+                    text = text[:at] + text[at + rng.randint(1, 4) :]
+            assert parse_records(text) == records_line_by_line(text), text
+
+
+def _questions() -> dict[str, None]:
+    text = text_of(oolong_counting("8k", seed=2).context)
+    return {line.rsplit("Instance: ", 1)[1]: None for line in text.split("\n")}

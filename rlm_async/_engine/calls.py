@@ -12,6 +12,8 @@ already paid for is lost.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -131,37 +133,52 @@ class CallPath:
         Returns the completion and whether it came from the journal."""
         server = await self._engine.server_settings(model)
         fitted = await self._fit(call.request, server, call.transport)
-        request = fitted.request
-
-        async def send_copy(copy_tally: CallTally) -> Completion:
-            governed = await self._engine.governor.call(
-                request,
-                call.transport,
-                ledger=self._state.ledger,
-                price=model.prices,
-                limits=server.limits,
-                tally=copy_tally,
-                call_id=call.call_id,  # so that its call.retry events name the call
-                bill_cancelled_prompt=call.hedge is not None,
-                prompt_tokens=fitted.prompt_tokens,
-            )
-            return governed.completion
-
-        async def send() -> Completion:
-            if call.hedge is None:
-                return await send_copy(tally)
-            hedger, slot = call.hedge
-            completion, summary = await hedger.race(slot, call.call_id, send_copy, tally)
-            if summary is not None:
-                hedged.append(summary)
-            return completion
-
+        # Partials of methods, not closures: a wide fan-out holds thousands of these calls
+        # at once, and each nested closure costs a coroutine frame, a function and its cells.
+        copy = functools.partial(self._governed, call, model, server, fitted)
+        send: Callable[[], Awaitable[Completion]] = (
+            functools.partial(copy, tally)
+            if call.hedge is None
+            else functools.partial(self._hedged, call, copy, tally, hedged)
+        )
         journal = self._engine.journal
         if journal is None:
             return await send(), False
         # Every call goes through the journal: reusable ones are looked up (and identical
         # temperature-0 ones in flight sent once); all are recorded.
-        return await journal.call(request, send, call_id=call.call_id)
+        return await journal.call(fitted.request, send, call_id=call.call_id)
+
+    async def _governed(
+        self, call: _Call, model: ModelConfig, server: ServerSettings, fitted: Fitted, tally: CallTally
+    ) -> Completion:
+        """One governed copy of the call: budget reserved, limits waited for, sent, retried."""
+        governed = await self._engine.governor.call(
+            fitted.request,
+            call.transport,
+            ledger=self._state.ledger,
+            price=model.prices,
+            limits=server.limits,
+            tally=tally,
+            call_id=call.call_id,  # so that its call.retry events name the call
+            bill_cancelled_prompt=call.hedge is not None,
+            prompt_tokens=fitted.prompt_tokens,
+        )
+        return governed.completion
+
+    async def _hedged(
+        self,
+        call: _Call,
+        copy: Callable[[CallTally], Awaitable[Completion]],
+        tally: CallTally,
+        hedged: list[HedgeSummary],
+    ) -> Completion:
+        """The hedger's race of governed copies inside this one logical call."""
+        assert call.hedge is not None
+        hedger, slot = call.hedge
+        completion, summary = await hedger.race(slot, call.call_id, copy, tally)
+        if summary is not None:
+            hedged.append(summary)
+        return completion
 
     async def _fit(self, request: ModelRequest, server: ServerSettings, transport: Transport) -> Fitted:
         """Refuse a prompt that cannot fit the window, cut `max_tokens` to what fits, and
@@ -178,6 +195,7 @@ class CallPath:
             server,
             transport,
             bound=governor.estimator.prompt_tokens(request),
+            guess=governor.rate_estimator.prompt_tokens(request),
             default_max_tokens=governor.config.default_max_tokens,
             count_for_budget=capped,
         )

@@ -139,11 +139,13 @@ class Engine:
         """A REPL worker for one RLM node (or a session's root), `setup`'s tools and values
         loaded with its context: from the pool when one is open for this very sandbox
         configuration (same tier, same limits), else started now. Either way its process
-        cap counts the slots' cap of workers that may be alive beside it (`peers`)."""
+        cap counts the slots' cap of workers that may be alive beside it (`peers`).
+        `context` is trusted: the root's was checked at `RLM.acompletion`, a child's is the
+        str prompt its parent's code passed."""
         pool = self.pool
         if pool is not None and pool.config == self.config.sandbox:
-            return await pool.start_worker(context, setup, peers=self.slots.cap)
-        return await start_worker(context, self.config.sandbox, setup, peers=self.slots.cap)
+            return await pool.start_worker(context, setup, peers=self.slots.cap, checked=True)
+        return await start_worker(context, self.config.sandbox, setup, peers=self.slots.cap, checked=True)
 
     def transport_for(self, model: ModelConfig) -> Transport:
         key = (model.base_url, model.api_key_env)

@@ -21,7 +21,7 @@ from .. import _events, _official_prompts
 from .._config import ModelConfig
 from .._context import Context
 from .._journal.keys import budget_note
-from .._parsing import find_code_blocks, find_final, truncate_output
+from .._parsing import FinalMarker, find_code_blocks, find_final, truncate_output
 from .._prompts import (
     compaction_system_note,
     describe_context,
@@ -74,6 +74,22 @@ class _TurnResult:
         """A cell raised, wrote to stderr or was stopped: an error turn, as the official
         package counts them for `max_errors`."""
         return any(r.stderr or r.status not in ("ok", "output_limit") for r in self.results)
+
+
+@dataclasses.dataclass(slots=True)
+class _Turn:
+    """What the cells of one reply have shown so far; `ended` makes it a `_TurnResult`."""
+
+    limit: int
+    """`output_limit_chars`: each block's share of the observation."""
+    parts: list[str] = dataclasses.field(default_factory=list)
+    results: list[CellResult] = dataclasses.field(default_factory=list)
+    logged: list[CodeBlock] = dataclasses.field(default_factory=list)
+
+    def ended(self, answer: str | None) -> _TurnResult:
+        return _TurnResult(
+            answer, _observation(self.parts, self.limit), tuple(self.results), tuple(self.logged)
+        )
 
 
 class RLMLoop:
@@ -399,104 +415,159 @@ class RLMLoop:
         `turn_timeout_s`; then look for FINAL/FINAL_VAR. A worker that died (for any reason)
         is replaced before anything else runs in it."""
         blocks = find_code_blocks(reply)
-        parts: list[str] = []
-        results: list[CellResult] = []
-        logged: list[CodeBlock] = []
-        limit = self._config.output_limit_chars
+        turn = _Turn(self._config.output_limit_chars)
+        answer = await self._run_blocks(worker, blocks, iteration, handler, turn, logging=logging)
+        if answer is not None:  # code set it: a FINAL line in the reply is not looked at
+            return turn.ended(answer)
+        marker = find_final(reply)
+        if marker is not None:
+            answer = await self._final_marker(worker, marker, turn.parts)
+        elif not blocks:
+            turn.parts.append(
+                "Your reply had no ```repl block and no FINAL(...) line. Write Python in a ```repl block "
+                "to work with `context`, or give your answer as FINAL(...)."
+            )
+        return turn.ended(answer)
+
+    async def _run_blocks(
+        self,
+        worker: Worker,
+        blocks: list[str],
+        iteration: int,
+        handler: SubCallHandler,
+        turn: _Turn,
+        *,
+        logging: bool,
+    ) -> str | None:
+        """Run `blocks` in order until one sets the answer (returned) or the turn's time runs
+        out; what each showed goes into `turn`."""
         turn_limit = self._config.turn_timeout_s
         clock = self._engine.clock
         deadline = None if turn_limit is None else clock() + turn_limit
         for index, code in enumerate(blocks, start=1):
             left = None if deadline is None else deadline - clock()
             if left is not None and left <= 0:
-                parts.append(_not_run(index, len(blocks), turn_limit))
+                turn.parts.append(_not_run(index, len(blocks), turn_limit))
                 break
-            await self._ensure_alive(worker, parts)
-            _events.emit(_events.CellStart, iteration=iteration, cell=index)
-            result: CellResult | None = None
-            calls = handler.observe() if logging else None
-            try:
-                with anyio.move_on_after(math.inf if left is None else left):
-                    result = await worker.run_cell(code, handler)
-            finally:
-                handler.stop_observing()
-            if calls is not None and result is not None:
-                logged.append(await _logged_block(worker, code, result, calls))
+            await self._ensure_alive(worker, turn.parts)
+            result = await self._run_block(
+                worker, code, iteration, index, handler, turn, left, logging=logging
+            )
             if result is None:  # the turn's bound ran out inside this block
-                _events.emit(
-                    _events.CellFinish,
-                    iteration=iteration,
-                    cell=index,
-                    duration_s=left or 0.0,
-                    status="turn_timeout",
-                    stdout_chars=0,
-                    stderr_chars=0,
-                    error=f"stopped at turn_timeout_s={turn_limit:g}",
-                )
-                stopped = (
-                    f"[stopped: the turn's time limit (turn_timeout_s={turn_limit:g} s, all blocks of one "
-                    "reply together) ran out while this block ran]"
-                )
-                parts.append(f"{_head(index, len(blocks))}:\n{stopped}")
-                results.append(
-                    CellResult(
-                        stdout="",
-                        stderr="",
-                        error=stopped,
-                        status="timeout",
-                        final_answer=None,
-                        dropped_output_bytes=0,
-                        duration_s=left or 0.0,
-                        worker_dead=True,
-                    )
-                )
-                await self._ensure_alive(worker, parts)
-                if index < len(blocks):
-                    parts.append(_not_run(index + 1, len(blocks), turn_limit))
+                await self._turn_ran_out(worker, iteration, index, len(blocks), left or 0.0, turn)
                 break
-            _events.emit(
-                _events.CellFinish,
-                iteration=iteration,
-                cell=index,
-                duration_s=result.duration_s,
-                status=result.status,
-                stdout_chars=len(result.stdout),
-                stderr_chars=len(result.stderr),
-                error=result.error,
-            )
-            parts.append(truncate_output(_cell_text(index, len(blocks), result), limit))
-            results.append(result)
-            if result.worker_dead:
-                await self._ensure_alive(worker, parts, why=result.status)
+            await self._observe(worker, iteration, index, len(blocks), result, turn)
             if result.final_answer is not None:
-                return _TurnResult(result.final_answer, _observation(parts, limit), tuple(results), tuple(logged))
-        marker = find_final(reply)
-        if marker is not None:
-            if marker.kind == "text":
-                return _TurnResult(marker.value, _observation(parts, limit), tuple(results), tuple(logged))
-            await self._ensure_alive(worker, parts)
-            value = await worker.get_variable(marker.value)
-            if value is not None:
-                return _TurnResult(value, _observation(parts, limit), tuple(results), tuple(logged))
-            if not worker.alive:  # str() of it hung (or the worker died): not "no such variable"
-                timeout = self._config.sandbox.cell_timeout_s
-                parts.append(
-                    f"FINAL_VAR({marker.value}): turning {marker.value!r} into text did not finish"
-                    + (f" within {timeout:g} s" if timeout is not None else "")
-                    + " (its __str__ hangs?), so the worker was killed."
-                )
-                await self._ensure_alive(worker, parts, why="get_variable")
-            else:
-                parts.append(
-                    f"FINAL_VAR({marker.value}): no variable named {marker.value!r} exists. "
-                    "Assign it in a ```repl block first."
-                )
-        if not blocks and marker is None:
-            parts.append(
-                "Your reply had no ```repl block and no FINAL(...) line. Write Python in a ```repl block "
-                "to work with `context`, or give your answer as FINAL(...)."
+                return result.final_answer
+        return None
+
+    async def _run_block(
+        self,
+        worker: Worker,
+        code: str,
+        iteration: int,
+        index: int,
+        handler: SubCallHandler,
+        turn: _Turn,
+        left: float | None,
+        *,
+        logging: bool,
+    ) -> CellResult | None:
+        """One block, within the `left` seconds of the turn (None: the bound ran out while it
+        ran). With `logging`, it and the sub-calls it made go into the official log."""
+        _events.emit(_events.CellStart, iteration=iteration, cell=index)
+        result: CellResult | None = None
+        calls = handler.observe() if logging else None
+        try:
+            with anyio.move_on_after(math.inf if left is None else left):
+                result = await worker.run_cell(code, handler)
+        finally:
+            handler.stop_observing()
+        if calls is not None and result is not None:
+            turn.logged.append(await _logged_block(worker, code, result, calls))
+        return result
+
+    async def _observe(
+        self, worker: Worker, iteration: int, index: int, total: int, result: CellResult, turn: _Turn
+    ) -> None:
+        """What block `index` of `total` did, into the trace and the observation; a worker
+        it left dead is replaced."""
+        _events.emit(
+            _events.CellFinish,
+            iteration=iteration,
+            cell=index,
+            duration_s=result.duration_s,
+            status=result.status,
+            stdout_chars=len(result.stdout),
+            stderr_chars=len(result.stderr),
+            error=result.error,
+        )
+        turn.parts.append(truncate_output(_cell_text(index, total, result), turn.limit))
+        turn.results.append(result)
+        if result.worker_dead:
+            await self._ensure_alive(worker, turn.parts, why=result.status)
+
+    async def _turn_ran_out(
+        self, worker: Worker, iteration: int, index: int, total: int, ran_s: float, turn: _Turn
+    ) -> None:
+        """The turn's time ran out inside block `index` (its cell was cancelled, which killed
+        the worker): a timeout result for it, a fresh worker, and a note on the blocks after
+        it, which do not run."""
+        turn_limit = self._config.turn_timeout_s
+        _events.emit(
+            _events.CellFinish,
+            iteration=iteration,
+            cell=index,
+            duration_s=ran_s,
+            status="turn_timeout",
+            stdout_chars=0,
+            stderr_chars=0,
+            error=f"stopped at turn_timeout_s={turn_limit:g}",
+        )
+        stopped = (
+            f"[stopped: the turn's time limit (turn_timeout_s={turn_limit:g} s, all blocks of one "
+            "reply together) ran out while this block ran]"
+        )
+        turn.parts.append(f"{_head(index, total)}:\n{stopped}")
+        turn.results.append(
+            CellResult(
+                stdout="",
+                stderr="",
+                error=stopped,
+                status="timeout",
+                final_answer=None,
+                dropped_output_bytes=0,
+                duration_s=ran_s,
+                worker_dead=True,
             )
-        return _TurnResult(None, _observation(parts, limit), tuple(results), tuple(logged))
+        )
+        await self._ensure_alive(worker, turn.parts)
+        if index < total:
+            turn.parts.append(_not_run(index + 1, total, turn_limit))
+
+    async def _final_marker(self, worker: Worker, marker: FinalMarker, parts: list[str]) -> str | None:
+        """The answer a FINAL(...) or FINAL_VAR(name) line gives, or None with a note in
+        `parts` saying why FINAL_VAR gave none."""
+        if marker.kind == "text":
+            return marker.value
+        await self._ensure_alive(worker, parts)
+        value = await worker.get_variable(marker.value)
+        if value is not None:
+            return value
+        if not worker.alive:  # str() of it hung (or the worker died): not "no such variable"
+            timeout = self._config.sandbox.cell_timeout_s
+            parts.append(
+                f"FINAL_VAR({marker.value}): turning {marker.value!r} into text did not finish"
+                + (f" within {timeout:g} s" if timeout is not None else "")
+                + " (its __str__ hangs?), so the worker was killed."
+            )
+            await self._ensure_alive(worker, parts, why="get_variable")
+        else:
+            parts.append(
+                f"FINAL_VAR({marker.value}): no variable named {marker.value!r} exists. "
+                "Assign it in a ```repl block first."
+            )
+        return None
 
     async def _ensure_alive(self, worker: Worker, parts: list[str], *, why: str | None = None) -> None:
         """Replace a worker that is not running, and tell the model its variables are gone."""

@@ -50,6 +50,8 @@ __all__ = ["CallTally", "GovernedCompletion", "Governor", "GovernorConfig"]
 _log = structlog.get_logger("rlm_async.governor")
 # Ids for the calls of a governor used without the engine (which passes its own).
 _standalone_call_ids = itertools.count(1)
+_ONE_CALL = Charge(Usage(calls=1))
+"""A call the server saw that reported nothing (frozen: one instance serves every call)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,6 +128,30 @@ class CallTally:
     def attempts(self) -> int:
         """Attempts sent so far; 0 when none was (a budget refusal, a cancelled wait)."""
         return self.spent.usage.calls
+
+
+def _before_sleep(
+    tally: CallTally, call_id: str, model: str, endpoint: str
+) -> Callable[[tenacity.RetryCallState], None]:
+    """What tenacity calls before each backoff: counts the wait and emits `call.retry`. Made
+    only once a first attempt failed (most calls never retry; a wide fan-out holds
+    thousands of calls at once)."""
+
+    def before_sleep(retry_state: tenacity.RetryCallState) -> None:
+        wait = retry_state.upcoming_sleep
+        tally.backoff_s += wait
+        error = retry_state.outcome.exception() if retry_state.outcome is not None else None
+        emit(
+            CallRetry,
+            call_id=call_id,
+            attempt=retry_state.attempt_number,
+            error=f"{type(error).__name__}: {error}",
+            wait_s=wait,
+            model=model,
+            endpoint=endpoint,
+        )
+
+    return before_sleep
 
 
 class Governor:
@@ -220,27 +246,13 @@ class Governor:
         tally = tally if tally is not None else CallTally()
         retry_id = call_id if call_id is not None else f"g{next(_standalone_call_ids)}"
 
-        def before_sleep(retry_state: tenacity.RetryCallState) -> None:
-            wait = retry_state.upcoming_sleep
-            tally.backoff_s += wait
-            error = retry_state.outcome.exception() if retry_state.outcome is not None else None
-            emit(
-                CallRetry,
-                call_id=retry_id,
-                attempt=retry_state.attempt_number,
-                error=f"{type(error).__name__}: {error}",
-                wait_s=wait,
-                model=model,
-                endpoint=transport.endpoint,
-            )
-
         cancelled_charge = (
             Charge(
                 Usage(prompt_bound, calls=1),
                 self.prices.reserve_cost(model, prompt_bound, 0, override=price),
             )
             if bill_cancelled_prompt
-            else Charge(Usage(calls=1))
+            else _ONE_CALL
         )
         args = (request, transport, state, ledger, reserve, rate_tokens, price, tally, cancelled_charge)
         try:
@@ -250,6 +262,7 @@ class Governor:
         except RetryableError as exc:
             if self.config.retry.max_attempts <= 1:
                 raise
+            before_sleep = _before_sleep(tally, retry_id, model, transport.endpoint)
             completion = await self._retry(exc, args, before_sleep)
         spent = tally.spent.usage
         return GovernedCompletion(
@@ -315,7 +328,7 @@ class Governor:
             if sent:
                 # The server saw it; no usage reported. Cancelled, it may still bill input.
                 cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
-                failed = cancelled_charge if cancelled else Charge(Usage(calls=1))
+                failed = cancelled_charge if cancelled else _ONE_CALL
                 ledger.settle(reservation, failed)
                 tally.spent += failed
             else:

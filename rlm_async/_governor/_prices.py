@@ -18,6 +18,11 @@ engine checks every model the tree may call): a cap that cannot count would sile
 limit anything.
 
 Money is `Decimal`, so sums are exact and a cap of $1.00 admits exactly the calls that fit.
+
+genai-prices is imported on the first model that no override prices, not with this module:
+it brings pydantic, about 11 MB of resident memory in every process (the engine's own
+imports are about 50 MB), which a run whose models all have overrides (a self-hosted model,
+the simulator) never needs.
 """
 
 from __future__ import annotations
@@ -29,9 +34,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import genai_prices
 import structlog
-from genai_prices import data_snapshot
 
 from .._events import PriceUnknown, emit
 from .._types import Usage
@@ -150,6 +153,8 @@ class PriceTable:
                     break
         if override is not None:
             return override.cost
+        from genai_prices import data_snapshot
+
         try:
             _, info = data_snapshot.get_snapshot().find_provider_model(model, None, None, None)
         except LookupError:
@@ -178,15 +183,18 @@ class PriceTable:
 class _GenaiPricer:
     """Prices a `Usage` with one of genai-prices' resolved price records."""
 
-    __slots__ = ("_price",)
+    __slots__ = ("_price", "_usage")
 
     def __init__(self, price: Any) -> None:
+        from genai_prices import Usage as GenaiUsage
+
         self._price = price
+        self._usage = GenaiUsage
 
     def __call__(self, usage: Usage) -> Decimal:
         # genai-prices counts `input_tokens` including cache reads, as OpenAI reports them.
         calc = self._price.calc_price(
-            genai_prices.Usage(
+            self._usage(
                 input_tokens=usage.prompt_tokens,
                 cache_read_tokens=usage.cached_tokens,
                 output_tokens=usage.completion_tokens,

@@ -203,14 +203,20 @@ class WorkerPool:
 
     # -- handing out
     async def start_worker(
-        self, context: Context, setup: ReplSetup | None = None, *, peers: int | None = None
+        self,
+        context: Context,
+        setup: ReplSetup | None = None,
+        *,
+        peers: int | None = None,
+        checked: bool = False,
     ) -> Worker:
         """A worker with `context` and `setup` (tools, values) loaded: a pre-started one
         when the pool has one up, else one started now (as `start_worker` would). Either way
         it is the caller's alone and is killed by its `aclose()`; the pool starts a
-        replacement in the background. `peers` as `start_worker` takes it (default: the
-        pool's)."""
-        context = validate_context(context)
+        replacement in the background. `peers` and `checked` as `start_worker` takes them
+        (`peers` default: the pool's)."""
+        if not checked:
+            context = validate_context(context)
         peers = self.peers if peers is None else peers
         if self._stack is None:
             raise SandboxError("the worker pool is not open: use it as `async with WorkerPool(...)`")

@@ -5,8 +5,9 @@ in `_cell`. The public face is `rlm_async.sandbox`."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, TypeVar, cast
 
 import anyio
 
@@ -24,6 +25,7 @@ from ._protocol import Outcome, clean, describe_exit, parse_request
 __all__ = ["Worker", "start_worker"]
 
 _MiB = 1 << 20
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -36,7 +38,12 @@ class _SetVariable:
 
 
 async def start_worker(
-    context: Context, config: SandboxConfig, setup: ReplSetup | None = None, *, peers: int | None = None
+    context: Context,
+    config: SandboxConfig,
+    setup: ReplSetup | None = None,
+    *,
+    peers: int | None = None,
+    checked: bool = False,
 ) -> Worker:
     """Start a worker with `context` (and `context_0`) loaded, and `setup`'s tools and
     values (kept for every restart). Raises `ContextTypeError` for
@@ -47,8 +54,13 @@ async def start_worker(
     engine passes `RLMConfig.max_workers`). It matters only where the worker shares the
     engine's uid (landlock or none tier, engine not root): RLIMIT_NPROC then caps the whole
     uid, so each worker's cap leaves `max_processes` for every peer. None: the workers of
-    this process alive or starting when this one starts."""
-    context = validate_context(context)  # a public entry of its own, as RLM.acompletion is
+    this process alive or starting when this one starts.
+
+    `checked`: the caller ran `validate_context` where the context entered (the engine's
+    contexts were, at `RLM.acompletion`), so it is not checked again here. Values nested
+    in a list or dict are looked at either way, when the context is encoded."""
+    if not checked:
+        context = validate_context(context)  # a public entry of its own, as RLM.acompletion is
     plan = await plan_isolation(config)
     return await Worker.start(context, config, plan, setup, peers=peers)
 
@@ -337,67 +349,24 @@ class Worker:
         `locals`. Empty when the worker is not running or does not answer within
         `cell_timeout_s` (then it is killed: check `alive`)."""
         async with self._busy:
-            process = self._process
-            if self._dead is not None or process is None:
+            if self._dead is not None or self._process is None:
                 return {}
-            names: dict[str, str] = {}
-            kill: str | None = None
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(drain, process.fds[0], Capture(0))
-                    tg.start_soon(drain, process.fds[1], Capture(0))
-                    try:
-                        with anyio.fail_after(self._config.cell_timeout_s):
-                            await process.channel.send({"op": "describe"})
-                            names = await _await_names(process)
-                    except TimeoutError:
-                        kill = "timeout in describe_variables"
-                    except (ProtocolViolation, ChannelClosed) as exc:
-                        kill = f"describe_variables failed: {exc}"
-                    finally:
-                        tg.cancel_scope.cancel()
-            except BaseException:
-                await self._kill("cancelled in describe_variables")
-                raise
-            if kill is not None:
-                await self._kill(kill)
-                return {}
-            return names
+            names = await self._exchange("describe_variables", _Request({"op": "describe"}, "names"), _names)
+            return {} if isinstance(names, _Failed) else names
 
     def holds(self, name: str) -> bool:
         """Whether `name` is a variable the engine set (`set_variable`)."""
         return name in self._set
 
     async def _send_variable(self, name: str, value: Any, aliases: tuple[str, ...], *, append: bool) -> None:
-        process = self._process
-        assert process is not None
         kind, blob = await anyio.to_thread.run_sync(encode_context, cast(Context, value))
-        failure: str | None = None
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(drain, process.fds[0], Capture(0))
-                tg.start_soon(drain, process.fds[1], Capture(0))
-                try:
-                    with anyio.fail_after(self._config.start_timeout_s):
-                        await process.channel.send(
-                            {"op": "setvar", "name": name, "type": kind, "aliases": list(aliases), "append": append},
-                            blob,
-                        )
-                        del blob
-                        await _await_set(process)
-                except TimeoutError:
-                    failure = f"it did not take {name!r} within start_timeout_s={self._config.start_timeout_s}"
-                except (ProtocolViolation, ChannelClosed) as exc:
-                    failure = f"it died while taking {name!r} ({exc})"
-                finally:
-                    tg.cancel_scope.cancel()
-        except BaseException:
-            await self._kill("cancelled in set_variable")
-            raise
-        if failure is not None:
-            await self._kill(failure)
+        frame = {"op": "setvar", "name": name, "type": kind, "aliases": list(aliases), "append": append}
+        request = _Request(frame, "set", blob)
+        del blob  # the request drops it once sent: a large value is then held by the worker alone
+        failed = await self._exchange("set_variable", request, _nothing, limit="start_timeout_s")
+        if isinstance(failed, _Failed):
             raise SandboxError(
-                f"the REPL worker could not take the variable {name!r}: {failure}; a value that large "
+                f"the REPL worker could not take the variable {name!r}: {failed.reason}; a value that large "
                 f"may not fit its memory_bytes={self._config.memory_bytes:,}"
             )
 
@@ -411,83 +380,110 @@ class Worker:
     async def _get_variable(self, name: str) -> str | None:
         if not isinstance(name, str) or not name.isidentifier() or self._dead is not None:
             return None
+        value = await self._exchange("get_variable", _Request({"op": "getvar", "name": name}, "var"), _value)
+        return None if isinstance(value, _Failed) else value
+
+    async def _exchange(
+        self,
+        what: str,
+        request: _Request,
+        parse: Callable[[dict[str, Any]], _T],
+        *,
+        limit: Literal["cell_timeout_s", "start_timeout_s"] = "cell_timeout_s",
+    ) -> _T | _Failed:
+        """Send `request` outside a cell and `parse` its reply, within the config's `limit`.
+        Meanwhile the worker's stdout and stderr are drained and thrown away (a thread the
+        last cell left running may print, and a full pipe would block it), and sub-calls
+        are refused. No reply in time, a closed channel or a malformed frame: the worker is
+        killed and `_Failed` says why. Cancelled: the worker is killed. Hold `_busy`."""
         process = self._process
         assert process is not None
-        value: str | None = None
-        kill: str | None = None
+        seconds = self._config.cell_timeout_s if limit == "cell_timeout_s" else self._config.start_timeout_s
+        outcome: _T | _Failed
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(drain, process.fds[0], Capture(0))
                 tg.start_soon(drain, process.fds[1], Capture(0))
                 try:
-                    with anyio.fail_after(self._config.cell_timeout_s):
-                        value = await _ask_variable(process, name)
+                    with anyio.fail_after(seconds):
+                        await process.channel.send(request.frame, request.blob)
+                        request.blob = b""
+                        outcome = parse(await _await_reply(process, request.reply))
                 except TimeoutError:
-                    kill = "timeout in get_variable"
+                    outcome = _Failed(f"no reply to {what} within {limit}={seconds}")
                 except (ProtocolViolation, ChannelClosed) as exc:
-                    kill = f"get_variable failed: {exc}"
+                    outcome = _Failed(f"{what} failed: {exc}")
                 finally:
                     tg.cancel_scope.cancel()
         except BaseException:
-            await self._kill("cancelled in get_variable")
+            await self._kill(f"cancelled in {what}")
             raise
-        if kill is not None:
-            await self._kill(kill)
-            return None
-        return value
+        if isinstance(outcome, _Failed):
+            await self._kill(outcome.reason)
+        return outcome
 
 
-async def _await_set(process: WorkerProcess) -> None:
-    """Read up to the `set` reply, refusing sub-calls meanwhile (as `_ask_variable` does)."""
-    channel = process.channel
-    while True:
-        msg, blob = await channel.receive()
-        if msg["op"] == "set":
-            return
-        if msg["op"] == "request":
-            await _refuse_request(process, msg, blob)
-        elif msg["op"] != "done":
-            raise ProtocolViolation(f"unexpected {msg['op']!r} frame")
+@dataclass(slots=True)
+class _Request:
+    """One request on the control channel outside a cell, and the op of the frame that
+    answers it."""
+
+    frame: dict[str, Any]
+    reply: str
+    blob: bytes = b""
+    """Dropped once sent, so a large value is not held twice while the worker loads it."""
 
 
-async def _await_names(process: WorkerProcess) -> dict[str, str]:
-    """Read up to the `names` reply; its content is untrusted: only str -> str kept."""
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A request the worker did not answer: it was killed for `reason`."""
+
+    reason: str
+
+
+async def _await_reply(process: WorkerProcess, op: str) -> dict[str, Any]:
+    """Read up to the frame `op`, refusing sub-calls meanwhile (threads the last cell left
+    running may still make them)."""
     while True:
         msg, blob = await process.channel.receive()
-        if msg["op"] == "names":
-            raw = msg.get("names")
-            if not isinstance(raw, dict):
-                raise ProtocolViolation("malformed 'names' frame")
-            return {clean(str(k))[:200]: clean(str(v))[:200] for k, v in list(raw.items())[:200]}
+        if msg["op"] == op:
+            return msg
         if msg["op"] == "request":
             await _refuse_request(process, msg, blob)
         elif msg["op"] != "done":
             raise ProtocolViolation(f"unexpected {msg['op']!r} frame")
+
+
+def _nothing(msg: dict[str, Any]) -> None:
+    """The `set` reply carries nothing but its arrival."""
+
+
+def _names(msg: dict[str, Any]) -> dict[str, str]:
+    """The `names` reply; its content is untrusted: only str -> str kept, and bounded."""
+    raw = msg.get("names")
+    if not isinstance(raw, dict):
+        raise ProtocolViolation("malformed 'names' frame")
+    return {clean(str(k))[:200]: clean(str(v))[:200] for k, v in list(raw.items())[:200]}
+
+
+def _value(msg: dict[str, Any]) -> str | None:
+    """The `var` reply: the variable's str(), or None when it is not defined."""
+    found, raw = msg.get("found"), msg.get("value")
+    if found is True and isinstance(raw, str):
+        return clean(raw)
+    if found is not False:
+        raise ProtocolViolation("malformed 'var' frame")
+    return None
 
 
 async def _refuse_request(process: WorkerProcess, msg: dict[str, Any], blob: bytearray) -> None:
     rid, _ = parse_request(msg, blob)
     await process.channel.send(
-        {"op": "reply", "id": rid, "error": "unavailable", "message": "sub-calls are served only while a cell runs"},
+        {
+            "op": "reply",
+            "id": rid,
+            "error": "unavailable",
+            "message": "sub-calls are served only while a cell runs",
+        },
         atomic=True,
     )
-
-
-async def _ask_variable(process: WorkerProcess, name: str) -> str | None:
-    """Send `getvar` and read up to its `var` reply, refusing sub-calls meanwhile (threads
-    the last cell left running may still make them)."""
-    channel = process.channel
-    await channel.send({"op": "getvar", "name": name})
-    while True:
-        msg, blob = await channel.receive()
-        if msg["op"] == "var":
-            found, raw = msg.get("found"), msg.get("value")
-            if found is True and isinstance(raw, str):
-                return clean(raw)
-            if found is not False:
-                raise ProtocolViolation("malformed 'var' frame")
-            return None
-        if msg["op"] == "request":
-            await _refuse_request(process, msg, blob)
-        elif msg["op"] != "done":
-            raise ProtocolViolation(f"unexpected {msg['op']!r} frame")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import orjson
 
 from .._prompts import root_system_prompt, sub_system_prompt
 from .._types import Message
@@ -488,16 +489,26 @@ class SimApp:
 
 def _parse_body(body: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(body)
+        # orjson: about four times faster than `json` on a fan-out's 10-50 KB bodies. It
+        # refuses a few things `json` takes (NaN, integers over 64 bits, escaped lone
+        # surrogates), so whatever it refuses is parsed again by `json`, which decides.
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = _parse_body_stdlib(body)
+    if not isinstance(data, dict):
+        raise _Refused(400, "bad_request", "The request body must be a JSON object.")
+    return data
+
+
+def _parse_body_stdlib(body: bytes) -> Any:
+    try:
+        return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _Refused(
             400,
             "bad_request",
             f"We could not parse the JSON body of your request. ({exc})",
         ) from None
-    if not isinstance(data, dict):
-        raise _Refused(400, "bad_request", "The request body must be a JSON object.")
-    return data
 
 
 def _parse_messages(raw: Any) -> tuple[Message, ...]:
@@ -590,7 +601,10 @@ def _completion_json(
     }
     if not report_usage:
         del body["usage"]
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+    try:
+        return orjson.dumps(body)  # the same compact JSON as below, several times faster
+    except TypeError:  # a lone surrogate in the reply, which orjson refuses to encode
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 def _headers(extra: dict[str, str], length: int, request_id: str | None) -> list[tuple[bytes, bytes]]:

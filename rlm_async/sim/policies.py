@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 from .._types import Message
 from ..exceptions import ConfigError
-from ..workloads import CATEGORIES, QueryTask, find_needle, parse_query, parse_record
+from ..workloads import CATEGORIES, QueryTask, classify_question, find_needle, parse_query, parse_records
 from ._config import PolicySpec
 
 __all__ = [
@@ -443,6 +443,11 @@ class ReaderPolicy:
 
     name = "reader"
 
+    def __init__(self) -> None:
+        # The oracle's question pools are built on first use (about 0.2 s): here, at server
+        # start, rather than inside the first sub-call, a fan-out's warm-up.
+        classify_question("")
+
     def __call__(self, request: PolicyRequest) -> str:
         prompt = request.last_user()
         instruction, chunk = split_sub_prompt(prompt)
@@ -456,19 +461,11 @@ class ReaderPolicy:
             assert task.key is not None
             value = find_needle(chunk, task.key)
             return "NONE" if value is None else f"NUMBER: {value}"
+        records = parse_records(chunk)
         if task.kind == "count":
-            count = 0
-            for line in chunk.splitlines():
-                rec = parse_record(line)
-                if rec is not None and rec[1] == task.label:
-                    count += 1
-            return f"COUNT: {count}"
-        users: set[int] = set()
+            return f"COUNT: {sum(1 for _, category in records if category == task.label)}"
         wanted = set(task.labels)
-        for line in chunk.splitlines():
-            rec = parse_record(line)
-            if rec is not None and rec[1] in wanted:
-                users.add(rec[0])
+        users = {user for user, category in records if category in wanted}
         return "USERS: " + (", ".join(str(u) for u in sorted(users)) if users else "NONE")
 
 

@@ -4,9 +4,13 @@
 The HTTP server is uvicorn, serving the raw ASGI app in `_app`. Uvicorn because it is a
 well-kept server that runs inside an existing asyncio loop (tests share one loop with the
 engine under test) and can be handed an already-bound socket (port 0, read back before the
-first request). It uses its pure-Python h11 parser unless `httptools` is installed; measured
-here, the server spends about 0.4 ms of CPU per request either way (1000-2000 concurrent
-requests on fresh loopback connections), so the extra dependency is not worth it.
+first request). In the current event loop (`SimServer`) it uses its pure-Python h11 parser.
+In a process of its own (`SimProcess`, `serve`), where the simulator stands in for a
+provider's machines in the fan-out benchmarks, it runs on uvloop with the httptools parser
+when both are installed (the `sim` extra, part of `dev`): measured with
+`benchmarks/sim_cpu.py`, that cuts the simulator's CPU per request in a 5,000-way fan-out of
+13 KB bodies from about 0.75 to 0.57 ms, which the benchmark's two cores share with the
+engine. Without them it falls back to asyncio and h11.
 
 `SimServer` needs the asyncio backend (uvicorn is asyncio-only). Uvicorn runs each
 connection in a task of its own, outside any task group of ours; `SimServer` therefore
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -69,9 +74,14 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_config(app: SimApp) -> uvicorn.Config:
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _uvicorn_config(app: SimApp, *, http: str = "h11") -> uvicorn.Config:
     return uvicorn.Config(
         app,
+        http=http,
         lifespan="off",
         ws="none",
         log_config=None,
@@ -88,8 +98,10 @@ class _Server(uvicorn.Server):
     """Uvicorn, told when it is listening, cancelling our requests at shutdown, and (when
     it is a guest in someone else's loop) leaving signal handling to the host program."""
 
-    def __init__(self, app: SimApp, *, on_started: Callable[[], None], own_signals: bool) -> None:
-        super().__init__(_uvicorn_config(app))
+    def __init__(
+        self, app: SimApp, *, on_started: Callable[[], None], own_signals: bool, http: str = "h11"
+    ) -> None:
+        super().__init__(_uvicorn_config(app, http=http))
         self._app = app
         self._on_started = on_started
         self._own_signals = own_signals
@@ -213,10 +225,13 @@ def serve(
 ) -> None:
     """Run the simulator until SIGINT/SIGTERM (blocking). `on_ready(base_url)` is called
     once it listens."""
-    anyio.run(_serve, config or SimConfig(), host, port, on_ready)
+    fast = _installed("uvloop") and _installed("httptools")
+    anyio.run(_serve, config or SimConfig(), host, port, on_ready, fast, backend_options={"use_uvloop": fast})
 
 
-async def _serve(config: SimConfig, host: str, port: int, on_ready: Callable[[str], None] | None) -> None:
+async def _serve(
+    config: SimConfig, host: str, port: int, on_ready: Callable[[str], None] | None, fast: bool
+) -> None:
     app = SimApp(config)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
@@ -226,7 +241,7 @@ async def _serve(config: SimConfig, host: str, port: int, on_ready: Callable[[st
             on_ready(f"http://{host}:{bound}/v1")
 
     logging.getLogger("uvicorn.error").addFilter(_QuietDeliberateAborts())
-    server = _Server(app, on_started=started, own_signals=True)
+    server = _Server(app, on_started=started, own_signals=True, http="httptools" if fast else "h11")
     try:
         await server.serve([sock])
     finally:
