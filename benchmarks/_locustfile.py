@@ -45,23 +45,26 @@ class RLMUser(HttpUser):
         item = _take()
         if item is None:
             raise StopUser()
-        started = time.time()
+        started, started_mono = time.time(), time.monotonic()
         body = {
             "model": _MODEL,
             "messages": [{"role": "user", "content": item["query"]}],
             "rlm": {"file_id": item["file_id"]},
         }
-        record: dict[str, Any] = {"started": started}
+        # Monotonic too: the same clock as the server's trace events and the simulator's
+        # log (CLOCK_MONOTONIC is system-wide), so a query's pieces line up across processes.
+        record: dict[str, Any] = {"started": started, "started_mono": started_mono}
         with self.client.post(
             "/v1/chat/completions", json=body, catch_response=True, timeout=600
         ) as response:
-            record["finished"] = time.time()
+            record["finished"], record["finished_mono"] = time.time(), time.monotonic()
             record["status_code"] = response.status_code
             if response.status_code == 200:
                 data = response.json()
                 answer = data["choices"][0]["message"]["content"]
                 record["answer"] = answer
                 record["rlm_status"] = data["rlm"]["status"]
+                record["query_id"] = data["rlm"].get("query_id")  # its trace, under --trace
                 record["correct"] = str(item["truth"]) in answer
                 if not record["correct"]:
                     response.failure(f"wrong answer {answer!r} (truth {item['truth']})")

@@ -40,6 +40,7 @@ from typing import Any
 
 import httpx
 from _provenance import provenance
+from _serve_breakdown import CpuSampler, format_table, medians, query_pieces, sim_pieces
 
 from rlm_async.sim import SimConfig, SimProcess
 from rlm_async.workloads import oolong_counting, parse_size
@@ -84,14 +85,24 @@ def _wait_pool_full(c: httpx.Client, pool: int, timeout_s: float = 120.0) -> flo
     return time.monotonic() - t0
 
 
-def _start(config_path: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _start(
+    config_path: Path, log: Path, trace_dir: Path, code: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The server, from this checkout or from the rlm_async source tree `code` (another
+    version's, for an A/B in one run: it runs in that directory, so `-m` imports its
+    package first; traced only if that version has `serve --trace`)."""
     env = {k: v for k, v in os.environ.items() if k != "RLM_SERVE_KEYS"}
+    argv = [sys.executable, "-m", "rlm_async.cli", "serve", "--config", str(config_path), "--port", "0"]
+    src = code or ROOT
+    if "trace_dir" in (src / "rlm_async" / "serve" / "_config.py").read_text():
+        argv += ["--trace", str(trace_dir)]
     with open(log, "wb") as stderr:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rlm_async.cli", "serve", "--config", str(config_path), "--port", "0"],
+            argv,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             env=env,
+            cwd=src,
             start_new_session=True,
         )
     deadline = time.monotonic() + 60
@@ -106,12 +117,32 @@ def _start(config_path: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("the server did not start")
 
 
+def _profilers(
+    directory: Path | None, pids: dict[str, int | None], pool: int
+) -> list[subprocess.Popen[bytes]]:
+    """py-spy (if installed: `pip install py-spy`) sampling each process during the burst,
+    writing collapsed stacks (`DIR/<name>-pool<N>-<pid>.txt`, one line per stack and its
+    sample count); `benchmarks/serve_load.py --profile DIR` sums them by function."""
+    if directory is None:
+        return []
+    spy = Path(sys.executable).with_name("py-spy")
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, pid in pids.items():
+        if pid is None:
+            continue
+        path = directory / f"{name}-pool{pool}-{pid}.txt"
+        argv = [str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "100"]
+        argv += ["--output", str(path)]
+        out.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(0.5)  # attached before the first request
+    return out
+
+
 def _sim_process(chunks: int) -> SimProcess:
     """The simulator configs/sim.toml describes (its [sim] table, `chunks` replaced), in a
     child process of its own."""
-    table = tomllib.loads((ROOT / "configs" / "sim.toml").read_text())["sim"]
-    table["policies"]["root"]["chunks"] = chunks
-    return SimProcess(SimConfig.from_dict(table))
+    return SimProcess(_sim_config(chunks))
 
 
 def run(
@@ -122,26 +153,48 @@ def run(
     workdir: Path,
     pool: int = 0,
     sim: str = "process",
+    code: Path | None = None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """One fresh server, one query alone, then the burst. `sim`: "process" (the simulator
     in a child process of its own, as a model server would be: the server's CPU is then the
     service's own) or "inline" (in the server's process, as `rlm-async serve` runs it with
     no config)."""
     with contextlib.ExitStack() as stack:
-        sim_url = None
+        sim_proc = None
         if sim == "process":
-            sim_url = stack.enter_context(_sim_process(chunks)).base_url
-        result = _run(users, tokens, chunks, run_time, workdir, pool, sim_url)
+            sim_proc = stack.enter_context(_sim_process(chunks))
+        result = _run(users, tokens, chunks, run_time, workdir, pool, sim_proc, code, profile)
+        if sim_proc is not None:
+            t0, t1 = result.pop("_burst_window")
+            result["simulator"] = sim_pieces(sim_proc.read_log().entries, t0, t1)
+    result.pop("_burst_window", None)
     result["sim"] = sim
     return result
 
 
+def _sim_config(chunks: int) -> SimConfig:
+    table = tomllib.loads((ROOT / "configs" / "sim.toml").read_text())["sim"]
+    table["policies"]["root"]["chunks"] = chunks
+    return SimConfig.from_dict(table)
+
+
 def _run(
-    users: int, tokens: int, chunks: int, run_time: int, workdir: Path, pool: int, sim_url: str | None
+    users: int,
+    tokens: int,
+    chunks: int,
+    run_time: int,
+    workdir: Path,
+    pool: int,
+    sim: SimProcess | None,
+    code: Path | None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
+    sim_url = sim.base_url if sim is not None else None
     config_path = workdir / "serve.toml"
     config_path.write_text(_config(chunks, users, pool, sim_url))
-    proc, root = _start(config_path, workdir / "server.log")
+    trace_dir = workdir / "traces"
+    proc, root = _start(config_path, workdir / "server.log", trace_dir, code)
     try:
         workloads = [oolong_counting(tokens, seed=i) for i in range(users + 1)]
         plan = []
@@ -164,9 +217,15 @@ def _run(
                     "rlm": {"file_id": alone["file_id"]},
                 },
             )
-            single_wall = time.monotonic() - t0
+            t1 = time.monotonic()
+            single_wall = t1 - t0
             cpu_alone = _cpu_s(proc.pid) - cpu_alone0
             r.raise_for_status()
+            alone_record = {
+                "started_mono": t0,
+                "finished_mono": t1,
+                "query_id": r.json()["rlm"].get("query_id"),
+            }
             single_ok = str(alone["truth"]) in r.json()["choices"][0]["message"]["content"]
             pool_wait_s = _wait_pool_full(c, pool)  # refilled after the query alone
         load_burst = os.getloadavg()
@@ -180,9 +239,22 @@ def _run(
             "--host", root, "--run-time", f"{run_time}s", "--stop-timeout", "10",
             "--only-summary", "--json-file", str(workdir / "locust"),
         ]  # fmt: skip
+        sampler = CpuSampler(server=proc.pid, sim=sim.pid if sim is not None else None, interval_s=0.2)
         cpu0 = _cpu_s(proc.pid)
-        lp = subprocess.run(locust, env=env, capture_output=True, timeout=run_time + 60)
+        burst0 = time.monotonic()
+        sampler.start()
+        spies = _profilers(profile, {"server": proc.pid, "simulator": sim.pid if sim else None}, pool)
+        lp_proc = subprocess.Popen(locust, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            _, lp_err = lp_proc.communicate(timeout=run_time + 60)
+        finally:
+            sampler.stop()
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                spy.wait(timeout=60)
+        burst1 = time.monotonic()
         cpu_burst = _cpu_s(proc.pid) - cpu0  # the tail after the last answer is small
+        cpu_report = sampler.report(locust=lp_proc.pid)
         records = (
             [json.loads(line) for line in out_path.read_text().splitlines()] if out_path.exists() else []
         )
@@ -194,6 +266,18 @@ def _run(
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    sim_cfg = _sim_config(chunks)
+    alone_pieces = (
+        query_pieces(trace_dir / f"{alone_record['query_id']}.jsonl", sim_cfg, alone_record)
+        if alone_record["query_id"]
+        else None
+    )
+    burst_rows = [
+        p
+        for r in records
+        if r.get("query_id")
+        and (p := query_pieces(trace_dir / f"{r['query_id']}.jsonl", sim_cfg, r)) is not None
+    ]
     ok = [r for r in records if r.get("status_code") == 200]
     aggregate = (max(r["finished"] for r in records) - min(r["started"] for r in records)) if records else 0.0
     walls = [r["finished"] - r["started"] for r in records]
@@ -217,8 +301,13 @@ def _run(
         "pooled_workers": _metric(metrics, "rlm_sandbox_workers_pooled_total"),
         "pool_misses": _metric(metrics, "rlm_worker_pool_misses"),
         "loadavg_at_burst": load_burst,
-        "locust_exit": lp.returncode,
-        "locust_stderr_tail": lp.stderr.decode(errors="replace")[-1500:],
+        "cpu_burst": cpu_report,
+        "pieces_alone": alone_pieces,
+        "pieces_burst_median": medians(burst_rows) if burst_rows else None,
+        "pieces_traced": len(burst_rows),
+        "_burst_window": (burst0, burst1),
+        "locust_exit": lp_proc.returncode,
+        "locust_stderr_tail": lp_err.decode(errors="replace")[-1500:],
         "metrics_429_sent": next(
             (line.split()[-1] for line in metrics.splitlines() if line.startswith("rlm_http_429_sent_total")),
             None,
@@ -241,37 +330,74 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=20)
     p.add_argument("--run-time", type=int, default=300, help="locust's bound, seconds")
     p.add_argument("--out", default=str(RESULTS / "serve_load.json"))
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="a directory: py-spy (if installed) samples the server and the simulator during each burst",
+    )
+    p.add_argument(
+        "--code",
+        default="here",
+        help="comma-separated rlm_async source trees to alternate with each pool size "
+        "('here': this checkout), e.g. here,/tmp/base for an A/B against `git archive BASE`",
+    )
     args = p.parse_args(argv)
     pools = [int(x) for x in args.pool.split(",")]
+    codes = [None if c == "here" else Path(c).resolve() for c in args.code.split(",")]
     load0 = os.getloadavg()
     runs: list[dict[str, Any]] = []
+    variants = [(pool, code) for pool in pools for code in codes]
     for rep in range(args.repeat):
-        for pool in pools:
+        for pool, code in variants:
             with tempfile.TemporaryDirectory(prefix="rlm-load-") as tmp:
                 r = run(
-                    args.users, parse_size(args.tokens), args.chunks, args.run_time, Path(tmp), pool, args.sim
+                    args.users,
+                    parse_size(args.tokens),
+                    args.chunks,
+                    args.run_time,
+                    Path(tmp),
+                    pool,
+                    args.sim,
+                    code,
+                    Path(args.profile) if args.profile else None,
                 )
             r["repeat"] = rep
+            r["code"] = "here" if code is None else str(code)
             runs.append(r)
             print(
-                f"  pool={pool} rep={rep}: ratio {r['ratio']:.2f} ({r['aggregate_wall_s']:.2f} / "
+                f"\n### pool={pool} code={r['code']} rep={rep}: ratio {r['ratio']:.2f}, "
+                f"load {r['loadavg_at_burst'][0]:.1f}"
+            )
+            if r["pieces_burst_median"] is not None:
+                print(format_table(r["pieces_alone"], r["pieces_burst_median"], r["cpu_burst"]))
+            for kind, sp in (r.get("simulator") or {}).items():
+                print(
+                    f"simulator, {kind} requests in the burst: {sp['requests']}, its lag over the model "
+                    f"median {sp['lag_median_ms']:.0f} ms (max {sp['lag_max_ms']:.0f}), arrival -> service "
+                    f"median {sp['arrival_to_service_median_ms']:.0f} ms (max {sp['arrival_to_service_max_ms']:.0f}), "
+                    f"most in flight {sp['in_flight_max']}"
+                )
+            print()
+            print(
+                f"  pool={pool} code={r['code']} rep={rep}: ratio {r['ratio']:.2f} ({r['aggregate_wall_s']:.2f} / "
                 f"{r['single_wall_s']:.2f} s), {r['correct']}/{r['users']} right, {r['errors']} errors, "
                 f"server CPU {r['server_cpu_ms_per_query']:.1f} ms/query, load {r['loadavg_at_burst'][0]:.1f}",
                 file=sys.stderr,
             )
     print(
-        "| worker pool | users | runs | one query alone s | aggregate wall s | ratio | errors | right "
+        "| worker pool | code | users | runs | one query alone s | aggregate wall s | ratio | errors | right "
         "| median query s | server CPU ms/query (burst) | server CPU ms (alone) | load average |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     summary: dict[str, Any] = {}
-    for pool in pools:
-        mine = [r for r in runs if r["pool"] == pool]
+    for pool, code in variants:
+        label = "here" if code is None else str(code)
+        mine = [r for r in runs if r["pool"] == pool and r["code"] == label]
 
         def med(key: str, rows: list[dict[str, Any]] = mine) -> float:
             return statistics.median(float(r[key] or 0.0) for r in rows)
 
-        summary[str(pool)] = {
+        summary[str(pool) if len(codes) == 1 else f"{pool} {label}"] = {
             k: med(k)
             for k in (
                 "single_wall_s",
@@ -284,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         loads = [r["loadavg_at_burst"][0] for r in mine]
         print(
-            f"| {pool} | {args.users} | {len(mine)} | {med('single_wall_s'):.2f} | {med('aggregate_wall_s'):.2f} "
+            f"| {pool} | {label} | {args.users} | {len(mine)} | {med('single_wall_s'):.2f} | {med('aggregate_wall_s'):.2f} "
             f"| {med('ratio'):.2f} | {sum(r['errors'] for r in mine)} "
             f"| {sum(r['correct'] for r in mine)}/{args.users * len(mine)} | {med('query_wall_median_s'):.2f} "
             f"| {med('server_cpu_ms_per_query'):.1f} | {med('server_cpu_ms_alone'):.0f} "

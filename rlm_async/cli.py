@@ -137,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1; others need API keys)")
     serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--otel", action="store_true", default=None, help="export OpenTelemetry spans")
+    serve.add_argument("--trace", help="directory to write each query's JSONL trace into")
 
     trace = sub.add_parser("trace", help="work with JSONL traces")
     tsub = trace.add_subparsers(dest="trace_command", required=True)
@@ -547,7 +548,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from .serve import load_serve_config, run_server
 
-        config = load_serve_config(args.config, host=args.host, port=args.port, otel=args.otel)
+        config = load_serve_config(
+            args.config, host=args.host, port=args.port, otel=args.otel, trace_dir=args.trace
+        )
 
         def ready(url: str, note: str) -> None:
             print(f"rlm-async serve: listening on {url} ({note})", file=sys.stderr, flush=True)

@@ -60,6 +60,8 @@ chunks = @CHUNKS@
 """
 
 _READY = re.compile(r"listening on (http://\S+/v1)")
+_PRIVATE_UID_LOW = 0x70000000
+"""Where the sandbox picks its workers' private uids (`rlm_async.sandbox._procs`)."""
 
 
 def config_text(
@@ -135,6 +137,25 @@ class ServerProcess:
         server = self.proc.pid
         tree = procs.survivors(root=server, group=None, uid=None)  # the sandbox's own /proc walk
         return [p.pid for p in tree if p.pid != server and p.state not in ("Z", "X")]
+
+    def worker_uids(self) -> set[int]:
+        """The private uids the server's live workers run as (the engine is root): a
+        process of the worker that left the server's tree (re-parented to init after its
+        parent died) still has one, so `running_as` finds it anywhere on the host. Empty
+        where workers keep the engine's uid."""
+        assert self.proc is not None
+        tree = procs.survivors(root=self.proc.pid, group=None, uid=None)
+        return {p.uid for p in tree if p.uid >= _PRIVATE_UID_LOW and p.state not in ("Z", "X")}
+
+    def running_as(self, uids: set[int], timeout_s: float = 20.0) -> list[int]:
+        """Pids of live processes anywhere on the host with one of `uids`, once none is
+        left or `timeout_s` has passed (the last ones seen)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = [p.pid for p in procs.scan() if p.uid in uids and p.state not in ("Z", "X")]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.05)
 
     def wait_no_children(self, timeout_s: float = 20.0) -> list[int]:
         deadline = time.monotonic() + timeout_s

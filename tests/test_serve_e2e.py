@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +23,8 @@ import openai
 import pytest
 from _serve_server import ServerProcess, config_text
 from openai.types.chat import ChatCompletionMessageParam
+
+from rlm_async._trace import load_trace
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -517,12 +520,19 @@ class TestAdmission:
                 httpx.Client(base_url=s.root_url, timeout=60) as c,
                 c.stream("POST", "/v1/chat/completions", json=body) as r,
             ):
-                for line in r.iter_lines():
+                # Held, not dropped at `break`: a dropped line iterator is finalised (at once,
+                # or by the collector later) and closing it closes the connection, which
+                # cancels the query before the checks below.
+                lines = r.iter_lines()
+                for line in lines:
                     if "call.finish" in line:  # the first root turn is done: the fan-out is in flight
                         break
                 assert s.children(), "the query's worker should be running"
+                uids = s.worker_uids()
+                assert uids or os.geteuid() != 0  # as root, workers run as private uids
             # the connection is closed here, mid-stream
             assert s.wait_no_children() == []
+            assert s.running_as(uids) == []  # nor anywhere else on the host: no orphan
             with _client(s) as c:
                 deadline = time.monotonic() + 10
                 while 'rlm_queries_total{status="cancelled"' not in c.get("/metrics").text:
@@ -577,6 +587,40 @@ class TestShutdown:
             assert record["state"] == "cancelled" and "shut down" in record["detail"]
         shutil.rmtree(data, ignore_errors=True)
 
+    def test_sigterm_flushes_the_journal(self) -> None:
+        """A server with a response journal answers a query, then gets SIGTERM: a new
+        server on the same journal answers the same query from it, every model call a
+        journal hit (nothing sent again, nothing paid twice)."""
+        data = tempfile.mkdtemp(prefix="rlm-serve-journal-")
+        journal = f"{data}/journal.sqlite"
+        cfg = config_text().replace("[rlm]\n", f'[rlm]\njournal_path = "{journal}"\n', 1)
+        body = {
+            "model": "rlm",
+            "stream": True,
+            "rlm": {"progress": "events"},
+            "messages": [{"role": "user", "content": CONTEXT}, {"role": "user", "content": "Which orders?"}],
+        }
+
+        def calls(text: str) -> list[dict[str, Any]]:
+            records = [
+                json.loads(line[len("data: ") :]) for line in text.splitlines() if '"call.finish"' in line
+            ]
+            assert records, text[:2000]
+            return records
+
+        s = ServerProcess(cfg).start()
+        try:
+            with _client(s) as c:
+                first = calls(c.post("/v1/chat/completions", json=body).text)
+            assert s.terminate() == 0
+        finally:
+            s.stop()
+        assert not any(r["from_journal"] for r in first)
+        with ServerProcess(cfg) as s2, _client(s2) as c:
+            again = calls(c.post("/v1/chat/completions", json=body).text)
+        assert len(again) == len(first) and all(r["from_journal"] for r in again), again
+        shutil.rmtree(data, ignore_errors=True)
+
 
 class TestOperations:
     def test_metrics_and_healthz(self, server: ServerProcess) -> None:
@@ -604,6 +648,51 @@ class TestOperations:
             assert f"# TYPE {name} " in text, name
         assert 'rlm_queries_total{status="ok",tenant="local"}' in text
         assert 'rlm_sandbox_workers_total{tier="' in text
+
+    def test_each_query_is_traced_under_the_id_its_answer_names(self) -> None:
+        """With `[serve] trace_dir`, a chat completion's `rlm.query_id` and a job's
+        `query_id` name their JSONL traces, which hold the whole query (what
+        `rlm-async trace view` opens)."""
+        traces = Path(tempfile.mkdtemp(prefix="rlm-serve-traces-"))
+        with ServerProcess(config_text(serve=f'trace_dir = "{traces}"\n')) as s, _client(s) as c:
+            chat = c.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "rlm",
+                    "messages": [{"role": "user", "content": CONTEXT}, {"role": "user", "content": "?"}],
+                },
+            ).json()
+            job = c.post(
+                "/v1/rlm/jobs", json={"model": "rlm", "context": "a b c", "query": "What is this?"}
+            ).json()
+            record = _wait_job(c, job["id"], 60)
+        ids = [chat["rlm"]["query_id"], record["query_id"]]
+        assert ids[0] and ids[1] and ids[0] != ids[1]
+        for query_id in ids:
+            trace = load_trace(traces / f"{query_id}.jsonl")
+            kinds = [e.kind for e in trace.events]
+            assert kinds[0] == "query.start" and kinds[-1] == "query.finish", kinds
+            assert "call.finish" in kinds and "worker.start" in kinds
+        shutil.rmtree(traces, ignore_errors=True)
+
+    def test_upstream_429s_are_counted_and_retried(self) -> None:
+        """The model server answers the first two requests with 429: the query still
+        answers (the governor retried after their retry-after), /metrics counts the two
+        429s received, and none sent."""
+        faults = '\n[sim.faults]\nscript = ["error_429", "error_429"]\nretry_after_s = 0.05\n'
+        with ServerProcess(config_text() + faults) as s, _client(s) as c:
+            r = c.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "rlm",
+                    "messages": [{"role": "user", "content": CONTEXT}, {"role": "user", "content": "?"}],
+                },
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["rlm"]["status"] == "ok"
+            text = c.get("/metrics").text
+        assert "rlm_upstream_429_total 2" in text, text
+        assert "rlm_http_429_sent_total 0" in text
 
 
 class TestWorkerPool:
@@ -659,15 +748,19 @@ class TestWorkerPool:
                 assert time.monotonic() < deadline, "the pool did not fill"
                 time.sleep(0.05)
             prestarted = set(s.children())  # every process of the two idle workers
+            idle_uids = s.worker_uids()
             body = {
                 "model": "rlm",
                 "stream": True,
                 "messages": [{"role": "user", "content": CONTEXT}, {"role": "user", "content": "?"}],
             }
             with c.stream("POST", "/v1/chat/completions", json=body) as r:
-                for line in r.iter_lines():
+                lines = r.iter_lines()  # held: dropping it would disconnect before the uids are read
+                for line in lines:
                     if "call.finish" in line:  # the fan-out is in flight, in a pooled worker
                         break
+                taken_uids = s.worker_uids() - idle_uids  # it switched to its uid with its context
+                assert taken_uids or os.geteuid() != 0
             deadline = time.monotonic() + 30
             while 'rlm_queries_total{status="cancelled"' not in c.get("/metrics").text:
                 assert time.monotonic() < deadline
@@ -681,5 +774,6 @@ class TestWorkerPool:
                 time.sleep(0.05)
             gone = prestarted - left
             assert gone and len(gone) == len(prestarted) // 2  # the taken worker, all of it
+            assert s.running_as(taken_uids) == []  # nothing of it anywhere on the host
             assert "rlm_sandbox_workers_pooled_total 1" in c.get("/metrics").text
             _still_serving(s)

@@ -1,6 +1,7 @@
 """The load test's machinery, small: `benchmarks/serve_load.py` with locust (headless,
 loopback, bounded) runs 8 concurrent queries through a live server with a worker pool, with
-no error, every answer right and every worker taken from the pool. The ratio is printed by the benchmark, not asserted here: walls on a shared
+no error, every answer right, every worker taken from the pool, and says where their time
+went (from the server's traces and the simulator's log). The ratio is printed by the benchmark, not asserted here: walls on a shared
 machine are not a test's business."""
 
 from __future__ import annotations
@@ -35,3 +36,12 @@ def test_locust_load_runs_clean() -> None:
     assert result["locust_exit"] == 0, result["locust_stderr_tail"]
     # The server used its pool: the query alone and the eight took pre-started workers.
     assert result["pooled_workers"] == 9 and result["pool_misses"] == 0, result
+    # Where the time went: every query's trace was read (the answer names it), each with
+    # its two root turns and one fan-out of 4, and the CPU of the server and the
+    # simulator's process was seen.
+    assert result["pieces_traced"] == 8, result
+    burst = result["pieces_burst_median"]
+    assert burst["root_turns"] == 2 and burst["fanout_bound_s"] > 0, burst
+    assert result["pieces_alone"]["root_turns"] == 2
+    assert result["cpu_burst"]["cpu_s"]["server"] > 0 and result["cpu_burst"]["cpu_s"]["simulator"] > 0
+    assert result["simulator"]["sub"]["requests"] == 8 * 4, result["simulator"]

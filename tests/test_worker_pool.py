@@ -200,6 +200,42 @@ class TestRefill:
                 await pool.wait_full()
             assert pool.stats().prestarted == 1
 
+    async def test_refills_wait_for_an_idle_core_while_handed_out_workers_run(self) -> None:
+        """While a worker the pool handed out still runs and the machine's cores are all
+        busy (injected idle-CPU readings), the pool does not refill; with a core idle again,
+        or once nothing handed out runs, it does."""
+        idle = [0.0]
+        busy = [True]
+        reads = [0]
+
+        def cpu_idle() -> float:
+            reads[0] += 1
+            idle[0] += 0.0 if busy[0] else 1.0  # idle seconds gained between two reads
+            return idle[0]
+
+        async with WorkerPool(config(), size=1, cpu_idle=cpu_idle) as pool:
+            worker = await pool.start_worker("x")
+            assert pool.in_use() == 1
+            try:
+                with anyio.move_on_after(1.0):
+                    await pool.wait_full()
+                assert reads[0] >= 5 and pool.stats().prestarted == 0, (reads, pool.stats(), pool.in_use())
+                busy[0] = False
+                with anyio.fail_after(60):
+                    await pool.wait_full()
+                assert pool.stats().prestarted == 1 and pool.in_use() == 1
+                # Busy again, and the idle worker taken: once the taken one is closed,
+                # nothing handed out runs and the pool refills whatever the cores do.
+                busy[0] = True
+                second = await pool.start_worker("y")
+                await second.aclose()
+            finally:
+                await worker.aclose()
+            assert pool.in_use() == 0
+            with anyio.fail_after(60):
+                await pool.wait_full()
+            assert pool.stats().prestarted == 2
+
 
 class TestLifeCycle:
     async def test_nothing_is_left_after_shutdown(self) -> None:

@@ -134,9 +134,11 @@ def bwrap_argv(
     may_setuid: bool,
     seccomp_fd: int | None,
     command: list[str] | None = None,
+    info_fd: int | None = None,
 ) -> list[str]:
     """The full bwrap command line for one worker (or for `command`, when probing).
-    `seccomp_fd` holds the filter from `_seccomp` (passed to the child too)."""
+    `seccomp_fd` holds the filter from `_seccomp` (passed to the child too); bwrap writes
+    the host pid of its pid namespace's init (`"child-pid"`) to `info_fd`."""
     argv = [
         bwrap,
         "--unshare-pid",
@@ -156,6 +158,8 @@ def bwrap_argv(
         argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]
+    if info_fd is not None:
+        argv += ["--info-fd", str(info_fd)]
     argv += _filesystem_args(interp, allow_network=allow_network, tmp_size_bytes=tmp_size_bytes)
     argv += ["--chdir", "/tmp", "--clearenv"]
     for key, value in _SANDBOX_ENV.items():

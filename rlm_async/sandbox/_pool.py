@@ -37,7 +37,9 @@ Leaving the pool kills every idle worker and every start in flight.
 
 from __future__ import annotations
 
+import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -60,6 +62,23 @@ _MAX_BACKOFF_S = 30.0
 _QUIET_TURN_S = 0.002
 """A refill starts only when one turn of the event loop takes less than this."""
 _RECHECK_S = 0.05
+_IDLE_CORES = 1.0
+"""While workers it handed out still run, a refill starts only when at least this many
+cores of the machine were idle over the last `_RECHECK_S` or more (`/proc/stat`)."""
+
+
+def _cpu_idle_s() -> float | None:
+    """Idle CPU seconds of the machine since boot, all cores (None where `/proc/stat` is
+    not readable)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()
+        return (int(fields[4]) + int(fields[5])) / _TICKS  # idle + iowait
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +117,7 @@ class WorkerPool:
         refill_at_once: int = 2,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         clock: Callable[[], float] = time.perf_counter,
+        cpu_idle: Callable[[], float | None] = _cpu_idle_s,
     ) -> None:
         if not isinstance(size, int) or size < 1:
             raise ConfigError(f"a worker pool's size must be a positive int, not {size!r} (0: no pool)")
@@ -113,6 +133,12 @@ class WorkerPool:
         self._refill_at_once = refill_at_once
         self._sleep = sleep
         self._clock = clock
+        self._cpu_idle = cpu_idle
+        self._idle_mark: tuple[float, float] | None = None
+        """(clock, the machine's idle CPU seconds) when the last refill check looked."""
+        self._taking = 0
+        self._handed: weakref.WeakSet[Worker] = weakref.WeakSet()
+        """Workers this pool handed out (pooled or started on demand), until they die."""
         self._plan: Plan | None = None
         self._idle: deque[WorkerProcess] = deque()
         self._starting = 0
@@ -195,6 +221,15 @@ class WorkerPool:
         if self._stack is None:
             raise SandboxError("the worker pool is not open: use it as `async with WorkerPool(...)`")
         plan = self.plan
+        self._taking += 1  # in use from now: a refill must see it before it is adopted
+        try:
+            worker = await self._take(context, setup, plan, peers)
+        finally:
+            self._taking -= 1
+        self._handed.add(worker)
+        return worker
+
+    async def _take(self, context: Context, setup: ReplSetup | None, plan: Plan, peers: int | None) -> Worker:
         if self._idle:
             # Encoded first: a context JSON cannot carry must not cost a pre-started worker.
             encoded = await anyio.to_thread.run_sync(encode_context, context)
@@ -215,6 +250,10 @@ class WorkerPool:
             self._misses += 1
             self._want_more()
         return await Worker.start(context, self.config, plan, setup, peers=peers)
+
+    def in_use(self) -> int:
+        """Workers this pool handed out (or is handing out) that still run."""
+        return self._taking + sum(1 for w in self._handed if w.alive)
 
     # -- filling
     def _want_more(self) -> None:
@@ -254,17 +293,42 @@ class WorkerPool:
                 filled.set()
 
     async def _until_quiet(self) -> None:
-        """Wait until the event loop has little else to do. A refill is work no query waits
-        for: started while a burst of queries keeps the loop busy, it would take CPU from
-        them (launching from this process, the interpreter start-up beside it) and turn the
-        latency the pool saved into latency of another kind. Under load that never eases,
-        the pool stays empty and queries start their workers on demand, as without a pool."""
+        """Wait until the event loop has little else to do and, while workers this pool
+        handed out still run, until the machine has a core idle. A refill is work no query
+        waits for: started while a burst of queries keeps the loop or the cores busy, it
+        would take CPU from them (launching from this process, the interpreter start-up
+        beside it) and turn the latency the pool saved into latency of another kind.
+
+        The loop alone was not enough: a burst of a hundred queries leaves the engine's
+        loop mostly waiting on sockets while their fan-outs (the engine, the model server,
+        the workers' code) keep both cores busy, and refills started then took about a
+        third of the workers' CPU in the burst (`benchmarks/serve_load.py`). With nothing
+        handed out running, a refill does not wait for idle cores (another program's load
+        must not keep the pool empty for ever). Under load that never eases, the pool stays
+        empty and queries start their workers on demand, as without a pool."""
         while True:
             before = self._clock()
             await anyio.lowlevel.checkpoint()  # back after every callback that was ready to run
-            if self._clock() - before < _QUIET_TURN_S:
+            if self._clock() - before < _QUIET_TURN_S and self._cores_idle():
                 return
             await self._sleep(_RECHECK_S)
+
+    def _cores_idle(self) -> bool:
+        """True when nothing handed out runs, or the machine had `_IDLE_CORES` idle since
+        the last look (at least `_RECHECK_S` ago; the first look only marks the time)."""
+        if not self.in_use():
+            self._idle_mark = None
+            return True
+        now, idle = self._clock(), self._cpu_idle()
+        if idle is None:
+            return True  # no /proc/stat: the loop's turn is the only signal
+        mark, self._idle_mark = self._idle_mark, (now, idle)
+        if mark is None or now - mark[0] > 4 * _RECHECK_S:
+            return False  # no recent look: measure from now
+        if now - mark[0] < _RECHECK_S / 2:
+            self._idle_mark = mark  # too short to tell: keep measuring from the older look
+            return False
+        return (idle - mark[1]) / (now - mark[0]) >= _IDLE_CORES
 
     async def _prestart(self) -> WorkerProcess:
         """Launch a worker and wait for its `hello`; kill it if it does not come up."""

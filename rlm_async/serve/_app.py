@@ -158,7 +158,7 @@ def create_app(service: Service, keys: KeyRing) -> Starlette:
             raise APIError(500 if job.state == "failed" else 499, f"the query did not finish: {job.error}")
         if result["status"] == "error" and result["answer"] is None:
             raise APIError(502, f"the model server failed: {result['detail']}", code="upstream_error")
-        rlm = {**result, "job_id": job.id}
+        rlm = {**result, "job_id": job.id, "query_id": job.query_id}
         rlm.pop("answer", None)
         return JSONResponse(
             completion_body(
@@ -210,7 +210,10 @@ def create_app(service: Service, keys: KeyRing) -> Starlette:
                     )
                 )
             usage = openai_usage(job.usage)
-            rlm = {k: v for k, v in result.items() if k != "answer"} | {"job_id": job.id}
+            rlm = {k: v for k, v in result.items() if k != "answer"} | {
+                "job_id": job.id,
+                "query_id": job.query_id,
+            }
             finish = "stop" if result["status"] == "ok" else "length"
             yield ServerSentEvent(
                 data=json.dumps(

@@ -91,6 +91,11 @@ class ServeConfig:
     otel: bool = False
     """Export OpenTelemetry spans (needs the `otel` extra; the exporter is the SDK's,
     configured by the standard OTEL_* environment variables)."""
+    trace_dir: str | None = None
+    """Write every query's events as a JSONL trace, `<query_id>.jsonl` in this directory
+    (what `rlm-async run --trace` writes; `rlm-async trace view` opens them). Off by default:
+    a busy server writes one file per query. Prompts and replies are not in them unless the
+    profile logs text."""
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_queued < 0:

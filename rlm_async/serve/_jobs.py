@@ -55,6 +55,8 @@ class Job:
         self._done = anyio.Event()
         self.scope: anyio.CancelScope | None = None
         self.cancel_requested = False
+        self.query_id: str | None = None
+        """The engine's id of the query (its trace is `<query_id>.jsonl` under `--trace`)."""
 
     # ------------------------------------------------------------------ progress
     def _publish(self, name: str, data: dict[str, Any]) -> None:
@@ -65,6 +67,8 @@ class Job:
 
     def sink(self, event: _events.Event) -> None:
         """The event sink given to the engine: synchronous, never blocks."""
+        if self.query_id is None and isinstance(event, _events.QueryStart):
+            self.query_id = event.query_id
         added = usage_of_event(event)
         if added is not None:
             self.usage = self.usage + added
@@ -128,6 +132,7 @@ class Job:
         return {
             "id": self.id,
             "object": "rlm.job",
+            "query_id": self.query_id,
             "model": self.model,
             "created_at": int(self.created_at),
             "finished_at": int(self.finished_at) if self.finished_at else None,

@@ -9,6 +9,7 @@ exits at once.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -18,6 +19,7 @@ from types import FrameType
 import uvicorn
 
 from .. import _events
+from .._trace import TraceWriter
 from ..exceptions import ConfigError
 from ._app import create_app
 from ._auth import KeyRing
@@ -95,12 +97,27 @@ async def run_server(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((config.host, config.port))
     port = sock.getsockname()[1]
-    otel_sinks: tuple[_events.EventSink, ...] = ()
+    sinks: tuple[_events.EventSink, ...] = ()
     if config.otel:
         from ._otel import SpanSink
 
-        otel_sinks = (SpanSink(),)
-    async with Service(config, event_sinks=otel_sinks) as service:
+        sinks = (SpanSink(),)
+    with contextlib.ExitStack() as stack:
+        if config.trace_dir is not None:
+            sinks = (*sinks, stack.enter_context(TraceWriter(config.trace_dir)))
+        await _serve(config, keys, sock, port, note, sinks, on_ready)
+
+
+async def _serve(
+    config: ServeConfig,
+    keys: KeyRing,
+    sock: socket.socket,
+    port: int,
+    note: str,
+    sinks: tuple[_events.EventSink, ...],
+    on_ready: Callable[[str, str], None] | None,
+) -> None:
+    async with Service(config, event_sinks=sinks) as service:
         note = "; ".join((note, *service.notes))
         app = create_app(service, keys)
         uv = uvicorn.Config(

@@ -1,0 +1,84 @@
+"""Killing a bubblewrap worker through its pid namespace: every process it started is gone
+when `aclose()` returns (no polling), and no kill reads the host's process table. Before,
+each kill scanned every process on the host (about 1 s of CPU per 180 workers killed at
+once: a burst of queries ending, a pool's shutdown); the other tiers still scan, and so
+does a bubblewrap kill that comes before bwrap said which process is its namespace's init."""
+
+from __future__ import annotations
+
+import textwrap
+
+import anyio
+import pytest
+from test_sandbox_support import config, needs_bwrap, needs_root
+
+from rlm_async.sandbox import WorkerPool, WorkerRequest, start_worker
+from rlm_async.sandbox import _procs as procs
+
+pytestmark = [pytest.mark.anyio, needs_bwrap]
+
+_ESCAPERS = textwrap.dedent(
+    """
+    import ctypes, os, subprocess, sys, time
+    # A child that ignores SIGTERM, and a double-forked, setsid'd grandchild that first
+    # cleared the child-subreaper flag: out of the worker's group and tree.
+    subprocess.Popen([sys.executable, '-c',
+        'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)'])
+    ctypes.CDLL(None).prctl(36, 0, 0, 0, 0)
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.write(w, b"up")
+            time.sleep(300)
+        os._exit(0)
+    print(os.read(r, 2).decode())
+    """
+)
+
+
+async def refuse(request: WorkerRequest) -> list[str]:
+    raise AssertionError(f"unexpected sub-call {request}")
+
+
+def _running(uid: int) -> list[procs.Proc]:
+    return [p for p in procs._scan_now() if p.uid == uid and p.state not in ("Z", "X")]
+
+
+class TestNamespaceKill:
+    @needs_root
+    async def test_nothing_of_the_worker_runs_once_aclose_returns(self) -> None:
+        """A worker whose code left a SIGTERM-proof child and an escaped grandchild: right
+        after `aclose()` no process of its private uid runs, with no wait or retry."""
+        worker = await start_worker("", config(isolation="bubblewrap"))
+        try:
+            assert worker.uid is not None
+            result = await worker.run_cell(_ESCAPERS, refuse)
+            assert result.stdout.strip() == "up", result
+            assert len(_running(worker.uid)) >= 3  # the interpreter, the child, the grandchild
+        finally:
+            await worker.aclose()
+        assert _running(worker.uid) == []
+
+    async def test_kills_read_no_process_table(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Eight workers taken from a pool and killed at once: not one scan of `/proc`."""
+        scans = 0
+        real = procs._scan_now
+
+        def counted() -> list[procs.Proc]:
+            nonlocal scans
+            scans += 1
+            return real()
+
+        monkeypatch.setattr(procs, "_scan_now", counted)
+        async with WorkerPool(config(isolation="bubblewrap"), size=8) as pool:
+            await pool.wait_full()
+            taken = [await pool.start_worker(f"context {i}") for i in range(8)]
+            for worker in taken:
+                assert (await worker.run_cell("print(len(context))", refuse)).stdout == "9\n"
+            before = scans
+            async with anyio.create_task_group() as tg:
+                for worker in taken:
+                    tg.start_soon(worker.aclose)
+            assert scans == before
+            assert not any(w.alive for w in taken) and pool.in_use() == 0
