@@ -82,3 +82,22 @@ class TestNamespaceKill:
                     tg.start_soon(worker.aclose)
             assert scans == before
             assert not any(w.alive for w in taken) and pool.in_use() == 0
+
+
+class TestGroupOf:
+    def test_a_reaped_leaders_number_held_by_a_stranger_is_not_killed_as_a_group(self) -> None:
+        """A worker's group is killed by its leader's number, but once the leader is reaped
+        and the number is seen on another live process (pid reuse), the group is left out:
+        that process may lead a group of its own, such as another worker's."""
+        import subprocess
+        import sys
+
+        stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+        try:
+            assert procs.group_of(stranger.pid, reaped=False) == stranger.pid
+            assert procs.group_of(stranger.pid, reaped=True) is None
+        finally:
+            stranger.kill()
+            stranger.wait()
+        # Gone: no stranger holds the number, so a group by it can only be the worker's.
+        assert procs.group_of(stranger.pid, reaped=True) == stranger.pid

@@ -189,10 +189,16 @@ class WorkerProcess:
             proc = self._proc
             _events.emit(_events.WorkerKill, pid=proc.pid, reason=reason)
             if not await self._kill_namespace():
-                # The tree root only while it is unreaped: a reaped pid may be reused.
-                root = proc.pid if proc.returncode is None else None
+                # The tree root only while it is unreaped, the group only while its number
+                # cannot be another's: a reaped pid may be reused.
+                reaped = proc.returncode is not None
+                root = None if reaped else proc.pid
                 uid = self.uid
-                await anyio.to_thread.run_sync(lambda: procs.kill_all(root=root, group=proc.pid, uid=uid))
+
+                def kill_all() -> None:
+                    procs.kill_all(root=root, group=procs.group_of(proc.pid, reaped=reaped), uid=uid)
+
+                await anyio.to_thread.run_sync(kill_all)
             await proc.wait()
 
     async def _kill_namespace(self, wait_s: float = 5.0) -> bool:

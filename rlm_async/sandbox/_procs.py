@@ -24,6 +24,7 @@ from dataclasses import dataclass
 __all__ = [
     "Proc",
     "count_user_tasks",
+    "group_of",
     "kill_all",
     "pick_free_uid",
     "scan",
@@ -204,6 +205,19 @@ def _signal_all(pids: Iterable[int], sig: int) -> None:
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def group_of(leader: int, *, reaped: bool) -> int | None:
+    """The process group to kill for a worker started as the leader of its own session
+    (`pid == pgid == sid`), or None where that number may be someone else's now.
+
+    While any process of the group lives, the kernel does not hand its number out again;
+    once the group is empty and the leader reaped, it may. A live process with the reaped
+    leader's pid is then a stranger (our group would have kept the number), and it may lead
+    a group of its own, such as another worker's, started the same way: leave groups out."""
+    if reaped and _read_proc(leader) is not None:
+        return None
+    return leader
 
 
 def kill_all(*, root: int | None, group: int | None, uid: int | None, wait_s: float = 5.0) -> list[int]:
