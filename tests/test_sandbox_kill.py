@@ -84,6 +84,34 @@ class TestNamespaceKill:
             assert not any(w.alive for w in taken) and pool.in_use() == 0
 
 
+class TestManyDescriptors:
+    async def test_a_worker_started_and_killed_above_descriptor_1023(self) -> None:
+        """With over a thousand descriptors open (a server with a hundred queries holds
+        thousands), a worker's pidfds are numbered above select()'s limit of 1,023: it
+        still starts, runs and is killed through its namespace, and nothing of it runs."""
+        import os
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1_200:
+            pytest.skip(f"the hard RLIMIT_NOFILE ({hard}) leaves no room above 1,023")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1_200), hard))
+        filler = [os.open("/dev/null", os.O_RDONLY) for _ in range(1_100)]
+        try:
+            worker = await start_worker("abc", config(isolation="bubblewrap"))
+            try:
+                assert (await worker.run_cell("print(len(context))", refuse)).stdout == "3\n"
+            finally:
+                await worker.aclose()
+            assert not worker.alive
+            if worker.uid is not None:  # a private uid (as root): nothing of it runs
+                assert _running(worker.uid) == []
+        finally:
+            for fd in filler:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 class TestGroupOf:
     def test_a_reaped_leaders_number_held_by_a_stranger_is_not_killed_as_a_group(self) -> None:
         """A worker's group is killed by its leader's number, but once the leader is reaped

@@ -251,7 +251,7 @@ class WorkerProcess:
         finally:
             os.close(info_fd)
         found = re.search(rb'"child-pid"\s*:\s*(\d+)', info)
-        if found is None or select.select([self._pidfd], [], [], 0)[0]:
+        if found is None or _exited(self._pidfd):
             return None  # bwrap exited (maybe reaped): its pid, and so the check below, mean nothing
         pid = int(found.group(1))
         try:
@@ -269,8 +269,8 @@ class WorkerProcess:
             ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
         except (OSError, ValueError, IndexError):
             ppid = -1
-        exited = bool(select.select([pidfd], [], [], 0)[0])
-        if not exited and select.select([self._pidfd], [], [], 0)[0]:
+        exited = _exited(pidfd)
+        if not exited and _exited(self._pidfd):
             ppid = -1  # bwrap died meanwhile: the check above may have read another's pid
         if exited or ppid != self._proc.pid:
             os.close(pidfd)
@@ -401,6 +401,15 @@ async def _launch(
     )
 
 
+def _exited(pidfd: int) -> bool:
+    """Whether the process of `pidfd` has exited (a pidfd turns readable then). With poll,
+    not select: select() refuses descriptors above 1,023, and an engine serving a hundred
+    queries holds thousands (workers' pipes, connections); it took a server down once."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _pin_child(pid: int) -> int | None:
     """A pidfd of our child `pid`, just started: signalled through it, a kill cannot reach
     another process that got the pid after the child was reaped (asyncio's child watcher
@@ -416,7 +425,7 @@ def _pin_child(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         ppid = -1
     # Still ours after the check (a pid is reused only once its process is reaped).
-    if ppid != os.getpid() or select.select([pidfd], [], [], 0)[0]:
+    if ppid != os.getpid() or _exited(pidfd):
         os.close(pidfd)
         return None
     return pidfd
