@@ -315,6 +315,34 @@ class TestLifeCycle:
             async with WorkerPool(config(start_timeout_s=1e-6), size=2):
                 pass
 
+    async def test_an_unexpected_refill_error_backs_off_and_the_pool_goes_on(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A refill that fails with something other than a SandboxError (here the process
+        running out of descriptors) is counted and named, and the pool backs off and fills
+        again: it does not end the engine or service it runs in."""
+        from rlm_async.sandbox import _pool, _process
+
+        real = _process.launch_process
+        calls = [0]
+
+        async def flaky(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 2:  # the first refill after the pre-start on entry
+                raise OSError(24, "Too many open files")
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(_pool, "launch_process", flaky)
+        async with WorkerPool(config(), size=2, sleep=lambda s: anyio.sleep(0.01)) as pool:
+            with anyio.fail_after(60):
+                await pool.wait_full()
+            stats = pool.stats()
+            assert stats.failures == 1 and stats.idle == 2
+            assert stats.last_error is not None and "OSError" in stats.last_error
+            worker = await pool.start_worker("ok")
+            assert (await worker.run_cell("print(context)", no_requests)).stdout == "ok\n"
+            await worker.aclose()
+
     async def test_bad_sizes_are_refused(self) -> None:
         """A pool of zero or a negative size is a ConfigError naming the value; so is a
         negative RLMConfig.worker_pool."""

@@ -272,12 +272,15 @@ class WorkerPool:
             self._starting += 1
             try:
                 process = await self._prestart()
-            except SandboxError as exc:
+            except Exception as exc:
                 self._failures += 1
-                self._last_error = str(exc)
+                self._last_error = str(exc) if isinstance(exc, SandboxError) else f"{type(exc).__name__}: {exc}"
                 consecutive += 1
                 # A broken sandbox must not spin: back off, and queries start on demand,
-                # where the same failure reaches them as their own error.
+                # where the same failure reaches them as their own error. Not only
+                # SandboxError: the pool is an optimisation, and whatever keeps it from
+                # pre-starting (out of descriptors or processes, a bug) must not end the
+                # engine or the service it runs in, as one did in a load test.
                 await self._sleep(min(_MAX_BACKOFF_S, 0.5 * 2 ** (consecutive - 1)))
                 continue
             finally:
