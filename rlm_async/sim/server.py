@@ -351,14 +351,17 @@ class SimProcess:
         assert proc is not None and proc.stdout is not None
         deadline = time.monotonic() + self._startup_timeout_s
         buffer = b""
+        # poll, not select: select() refuses descriptors above 1,023, which a program
+        # holding many connections (a load test, a benchmark) may already use.
+        poller = select.poll()
+        poller.register(proc.stdout.fileno(), select.POLLIN)
         while b"\n" not in buffer:
             left = deadline - time.monotonic()
             if left <= 0 or proc.poll() is not None:
                 tail = stderr_path.read_text(errors="replace")[-2000:]
                 why = "timed out" if left <= 0 else f"exited with {proc.returncode}"
                 raise RuntimeError(f"the simulator process {why} before it was ready:\n{tail}")
-            readable, _, _ = select.select([proc.stdout], [], [], min(left, 0.2))
-            if readable:
+            if poller.poll(min(left, 0.2) * 1000):
                 chunk = os.read(proc.stdout.fileno(), 4096)
                 if not chunk:
                     proc.wait(timeout=5)
