@@ -263,12 +263,7 @@ class WorkerProcess:
         # The pid may have been reused if the init died: it is bwrap's child (bwrap was
         # alive after the init's pidfd was opened, so its pid was its own), and it was
         # still alive after that was read (a pid is reused only after it is reaped).
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-            ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            ppid = -1
+        ppid = _parent_of(pid)
         exited = _exited(pidfd)
         if not exited and _exited(self._pidfd):
             ppid = -1  # bwrap died meanwhile: the check above may have read another's pid
@@ -410,6 +405,16 @@ def _exited(pidfd: int) -> bool:
     return bool(poller.poll(0))
 
 
+def _parent_of(pid: int) -> int:
+    """The parent pid of `pid` from `/proc/<pid>/stat`, or -1 when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rfind(b")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
 def _pin_child(pid: int) -> int | None:
     """A pidfd of our child `pid`, just started: signalled through it, a kill cannot reach
     another process that got the pid after the child was reaped (asyncio's child watcher
@@ -418,14 +423,8 @@ def _pin_child(pid: int) -> int | None:
         pidfd = os.pidfd_open(pid)
     except OSError:
         return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
-    except (OSError, ValueError, IndexError):
-        ppid = -1
     # Still ours after the check (a pid is reused only once its process is reaped).
-    if ppid != os.getpid() or _exited(pidfd):
+    if _parent_of(pid) != os.getpid() or _exited(pidfd):
         os.close(pidfd)
         return None
     return pidfd
