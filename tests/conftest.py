@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import resource
 import socket
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from functools import cache
 from typing import Any
 
@@ -220,3 +221,24 @@ def _structlog_defaults() -> Iterator[None]:
     its defaults back after every test, so no test inherits another's log destination."""
     yield
     structlog.reset_defaults()
+
+
+# --------------------------------------------------------------------------- descriptors
+
+
+@contextmanager
+def descriptors_above_1023() -> Iterator[None]:
+    """Within the block 1,100 more descriptors are open, so the next ones are numbered
+    above select()'s limit of 1,023, as in a server or load test holding thousands of
+    connections. Skips the test where the hard RLIMIT_NOFILE leaves no room."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1_200:
+        pytest.skip(f"the hard RLIMIT_NOFILE ({hard}) leaves no room above 1,023")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1_200), hard))
+    filler = [os.open("/dev/null", os.O_RDONLY) for _ in range(1_100)]
+    try:
+        yield
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

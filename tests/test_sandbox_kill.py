@@ -10,6 +10,7 @@ import textwrap
 
 import anyio
 import pytest
+from conftest import descriptors_above_1023
 from test_sandbox_support import config, needs_bwrap, needs_root
 
 from rlm_async.sandbox import WorkerPool, WorkerRequest, start_worker
@@ -89,15 +90,7 @@ class TestManyDescriptors:
         """With over a thousand descriptors open (a server with a hundred queries holds
         thousands), a worker's pidfds are numbered above select()'s limit of 1,023: it
         still starts, runs and is killed through its namespace, and nothing of it runs."""
-        import os
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard != resource.RLIM_INFINITY and hard < 1_200:
-            pytest.skip(f"the hard RLIMIT_NOFILE ({hard}) leaves no room above 1,023")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1_200), hard))
-        filler = [os.open("/dev/null", os.O_RDONLY) for _ in range(1_100)]
-        try:
+        with descriptors_above_1023():
             worker = await start_worker("abc", config(isolation="bubblewrap"))
             try:
                 assert (await worker.run_cell("print(len(context))", refuse)).stdout == "3\n"
@@ -106,10 +99,6 @@ class TestManyDescriptors:
             assert not worker.alive
             if worker.uid is not None:  # a private uid (as root): nothing of it runs
                 assert _running(worker.uid) == []
-        finally:
-            for fd in filler:
-                os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 class TestGroupOf:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import descriptors_above_1023
 
 from rlm_async._types import Message, ModelRequest
 from rlm_async.sim import KindLatency, LatencyModel, SimConfig, SimProcess
@@ -45,21 +46,8 @@ class TestSimProcess:
     def test_starts_from_a_program_holding_descriptors_above_1023(self) -> None:
         """A load test or benchmark may hold over a thousand connections when it starts a
         simulator: waiting for its port must not use select(), which refuses them."""
-        import os
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard != resource.RLIM_INFINITY and hard < 1_200:
-            pytest.skip(f"the hard RLIMIT_NOFILE ({hard}) leaves no room above 1,023")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1_200), hard))
-        filler = [os.open("/dev/null", os.O_RDONLY) for _ in range(1_100)]
-        try:
-            with SimProcess() as sim:
-                assert sim.port is not None and sim.port > 0
-        finally:
-            for fd in filler:
-                os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        with descriptors_above_1023(), SimProcess() as sim:
+            assert sim.port is not None and sim.port > 0
 
 
 class TestCommandLine:
