@@ -48,6 +48,7 @@ __all__ = [
     "QueryTask",
     "Workload",
     "classify_question",
+    "count_records",
     "find_needle",
     "make_workload",
     "oolong_counting",
@@ -378,8 +379,11 @@ def parse_record(line: str) -> tuple[int, str | None] | None:
 # A record's user and question, found by one C-level scan of a whole text instead of a
 # Python loop over its lines (the simulator's sub-model reads every chunk of a fan-out this
 # way: the loop was most of its CPU per request). `$` is not needed: `[^\n]*` stops at the
-# line's end.
-_RECORD_TAIL = re.compile(r" \|\| User: (\d+) \|\| Instance: ([^\n]*)")
+# line's end. At most 640 digits: `int()` may refuse more (640 is the lowest limit
+# `sys.set_int_max_str_digits` accepts), and a longer id leaves its line's separators
+# unmatched, so `_plain_scan` falls back to the line loop, which asks `int()`.
+_RECORD_TAIL = re.compile(r" \|\| User: (\d{1,640}) \|\| Instance: ([^\n]*)")
+_RECORD_QUESTION = re.compile(r" \|\| User: \d{1,640} \|\| Instance: ([^\n]*)")
 # What `str.splitlines` breaks lines at, besides "\n".
 _OTHER_LINE_BREAKS = "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
@@ -389,26 +393,49 @@ def parse_records(text: str) -> list[tuple[int, str | None]]:
     exactly `[r for line in text.splitlines() if (r := parse_record(line)) is not None]`.
 
     One regex scan finds the records when the text is plain (its lines end in "\n" only,
-    and every " || " in it is one of the two separators of a line the scan matched, none
-    overlapping another); otherwise it falls back to that line-by-line loop, so the result
-    is the same for any text."""
-    found = _plain_records(text)
+    and every "|" in it belongs to the two separators of a line the scan matched); otherwise
+    it falls back to that line-by-line loop, so the result is the same for any text."""
+    found = _plain_scan(_RECORD_TAIL, text)
     if found is None:
         return [r for line in text.splitlines() if (r := parse_record(line)) is not None]
-    labels = _question_pools()[1]
-    return [(int(user), labels.get(question.strip())) for user, question in found]
+    if not found:
+        return []
+    users, questions = zip(*found, strict=True)
+    # map() over C functions: no Python frame per record.
+    return list(zip(map(int, users), map(_question_pools()[1].get, map(str.strip, questions)), strict=True))
 
 
-def _plain_records(text: str) -> list[tuple[str, str]] | None:
-    """(user digits, question) of every record line, if the scan is exact for this text."""
-    if " || || " in text or any(c in text for c in _OTHER_LINE_BREAKS):
-        return None  # overlapping separators, or lines `splitlines` cuts where a regex does not
-    found: list[tuple[str, str]] = _RECORD_TAIL.findall(text)
-    # Each match holds two separators and a line holds at most one match (the question runs
-    # to the line's end). Equal counts mean no line has a third separator or a separator
-    # outside a match, so each matched line splits into exactly the three fields that
-    # `parse_record` checks, and no unmatched line splits at all.
-    if text.count(" || ") != 2 * len(found):
+def count_records(text: str, label: str) -> int:
+    """How many lines of `text` are records of category `label`: exactly
+    `sum(1 for _, category in parse_records(text) if category == label)`, with no Python
+    step per record (the simulator's sub-model answers a COUNT sub-call with it)."""
+    questions: list[str] | None = _plain_scan(_RECORD_QUESTION, text)
+    if questions is None:
+        return sum(1 for _, category in parse_records(text) if category == label)
+    return sum(map(_questions_of(label).__contains__, map(str.strip, questions)))
+
+
+@cache
+def _questions_of(label: str) -> frozenset[str]:
+    """The pool's questions of one category: `q in _questions_of(c)` is `classify_question(q) == c`
+    for a stripped `q`."""
+    return frozenset(q for q, category in _question_pools()[1].items() if category == label)
+
+
+def _plain_scan(pattern: re.Pattern[str], text: str) -> Any:
+    """`pattern.findall(text)` (the record-tail pattern, with or without its user group), if
+    that scan is exact for this text; else `None`."""
+    if any(c in text for c in _OTHER_LINE_BREAKS):
+        return None  # lines `splitlines` cuts where a regex does not
+    found = pattern.findall(text)
+    # Each match holds two separators " || ", four "|" in all, and a line holds at most one
+    # match (the question runs to the line's end). If the text has no other "|", no line has
+    # a third separator or a separator outside a match, and no two separators overlap
+    # (" || || "), so each matched line splits into exactly the three fields that
+    # `parse_record` checks, and no unmatched line splits at all. (Counting "|" rather than
+    # " || ": one character is counted about twice as fast; a stray "|" only costs the
+    # fallback.)
+    if text.count("|") != 4 * len(found):
         return None
     return found
 

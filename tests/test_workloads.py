@@ -15,6 +15,7 @@ from rlm_async.workloads import (
     Shape,
     Workload,
     classify_question,
+    count_records,
     make_workload,
     oolong_counting,
     oolong_pairs,
@@ -231,6 +232,82 @@ class TestParseRecords:
                 else:
                     text = text[:at] + text[at + rng.randint(1, 4) :]
             assert parse_records(text) == records_line_by_line(text), text
+
+
+class TestCountRecords:
+    """`count_records(text, label)` must equal counting `parse_records(text)`'s categories,
+    which the simulator's sub model did before it counted in one scan."""
+
+    @staticmethod
+    def counted(text: str) -> dict[str, int]:
+        return {label: count_records(text, label) for label in (*CATEGORIES, "no-such-label")}
+
+    @staticmethod
+    def by_lines(text: str) -> dict[str, int]:
+        records = records_line_by_line(text)
+        return {label: sum(1 for _, c in records if c == label) for label in (*CATEGORIES, "no-such-label")}
+
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_generated_contexts_and_their_chunks_count_as_their_lines_do(self, seed: int) -> None:
+        """Whole generated contexts (counting and pairs), and chunks cut anywhere in them."""
+        texts = [
+            text_of(oolong_counting("64k", seed=seed).context),
+            text_of(oolong_pairs("32k", seed=seed).context),
+            text_of(oolong_counting("16k", seed=seed, shape="list").context),
+        ]
+        rng = Random(seed)
+        for text in texts[:]:
+            for _ in range(20):
+                start = rng.randrange(len(text))
+                texts.append(text[start : start + rng.randint(1, 20_000)])
+        for text in texts:
+            counted = self.counted(text)
+            assert counted == self.by_lines(text)
+        assert sum(self.counted(texts[0]).values()) > 500
+
+    def test_texts_a_scan_could_misread_count_as_their_lines_do(self) -> None:
+        """The odd texts that `parse_records` is checked on, alone and around a real record,
+        plus ids too long for `int()` and a stray "|" inside a question."""
+        real = "Date: Jan 01, 2023 || User: 7 || Instance: " + next(iter(_questions()))
+        odd = [
+            "",
+            "Date: x || User: 12 || Instance: q || extra",
+            "Date: x || || User: 12 || Instance: q",
+            "a || b\nDate: x || User: 12 || Instance: q",
+            "Date: x || User: 12 || Instance: q\r\nDate: y || User: 13 || Instance: r",
+            "Date: x || User: 12 || Instance: q\u2028Date: y || User: 13 || Instance: r",
+            "|| User: 12 || Instance: q\n || User: 13 || Instance: r\n",
+            "Date: x || User: \u0661\u0662 || Instance: q",
+            real.replace("User: 7", "User: " + "7" * 5000),  # int() refuses over 4,300 digits by default
+            real.replace("User: 7", "User: " + "7" * 641),  # the scan takes 640 at most
+            real + " | ",
+            "   " + real + "  \t",
+        ]
+        for text in odd:
+            for sample in (text, text + "\n" + real, real + "\n" + text):
+                assert self.counted(sample) == self.by_lines(sample), sample
+
+    def test_an_id_int_refuses_is_no_record_for_either(self) -> None:
+        """A 5,000-digit user id (over `int()`'s default limit) makes its line no record, in
+        `parse_records` too (the scan used to hand it to `int()`, which raised)."""
+        line = "Date: Jan 01, 2023 || User: " + "7" * 5000 + " || Instance: " + next(iter(_questions()))
+        assert parse_records(line) == records_line_by_line(line) == []
+        assert count_records(line, classify_question(line.rsplit("Instance: ", 1)[1]) or "") == 0
+
+    def test_random_edits_of_records_count_as_their_lines_do(self) -> None:
+        """Seeded random edits of real record lines, as for `parse_records`."""
+        rng = Random(13)
+        lines = text_of(oolong_counting("8k", seed=1).context).split("\n")[:40]
+        pieces = [" || ", "||", "|", " ", "User: ", "Instance: ", "7", "+", "\n", "\r", "\u2029", "x"]
+        for _ in range(400):
+            text = "\n".join(lines[rng.randrange(len(lines)) :][: rng.randint(1, 5)])
+            for _ in range(rng.randint(0, 3)):
+                at = rng.randrange(len(text) + 1)
+                if rng.random() < 0.7:
+                    text = text[:at] + rng.choice(pieces) + text[at:]
+                else:
+                    text = text[:at] + text[at + rng.randint(1, 4) :]
+            assert self.counted(text) == self.by_lines(text), text
 
 
 def _questions() -> dict[str, None]:

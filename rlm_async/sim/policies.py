@@ -45,7 +45,15 @@ from typing import Any, Protocol
 
 from .._types import Message
 from ..exceptions import ConfigError
-from ..workloads import CATEGORIES, QueryTask, classify_question, find_needle, parse_query, parse_records
+from ..workloads import (
+    CATEGORIES,
+    QueryTask,
+    classify_question,
+    count_records,
+    find_needle,
+    parse_query,
+    parse_records,
+)
 from ._config import PolicySpec
 
 __all__ = [
@@ -447,6 +455,8 @@ class ReaderPolicy:
         # The oracle's question pools are built on first use (about 0.2 s): here, at server
         # start, rather than inside the first sub-call, a fan-out's warm-up.
         classify_question("")
+        for label in CATEGORIES:
+            count_records("", label)
 
     def __call__(self, request: PolicyRequest) -> str:
         prompt = request.last_user()
@@ -461,6 +471,8 @@ class ReaderPolicy:
             assert task.key is not None
             value = find_needle(chunk, task.key)
             return "NONE" if value is None else f"NUMBER: {value}"
+        if task.kind == "count" and task.label is not None:
+            return f"COUNT: {count_records(chunk, task.label)}"
         records = parse_records(chunk)
         if task.kind == "count":
             return f"COUNT: {sum(1 for _, category in records if category == task.label)}"
