@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from random import Random
+
 import anyio
 import pytest
 
@@ -65,6 +68,71 @@ class TestPrefixCacheBookkeeping:
         blocks = cache.blocks("m", text_of(4096))
         cache.insert(blocks, now=0.0)
         assert cache.lookup(blocks, now=0.0) == 0
+
+
+class _Sha256PrefixCache:
+    """The cache as it was before its keys became chained string hashes: one running
+    SHA-256 over the blocks, digested at each boundary. The reference for the test below."""
+
+    def __init__(self, model: CacheModel) -> None:
+        self.model = model
+        self.first = -(-model.min_tokens // model.step_tokens)
+        self.used: dict[bytes, float] = {}
+
+    def blocks(self, namespace: str, text: str) -> list[bytes]:
+        size, full = self.model.step_tokens * 4, len(text) // (self.model.step_tokens * 4)
+        if full < self.first:
+            return []
+        h = hashlib.sha256(namespace.encode("utf-8", "surrogatepass") + b"\x00")
+        out: list[bytes] = []
+        for k in range(full):
+            h.update(text[k * size : (k + 1) * size].encode("utf-8", "surrogatepass"))
+            if k + 1 >= self.first:
+                out.append(h.copy().digest())
+        return out
+
+    def lookup(self, digests: list[bytes], now: float) -> int:
+        ttl, hit = self.model.ttl_s, -1
+        for i, d in enumerate(digests):
+            used = self.used.get(d)
+            if used is None or (ttl is not None and now - used > ttl):
+                break
+            hit = i
+        for d in digests[: hit + 1]:
+            self.used[d] = now
+        return 0 if hit < 0 else (self.first + hit) * self.model.step_tokens
+
+    def insert(self, digests: list[bytes], now: float) -> None:
+        for d in digests:
+            self.used[d] = now
+
+
+class TestChainedKeysMatchSha256:
+    def test_seeded_prompts_get_the_cached_tokens_the_sha256_keys_gave(self) -> None:
+        """2,000 seeded lookups and inserts of prompts that share prefixes of every length
+        (cut inside blocks and on their edges, two namespaces, non-ASCII text, entries
+        expiring): the chained-hash keys give every cached-token count the SHA-256 keys gave."""
+        rng = Random(5)
+        model = CacheModel(ttl_s=30.0)
+        cache, reference = PrefixCache(model), _Sha256PrefixCache(model)
+        alphabet = "abcdefgh \n|é€😀"
+        bases = ["".join(rng.choice(alphabet) for _ in range(BLOCK * 40)) for _ in range(3)]
+        now, counts = 0.0, []
+        for _ in range(2000):
+            now += rng.choice([0.0, 0.01, 0.5, 5.0, 40.0])
+            base = rng.choice(bases)
+            shared = rng.choice([rng.randrange(len(base)), BLOCK * rng.randint(1, 40), len(base)])
+            tail = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, BLOCK * 3)))
+            text, namespace = base[:shared] + tail, rng.choice(["m", "m\x00key"])
+            blocks, digests = cache.blocks(namespace, text), reference.blocks(namespace, text)
+            got, want = cache.lookup(blocks, now), reference.lookup(digests, now)
+            assert got == want, (shared, len(text), now)
+            counts.append(got)
+            if rng.random() < 0.6:
+                cache.insert(blocks, now)
+                reference.insert(digests, now)
+        # Hits of many lengths, and misses.
+        assert len({c for c in counts if c}) > 10 and counts.count(0) > 100
 
 
 SHARED = "Instructions that every request shares. " * 150  # ~6000 characters, ~1500 tokens
