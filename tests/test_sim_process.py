@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
+import anyio
 import pytest
 from conftest import descriptors_above_1023
 
 from rlm_async._types import Message, ModelRequest
-from rlm_async.sim import KindLatency, LatencyModel, SimConfig, SimProcess
+from rlm_async.exceptions import ConnectionFailed
+from rlm_async.sim import Faults, KindLatency, LatencyModel, SimConfig, SimProcess
 from rlm_async.sim.server import build_parser, config_from_args
 from rlm_async.transport import OpenAITransport
 
@@ -42,12 +46,69 @@ class TestSimProcess:
         assert sim.pid is None
         assert len(sim.read_log()) == 0
 
-
     def test_starts_from_a_program_holding_descriptors_above_1023(self) -> None:
         """A load test or benchmark may hold over a thousand connections when it starts a
         simulator: waiting for its port must not use select(), which refuses them."""
         with descriptors_above_1023(), SimProcess() as sim:
             assert sim.port is not None and sim.port > 0
+
+    @pytest.mark.anyio
+    async def test_clients_that_leave_free_their_slots_in_service_and_in_the_queue(self) -> None:
+        """On uvloop and httptools (the child's stack): with one slot, a 30 s request in
+        service and one queued behind it are both logged "cancelled" when their clients
+        leave (the queued one first, never served), and a request sent next is served at once
+        (within the test's 20 s guard, not after the 30 s one)."""
+        config = SimConfig(
+            latency=LatencyModel(sub=KindLatency(ttft_s=0.05, capacity=1)),
+            faults=Faults(script=("slow", "slow", "ok"), slow_extra_s=30.0),
+        )
+
+        def ask(i: int) -> ModelRequest:
+            return ModelRequest(model="sim-model", messages=(Message("user", f"q{i}"),))
+
+        with anyio.fail_after(20):
+            async with SimProcess(config) as sim, aiohttp.ClientSession() as http:
+                assert sim.base_url is not None
+                health = sim.base_url.removesuffix("/v1") + "/health"
+
+                async def in_flight() -> int:
+                    async with http.get(health) as response:
+                        return int((await response.json())["in_flight"])
+
+                patient, impatient = (
+                    OpenAITransport(sim.base_url),
+                    OpenAITransport(sim.base_url, timeout_s=0.5),
+                )
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(patient.complete, ask(0))  # served first, for 30 s
+                    await _until(lambda: in_flight(), 1)
+                    with pytest.raises(ConnectionFailed):  # queued behind it, then gone
+                        await impatient.complete(ask(1))
+                    await _until(lambda: _logged(sim), 1)
+                    tg.cancel_scope.cancel()  # the first client leaves too
+                await _until(lambda: _logged(sim), 2)
+                third = await patient.complete(ask(2))
+                await patient.aclose()
+                await impatient.aclose()
+                log = sim.read_log().by_arrival()
+        assert third.text == "ECHO: q2"
+        assert [e.outcome for e in log] == ["cancelled", "cancelled", "ok"]
+        served, queued, last = log
+        assert served.start is not None and queued.start is None and queued.prompt_tokens == 0
+        assert last.start is not None and served.modeled_s is not None
+        assert last.start < served.start + served.modeled_s  # the slot was freed, not served out
+
+
+async def _logged(sim: SimProcess) -> int:
+    return len(sim.read_log())
+
+
+async def _until(count: Callable[[], Awaitable[int]], want: int) -> None:
+    """Poll until `count()` reaches `want` (the caller's fail_after bounds it)."""
+    for _ in range(10_000):
+        if await count() >= want:
+            return
+        await anyio.sleep(0.02)
 
 
 class TestCommandLine:

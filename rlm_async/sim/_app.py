@@ -20,6 +20,7 @@ Providers do not document this for non-streaming requests; some may bill more.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -128,7 +129,8 @@ class _Refused(Exception):
 
 class SimApp:
     """The ASGI app behind `SimServer` and `SimProcess`. Serve it with any ASGI server on
-    asyncio or trio; state lives on the instance, one app per simulated deployment."""
+    asyncio (its disconnect watcher is an asyncio task); state lives on the instance, one
+    app per simulated deployment."""
 
     def __init__(
         self,
@@ -233,18 +235,22 @@ class SimApp:
                     if body is None:  # the client left before sending its body
                         return
                     draft.body_sha256 = hashlib.sha256(body).hexdigest()
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                        try:
-                            await self._handle(scope, body, send, draft)
-                        except _Refused as refused:
-                            draft.done(refused.status, refused.outcome)
-                            self._finish(draft)
-                            await _send_json(send, refused.status, refused.body, refused.headers, draft.id)
-                        except Exception:
-                            draft.outcome = "internal_error"  # a bug here; the ASGI server answers 500
-                            raise
-                        tg.cancel_scope.cancel()
+                    # A plain asyncio task, not an anyio task group: the group's entry, spawn
+                    # and cancelling exit cost about 0.12 ms a request, a third of the app's
+                    # CPU in a fan-out. The watcher cancels `whole`, which ends the request
+                    # as the group's scope did.
+                    watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, whole))
+                    try:
+                        await self._handle(scope, body, send, draft)
+                    except _Refused as refused:
+                        draft.done(refused.status, refused.outcome)
+                        self._finish(draft)
+                        await _send_json(send, refused.status, refused.body, refused.headers, draft.id)
+                    except Exception:
+                        draft.outcome = "internal_error"  # a bug here; the ASGI server answers 500
+                        raise
+                    finally:
+                        watcher.cancel()
                 finally:
                     self._active.discard(whole)
         finally:
@@ -646,9 +652,11 @@ async def _read_body(receive: Receive) -> bytes | None:
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    """Cancel the request's handling when the client goes away."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return
+    """Cancel the request's handling when the client goes away (or its `receive` fails,
+    which leaves no client to answer)."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:
+        pass  # nobody awaits this task: its error would only be logged as never retrieved
+    scope.cancel()
