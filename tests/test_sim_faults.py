@@ -103,6 +103,27 @@ class TestSeededFaults:
             await transport.aclose()
         assert seen[0] == "error_500" and "ok" in seen
 
+    async def test_fault_and_jitter_draws_are_uniform_and_independent(self) -> None:
+        """Over 300 distinct requests, a 30% fault rate faults 30% +- 3 standard deviations,
+        and the jitter of the requests served (those whose fault draw was >= 0.3) spreads
+        evenly over [1 - jitter, 1 + jitter]: each quarter holds 25% +- 3 standard deviations."""
+        config = SimConfig(
+            seed=3,
+            faults=Faults(error_500=0.3),
+            latency=LatencyModel(sub=KindLatency(ttft_s=0.001, jitter=0.5)),
+        )
+        _, sim = await outcomes_of(config, 300)
+        outcomes = [e.outcome for e in sim.log.entries]
+        assert 63 <= outcomes.count("error_500") <= 117 and outcomes.count("ok") == 300 - outcomes.count(
+            "error_500"
+        )
+        factors = [e.modeled_s / 0.001 for e in sim.log.entries if e.modeled_s is not None]
+        assert all(0.5 <= f < 1.5 for f in factors)
+        served = len(factors)
+        for quarter in range(4):
+            share = sum(1 for f in factors if 0.5 + quarter / 4 <= f < 0.5 + (quarter + 1) / 4)
+            assert abs(share - served / 4) <= 3 * (served * 0.25 * 0.75) ** 0.5, (quarter, share, served)
+
 
 class TestLatencyUnderFaults:
     async def test_drop_happens_after_the_service_time(self) -> None:
