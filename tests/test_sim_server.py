@@ -163,6 +163,35 @@ class TestRequestLog:
             assert len(lines) == 1 and json.loads(lines[0])["outcome"] == "ok"
             assert len(sim.log) == 0
 
+    async def test_the_jsonl_file_reads_back_as_the_log_for_odd_names_and_recorded_bodies(
+        self, tmp_path: Path
+    ) -> None:
+        """The file (orjson lines, `json` where orjson would differ) loads back equal to the
+        log in memory: a non-ASCII model name and cache key, and recorded bodies holding NaN
+        and an integer over 64 bits."""
+        for record in (False, True):
+            path = tmp_path / f"log-{record}.jsonl"
+            config = SimConfig(models=("modèle-ü",), record_bodies=record, log_path=str(path))
+            async with SimServer(config) as sim, httpx.AsyncClient(base_url=sim.base_url) as client:
+                body = '{"model":"modèle-ü","messages":[{"role":"user","content":"€ hi"}],'
+                for extra in (
+                    '"prompt_cache_key":"clé-😀"}',
+                    '"temperature":NaN,"seed":123456789012345678901234}',
+                ):
+                    response = await client.post("/chat/completions", content=(body + extra).encode())
+                    assert response.status_code == 200
+            loaded = RequestLog.load(path).entries
+            assert [e.to_dict() | {"body": None} for e in loaded] == [
+                e.to_dict() | {"body": None} for e in sim.log.entries
+            ]
+            assert loaded[0].model == "modèle-ü" and loaded[0].prompt_cache_key == "clé-😀"
+            if record:
+                assert (
+                    loaded[1].body is not None
+                    and loaded[1].body["temperature"] != loaded[1].body["temperature"]
+                )
+                assert loaded[1].body["seed"] == 123456789012345678901234
+
 
 class TestConcurrency:
     async def test_a_thousand_concurrent_requests_are_all_in_flight_at_once(self) -> None:

@@ -10,6 +10,7 @@ when the server notices the disconnect (`wait_for` waits for that).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
+import orjson
 
 from .._governor import ModelPrice
 from .._types import Usage
@@ -95,6 +97,19 @@ class LogEntry:
 _FIELD_NAMES = tuple(f.name for f in fields(LogEntry))
 
 
+def _json_line(entry: LogEntry) -> str:
+    """One JSONL line: orjson (a tenth of `json`'s time, once per request) for an entry
+    without a recorded body, whose fields are our own strings, ints and finite floats;
+    `json` for a recorded body, which may hold what orjson writes differently (NaN) or
+    refuses (a lone surrogate, an integer over 64 bits), and for a request's own model name
+    or cache key that orjson refuses."""
+    record = entry.to_dict()
+    if entry.body is None:
+        with contextlib.suppress(TypeError):
+            return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE).decode()
+    return json.dumps(record, separators=(",", ":")) + "\n"
+
+
 class RequestLog:
     """Every request a server saw. Append-only while the server runs."""
 
@@ -113,7 +128,7 @@ class RequestLog:
             if self._file is None:
                 self._file = open(self.path, "a", encoding="utf-8")  # held open: one line per request
             # Flushed per line: a reader in another process sees each request as it finishes.
-            self._file.write(json.dumps(entry.to_dict(), separators=(",", ":")) + "\n")
+            self._file.write(_json_line(entry))
             self._file.flush()
 
     async def wait_for(self, count: int) -> None:

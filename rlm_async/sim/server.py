@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import importlib.util
 import json
 import logging
@@ -95,6 +96,7 @@ def _uvicorn_config(app: SimApp, *, http: str = "h11") -> uvicorn.Config:
         timeout_graceful_shutdown=5,
         date_header=False,
         server_header=False,
+        proxy_headers=False,  # the app never reads the client's address: skip the middleware
     )
 
 
@@ -241,6 +243,7 @@ async def _serve(
     bound = sock.getsockname()[1]
 
     def started() -> None:
+        _tune_gc()
         if on_ready is not None:
             on_ready(f"http://{host}:{bound}/v1")
 
@@ -250,6 +253,18 @@ async def _serve(
         await server.serve([sock])
     finally:
         app.close()
+
+
+def _tune_gc() -> None:
+    """The process's garbage collector, set for a server that holds a thousand requests
+    at once. What was built at start (modules, the oracle's question pools) is frozen out of
+    every later collection, and a young collection waits for 20,000 new container objects
+    instead of 700: on a 1,000-way fan-out the collector spent about 85 us a request (most
+    of it in full collections walking every in-flight request). Cycles are still
+    collected; only in this process (`serve`), never in a host program's."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 class SimProcess:
