@@ -382,11 +382,13 @@ class SimApp:
             # Deadlines counted from `start`: the simulator's own work since then (cache
             # lookup, policy) is spent inside the modeled time, not added to it.
             first_due = start + first
-            if first > 0:
-                await self._sleep_until(first_due)
             if cfg.cache.available_at == "first_token":
+                if first > 0:
+                    await self._sleep_until(first_due)
                 self.cache.insert(blocks, self._clock())
-            if decode > 0:
+                if decode > 0:
+                    await self._sleep_until(first_due + decode)
+            elif first > 0 or decode > 0:  # nothing happens at the first token: one sleep
                 await self._sleep_until(first_due + decode)
             if cfg.cache.available_at == "finish":
                 self.cache.insert(blocks, self._clock())
