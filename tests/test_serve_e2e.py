@@ -675,6 +675,67 @@ class TestOperations:
             assert "call.finish" in kinds and "worker.start" in kinds
         shutil.rmtree(traces, ignore_errors=True)
 
+    def test_opentelemetry_spans_over_http(self) -> None:
+        """A live `rlm-async serve --otel` whose process exports to the OTel SDK's in-memory
+        exporter: two queries from the openai SDK over loopback (plain and streamed) are two
+        traces, each one `invoke_agent` root named by the answer's `rlm.query_id`, with an
+        `execute_tool` span per REPL cell under it, a child RLM's `invoke_agent` under the
+        cell that started it, and one `chat` span per model call the answer's usage counts."""
+        spans_path = Path(tempfile.mkdtemp(prefix="rlm-otel-")) / "spans.jsonl"
+        config = (
+            config_text(chunks=2, serve="otel = true\n")
+            .replace("max_depth = 1", "max_depth = 2")
+            .replace("chunks = 2\n", 'chunks = 2\nfanout = "rlm_query_batched"\n')
+        )
+        server = ServerProcess(
+            config,
+            env={"RLM_TEST_SPANS": str(spans_path)},
+            program=[sys.executable, str(Path(__file__).with_name("_otel_serve.py"))],
+        )
+        with server as s:
+            client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0)
+            messages: list[ChatCompletionMessageParam] = [
+                {"role": "user", "content": CONTEXT},
+                {"role": "user", "content": "How many lines mention an invoice?"},
+            ]
+            plain = client.chat.completions.create(model="rlm", messages=messages)
+            streamed = list(
+                client.chat.completions.create(
+                    model="rlm", messages=messages, stream=True, stream_options={"include_usage": True}
+                )
+            )
+            assert s.terminate() == 0
+        query_id = (plain.model_extra or {})["rlm"]["query_id"]
+        assert query_id
+        spans = [json.loads(line) for line in spans_path.read_text().splitlines()]
+        shutil.rmtree(spans_path.parent, ignore_errors=True)
+        by_id = {sp["span_id"]: sp for sp in spans}
+        roots = [sp for sp in spans if sp["parent_id"] is None]
+        assert len(roots) == 2 and all(r["name"] == "invoke_agent rlm" for r in roots), roots
+        assert {r["trace_id"] for r in roots} == {sp["trace_id"] for sp in spans}  # nothing orphaned
+        assert len({r["trace_id"] for r in roots}) == 2
+        mine = next(r for r in roots if r["attributes"]["rlm.query_id"] == query_id)
+        in_trace = [sp for sp in spans if sp["trace_id"] == mine["trace_id"]]
+        op = {sp["span_id"]: sp["attributes"]["gen_ai.operation.name"] for sp in spans}
+        chats = [sp for sp in in_trace if op[sp["span_id"]] == "chat"]
+        tools = [sp for sp in in_trace if op[sp["span_id"]] == "execute_tool"]
+        children = [sp for sp in in_trace if op[sp["span_id"]] == "invoke_agent" and sp["parent_id"]]
+        assert plain.usage is not None and plain.usage.model_extra is not None
+        assert len(chats) == plain.usage.model_extra["rlm_calls"]
+        assert all(sp["kind"] == "CLIENT" and sp["name"].startswith("chat sim-") for sp in chats)
+        assert all(sp["attributes"]["gen_ai.usage.input_tokens"] > 0 for sp in chats)
+        assert tools and all(by_id[t["parent_id"]]["name"] == "invoke_agent rlm" for t in tools)
+        assert len(children) == 2  # two chunks, a child RLM each, under the cell that ran them
+        assert all(op[c["parent_id"]] == "execute_tool" for c in children)
+        assert all(c["attributes"]["rlm.depth"] == 1 for c in children)
+        child_ids = {c["span_id"] for c in children}
+        assert any(sp["parent_id"] in child_ids for sp in chats)  # a child's calls nest under it
+        assert mine["status"] != "ERROR" and all(c["status"] != "ERROR" for c in chats)
+        # A cell whose code failed (shown to the model, not raised) is an error span that says why.
+        assert all("error.type" in t["attributes"] for t in tools if t["status"] == "ERROR")
+        usage = streamed[-1].usage
+        assert usage is not None and usage.total_tokens > 0
+
     def test_upstream_429s_are_counted_and_retried(self) -> None:
         """The model server answers the first two requests with 429: the query still
         answers (the governor retried after their retry-after), /metrics counts the two
