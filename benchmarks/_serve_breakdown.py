@@ -396,7 +396,9 @@ def format_table(alone: dict[str, float] | None, burst: dict[str, float], cpu: d
         for part, used in (cpu.get("workers_by_birth_cpu_s") or {}).items():
             n = cpu["workers_by_birth_processes"][part]
             label = part.removeprefix("workers_").replace("_", " ")
-            lines.append(f"| &nbsp;&nbsp;workers {label} ({n} processes) | {used:.2f} | {100 * used / avail:.0f}% |")
+            lines.append(
+                f"| &nbsp;&nbsp;workers {label} ({n} processes) | {used:.2f} | {100 * used / avail:.0f}% |"
+            )
         names = ("server", "simulator", "workers", "locust", "other")
         lines += [
             "",
