@@ -72,16 +72,25 @@ class TestFirstRootCallOverlapsTheWorkerStart:
         assert cells and started.time <= cells[0].time
         assert events.of(WorkerKill)[-1].pid == started.pid
 
+    @pytest.mark.parametrize("entered", [True, False], ids=["async-with", "bare"])
     @pytest.mark.asyncio
-    async def test_a_sandbox_that_refuses_refuses_before_any_request(self) -> None:
+    async def test_a_sandbox_that_refuses_refuses_before_any_request(self, entered: bool) -> None:
         """An isolation tier that cannot run here raises IsolationUnavailable before the
-        server has received a single request, and no worker is started."""
+        server has received a single request, and no worker is started: at `async with
+        RLM(...)`, or, for an RLM used without it, at the query, before its first call."""
         context, query, _ = _counting()
         events = EventLog()
         refusing = sandbox_config(isolation="bubblewrap", bwrap_path="/no/such/bwrap")
         async with open_sim() as sim:
             with pytest.raises(IsolationUnavailable, match="no bwrap executable"):
-                await _run(sim, context, query, events, sandbox=refusing)
+                if entered:
+                    await _run(sim, context, query, events, sandbox=refusing)
+                else:
+                    rlm = RLM(config=sim_config(sim, sandbox=refusing), event_sinks=[events])
+                    try:
+                        await rlm.acompletion(context, query)
+                    finally:
+                        await rlm.aclose()
             assert len(sim.log) == 0
         assert events.of(CallStart) == [] and events.of(WorkerStart) == []
 
