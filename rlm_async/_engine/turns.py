@@ -581,10 +581,8 @@ class RLMLoop:
             turn.parts.append(_not_run(index + 1, total, turn_limit))
 
     async def _final_marker(self, worker: Worker, marker: FinalMarker, parts: list[str]) -> str | None:
-        """The answer a FINAL(...) or FINAL_VAR(name) line gives, or None with a note in
-        `parts` saying why FINAL_VAR gave none."""
-        if marker.kind == "text":
-            return marker.value
+        """The answer a FINAL_VAR(name) line gives, or None with a note in `parts` saying
+        why it gave none (a FINAL(...) line's text needs no worker: `_execute_reply`)."""
         await self._ensure_alive(worker, parts)
         value = await worker.get_variable(marker.value)
         if value is not None:
