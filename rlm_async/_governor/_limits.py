@@ -254,7 +254,13 @@ class LimitState:
             await self.gate.wait()
             if self._limiter is not None:
                 limiter = self._limiter
-                await limiter.acquire_on_behalf_of(permit)
+                try:
+                    # A free slot and no one queued: taken without a pass through the event
+                    # loop (anyio's `acquire` takes one even then, a task step per call).
+                    # The wait queue is still served first: `nowait` refuses while it has waiters.
+                    limiter.acquire_on_behalf_of_nowait(permit)
+                except anyio.WouldBlock:
+                    await limiter.acquire_on_behalf_of(permit)
                 permit.limiter = limiter
             if self._rpm is not None:
                 rpm = self._rpm
@@ -415,7 +421,9 @@ class LimitRegistry:
         key = (endpoint, model)
         # Compare with what was configured, not with the live state: a runtime `resize`
         # must survive callers that pass the same configuration on every call.
-        changed = limits is not None and self._configured.get(key) != limits
+        configured = self._configured.get(key)
+        # `is` first: callers pass the same configuration object on every call.
+        changed = limits is not None and configured is not limits and configured != limits
         if changed:
             assert limits is not None
             self._configured[key] = limits

@@ -88,7 +88,18 @@ class ModelPrice:
 
 
 def _dec(value: float) -> Decimal:
-    return Decimal(str(value))  # str: 0.15 stays 0.15, not 0.1499999999999999944...
+    # str: 0.15 stays 0.15, not 0.1499999999999999944... Kept per value: every call prices
+    # its reservation and its usage with the same few prices.
+    key = (type(value), value)  # 1 and 1.0 are equal keys, but "1" and "1.0" two Decimals
+    found = _DECIMALS.get(key)
+    if found is None:
+        found = Decimal(str(value))
+        if len(_DECIMALS) < 4096:
+            _DECIMALS[key] = found
+    return found
+
+
+_DECIMALS: dict[tuple[type, float], Decimal] = {}
 
 
 Pricer = Callable[[Usage], Decimal]
