@@ -261,7 +261,10 @@ class _EncodedOnWrite(aiohttp.payload.Payload):
     one encoding plus an exact-size copy did. Until then it holds only the request (whose
     prompt the engine holds anyway), not the body's dicts. Writing it twice is a bug
     (aiohttp replays a body only for redirects, which `OpenAITransport` does not follow),
-    so it raises."""
+    so it raises.
+
+    A body made ahead (`OpenAITransport.encode`: a fan-out's first followers, while the
+    warm-up is in flight) is written as it is, with no encoding at all, and let go of then."""
 
     def __init__(self, request: ModelRequest, body: bytes | None = None) -> None:
         super().__init__(request, content_type="application/json")
