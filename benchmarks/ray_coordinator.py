@@ -23,14 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-# A local ray.init otherwise generates a token and saves it under ~/.ray, which clusters
-# started with `ray start` (auth off) then refuse.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
 import ray
 from _provenance import provenance
 
 from rlm_async.ray import Coordinator
+from rlm_async.ray._local import local_token
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,11 +67,15 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/ray_coordinator.json")
     args = parser.parse_args()
     load = os.getloadavg()
-    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=80 * 1024 * 1024, log_to_driver=False)
-    try:
-        figures = asyncio.run(measure(args))
-    finally:
-        ray.shutdown()
+    # Ray's authentication stays on, with a token of this run's own (not one saved under ~/.ray)
+    with local_token():
+        ray.init(
+            num_cpus=1, include_dashboard=False, object_store_memory=80 * 1024 * 1024, log_to_driver=False
+        )
+        try:
+            figures = asyncio.run(measure(args))
+        finally:
+            ray.shutdown()
     result = {
         **provenance("ray_coordinator.py", load_average_before=load, load_average_after=os.getloadavg()),
         **figures,

@@ -419,7 +419,7 @@ class TestCtrlC:
         # The cancelled queries got no row: the rows are finished queries' (those whose
         # last call was answered before the signals), and fewer than the inputs.
         assert rows_at_signal <= len(rows1) < len(items)
-        assert {r["status"] for r in rows1} <= {"ok"}
+        assert {r["status"] for r in rows1} <= {"ok"}, [r for r in rows1 if r["status"] != "ok"]
         assert sum(r["usage"]["calls"] for r in rows1) <= answered
 
         with SimProcess(sim_config(), log_path=tmp_path / "requests2.jsonl") as healthy:

@@ -26,6 +26,7 @@ from _ray_cluster import RayCluster
 
 from rlm_async.ray._local import AUTH_ENV
 from rlm_async.sim import LogEntry, RateLimits, SimProcess, priced
+from rlm_async.workloads import Workload
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 MISSING = None if importlib.util.find_spec("ray") is not None else "ray is not installed"
@@ -99,6 +100,29 @@ def busiest_windows(entries: list[LogEntry]) -> dict[str, tuple[int, int]]:
     return out
 
 
+def run_capped(
+    cluster: RayCluster, tmp_path: Path, items: dict[str, Workload], cap: float, *, timeout: float
+) -> tuple[subprocess.CompletedProcess[str], list[LogEntry], Path]:
+    """Run `items` as a Ray batch under a dollar cap against a rate-limited simulator: the
+    finished command, the server's log, and the output file."""
+    source = write_input(tmp_path / "in.jsonl", items)
+    out = tmp_path / "out.jsonl"
+    with SimProcess(
+        sim_config(chunks=2, rate_limits=CLUSTER_RATE), log_path=tmp_path / "requests.jsonl"
+    ) as sim:
+        assert sim.base_url is not None
+        config = write_config(tmp_path / "rlm.toml", sim.base_url, limits=LIMITS, server="off")
+        done = subprocess.run(
+            command(source, out, config, cluster, "--budget-usd", str(cap)),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        sim.wait_until_idle()
+        log = sim.read_log().entries
+    return done, log, out
+
+
 class TestClusterBatch:
     def test_300_queries_every_row_right_within_rate_limits_and_cap(
         self, cluster: RayCluster, tmp_path: Path
@@ -108,22 +132,8 @@ class TestClusterBatch:
         tokens than the configured per-minute limits allow in 10 seconds; and what the
         server charged stays within the batch's dollar cap."""
         items = workloads(300)
-        source = write_input(tmp_path / "in.jsonl", items)
-        out = tmp_path / "out.jsonl"
         cap = 5.0  # about $0.01 a query: room for all 300, so every row must be "ok"
-        with SimProcess(
-            sim_config(chunks=2, rate_limits=CLUSTER_RATE), log_path=tmp_path / "requests.jsonl"
-        ) as sim:
-            assert sim.base_url is not None
-            config = write_config(tmp_path / "rlm.toml", sim.base_url, limits=LIMITS, server="off")
-            done = subprocess.run(
-                command(source, out, config, cluster, "--budget-usd", str(cap)),
-                capture_output=True,
-                text=True,
-                timeout=780,
-            )
-            sim.wait_until_idle()
-            log = sim.read_log().entries
+        done, log, out = run_capped(cluster, tmp_path, items, cap, timeout=780)
         assert done.returncode == 0, (done.stdout[:400], done.stderr[-3000:])
         summary = json.loads(done.stdout)
         rows = read_rows(out)
@@ -151,22 +161,8 @@ class TestClusterBatch:
         in blocks: what the server charged stays within the cap, the queries the budget
         could not cover get `not_started` rows naming it, and the exit code is 3."""
         items = workloads(60)
-        source = write_input(tmp_path / "in.jsonl", items)
-        out = tmp_path / "out.jsonl"
         cap = 0.2
-        with SimProcess(
-            sim_config(chunks=2, rate_limits=CLUSTER_RATE), log_path=tmp_path / "requests.jsonl"
-        ) as sim:
-            assert sim.base_url is not None
-            config = write_config(tmp_path / "rlm.toml", sim.base_url, limits=LIMITS, server="off")
-            done = subprocess.run(
-                command(source, out, config, cluster, "--budget-usd", str(cap)),
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            sim.wait_until_idle()
-            log = sim.read_log().entries
+        done, log, out = run_capped(cluster, tmp_path, items, cap, timeout=600)
         assert done.returncode == 3, (done.stdout[:400], done.stderr[-3000:])
         rows = read_rows(out)
         assert sorted(r["id"] for r in rows) == sorted(items)

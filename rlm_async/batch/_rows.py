@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from .._result import RLMResult
 from .._types import Usage
+from ._budget import AdmissionRefused
 
 __all__ = ["FINAL_STATUSES", "BatchRow", "RowStatus"]
 
@@ -117,6 +118,39 @@ class BatchRow:
             started_at=started_at,
             wall_s=result.execution_time,
             result=result,
+        )
+
+    @classmethod
+    def invalid(cls, id: str | int | None, line: int | None, problem: str | Exception) -> BatchRow:
+        """Bad input: a problem found while reading the file is already worded whole; one
+        raised later (loading the context, checking its type) is prefixed with its line."""
+        if isinstance(problem, Exception):
+            problem = f"line {line}: {problem}" if line is not None else str(problem)
+        return cls(id=id, line=line, status="invalid", error=problem)
+
+    @classmethod
+    def failed(
+        cls, id: str | int | None, line: int | None, exc: BaseException, started_at: float, wall_s: float
+    ) -> BatchRow:
+        """A query that raised instead of returning a result."""
+        return cls(
+            id=id,
+            line=line,
+            status="error",
+            error=f"{type(exc).__name__}: {exc}",
+            started_at=started_at,
+            wall_s=wall_s,
+        )
+
+    @classmethod
+    def not_started(cls, id: str | int | None, line: int | None, refusal: AdmissionRefused | None) -> BatchRow:
+        """A query the batch's cap could not cover (`refusal`: the cap's last refusal)."""
+        return cls(
+            id=id,
+            line=line,
+            status="not_started",
+            error=f"budget: {refusal}" if refusal is not None else "budget",
+            limit_hit=refusal.limit if refusal is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:

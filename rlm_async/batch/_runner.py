@@ -142,7 +142,7 @@ class BatchRunner:
                     if control.stopping:
                         break
                     if isinstance(item, InvalidItem):
-                        await self._deliver(deliver, _invalid_row(item))
+                        await self._deliver(deliver, BatchRow.invalid(item.id, item.line, item.problem))
                         continue
                     await self._start(tg, item, deliver)
         control._wake = None
@@ -158,7 +158,7 @@ class BatchRunner:
         try:
             chars = item.context_chars()
         except InputProblem as exc:
-            await self._deliver(deliver, _problem_row(item, exc))
+            await self._deliver(deliver, BatchRow.invalid(item.id, item.line, exc))
             return
         prior = self.budget.estimator.prior(chars, len(item.query))
         while True:
@@ -171,17 +171,7 @@ class BatchRunner:
                 lease.close(learn=False)
             return
         if lease is None:
-            refusal = self.budget.last_refusal
-            await self._deliver(
-                deliver,
-                BatchRow(
-                    id=item.id,
-                    line=item.line,
-                    status="not_started",
-                    error=f"budget: {refusal}" if refusal is not None else "budget",
-                    limit_hit=refusal.limit if refusal is not None else None,
-                ),
-            )
+            await self._deliver(deliver, BatchRow.not_started(item.id, item.line, self.budget.last_refusal))
             return
         if self._observer is not None:
             self._observer.query_started(item)
@@ -197,24 +187,17 @@ class BatchRunner:
             try:
                 context = await anyio.to_thread.run_sync(item.load_context)
             except InputProblem as exc:
-                row = _problem_row(item, exc)
+                row = BatchRow.invalid(item.id, item.line, exc)
                 return
             try:
                 result = await self._run_query(item.query, context, lease.ledger)
             except ContextTypeError as exc:
-                row = _problem_row(item, exc)
+                row = BatchRow.invalid(item.id, item.line, exc)
                 return
             except (MissingAPIKey, ConfigError):
                 raise  # misconfiguration: every query would fail alike, so stop the batch
             except Exception as exc:
-                row = BatchRow(
-                    id=item.id,
-                    line=item.line,
-                    status="error",
-                    error=f"{type(exc).__name__}: {exc}",
-                    started_at=started,
-                    wall_s=self._wall() - started,
-                )
+                row = BatchRow.failed(item.id, item.line, exc, started, self._wall() - started)
                 return
             row = BatchRow.of_result(item.id, item.line, result, started)
         finally:
@@ -231,15 +214,6 @@ class BatchRunner:
             await deliver(row)
         if self._observer is not None:
             self._observer.row_done(row)
-
-
-def _problem_row(item: BatchItem, exc: Exception) -> BatchRow:
-    where = f"line {item.line}: " if item.line is not None else ""
-    return BatchRow(id=item.id, line=item.line, status="invalid", error=f"{where}{exc}")
-
-
-def _invalid_row(item: InvalidItem) -> BatchRow:
-    return BatchRow(id=item.id, line=item.line, status="invalid", error=item.problem)
 
 
 def check_items(

@@ -173,19 +173,11 @@ class QueryActor:
             self.queries += 1
             return dataclasses.replace(BatchRow.of_result(item.id, item.line, result, started), result=None)
         except (InputProblem, ContextTypeError) as exc:
-            where = f"line {item.line}: " if item.line is not None else ""
-            return BatchRow(id=item.id, line=item.line, status="invalid", error=f"{where}{exc}")
+            return BatchRow.invalid(item.id, item.line, exc)
         except (MissingAPIKey, ConfigError):
             raise  # misconfiguration: the driver stops the batch
         except Exception as exc:
-            return BatchRow(
-                id=item.id,
-                line=item.line,
-                status="error",
-                error=f"{type(exc).__name__}: {exc}",
-                started_at=started,
-                wall_s=time.time() - started,
-            )
+            return BatchRow.failed(item.id, item.line, exc, started, time.time() - started)
         finally:
             if result is None:
                 lease.close(learn=False)
@@ -208,14 +200,7 @@ class QueryActor:
             if lease is not None:
                 return lease
             if budget.running == 0:
-                refusal = budget.last_refusal
-                return BatchRow(
-                    id=item.id,
-                    line=item.line,
-                    status="not_started",
-                    error=f"budget: {refusal}" if refusal is not None else "budget",
-                    limit_hit=refusal.limit if refusal is not None else None,
-                )
+                return BatchRow.not_started(item.id, item.line, budget.last_refusal)
             await self._changed.wait()  # a query of this actor finishing frees its share
 
     async def _grow_for(self, budget: BatchBudget, prior: Any) -> None:

@@ -182,16 +182,13 @@ async def run_file_ray(
                     return
                 item, replay = got
                 if isinstance(item, InvalidItem):
-                    await deliver(BatchRow(id=item.id, line=item.line, status="invalid", error=item.problem))
+                    await deliver(BatchRow.invalid(item.id, item.line, item.problem))
                     feed.done()
                     continue
                 try:
                     inline = await anyio.to_thread.run_sync(_inline, item)
                 except InputProblem as exc:
-                    where = f"line {item.line}: " if item.line is not None else ""
-                    await deliver(
-                        BatchRow(id=item.id, line=item.line, status="invalid", error=f"{where}{exc}")
-                    )
+                    await deliver(BatchRow.invalid(item.id, item.line, exc))
                     feed.done()
                     continue
                 if progress is not None:
