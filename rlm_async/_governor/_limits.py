@@ -250,18 +250,23 @@ class LimitState:
         started = self._clock()
         permit = Permit()
         permit.output_tokens = output_tokens
+        gate = self.gate
         try:
-            await self.gate.wait()
+            if gate.paused:  # checked first: most calls find it open, and skip a coroutine
+                await gate.wait()
             if self._limiter is not None:
                 limiter = self._limiter
                 try:
-                    # A free slot and no one queued: taken without a pass through the event
-                    # loop (anyio's `acquire` takes one even then, a task step per call).
-                    # The wait queue is still served first: `nowait` refuses while it has waiters.
+                    # A free slot and no one queued (`nowait` refuses while anyone waits):
+                    # taken here, then one plain pass through the event loop, where anyio's
+                    # `acquire` also builds a shielded cancel scope for it, once per call.
                     limiter.acquire_on_behalf_of_nowait(permit)
                 except anyio.WouldBlock:
                     await limiter.acquire_on_behalf_of(permit)
-                permit.limiter = limiter
+                    permit.limiter = limiter
+                else:
+                    permit.limiter = limiter  # given back below if cancelled at the checkpoint
+                    await anyio.lowlevel.checkpoint()
             if self._rpm is not None:
                 rpm = self._rpm
                 await rpm.acquire(1)
@@ -276,7 +281,8 @@ class LimitState:
                         f"{self.model!r} at {self.endpoint} is now {tpm.capacity:,.0f}"
                     ) from None
                 permit.tpm, permit.tokens = tpm, tokens
-            await self.gate.wait()  # a pause may have begun while we queued
+            if gate.paused:  # a pause may have begun while we queued
+                await gate.wait()
         except BaseException:
             self._give_back(permit)
             raise
