@@ -79,6 +79,8 @@ class CpuSampler:
         self._last: dict[tuple[int, int], float] = {}
         self._parent: dict[int, int] = {}
         self._comm: dict[tuple[int, int], str] = {}
+        self._initial: set[tuple[int, int]] = set()
+        """Processes alive at the first sample (the pool's pre-started workers, say)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._snapshots: list[tuple[float, float, dict[tuple[int, int], float]]] = []
@@ -101,6 +103,7 @@ class CpuSampler:
             self._comm[key] = comm
             if first:
                 self._first[key] = cpu
+                self._initial.add(key)
             elif key not in self._first:
                 self._first[key] = 0.0  # born during the window: all its CPU counts
             self._last[key] = cpu
@@ -171,11 +174,20 @@ class CpuSampler:
         first seen (a killed sandbox's processes are re-parented away)."""
         groups = dict.fromkeys(("server", "simulator", "workers", "locust", "benchmark", "other"), 0.0)
         counts = dict.fromkeys(groups, 0)
+        # Workers split by birth: those alive when the window opened (pre-started, then
+        # handed out: their start-up was paid before) and those born in it (pool refills,
+        # or starts on demand: a whole start-up each).
+        born = {"workers_alive_at_start": 0.0, "workers_born_in_window": 0.0}
+        born_counts = dict.fromkeys(born, 0)
         for key, last in self._last.items():
             used = max(0.0, last - self._first.get(key, 0.0))
             group = self._group(key[0], locust)
             groups[group] += used
             counts[group] += 1 if used > 0 else 0
+            if group == "workers":
+                part = "workers_alive_at_start" if key in self._initial else "workers_born_in_window"
+                born[part] += used
+                born_counts[part] += 1 if used > 0 else 0
         wall = self._t1 - self._t0
         return {
             "wall_s": wall,
@@ -183,6 +195,8 @@ class CpuSampler:
             "machine_busy_cpu_s": self._busy1 - self._busy0,
             "cpu_s": groups,
             "processes_with_cpu": counts,
+            "workers_by_birth_cpu_s": born,
+            "workers_by_birth_processes": born_counts,
             "samples": self.samples,
             "timeline_cores": self.timeline(locust=locust),
         }
@@ -379,6 +393,12 @@ def format_table(alone: dict[str, float] | None, burst: dict[str, float], cpu: d
         ]
         for group, used in cpu["cpu_s"].items():
             lines.append(f"| {group} | {used:.2f} | {100 * used / avail:.0f}% |")
+        for part, used in (cpu.get("workers_by_birth_cpu_s") or {}).items():
+            n = cpu["workers_by_birth_processes"][part]
+            label = part.removeprefix("workers_").replace("_", " ")
+            lines.append(
+                f"| &nbsp;&nbsp;workers {label} ({n} processes) | {used:.2f} | {100 * used / avail:.0f}% |"
+            )
         names = ("server", "simulator", "workers", "locust", "other")
         lines += [
             "",

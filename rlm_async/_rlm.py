@@ -39,7 +39,7 @@ from ._session import Session
 from ._tools import parse_tools
 from .exceptions import ConfigError
 from .logger import RLMLogger, RLMMetadata
-from .sandbox import SandboxConfig, WorkerPool
+from .sandbox import SandboxConfig, WorkerPool, check_isolation
 from .transport import OpenAITransport, Transport, require_api_key
 
 if TYPE_CHECKING:
@@ -431,7 +431,12 @@ class RLM:
 
     async def __aenter__(self) -> RLM:
         """Open the worker pool (`RLMConfig.worker_pool` > 0) for this event loop: its first
-        worker starts now, so a sandbox that cannot start raises here, not at a query."""
+        worker starts now, so a sandbox that cannot start raises here, not at a query.
+        Without a pool, the sandbox's isolation is checked now (`IsolationUnavailable`
+        here, not at a query); its probes run once per process, so a query's own check
+        before its first call is then free (its worker starts beside that call)."""
+        if self.config.worker_pool == 0:
+            await check_isolation(self.config.sandbox)
         if self.config.worker_pool > 0:
             loop = anyio.lowlevel.current_token()
             held = self._pools.get(loop)

@@ -81,8 +81,16 @@ class ServerProcess:
     """`with ServerProcess(config_text(...)) as server: server.base_url`."""
 
     def __init__(
-        self, config: str, *, env: dict[str, str] | None = None, data_dir: str | None = None
+        self,
+        config: str,
+        *,
+        env: dict[str, str] | None = None,
+        data_dir: str | None = None,
+        program: list[str] | None = None,
     ) -> None:
+        self._program = program or [sys.executable, "-m", "rlm_async.cli"]
+        """What runs the CLI: `rlm_async.cli` itself, or a script that sets up the process
+        first and then calls `rlm_async.cli.main` with the same arguments."""
         self._tmp = Path(tempfile.mkdtemp(prefix="rlm-serve-test-"))
         self.config_path = self._tmp / "serve.toml"
         if data_dir is not None:
@@ -102,9 +110,7 @@ class ServerProcess:
         self._stderr = open(self.stderr_path, "wb")  # closed in stop()
         self.proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "rlm_async.cli",
+                *self._program,
                 "serve",
                 "--config",
                 str(self.config_path),

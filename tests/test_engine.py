@@ -784,9 +784,10 @@ class TestEvents:
                 if e.kind == kind and all(e.payload().get(k) == v for k, v in fields.items())
             )
 
+        # The worker starts beside the first root call: after the query starts, before its first cell.
+        assert index("query.start") < index("worker.start") < index("cell.start", iteration=1)
         order = [
             index("query.start"),
-            index("worker.start"),
             index("iteration.start", iteration=1),
             index("cell.start", iteration=1),
             index("cell.finish", iteration=1),

@@ -3,6 +3,7 @@ variables, restarts, limits and configuration. Isolation tiers: test_sandbox_tie
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import textwrap
@@ -93,6 +94,21 @@ class TestContextLoading:
         """A list holding something JSON cannot carry is a ContextTypeError."""
         with pytest.raises(ContextTypeError):
             await start_worker([object()], config())  # type: ignore[list-item]
+
+    async def test_non_ascii_context_arrives_exact_across_send_slices(self) -> None:
+        """A str context goes to the worker encoded a slice (1 MiB of characters) at a
+        time: multi-byte characters, a lone surrogate and an astral character straddling
+        the slice boundaries arrive as the same str (its UTF-8 digest and length match)."""
+        piece = "é€\ud800😀x" * 70_000  # 350,000 characters, several UTF-8 widths
+        context = piece * 7  # 2.45 M characters: slice boundaries fall inside the pattern
+        expected = hashlib.sha256(context.encode("utf-8", "surrogatepass")).hexdigest()
+        async with open_worker(context) as worker:
+            result = await worker.run_cell(
+                "import hashlib\n"
+                "print(len(context), hashlib.sha256(context.encode('utf-8', 'surrogatepass')).hexdigest())",
+                no_requests,
+            )
+        assert result.stdout.split() == [str(len(context)), expected]
 
     async def test_40_mb_context_loads(self) -> None:
         """A 40 MB str context loads whole (the time is printed, not asserted)."""

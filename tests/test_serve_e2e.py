@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -273,6 +274,87 @@ class TestJobs:
             assert _wait_job(c, job.json()["id"])["status"] == "ok"
             missing = c.post("/v1/rlm/jobs", json={"model": "rlm", "file_id": "file-0000", "query": "?"})
             assert missing.status_code == 404
+
+
+def _memory(pid: int) -> dict[str, int]:
+    """The kernel's account of a process's resident memory, in bytes: `RssAnon` (its own
+    memory), `RssFile` (mapped file pages, the page cache's), `VmRSS` and `VmHWM` (their
+    sum, now and at its peak)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class _AnonPeak:
+    """The highest `RssAnon` a process reaches while the block runs, sampled every 0.5 ms
+    from /proc in a thread (a copy of a 40 MB context lives for milliseconds, at least one
+    memcpy of it; a sample can miss a shorter spike, never see one that did not happen)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _memory(self.pid)["RssAnon"])
+            time.sleep(0.0005)
+
+    def __enter__(self) -> _AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class TestLargeContext:
+    def test_a_40_mb_file_is_streamed_to_disk_and_held_once(self) -> None:
+        """A 40 MB context uploaded with `POST /v1/files` and named by a query: the upload
+        goes to disk as it arrives (the server's memory grows by a small fraction of it);
+        while the query runs the server's own memory grows by one copy, the str the engine
+        holds, never a second beside it (the file's bytes are decoded from a map of the page
+        cache, and the worker gets the str encoded a slice at a time); once answered it
+        holds none; and the worker saw every character. The peak of all resident memory
+        (own + mapped file pages, `VmHWM`, reset before the query) stays under two files."""
+        size = 40 << 20
+        line = "Order 12345: the invoice was paid on day 17 by customer 678.\n"
+        body = (line * (size // len(line) + 1))[:size].encode()
+        root = '[sim.policies.root]\nname = "script"\nreplies = ["```repl\\nn = str(len(context))\\n```", "FINAL_VAR(n)"]\n'
+        config = config_text().replace('[sim.policies.root]\nname = "rlm"\nchunks = 4\n', root)
+        assert root in config
+        with ServerProcess(config) as s, httpx.Client(base_url=s.root_url, timeout=120) as c:
+            assert s.proc is not None
+            pid = s.proc.pid
+            before = _memory(pid)
+            with _AnonPeak(pid) as upload:
+                file_id = c.post("/v1/files", content=body).json()["id"]
+            assert upload.peak - before["RssAnon"] < 0.1 * size
+            start = _memory(pid)
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS now
+            with _AnonPeak(pid) as query:
+                r = c.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": "rlm",
+                        "messages": [{"role": "user", "content": "How long is it?"}],
+                        "rlm": {"file_id": file_id},
+                    },
+                )
+            after = _memory(pid)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == str(size)
+        grew = query.peak - start["RssAnon"]
+        assert 0.9 * size < grew < 1.3 * size, grew / size  # the str, once
+        assert after["VmHWM"] - start["VmRSS"] < 2.1 * size, (after["VmHWM"] - start["VmRSS"]) / size
+        assert after["RssAnon"] - start["RssAnon"] < 0.2 * size
 
 
 class TestJobsAcrossRestarts:
@@ -674,6 +756,67 @@ class TestOperations:
             assert kinds[0] == "query.start" and kinds[-1] == "query.finish", kinds
             assert "call.finish" in kinds and "worker.start" in kinds
         shutil.rmtree(traces, ignore_errors=True)
+
+    def test_opentelemetry_spans_over_http(self) -> None:
+        """A live `rlm-async serve --otel` whose process exports to the OTel SDK's in-memory
+        exporter: two queries from the openai SDK over loopback (plain and streamed) are two
+        traces, each one `invoke_agent` root named by the answer's `rlm.query_id`, with an
+        `execute_tool` span per REPL cell under it, a child RLM's `invoke_agent` under the
+        cell that started it, and one `chat` span per model call the answer's usage counts."""
+        spans_path = Path(tempfile.mkdtemp(prefix="rlm-otel-")) / "spans.jsonl"
+        config = (
+            config_text(chunks=2, serve="otel = true\n")
+            .replace("max_depth = 1", "max_depth = 2")
+            .replace("chunks = 2\n", 'chunks = 2\nfanout = "rlm_query_batched"\n')
+        )
+        server = ServerProcess(
+            config,
+            env={"RLM_TEST_SPANS": str(spans_path)},
+            program=[sys.executable, str(Path(__file__).with_name("_otel_serve.py"))],
+        )
+        with server as s:
+            client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0)
+            messages: list[ChatCompletionMessageParam] = [
+                {"role": "user", "content": CONTEXT},
+                {"role": "user", "content": "How many lines mention an invoice?"},
+            ]
+            plain = client.chat.completions.create(model="rlm", messages=messages)
+            streamed = list(
+                client.chat.completions.create(
+                    model="rlm", messages=messages, stream=True, stream_options={"include_usage": True}
+                )
+            )
+            assert s.terminate() == 0
+        query_id = (plain.model_extra or {})["rlm"]["query_id"]
+        assert query_id
+        spans = [json.loads(line) for line in spans_path.read_text().splitlines()]
+        shutil.rmtree(spans_path.parent, ignore_errors=True)
+        by_id = {sp["span_id"]: sp for sp in spans}
+        roots = [sp for sp in spans if sp["parent_id"] is None]
+        assert len(roots) == 2 and all(r["name"] == "invoke_agent rlm" for r in roots), roots
+        assert {r["trace_id"] for r in roots} == {sp["trace_id"] for sp in spans}  # nothing orphaned
+        assert len({r["trace_id"] for r in roots}) == 2
+        mine = next(r for r in roots if r["attributes"]["rlm.query_id"] == query_id)
+        in_trace = [sp for sp in spans if sp["trace_id"] == mine["trace_id"]]
+        op = {sp["span_id"]: sp["attributes"]["gen_ai.operation.name"] for sp in spans}
+        chats = [sp for sp in in_trace if op[sp["span_id"]] == "chat"]
+        tools = [sp for sp in in_trace if op[sp["span_id"]] == "execute_tool"]
+        children = [sp for sp in in_trace if op[sp["span_id"]] == "invoke_agent" and sp["parent_id"]]
+        assert plain.usage is not None and plain.usage.model_extra is not None
+        assert len(chats) == plain.usage.model_extra["rlm_calls"]
+        assert all(sp["kind"] == "CLIENT" and sp["name"].startswith("chat sim-") for sp in chats)
+        assert all(sp["attributes"]["gen_ai.usage.input_tokens"] > 0 for sp in chats)
+        assert tools and all(by_id[t["parent_id"]]["name"] == "invoke_agent rlm" for t in tools)
+        assert len(children) == 2  # two chunks, a child RLM each, under the cell that ran them
+        assert all(op[c["parent_id"]] == "execute_tool" for c in children)
+        assert all(c["attributes"]["rlm.depth"] == 1 for c in children)
+        child_ids = {c["span_id"] for c in children}
+        assert any(sp["parent_id"] in child_ids for sp in chats)  # a child's calls nest under it
+        assert mine["status"] != "ERROR" and all(c["status"] != "ERROR" for c in chats)
+        # A cell whose code failed (shown to the model, not raised) is an error span that says why.
+        assert all("error.type" in t["attributes"] for t in tools if t["status"] == "ERROR")
+        usage = streamed[-1].usage
+        assert usage is not None and usage.total_tokens > 0
 
     def test_upstream_429s_are_counted_and_retried(self) -> None:
         """The model server answers the first two requests with 429: the query still

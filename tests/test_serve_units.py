@@ -12,12 +12,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from rlm_async import _events
 from rlm_async._governor import BudgetLedger, BudgetLimits
 from rlm_async._rlm import RLM
 from rlm_async.exceptions import ConfigError
 from rlm_async.serve import KeyRing
 from rlm_async.serve._admission import Admission
 from rlm_async.serve._errors import APIError
+from rlm_async.serve._jobs import Job
 from rlm_async.serve._openai import RESPOND_PROMPT, parse_chat_request
 from rlm_async.serve._otel import SpanSink
 from rlm_async.sim import Policies, PolicySpec, SimConfig
@@ -202,3 +204,43 @@ class TestOpenTelemetry:
         child_ids = {c.context.span_id for c in children}
         under_children = [c for c in chats if c.parent is not None and c.parent.span_id in child_ids]
         assert under_children and all(depth_of[c.parent.span_id] == 1 for c in under_children if c.parent)
+
+
+class TestJobFeed:
+    @staticmethod
+    def _call_finish() -> _events.CallFinish:
+        return _events.CallFinish(
+            time=0.0,
+            query_id="q",
+            node_id="n",
+            depth=0,
+            call_id="c1",
+            status="ok",
+            prompt_tokens=100,
+            cached_tokens=0,
+            completion_tokens=10,
+            cost_usd=0.001,
+            latency_s=0.1,
+            attempts=1,
+            from_journal=False,
+        )
+
+    @pytest.mark.asyncio
+    async def test_a_job_feeds_progress_and_counts_usage(self) -> None:
+        """A job (or a streamed completion) turns a call's event into a progress record
+        and adds its usage."""
+        job = Job(kind="job", tenant="t", model="m")
+        job.sink(self._call_finish())
+        assert [name for _, name, _ in job.feed] == ["progress"]
+        assert job.usage.prompt_tokens == 100 and job.usage.calls == 1
+
+    @pytest.mark.asyncio
+    async def test_an_unstreamed_completion_counts_usage_without_a_feed(self) -> None:
+        """A chat completion that is not streamed keeps no progress records (no one reads
+        them) but still counts what each call spent, and its status and end are fed."""
+        job = Job(kind="chat", tenant="t", model="m", progress=False)
+        job.sink(self._call_finish())
+        assert not job.feed
+        assert job.usage.prompt_tokens == 100 and job.usage.calls == 1
+        job.set_running()
+        assert [name for _, name, _ in job.feed] == ["status"]

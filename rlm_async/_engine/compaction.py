@@ -63,8 +63,11 @@ class Compactor:
         """Append one turn's new messages (the reply and what its code printed)."""
         await _append(worker, [m.to_dict() for m in turn])
 
-    async def maybe_compact(self, worker: Worker, messages: list[Message], summarise: SummaryCall) -> None:
-        """Summarise `messages` in place when they reached the threshold. Raises what the
+    async def maybe_compact(
+        self, worker: Callable[[], Awaitable[Worker]], messages: list[Message], summarise: SummaryCall
+    ) -> None:
+        """Summarise `messages` in place when they reached the threshold; `worker` gives the
+        REPL's worker (awaited only then: it may still be starting). Raises what the
         summary call raises (`BudgetExceeded` ends the loop as a refused root turn does)."""
         if len(messages) <= _KEPT + 2:
             return  # nothing to compact beyond the kept prefix and a summary
@@ -79,7 +82,7 @@ class Compactor:
             return
         summary = await summarise([*messages, Message("user", COMPACTION_REQUEST)])
         self.count += 1
-        await _append(worker, {"type": "summary", "content": summary})
+        await _append(await worker(), {"type": "summary", "content": summary})
         before = len(messages)
         messages[_KEPT:] = [Message("assistant", summary), Message("user", compaction_resume(self.count))]
         _events.emit(

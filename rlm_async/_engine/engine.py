@@ -20,7 +20,7 @@ from .._result import RLMResult
 from .._servers import ServerProfile, ServerSettings, detect, resolve, window_from_error
 from .._types import ModelRequest
 from ..logger import RLMLogger
-from ..sandbox import ReplSetup, Worker, WorkerPool, start_worker
+from ..sandbox import ReplSetup, Tier, Worker, WorkerPool, check_isolation, start_worker
 from ..transport import Transport
 from .query import Query
 from .session import SessionState
@@ -134,6 +134,15 @@ class Engine:
             return
         self._settings[model] = settings = settings.with_window(window)
         _events.emit(_events.ServerDetected, **settings.event_fields())
+
+    async def check_sandbox(self) -> Tier:
+        """The tier this engine's workers run under, or `IsolationUnavailable`: checked
+        before a node's first model call, so a sandbox that refuses costs no request (the
+        worker itself starts beside that call). The pool checked its own when it opened."""
+        pool = self.pool
+        if pool is not None and pool.config == self.config.sandbox:
+            return pool.plan.tier
+        return await check_isolation(self.config.sandbox)
 
     async def start_worker(self, context: Context, setup: ReplSetup | None = None) -> Worker:
         """A REPL worker for one RLM node (or a session's root), `setup`'s tools and values

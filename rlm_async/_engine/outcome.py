@@ -21,8 +21,9 @@ class RunOutcome:
 
 
 class RunEnded(Exception):
-    """A root call of an RLM node could not be made (budget, fatal transport error): the
-    node ends at once with this outcome, which carries no answer."""
+    """A root call of an RLM node could not be made (budget, fatal transport error), or its
+    worker, started beside its first root call, did not come up: the node ends at once with
+    this outcome, which carries no answer."""
 
     def __init__(self, status: RunStatus, detail: str, limit: str | None = None) -> None:
         super().__init__(detail)

@@ -1,6 +1,8 @@
 """One RLM node's turn loop: generate -> extract code -> execute -> observe -> answer.
 
-`RLMLoop.run` starts the node's REPL worker, then each turn makes one root call, runs every
+`RLMLoop.run` checks that the sandbox can run (a refusal costs no request), then starts the
+node's REPL worker beside its first root call (`early_worker.py`: that turn needs only the
+context's description); each turn makes one root call, runs every
 ```repl block of the reply in order in the worker, and appends what the cells printed as the
 next user message (the history is append-only, so the prompt prefix never changes). It ends
 when code sets the answer or the reply has FINAL/FINAL_VAR; out of iterations or budget, one
@@ -36,6 +38,7 @@ from ..logger import CodeBlock, LoggedCall, REPLResult, RLMIteration, RLMLogger
 from ..sandbox import CellResult, ReplSetup, Worker
 from .calls import CallPath
 from .compaction import Compactor
+from .early_worker import EarlyWorker, WorkerReady
 from .fanout import SubCallHandler
 from .hedge import book_for, hedge_alone
 from .outcome import RunEnded, RunOutcome
@@ -120,7 +123,6 @@ class RLMLoop:
         model = self._config.model_for_depth(depth)
         tree = self._state.tree
         node = tree.open(parent=parent, depth=depth, kind="rlm", model=model.model, label="rlm")
-        worker: Worker | None = None
         below = self._config.max_depth - 1 - depth  # levels of child RLMs possible under this one
         try:
             with _events.bind(node_id=node.node_id, depth=depth):
@@ -136,15 +138,9 @@ class RLMLoop:
                             live=slots.live,
                             cap=slots.cap,
                         )
-                        try:
-                            worker = await self._engine.start_worker(context, self._repl_setup(depth))
-                            self._state.isolation = worker.tier
-                            messages = self._opening(context, root_prompt, depth)
-                            outcome = await self._loop(node, worker, messages, root_prompt, depth, model)
-                        finally:
-                            if worker is not None:  # before the slot is given back
-                                with anyio.CancelScope(shield=True):
-                                    await worker.aclose()
+                        # The cheap check first: a sandbox that refuses refuses before any call.
+                        self._state.isolation = await self._engine.check_sandbox()
+                        outcome = await self._run_early(node, context, root_prompt, depth, model)
             tree.close(node, "ok" if outcome.status == "ok" else "error", outcome.detail)
             return outcome
         except RunEnded as ended:
@@ -157,6 +153,32 @@ class RLMLoop:
         except BaseException as exc:
             tree.close(node, "error", f"{type(exc).__name__}: {exc}")
             raise
+
+    async def _run_early(
+        self, node: Node, context: Context, root_prompt: str | None, depth: int, model: ModelConfig
+    ) -> RunOutcome:
+        """The node's turns, its worker starting beside the first root call and awaited
+        where a cell first needs it; killed (or its start stopped) when the turns end,
+        whatever ended them, before the caller gives the slot back."""
+        early = EarlyWorker(lambda: self._engine.start_worker(context, self._repl_setup(depth)))
+        outcome: RunOutcome | None = None
+        failure: Exception | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(early.run)
+                try:
+                    messages = self._opening(context, root_prompt, depth)
+                    outcome = await self._loop(node, early.get, messages, root_prompt, depth, model)
+                except Exception as exc:  # raised below as itself, not wrapped in an ExceptionGroup
+                    failure = exc
+                finally:
+                    tg.cancel_scope.cancel()  # a start still under way stops and kills what it launched
+        finally:
+            await early.aclose()
+        if failure is not None:
+            raise failure
+        assert outcome is not None
+        return outcome
 
     async def _run_in_session(
         self, session: SessionState, node: Node, context: Context, root_prompt: str | None, model: ModelConfig
@@ -174,7 +196,7 @@ class RLMLoop:
             note = lost if note is None else f"{lost}\n{note}"
         messages = self._opening(context, root_prompt, 0, note=note)
         counts = (session.contexts, session.histories)
-        outcome = await self._loop(node, worker, messages, root_prompt, 0, model, counts=counts)
+        outcome = await self._loop(node, _ready(worker), messages, root_prompt, 0, model, counts=counts)
         await session.add_history(messages)
         return outcome
 
@@ -216,7 +238,7 @@ class RLMLoop:
     async def _loop(
         self,
         node: Node,
-        worker: Worker,
+        started: WorkerReady,
         messages: list[Message],
         root_prompt: str | None,
         depth: int,
@@ -225,8 +247,9 @@ class RLMLoop:
         counts: tuple[int, int] = (1, 0),
     ) -> RunOutcome:
         """The turns of one node over `messages` (changed in place: the caller keeps the
-        conversation as it ended). `counts`: a session's contexts and histories, which the
-        official per-turn message names."""
+        conversation as it ended), in the worker `started` gives, awaited only where one
+        is needed. `counts`: a session's contexts and histories, which the official
+        per-turn message names."""
         config = self._config
         official = config.official_prompt is not None
         tools = ToolRunner(
@@ -240,8 +263,15 @@ class RLMLoop:
         kind: CallKind = "root" if depth == 0 else "child"
         root = depth == 0
         compactor = Compactor(self._engine, model) if config.compaction and root else None
-        if compactor is not None:
-            await compactor.prepare(worker)
+        prepared: list[Worker] = []
+
+        async def worker() -> Worker:
+            if not prepared:
+                prepared.append(await started())
+                if compactor is not None:
+                    await compactor.prepare(prepared[0])
+            return prepared[0]
+
         log = self._logger if root else None
 
         async def summarise(prompt: list[Message]) -> str:
@@ -292,7 +322,7 @@ class RLMLoop:
                 # A replaced worker is ours to tell of: the official REPL never restarts.
                 messages.append(Message("user", "\n\n".join([seen, *turn.restarts])))
             if compactor is not None:
-                await compactor.record(worker, messages[turn_start:])
+                await compactor.record(await worker(), messages[turn_start:])
         # Out of iterations: one last call asks for the best answer from what is known.
         note = Message(
             "user",
@@ -313,7 +343,7 @@ class RLMLoop:
     async def _budget_ended(
         self,
         node: Node,
-        worker: Worker,
+        worker: WorkerReady,
         model: ModelConfig,
         depth: int,
         messages: list[Message],
@@ -334,7 +364,7 @@ class RLMLoop:
     async def _final_call(
         self,
         node: Node,
-        worker: Worker,
+        worker: WorkerReady,
         model: ModelConfig,
         depth: int,
         messages: list[Message],
@@ -353,7 +383,7 @@ class RLMLoop:
         if marker is None:
             answer = reply.strip() or None
         elif marker.kind == "var":
-            answer = await worker.get_variable(marker.value)
+            answer = await (await worker()).get_variable(marker.value)
         else:
             answer = marker.value
         if depth == 0 and self._logger is not None:
@@ -409,19 +439,24 @@ class RLMLoop:
         return completion.text
 
     async def _execute_reply(
-        self, worker: Worker, reply: str, iteration: int, handler: SubCallHandler, *, logging: bool = False
+        self, worker: WorkerReady, reply: str, iteration: int, handler: SubCallHandler, *, logging: bool = False
     ) -> _TurnResult:
         """Run every ```repl block of a reply in order, all of them together within
         `turn_timeout_s`; then look for FINAL/FINAL_VAR. A worker that died (for any reason)
-        is replaced before anything else runs in it."""
+        is replaced before anything else runs in it. A reply with neither blocks nor
+        FINAL_VAR does not wait for the worker."""
         blocks = find_code_blocks(reply)
         turn = _Turn(self._config.output_limit_chars)
-        answer = await self._run_blocks(worker, blocks, iteration, handler, turn, logging=logging)
+        answer = None
+        if blocks:
+            answer = await self._run_blocks(await worker(), blocks, iteration, handler, turn, logging=logging)
         if answer is not None:  # code set it: a FINAL line in the reply is not looked at
             return turn.ended(answer)
         marker = find_final(reply)
-        if marker is not None:
-            answer = await self._final_marker(worker, marker, turn.parts)
+        if marker is not None and marker.kind == "text":
+            answer = marker.value
+        elif marker is not None:
+            answer = await self._final_marker(await worker(), marker, turn.parts)
         elif not blocks:
             turn.parts.append(
                 "Your reply had no ```repl block and no FINAL(...) line. Write Python in a ```repl block "
@@ -546,10 +581,8 @@ class RLMLoop:
             turn.parts.append(_not_run(index + 1, total, turn_limit))
 
     async def _final_marker(self, worker: Worker, marker: FinalMarker, parts: list[str]) -> str | None:
-        """The answer a FINAL(...) or FINAL_VAR(name) line gives, or None with a note in
-        `parts` saying why FINAL_VAR gave none."""
-        if marker.kind == "text":
-            return marker.value
+        """The answer a FINAL_VAR(name) line gives, or None with a note in `parts` saying
+        why it gave none (a FINAL(...) line's text needs no worker: `_execute_reply`)."""
         await self._ensure_alive(worker, parts)
         value = await worker.get_variable(marker.value)
         if value is not None:
@@ -588,6 +621,15 @@ class RLMLoop:
         if budget:
             lines.append(budget_note(budget))
         return "\n".join(lines)
+
+
+def _ready(worker: Worker) -> WorkerReady:
+    """A worker already running (a session's), as the turn loop takes one."""
+
+    async def ready() -> Worker:
+        return worker
+
+    return ready
 
 
 async def _logged_block(worker: Worker, code: str, result: CellResult, calls: list[LoggedCall]) -> CodeBlock:

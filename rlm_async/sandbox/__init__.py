@@ -47,7 +47,7 @@ from ._config import (
     WorkerRequest,
 )
 from ._doctor import Diagnosis, diagnose, render
-from ._isolation import Tier
+from ._isolation import Tier, check_isolation
 from ._pool import PoolStats, WorkerPool
 from ._worker import Worker, start_worker
 
@@ -67,6 +67,7 @@ __all__ = [
     "Worker",
     "WorkerPool",
     "WorkerRequest",
+    "check_isolation",
     "diagnose",
     "render",
     "start_worker",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -18,12 +19,40 @@ import anyio
 from ..exceptions import SandboxError
 from ._bootstrap import HEADER
 
-__all__ = ["Channel", "ChannelClosed", "ProtocolViolation"]
+__all__ = ["Blob", "Channel", "ChannelClosed", "ProtocolViolation", "Utf8Text"]
 
 _CHUNK = 1 << 20
 ATOMIC_SEND_S = 10.0
 """How long an atomic send may take: the worker's reader thread drains its socket at once,
 so only a worker that stopped reading (hostile or wedged) hits this."""
+
+
+class Utf8Text:
+    """A str sent as its UTF-8 bytes without ever holding them whole: `Channel.send`
+    encodes it a slice at a time, so a 40 MB context costs the engine one slice beside the
+    str it holds anyway, not a second 40 MB copy. The same bytes as
+    `text.encode("utf-8", "surrogatepass")` (that codec encodes each code point alone, so a
+    slice boundary changes nothing)."""
+
+    __slots__ = ("nbytes", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        # An ASCII str (known without a scan) is its own length in bytes; other text is
+        # measured by encoding it once, a slice at a time (callers do this off the loop).
+        self.nbytes = len(text) if text.isascii() else sum(len(p) for p in self.pieces())
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def pieces(self) -> Iterator[bytes]:
+        text = self.text
+        for start in range(0, len(text), _CHUNK):
+            yield text[start : start + _CHUNK].encode("utf-8", "surrogatepass")
+
+
+Blob = bytes | bytearray | memoryview | Utf8Text
+"""What a frame may carry after its JSON."""
 
 
 class ProtocolViolation(SandboxError):
@@ -43,9 +72,7 @@ class Channel:
         self._send_lock = anyio.Lock()
         self.closed = False
 
-    async def send(
-        self, obj: dict[str, Any], blob: bytes | bytearray | memoryview = b"", *, atomic: bool = False
-    ) -> None:
+    async def send(self, obj: dict[str, Any], blob: Blob = b"", *, atomic: bool = False) -> None:
         """Send one frame. `atomic`: the frame is never left half-sent by a cancellation
         (which would desynchronise a worker that lives on); it gets `ATOMIC_SEND_S` seconds,
         after which the channel counts as broken (`ChannelClosed`) and the worker must go."""
@@ -55,16 +82,21 @@ class Channel:
         async with self._send_lock:
             if not atomic:
                 await self._send_all(HEADER.pack(len(data), len(blob)) + data)
-                if blob:
-                    await self._send_all(blob)
+                await self._send_blob(blob)
                 return
             with anyio.CancelScope(shield=True), anyio.move_on_after(ATOMIC_SEND_S) as scope:
                 await self._send_all(HEADER.pack(len(data), len(blob)) + data)
-                if blob:
-                    await self._send_all(blob)
+                await self._send_blob(blob)
             if scope.cancelled_caught:
                 self.close()
                 raise ChannelClosed(f"the worker did not read a frame within {ATOMIC_SEND_S} s")
+
+    async def _send_blob(self, blob: Blob) -> None:
+        if isinstance(blob, Utf8Text):
+            for piece in blob.pieces():
+                await self._send_all(piece)
+        elif blob:
+            await self._send_all(blob)
 
     async def _send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)

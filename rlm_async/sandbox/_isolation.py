@@ -23,7 +23,7 @@ from . import _launch as launch
 from . import _unprivileged as unprivileged
 from ._config import SandboxConfig
 
-__all__ = ["TIER_SUMMARY", "Plan", "Tier", "plan_isolation"]
+__all__ = ["TIER_SUMMARY", "Plan", "Tier", "check_isolation", "plan_isolation"]
 
 Tier = Literal["bubblewrap", "landlock", "none"]
 
@@ -89,3 +89,11 @@ async def plan_isolation(config: SandboxConfig) -> Plan:
     raise IsolationUnavailable(
         f"refusing to run model code: {wanted} can run here ({'; '.join(missing)}). Fix: {_FIXES}"
     )
+
+
+async def check_isolation(config: SandboxConfig) -> Tier:
+    """The tier a worker of `config` would run under, or `IsolationUnavailable`: the check
+    `start_worker` makes first, on its own, so that a caller can refuse before it pays for
+    anything (the engine makes it before a node's first model call, and starts the worker
+    beside that call). Its probes run once per process."""
+    return (await plan_isolation(config)).tier

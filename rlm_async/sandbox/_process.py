@@ -36,7 +36,7 @@ from . import _launch as launch
 from . import _procs as procs
 from . import _seccomp as seccomp
 from . import _unprivileged as unprivileged
-from ._channel import Channel, ChannelClosed, ProtocolViolation
+from ._channel import Blob, Channel, ChannelClosed, ProtocolViolation, Utf8Text
 from ._config import ReplSetup, SandboxConfig
 from ._isolation import Plan
 from ._output import Capture, drain, drain_now
@@ -97,7 +97,7 @@ class WorkerProcess:
         return await self._handshake(self._hello)
 
     async def load_context(
-        self, kind: str, blob: bytes, setup: ReplSetup | None = None, *, peers: int | None = None
+        self, kind: str, blob: Blob, setup: ReplSetup | None = None, *, peers: int | None = None
     ) -> str | None:
         """Send `init` with the context (encoded by `encode_context`) and `setup`'s tools
         and values, and wait for `ready`, and for `hello` first if it has not come yet, all
@@ -296,12 +296,13 @@ class WorkerProcess:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmpdir, ignore_errors=True))
 
 
-def encode_context(context: Context) -> tuple[str, bytes]:
-    """The context as the worker loads it: a str as UTF-8, a list or dict as JSON. Its type
-    was checked where it entered (`validate_context`); the values nested in a list or dict
-    are first looked at here, by `json.dumps`."""
+def encode_context(context: Context) -> tuple[str, Blob]:
+    """The context as the worker loads it: a str as UTF-8 (encoded a slice at a time as it
+    is sent, so the str is never held twice), a list or dict as JSON. Its type was checked
+    where it entered (`validate_context`); the values nested in a list or dict are first
+    looked at here, by `json.dumps`."""
     if isinstance(context, str):
-        return "str", context.encode("utf-8", "surrogatepass")
+        return "str", Utf8Text(context)
     try:
         text = json.dumps(context, ensure_ascii=False)
     except (TypeError, ValueError) as exc:

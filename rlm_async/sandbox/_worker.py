@@ -15,7 +15,7 @@ from .. import _events
 from .._context import Context, validate_context
 from ..exceptions import SandboxError
 from ._cell import CellExchange
-from ._channel import ChannelClosed, ProtocolViolation
+from ._channel import Blob, ChannelClosed, ProtocolViolation
 from ._config import WORKER_DEAD_STATUSES, CellResult, ReplSetup, RequestHandler, SandboxConfig
 from ._isolation import Plan, Tier, plan_isolation
 from ._output import Capture, drain, drain_now
@@ -125,7 +125,7 @@ class Worker:
         cls,
         process: WorkerProcess,
         context: Context,
-        encoded: tuple[str, bytes],
+        encoded: tuple[str, Blob],
         config: SandboxConfig,
         plan: Plan,
         setup: ReplSetup | None = None,
@@ -157,7 +157,7 @@ class Worker:
         await self._load(process, kind, blob, started, pooled=False)
 
     async def _load(
-        self, process: WorkerProcess, kind: str, blob: bytes, started: float, *, pooled: bool
+        self, process: WorkerProcess, kind: str, blob: Blob, started: float, *, pooled: bool
     ) -> None:
         """Make `process` this worker's and load the context and the setup into it; on
         failure it is killed and the error raised."""
@@ -430,7 +430,7 @@ class _Request:
 
     frame: dict[str, Any]
     reply: str
-    blob: bytes = b""
+    blob: Blob = b""
     """Dropped once sent, so a large value is not held twice while the worker loads it."""
 
 

@@ -142,7 +142,7 @@ def create_app(service: Service, keys: KeyRing) -> Starlette:
         body = await _read_json(request, service.config.max_body_bytes)
         chat = parse_chat_request(body)
         plan = service.plan(chat.model, chat.context, chat.query, chat.options)
-        job = service.start(plan, tenant=tenant, kind="chat")
+        job = service.start(plan, tenant=tenant, kind="chat", progress=chat.stream)
         completion_id = new_completion_id()
         if chat.stream:
             return EventSourceResponse(_stream(job, chat, completion_id), ping=15)

@@ -36,9 +36,15 @@ _MAX_FEED = 10_000
 class Job:
     """One query: state, progress feed, usage, and how to cancel it."""
 
-    def __init__(self, *, kind: str, tenant: str, model: str, job_id: str | None = None) -> None:
+    def __init__(
+        self, *, kind: str, tenant: str, model: str, job_id: str | None = None, progress: bool = True
+    ) -> None:
         self.id = job_id or ("job-" + uuid.uuid4().hex[:24])
         self.kind = kind
+        self.progress = progress
+        """Whether the engine's events become progress records in the feed: off for a chat
+        completion that is not streamed, whose feed no one reads (its status and `done`
+        records are kept)."""
         self.tenant = tenant
         self.model = model
         self.created_at = time.time()
@@ -72,6 +78,8 @@ class Job:
         added = usage_of_event(event)
         if added is not None:
             self.usage = self.usage + added
+        if not self.progress:
+            return
         record = progress_of(event)
         if record is not None:
             self._publish("progress", record)

@@ -16,6 +16,9 @@ from ._adapter import event_fields
 
 __all__ = ["Metrics"]
 
+_OBSERVED = frozenset({"call.finish", "call.retry", "worker.start"})
+"""The event kinds the counters read."""
+
 
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:
     if not labels:
@@ -54,6 +57,8 @@ class Metrics:
 
         def observe(event: _events.Event) -> None:
             kind = event.kind
+            if kind not in _OBSERVED:
+                return  # most events: no payload built for them
             f = event_fields(event)
             if kind == "call.finish":
                 status = str(f.get("status"))

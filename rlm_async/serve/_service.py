@@ -225,8 +225,9 @@ class Service:
         return self._tenants.get(name)
 
     # ------------------------------------------------------------------ queries
-    def start(self, plan: QueryPlan, *, tenant: str, kind: str) -> Job:
-        """Admit a query (or raise 429/503) and start it in the service's task group."""
+    def start(self, plan: QueryPlan, *, tenant: str, kind: str, progress: bool = True) -> Job:
+        """Admit a query (or raise 429/503) and start it in the service's task group.
+        `progress`: keep its progress feed (see `Job.progress`)."""
         assert self._tg is not None and self._tenants is not None, "the service is not running"
         state = self._tenants.get(tenant)
         try:
@@ -237,7 +238,7 @@ class Service:
             if exc.status == 429:
                 self.metrics.http_429_sent += 1
             raise
-        job = Job(kind=kind, tenant=tenant, model=plan.model)
+        job = Job(kind=kind, tenant=tenant, model=plan.model, progress=progress)
         self.jobs[job.id] = job
         self._tg.start_soon(self._run, job, plan, state)
         return job
