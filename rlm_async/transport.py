@@ -58,6 +58,7 @@ from .exceptions import (
 )
 
 __all__ = [
+    "Encoded",
     "OpenAISDKTransport",
     "OpenAITransport",
     "ProbeResponse",
@@ -66,6 +67,27 @@ __all__ = [
     "parse_rate_limit_headers",
     "require_api_key",
 ]
+
+
+class Encoded:
+    """A request's body made before the request may be sent (`Transport.encode`), e.g. for a
+    fan-out's followers while its warm-up call is in flight. It is sent once and let go of
+    then (`take`), so it is not held while the answer is awaited; a retry encodes anew."""
+
+    __slots__ = ("_body",)
+
+    def __init__(self, body: bytes) -> None:
+        self._body: bytes | None = body
+
+    @property
+    def size(self) -> int:
+        """Bytes held (0 once taken)."""
+        return 0 if self._body is None else len(self._body)
+
+    def take(self) -> bytes | None:
+        """The body, once; `None` after that."""
+        body, self._body = self._body, None
+        return body
 
 
 class Transport(ABC):
@@ -77,6 +99,16 @@ class Transport(ABC):
 
     @abstractmethod
     async def complete(self, request: ModelRequest) -> Completion: ...
+
+    def encode(self, request: ModelRequest) -> Encoded | None:
+        """`request`'s body, made now to be sent later by `complete_encoded`; `None` (the
+        default) where the transport has nothing to make ahead. Must not send anything."""
+        return None
+
+    async def complete_encoded(self, request: ModelRequest, encoded: Encoded) -> Completion:
+        """`complete`, sending the body `encode` made for this `request` if it was not sent
+        yet. The default ignores it."""
+        return await self.complete(request)
 
     async def probe(
         self, method: str, url: str, body: Mapping[str, Any] | None = None, *, timeout_s: float = 5.0
@@ -229,11 +261,16 @@ class _EncodedOnWrite(aiohttp.payload.Payload):
     one encoding plus an exact-size copy did. Until then it holds only the request (whose
     prompt the engine holds anyway), not the body's dicts. Writing it twice is a bug
     (aiohttp replays a body only for redirects, which `OpenAITransport` does not follow),
-    so it raises."""
+    so it raises.
 
-    def __init__(self, request: ModelRequest) -> None:
+    A body made ahead (`OpenAITransport.encode`: a fan-out's first followers, while the
+    warm-up is in flight) is written as it is, with no encoding at all, and let go of then."""
+
+    def __init__(self, request: ModelRequest, body: bytes | None = None) -> None:
         super().__init__(request, content_type="application/json")
-        self._size = len(orjson.dumps(_body(request)))
+        self._encoded = body
+        """Made ahead (`OpenAITransport.encode`): written as it is, and let go of then."""
+        self._size = len(orjson.dumps(_body(request))) if body is None else len(body)
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return orjson.dumps(_body(self._value)).decode(encoding, errors)
@@ -245,7 +282,9 @@ class _EncodedOnWrite(aiohttp.payload.Payload):
         request, self._value = self._value, None
         if request is None:
             raise RuntimeError("a request body was written twice")
-        data = orjson.dumps(_body(request))
+        data, self._encoded = self._encoded, None
+        if data is None:
+            data = orjson.dumps(_body(request))
         if len(data) != self._size:
             raise RuntimeError(f"a request body encoded to {len(data)} bytes, not the {self._size} announced")
         await writer.write(data if content_length is None else data[:content_length])
@@ -308,8 +347,18 @@ class OpenAITransport(Transport):
         )
         return self._session
 
+    def encode(self, request: ModelRequest) -> Encoded:
+        """The body, encoded once into bytes of its exact size (see `encode_body`): sent as
+        it is by `complete_encoded`, which then needs no encoding (`complete` encodes twice)."""
+        return Encoded(encode_body(request))
+
+    async def complete_encoded(self, request: ModelRequest, encoded: Encoded) -> Completion:
+        return await self._post(_EncodedOnWrite(request, encoded.take()), request)
+
     async def complete(self, request: ModelRequest) -> Completion:
-        body = _EncodedOnWrite(request)
+        return await self._post(_EncodedOnWrite(request), request)
+
+    async def _post(self, body: _EncodedOnWrite, request: ModelRequest) -> Completion:
         session = self._session or self._open()
         try:
             # No redirects: a body sent once cannot be replayed (see `_EncodedOnWrite`), and a

@@ -2,7 +2,9 @@
 
 In order: a node in the call tree and a `call.start` event; the server's settings (found
 at the model's first use) and the request made to fit its context window — a prompt that
-cannot fit is refused here, before anything is sent; the journal (a reusable call
+cannot fit is refused here, before anything is sent — with what the governor will reserve
+for it and its journal key (a `PreparedCall`, which a fan-out's followers make while the
+warm-up call is in flight: nothing in it is admission); the journal (a reusable call
 found there is not sent, identical calls in flight are sent once); the governor, which
 reserves the call's budget before sending, waits for rate limits and concurrency, retries,
 and settles the reservation with the reported usage; then one `CallRecord` and one
@@ -21,19 +23,19 @@ import anyio
 
 from .. import _events
 from .._config import ModelConfig
-from .._governor import CallTally
+from .._governor import CallPlan, CallTally
 from .._servers import Fitted, ServerSettings, fit
 from .._tree import Node
 from .._types import CallKind, CallRecord, CallStatus, Completion, HedgeSummary, ModelRequest, Usage
 from ..exceptions import BudgetExceeded, ContextLengthExceeded
-from ..transport import Transport
+from ..transport import Encoded, Transport
 from .state import QueryState
 
 if TYPE_CHECKING:
     from .engine import Engine
     from .hedge import FanoutHedger
 
-__all__ = ["CallPath"]
+__all__ = ["CallPath", "PreparedCall"]
 
 _NO_USAGE = Usage()
 
@@ -49,6 +51,24 @@ class _Call:
     transport: Transport
     hedge: tuple[FanoutHedger, int] | None = None
     """A fan-out's hedger and this call's slot: copies race inside one logical call."""
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedCall:
+    """What one call can have worked out before it may be sent: none of it depends on the
+    budget's or the limits' state, and none of it holds anything back (no reservation, no
+    permit, no connection), so dropping it unsent leaks nothing. Admission (reserve, then
+    wait for the limits) stays at send time, in the governor."""
+
+    server: ServerSettings
+    """The settings it was fitted to: if the server's have changed since (a window learnt
+    from a `context_length_exceeded`), the call is prepared again."""
+    fitted: Fitted
+    plan: CallPlan
+    key: str | None
+    """The journal key of `fitted.request`; `None` without a journal."""
+    encoded: Encoded | None
+    """Its body, made ahead by the transport; taken by the first attempt that sends it."""
 
 
 class CallPath:
@@ -68,11 +88,12 @@ class CallPath:
         model: ModelConfig,
         *,
         hedge: tuple[FanoutHedger, int] | None = None,
+        prepared: PreparedCall | None = None,
     ) -> Completion:
         """Make one model call under the query's budget; raises what the call raised
         (`BudgetExceeded`, a `TransportError`, cancellation) after recording it. With
         `hedge` (a fan-out's hedger and this call's slot), copies race inside the journal's
-        one logical call."""
+        one logical call. `prepared`: `prepare(request, model, ...)` made earlier."""
         node = self._state.tree.open(parent=parent, depth=depth, kind="llm", model=request.model, label=kind)
         call = _Call(
             node, self._state.next_call_id(), kind, request, self._engine.transport_for(model), hedge
@@ -92,7 +113,7 @@ class CallPath:
             tally = CallTally()
             hedged: list[HedgeSummary] = []
             try:
-                completion, from_journal = await self._send(call, model, tally, hedged)
+                completion, from_journal = await self._send(call, model, tally, hedged, prepared)
             except BaseException as exc:
                 if isinstance(exc, ContextLengthExceeded) and tally.attempts:
                     # The server's own 400 names a window it did not report: refuse the next
@@ -125,17 +146,53 @@ class CallPath:
             )
         return completion
 
+    async def prepare(
+        self, request: ModelRequest, model: ModelConfig, *, hedged: bool = False, encode: bool = False
+    ) -> PreparedCall:
+        """Fit `request` to its server, plan what the governor will reserve for it, its
+        journal key, and with `encode` its body: everything but admission and sending.
+        Raises what fitting raises (a prompt that cannot fit the window). `hedged`: the call
+        races copies (each bills its prompt if cancelled after sending)."""
+        engine = self._engine
+        server = await engine.server_settings(model)
+        governor = engine.governor
+        bound = governor.estimator.prompt_tokens(request)
+        guess = governor.rate_estimator.prompt_tokens(request)
+        transport = engine.transport_for(model)
+        fitted = await self._fit(request, server, transport, bound, guess)
+        plan = governor.plan(
+            fitted.request,
+            price=model.prices,
+            prompt_tokens=fitted.prompt_tokens,
+            bill_cancelled_prompt=hedged,
+            prompt_bound=bound,  # the estimators count the messages, which fitting keeps
+            rate_prompt=guess,
+        )
+        journal = engine.journal
+        return PreparedCall(
+            server,
+            fitted,
+            plan,
+            None if journal is None else journal.key(fitted.request),
+            transport.encode(plan.request) if encode else None,
+        )
+
     async def _send(
-        self, call: _Call, model: ModelConfig, tally: CallTally, hedged: list[HedgeSummary]
+        self,
+        call: _Call,
+        model: ModelConfig,
+        tally: CallTally,
+        hedged: list[HedgeSummary],
+        prepared: PreparedCall | None,
     ) -> tuple[Completion, bool]:
         """Through the journal, if any, to the governor (which reserves the budget, waits for
         the rate limits, sends and retries), or to the hedger's race of governed copies.
         Returns the completion and whether it came from the journal."""
-        server = await self._engine.server_settings(model)
-        fitted = await self._fit(call.request, server, call.transport)
+        if prepared is None or prepared.server is not await self._engine.server_settings(model):
+            prepared = await self.prepare(call.request, model, hedged=call.hedge is not None)
         # Partials of methods, not closures: a wide fan-out holds thousands of these calls
         # at once, and each nested closure costs a coroutine frame, a function and its cells.
-        copy = functools.partial(self._governed, call, model, server, fitted)
+        copy = functools.partial(self._governed, call, model, prepared)
         send: Callable[[], Awaitable[Completion]] = (
             functools.partial(copy, tally)
             if call.hedge is None
@@ -146,22 +203,22 @@ class CallPath:
             return await send(), False
         # Every call goes through the journal: reusable ones are looked up (and identical
         # temperature-0 ones in flight sent once); all are recorded.
-        return await journal.call(fitted.request, send, call_id=call.call_id)
+        return await journal.call(prepared.fitted.request, send, call_id=call.call_id, key=prepared.key)
 
     async def _governed(
-        self, call: _Call, model: ModelConfig, server: ServerSettings, fitted: Fitted, tally: CallTally
+        self, call: _Call, model: ModelConfig, prepared: PreparedCall, tally: CallTally
     ) -> Completion:
         """One governed copy of the call: budget reserved, limits waited for, sent, retried."""
         governed = await self._engine.governor.call(
-            fitted.request,
+            prepared.plan.request,
             call.transport,
             ledger=self._state.ledger,
             price=model.prices,
-            limits=server.limits,
+            limits=prepared.server.limits,
             tally=tally,
             call_id=call.call_id,  # so that its call.retry events name the call
-            bill_cancelled_prompt=call.hedge is not None,
-            prompt_tokens=fitted.prompt_tokens,
+            plan=prepared.plan,
+            encoded=prepared.encoded,
         )
         return governed.completion
 
@@ -180,7 +237,9 @@ class CallPath:
             hedged.append(summary)
         return completion
 
-    async def _fit(self, request: ModelRequest, server: ServerSettings, transport: Transport) -> Fitted:
+    async def _fit(
+        self, request: ModelRequest, server: ServerSettings, transport: Transport, bound: int, guess: int
+    ) -> Fitted:
         """Refuse a prompt that cannot fit the window, cut `max_tokens` to what fits, and
         count the prompt with the server's tokenizer where a window or a budget cap needs it."""
         governor = self._engine.governor
@@ -194,8 +253,8 @@ class CallPath:
             request,
             server,
             transport,
-            bound=governor.estimator.prompt_tokens(request),
-            guess=governor.rate_estimator.prompt_tokens(request),
+            bound=bound,
+            guess=guess,
             default_max_tokens=governor.config.default_max_tokens,
             count_for_budget=capped,
         )

@@ -11,7 +11,7 @@ of our own meters both requests and tokens.
 
 from ._budget import BudgetLedger, BudgetLimits, Charge, LedgerLog, Reservation, Room
 from ._clock import Clock, ManualClock, Sleep, wait_until_idle
-from ._core import CallTally, GovernedCompletion, Governor, GovernorConfig
+from ._core import CallPlan, CallTally, GovernedCompletion, Governor, GovernorConfig
 from ._estimate import CharsPerTokenEstimator, TokenEstimator, TokenizerEstimator, Utf8BytesEstimator
 from ._limits import EndpointLimits, LimitState, PauseGate, RequestTooLarge
 from ._prices import ModelPrice, PriceTable
@@ -21,6 +21,7 @@ from ._token_bucket import TokenBucket
 __all__ = [
     "BudgetLedger",
     "BudgetLimits",
+    "CallPlan",
     "CallTally",
     "Charge",
     "CharsPerTokenEstimator",

@@ -37,7 +37,7 @@ import tenacity
 from .._events import CallRetry, UsageEstimated, emit
 from .._types import Completion, ModelRequest, Usage
 from ..exceptions import ConfigError, RetryableError
-from ..transport import Transport
+from ..transport import Encoded, Transport
 from ._budget import BudgetLedger, BudgetLimits, Charge
 from ._clock import Clock, Sleep
 from ._estimate import CharsPerTokenEstimator, TokenEstimator, Utf8BytesEstimator
@@ -45,7 +45,7 @@ from ._limits import EndpointLimits, LimitRegistry, LimitState, Permit
 from ._prices import ModelPrice, PriceTable
 from ._retry import RetryConfig, make_retrying
 
-__all__ = ["CallTally", "GovernedCompletion", "Governor", "GovernorConfig"]
+__all__ = ["CallPlan", "CallTally", "GovernedCompletion", "Governor", "GovernorConfig"]
 
 _log = structlog.get_logger("rlm_async.governor")
 # Ids for the calls of a governor used without the engine (which passes its own).
@@ -109,6 +109,26 @@ class GovernedCompletion:
     """Time spent queued for limits, all attempts."""
     backoff_s: float
     """Time slept between attempts."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallPlan:
+    """What a call will reserve and meter, worked out from the request alone (`Governor.plan`).
+
+    It holds no reservation and no permit: admission (the budget's `reserve`, the limits'
+    `acquire`) happens at send time against the ledger's and the limits' state then. So a
+    plan can be made early (a fan-out's followers, while the warm-up call is in flight)
+    without refusing anything a later state would allow, and dropping one unsent leaks
+    nothing."""
+
+    request: ModelRequest
+    """The request as sent: `max_tokens` filled in when it had none."""
+    reserve: Charge
+    """Reserved per attempt: the prompt's bound, the whole `max_tokens`, one call, their dollars."""
+    rate_tokens: int
+    """Taken from a tokens-per-minute meter per attempt: the prompt's fair guess + `max_tokens`."""
+    cancelled: Charge
+    """Settled for an attempt cancelled after it was sent (`bill_cancelled_prompt`)."""
 
 
 @dataclass(slots=True)
@@ -209,6 +229,8 @@ class Governor:
         call_id: str | None = None,
         bill_cancelled_prompt: bool = False,
         prompt_tokens: int | None = None,
+        plan: CallPlan | None = None,
+        encoded: Encoded | None = None,
     ) -> GovernedCompletion:
         """Send `request` through limits, retries and the budget.
 
@@ -228,33 +250,33 @@ class Governor:
         `bill_cancelled_prompt`: an attempt cancelled after it was sent is settled as its
         prompt-token bound (no output) instead of as nothing: what a provider that bills the
         input of an abandoned request charges. Hedging sets it for every copy it races, so
-        a cancelled loser stays inside the budget it reserved."""
-        if request.max_tokens is None:
-            request = dataclasses.replace(request, max_tokens=self.config.default_max_tokens)
-        output_bound = request.max_tokens
-        assert output_bound is not None
+        a cancelled loser stays inside the budget it reserved.
+
+        `plan`: this request's `Governor.plan`, made earlier (then `price`, `prompt_tokens`
+        and `bill_cancelled_prompt` were given to it, and `request` is not read again).
+        `encoded`: its body made ahead by `transport.encode`, sent by the first attempt."""
+        if plan is None:
+            plan = self.plan(
+                request, price=price, prompt_tokens=prompt_tokens, bill_cancelled_prompt=bill_cancelled_prompt
+            )
+        request, reserve = plan.request, plan.reserve
         model = request.model
         ledger = ledger if ledger is not None else self.process_ledger
         state = self._registry.get(transport.endpoint, model, limits)
-        prompt_bound = prompt_tokens if prompt_tokens is not None else self.estimator.prompt_tokens(request)
-        reserve = Charge(
-            Usage(prompt_bound, output_bound, calls=1),
-            self.prices.reserve_cost(model, prompt_bound, output_bound, override=price),
-        )
-        rate_prompt = prompt_tokens if prompt_tokens is not None else self.rate_estimator.prompt_tokens(request)
-        rate_tokens = rate_prompt + output_bound
         tally = tally if tally is not None else CallTally()
         retry_id = call_id if call_id is not None else f"g{next(_standalone_call_ids)}"
-
-        cancelled_charge = (
-            Charge(
-                Usage(prompt_bound, calls=1),
-                self.prices.reserve_cost(model, prompt_bound, 0, override=price),
-            )
-            if bill_cancelled_prompt
-            else _ONE_CALL
+        args = (
+            request,
+            transport,
+            state,
+            ledger,
+            reserve,
+            plan.rate_tokens,
+            price,
+            tally,
+            plan.cancelled,
+            encoded,
         )
-        args = (request, transport, state, ledger, reserve, rate_tokens, price, tally, cancelled_charge)
         try:
             # The first attempt outside tenacity: building and driving its machinery costs
             # more CPU than the rest of the governor, and most calls succeed at once.
@@ -276,6 +298,44 @@ class Governor:
             waited_s=tally.waited_s,
             backoff_s=tally.backoff_s,
         )
+
+    def plan(
+        self,
+        request: ModelRequest,
+        *,
+        price: ModelPrice | None = None,
+        prompt_tokens: int | None = None,
+        bill_cancelled_prompt: bool = False,
+        prompt_bound: int | None = None,
+        rate_prompt: int | None = None,
+    ) -> CallPlan:
+        """What `call` will reserve and meter for `request` (see `CallPlan`); no state is read
+        or changed but the price table's. `prompt_bound` and `rate_prompt`: the estimator's
+        and the rate estimator's counts of this prompt, when the caller has them already."""
+        if request.max_tokens is None:
+            request = dataclasses.replace(request, max_tokens=self.config.default_max_tokens)
+        output_bound = request.max_tokens
+        assert output_bound is not None
+        model = request.model
+        if prompt_tokens is not None:
+            prompt_bound = rate_prompt = prompt_tokens
+        if prompt_bound is None:
+            prompt_bound = self.estimator.prompt_tokens(request)
+        if rate_prompt is None:
+            rate_prompt = self.rate_estimator.prompt_tokens(request)
+        reserve = Charge(
+            Usage(prompt_bound, output_bound, calls=1),
+            self.prices.reserve_cost(model, prompt_bound, output_bound, override=price),
+        )
+        cancelled = (
+            Charge(
+                Usage(prompt_bound, calls=1),
+                self.prices.reserve_cost(model, prompt_bound, 0, override=price),
+            )
+            if bill_cancelled_prompt
+            else _ONE_CALL
+        )
+        return CallPlan(request, reserve, rate_prompt + output_bound, cancelled)
 
     async def _retry(
         self,
@@ -312,6 +372,7 @@ class Governor:
         price: ModelPrice | None,
         tally: CallTally,
         cancelled_charge: Charge,
+        encoded: Encoded | None,
     ) -> Completion:
         reservation = ledger.reserve(reserve, model=request.model)
         permit: Permit | None = None
@@ -319,7 +380,12 @@ class Governor:
             permit = await state.acquire(rate_tokens, output_tokens=request.max_tokens or 0)
             tally.waited_s += permit.waited_s
             permit.sent = True
-            completion = await transport.complete(request)
+            # A body made ahead goes once; a retry (its `take` then empty) encodes anew.
+            completion = await (
+                transport.complete(request)
+                if encoded is None
+                else transport.complete_encoded(request, encoded)
+            )
         except BaseException as exc:
             # Synchronous cleanup only, so it completes even under cancellation.
             sent = permit is not None and permit.sent

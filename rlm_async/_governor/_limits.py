@@ -250,12 +250,23 @@ class LimitState:
         started = self._clock()
         permit = Permit()
         permit.output_tokens = output_tokens
+        gate = self.gate
         try:
-            await self.gate.wait()
+            if gate.paused:  # checked first: most calls find it open, and skip a coroutine
+                await gate.wait()
             if self._limiter is not None:
                 limiter = self._limiter
-                await limiter.acquire_on_behalf_of(permit)
-                permit.limiter = limiter
+                try:
+                    # A free slot and no one queued (`nowait` refuses while anyone waits):
+                    # taken here, then one plain pass through the event loop, where anyio's
+                    # `acquire` also builds a shielded cancel scope for it, once per call.
+                    limiter.acquire_on_behalf_of_nowait(permit)
+                except anyio.WouldBlock:
+                    await limiter.acquire_on_behalf_of(permit)
+                    permit.limiter = limiter
+                else:
+                    permit.limiter = limiter  # given back below if cancelled at the checkpoint
+                    await anyio.lowlevel.checkpoint()
             if self._rpm is not None:
                 rpm = self._rpm
                 await rpm.acquire(1)
@@ -270,7 +281,8 @@ class LimitState:
                         f"{self.model!r} at {self.endpoint} is now {tpm.capacity:,.0f}"
                     ) from None
                 permit.tpm, permit.tokens = tpm, tokens
-            await self.gate.wait()  # a pause may have begun while we queued
+            if gate.paused:  # a pause may have begun while we queued
+                await gate.wait()
         except BaseException:
             self._give_back(permit)
             raise
@@ -415,7 +427,9 @@ class LimitRegistry:
         key = (endpoint, model)
         # Compare with what was configured, not with the live state: a runtime `resize`
         # must survive callers that pass the same configuration on every call.
-        changed = limits is not None and self._configured.get(key) != limits
+        configured = self._configured.get(key)
+        # `is` first: callers pass the same configuration object on every call.
+        changed = limits is not None and configured is not limits and configured != limits
         if changed:
             assert limits is not None
             self._configured[key] = limits

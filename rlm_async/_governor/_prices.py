@@ -75,6 +75,13 @@ class ModelPrice:
         """$0 everywhere: a self-hosted model."""
         return cls(input_per_mtok=0.0, output_per_mtok=0.0)
 
+    def reserve_cost(self, prompt_tokens: int, output_tokens: int) -> Decimal:
+        """The most a call of `prompt_tokens` and `output_tokens` can cost: its prompt priced
+        uncached or all cached, whichever is dearer (`PriceTable.reserve_cost`)."""
+        cached = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        prompt = _dec(max(self.input_per_mtok, cached)) * prompt_tokens
+        return (prompt + _dec(self.output_per_mtok) * output_tokens) / _MILLION
+
     def cost(self, usage: Usage) -> Decimal:
         cached_price = (
             self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
@@ -88,7 +95,18 @@ class ModelPrice:
 
 
 def _dec(value: float) -> Decimal:
-    return Decimal(str(value))  # str: 0.15 stays 0.15, not 0.1499999999999999944...
+    # str: 0.15 stays 0.15, not 0.1499999999999999944... Kept per value: every call prices
+    # its reservation and its usage with the same few prices.
+    key = (type(value), value)  # 1 and 1.0 are equal keys, but "1" and "1.0" two Decimals
+    found = _DECIMALS.get(key)
+    if found is None:
+        found = Decimal(str(value))
+        if len(_DECIMALS) < 4096:
+            _DECIMALS[key] = found
+    return found
+
+
+_DECIMALS: dict[tuple[type, float], Decimal] = {}
 
 
 Pricer = Callable[[Usage], Decimal]
@@ -130,6 +148,8 @@ class PriceTable:
         """An upper bound on what a call can cost: no cache hit, the whole output cap.
         Taking the larger of "no hit" and "all hit" keeps it a bound even for a table entry
         whose cached price were above its input price."""
+        if override is not None:  # the engine's case: every configured model has its price
+            return override.reserve_cost(prompt_tokens, output_tokens)
         cold = Usage(prompt_tokens, output_tokens, 0)
         warm = Usage(prompt_tokens, output_tokens, prompt_tokens)
         return max(self.cost(model, cold, override=override), self.cost(model, warm, override=override))

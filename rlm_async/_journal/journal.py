@@ -126,6 +126,7 @@ class Journal:
         send: Callable[[], Awaitable[Completion]],
         *,
         call_id: str | None = None,
+        key: str | None = None,
     ) -> tuple[Completion, bool]:
         """Answer `request` from the journal, from an identical call in flight, or by
         awaiting `send()` and recording its completion. Returns `(completion, from_journal)`;
@@ -134,10 +135,13 @@ class Journal:
         `send` must raise on failure; a failure is never recorded. `call_id` only labels the
         `journal.hit` event. A `JournalError` from writing the row propagates: the caller
         asked for durability, and a journal that cannot write (disk full, read-only file,
-        locked past `busy_timeout_s`) needs fixing before more money is spent.
+        locked past `busy_timeout_s`) needs fixing before more money is spent. `key`:
+        `self.key(request)`, when the caller made it already (a fan-out's followers make
+        theirs while the warm-up call is in flight).
         """
         self._check_open()
-        key = self.key(request)
+        if key is None:
+            key = self.key(request)
         if not greedy(request):
             return await self._call_sampled(key, request, send, call_id)
 
