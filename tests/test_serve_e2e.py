@@ -563,6 +563,18 @@ class TestAuth:
 # ============================================================================ admission, disconnects, shutdown
 
 
+def until_fanout(lines: Iterator[str]) -> None:
+    """Read a streamed query's progress until its worker is up (it starts beside the first
+    root call, so either may come first) and its first root turn is done: from then on,
+    with a slow sub model, its fan-out is in flight."""
+    waiting = {"worker.start", "call.finish"}
+    for line in lines:
+        waiting -= {kind for kind in waiting if kind in line}
+        if not waiting:
+            return
+    raise AssertionError(f"the stream ended before {sorted(waiting)}")
+
+
 class TestAdmission:
     def test_flood_beyond_the_queue_gets_429_then_recovers(self) -> None:
         """With 2 running and 2 queued, 12 at once: 4 are served, 8 get 429 with retry-after
@@ -606,9 +618,7 @@ class TestAdmission:
                 # or by the collector later) and closing it closes the connection, which
                 # cancels the query before the checks below.
                 lines = r.iter_lines()
-                for line in lines:
-                    if "call.finish" in line:  # the first root turn is done: the fan-out is in flight
-                        break
+                until_fanout(lines)
                 assert s.children(), "the query's worker should be running"
                 uids = s.worker_uids()
                 assert uids or os.geteuid() != 0  # as root, workers run as private uids
@@ -899,9 +909,7 @@ class TestWorkerPool:
             }
             with c.stream("POST", "/v1/chat/completions", json=body) as r:
                 lines = r.iter_lines()  # held: dropping it would disconnect before the uids are read
-                for line in lines:
-                    if "call.finish" in line:  # the fan-out is in flight, in a pooled worker
-                        break
+                until_fanout(lines)  # in a pooled worker
                 taken_uids = s.worker_uids() - idle_uids  # it switched to its uid with its context
                 assert taken_uids or os.geteuid() != 0
             deadline = time.monotonic() + 30
