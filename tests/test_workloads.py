@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import combinations
 from random import Random
 
@@ -180,6 +180,24 @@ def records_line_by_line(text: str) -> list[tuple[int, str | None]]:
     return [r for line in text.splitlines() if (r := parse_record(line)) is not None]
 
 
+def edited_records(*, seed: int, n: int) -> Iterator[str]:
+    """`n` seeded runs of 1-5 real record lines, each with up to three random insertions
+    of the pieces a record is made of (separators, labels, digits, line breaks) or
+    deletions: texts a fast scan could read otherwise than the line-by-line reader."""
+    rng = Random(seed)
+    lines = text_of(oolong_counting("8k", seed=1).context).split("\n")[:40]
+    pieces = [" || ", "||", "|", " ", "User: ", "Instance: ", "7", "+", "\n", "\r", "\u2029", "x"]
+    for _ in range(n):
+        text = "\n".join(lines[rng.randrange(len(lines)) :][: rng.randint(1, 5)])
+        for _ in range(rng.randint(0, 3)):
+            at = rng.randrange(len(text) + 1)
+            if rng.random() < 0.7:
+                text = text[:at] + rng.choice(pieces) + text[at:]
+            else:
+                text = text[:at] + text[at + rng.randint(1, 4) :]
+        yield text
+
+
 class TestParseRecords:
     def test_a_whole_context_reads_as_its_lines_do(self) -> None:
         """The records of a generated context, read in one scan, equal those read line by line."""
@@ -219,18 +237,7 @@ class TestParseRecords:
     def test_random_edits_of_records_read_as_their_lines_do(self) -> None:
         """Seeded random edits of real record lines (separators, digits, spaces, line breaks
         inserted or deleted) never make the scan differ from the line-by-line reading."""
-        rng = Random(12)
-        lines = text_of(oolong_counting("8k", seed=1).context).split("\n")[:40]
-        pieces = [" || ", "||", " ", "User: ", "Instance: ", "7", "+", "\n", "\r", "\u2029", "x", "|"]
-        for _ in range(600):
-            sample = lines[rng.randrange(len(lines)) :][: rng.randint(1, 5)]
-            text = "\n".join(sample)
-            for _ in range(rng.randint(0, 3)):
-                at = rng.randrange(len(text) + 1)
-                if rng.random() < 0.7:
-                    text = text[:at] + rng.choice(pieces) + text[at:]
-                else:
-                    text = text[:at] + text[at + rng.randint(1, 4) :]
+        for text in edited_records(seed=12, n=600):
             assert parse_records(text) == records_line_by_line(text), text
 
 
@@ -296,17 +303,7 @@ class TestCountRecords:
 
     def test_random_edits_of_records_count_as_their_lines_do(self) -> None:
         """Seeded random edits of real record lines, as for `parse_records`."""
-        rng = Random(13)
-        lines = text_of(oolong_counting("8k", seed=1).context).split("\n")[:40]
-        pieces = [" || ", "||", "|", " ", "User: ", "Instance: ", "7", "+", "\n", "\r", "\u2029", "x"]
-        for _ in range(400):
-            text = "\n".join(lines[rng.randrange(len(lines)) :][: rng.randint(1, 5)])
-            for _ in range(rng.randint(0, 3)):
-                at = rng.randrange(len(text) + 1)
-                if rng.random() < 0.7:
-                    text = text[:at] + rng.choice(pieces) + text[at:]
-                else:
-                    text = text[:at] + text[at + rng.randint(1, 4) :]
+        for text in edited_records(seed=13, n=400):
             assert self.counted(text) == self.by_lines(text), text
 
 
