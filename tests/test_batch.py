@@ -163,7 +163,9 @@ class TestSpendLog:
         """`fresh` (no output file yet): an old log at that path belongs to another batch
         and is discarded."""
         path = tmp_path / "out.jsonl.spend"
-        path.write_text('{"carried":{"usd":"3","prompt_tokens":1,"completion_tokens":1,"cached_tokens":0,"calls":1}}\n')
+        path.write_text(
+            '{"carried":{"usd":"3","prompt_tokens":1,"completion_tokens":1,"cached_tokens":0,"calls":1}}\n'
+        )
         with SpendLog.open(path, fresh=True) as log:
             assert log.carried == Charge()
         assert path.read_text() == ""
@@ -313,6 +315,42 @@ class TestPythonAPI:
                 assert len(seen) == 2
 
 
+class TestCancel:
+    @pytest.mark.asyncio
+    async def test_a_query_that_raises_on_its_way_out_of_a_cancel_gets_no_row(self) -> None:
+        """A cancelled query may end in an exception rather than the cancellation (its worker
+        killed under a cell reading from it, inside an exception group): it still gets no
+        row, so that a rerun resumes it, while a query that failed before the cancel keeps
+        its "error" row."""
+        import anyio
+
+        from rlm_async._governor import Governor
+        from rlm_async._result import RLMResult
+        from rlm_async.batch import BatchControl, stream_rows
+
+        control = BatchControl()
+        failed_first = anyio.Event()
+
+        async def run_query(query: str, context: object, parent: BudgetLedger) -> RLMResult:
+            if query == "fails":
+                failed_first.set()
+                raise RuntimeError("the model server went away")
+            await failed_first.wait()
+            control.cancel()
+            raise RuntimeError("the worker's channel closed while the cell was reading")
+
+        items = [
+            {"id": "a", "query": "fails", "context": "x"},
+            {"id": "b", "query": "cancelled", "context": "x"},
+        ]
+        async with stream_rows(
+            run_query, items, config=config(), governor=Governor(), control=control
+        ) as out:
+            rows = [r async for r in out]
+        assert [(r.id, r.status) for r in rows] == [("a", "error")]
+        assert rows[0].error == "RuntimeError: the model server went away"
+
+
 class TestProgress:
     @pytest.mark.e2e
     @pytest.mark.asyncio
@@ -347,7 +385,9 @@ class TestProgress:
                 console = Console(file=screen, force_terminal=name == "terminal", width=200)
                 with BatchProgress(total=0, console=console, refresh_per_second=50) as progress:
                     async with RLM(
-                        config=sim_config(sim, root_overrides={"prices": PRICE}, sub_overrides={"prices": PRICE})
+                        config=sim_config(
+                            sim, root_overrides={"prices": PRICE}, sub_overrides={"prices": PRICE}
+                        )
                     ) as rlm:
                         summary = await run_file(
                             rlm,
