@@ -198,10 +198,11 @@ class BatchRunner:
                 raise  # misconfiguration: every query would fail alike, so stop the batch
             except Exception as exc:
                 if self.control.cancelled:
-                    # Raised on its way out of the cancel (a worker killed under a cell that
-                    # was reading from it, in an exception group): a cancelled query, which
-                    # gets no row, so that a rerun resumes it (its paid calls replay from the
-                    # journal) rather than keeping an "error" for it.
+                    # Raised on its way out of the cancel (an error of a part being torn down,
+                    # e.g. a worker killed under a cell reading from it, can come out instead
+                    # of the cancellation): a cancelled query, which gets no row, so that a
+                    # rerun resumes it (its paid calls replay from the journal) rather than
+                    # keeping an "error" for it.
                     return
                 row = BatchRow.failed(item.id, item.line, exc, started, self._wall() - started)
                 return
