@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from _events_factory import call_finish
 from conftest import open_sim, sim_config
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from rlm_async import _events
+from rlm_async._events import CallFinish
 from rlm_async._governor import BudgetLedger, BudgetLimits
 from rlm_async._rlm import RLM
 from rlm_async.exceptions import ConfigError
@@ -208,22 +209,8 @@ class TestOpenTelemetry:
 
 class TestJobFeed:
     @staticmethod
-    def _call_finish() -> _events.CallFinish:
-        return _events.CallFinish(
-            time=0.0,
-            query_id="q",
-            node_id="n",
-            depth=0,
-            call_id="c1",
-            status="ok",
-            prompt_tokens=100,
-            cached_tokens=0,
-            completion_tokens=10,
-            cost_usd=0.001,
-            latency_s=0.1,
-            attempts=1,
-            from_journal=False,
-        )
+    def _call_finish() -> CallFinish:
+        return call_finish(0.0, "c1", prompt_tokens=100, completion_tokens=10, cost_usd=0.001, latency_s=0.1)
 
     @pytest.mark.asyncio
     async def test_a_job_feeds_progress_and_counts_usage(self) -> None:
