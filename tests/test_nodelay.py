@@ -1,5 +1,5 @@
-"""The listening sockets of the service and of the simulator give accepted connections
-TCP_NODELAY under asyncio. With Nagle on, a response's body (written after its headers)
+"""The listening sockets of the service and of the simulator (`rlm_async._sockets`) give
+accepted connections TCP_NODELAY under asyncio. With Nagle on, a response's body (written after its headers)
 waited for the client's delayed ACK: 44 ms per request on a kept-alive connection
 (measured on `rlm-async serve` before the fix). The option itself is what a test can
 observe without timing: read on the server's side of a real loopback connection."""
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from rlm_async.serve._server import listen_socket
+from rlm_async._sockets import listen_socket
 from rlm_async.sim.server import _bind
 
 
@@ -37,7 +37,7 @@ async def nodelay_of_accepted(sock: socket.socket) -> int:
 
 @pytest.mark.parametrize(
     "bind",
-    [pytest.param(listen_socket, id="serve"), pytest.param(_bind, id="sim")],
+    [pytest.param(listen_socket, id="service"), pytest.param(_bind, id="sim")],
 )
 def test_accepted_connections_have_nagle_off(bind: Callable[[str, int], socket.socket]) -> None:
     sock = bind("127.0.0.1", 0)

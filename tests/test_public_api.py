@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "_parsing": 0,
     "workloads": 0,
     "_descriptors": 0,
+    "_sockets": 0,
     "_gc": 0,
     "transport": 1,
     "_governor": 2,

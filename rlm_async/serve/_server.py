@@ -19,6 +19,7 @@ from types import FrameType
 import uvicorn
 
 from .. import _events
+from .._sockets import listen_socket
 from .._trace import TraceWriter
 from ..exceptions import ConfigError
 from ._app import create_app
@@ -26,7 +27,7 @@ from ._auth import KeyRing
 from ._config import ServeConfig
 from ._service import Service
 
-__all__ = ["listen_socket", "run_server"]
+__all__ = ["run_server"]
 
 _log = logging.getLogger("rlm_async.serve")
 
@@ -83,19 +84,6 @@ def check_exposure(host: str, keys: KeyRing) -> str:
             "RLM_SERVE_KEYS (tenant:key,...) or [serve] keys_file to serve other hosts"
         )
     return "no API keys configured: serving loopback only, without authentication"
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """The service's listening socket. Its `proto` names TCP, not 0: asyncio turns Nagle off
-    (TCP_NODELAY) only on accepted sockets whose `proto` says TCP, and they inherit it from
-    this one. Left 0, each response's body (written after its headers) waited for the
-    client's delayed ACK: 44 ms for every request on a kept-alive connection."""
-    sock = socket.socket(
-        socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
-    )
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    return sock
 
 
 async def run_server(

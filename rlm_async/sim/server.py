@@ -45,6 +45,7 @@ import anyio
 import anyio.abc
 import uvicorn
 
+from .._sockets import listen_socket
 from ._app import SimApp
 from ._config import LatencyModel, PolicySpec, SimConfig
 from ._log import RequestLog
@@ -68,13 +69,7 @@ class _QuietDeliberateAborts(logging.Filter):
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    # IPPROTO_TCP named, not left 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets
-    # whose `proto` says TCP, and accepted sockets inherit it. With 0, the response body
-    # (sent after its headers) waited for the client's delayed ACK: 40 ms per request in
-    # the in-process SimServer (uvloop sets TCP_NODELAY either way).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = listen_socket(host, port)  # TCP_NODELAY on its connections under plain asyncio
     sock.set_inheritable(True)
     return sock
 
