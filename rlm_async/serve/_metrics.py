@@ -16,9 +16,6 @@ from ._adapter import event_fields
 
 __all__ = ["Metrics"]
 
-_OBSERVED = frozenset({"call.finish", "call.retry", "worker.start"})
-"""The event kinds the counters read."""
-
 
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:
     if not labels:
@@ -56,11 +53,10 @@ class Metrics:
         the sandbox tier of its workers."""
 
         def observe(event: _events.Event) -> None:
+            # A payload is built only for the kinds counted here, not for every event.
             kind = event.kind
-            if kind not in _OBSERVED:
-                return  # most events: no payload built for them
-            f = event_fields(event)
             if kind == "call.finish":
+                f = event_fields(event)
                 status = str(f.get("status"))
                 self.subcalls[(("status", status), ("tenant", tenant))] += 1
                 for name in ("prompt_tokens", "cached_tokens", "completion_tokens"):
@@ -73,9 +69,11 @@ class Metrics:
                 if cost:
                     key = (("tenant", tenant),)
                     self.dollars[key] = self.dollars.get(key, 0.0) + float(cost)
-            elif kind == "call.retry" and "RateLimited" in str(f.get("error", "")):
-                self.upstream_429 += 1
+            elif kind == "call.retry":
+                if "RateLimited" in str(event_fields(event).get("error", "")):
+                    self.upstream_429 += 1
             elif kind == "worker.start":
+                f = event_fields(event)
                 self.sandbox_tiers[str(f.get("tier") or "unknown")] += 1
                 if f.get("pooled"):
                     self.pooled_workers += 1
