@@ -424,6 +424,22 @@ class TestRequestParsing:
         rid, request = _parse_request(_request(lengths=[len(b) for b in parts]), bytearray(b"".join(parts)))
         assert (rid, request.op, request.prompts, request.model) == (7, "llm_batch", tuple(prompts), None)
 
+    def test_the_blob_is_consumed_as_it_is_cut(self) -> None:
+        """The blob is emptied as its prompts are decoded (its memory handed back as it
+        shrinks, so a 60 MB batch is not held twice), and the prompts come out in order."""
+        prompts = [f"{i}:" + "é" * (i % 7) + "x" * (1000 * (i % 3)) for i in range(300)]
+        parts = [p.encode() for p in prompts]
+        blob = bytearray(b"".join(parts))
+        request = _parse_request(_request(lengths=[len(b) for b in parts]), blob)[1]
+        assert request.prompts == tuple(prompts)
+        assert len(blob) == 0
+
+    def test_a_bad_prompt_names_its_index(self) -> None:
+        """A prompt that is not UTF-8 is named by its index in the batch."""
+        parts = [b"ok", b"a\xff", b"fine"]
+        with pytest.raises(ProtocolViolation, match="request prompt 1 is not valid UTF-8"):
+            _parse_request(_request(lengths=[len(b) for b in parts]), bytearray(b"".join(parts)))
+
     def test_an_empty_batch_has_no_blob(self) -> None:
         """lengths [] with an empty blob is a batch of no prompts."""
         assert _parse_request(_request(lengths=[]), bytearray())[1].prompts == ()

@@ -40,7 +40,11 @@ def clean(text: str) -> str:
 def _split_prompts(lengths: object, blob: bytearray) -> tuple[str, ...]:
     """A request's blob cut at `lengths` (bytes), each piece strict UTF-8: the decoder
     refuses lone surrogates and broken sequences, so what `clean` ensures for JSON strings
-    holds here without a second pass (an honest worker already sent '?' for a surrogate)."""
+    holds here without a second pass (an honest worker already sent '?' for a surrogate).
+
+    The blob is consumed: cut from its end, each decoded prompt's bytes are dropped, and a
+    bytearray hands its memory back each time it shrinks below half. The peak is the prompts
+    plus half the blob, not both whole (at 5,000 prompts of 13 KB, 33 MB less)."""
     if not isinstance(lengths, list) or not set(map(type, lengths)) <= {int}:
         raise ProtocolViolation("request lengths must be a list of integers")
     if min(lengths, default=0) < 0:
@@ -48,17 +52,17 @@ def _split_prompts(lengths: object, blob: bytearray) -> tuple[str, ...]:
     total = sum(lengths)
     if total != len(blob):
         raise ProtocolViolation(f"request lengths add up to {total:,} bytes but the blob has {len(blob):,}")
-    prompts: list[str] = []
-    pos = 0
-    with memoryview(blob) as view:
-        for n in lengths:
-            try:
-                prompts.append(str(view[pos : pos + n], "utf-8"))
-            except UnicodeDecodeError as exc:
-                raise ProtocolViolation(
-                    f"request prompt {len(prompts)} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
-                ) from None
-            pos += n
+    prompts = [""] * len(lengths)
+    for i in range(len(lengths) - 1, -1, -1):
+        start = len(blob) - lengths[i]
+        try:
+            with memoryview(blob) as view:  # released before the cut: a bytearray with a view cannot shrink
+                prompts[i] = str(view[start:], "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolViolation(
+                f"request prompt {i} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
+        del blob[start:]
     return tuple(prompts)
 
 
