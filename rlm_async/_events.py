@@ -416,7 +416,8 @@ class SandboxReducedIsolation(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LimiterWait(Event):
-    """A call waited for a concurrency slot or rate-limit capacity before being sent."""
+    """A call queued for a concurrency slot, a paused gate or rate-limit capacity before being
+    sent; `waited_s` is the time it queued. A call that found them free emits none."""
 
     kind: ClassVar[str] = "limiter.wait"
     endpoint: str

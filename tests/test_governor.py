@@ -166,6 +166,48 @@ class TestAdaptiveConcurrency:
         assert state.concurrency == 3
 
 
+class TestWaitedIsTimeQueued:
+    """`limiter.wait` and a permit's `waited_s` count only time spent queued for a slot,
+    a paused gate or rate capacity; a call that found all of them free waited for nothing,
+    however long its pass through the event loop took."""
+
+    async def test_a_free_slot_is_no_wait_even_when_the_loop_pass_is_slow(self) -> None:
+        clock = ManualClock()
+        state = LimitState(EP, "m", EndpointLimits(max_concurrency=4), clock=clock, sleep=clock.sleep)
+        seen: list[Event] = []
+
+        async def busy_neighbour() -> None:
+            clock.advance(0.25)  # another task's work, run in the acquiring call's loop pass
+
+        with sinks(seen.append):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(busy_neighbour)
+                permit = await state.acquire(1)
+        assert clock() == 0.25
+        assert permit.waited_s == 0
+        assert [e.kind for e in seen] == []
+
+    async def test_queueing_for_a_slot_is_a_wait_of_exactly_the_queueing(self) -> None:
+        clock = ManualClock()
+        state = LimitState(EP, "m", EndpointLimits(max_concurrency=1, adaptive=False), clock=clock, sleep=clock.sleep)
+        seen: list[Event] = []
+        first = await state.acquire(1)
+        got: list[float] = []
+
+        async def second() -> None:
+            permit = await state.acquire(1)
+            got.append(permit.waited_s)
+
+        with sinks(seen.append):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(second)
+                await anyio.lowlevel.checkpoint()
+                clock.advance(3.0)
+                state.release(first, completion=Completion(text="", usage=Usage(), model="m"))
+        assert got == [3.0]
+        assert [(e.kind, e.payload()["waited_s"]) for e in seen] == [("limiter.wait", 3.0)]
+
+
 class TestRates:
     async def test_requests_per_minute(self) -> None:
         """With 60 RPM, 65 calls at once: 60 go now, then one a second."""

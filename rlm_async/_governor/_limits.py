@@ -247,13 +247,18 @@ class LimitState:
                 f"tokens-per-minute limit for {self.model!r} at {self.endpoint} is "
                 f"{self._tpm.capacity:,.0f}; send a smaller prompt or lower max_tokens"
             )
-        started = self._clock()
         permit = Permit()
         permit.output_tokens = output_tokens
-        gate = self.gate
+        gate, clock = self.gate, self._clock
+        # Only time spent queued counts as waiting: a call that finds its slot and tokens
+        # there waits for nothing, though its one pass through the event loop (below) may
+        # run a thousand other tasks first. Such a call emits no `limiter.wait`.
+        waited = 0.0
         try:
             if gate.paused:  # checked first: most calls find it open, and skip a coroutine
+                started = clock()
                 await gate.wait()
+                waited += clock() - started
             if self._limiter is not None:
                 limiter = self._limiter
                 try:
@@ -262,19 +267,21 @@ class LimitState:
                     # `acquire` also builds a shielded cancel scope for it, once per call.
                     limiter.acquire_on_behalf_of_nowait(permit)
                 except anyio.WouldBlock:
+                    started = clock()
                     await limiter.acquire_on_behalf_of(permit)
+                    waited += clock() - started
                     permit.limiter = limiter
                 else:
                     permit.limiter = limiter  # given back below if cancelled at the checkpoint
                     await anyio.lowlevel.checkpoint()
             if self._rpm is not None:
                 rpm = self._rpm
-                await rpm.acquire(1)
+                waited += await rpm.acquire(1)
                 permit.rpm, permit.requests = rpm, 1
             if self._tpm is not None:
                 tpm = self._tpm
                 try:
-                    await tpm.acquire(tokens)
+                    waited += await tpm.acquire(tokens)
                 except ValueError:  # the bucket shrank below this request while it waited
                     raise RequestTooLarge(
                         f"this request needs about {tokens:,} tokens but the tokens-per-minute limit for "
@@ -282,18 +289,20 @@ class LimitState:
                     ) from None
                 permit.tpm, permit.tokens = tpm, tokens
             if gate.paused:  # a pause may have begun while we queued
+                started = clock()
                 await gate.wait()
+                waited += clock() - started
         except BaseException:
             self._give_back(permit)
             raise
         permit.epoch = self._epoch
-        permit.waited_s = self._clock() - started
-        if permit.waited_s > 0:
+        permit.waited_s = waited
+        if waited > 0:
             emit(
                 LimiterWait,
                 endpoint=self.endpoint,
                 model=self.model,
-                waited_s=permit.waited_s,
+                waited_s=waited,
                 tokens=tokens,
                 concurrency=self.concurrency,
             )
