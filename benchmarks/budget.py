@@ -67,7 +67,9 @@ async def _run_one(
 ) -> dict[str, Any]:
     code = f"r = llm_batch(['w' * {args.chars} + str(i) for i in range({args.prompts})])\nprint(len(r))"
     sim_config = SimConfig(
-        policies=Policies(root=PolicySpec(name="script", options={"replies": [f"```repl\n{code}\n```", "FINAL(done)"]}))
+        policies=Policies(
+            root=PolicySpec(name="script", options={"replies": [f"```repl\n{code}\n```", "FINAL(done)"]})
+        )
     )
     reserved: list[int] = []
     settled: list[int] = []
@@ -82,7 +84,11 @@ async def _run_one(
 
         def model(name: str) -> ModelConfig:
             return ModelConfig(
-                model=name, base_url=sim.base_url, api_key_env=None, prices=ModelPrice.free(), max_tokens=MAX_TOKENS
+                model=name,
+                base_url=sim.base_url,
+                api_key_env=None,
+                prices=ModelPrice.free(),
+                max_tokens=MAX_TOKENS,
             )
 
         config = RLMConfig(

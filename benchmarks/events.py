@@ -59,7 +59,9 @@ class _OldEvent:
 
 
 _old_sinks: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("old_sinks", default=())
-_old_ids: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("old_ids", default=(None, None, None))
+_old_ids: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "old_ids", default=(None, None, None)
+)
 _old_clock: contextvars.ContextVar[Any] = contextvars.ContextVar("old_clock", default=time.monotonic)
 
 
@@ -115,7 +117,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = measure(args.number, args.repeat)
     RESULTS.write_text(
-        json.dumps({**provenance("events.py"), "unit": "ns per emit, best of repeats", "rows": rows}, indent=2)
+        json.dumps(
+            {**provenance("events.py"), "unit": "ns per emit, best of repeats", "rows": rows}, indent=2
+        )
         + "\n",
         encoding="utf-8",
     )

@@ -943,9 +943,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--latency", choices=sorted(LATENCIES), default="bench", help="latency model (default bench)"
     )
-    p.add_argument(
-        "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the engine's event loop"
-    )
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the engine's event loop")
     args = p.parse_args(argv)
 
     if args.markdown:

@@ -99,7 +99,10 @@ def _rlm_config(base_url: str, hedge: bool) -> RLMConfig:
     )
     root = ModelConfig(model="sim-model", base_url=base_url, api_key_env=None, prices=free)
     return RLMConfig(
-        root=root, sub=sub, sandbox=SandboxConfig(cell_timeout_s=600), governor=GovernorConfig(chars_per_token=4.0)
+        root=root,
+        sub=sub,
+        sandbox=SandboxConfig(cell_timeout_s=600),
+        governor=GovernorConfig(chars_per_token=4.0),
     )
 
 
@@ -204,13 +207,22 @@ def main(argv: list[str] | None = None) -> None:
                     "lag_ms": max(a["sim_lag_mean_ms"], b["sim_lag_mean_ms"]),
                 }
             )
-            print(f"  n={n} pair {p}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                                   for k, v in pairs[-1].items()), flush=True)
+            print(
+                f"  n={n} pair {p}: "
+                + ", ".join(
+                    f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in pairs[-1].items()
+                ),
+                flush=True,
+            )
         med = {k: statistics.median(float(p[k]) for p in pairs) for k in pairs[0] if k != "correct"}
         rows.append({"n": n, "sigma": args.sigma, **med, "all_correct": all(p["correct"] for p in pairs)})
     load_after = os.getloadavg()[0]
-    print(f"\nsigma={args.sigma}, medians of {args.pairs} A/B pairs; load {load_before:.1f} -> {load_after:.1f}")
-    print(f"{'n':>6} {'A wall':>8} {'A ideal':>8} {'B wall':>8} {'ratio':>6} {'+req':>6} {'+$':>6} {'lag ms':>7} {'A cpu':>6} {'B cpu':>6} correct")
+    print(
+        f"\nsigma={args.sigma}, medians of {args.pairs} A/B pairs; load {load_before:.1f} -> {load_after:.1f}"
+    )
+    print(
+        f"{'n':>6} {'A wall':>8} {'A ideal':>8} {'B wall':>8} {'ratio':>6} {'+req':>6} {'+$':>6} {'lag ms':>7} {'A cpu':>6} {'B cpu':>6} correct"
+    )
     for r in rows:
         print(
             f"{r['n']:>6} {r['a_wall']:>8.2f} {r['a_ideal']:>8.2f} {r['b_wall']:>8.2f} {r['ratio']:>6.2f} "

@@ -97,7 +97,9 @@ class Timed(Transport):
         finally:
             self.times.append(time.perf_counter() - t0)
 
-    async def probe(self, method: str, url: str, body: Any = None, *, timeout_s: float = 5.0) -> ProbeResponse | None:
+    async def probe(
+        self, method: str, url: str, body: Any = None, *, timeout_s: float = 5.0
+    ) -> ProbeResponse | None:
         return await self.inner.probe(method, url, body, timeout_s=timeout_s)
 
     async def aclose(self) -> None:
@@ -106,7 +108,9 @@ class Timed(Transport):
 
 async def one_run(base_url: str, chunks: int) -> dict[str, Any]:
     workload = oolong_counting("2k", seed=11)
-    sim = SimConfig(policies=Policies(root=PolicySpec(name="rlm", options={"chunks": chunks, "pad_chars": 0})))
+    sim = SimConfig(
+        policies=Policies(root=PolicySpec(name="rlm", options={"chunks": chunks, "pad_chars": 0}))
+    )
     times: list[float] = []
     async with SimServer(sim) as server:
         config = RLMConfig(
@@ -157,7 +161,10 @@ def main() -> None:
                 f"model {run['model_s']:.2f} s, overhead {run['overhead_s']:.2f} s "
                 f"({100 * run['overhead_share']:.1f} %), cpu {run['cpu_s']:.2f} s"
             )
-    median = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "model_s", "overhead_s", "overhead_share", "cpu_s")}
+    median = {
+        k: statistics.median(r[k] for r in runs)
+        for k in ("wall_s", "model_s", "overhead_s", "overhead_share", "cpu_s")
+    }
     row = (
         f"| llama-cpp-python + Gemma 3 270M, {args.chunks} chunks (one at a time) | "
         f"{median['wall_s']:.2f} s | {median['model_s']:.2f} s | {median['overhead_s']:.2f} s | "
@@ -166,7 +173,8 @@ def main() -> None:
     print(row)
     Path(args.out).write_text(
         json.dumps(
-            {**provenance("real_server.py", load_1min=load), "runs": runs, "median": median, "row": row}, indent=2
+            {**provenance("real_server.py", load_1min=load), "runs": runs, "median": median, "row": row},
+            indent=2,
         )
         + "\n"
     )

@@ -62,7 +62,9 @@ async def _starts(modes: list[str], repeats: int) -> dict[str, tuple[list[float]
     return out
 
 
-async def _measure(mode: str, repeats: int, cells: int, start: list[float], close: list[float]) -> dict[str, Any]:
+async def _measure(
+    mode: str, repeats: int, cells: int, start: list[float], close: list[float]
+) -> dict[str, Any]:
     config = SandboxConfig(isolation=mode)  # type: ignore[arg-type]
     warm = await start_worker("", config)
     isolated = warm.isolated

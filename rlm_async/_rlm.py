@@ -265,7 +265,9 @@ class RLM:
         self._refuse_misuse()
         if logger is not None:  # as officially: the run's metadata first, at construction
             logger.log_metadata(
-                _log_metadata(backend, backend_kwargs, environment, environment_kwargs, other_backends, self.config)
+                _log_metadata(
+                    backend, backend_kwargs, environment, environment_kwargs, other_backends, self.config
+                )
             )
 
     def _config_from_official(
@@ -505,7 +507,12 @@ class RLM:
                 ledger_parent=ledger_parent,
             )
         return await self._run(
-            prompt, root_prompt, event_sinks=event_sinks, max_depth=max_depth, budget=budget, ledger_parent=ledger_parent
+            prompt,
+            root_prompt,
+            event_sinks=event_sinks,
+            max_depth=max_depth,
+            budget=budget,
+            ledger_parent=ledger_parent,
         )
 
     async def _run(
@@ -627,7 +634,6 @@ class RLM:
                 raise inside_loop from None
             raise
 
-
     def close(self) -> None:
         """End what synchronous `completion` calls kept open (with `persistent=True`, the
         session's worker and its event loop's thread). Idempotent; the official method."""
@@ -651,7 +657,9 @@ class _Portal:
     def __init__(self) -> None:
         self._ready = threading.Event()
         self._portal: anyio.from_thread.BlockingPortal | None = None
-        self._thread = threading.Thread(target=anyio.run, args=(self._serve,), name="rlm-async-session", daemon=True)
+        self._thread = threading.Thread(
+            target=anyio.run, args=(self._serve,), name="rlm-async-session", daemon=True
+        )
         self._thread.start()
         self._ready.wait()
 

@@ -101,7 +101,9 @@ class TestSharedPrefix:
                 ModelRequest(
                     model="m",
                     messages=tuple(
-                        Message(rng.choice(("system", "user")), "".join(rng.choices("ab", k=rng.randint(0, 4))))
+                        Message(
+                            rng.choice(("system", "user")), "".join(rng.choices("ab", k=rng.randint(0, 4)))
+                        )
                         for _ in range(rng.randint(1, 3))
                     ),
                 )

@@ -60,7 +60,9 @@ class TestFirstRootCallOverlapsTheWorkerStart:
         answers right: its cells wait for the worker."""
         context, query, score = _counting()
         events = EventLog()
-        async with open_sim(SimConfig(policies=Policies(root=PolicySpec(name="rlm", options={"chunks": 4})))) as sim:
+        async with open_sim(
+            SimConfig(policies=Policies(root=PolicySpec(name="rlm", options={"chunks": 4})))
+        ) as sim:
             result = await _run(sim, context, query, events)
             roots = sim.log.of_kind("root")
         assert result.status == "ok" and score(result.response)

@@ -189,7 +189,9 @@ class TestWaitedIsTimeQueued:
 
     async def test_queueing_for_a_slot_is_a_wait_of_exactly_the_queueing(self) -> None:
         clock = ManualClock()
-        state = LimitState(EP, "m", EndpointLimits(max_concurrency=1, adaptive=False), clock=clock, sleep=clock.sleep)
+        state = LimitState(
+            EP, "m", EndpointLimits(max_concurrency=1, adaptive=False), clock=clock, sleep=clock.sleep
+        )
         seen: list[Event] = []
         first = await state.acquire(1)
         got: list[float] = []

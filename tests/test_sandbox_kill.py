@@ -109,7 +109,9 @@ class TestGroupOf:
         import subprocess
         import sys
 
-        stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+        stranger = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True
+        )
         try:
             assert procs.group_of(stranger.pid, reaped=False) == stranger.pid
             assert procs.group_of(stranger.pid, reaped=True) is None

@@ -98,7 +98,9 @@ class TestManyWorkersOnOneUid:
 
 class TestPooledWorkers:
     @pytest.mark.parametrize("tier", SHARED_UID_TIERS)
-    async def test_a_pooled_worker_gets_the_same_process_cap_as_one_started_on_demand(self, tier: str) -> None:
+    async def test_a_pooled_worker_gets_the_same_process_cap_as_one_started_on_demand(
+        self, tier: str
+    ) -> None:
         """A worker pre-started by a pool with `peers` has its RLIMIT_NPROC sized when its
         context arrives, by the same rule as an on-demand worker: `max_processes` for its
         own uid (root), or room for `max_processes` per peer on the shared uid; and it can

@@ -356,8 +356,12 @@ class TestSubTools:
             "r = rlm_query('a task for the child')\n"
             "answer['content'] = f\"root:{root_only()} {'sub_only' in globals()} child:{r}\"\nanswer['ready'] = True"
         )
-        child = fence("answer['content'] = f\"{sub_only()} {'root_only' in globals()}\"\nanswer['ready'] = True")
-        policy = PolicySpec(name="script", options={"replies": [child], "by_query": {"Use the tools.": [root]}})
+        child = fence(
+            "answer['content'] = f\"{sub_only()} {'root_only' in globals()}\"\nanswer['ready'] = True"
+        )
+        policy = PolicySpec(
+            name="script", options={"replies": [child], "by_query": {"Use the tools.": [root]}}
+        )
         config = SimConfig(policies=Policies(root=policy))
         async with SimServer(config) as sim:
             rlm = RLM(

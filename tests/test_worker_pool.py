@@ -122,7 +122,9 @@ class TestHandingOut:
     async def test_a_pooled_worker_gets_its_setup_with_its_context(self) -> None:
         """A worker pre-started with no context gets a `ReplSetup`'s values, tools and
         variable listing with its context, as one started on demand with the same setup."""
-        setup = ReplSetup(tools=(("lookup", "Look a key up."),), values_json='{"k": [1, 2]}', list_variables=True)
+        setup = ReplSetup(
+            tools=(("lookup", "Look a key up."),), values_json='{"k": [1, 2]}', list_variables=True
+        )
         code = "print(context, k, callable(lookup), lookup.__doc__)\nmine = 3"
         async with WorkerPool(config(), size=1) as pool:
             await pool.wait_full()

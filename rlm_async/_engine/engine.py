@@ -199,5 +199,8 @@ class Engine:
         """A persistent session's state: its root worker starts at its first query."""
         config = self.config
         return SessionState(
-            slots=self.slots, start=self.start_worker, below=config.max_depth - 1, compaction=config.compaction
+            slots=self.slots,
+            start=self.start_worker,
+            below=config.max_depth - 1,
+            compaction=config.compaction,
         )

@@ -54,7 +54,9 @@ class SessionState:
         """Held for the length of one query: a session's calls take turns."""
         return self._busy
 
-    async def attach(self, context: Context, setup: ReplSetup | None = None) -> tuple[Worker, int, str | None]:
+    async def attach(
+        self, context: Context, setup: ReplSetup | None = None
+    ) -> tuple[Worker, int, str | None]:
         """Load this call's context as the next `context_N` and return the worker, N, and a
         note for the model when the worker had to be replaced since the last call. `setup`
         (tools and values) counts only for the worker's first start."""
@@ -100,7 +102,9 @@ class SessionState:
         aliases = ("history",) if index == 0 and not self.compaction else ()
         self.histories = index + 1
         try:
-            await self.worker.set_variable(f"history_{index}", [m.to_dict() for m in messages], aliases=aliases)
+            await self.worker.set_variable(
+                f"history_{index}", [m.to_dict() for m in messages], aliases=aliases
+            )
         except SandboxError:
             pass  # the worker died: the history is kept, and the next call's restart loads it
 

@@ -190,7 +190,10 @@ class RLMLoop:
         note: str | None = None
         if self._config.official_prompt is None:  # the official format says it in each turn
             note = session_note(
-                index=index, contexts=session.contexts, histories=session.histories, compaction=session.compaction
+                index=index,
+                contexts=session.contexts,
+                histories=session.histories,
+                compaction=session.compaction,
             )
         if lost is not None:
             note = lost if note is None else f"{lost}\n{note}"
@@ -253,7 +256,10 @@ class RLMLoop:
         config = self._config
         official = config.official_prompt is not None
         tools = ToolRunner(
-            config.tools_for_depth(depth), self._state.ledger, self._engine.tool_limiters, clock=self._engine.clock
+            config.tools_for_depth(depth),
+            self._state.ledger,
+            self._engine.tool_limiters,
+            clock=self._engine.clock,
         )
         handler = SubCallHandler(
             self._engine, self._state, self._calls, self._run_child, node=node, depth=depth, tools=tools
@@ -288,7 +294,10 @@ class RLMLoop:
                         await compactor.maybe_compact(worker, messages, summarise)
                     if official:  # the official package asks for every turn in a message of its own
                         text = _official_prompts.turn_message(
-                            iteration - 1, config.max_iterations, context_count=counts[0], history_count=counts[1]
+                            iteration - 1,
+                            config.max_iterations,
+                            context_count=counts[0],
+                            history_count=counts[1],
                         )
                         messages.append(Message("user", text))
                     sent = list(messages)
@@ -439,7 +448,13 @@ class RLMLoop:
         return completion.text
 
     async def _execute_reply(
-        self, worker: WorkerReady, reply: str, iteration: int, handler: SubCallHandler, *, logging: bool = False
+        self,
+        worker: WorkerReady,
+        reply: str,
+        iteration: int,
+        handler: SubCallHandler,
+        *,
+        logging: bool = False,
     ) -> _TurnResult:
         """Run every ```repl block of a reply in order, all of them together within
         `turn_timeout_s`; then look for FINAL/FINAL_VAR. A worker that died (for any reason)

@@ -121,7 +121,9 @@ class BatchProgress:
         """Say on the console what a Ctrl-C does (even when quiet: the user asked)."""
         running = self.snapshot().running
         if cancelling:
-            line = f"Ctrl-C again: cancelling the {running:,} running queries; rerun the same command to finish"
+            line = (
+                f"Ctrl-C again: cancelling the {running:,} running queries; rerun the same command to finish"
+            )
         else:
             line = (
                 f"Ctrl-C: no more queries start; the {running:,} running finish and write their rows. "

@@ -143,7 +143,9 @@ class BatchRow:
         )
 
     @classmethod
-    def not_started(cls, id: str | int | None, line: int | None, refusal: AdmissionRefused | None) -> BatchRow:
+    def not_started(
+        cls, id: str | int | None, line: int | None, refusal: AdmissionRefused | None
+    ) -> BatchRow:
         """A query the batch's cap could not cover (`refusal`: the cap's last refusal)."""
         return cls(
             id=id,

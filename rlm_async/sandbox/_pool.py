@@ -274,7 +274,9 @@ class WorkerPool:
                 process = await self._prestart()
             except Exception as exc:
                 self._failures += 1
-                self._last_error = str(exc) if isinstance(exc, SandboxError) else f"{type(exc).__name__}: {exc}"
+                self._last_error = (
+                    str(exc) if isinstance(exc, SandboxError) else f"{type(exc).__name__}: {exc}"
+                )
                 consecutive += 1
                 # A broken sandbox must not spin: back off, and queries start on demand,
                 # where the same failure reaches them as their own error. Not only
