@@ -29,6 +29,7 @@ lives in the governor, and the SDK's own retries are off (`max_retries=0`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -38,8 +39,11 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import aiohttp
+import anyio
 import orjson
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.connector import Connection
+from yarl import URL
 
 from ._descriptors import connection_budget
 from ._text import decode_utf8, scrub
@@ -109,6 +113,13 @@ class Transport(ABC):
         """`complete`, sending the body `encode` made for this `request` if it was not sent
         yet. The default ignores it."""
         return await self.complete(request)
+
+    async def preconnect(self, n: int) -> int:
+        """Open up to `n` connections to the server now and leave them idle, for requests
+        about to be sent (a fan-out's followers, while their warm-up is in flight); returns
+        how many are ready. Sends no request. The default (test doubles, custom wires) opens
+        nothing and returns 0. Cancelled, it keeps what it opened."""
+        return 0
 
     async def probe(
         self, method: str, url: str, body: Mapping[str, Any] | None = None, *, timeout_s: float = 5.0
@@ -290,6 +301,11 @@ class _EncodedOnWrite(aiohttp.payload.Payload):
         await writer.write(data if content_length is None else data[:content_length])
 
 
+_PRECONNECTS_AT_ONCE = 16
+"""Connections `OpenAITransport.preconnect` opens at once (each is a loopback or network
+round trip; a few in flight keep the handshakes flowing without crowding the event loop)."""
+
+
 class OpenAITransport(Transport):
     """OpenAI-compatible chat completions over aiohttp, JSON in and out (orjson).
 
@@ -329,6 +345,8 @@ class OpenAITransport(Transport):
         # `total` covers waiting for a pooled connection too; `sock_connect` the TCP handshake.
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s))
         self._session: aiohttp.ClientSession | None = None
+        self._busy = 0
+        """Connections taken now: requests in flight, and connections `preconnect` is opening."""
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -358,8 +376,58 @@ class OpenAITransport(Transport):
     async def complete(self, request: ModelRequest) -> Completion:
         return await self._post(_EncodedOnWrite(request), request)
 
+    async def preconnect(self, n: int) -> int:
+        """Open up to `n` connections (a few handshakes at a time) and leave them idle in the
+        pool, so that the requests sent next skip the TCP (and TLS) handshake: a fan-out's
+        followers released together otherwise open a connection each, on the event loop, at
+        the moment they are due. Connections the pool already holds idle count towards `n`.
+        Never more than the pool has free (`max_connections` less those taken), so no
+        request queues behind it. Cancelled (the followers are due), the connections opened
+        so far go to the pool at once. One that fails is left out (the request opens its
+        own); a server's idle timeout closes any left unused."""
+        session = self._session or self._open()
+        connector = session.connector
+        n = min(n, self.max_connections - self._busy)
+        if n <= 0 or connector is None:
+            return 0
+        loop = asyncio.get_running_loop()
+        url = URL(self._url)
+        # Held until all are up, then released together: a connection released at once would
+        # be taken again, idle, by the next of these connects, and no new one opened.
+        held: list[Connection] = []
+        left = n
+
+        async def opener() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                try:
+                    # A request that is never sent: only its connection key (scheme, host,
+                    # port, TLS settings, no proxy) matters, the same as every POST's here.
+                    probe = aiohttp.ClientRequest("POST", url, loop=loop, session=session)
+                    held.append(await connector.connect(probe, [], self._timeout))
+                except (aiohttp.ClientError, OSError, TimeoutError):
+                    pass  # the request that would have used it opens its own
+                finally:
+                    self._busy -= 1
+
+        self._busy += n
+        try:
+            # A few handshakes at a time: thousands begun at once would each hold a task and
+            # a half-open socket, and cancelling them (the warm-up ended first) would land on
+            # the event loop just as the followers are released.
+            async with anyio.create_task_group() as tg:
+                for _ in range(min(n, _PRECONNECTS_AT_ONCE)):
+                    tg.start_soon(opener)
+        finally:
+            self._busy -= left  # never begun
+            for connection in held:
+                connection.release()  # idle in the pool, kept alive
+        return len(held)
+
     async def _post(self, body: _EncodedOnWrite, request: ModelRequest) -> Completion:
         session = self._session or self._open()
+        self._busy += 1
         try:
             # No redirects: a body sent once cannot be replayed (see `_EncodedOnWrite`), and a
             # redirected API call is a misconfigured base_url, said so below.
@@ -376,6 +444,8 @@ class OpenAITransport(Transport):
             raise ConnectionFailed(
                 f"connection to {self.endpoint} failed: {type(exc).__name__}: {exc}"
             ) from None
+        finally:
+            self._busy -= 1
         if 300 <= status < 400:
             raise BadRequest(
                 f"{self.endpoint} answered {status}, a redirect to {headers.get('location', 'nowhere')!r}; "

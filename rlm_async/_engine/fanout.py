@@ -299,6 +299,8 @@ class _FanOut:
         self._hedger: FanoutHedger | None = None
         self._prepared: list[PreparedCall | None] = []
         """Followers' calls prepared while their warm-up is in flight, by index."""
+        self._preconnecting = anyio.CancelScope()
+        """Opening the followers' connections (`_preconnect`), until a warm-up ends."""
 
     async def run(self) -> None:
         n = len(self._prompts)
@@ -330,6 +332,15 @@ class _FanOut:
                     self._prepared = [None] * n
                     for gate in self._gates.values():
                         tg.start_soon(self._prepare_followers, gate)
+                    tg.start_soon(self._preconnect)
+
+    async def _preconnect(self) -> None:
+        """While the warm-up is in flight, open the connections its followers will take, so
+        that their release is sending, not handshakes; stopped when a warm-up ends (the
+        followers then open whatever is still missing themselves)."""
+        followers = sum(len(gate.followers) for gate in self._gates.values())
+        with self._preconnecting:  # cancelled before it was entered (a warm-up ended first): at once
+            await self._engine.transport_for(self._model).preconnect(followers)
 
     async def _prepare_followers(self, gate: _Waves) -> None:
         """While a warm-up is in flight, prepare its followers a slice at a time, until the
@@ -368,6 +379,7 @@ class _FanOut:
                 self._hedger.finish(i)
             if i in self._gates:  # a failed warm-up releases its bucket too: the rest go cold
                 assert plan is not None
+                self._preconnecting.cancel()
                 self._engine.mark_warm(plan.buckets[plan.bucket_of[i]])
                 # Shielded: the followers must not stay gated if this task is cancelled
                 # while it releases them (they are then cancelled with it, or go on).

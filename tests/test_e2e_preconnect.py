@@ -1,0 +1,229 @@
+"""A fan-out's connections opened while its warm-up is in flight, end to end over real HTTP
+against the simulator in a process of its own.
+
+Followers released together used to open a TCP connection each at the moment they were
+due. Now `Transport.preconnect` opens them while the warm-up is at the server and leaves
+them idle in the pool. What can be observed of that from outside the engine: the kernel's
+table of established connections to the server (`/proc/net/tcp`) holds one per follower
+before the warm-up has finished, and not one more afterwards (the followers took those);
+the server sees no extra request, no follower before the warm-up returned, and the same
+bodies as without preconnecting. No test asserts a duration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import anyio
+import pytest
+from conftest import sandbox_config
+
+import rlm_async._engine.fanout as fanout
+from rlm_async._result import RLMResult
+from rlm_async._rlm import RLM
+from rlm_async._types import Message, ModelRequest
+from rlm_async.demo import demo_config
+from rlm_async.sim import (
+    KindLatency,
+    LatencyModel,
+    LogEntry,
+    Policies,
+    PolicySpec,
+    SimConfig,
+    SimProcess,
+    SimServer,
+)
+from rlm_async.transport import OpenAITransport
+from rlm_async.workloads import oolong_counting
+
+CHUNKS = 60
+WARMUP_S = 1.0
+
+
+def port_of(base_url: str | None) -> int:
+    assert base_url is not None
+    port = urlsplit(base_url).port
+    assert port is not None
+    return port
+
+
+def established_to(port: int) -> int:
+    """Client-side TCP connections in state ESTABLISHED to `port` on this machine."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            remote, state = fields[2], fields[3]
+            if state == "01" and int(remote.rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+@dataclass
+class Watch:
+    """Samples of `established_to(port)` on the monotonic clock the server logs on."""
+
+    port: int
+    samples: list[tuple[float, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Watch:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), established_to(self.port)))
+            time.sleep(0.01)
+
+    def most_between(self, start: float, end: float) -> int:
+        return max((n for t, n in self.samples if start <= t <= end), default=0)
+
+
+@dataclass
+class Run:
+    result: RLMResult
+    log: list[LogEntry]
+    watch: Watch
+
+    @property
+    def subs(self) -> list[LogEntry]:
+        return [e for e in self.log if e.kind == "sub"]
+
+    def warmup(self) -> LogEntry:
+        return min(self.subs, key=lambda e: e.arrival)
+
+
+def run(*, preconnect: bool) -> Run:
+    """A counting run of `CHUNKS` sub-calls whose warm-up takes `WARMUP_S` at the server."""
+    workload = oolong_counting("100k", seed=5)
+    sim = SimConfig(
+        latency=LatencyModel(root=KindLatency(ttft_s=0.01), sub=KindLatency(ttft_s=WARMUP_S, jitter=0.0)),
+        policies=Policies(root=PolicySpec(name="rlm", options={"chunks": CHUNKS})),
+        seed=2,
+    )
+    with pytest.MonkeyPatch.context() as mp, SimProcess(sim) as server:
+        if not preconnect:
+
+            async def nothing(self: object) -> None:
+                return None
+
+            mp.setattr(fanout._FanOut, "_preconnect", nothing)
+        assert server.base_url is not None
+        config = dataclasses.replace(demo_config(server.base_url), sandbox=sandbox_config())
+
+        async def go() -> RLMResult:
+            async with RLM(config=config) as rlm:
+                return await rlm.acompletion(workload.context, workload.query)
+
+        with Watch(port_of(server.base_url)) as watch:
+            result = anyio.run(go)
+        log = server.read_log().entries
+    assert result.status == "ok", result.detail
+    assert workload.score(result.response), (result.response, workload.truth)
+    return Run(result, log, watch)
+
+
+@pytest.fixture(scope="module")
+def with_preconnect() -> Iterator[Run]:
+    yield run(preconnect=True)
+
+
+@pytest.fixture(scope="module")
+def without() -> Iterator[Run]:
+    yield run(preconnect=False)
+
+
+@pytest.mark.e2e
+class TestFollowersFindTheirConnectionsOpen:
+    def test_a_connection_per_follower_is_up_before_the_warmup_returns(self, with_preconnect: Run) -> None:
+        """While the warm-up is at the server, the kernel holds an established connection
+        for every follower (and the warm-up's own)."""
+        warmup = with_preconnect.warmup()
+        followers = CHUNKS - 1
+        assert with_preconnect.watch.most_between(warmup.arrival, warmup.finish) >= followers + 1
+
+    def test_without_it_the_followers_open_theirs_after(self, without: Run) -> None:
+        """The control: with `_preconnect` a no-op, the same watch sees only the root's and
+        the warm-up's connections while the warm-up is at the server."""
+        warmup = without.warmup()
+        assert without.watch.most_between(warmup.arrival, warmup.finish) <= 3
+
+    def test_the_followers_take_those_connections_rather_than_open_more(
+        self, with_preconnect: Run, without: Run
+    ) -> None:
+        """Over the whole run, no more connections are ever open at once than without
+        preconnecting: the followers were sent on the ones opened ahead."""
+        most = max(n for _, n in with_preconnect.watch.samples)
+        assert most <= max(n for _, n in without.watch.samples) + 1
+        assert most <= CHUNKS + 2
+
+    def test_the_server_sees_the_same_requests_and_none_early(
+        self, with_preconnect: Run, without: Run
+    ) -> None:
+        """Preconnecting sends nothing: the server gets exactly the requests (by body hash)
+        of the run without it, and no follower before the warm-up finished."""
+        warmup = with_preconnect.warmup()
+        assert len(with_preconnect.subs) == CHUNKS
+        assert all(e.arrival >= warmup.finish for e in with_preconnect.subs if e is not warmup)
+        assert sorted(e.body_sha256 or "" for e in with_preconnect.log) == sorted(
+            e.body_sha256 or "" for e in without.log
+        )
+
+
+@pytest.mark.anyio
+class TestTransportPreconnect:
+    async def test_opens_as_many_as_asked_and_requests_reuse_them(self) -> None:
+        """`preconnect(5)` leaves five connections up; five requests at once then open none."""
+        async with SimServer() as sim:
+            assert sim.base_url is not None
+            port = port_of(sim.base_url)
+            transport = OpenAITransport(sim.base_url, api_key_env=None)
+            try:
+                assert await transport.preconnect(5) == 5
+                assert established_to(port) == 5
+                assert sim.log.entries == []  # nothing was sent
+                request = ModelRequest(model="sim-model", messages=(Message("user", "hi"),), max_tokens=8)
+                async with anyio.create_task_group() as tg:
+                    for _ in range(5):
+                        tg.start_soon(transport.complete, request)
+                assert len(sim.log.entries) == 5
+                assert established_to(port) == 5
+            finally:
+                await transport.aclose()
+
+    async def test_never_more_than_the_pool_has_free(self) -> None:
+        """With `max_connections=3`, asking for ten opens three: none waits for a slot."""
+        async with SimServer() as sim:
+            assert sim.base_url is not None
+            transport = OpenAITransport(sim.base_url, api_key_env=None, max_connections=3)
+            try:
+                assert await transport.preconnect(10) == 3
+            finally:
+                await transport.aclose()
+
+    async def test_a_server_that_is_not_there_opens_nothing_and_raises_nothing(self) -> None:
+        """Connections that fail are left out; the requests open (and report) their own."""
+        async with SimServer() as sim:
+            assert sim.base_url is not None
+            url = sim.base_url
+        transport = OpenAITransport(url, api_key_env=None)  # its server has just stopped
+        try:
+            assert await transport.preconnect(3) == 0
+        finally:
+            await transport.aclose()
