@@ -97,16 +97,14 @@ class Watch:
 
 @dataclass
 class Run:
-    result: RLMResult
+    """What the server logged, and what the kernel's table showed meanwhile."""
+
     log: list[LogEntry]
     watch: Watch
 
-    @property
-    def subs(self) -> list[LogEntry]:
-        return [e for e in self.log if e.kind == "sub"]
-
-    def warmup(self) -> LogEntry:
-        return min(self.subs, key=lambda e: e.arrival)
+    def __post_init__(self) -> None:
+        self.subs = [e for e in self.log if e.kind == "sub"]
+        self.warmup = min(self.subs, key=lambda e: e.arrival)  # alone at the server, first
 
 
 def run(*, preconnect: bool) -> Run:
@@ -136,7 +134,7 @@ def run(*, preconnect: bool) -> Run:
         log = server.read_log().entries
     assert result.status == "ok", result.detail
     assert workload.score(result.response), (result.response, workload.truth)
-    return Run(result, log, watch)
+    return Run(log, watch)
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +152,14 @@ class TestFollowersFindTheirConnectionsOpen:
     def test_a_connection_per_follower_is_up_before_the_warmup_returns(self, with_preconnect: Run) -> None:
         """While the warm-up is at the server, the kernel holds an established connection
         for every follower (and the warm-up's own)."""
-        warmup = with_preconnect.warmup()
+        warmup = with_preconnect.warmup
         followers = CHUNKS - 1
         assert with_preconnect.watch.most_between(warmup.arrival, warmup.finish) >= followers + 1
 
     def test_without_it_the_followers_open_theirs_after(self, without: Run) -> None:
         """The control: with `_preconnect` a no-op, the same watch sees only the root's and
         the warm-up's connections while the warm-up is at the server."""
-        warmup = without.warmup()
+        warmup = without.warmup
         assert without.watch.most_between(warmup.arrival, warmup.finish) <= 3
 
     def test_the_followers_take_those_connections_rather_than_open_more(
@@ -178,7 +176,7 @@ class TestFollowersFindTheirConnectionsOpen:
     ) -> None:
         """Preconnecting sends nothing: the server gets exactly the requests (by body hash)
         of the run without it, and no follower before the warm-up finished."""
-        warmup = with_preconnect.warmup()
+        warmup = with_preconnect.warmup
         assert len(with_preconnect.subs) == CHUNKS
         assert all(e.arrival >= warmup.finish for e in with_preconnect.subs if e is not warmup)
         assert sorted(e.body_sha256 or "" for e in with_preconnect.log) == sorted(
