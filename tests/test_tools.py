@@ -397,11 +397,11 @@ class TestProtocol:
         from rlm_async.sandbox._channel import ProtocolViolation
         from rlm_async.sandbox._protocol import parse_request
 
-        blob = bytearray(b'{"args": [], "kwargs": {}}')
+        args = b'{"args": [], "kwargs": {}}'  # a fresh blob each time: parsing consumes it
         rid, request = parse_request(
-            {"op": "request", "id": 1, "kind": "tool", "tool": "f", "lengths": [len(blob)]}, blob
+            {"op": "request", "id": 1, "kind": "tool", "tool": "f", "lengths": [len(args)]}, bytearray(args)
         )
-        assert (rid, request.op, request.tool, request.prompts) == (1, "tool", "f", (blob.decode(),))
+        assert (rid, request.op, request.tool, request.prompts) == (1, "tool", "f", (args.decode(),))
         for bad in (
             {"kind": "tool", "tool": "not a name"},
             {"kind": "tool", "tool": None},
@@ -409,7 +409,9 @@ class TestProtocol:
             {"kind": "llm_query", "tool": "f"},
         ):
             with pytest.raises(ProtocolViolation):
-                parse_request({"op": "request", "id": 2, "lengths": [len(blob)], "model": None, **bad}, blob)
+                parse_request(
+                    {"op": "request", "id": 2, "lengths": [len(args)], "model": None, **bad}, bytearray(args)
+                )
 
     @pytest.mark.asyncio
     async def test_a_forged_call_of_an_unknown_tool_is_a_tool_error(self) -> None:

@@ -71,7 +71,8 @@ def parse_request(
 ) -> tuple[int, WorkerRequest]:
     """Validate a request frame. Its prompts come as a blob with `lengths`, or (as older
     workers and hand-made frames send them) as a JSON list `prompts` with no blob. More
-    than `max_prompts` prompts is a violation (an honest worker refuses such a call itself)."""
+    than `max_prompts` prompts is a violation (an honest worker refuses such a call itself).
+    The blob is consumed: it is empty afterwards (see `_split_prompts`)."""
     rid, kind, model = msg.get("id"), msg.get("kind"), msg.get("model")
     count = msg.get("lengths", msg.get("prompts"))
     if max_prompts is not None and isinstance(count, list) and len(count) > max_prompts:
