@@ -493,20 +493,14 @@ class RLM:
         bounds them per request); `ledger_parent` puts the query's ledger under another
         ledger of this RLM's governor (a tenant's budget) instead of the process ledger.
         With `persistent=True`, calls go to this event loop's session, one at a time."""
+        run = self._run
         if self.persistent:
             loop = anyio.lowlevel.current_token()
             session = self._sessions.get(loop)
             if session is None:
                 session = self._sessions[loop] = self.session()
-            return await session.completion(
-                prompt,
-                root_prompt,
-                event_sinks=event_sinks,
-                max_depth=max_depth,
-                budget=budget,
-                ledger_parent=ledger_parent,
-            )
-        return await self._run(
+            run = session.completion
+        return await run(
             prompt,
             root_prompt,
             event_sinks=event_sinks,
