@@ -18,7 +18,9 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from _batch_config import PRICES, read_rows, sim_config, workloads, write_config, write_input
@@ -100,18 +102,34 @@ def busiest_windows(entries: list[LogEntry]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def run_capped(
-    cluster: RayCluster, tmp_path: Path, items: dict[str, Workload], cap: float, *, timeout: float
-) -> tuple[subprocess.CompletedProcess[str], list[LogEntry], Path]:
-    """Run `items` as a Ray batch under a dollar cap against a rate-limited simulator: the
-    finished command, the server's log, and the output file."""
+class ClusterBatch(NamedTuple):
+    """A Ray batch's files and the rate-limited simulator it runs against."""
+
+    sim: SimProcess
+    source: Path
+    out: Path
+    config: Path
+
+
+@contextmanager
+def cluster_batch(tmp_path: Path, items: dict[str, Workload]) -> Iterator[ClusterBatch]:
+    """`items` written as the batch's input, and a simulator with the cluster's rate limits
+    (its log in `tmp_path`), configured for the batch; the simulator stops on leaving."""
     source = write_input(tmp_path / "in.jsonl", items)
-    out = tmp_path / "out.jsonl"
     with SimProcess(
         sim_config(chunks=2, rate_limits=CLUSTER_RATE), log_path=tmp_path / "requests.jsonl"
     ) as sim:
         assert sim.base_url is not None
         config = write_config(tmp_path / "rlm.toml", sim.base_url, limits=LIMITS, server="off")
+        yield ClusterBatch(sim, source, tmp_path / "out.jsonl", config)
+
+
+def run_capped(
+    cluster: RayCluster, tmp_path: Path, items: dict[str, Workload], cap: float, *, timeout: float
+) -> tuple[subprocess.CompletedProcess[str], list[LogEntry], Path]:
+    """Run `items` as a Ray batch under a dollar cap against a rate-limited simulator: the
+    finished command, the server's log, and the output file."""
+    with cluster_batch(tmp_path, items) as (sim, source, out, config):
         done = subprocess.run(
             command(source, out, config, cluster, "--budget-usd", str(cap)),
             capture_output=True,
@@ -182,13 +200,7 @@ class TestNodeDeath:
         row and the right answer, and at most 2% of the requests the server completed are
         sent again (same request body)."""
         items = workloads(150)
-        source = write_input(tmp_path / "in.jsonl", items)
-        out = tmp_path / "out.jsonl"
-        with SimProcess(
-            sim_config(chunks=2, rate_limits=CLUSTER_RATE), log_path=tmp_path / "requests.jsonl"
-        ) as sim:
-            assert sim.base_url is not None
-            config = write_config(tmp_path / "rlm.toml", sim.base_url, limits=LIMITS, server="off")
+        with cluster_batch(tmp_path, items) as (sim, source, out, config):
             with (tmp_path / "driver.log").open("w") as driver_log:
                 driver = subprocess.Popen(
                     command(source, out, config, cluster),
