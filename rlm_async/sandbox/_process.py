@@ -41,9 +41,21 @@ from ._config import ReplSetup, SandboxConfig
 from ._isolation import Plan
 from ._output import Capture, drain, drain_now
 
-__all__ = ["WorkerProcess", "launch_process"]
+__all__ = ["StartInterrupted", "WorkerProcess", "launch_process"]
 
 _MiB = 1 << 20
+
+_GROUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+"""Signals a terminal or a process manager sends to a whole process group."""
+
+
+class StartInterrupted(SandboxError):
+    """The worker died of a signal sent to the engine's process group while it was being
+    launched. The worker leaves that group (`start_new_session`) only after the fork, and
+    a signal that arrives in between stays pending there, to be delivered as soon as the
+    child resets its handlers: a Ctrl-C in the terminal of a batch that should let its
+    running queries finish killed a worker one of them was starting. Nothing of the
+    model's code ran; starting it once more is safe."""
 
 
 class WorkerProcess:
@@ -172,6 +184,12 @@ class WorkerProcess:
                 f"memory_bytes={self._config.memory_bytes:,}"
             )
         detail = self._stderr_tail.text().strip()
+        if rc is not None and -rc in _GROUP_SIGNALS:
+            return StartInterrupted(
+                f"the REPL worker failed to start: it was ended by {signal.Signals(-rc).name} as it "
+                "was being launched (a signal sent to the engine's process group, such as a "
+                "terminal's Ctrl-C, reaches a process in the instant before it leaves the group)"
+            )
         return SandboxError(
             f"the REPL worker failed to start: {failure} (exit status {rc})"
             + (f"; its stderr: {detail[-1500:]}" if detail else "")

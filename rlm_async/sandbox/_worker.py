@@ -19,7 +19,7 @@ from ._channel import Blob, ChannelClosed, ProtocolViolation
 from ._config import WORKER_DEAD_STATUSES, CellResult, ReplSetup, RequestHandler, SandboxConfig
 from ._isolation import Plan, Tier, plan_isolation
 from ._output import Capture, drain, drain_now
-from ._process import WorkerProcess, encode_context, launch_process
+from ._process import StartInterrupted, WorkerProcess, encode_context, launch_process
 from ._protocol import Outcome, clean, describe_exit, parse_request
 
 __all__ = ["Worker", "start_worker"]
@@ -153,8 +153,14 @@ class Worker:
         # queries' work would wait for it. Before launching, so a context JSON cannot
         # carry costs no process.
         kind, blob = await anyio.to_thread.run_sync(encode_context, self._context)
-        process = await launch_process(self._config, self._plan, peers=self._peers)
-        await self._load(process, kind, blob, started, pooled=False)
+        try:
+            process = await launch_process(self._config, self._plan, peers=self._peers)
+            await self._load(process, kind, blob, started, pooled=False)
+        except StartInterrupted:
+            # The engine heard the same signal and acts on it (a batch's first Ctrl-C lets
+            # running queries finish): this query's worker is started again, once.
+            process = await launch_process(self._config, self._plan, peers=self._peers)
+            await self._load(process, kind, blob, started, pooled=False)
 
     async def _load(
         self, process: WorkerProcess, kind: str, blob: Blob, started: float, *, pooled: bool
