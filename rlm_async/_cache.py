@@ -204,13 +204,7 @@ class BatchPlan:
 
     @property
     def batch_size(self) -> int:
-        return len(self.bucket_of)
-
-    def without_requests(self) -> BatchPlan:
-        """This plan with no requests: for a caller that holds them itself (a fan-out drops
-        each as its call is made), the rest of the plan still answers `gate` and
-        `batch_size`."""
-        return replace(self, requests=())
+        return len(self.requests)
 
     def gate(self, index: int) -> int | None:
         """The warm-up request that request `index` must wait for, or `None` to send it now.

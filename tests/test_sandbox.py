@@ -282,8 +282,8 @@ class TestSubCalls:
         async with open_worker() as worker:
             await worker.run_cell("rlm_query('a', model='m1'); rlm_query_batched(['b', 'c'])", recorder)
         assert [(r.op, r.prompts, r.model) for r in recorder.requests] == [
-            ("rlm_query", ["a"], "m1"),
-            ("rlm_batch", ["b", "c"], None),
+            ("rlm_query", ("a",), "m1"),
+            ("rlm_batch", ("b", "c"), None),
         ]
 
     async def test_wrong_argument_types_raise_in_the_repl(self) -> None:
@@ -422,7 +422,7 @@ class TestRequestParsing:
         prompts = ["héllo", "", "𝄞 x\n", "plain"]
         parts = [p.encode() for p in prompts]
         rid, request = _parse_request(_request(lengths=[len(b) for b in parts]), bytearray(b"".join(parts)))
-        assert (rid, request.op, request.prompts, request.model) == (7, "llm_batch", prompts, None)
+        assert (rid, request.op, request.prompts, request.model) == (7, "llm_batch", tuple(prompts), None)
 
     def test_the_blob_is_consumed_as_it_is_cut(self) -> None:
         """The blob is emptied as its prompts are decoded (its memory handed back as it
@@ -431,7 +431,7 @@ class TestRequestParsing:
         parts = [p.encode() for p in prompts]
         blob = bytearray(b"".join(parts))
         request = _parse_request(_request(lengths=[len(b) for b in parts]), blob)[1]
-        assert request.prompts == list(prompts)
+        assert request.prompts == tuple(prompts)
         assert len(blob) == 0
 
     def test_a_bad_prompt_names_its_index(self) -> None:
@@ -442,7 +442,7 @@ class TestRequestParsing:
 
     def test_an_empty_batch_has_no_blob(self) -> None:
         """lengths [] with an empty blob is a batch of no prompts."""
-        assert _parse_request(_request(lengths=[]), bytearray())[1].prompts == []
+        assert _parse_request(_request(lengths=[]), bytearray())[1].prompts == ()
 
     @pytest.mark.parametrize(
         ("lengths", "blob", "match"),
@@ -496,7 +496,7 @@ class TestRequestParsing:
     def test_json_prompts_still_have_surrogates_cleaned(self) -> None:
         """The JSON-list form (hand-made frames) keeps _clean: a lone surrogate becomes '?'."""
         request = _parse_request(_request(prompts=["a\ud800b"], model="m\udcff"), bytearray())[1]
-        assert (request.prompts, request.model) == (["a?b"], "m?")
+        assert (request.prompts, request.model) == (("a?b",), "m?")
 
 
 class TestWorkerRequestEncoding:
@@ -617,7 +617,7 @@ class TestRequestBlobs:
         async with open_worker() as worker:
             result = await worker.run_cell(code, recorder)
         assert result.status == "ok", result
-        assert [(r.prompts, r.model) for r in recorder.requests] == [(["a?b", "?", "é𝄞\n", ""], "m?")]
+        assert [(r.prompts, r.model) for r in recorder.requests] == [(("a?b", "?", "é𝄞\n", ""), "m?")]
 
     async def test_a_big_batch_arrives_intact(self) -> None:
         """1,500 distinct multi-byte prompts (more than one sendmsg of 512 pieces) arrive whole and in order."""
@@ -626,7 +626,7 @@ class TestRequestBlobs:
         async with open_worker() as worker:
             result = await worker.run_cell(code, recorder)
         assert result.stdout == "True\n", result
-        assert recorder.requests[0].prompts == [f"{i} " + "ü€𝄞x" * (i % 700) for i in range(1500)]
+        assert recorder.requests[0].prompts == tuple(f"{i} " + "ü€𝄞x" * (i % 700) for i in range(1500))
 
     async def test_the_size_limit_counts_the_blob(self) -> None:
         """The limit counts the blob's UTF-8 bytes, not characters: 40 M characters of 'é' are

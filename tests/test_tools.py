@@ -401,7 +401,7 @@ class TestProtocol:
         rid, request = parse_request(
             {"op": "request", "id": 1, "kind": "tool", "tool": "f", "lengths": [len(args)]}, bytearray(args)
         )
-        assert (rid, request.op, request.tool, request.prompts) == (1, "tool", "f", [args.decode()])
+        assert (rid, request.op, request.tool, request.prompts) == (1, "tool", "f", (args.decode(),))
         for bad in (
             {"kind": "tool", "tool": "not a name"},
             {"kind": "tool", "tool": None},

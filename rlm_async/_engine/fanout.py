@@ -143,8 +143,7 @@ class SubCallHandler:
                 _log.info("sub-calls refused before any work", refused=n - admitted, why=str(refusal))
             if single and isinstance(refusal, BudgetExceeded):
                 raise refusal
-        prompts = request.take_prompts()
-        del prompts[admitted:]
+        prompts = request.prompts if admitted == n else request.prompts[:admitted]
         self._state.pending_subcalls += admitted
         try:
             fanout = _FanOut(
@@ -214,6 +213,7 @@ class SubCallHandler:
 
     async def plain(
         self,
+        prompt: str,
         request: ModelRequest,
         model: ModelConfig,
         hedge: tuple[FanoutHedger, int] | None = None,
@@ -223,7 +223,6 @@ class SubCallHandler:
         completion = await self._calls.call_model(
             self._node, self._depth + 1, "sub", request, model, hedge=hedge, prepared=prepared
         )
-        prompt = request.messages[-1].content  # the code's prompt: the last (user) message
         self._keep(prompt, completion.text)
         if self._observed is not None:
             self._observed.append(
@@ -273,17 +272,13 @@ class SubCallHandler:
 
 
 class _FanOut:
-    """One request's prompts, run as one task each; slots filled in input order.
-
-    The fan-out owns its prompts, and each call's request is dropped when that call ends:
-    a large batch's memory falls as its answers come in, rather than staying whole until
-    the last answer (tests/test_fanout_memory.py)."""
+    """One request's prompts, run as one task each; slots filled in input order."""
 
     def __init__(
         self,
         engine: Engine,
         handler: SubCallHandler,
-        prompts: list[str],
+        prompts: Sequence[str],
         model: ModelConfig,
         *,
         recursive: bool,
@@ -293,10 +288,6 @@ class _FanOut:
         self._engine = engine
         self._handler = handler
         self._prompts = prompts
-        """The caller's list, taken: for plain sub-calls, emptied once planned (the plan's
-        requests hold the prompts from then on)."""
-        self._requests: list[ModelRequest | None] = []
-        """The plan's requests, each dropped (`None`) when its call is made."""
         self._model = model
         self._recursive = recursive
         self.results: list[str] = [""] * len(prompts)
@@ -318,14 +309,10 @@ class _FanOut:
             to_requests = functools.partial(_sub_requests, system=self._engine.config.official_prompt is None)
             plan = self._engine.planner(self._prompts, self._model, to_requests, settings.cache)
             # Work proportional to the batch runs off the event loop when the batch is large.
-            planned = await anyio.to_thread.run_sync(plan) if n >= _OFF_LOOP else plan()
-            self._engine.announce_plan(planned)
-            self._requests = list(planned.requests)
-            self._plan = planned.without_requests()
-            self._prompts.clear()
-            del plan, planned  # the plan as made holds every request: not for this whole frame
+            self._plan = await anyio.to_thread.run_sync(plan) if n >= _OFF_LOOP else plan()
+            self._engine.announce_plan(self._plan)
             self._gates = _waves(self._plan)
-            if self._hedge is not None and n:
+            if self._hedge is not None and self._prompts:
                 self._hedger = FanoutHedger(
                     self._hedge,
                     book_for(self._engine.governor),
@@ -368,11 +355,10 @@ class _FanOut:
                 await anyio.lowlevel.checkpoint()
             if gate.released:
                 return
-            request = self._requests[i]
-            if request is None:  # its call has begun
-                continue
             try:
-                prepared = await self._handler.prepare(request, self._model, hedged=hedged, encode=ahead > 0)
+                prepared = await self._handler.prepare(
+                    plan.requests[i], self._model, hedged=hedged, encode=ahead > 0
+                )
             except Exception:  # raised again, and recorded, when the call is made
                 continue
             if prepared.encoded is not None:
@@ -401,17 +387,18 @@ class _FanOut:
                     await self._gates[i].release()
 
     async def _one(self, i: int) -> None:
+        prompt = self._prompts[i]
         try:
             if self._plan is None:
-                self.results[i] = await self._handler.child(self._prompts[i])
+                self.results[i] = await self._handler.child(prompt)
             else:
-                request, self._requests[i] = self._requests[i], None
-                assert request is not None  # each index runs once
                 hedge = None if self._hedger is None else (self._hedger, i)
                 prepared = None
                 if self._prepared:
                     prepared, self._prepared[i] = self._prepared[i], None
-                self.results[i] = await self._handler.plain(request, self._model, hedge, prepared)
+                self.results[i] = await self._handler.plain(
+                    prompt, self._plan.requests[i], self._model, hedge, prepared
+                )
         except BudgetExceeded as exc:
             self.refused.append(exc)
             self.results[i] = f"{ERROR_PREFIX}{exc}"

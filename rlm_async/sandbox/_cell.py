@@ -174,14 +174,13 @@ class CellExchange:
         A streaming request (`llm_batch_stream`) is answered with one `result` frame per
         slot as it is filled, then a `reply` with `end`; the worker may `cancel` it, which
         cancels its sub-calls (unsent ones release their reservations) and sends nothing more."""
-        n = len(request.prompts)  # counted first: the handler may take them (`take_prompts`)
         try:
             reply: dict[str, Any] | None = None
             try:
                 if request.op == "llm_batch_stream":
-                    reply = await self._serve_stream(rid, request, n)
+                    reply = await self._serve_stream(rid, request)
                 else:
-                    results = _check_results(await self._on_request(request), n)
+                    results = _check_results(await self._on_request(request), len(request.prompts))
                     reply = {"op": "reply", "id": rid, "results": results}
             except BudgetExceeded as exc:
                 reply = {"op": "reply", "id": rid, "error": "budget", "message": str(exc)}
@@ -204,7 +203,8 @@ class CellExchange:
             if request.op != "tool":
                 self._clock.resume()
 
-    async def _serve_stream(self, rid: int, request: WorkerRequest, n: int) -> dict[str, Any] | None:
+    async def _serve_stream(self, rid: int, request: WorkerRequest) -> dict[str, Any] | None:
+        n = len(request.prompts)
         sent: set[int] = set()
 
         async def on_result(index: int, text: str) -> None:

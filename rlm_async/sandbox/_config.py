@@ -173,10 +173,9 @@ class WorkerRequest:
     """A sub-call the code asked for. Untrusted data: sizes are checked, content is not."""
 
     op: Literal["llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch", "tool"]
-    prompts: list[str]
+    prompts: tuple[str, ...]
     """The prompts; for "tool", one: the call's arguments as JSON text
-    (`{"args": [...], "kwargs": {...}}`), untrusted. The handler may move them out
-    (`take_prompts`), so that each can be freed as its own call ends."""
+    (`{"args": [...], "kwargs": {...}}`), untrusted."""
     model: str | None
     hedge: bool | None = None
     """The code's `hedge=` argument: `False` turns hedging off for this request, `True` on
@@ -188,14 +187,6 @@ class WorkerRequest:
     tool: str | None = None
     """For "tool": the name of the custom tool the code called. The handler returns one str,
     the result as JSON text, or raises `ToolCallError`."""
-
-    def take_prompts(self) -> list[str]:
-        """The prompts, moved out: the request keeps an empty list. Whoever still holds the
-        request (the sandbox, until its reply is sent) then no longer holds a batch's
-        prompts; at 5,000 prompts of 13 KB they were 66 MB, all kept until the last answer."""
-        taken = self.prompts.copy()
-        self.prompts.clear()
-        return taken
 
 
 class ToolCallError(Exception):

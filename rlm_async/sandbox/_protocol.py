@@ -37,7 +37,7 @@ def clean(text: str) -> str:
     return text
 
 
-def _split_prompts(lengths: object, blob: bytearray) -> list[str]:
+def _split_prompts(lengths: object, blob: bytearray) -> tuple[str, ...]:
     """A request's blob cut at `lengths` (bytes), each piece strict UTF-8: the decoder
     refuses lone surrogates and broken sequences, so what `clean` ensures for JSON strings
     holds here without a second pass (an honest worker already sent '?' for a surrogate).
@@ -63,7 +63,7 @@ def _split_prompts(lengths: object, blob: bytearray) -> list[str]:
                 f"request prompt {i} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
             ) from None
         del blob[start:]
-    return prompts
+    return tuple(prompts)
 
 
 def parse_request(
@@ -110,7 +110,7 @@ def parse_request(
             raise ProtocolViolation("request prompts must be a list of str")
         if single and len(raw) != 1:
             raise ProtocolViolation(f"{kind} carries exactly one prompt")
-        prompts = [clean(p) for p in raw]
+        prompts = tuple(clean(p) for p in raw)
     return rid, WorkerRequest(
         op=kind,
         prompts=prompts,
