@@ -1,4 +1,5 @@
-"""A worker ended by a signal as it is launched is launched once more.
+"""A worker ended by a signal as it is launched is launched once more; the sandbox's probes
+run out of the engine's process group.
 
 A signal sent to the engine's process group (a terminal's Ctrl-C, a process manager's
 SIGTERM to the group) can reach a worker only in the instant between its fork and its
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +26,7 @@ from test_sandbox_support import config
 from rlm_async._events import WorkerStart
 from rlm_async.exceptions import SandboxError
 from rlm_async.sandbox import WorkerRequest, _worker, start_worker
+from rlm_async.sandbox._launch import run_probe
 from rlm_async.sandbox._process import WorkerProcess, launch_process
 from rlm_async.testing import capture_events
 
@@ -74,3 +78,31 @@ class TestStartEndedBySignal:
         with pytest.raises(SandboxError, match=r"ended by SIGINT as it was being launched .*process group"):
             await start_worker("the context", config(isolation="none"))
         assert len(launched) == 2
+
+
+_ENDS_ITSELF_ONCE = """
+import os, pathlib, signal, sys
+mark = pathlib.Path(sys.argv[1])
+if not mark.exists():
+    mark.touch()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+print("ran")
+"""
+
+
+class TestProbes:
+    async def test_a_probe_runs_in_its_own_session(self) -> None:
+        """A probe (which interpreter, does bubblewrap work, can a worker lock itself down)
+        is out of the engine's session, so a terminal's Ctrl-C to the engine's group does
+        not reach it, and its failure is not remembered as the sandbox's."""
+        result = await run_probe([sys.executable, "-c", "import os; print(os.getsid(0), os.getpid())"])
+        sid, pid = map(int, result.stdout.split())
+        assert sid == pid != os.getsid(0)
+
+    async def test_a_probe_ended_by_a_group_signal_runs_once_more(self, tmp_path: Path) -> None:
+        """A probe ended by SIGINT (the signal reached it before it left the group) is run
+        again, and its second result is the one given."""
+        mark = tmp_path / "ran-once"
+        result = await run_probe([sys.executable, "-c", _ENDS_ITSELF_ONCE, str(mark)])
+        assert mark.exists() and result.returncode == 0 and result.stdout.strip() == b"ran"

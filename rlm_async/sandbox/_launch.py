@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -27,6 +30,7 @@ from . import _seccomp as seccomp
 
 __all__ = [
     "BOOTSTRAP_PATH",
+    "GROUP_SIGNALS",
     "NETWORK_ETC",
     "PYTHON_FLAGS",
     "SANDBOX_BOOTSTRAP",
@@ -39,6 +43,7 @@ __all__ = [
     "plain_argv",
     "plain_env",
     "probe_bwrap",
+    "run_probe",
 ]
 
 BOOTSTRAP_PATH = str(Path(__file__).with_name("_bootstrap.py"))
@@ -71,6 +76,22 @@ class Interpreter:
     """Directories the interpreter needs besides `/usr`: its install prefix(es)."""
 
 
+GROUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+"""Signals a terminal or a process manager sends to a whole process group."""
+
+
+async def run_probe(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    """Run a short probe process to its end, out of the engine's process group, as a
+    worker is: a terminal's Ctrl-C (which a batch takes as "finish the running queries")
+    must not end a probe, whose failure is remembered for the process's life (bubblewrap
+    taken for broken, an isolation tier lost). One ended by such a signal all the same (it
+    arrived between the fork and the `setsid`) is run once more."""
+    result = await anyio.run_process(argv, check=False, start_new_session=True, **kwargs)
+    if -result.returncode in GROUP_SIGNALS:
+        result = await anyio.run_process(argv, check=False, start_new_session=True, **kwargs)
+    return result
+
+
 _interpreters: dict[str, Interpreter] = {}
 _probes: dict[tuple[str, str, bool, bool], str | None] = {}
 
@@ -84,7 +105,7 @@ async def find_interpreter(python: str | None) -> Interpreter:
     if cached is not None:
         return cached
     executable = await anyio.to_thread.run_sync(_resolve_executable, name)
-    result = await anyio.run_process([executable, *PYTHON_FLAGS, "-c", _PROBE_CODE], env={}, check=False)
+    result = await run_probe([executable, *PYTHON_FLAGS, "-c", _PROBE_CODE], env={})
     if result.returncode != 0:
         raise SandboxError(
             f"{executable} -c ... failed (exit {result.returncode}): "
@@ -237,9 +258,7 @@ async def probe_bwrap(
         command=[interp.executable, *PYTHON_FLAGS, "-c", "import os; os.listdir('/tmp')"],
     )
     try:
-        result = await anyio.run_process(
-            argv, env={}, check=False, pass_fds=() if seccomp_fd is None else (seccomp_fd,)
-        )
+        result = await run_probe(argv, env={}, pass_fds=() if seccomp_fd is None else (seccomp_fd,))
     except OSError as exc:
         why: str | None = f"{bwrap} could not be executed ({exc})"
     else:

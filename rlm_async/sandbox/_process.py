@@ -45,9 +45,6 @@ __all__ = ["StartInterrupted", "WorkerProcess", "launch_process"]
 
 _MiB = 1 << 20
 
-_GROUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
-"""Signals a terminal or a process manager sends to a whole process group."""
-
 
 class StartInterrupted(SandboxError):
     """The worker died of a signal sent to the engine's process group while it was being
@@ -184,7 +181,7 @@ class WorkerProcess:
                 f"memory_bytes={self._config.memory_bytes:,}"
             )
         detail = self._stderr_tail.text().strip()
-        if rc is not None and -rc in _GROUP_SIGNALS:
+        if rc is not None and -rc in launch.GROUP_SIGNALS:
             return StartInterrupted(
                 f"the REPL worker failed to start: it was ended by {signal.Signals(-rc).name} as it "
                 "was being launched (a signal sent to the engine's process group, such as a "

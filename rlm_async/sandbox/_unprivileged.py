@@ -36,7 +36,7 @@ import anyio
 
 from . import _landlock as landlock
 from . import _seccomp as seccomp
-from ._launch import NETWORK_ETC, PYTHON_FLAGS, SYSTEM_LINKS, Interpreter, can_drop_uid_unsandboxed
+from ._launch import NETWORK_ETC, PYTHON_FLAGS, SYSTEM_LINKS, Interpreter, can_drop_uid_unsandboxed, run_probe
 
 __all__ = ["CONFINE_PATH", "harden_engine", "lockdown_spec", "unavailable"]
 
@@ -110,7 +110,7 @@ async def _probe(interp: Interpreter, *, allow_network: bool, root: bool) -> str
         spec = lockdown_spec(interp, tmpdir, uid=uid, allow_network=allow_network)
         argv = [interp.executable, *PYTHON_FLAGS, CONFINE_PATH, json.dumps(spec)]
         try:
-            result = await anyio.run_process(argv, env={}, cwd=tmpdir, check=False)
+            result = await run_probe(argv, env={}, cwd=tmpdir)
         except OSError as exc:
             return f"{interp.executable} could not be executed ({exc})"
         if result.returncode != 0:
