@@ -62,9 +62,8 @@ class Metrics:
                 for name in ("prompt_tokens", "cached_tokens", "completion_tokens"):
                     value = f.get(name) or 0
                     if value:
-                        self.tokens[(("kind", name.removesuffix("_tokens")), ("tenant", tenant))] += int(
-                            value
-                        )
+                        kind_label = ("kind", name.removesuffix("_tokens"))
+                        self.tokens[(kind_label, ("tenant", tenant))] += int(value)
                 cost = f.get("cost_usd") or 0.0
                 if cost:
                     key = (("tenant", tenant),)
