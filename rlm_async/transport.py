@@ -30,11 +30,13 @@ lives in the governor, and the SDK's own retries are off (`max_retries=0`).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import re
+import socket
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -42,6 +44,7 @@ import aiohttp
 import anyio
 import orjson
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import Connection
 from yarl import URL
 
@@ -301,6 +304,64 @@ class _EncodedOnWrite(aiohttp.payload.Payload):
         await writer.write(data if content_length is None else data[:content_length])
 
 
+class _DirectConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, but a plain-HTTP connection to a single address is opened by the
+    event loop's own `create_connection(host, port)`, not through aiohappyeyeballs (which
+    makes the socket in Python, connects it with `sock_connect` and then wraps it). With one
+    address there is nothing to race, and on uvloop that path is most of a connection's
+    cost: 1,000 connections to a loopback server through the pool measured about 100 µs of
+    CPU each on either loop, with this path 96 on asyncio and about 45 on uvloop (see
+    docs/design.md). A fan-out's every concurrent sub-call opens one connection. TLS,
+    several addresses (a name that resolves to IPv4 and IPv6), a scoped IPv6 address or a
+    local address to bind: aiohttp's own path.
+
+    `_wrap_create_connection` is aiohttp's private step (stable since 3.10, the version
+    floor); `_connector_class` uses this class only where its signature is the one
+    overridden here, and a test fails when a new aiohttp changes it."""
+
+    async def _wrap_create_connection(
+        self,
+        *args: Any,
+        addr_infos: list[Any],
+        req: aiohttp.ClientRequest,
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature, overridden)
+        client_error: type[Exception] = aiohttp.ClientConnectorError,
+        **kwargs: Any,
+    ) -> tuple[asyncio.Transport, ResponseHandler]:
+        direct = len(addr_infos) == 1 and not kwargs.get("ssl") and not self._local_addr_infos
+        if direct:
+            family, _type, proto, _name, address = addr_infos[0]
+            direct = family == socket.AF_INET or (family == socket.AF_INET6 and not address[3])
+        if not direct:
+            return await super()._wrap_create_connection(
+                *args, addr_infos=addr_infos, req=req, timeout=timeout, client_error=client_error, **kwargs
+            )
+        protocol_factory: Callable[[], ResponseHandler] = args[0]  # aiohttp passes its own, alone
+        try:
+            async with asyncio.timeout(timeout.sock_connect):
+                return await self._loop.create_connection(
+                    protocol_factory, host=address[0], port=address[1], family=family, proto=proto
+                )
+        except OSError as exc:
+            if isinstance(exc, TimeoutError):  # as aiohttp's own path: the connect timed out
+                raise
+            raise client_error(req.connection_key, exc) from exc
+
+
+def _connector_class() -> type[aiohttp.TCPConnector]:
+    """`_DirectConnector` where aiohttp's private step has the signature it overrides."""
+    try:
+        params = inspect.signature(aiohttp.TCPConnector._wrap_create_connection).parameters
+    except (AttributeError, TypeError, ValueError):
+        return aiohttp.TCPConnector
+    expected = ("self", "args", "addr_infos", "req", "timeout", "client_error", "kwargs")
+    return _DirectConnector if tuple(params) == expected else aiohttp.TCPConnector
+
+
+_CONNECTOR = _connector_class()
+"""The connector class the pools use (`_DirectConnector` unless aiohttp changed)."""
+
+
 _PRECONNECTS_AT_ONCE = 16
 """Connections `OpenAITransport.preconnect` opens at once (each is a loopback or network
 round trip; a few in flight keep the handshakes flowing without crowding the event loop)."""
@@ -349,7 +410,7 @@ class OpenAITransport(Transport):
         """Connections taken now: requests in flight, and connections `preconnect` is opening."""
 
     def _open(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
+        connector = _CONNECTOR(
             limit=self.max_connections,
             limit_per_host=0,
             # Idle connections live 60 s (aiohttp's default is 15 s): a root turn that takes
