@@ -99,7 +99,7 @@ from typing import Any
 import anyio
 from _provenance import provenance
 
-from rlm_async import RLM, EndpointLimits
+from rlm_async import RLM, EndpointLimits, _loop
 from rlm_async._cache import CacheSettings
 from rlm_async._config import RLMConfig
 from rlm_async._trace import TraceWriter
@@ -477,8 +477,11 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "case": spec["case"],
         "variant": spec["variant"],
         "repeat": spec.get("repeat", 0),
-        "loop": spec.get("loop", "asyncio"),
     }
+    loop = spec.get("loop", "default")
+    # "default": the loop rlm_async picks where it runs its own (uvloop where installed).
+    options = _loop.backend_options() if loop == "default" else {"use_uvloop": loop == "uvloop"}
+    out["loop"] = "uvloop" if options["use_uvloop"] else "asyncio"
     out["load_avg_before"] = os.getloadavg()[0]
     gen0 = time.process_time()
     workload = make_workload(case.task, case.tokens, seed=spec.get("seed", 0))
@@ -505,7 +508,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                     out,
                     trace_dir,
                     profile,
-                    backend_options={"use_uvloop": spec.get("loop") == "uvloop"},
+                    backend_options=options,
                 )
             out["gc_cpu_s"] = round(gc_timer.seconds, 4)
             out["gc_cpu_s_by_generation"] = [round(x, 4) for x in gc_timer.by_generation]
@@ -943,7 +946,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--latency", choices=sorted(LATENCIES), default="bench", help="latency model (default bench)"
     )
-    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the engine's event loop")
+    p.add_argument(
+        "--loop",
+        choices=("default", "asyncio", "uvloop"),
+        default="default",
+        help="the engine's event loop (default: the one rlm_async runs its own on, uvloop where installed)",
+    )
     args = p.parse_args(argv)
 
     if args.markdown:

@@ -25,7 +25,7 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
-from . import _events
+from . import _events, _loop
 from ._config import ModelConfig, RLMConfig
 from ._context import Context, validate_context
 from ._engine import Engine
@@ -594,7 +594,7 @@ class RLM:
             finally:
                 await self.aclose()
 
-        return anyio.run(run)
+        return _loop.run(run)
 
     def completion(self, prompt: Context, root_prompt: str | None = None) -> RLMResult:
         """Synchronous `acompletion`: runs its own event loop, then closes what it opened.
@@ -621,7 +621,7 @@ class RLM:
                 self._portal = _Portal()
             return self._portal.call(self.acompletion, prompt, root_prompt)
         try:
-            return anyio.run(run)
+            return _loop.run(run)
         except RuntimeError as exc:
             # anyio says "Already running <library> in this thread" (e.g. under trio).
             if "already running" in str(exc).lower():
@@ -652,7 +652,7 @@ class _Portal:
         self._ready = threading.Event()
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._thread = threading.Thread(
-            target=anyio.run, args=(self._serve,), name="rlm-async-session", daemon=True
+            target=_loop.run, args=(self._serve,), name="rlm-async-session", daemon=True
         )
         self._thread.start()
         self._ready.wait()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -34,7 +35,7 @@ from typing import Any
 
 import anyio
 
-from . import _events
+from . import _events, _loop
 from ._config import RLMConfig
 from ._context import Context
 from ._result import RLMResult
@@ -544,7 +545,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
         return 0
     if args.command == "doctor" and args.sandbox:
-        return anyio.run(_sandbox_doctor, args.isolation, args.json)
+        return _loop.run(_sandbox_doctor, args.isolation, args.json)
     if args.command == "serve":
         from .serve import load_serve_config, run_server
 
@@ -555,10 +556,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         def ready(url: str, note: str) -> None:
             print(f"rlm-async serve: listening on {url} ({note})", file=sys.stderr, flush=True)
 
-        anyio.run(lambda: run_server(config, on_ready=ready))
+        _loop.run(functools.partial(run_server, config, on_ready=ready))
         return 0
     runner = {"run": _run, "batch": _batch, "doctor": _doctor}.get(args.command, _demo)
-    return anyio.run(runner, args)
+    return _loop.run(runner, args)
 
 
 async def _doctor(args: argparse.Namespace) -> int:
@@ -585,6 +586,7 @@ async def _doctor(args: argparse.Namespace) -> int:
         print(json.dumps([s.event_fields() for s in settings], indent=2))
         return 0
     print("\n".join(report(settings)))
+    print(f"event loop: {_loop.loop_name()} (set {_loop.ENV}=asyncio or uvloop to choose)")
     print()
     return await _sandbox_doctor(args.isolation, False)
 

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "_descriptors": 0,
     "_sockets": 0,
     "_gc": 0,
+    "_loop": 0,
     "transport": 1,
     "_governor": 2,
     "_cache": 2,
