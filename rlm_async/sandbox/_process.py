@@ -20,13 +20,11 @@ import select
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-from anyio.abc import Process
 
 from .. import _events
 from .._context import Context
@@ -37,6 +35,7 @@ from . import _procs as procs
 from . import _seccomp as seccomp
 from . import _unprivileged as unprivileged
 from ._channel import Blob, Channel, ChannelClosed, ProtocolViolation, Utf8Text
+from ._child import ChildProcess, start_child
 from ._config import ReplSetup, SandboxConfig
 from ._isolation import Plan
 from ._output import Capture, drain, drain_now
@@ -62,7 +61,7 @@ class WorkerProcess:
 
     def __init__(
         self,
-        proc: Process,
+        proc: ChildProcess,
         channel: Channel,
         fds: tuple[int, int],
         *,
@@ -485,7 +484,7 @@ async def _open_process(
     out_w: int,
     err_w: int,
     info_w: int | None = None,
-) -> tuple[Process, str | None]:
+) -> tuple[ChildProcess, str | None]:
     """Run the worker's command: bwrap (told to write its namespace init's pid to `info_w`),
     or the interpreter in a private temp directory (which it returns). Removes that
     directory again when it fails."""
@@ -520,16 +519,7 @@ async def _open_process(
             argv = launch.plain_argv(plan.interp, ctl_fd)
             env = launch.plain_env(tmpdir)
             cwd = tmpdir
-        proc = await anyio.open_process(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out_w,
-            stderr=err_w,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-            pass_fds=pass_fds,
-        )
+        proc = await start_child(argv, stdout=out_w, stderr=err_w, env=env, cwd=cwd, pass_fds=pass_fds)
     except BaseException:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
