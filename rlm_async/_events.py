@@ -519,10 +519,6 @@ class WarmupDecision(Event):
     buckets: int
     warmups: int
     detail: str
-    joined: int = 0
-    """Of `warmups`, those not sent: another fan-out's warm-up of the same bucket was in
-    flight (concurrent queries with one instruction prefix), and this one's requests of
-    that bucket waited for it instead."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -58,8 +58,6 @@ class Engine:
         self._transport_factory = transport_factory
         self._transports: dict[tuple[str, str | None], Transport] = {}
         self._warm_buckets: dict[str, float] = {}
-        self._warming: dict[str, anyio.Event] = {}
-        """Buckets whose warm-up is in flight, each with the event set when it ends."""
         self._profiles: dict[str, ServerProfile] = {}
         self._settings: dict[ModelConfig, ServerSettings] = {}
         self._detecting = anyio.Lock()
@@ -81,7 +79,6 @@ class Engine:
         )
         derived._transports = self._transports
         derived._warm_buckets = self._warm_buckets
-        derived._warming = self._warming
         # What each server is, found once per endpoint, holds for every per-request config.
         derived._profiles = self._profiles
         derived._settings = self._settings
@@ -103,29 +100,12 @@ class Engine:
         warm = frozenset(b for b, t in self._warm_buckets.items() if now - t < _WARM_TTL_S)
         return lambda: plan_batch(to_requests(prompts, model), cache, already_warm=warm)
 
-    def announce_plan(self, plan: BatchPlan, *, joined: int = 0) -> None:
+    def announce_plan(self, plan: BatchPlan) -> None:
         if len(plan.requests) > 1:
-            _events.emit(_events.WarmupDecision, **plan.event_fields(), joined=joined)
+            _events.emit(_events.WarmupDecision, **plan.event_fields())
 
     def mark_warm(self, bucket: str) -> None:
         self._warm_buckets[bucket] = self.clock()
-
-    def warming(self, bucket: str) -> anyio.Event | None:
-        """The end of a warm-up of `bucket` in flight now (another fan-out's), if any: a
-        fan-out planned meanwhile waits for it instead of warming the bucket again."""
-        return self._warming.get(bucket)
-
-    def start_warming(self, bucket: str) -> anyio.Event:
-        """Register a warm-up of `bucket` going out; `end_warming` must follow, whatever happens."""
-        event = self._warming[bucket] = anyio.Event()
-        return event
-
-    def end_warming(self, bucket: str, event: anyio.Event) -> None:
-        """The warm-up of `start_warming` ended (answered, failed or cancelled): its waiters go.
-        Idempotent."""
-        if self._warming.get(bucket) is event:
-            del self._warming[bucket]
-        event.set()
 
     async def server_settings(self, model: ModelConfig) -> ServerSettings:
         """What `model`'s server is and the settings that follow, found at its first use

@@ -301,11 +301,6 @@ class _FanOut:
         """Followers' calls prepared while their warm-up is in flight, by index."""
         self._preconnecting = anyio.CancelScope()
         """Opening the followers' connections (`_preconnect`), until a warm-up ends."""
-        self._warming: dict[int, tuple[str, anyio.Event]] = {}
-        """Warm-ups this fan-out sends, by index: their bucket and its `Engine.warming` event."""
-        self._joined: dict[int, anyio.Event] = {}
-        """Warm-ups not sent, by index: another fan-out's warm-up of the bucket was in flight;
-        the whole bucket, this warm-up included, waits for that one's end."""
 
     async def run(self) -> None:
         n = len(self._prompts)
@@ -315,9 +310,8 @@ class _FanOut:
             plan = self._engine.planner(self._prompts, self._model, to_requests, settings.cache)
             # Work proportional to the batch runs off the event loop when the batch is large.
             self._plan = await anyio.to_thread.run_sync(plan) if n >= _OFF_LOOP else plan()
+            self._engine.announce_plan(self._plan)
             self._gates = _waves(self._plan)
-            self._share_warmups()
-            self._engine.announce_plan(self._plan, joined=len(self._joined))
             if self._hedge is not None and self._prompts:
                 self._hedger = FanoutHedger(
                     self._hedge,
@@ -326,50 +320,19 @@ class _FanOut:
                     total=n,
                     clock=self._engine.clock,
                 )
-        try:
-            with long_lived_frozen(n):
-                async with anyio.create_task_group() as tg:
-                    if self._hedger is not None:
-                        tg.start_soon(self._hedger.monitor)
-                    for w, elsewhere in self._joined.items():
-                        tg.start_soon(self._follow, w, elsewhere)
-                    for i in range(n):
-                        tg.start_soon(self._gated, i)
-                        if i % _CHUNK == _CHUNK - 1:
-                            await anyio.lowlevel.checkpoint()
-                    if self._gates:
-                        self._prepared = [None] * n
-                        for gate in self._gates.values():
-                            tg.start_soon(self._prepare_followers, gate)
-                        tg.start_soon(self._preconnect)
-        finally:
-            # A warm-up that never ran (cancelled first) must not leave others waiting.
-            for bucket, event in self._warming.values():
-                self._engine.end_warming(bucket, event)
-
-    def _share_warmups(self) -> None:
-        """For each warm-up of the plan: if another fan-out's warm-up of its bucket is in
-        flight (concurrent queries with the same instructions), this bucket waits for that
-        one instead of sending its own; else register this one, so that fan-outs planned
-        while it is in flight wait for it. A service's burst of like queries so warms each
-        bucket once, and the later queries' followers go when the first warm-up returns."""
-        plan = self._plan
-        assert plan is not None
-        for w in list(self._gates):
-            bucket = plan.buckets[plan.bucket_of[w]]
-            elsewhere = self._engine.warming(bucket)
-            if elsewhere is None:
-                self._warming[w] = (bucket, self._engine.start_warming(bucket))
-            else:
-                self._joined[w] = elsewhere
-                self._gates[w] = _Waves([w, *self._gates[w].followers])
-
-    async def _follow(self, w: int, elsewhere: anyio.Event) -> None:
-        """Release joined warm-up `w`'s bucket when the warm-up it waits for has ended."""
-        await elsewhere.wait()
-        self._preconnecting.cancel()
-        with anyio.CancelScope(shield=True):
-            await self._gates[w].release()
+        with long_lived_frozen(n):
+            async with anyio.create_task_group() as tg:
+                if self._hedger is not None:
+                    tg.start_soon(self._hedger.monitor)
+                for i in range(n):
+                    tg.start_soon(self._gated, i)
+                    if i % _CHUNK == _CHUNK - 1:
+                        await anyio.lowlevel.checkpoint()
+                if self._gates:
+                    self._prepared = [None] * n
+                    for gate in self._gates.values():
+                        tg.start_soon(self._prepare_followers, gate)
+                    tg.start_soon(self._preconnect)
 
     async def _preconnect(self) -> None:
         """While the warm-up is in flight, open the connections its followers will take, so
@@ -405,8 +368,6 @@ class _FanOut:
     async def _gated(self, i: int) -> None:
         plan = self._plan
         gate = plan.gate(i) if plan is not None else None
-        if gate is None and i in self._joined:
-            gate = i  # a warm-up not sent: it waits with its bucket
         if gate is not None:
             await self._gates[gate].wait(i)
         try:
@@ -416,12 +377,10 @@ class _FanOut:
         finally:
             if self._hedger is not None:
                 self._hedger.finish(i)
-            if i in self._warming:  # a failed warm-up releases its bucket too: the rest go cold
+            if i in self._gates:  # a failed warm-up releases its bucket too: the rest go cold
                 assert plan is not None
                 self._preconnecting.cancel()
                 self._engine.mark_warm(plan.buckets[plan.bucket_of[i]])
-                bucket, event = self._warming.pop(i)
-                self._engine.end_warming(bucket, event)
                 # Shielded: the followers must not stay gated if this task is cancelled
                 # while it releases them (they are then cancelled with it, or go on).
                 with anyio.CancelScope(shield=True):
