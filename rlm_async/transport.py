@@ -309,15 +309,15 @@ class _DirectConnector(aiohttp.TCPConnector):
     event loop's own `create_connection(host, port)`, not through aiohappyeyeballs (which
     makes the socket in Python, connects it with `sock_connect` and then wraps it). With one
     address there is nothing to race, and on uvloop that path is most of a connection's
-    cost: 1,000 connections to a loopback server through the pool measured about 100 µs of
-    CPU each on either loop, with this path 96 on asyncio and about 45 on uvloop (see
-    docs/design.md). A fan-out's every concurrent sub-call opens one connection. TLS,
+    cost: 1,000 connections to the simulator through the pool measured 107-115 µs of CPU
+    each on either loop, and through this path the same on asyncio and 56 on uvloop
+    (`benchmarks/connect.py`). A fan-out's every concurrent sub-call opens one. TLS,
     several addresses (a name that resolves to IPv4 and IPv6), a scoped IPv6 address or a
     local address to bind: aiohttp's own path.
 
-    `_wrap_create_connection` is aiohttp's private step (stable since 3.10, the version
-    floor); `_connector_class` uses this class only where its signature is the one
-    overridden here, and a test fails when a new aiohttp changes it."""
+    `_wrap_create_connection` is aiohttp's private step: `_connector_class` uses this class
+    only where its signature is the one overridden here (aiohttp 3.14's), else aiohttp's
+    own connector, and a test fails when the installed aiohttp differs."""
 
     async def _wrap_create_connection(
         self,
