@@ -328,7 +328,9 @@ class _DirectConnector(aiohttp.TCPConnector):
         client_error: type[Exception] = aiohttp.ClientConnectorError,
         **kwargs: Any,
     ) -> tuple[asyncio.Transport, ResponseHandler]:
-        direct = len(addr_infos) == 1 and not kwargs.get("ssl") and not self._local_addr_infos
+        # getattr: a private attribute, and a binding address is rare; when in doubt, aiohttp's way.
+        binds = getattr(self, "_local_addr_infos", True)
+        direct = len(addr_infos) == 1 and not kwargs.get("ssl") and not binds
         if direct:
             family, _type, proto, _name, address = addr_infos[0]
             direct = family == socket.AF_INET or (family == socket.AF_INET6 and not address[3])
@@ -339,7 +341,7 @@ class _DirectConnector(aiohttp.TCPConnector):
         protocol_factory: Callable[[], ResponseHandler] = args[0]  # aiohttp passes its own, alone
         try:
             async with asyncio.timeout(timeout.sock_connect):
-                return await self._loop.create_connection(
+                return await asyncio.get_running_loop().create_connection(
                     protocol_factory, host=address[0], port=address[1], family=family, proto=proto
                 )
         except OSError as exc:
