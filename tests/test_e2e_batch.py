@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,12 @@ class TestKillAndResume:
         assert len(repeats) <= 0.01 * len(completed), (len(repeats), len(completed))
         # The queries cut short by the kill took their paid calls from the journal.
         assert sum(r["usage"]["journal_hits"] for r in rows) > 0
+
+
+def in_flight(health_url: str) -> int:
+    """Requests the simulator is serving now (its /health)."""
+    with urllib.request.urlopen(health_url, timeout=10) as response:
+        return int(json.loads(response.read())["in_flight"])
 
 
 def read_rows_tolerant(path: Path) -> list[dict[str, Any]]:
@@ -395,7 +402,11 @@ class TestCtrlC:
                 first = subprocess.Popen(command, stdout=log1, stderr=log1, start_new_session=True)
                 try:
                     give_up = time.monotonic() + 120
-                    while journal_rows(journal) < answered:  # every answered call journaled
+                    health = sim.base_url.removesuffix("/v1") + "/health"
+                    # Every answered call journaled, and a query waiting on a hung request:
+                    # the journal's 40th row can come before the next request is sent (the
+                    # query's cell runs first), and a query cancelled then sends nothing.
+                    while journal_rows(journal) < answered or in_flight(health) == 0:
                         assert first.poll() is None and time.monotonic() < give_up, run1_log.read_text()
                         time.sleep(0.02)
                     rows_at_signal = len(read_rows(out)) if out.exists() else 0
