@@ -9,6 +9,7 @@ by it; the workers have their own empty network namespace under bubblewrap."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import ipaddress
 import os
 import resource
@@ -86,6 +87,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 # --------------------------------------------------------------------------- sandbox
+
+
+needs_uvloop = pytest.mark.skipif(
+    importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"
+)
+
+BOTH_LOOPS = [
+    pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
+    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop", marks=needs_uvloop),
+]
+"""`anyio_backend` params for a module whose tests run on both loops rlm_async runs on:
+`@pytest.fixture(params=BOTH_LOOPS)` over `def anyio_backend(request): return request.param`."""
 
 
 @cache

@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from conftest import rlm_config
+from conftest import needs_uvloop, rlm_config
 from test_cli import SIM_TOML, cli, one_line_error
 
 from rlm_async import _loop
@@ -15,11 +15,6 @@ from rlm_async._rlm import RLM
 from rlm_async._types import ModelRequest
 from rlm_async.exceptions import ConfigError
 from rlm_async.testing import ScriptedTransport
-
-HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
-needs_uvloop = pytest.mark.skipif(
-    not HAVE_UVLOOP, reason="uvloop is not installed (it is a dependency on Linux)"
-)
 
 ROOT_REPLY = '```repl\nanswer["content"] = llm_query("which loop?")\nanswer["ready"] = True\n```'
 

@@ -4,7 +4,6 @@ uvloop; and the event loop's API where pidfds are refused."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import sys
@@ -13,24 +12,17 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import BOTH_LOOPS
 
 from rlm_async.sandbox import _child
 from rlm_async.sandbox._child import PidfdChild, start_child
 
-needs_uvloop = pytest.mark.skipif(
-    importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"
-)
 needs_pidfd = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfds here (Linux 5.3+ only)")
 
 
-@pytest.fixture(
-    params=[
-        pytest.param({"use_uvloop": False}, id="asyncio"),
-        pytest.param({"use_uvloop": True}, id="uvloop", marks=needs_uvloop),
-    ]
-)
+@pytest.fixture(params=BOTH_LOOPS)
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
-    return "asyncio", request.param
+    return request.param  # type: ignore[no-any-return]
 
 
 async def run(code: str, *, pass_fds: tuple[int, ...] = ()) -> _child.ChildProcess:

@@ -5,7 +5,6 @@ simulator in a child process over real loopback HTTP."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +14,7 @@ import aiohttp
 import anyio
 import pytest
 from aiohttp.client_proto import ResponseHandler
+from conftest import BOTH_LOOPS
 from yarl import URL
 
 from rlm_async import transport as wire
@@ -23,19 +23,10 @@ from rlm_async.exceptions import ConnectionFailed
 from rlm_async.sim import SimProcess
 from rlm_async.transport import OpenAITransport
 
-needs_uvloop = pytest.mark.skipif(
-    importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"
-)
 
-
-@pytest.fixture(
-    params=[
-        pytest.param({"use_uvloop": False}, id="asyncio"),
-        pytest.param({"use_uvloop": True}, id="uvloop", marks=needs_uvloop),
-    ]
-)
+@pytest.fixture(params=BOTH_LOOPS)
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
-    return "asyncio", request.param
+    return request.param  # type: ignore[no-any-return]
 
 
 def ask(text: str) -> ModelRequest:

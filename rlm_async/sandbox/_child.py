@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 
@@ -79,29 +79,20 @@ async def start_child(
 ) -> ChildProcess:
     """Start `argv` in a session of its own, stdin from /dev/null, stdout and stderr to the
     given descriptors, `pass_fds` inherited. Raises `OSError` when it cannot be started."""
+    options: dict[str, Any] = {
+        "stdin": subprocess.DEVNULL,
+        "stdout": stdout,
+        "stderr": stderr,
+        "env": env,
+        "cwd": cwd,
+        "start_new_session": True,
+        "pass_fds": pass_fds,
+    }
     if not _pidfds_work():
-        return await anyio.open_process(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-            pass_fds=pass_fds,
-        )
+        return await anyio.open_process(argv, **options)
     # On the loop, as asyncio's own subprocess_exec does: vfork returns once the child has
     # exec'd (a fraction of a millisecond), and nothing awaits between start and pidfd.
-    popen = subprocess.Popen(  # noqa: ASYNC220
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=stderr,
-        env=env,
-        cwd=cwd,
-        start_new_session=True,
-        pass_fds=pass_fds,
-    )
+    popen = subprocess.Popen(argv, **options)  # noqa: ASYNC220
     try:
         pidfd = os.pidfd_open(popen.pid)  # a zombie's too: Popen reaps only when asked
     except OSError:  # out of descriptors: nothing may be left running unwatched
