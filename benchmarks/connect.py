@@ -15,16 +15,12 @@ Writes benchmarks/results/connect.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
-import statistics
-import sys
 from pathlib import Path
 
 import aiohttp
 import anyio
-from _provenance import provenance
+from _loop_ab import Samples, median_rows, write_results
 
 from rlm_async import transport as wire
 from rlm_async.sim import SimConfig, SimProcess
@@ -54,7 +50,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    samples: dict[tuple[str, str], list[float]] = {}
+    samples: Samples = {}
     with SimProcess(SimConfig()) as sim:
         assert sim.base_url is not None
         for _ in range(args.repeat):
@@ -70,34 +66,17 @@ def main() -> None:
                     if opened < args.connections - 1:
                         raise SystemExit(f"{name} on {loop}: opened {opened} of {args.connections - 1}")
                     samples.setdefault((name, loop), []).append(cpu / opened)
-    rows = []
-    print(f"{'connector':<28} {'loop':<8} {'µs CPU per connection (median)':>31}   runs")
-    for (name, loop), runs in samples.items():
-        median = statistics.median(runs)
-        rows.append(
-            {
-                "connector": name,
-                "loop": loop,
-                "cpu_us_per_connection": round(median * 1e6, 1),
-                "runs_us": [round(r * 1e6, 1) for r in runs],
-            }
-        )
-        print(f"{name:<28} {loop:<8} {median * 1e6:>31.1f}   {', '.join(f'{r * 1e6:.0f}' for r in runs)}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "connect",
-                "connections": args.connections,
-                "repeat": args.repeat,
-                **provenance("connect.py", sys.argv[1:], load_avg=os.getloadavg()),
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
+    rows = median_rows(
+        samples,
+        variant="connector",
+        figure="cpu_us_per_connection",
+        runs="runs_us",
+        scale=1e6,
+        digits=1,
+        heading="µs CPU per connection (median)",
+        formats=(".1f", ".0f"),
     )
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, "connect", {"connections": args.connections, "repeat": args.repeat}, rows)
 
 
 if __name__ == "__main__":

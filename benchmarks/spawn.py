@@ -13,16 +13,13 @@ included (asyncio's child watcher), divided by the starts. Variants run interlea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import anyio
-from _provenance import provenance
+from _loop_ab import Samples, median_rows, write_results
 
 from rlm_async.sandbox._child import start_child
 
@@ -73,7 +70,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     ballast = [bytearray(b"\1" * (1 << 20)) for _ in range(args.ballast)]
-    samples: dict[tuple[str, str], list[float]] = {}
+    samples: Samples = {}
     for _ in range(args.repeat):
         for loop in ("asyncio", "uvloop"):
             for name in STARTERS:
@@ -81,35 +78,18 @@ def main() -> None:
                 cpu = anyio.run(_measure, args.starts, name, backend_options=options)
                 samples.setdefault((name, loop), []).append(cpu)
     del ballast
-    rows = []
-    print(f"{'start':<32} {'loop':<8} {'ms CPU per start (median)':>26}   runs")
-    for (name, loop), runs in samples.items():
-        median = statistics.median(runs)
-        rows.append(
-            {
-                "start": name,
-                "loop": loop,
-                "cpu_ms_per_start": round(median * 1e3, 3),
-                "runs_ms": [round(r * 1e3, 3) for r in runs],
-            }
-        )
-        print(f"{name:<32} {loop:<8} {median * 1e3:>26.2f}   {', '.join(f'{r * 1e3:.2f}' for r in runs)}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "spawn",
-                "ballast_mb": args.ballast,
-                "starts": args.starts,
-                "repeat": args.repeat,
-                **provenance("spawn.py", sys.argv[1:], load_avg=os.getloadavg()),
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
+    rows = median_rows(
+        samples,
+        variant="start",
+        figure="cpu_ms_per_start",
+        runs="runs_ms",
+        scale=1e3,
+        digits=3,
+        heading="ms CPU per start (median)",
+        formats=(".2f", ".2f"),
     )
-    print(f"wrote {RESULTS}")
+    params = {"ballast_mb": args.ballast, "starts": args.starts, "repeat": args.repeat}
+    write_results(RESULTS, "spawn", params, rows)
 
 
 if __name__ == "__main__":
