@@ -100,7 +100,7 @@ class TestWithoutPidfds:
     ) -> None:
         """Where this process may not open pidfds, the child is the event loop's process
         (anyio's), with the same exit status."""
-        monkeypatch.setattr(_child, "_PIDFDS", [False])
+        monkeypatch.setattr(_child, "_pidfds_work", lambda: False)
         child = await run("raise SystemExit(5)")
         assert not isinstance(child, PidfdChild)
         assert await child.wait() == 5

@@ -15,6 +15,7 @@ Where pidfds are missing (not Linux 5.3 or later) or refused (a seccomp filter),
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -102,15 +103,11 @@ async def start_child(
     return PidfdChild(popen, pidfd)
 
 
-_PIDFDS: list[bool] = []
-
-
+@functools.cache
 def _pidfds_work() -> bool:
     """Whether this process may open pidfds (checked once, on itself)."""
-    if not _PIDFDS:
-        try:
-            os.close(os.pidfd_open(os.getpid()))
-            _PIDFDS.append(True)
-        except (AttributeError, OSError):
-            _PIDFDS.append(False)
-    return _PIDFDS[0]
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
