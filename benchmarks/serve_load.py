@@ -24,6 +24,7 @@ error or wrong answer.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -122,21 +123,51 @@ def _profilers(
 ) -> list[subprocess.Popen[bytes]]:
     """py-spy (if installed: `pip install py-spy`) sampling each process during the burst,
     writing collapsed stacks (`DIR/<name>-pool<N>-<pid>.txt`, one line per stack and its
-    sample count); `benchmarks/serve_load.py --profile DIR` sums them by function."""
+    sample count), which `profile_summary` sums by function after the run."""
     if directory is None:
         return []
     spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        print(
+            f"--profile: no py-spy beside {sys.executable} (pip install py-spy); not profiling",
+            file=sys.stderr,
+        )
+        return []
     directory.mkdir(parents=True, exist_ok=True)
     out = []
     for name, pid in pids.items():
         if pid is None:
             continue
         path = directory / f"{name}-pool{pool}-{pid}.txt"
-        argv = [str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "100"]
+        # --nonblocking: read the stacks without pausing the process, which would slow the burst.
+        argv = [str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--nonblocking"]
         argv += ["--output", str(path)]
         out.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(0.5)  # attached before the first request
     return out
+
+
+def profile_summary(path: Path, top: int = 25) -> str:
+    """A py-spy raw file summed by function: the share of samples with it on the stack
+    (inclusive) and at the top (self), the `top` largest of each."""
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        # A frame reads "function (path/file.py:line)": keep file and function.
+        names = [re.sub(r"^(.*) \((?:.*/)?([^/]+):\d+\)$", r"\2:\1", f) for f in stack.split(";")]
+        inclusive.update({name: n for name in set(names)})
+        own[names[-1]] += n
+    lines = [f"{path.name}: {total} samples"]
+    for title, counts in (("inclusive", inclusive), ("self", own)):
+        lines.append(f"  {title}:")
+        lines += [f"  {100 * k / max(total, 1):5.1f}% {name}" for name, k in counts.most_common(top)]
+    return "\n".join(lines)
 
 
 def _sim_process(chunks: int) -> SimProcess:
@@ -370,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             if r["pieces_burst_median"] is not None:
                 print(format_table(r["pieces_alone"], r["pieces_burst_median"], r["cpu_burst"]))
+            if args.profile:
+                for path in sorted(Path(args.profile).glob(f"*-pool{pool}-*.txt")):
+                    print(profile_summary(path))
             for kind, sp in (r.get("simulator") or {}).items():
                 print(
                     f"simulator, {kind} requests in the burst: {sp['requests']}, its lag over the model "
