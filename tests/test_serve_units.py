@@ -1,10 +1,12 @@
 """The service's parts on their own: OpenAI messages -> context and query, bearer keys,
 the bounded queue, per-request limits through the engine, and OpenTelemetry spans (GenAI
-semantic conventions) read with the SDK's in-memory exporter."""
+semantic conventions) read with the SDK's in-memory exporter, and the file store's load."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from _events_factory import call_finish
@@ -20,6 +22,7 @@ from rlm_async.exceptions import ConfigError
 from rlm_async.serve import KeyRing
 from rlm_async.serve._admission import Admission
 from rlm_async.serve._errors import APIError
+from rlm_async.serve._files import FileStore
 from rlm_async.serve._jobs import Job
 from rlm_async.serve._openai import RESPOND_PROMPT, parse_chat_request
 from rlm_async.serve._otel import SpanSink
@@ -231,3 +234,48 @@ class TestJobFeed:
         assert job.usage.prompt_tokens == 100 and job.usage.calls == 1
         job.set_running()
         assert [name for _, name, _ in job.feed] == ["status"]
+
+
+class TestFileStoreLoad:
+    """`FileStore.load`: the owner's check and the read in one trip to a thread, with the
+    same answers as before: another tenant's file is a 404, bytes that are not UTF-8 or
+    JSON that is not a context a 400 naming the file."""
+
+    @staticmethod
+    async def _saved(store: FileStore, body: bytes, tenant: str = "alice") -> str:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield body
+
+        record = await store.save(chunks(), tenant=tenant, filename="ctx.txt", declared=len(body))
+        return str(record["id"])
+
+    @pytest.mark.anyio
+    async def test_the_owner_reads_text_and_json(self, tmp_path: Path) -> None:
+        store = FileStore(tmp_path, max_bytes=1 << 20)
+        file_id = await self._saved(store, b'["a", "b"]')
+        assert await store.load(file_id, tenant="alice", fmt="text") == '["a", "b"]'
+        assert await store.load(file_id, tenant="alice", fmt="json") == ["a", "b"]
+
+    @pytest.mark.anyio
+    async def test_another_tenants_file_and_a_missing_one_do_not_exist(self, tmp_path: Path) -> None:
+        store = FileStore(tmp_path, max_bytes=1 << 20)
+        file_id = await self._saved(store, b"secret")
+        for other, tenant in ((file_id, "bob"), ("file-" + "0" * 24, "alice"), ("../etc/passwd", "alice")):
+            with pytest.raises(APIError) as caught:
+                await store.load(other, tenant=tenant, fmt="text")
+            assert caught.value.status == 404 and caught.value.param == "file_id"
+
+    @pytest.mark.anyio
+    async def test_bad_bytes_and_bad_json_are_400s_naming_the_file(self, tmp_path: Path) -> None:
+        store = FileStore(tmp_path, max_bytes=1 << 20)
+        latin1 = await self._saved(store, "caf\xe9".encode("latin-1"))
+        with pytest.raises(APIError, match=f"file {latin1} is not UTF-8 text") as caught:
+            await store.load(latin1, tenant="alice", fmt="text")
+        assert caught.value.status == 400
+        broken = await self._saved(store, b"[1, 2")
+        with pytest.raises(APIError, match=f"file {broken} is not a usable JSON context") as caught:
+            await store.load(broken, tenant="alice", fmt="json")
+        assert caught.value.status == 400
+        number = await self._saved(store, b"42")
+        with pytest.raises(APIError, match="holds a JSON int; use a list, an object or a string"):
+            await store.load(number, tenant="alice", fmt="json")

@@ -26,6 +26,17 @@ def _valid_id(file_id: str) -> bool:
     return file_id.startswith("file-") and file_id[5:].isalnum() and len(file_id) <= 64
 
 
+def _owned_record(meta: Path, file_id: str, tenant: str) -> dict[str, Any]:
+    """The file's metadata, if `tenant` owns it; another tenant's file does not exist for you."""
+    try:
+        record: dict[str, Any] = json.loads(meta.read_text())
+    except FileNotFoundError:
+        raise APIError(404, f"no file {file_id!r}", param="file_id") from None
+    if record.get("tenant") != tenant:
+        raise APIError(404, f"no file {file_id!r}", param="file_id")
+    return record
+
+
 def _read_text(path: Path) -> str:
     """The file's UTF-8 text, decoded from a read-only map of it: the bytes decoded are the
     page cache's, not a second copy in this process's own memory beside the str (reading
@@ -82,37 +93,39 @@ class FileStore:
     async def info(self, file_id: str, *, tenant: str) -> dict[str, Any]:
         if not _valid_id(file_id):
             raise APIError(404, f"no file {file_id!r}", param="file_id")
-        _, meta = self._paths(file_id)
-        try:
-            record: dict[str, Any] = json.loads(await anyio.Path(meta).read_text())
-        except FileNotFoundError:
-            raise APIError(404, f"no file {file_id!r}", param="file_id") from None
-        if record.get("tenant") != tenant:  # another tenant's file does not exist for you
-            raise APIError(404, f"no file {file_id!r}", param="file_id")
-        return record
+        return await anyio.to_thread.run_sync(_owned_record, self._paths(file_id)[1], file_id, tenant)
 
     async def load(self, file_id: str, *, tenant: str, fmt: str) -> Context:
         """The file as a context: its UTF-8 text, or (format "json") a list, dict or str."""
-        await self.info(file_id, tenant=tenant)
-        data, _ = self._paths(file_id)
+        if not _valid_id(file_id):
+            raise APIError(404, f"no file {file_id!r}", param="file_id")
+        data, meta = self._paths(file_id)
 
         def read() -> Context:
-            text = _read_text(data)
-            if fmt != "json":
-                return text
-            value = json.loads(text)
+            # The owner's check and the read in one trip to a thread: each trip is a pass
+            # through a busy event loop, and a burst of queries starts with one each.
+            _owned_record(meta, file_id, tenant)
+            try:
+                text = _read_text(data)
+                if fmt != "json":
+                    return text
+                value = json.loads(text)
+            except UnicodeDecodeError:
+                raise APIError(400, f"file {file_id} is not UTF-8 text", param="file_id") from None
+            except ValueError as exc:
+                raise APIError(
+                    400, f"file {file_id} is not a usable JSON context: {exc}", param="file_id"
+                ) from None
             if not isinstance(value, (str, list, dict)):
-                raise ValueError(f"holds a JSON {type(value).__name__}; use a list, an object or a string")
+                raise APIError(
+                    400,
+                    f"file {file_id} is not a usable JSON context: holds a JSON {type(value).__name__}; "
+                    "use a list, an object or a string",
+                    param="file_id",
+                )
             return value
 
-        try:
-            return await anyio.to_thread.run_sync(read)
-        except UnicodeDecodeError:
-            raise APIError(400, f"file {file_id} is not UTF-8 text", param="file_id") from None
-        except ValueError as exc:
-            raise APIError(
-                400, f"file {file_id} is not a usable JSON context: {exc}", param="file_id"
-            ) from None
+        return await anyio.to_thread.run_sync(read)
 
     async def delete(self, file_id: str, *, tenant: str) -> None:
         await self.info(file_id, tenant=tenant)
