@@ -28,6 +28,39 @@ class TestLongLivedFrozen:
         with long_lived_frozen(MIN_PROMPTS - 1):
             assert gc.isenabled()
 
+    def test_many_narrow_fan_outs_together_pause_collection(self) -> None:
+        """A service's concurrent queries: fan-outs of 20 sub-calls each pause collection
+        once together they hold MIN_PROMPTS in flight, and it resumes (the freeze undone)
+        when those still running hold fewer."""
+        assert gc.isenabled()
+        frozen = gc.get_freeze_count()
+        width = 20
+        fan_outs = [long_lived_frozen(width) for _ in range(-(-MIN_PROMPTS // width))]
+        for k, fan_out in enumerate(fan_outs, start=1):
+            fan_out.__enter__()
+            assert gc.isenabled() == (k * width < MIN_PROMPTS), k
+        fan_outs[0].__exit__(None, None, None)  # still >= MIN_PROMPTS only if one was spare
+        assert gc.isenabled() == ((len(fan_outs) - 1) * width < MIN_PROMPTS)
+        for fan_out in fan_outs[1:]:
+            fan_out.__exit__(None, None, None)
+        assert gc.isenabled() and gc.get_freeze_count() == frozen
+        assert _gc._in_flight == 0
+
+    def test_collection_pauses_again_when_fan_outs_pile_up_again(self) -> None:
+        """Below the threshold the pause ends even with fan-outs still running; rising past
+        it again starts a new one."""
+        small, wide = long_lived_frozen(10), long_lived_frozen(MIN_PROMPTS)
+        small.__enter__()
+        wide.__enter__()
+        assert not gc.isenabled()
+        wide.__exit__(None, None, None)
+        assert gc.isenabled()  # 10 left in flight
+        with long_lived_frozen(MIN_PROMPTS - 10):
+            assert not gc.isenabled()
+        assert gc.isenabled()
+        small.__exit__(None, None, None)
+        assert _gc._in_flight == 0
+
     def test_a_collector_disabled_by_the_process_stays_disabled(self) -> None:
         """A process that turned collection off itself finds it off after a fan-out."""
         gc.disable()
