@@ -305,13 +305,24 @@ class TraceWriter:
         # Not a reference to self: the writer can still be collected, and then this runs.
         weakref.finalize(self, _write_and_close, self._pending, self._files, self.redact)
 
-    def _fresh_path(self, query_id: str) -> Path:
+    def _create(self, query_id: str) -> tuple[Path, IO[str]]:
+        """A new file for the query: `<id>.jsonl`, or `<id>-2.jsonl`, ... where that name is
+        taken. Opened with "x", so another writer's file is never clobbered; the directory
+        is made only when the open finds it missing (one system call per query, not three,
+        for a service opening a file per query)."""
         stem = _UNSAFE_FILENAME.sub("_", query_id)
-        path, n = self.directory / f"{stem}.jsonl", 1
-        while path.exists():
-            n += 1
-            path = self.directory / f"{stem}-{n}.jsonl"
-        return path
+        n, made = 1, False
+        while True:
+            path = self.directory / (f"{stem}.jsonl" if n == 1 else f"{stem}-{n}.jsonl")
+            try:
+                return path, path.open("x", encoding="utf-8", errors="backslashreplace")
+            except FileExistsError:
+                n += 1
+            except FileNotFoundError:
+                if made:
+                    raise
+                self.directory.mkdir(parents=True, exist_ok=True)
+                made = True
 
     def __call__(self, event: Event) -> None:
         # The common case costs a dict lookup and an append; the rest is in `flush`.
@@ -348,13 +359,11 @@ class TraceWriter:
 
     def _open(self, query_id: str, clock_origin: float, *, fresh: bool) -> None:
         path = self.paths.get(query_id)
+        handle: IO[str]
         if path is not None and not fresh:  # a straggler after query.finish: no second header
             handle = path.open("a", encoding="utf-8", errors="backslashreplace")
         else:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            path = self._fresh_path(query_id)
-            # "x": should another writer have taken the name meanwhile, fail, never clobber.
-            handle = path.open("x", encoding="utf-8", errors="backslashreplace")
+            path, handle = self._create(query_id)
             handle.write(_header(query_id, clock_origin, self.redact) + "\n")
             self.paths[query_id] = path
         self._files[query_id] = handle

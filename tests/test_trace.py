@@ -168,6 +168,21 @@ class TestTraceWriter:
         assert [e.time for e in load_trace(tmp_path / "q1-2.jsonl").events] == [1.0, 2.0]
         assert [e.time for e in load_trace(tmp_path / "q1-3.jsonl").events] == [2.0, 3.0]
 
+    def test_makes_its_directory_when_it_is_missing(self, tmp_path: Path) -> None:
+        """The directory is made at the first query, and again if it was removed since."""
+        directory = tmp_path / "traces" / "today"
+        writer = TraceWriter(directory)
+        writer(query_start(1.0, "q1"))
+        writer(query_finish(2.0, "q1"))
+        for path in directory.iterdir():
+            path.unlink()
+        directory.rmdir()
+        writer(query_start(3.0, "q2"))
+        writer(query_finish(4.0, "q2"))
+        writer.close()
+        assert writer.paths["q2"] == directory / "q2.jsonl"
+        assert [e.time for e in load_trace(directory / "q2.jsonl").events] == [3.0, 4.0]
+
     def test_flushes_once_the_interval_has_passed(self, tmp_path: Path) -> None:
         """Buffered lines reach the disk once `flush_interval_s` has passed on the writer's clock."""
         now = [0.0]
