@@ -2,7 +2,7 @@
 time): N concurrent queries against one query alone, with the worker pool on and off.
 
     .venv/bin/python benchmarks/serve_load.py [--users 100] [--pool 100,0] [--repeat 1] [--sim process]
-        [--tokens 100K] [--chunks 20] [--run-time 300] [--out benchmarks/results/serve_load.json]
+        [--tokens 100K] [--chunks 20] [--run-time 300] [--no-trace] [--out benchmarks/results/serve_load.json]
 
 Starts the server on 127.0.0.1 (port 0) on the simulator with the bundled latencies (root
 0.4 s + 4 ms/token, sub 0.3 s + 4 ms/token; configs/sim.toml), by default in a process of
@@ -19,6 +19,10 @@ server process's CPU time (user + system, its own threads: engine, HTTP, the in-
 simulator; not the REPL workers) per query, for the burst and for the query alone; the
 load average before and after. The summary gives medians over repeats. Exit 1 on any
 error or wrong answer.
+
+The server writes a trace per query (`serve --trace`), which the breakdown of each query's
+time is read from; that costs it about 1 ms of CPU per query. `--no-trace` runs it as it
+is deployed by default, untraced, with no breakdown.
 """
 
 from __future__ import annotations
@@ -87,15 +91,15 @@ def _wait_pool_full(c: httpx.Client, pool: int, timeout_s: float = 120.0) -> flo
 
 
 def _start(
-    config_path: Path, log: Path, trace_dir: Path, code: Path | None = None
+    config_path: Path, log: Path, trace_dir: Path | None, code: Path | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
     """The server, from this checkout or from the rlm_async source tree `code` (another
     version's, for an A/B in one run: it runs in that directory, so `-m` imports its
-    package first; traced only if that version has `serve --trace`)."""
+    package first); with `trace_dir`, traced (if that version has `serve --trace`)."""
     env = {k: v for k, v in os.environ.items() if k != "RLM_SERVE_KEYS"}
     argv = [sys.executable, "-m", "rlm_async.cli", "serve", "--config", str(config_path), "--port", "0"]
     src = code or ROOT
-    if "trace_dir" in (src / "rlm_async" / "serve" / "_config.py").read_text():
+    if trace_dir is not None and "trace_dir" in (src / "rlm_async" / "serve" / "_config.py").read_text():
         argv += ["--trace", str(trace_dir)]
     with open(log, "wb") as stderr:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
@@ -186,16 +190,18 @@ def run(
     sim: str = "process",
     code: Path | None = None,
     profile: Path | None = None,
+    trace: bool = True,
 ) -> dict[str, Any]:
     """One fresh server, one query alone, then the burst. `sim`: "process" (the simulator
     in a child process of its own, as a model server would be: the server's CPU is then the
     service's own) or "inline" (in the server's process, as `rlm-async serve` runs it with
-    no config)."""
+    no config). `trace`: the server writes a trace per query (`serve --trace`), which the
+    breakdown of where each query's time went is read from."""
     with contextlib.ExitStack() as stack:
         sim_proc = None
         if sim == "process":
             sim_proc = stack.enter_context(_sim_process(chunks))
-        result = _run(users, tokens, chunks, run_time, workdir, pool, sim_proc, code, profile)
+        result = _run(users, tokens, chunks, run_time, workdir, pool, sim_proc, code, profile, trace)
         if sim_proc is not None:
             t0, t1 = result.pop("_burst_window")
             result["simulator"] = sim_pieces(sim_proc.read_log().entries, t0, t1)
@@ -220,11 +226,12 @@ def _run(
     sim: SimProcess | None,
     code: Path | None,
     profile: Path | None = None,
+    trace: bool = True,
 ) -> dict[str, Any]:
     sim_url = sim.base_url if sim is not None else None
     config_path = workdir / "serve.toml"
     config_path.write_text(_config(chunks, users, pool, sim_url))
-    trace_dir = workdir / "traces"
+    trace_dir = workdir / "traces" if trace else None
     proc, root = _start(config_path, workdir / "server.log", trace_dir, code)
     try:
         workloads = [oolong_counting(tokens, seed=i) for i in range(users + 1)]
@@ -300,13 +307,14 @@ def _run(
     sim_cfg = _sim_config(chunks)
     alone_pieces = (
         query_pieces(trace_dir / f"{alone_record['query_id']}.jsonl", sim_cfg, alone_record)
-        if alone_record["query_id"]
+        if alone_record["query_id"] and trace_dir is not None
         else None
     )
     burst_rows = [
         p
         for r in records
         if r.get("query_id")
+        and trace_dir is not None
         and (p := query_pieces(trace_dir / f"{r['query_id']}.jsonl", sim_cfg, r)) is not None
     ]
     ok = [r for r in records if r.get("status_code") == 200]
@@ -336,6 +344,7 @@ def _run(
         "pieces_alone": alone_pieces,
         "pieces_burst_median": medians(burst_rows) if burst_rows else None,
         "pieces_traced": len(burst_rows),
+        "server_traced": trace_dir is not None,
         "_burst_window": (burst0, burst1),
         "locust_exit": lp_proc.returncode,
         "locust_stderr_tail": lp_err.decode(errors="replace")[-1500:],
@@ -361,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=20)
     p.add_argument("--run-time", type=int, default=300, help="locust's bound, seconds")
     p.add_argument("--out", default=str(RESULTS / "serve_load.json"))
+    p.add_argument(
+        "--no-trace",
+        action="store_true",
+        help="run the server untraced, as deployed by default (no per-query breakdown)",
+    )
     p.add_argument(
         "--profile",
         default=None,
@@ -391,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.sim,
                     code,
                     Path(args.profile) if args.profile else None,
+                    trace=not args.no_trace,
                 )
             r["repeat"] = rep
             r["code"] = "here" if code is None else str(code)
