@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -205,6 +206,15 @@ class TestTransportPreconnect:
             finally:
                 await transport.aclose()
 
+    async def test_a_few_connections_take_a_few_openers_many_take_sixteen(self) -> None:
+        """An opener task per 8 connections, at most 16: a service's fan-out of 20 opens its
+        connections three at a time (each opener a task the busy loop pays for), a wide
+        fan-out's 300 sixteen at a time; all are opened either way."""
+        async with SimServer() as sim:
+            assert sim.base_url is not None
+            assert await _preconnect_counted(sim.base_url, 20) == (20, 3)
+            assert await _preconnect_counted(sim.base_url, 300) == (300, 16)
+
     async def test_never_more_than_the_pool_has_free(self) -> None:
         """With `max_connections=3`, asking for ten opens three: none waits for a slot."""
         async with SimServer() as sim:
@@ -225,3 +235,25 @@ class TestTransportPreconnect:
             assert await transport.preconnect(3) == 0
         finally:
             await transport.aclose()
+
+
+async def _preconnect_counted(base_url: str, n: int) -> tuple[int, int]:
+    """`preconnect(n)` on a fresh transport: (connections opened, most connects at once)."""
+    transport = OpenAITransport(base_url, api_key_env=None)
+    connector = transport._open().connector
+    assert connector is not None
+    connect, at_once, peak = connector.connect, [0], [0]
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        at_once[0] += 1
+        peak[0] = max(peak[0], at_once[0])
+        try:
+            return await connect(*args, **kwargs)
+        finally:
+            at_once[0] -= 1
+
+    connector.connect = counted  # type: ignore[method-assign]
+    try:
+        return await transport.preconnect(n), peak[0]
+    finally:
+        await transport.aclose()
