@@ -10,6 +10,7 @@ import importlib.util
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,19 +19,24 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BENCH = Path(__file__).parents[1] / "benchmarks"
 
 
-def test_locust_load_runs_clean() -> None:
-    """8 users at once, one query each: 8 answered, all right, no error, locust exit 0, and
-    all nine workers (the query alone's and the eight) pre-started."""
+def _serve_load() -> Any:
     sys.path.insert(0, str(BENCH))
     try:
         spec = importlib.util.spec_from_file_location("serve_load", BENCH / "serve_load.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        with tempfile.TemporaryDirectory() as tmp:
-            result = module.run(8, 8_000, 4, 120, Path(tmp), pool=8)
     finally:
         sys.path.remove(str(BENCH))
+    return module
+
+
+def test_locust_load_runs_clean() -> None:
+    """8 users at once, one query each: 8 answered, all right, no error, locust exit 0, and
+    all nine workers (the query alone's and the eight) pre-started."""
+    module = _serve_load()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = module.run(8, 8_000, 4, 120, Path(tmp), pool=8)
     assert result["errors"] == 0, result
     assert result["correct"] == 8 and result["single_correct"], result
     assert result["locust_exit"] == 0, result["locust_stderr_tail"]
@@ -45,3 +51,28 @@ def test_locust_load_runs_clean() -> None:
     assert result["pieces_alone"]["root_turns"] == 2
     assert result["cpu_burst"]["cpu_s"]["server"] > 0 and result["cpu_burst"]["cpu_s"]["simulator"] > 0
     assert result["simulator"]["sub"]["requests"] == 8 * 4, result["simulator"]
+
+
+def test_untraced_the_server_writes_no_traces_and_gives_no_breakdown() -> None:
+    """`--no-trace`: the server as deployed, no trace directory, every answer right."""
+    module = _serve_load()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = module.run(4, 8_000, 2, 120, Path(tmp), pool=4, trace=False)
+        assert not (Path(tmp) / "traces").exists()
+    assert result["errors"] == 0 and result["correct"] == 4, result
+    assert result["server_traced"] is False and result["pieces_traced"] == 0
+    assert result["pieces_burst_median"] is None and result["pieces_alone"] is None
+
+
+def test_profile_summary_sums_py_spy_stacks_by_function(tmp_path: Path) -> None:
+    """py-spy's raw lines (frames root first, a count last) summed: inclusive and self."""
+    raw = tmp_path / "server-pool1-1.txt"
+    raw.write_text(
+        "main (a/cli.py:1);run (a/engine.py:5);send (a/transport.py:9) 3\n"
+        "main (a/cli.py:1);run (a/engine.py:5) 1\n"
+    )
+    summary = _serve_load().profile_summary(raw)
+    assert "4 samples" in summary
+    inclusive, own = summary.split("self:")
+    assert "100.0% cli.py:main" in inclusive and "100.0% engine.py:run" in inclusive
+    assert " 75.0% transport.py:send" in own and " 25.0% engine.py:run" in own
