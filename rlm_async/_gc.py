@@ -30,11 +30,12 @@ fan-outs together, not one fan-out's width.
   the fan-outs still running hold fewer than `MIN_PROMPTS` sub-calls.
 
 Garbage in reference cycles made meanwhile (an exception's traceback, say) waits until
-then. So that a process whose fan-outs overlap without end (a service) never goes without
-collecting, a fan-out that starts or ends when collection has been off for `MAX_PAUSE_S`
-runs one collection of the young and middle generations and restarts the count. A process
-that froze objects or disabled the collector on its own keeps them so: we only undo what
-we did.
+then. So that a process whose fan-outs overlap without end (a busy service, a batch) never
+goes without collecting, a fan-out that starts or ends when collection has been off for
+`MAX_PAUSE_S` runs a full collection (of what was made since the pause began: the frozen
+heap is not walked) and restarts the count; a young one would leave cycles that had aged
+into the oldest generation uncollected for as long as the pause lasts. A process that froze
+objects or disabled the collector on its own keeps them so: we only undo what we did.
 """
 
 from __future__ import annotations
@@ -113,5 +114,5 @@ def _collect_if_paused_too_long(clock: Callable[[], float]) -> None:
     global _paused_at
     now = clock()
     if _owns_disable and now - _paused_at >= MAX_PAUSE_S:
-        gc.collect(1)
+        gc.collect()
         _paused_at = now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
 from rlm_async import _gc
 from rlm_async._gc import MAX_PAUSE_S, MIN_PROMPTS, long_lived_frozen
@@ -73,7 +74,8 @@ class TestLongLivedFrozen:
 
     def test_overlapping_fan_outs_collect_after_max_pause(self) -> None:
         """When fan-outs keep overlapping, one that starts after MAX_PAUSE_S of pause runs a
-        collection that frees cyclic garbage made meanwhile, and the pause goes on."""
+        full collection, which frees cyclic garbage made meanwhile, a cycle that had aged
+        into the oldest generation too, and the pause goes on."""
         now = [0.0]
 
         def clock() -> float:
@@ -86,15 +88,17 @@ class TestLongLivedFrozen:
         outer = long_lived_frozen(MIN_PROMPTS, clock=clock)
         outer.__enter__()
         try:
-            Cycle()  # garbage only a collection can free
-            before = gc.get_count()[0] + gc.get_count()[1]
+            aged = Cycle()
+            gc.collect(1)  # it survives a young collection: now in the oldest generation
+            aged_ref = weakref.ref(aged)
+            del aged  # garbage only a full collection can free
+            young_ref = weakref.ref(Cycle())  # garbage any collection frees
             now[0] = MAX_PAUSE_S - 1
             with long_lived_frozen(MIN_PROMPTS, clock=clock):
-                assert gc.get_count()[0] + gc.get_count()[1] >= before  # too early: nothing ran
+                assert young_ref() is not None and aged_ref() is not None  # too early: nothing ran
             now[0] = MAX_PAUSE_S + 1
-            collected = gc.get_stats()[1]["collected"]
             with long_lived_frozen(MIN_PROMPTS, clock=clock):
-                assert gc.get_stats()[1]["collected"] > collected
+                assert young_ref() is None and aged_ref() is None
                 assert not gc.isenabled()
             assert _gc._paused_at == MAX_PAUSE_S + 1
         finally:
