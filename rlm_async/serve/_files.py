@@ -26,14 +26,18 @@ def _valid_id(file_id: str) -> bool:
     return file_id.startswith("file-") and file_id[5:].isalnum() and len(file_id) <= 64
 
 
+def _no_file(file_id: str) -> APIError:
+    return APIError(404, f"no file {file_id!r}", param="file_id")
+
+
 def _owned_record(meta: Path, file_id: str, tenant: str) -> dict[str, Any]:
     """The file's metadata, if `tenant` owns it; another tenant's file does not exist for you."""
     try:
         record: dict[str, Any] = json.loads(meta.read_text())
     except FileNotFoundError:
-        raise APIError(404, f"no file {file_id!r}", param="file_id") from None
+        raise _no_file(file_id) from None
     if record.get("tenant") != tenant:
-        raise APIError(404, f"no file {file_id!r}", param="file_id")
+        raise _no_file(file_id)
     return record
 
 
@@ -92,13 +96,13 @@ class FileStore:
 
     async def info(self, file_id: str, *, tenant: str) -> dict[str, Any]:
         if not _valid_id(file_id):
-            raise APIError(404, f"no file {file_id!r}", param="file_id")
+            raise _no_file(file_id)
         return await anyio.to_thread.run_sync(_owned_record, self._paths(file_id)[1], file_id, tenant)
 
     async def load(self, file_id: str, *, tenant: str, fmt: str) -> Context:
         """The file as a context: its UTF-8 text, or (format "json") a list, dict or str."""
         if not _valid_id(file_id):
-            raise APIError(404, f"no file {file_id!r}", param="file_id")
+            raise _no_file(file_id)
         data, meta = self._paths(file_id)
 
         def read() -> Context:
