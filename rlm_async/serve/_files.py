@@ -63,6 +63,12 @@ class FileStore:
     def _paths(self, file_id: str) -> tuple[Path, Path]:
         return self.root / f"{file_id}.data", self.root / f"{file_id}.json"
 
+    def _asked_paths(self, file_id: str) -> tuple[Path, Path]:
+        """`_paths` of an id a client gave: one not of our making names no file."""
+        if not _valid_id(file_id):
+            raise _no_file(file_id)
+        return self._paths(file_id)
+
     async def save(
         self, chunks: AsyncIterator[bytes], *, tenant: str, filename: str, declared: int | None
     ) -> dict[str, Any]:
@@ -95,15 +101,11 @@ class FileStore:
         return record
 
     async def info(self, file_id: str, *, tenant: str) -> dict[str, Any]:
-        if not _valid_id(file_id):
-            raise _no_file(file_id)
-        return await anyio.to_thread.run_sync(_owned_record, self._paths(file_id)[1], file_id, tenant)
+        return await anyio.to_thread.run_sync(_owned_record, self._asked_paths(file_id)[1], file_id, tenant)
 
     async def load(self, file_id: str, *, tenant: str, fmt: str) -> Context:
         """The file as a context: its UTF-8 text, or (format "json") a list, dict or str."""
-        if not _valid_id(file_id):
-            raise _no_file(file_id)
-        data, meta = self._paths(file_id)
+        data, meta = self._asked_paths(file_id)
 
         def read() -> Context:
             # The owner's check and the read in one trip to a thread: each trip is a pass
