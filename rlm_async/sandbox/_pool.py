@@ -53,7 +53,7 @@ from .._context import Context, validate_context
 from ..exceptions import ConfigError, SandboxError
 from ._config import ReplSetup, SandboxConfig
 from ._isolation import Plan, plan_isolation
-from ._process import WorkerProcess, encode_context, launch_process
+from ._process import WorkerProcess, encode_context_async, launch_process
 from ._worker import Worker
 
 __all__ = ["PoolStats", "WorkerPool"]
@@ -232,7 +232,7 @@ class WorkerPool:
     async def _take(self, context: Context, setup: ReplSetup | None, plan: Plan, peers: int | None) -> Worker:
         if self._idle:
             # Encoded first: a context JSON cannot carry must not cost a pre-started worker.
-            encoded = await anyio.to_thread.run_sync(encode_context, context)
+            encoded = await encode_context_async(context)
         while self._idle:  # nothing awaits between taking a process and adopting it
             process = self._idle.popleft()
             self._want_more()

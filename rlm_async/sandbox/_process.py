@@ -324,6 +324,17 @@ def encode_context(context: Context) -> tuple[str, Blob]:
     return "json", text.encode("utf-8", "surrogatepass")
 
 
+async def encode_context_async(context: Context) -> tuple[str, Blob]:
+    """`encode_context`, off the event loop where it costs work: an ASCII str is encoded
+    where it is (O(1): `str.isascii` reads a flag CPython keeps, and `Utf8Text` then takes
+    its length), anything else in a worker thread (other text is measured by encoding it,
+    a list or dict is dumped as JSON: tens of milliseconds at 40 MB). A query's start was
+    paying a thread round trip for the first case, which is every ASCII context."""
+    if isinstance(context, str) and context.isascii():
+        return encode_context(context)
+    return await anyio.to_thread.run_sync(encode_context, context)
+
+
 _reserved_uids: set[int | None] = set()
 """Private uids picked for workers not yet released: a pre-started worker switches to its
 uid only when its context arrives, so a /proc scan alone would not see it as taken."""

@@ -19,7 +19,7 @@ from ._channel import Blob, ChannelClosed, ProtocolViolation
 from ._config import WORKER_DEAD_STATUSES, CellResult, ReplSetup, RequestHandler, SandboxConfig
 from ._isolation import Plan, Tier, plan_isolation
 from ._output import Capture, drain, drain_now
-from ._process import StartInterrupted, WorkerProcess, encode_context, launch_process
+from ._process import StartInterrupted, WorkerProcess, encode_context_async, launch_process
 from ._protocol import Outcome, clean, describe_exit, parse_request
 
 __all__ = ["Worker", "start_worker"]
@@ -149,10 +149,8 @@ class Worker:
     # -- life cycle
     async def _spawn(self) -> None:
         started = time.monotonic()
-        # Encoding 40 MB takes tens of milliseconds: not on the event loop, where other
-        # queries' work would wait for it. Before launching, so a context JSON cannot
-        # carry costs no process.
-        kind, blob = await anyio.to_thread.run_sync(encode_context, self._context)
+        # Before launching, so a context JSON cannot carry costs no process.
+        kind, blob = await encode_context_async(self._context)
         try:
             process = await launch_process(self._config, self._plan, peers=self._peers)
             await self._load(process, kind, blob, started, pooled=False)
@@ -365,7 +363,7 @@ class Worker:
         return name in self._set
 
     async def _send_variable(self, name: str, value: Any, aliases: tuple[str, ...], *, append: bool) -> None:
-        kind, blob = await anyio.to_thread.run_sync(encode_context, cast(Context, value))
+        kind, blob = await encode_context_async(cast(Context, value))
         frame = {"op": "setvar", "name": name, "type": kind, "aliases": list(aliases), "append": append}
         request = _Request(frame, "set", blob)
         del blob  # the request drops it once sent: a large value is then held by the worker alone
