@@ -90,8 +90,14 @@ class TestKillAndResume:
     ) -> None:
         """`rlm-async batch` killed with SIGKILL once half the rows are written, then run
         again with the same output and journal: every input ends with exactly one row and
-        the right answer, and of the requests the server completed before the kill at most
-        1% are sent again."""
+        the right answer, and of the requests the server completed a second or more before
+        the kill at most 1% are sent again.
+
+        An answer the server sent in the last instant before the kill may not have reached
+        the client's journal (read, parsed, committed with its fsync) when the kill came;
+        paying for it again is what a crash costs. Counting those too made the bound a
+        race with the machine's load (it failed once beside a parallel suite); a second
+        is far more than a loaded machine takes to journal an answer it received."""
         items = workloads(200)
         source = write_input(tmp_path / "in.jsonl", items)
         out = tmp_path / "out.jsonl"
@@ -134,9 +140,10 @@ class TestKillAndResume:
         rows = read_rows(out)
         assert sorted(r["id"] for r in rows) == sorted(items)  # one row each, none twice
         assert all(items[r["id"]].score(r["answer"]) for r in rows)
-        done = {e.body_sha256 for e in completed}
-        repeats = [e for e in run2 if e.body_sha256 in done]
-        assert len(repeats) <= 0.01 * len(completed), (len(repeats), len(completed))
+        settled = {e.body_sha256 for e in completed if e.finish < killed_at - 1.0}
+        assert len(settled) >= len(completed) // 3  # a good share of the answers: the bound says something
+        repeats = [e for e in run2 if e.body_sha256 in settled]
+        assert len(repeats) <= 0.01 * len(settled), (len(repeats), len(settled))
         # The queries cut short by the kill took their paid calls from the journal.
         assert sum(r["usage"]["journal_hits"] for r in rows) > 0
 
