@@ -39,6 +39,7 @@ from . import _events, _loop
 from ._config import RLMConfig
 from ._context import Context
 from ._result import RLMResult
+from ._sockets import port_arg
 from ._version import __version__
 from .exceptions import ConfigError, RLMError
 from .sandbox import ISOLATION_TIERS, SandboxConfig
@@ -136,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve RLMs over an OpenAI-compatible API (default: the simulator)")
     serve.add_argument("--config", help="a TOML file from configs/ (default: the bundled simulator)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1; others need API keys)")
-    serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--port", type=port_arg, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--otel", action="store_true", default=None, help="export OpenTelemetry spans")
     serve.add_argument("--trace", help="directory to write each query's JSONL trace into")
 

@@ -134,6 +134,27 @@ class TestBadInput:
         )
         assert "base_ulr" in line and "valid keys" in line
 
+    @pytest.mark.parametrize(
+        ("command", "port", "said"),
+        [
+            ("serve", "99999", "from 0 to 65535 (0 picks a free one), not 99999"),
+            ("serve", "-1", "from 0 to 65535 (0 picks a free one), not -1"),
+            ("sim", "http", "'http' is not a port: use a whole number from 0 to 65535"),
+        ],
+    )
+    def test_a_port_out_of_range_is_a_usage_error(self, command: str, port: str, said: str) -> None:
+        """`--port` out of range or not a number: argparse's usage error naming the range,
+        before anything starts (the socket's own refusal was an unexpected OverflowError)."""
+        proc = cli(command, "--port", port)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert f"rlm-async {command}: error: argument --port: " in proc.stderr and said in proc.stderr
+
+    def test_a_port_out_of_range_in_the_config_names_its_table(self, tmp_path: Path) -> None:
+        toml = tmp_path / "serve.toml"
+        toml.write_text("[serve]\nport = 70000\n" + SIM_TOML.read_text())
+        line = one_line_error(cli("serve", "--config", str(toml)))
+        assert "[serve] port must be a whole number from 0 to 65535" in line and "70000" in line
+
     def test_debug_shows_the_traceback_and_keeps_the_exit_code(self, tmp_path: Path) -> None:
         """--debug adds the traceback; the one line and exit 2 stay as without it."""
         proc = cli("--debug", "run", "--context", str(tmp_path / "nope.txt"), "--query", "q")

@@ -2,7 +2,8 @@
 accepted connections TCP_NODELAY under asyncio. With Nagle on, a response's body (written after its headers)
 waited for the client's delayed ACK: 44 ms per request on a kept-alive connection
 (measured on `rlm-async serve` before the fix). The option itself is what a test can
-observe without timing: read on the server's side of a real loopback connection."""
+observe without timing: read on the server's side of a real loopback connection. They also
+refuse, by name, a port no socket can take."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from rlm_async._sockets import listen_socket
+from rlm_async.exceptions import ConfigError
 from rlm_async.sim.server import _bind
 
 
@@ -50,3 +52,19 @@ def test_a_socket_without_its_protocol_named_keeps_nagle_on() -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     assert asyncio.run(nodelay_of_accepted(sock)) == 0
+
+
+@pytest.mark.parametrize("port", [70000, -1, True, "8000"])
+@pytest.mark.parametrize(
+    "bind",
+    [pytest.param(listen_socket, id="service"), pytest.param(_bind, id="sim")],
+)
+def test_a_port_no_socket_can_take_is_refused_by_name(
+    bind: Callable[[str, int], socket.socket], port: object
+) -> None:
+    """A `SimServer(port=...)` or a `ServeConfig` built in code reaches the bind with no CLI
+    in between: the error names the range, not the socket's OverflowError."""
+    with pytest.raises(
+        ConfigError, match=r"port must be a whole number from 0 to 65535 \(0 picks a free one\)"
+    ):
+        bind("127.0.0.1", port)  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._config import RLMConfig, load_dataclass
+from .._sockets import checked_port
 from ..exceptions import ConfigError
 from ._admission import TenantLimits
 
@@ -98,6 +99,7 @@ class ServeConfig:
     profile logs text."""
 
     def __post_init__(self) -> None:
+        checked_port(self.port, where="[serve] ")
         if self.max_running < 1 or self.max_queued < 0:
             raise ConfigError("[serve] max_running must be >= 1 and max_queued >= 0")
         if not isinstance(self.worker_pool, int) or self.worker_pool < 0:

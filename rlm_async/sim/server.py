@@ -45,7 +45,7 @@ import anyio
 import anyio.abc
 import uvicorn
 
-from .._sockets import listen_socket
+from .._sockets import listen_socket, port_arg
 from ._app import SimApp
 from ._config import LatencyModel, PolicySpec, SimConfig
 from ._log import RequestLog
@@ -435,7 +435,7 @@ def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--table", default="sim", help="dotted table name inside --config (default: sim)")
     p.add_argument("--config-json", help=argparse.SUPPRESS)  # how SimProcess passes its config
     p.add_argument("--host", default=_LOOPBACK, help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default)")
+    p.add_argument("--port", type=port_arg, default=0, help="port; 0 picks a free one (default)")
     p.add_argument("--log", help="append the request log here as JSONL")
     p.add_argument("--seed", type=int, help="seed for jitter and faults")
     p.add_argument("--models", help="comma-separated model names to serve")
