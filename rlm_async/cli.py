@@ -534,17 +534,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _trace_view(path: Path, output: str | None) -> int:
+    from .trace_view import main_view
+
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise CLIError(
+            f"trace file {path} {what}; pass one query's trace: `rlm-async run --trace DIR` and "
+            "`rlm-async serve --trace DIR` write DIR/<query_id>.jsonl"
+        )
+    try:
+        out = main_view(path, output)
+    except ValueError as exc:  # not a trace, or a format version this release does not read
+        raise CLIError(str(exc)) from None
+    print(f"wrote {out}")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sim":
         from .sim.server import run_from_args
 
         return run_from_args(args)
     if args.command == "trace":
-        from .trace_view import main_view
-
-        out = main_view(args.trace_path, args.output)
-        print(f"wrote {out}")
-        return 0
+        return _trace_view(Path(args.trace_path), args.output)
     if args.command == "doctor" and args.sandbox:
         return _loop.run(_sandbox_doctor, args.isolation, args.json)
     if args.command == "serve":

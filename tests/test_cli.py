@@ -155,6 +155,18 @@ class TestBadInput:
         line = one_line_error(cli("serve", "--config", str(toml)))
         assert "[serve] port must be a whole number from 0 to 65535" in line and "70000" in line
 
+    def test_trace_view_of_something_that_is_not_a_trace(self, tmp_path: Path) -> None:
+        """A missing path, a directory, a file that is not a trace: one line each, naming it
+        (they were unexpected FileNotFoundError, IsADirectoryError and ValueError)."""
+        missing = one_line_error(cli("trace", "view", str(tmp_path / "q1.jsonl")))
+        assert "q1.jsonl does not exist" in missing and "--trace DIR" in missing
+        directory = one_line_error(cli("trace", "view", str(tmp_path)))
+        assert "is a directory" in directory and "DIR/<query_id>.jsonl" in directory
+        other = tmp_path / "notes.jsonl"
+        other.write_text("not a trace\n")
+        line = one_line_error(cli("trace", "view", str(other)))
+        assert "notes.jsonl is not an rlm_async trace" in line
+
     def test_debug_shows_the_traceback_and_keeps_the_exit_code(self, tmp_path: Path) -> None:
         """--debug adds the traceback; the one line and exit 2 stay as without it."""
         proc = cli("--debug", "run", "--context", str(tmp_path / "nope.txt"), "--query", "q")

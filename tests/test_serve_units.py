@@ -19,7 +19,7 @@ from rlm_async._events import CallFinish
 from rlm_async._governor import BudgetLedger, BudgetLimits
 from rlm_async._rlm import RLM
 from rlm_async.exceptions import ConfigError
-from rlm_async.serve import KeyRing
+from rlm_async.serve import KeyRing, load_serve_config
 from rlm_async.serve._admission import Admission
 from rlm_async.serve._errors import APIError
 from rlm_async.serve._files import FileStore
@@ -27,6 +27,8 @@ from rlm_async.serve._jobs import Job
 from rlm_async.serve._openai import RESPOND_PROMPT, parse_chat_request
 from rlm_async.serve._otel import SpanSink
 from rlm_async.sim import Policies, PolicySpec, SimConfig
+
+SIM_TOML = Path(__file__).resolve().parent.parent / "configs" / "sim.toml"
 
 
 class TestMessagesToContext:
@@ -96,6 +98,37 @@ class TestMessagesToContext:
         with pytest.raises(APIError) as raised:
             parse_chat_request(body)
         assert raised.value.status == 400 and raised.value.param == param
+
+
+class TestServeConfig:
+    @pytest.mark.parametrize(
+        ("setting", "said"),
+        [
+            ("port = 65536", "[serve] port must be a whole number from 0 to 65535"),
+            ("port = true", "[serve] port must be a whole number from 0 to 65535"),
+            ("max_body_bytes = 0", "[serve] max_body_bytes must be a whole number of bytes >= 1, not 0"),
+            ("max_file_bytes = -5", "[serve] max_file_bytes must be a whole number of bytes >= 1, not -5"),
+            ("max_file_bytes = 1.5", "[serve] max_file_bytes must be a whole number of bytes >= 1, not 1.5"),
+            ("grace_s = -1", "[serve] grace_s must be seconds >= 0"),
+            ("grace_s = nan", "[serve] grace_s must be seconds >= 0"),
+        ],
+    )
+    def test_a_setting_the_server_cannot_use_stops_the_start_by_name(
+        self, tmp_path: Path, setting: str, said: str
+    ) -> None:
+        """Sizes, the grace period and the port are checked where the file is read; before,
+        a negative grace or a zero body limit started a server that misbehaved later."""
+        path = tmp_path / "serve.toml"
+        path.write_text(f"[serve]\n{setting}\n" + SIM_TOML.read_text())
+        with pytest.raises(ConfigError) as caught:
+            load_serve_config(path)
+        assert said in str(caught.value)
+
+    def test_the_limits_at_their_edges_are_accepted(self, tmp_path: Path) -> None:
+        path = tmp_path / "serve.toml"
+        path.write_text("[serve]\nport = 0\ngrace_s = 0\nmax_body_bytes = 1\n" + SIM_TOML.read_text())
+        config = load_serve_config(path)
+        assert (config.port, config.grace_s, config.max_body_bytes) == (0, 0, 1)
 
 
 class TestKeyRing:

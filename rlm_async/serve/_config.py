@@ -102,6 +102,19 @@ class ServeConfig:
         checked_port(self.port, where="[serve] ")
         if self.max_running < 1 or self.max_queued < 0:
             raise ConfigError("[serve] max_running must be >= 1 and max_queued >= 0")
+        for name in ("max_body_bytes", "max_file_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"[serve] {name} must be a whole number of bytes >= 1, not {value!r}")
+        if (
+            isinstance(self.grace_s, bool)
+            or not isinstance(self.grace_s, (int, float))
+            or not self.grace_s >= 0
+        ):
+            raise ConfigError(
+                f"[serve] grace_s must be seconds >= 0 (0: cancel running queries at once on SIGTERM), "
+                f"not {self.grace_s!r}"
+            )
         if not isinstance(self.worker_pool, int) or self.worker_pool < 0:
             raise ConfigError(
                 f"[serve] worker_pool must be an int >= 0 (0: no pool), not {self.worker_pool!r}"
