@@ -70,6 +70,7 @@ from ._trace_summary import (
     TraceSummary,
     summarize,
 )
+from .exceptions import ConfigError
 
 __all__ = [
     "FORMAT",
@@ -415,6 +416,18 @@ class TraceWriter:
             self._close_one(query_id)
 
     def __enter__(self) -> TraceWriter:
+        # Checked here, before any query spends anything: a directory that cannot be made or
+        # written to would otherwise show only as an error logged for each query's trace.
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ConfigError(
+                f"cannot write traces to {self.directory}: it is a file; traces go in a directory"
+            )
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot write traces to {self.directory}: {exc.strerror or exc}") from None
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot write traces to {self.directory}: permission denied")
         return self
 
     def __exit__(

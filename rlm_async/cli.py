@@ -306,6 +306,9 @@ async def _batch(args: argparse.Namespace) -> int:
     source = Path(args.input)
     if not await anyio.Path(source).is_file():
         raise CLIError(f"batch input {source} does not exist; pass a .jsonl or .csv file")
+    out_dir = Path(args.out).parent
+    if not await anyio.Path(out_dir).is_dir():
+        raise CLIError(f"--out {args.out}: the directory {out_dir} does not exist; create it first")
     if args.concurrency < 1:
         raise CLIError(f"--concurrency is {args.concurrency}; use at least 1")
     # --budget-* cap the batch, not each query: per-query caps come from the config.

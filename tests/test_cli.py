@@ -167,6 +167,35 @@ class TestBadInput:
         line = one_line_error(cli("trace", "view", str(other)))
         assert "notes.jsonl is not an rlm_async trace" in line
 
+    def test_a_trace_directory_that_cannot_be_used_stops_the_run_before_it_starts(
+        self, tmp_path: Path, context_file: Path
+    ) -> None:
+        """`--trace` naming a file: one configuration error, and no answer (the run, and
+        its model calls, never started)."""
+        a_file = tmp_path / "trace.jsonl"
+        a_file.write_text("")
+        proc = cli(
+            "run",
+            "--config",
+            str(SIM_TOML),
+            "--context",
+            str(context_file),
+            "--query",
+            "q",
+            "--trace",
+            str(a_file),
+        )
+        line = one_line_error(proc)
+        assert "cannot write traces to" in line and "it is a file; traces go in a directory" in line
+        assert proc.stdout == ""
+
+    def test_a_batch_output_in_a_missing_directory(self, tmp_path: Path) -> None:
+        source = tmp_path / "in.jsonl"
+        source.write_text('{"id": 1, "query": "q", "context": "c"}\\n')
+        out = tmp_path / "missing" / "out.jsonl"
+        line = one_line_error(cli("batch", str(source), "--out", str(out), "--config", str(SIM_TOML)))
+        assert f"the directory {out.parent} does not exist; create it first" in line
+
     def test_debug_shows_the_traceback_and_keeps_the_exit_code(self, tmp_path: Path) -> None:
         """--debug adds the traceback; the one line and exit 2 stay as without it."""
         proc = cli("--debug", "run", "--context", str(tmp_path / "nope.txt"), "--query", "q")

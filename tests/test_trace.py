@@ -50,6 +50,7 @@ from rlm_async._trace import (
     write_trace,
 )
 from rlm_async._types import ModelRequest
+from rlm_async.exceptions import ConfigError
 from rlm_async.testing import ScriptedTransport, capture_events
 from rlm_async.trace_view import render_html
 
@@ -70,6 +71,19 @@ def _lines(path: Path) -> list[dict[str, object]]:
 
 
 class TestTraceWriter:
+    def test_entering_makes_the_directory_and_refuses_one_it_cannot_use(self, tmp_path: Path) -> None:
+        """Checked on entering, before any query runs: a path that is a file, or under one,
+        is a ConfigError naming it (it was an error logged per query, the run going on)."""
+        deep = tmp_path / "a" / "b"
+        with TraceWriter(deep):
+            assert deep.is_dir()
+        a_file = tmp_path / "notes.txt"
+        a_file.write_text("x")
+        with pytest.raises(ConfigError, match=r"cannot write traces to .*notes\.txt: it is a file"):
+            TraceWriter(a_file).__enter__()
+        with pytest.raises(ConfigError, match=r"cannot write traces to .*notes\.txt/sub: Not a directory"):
+            TraceWriter(a_file / "sub").__enter__()
+
     def test_writes_one_file_per_query_with_a_header(self, tmp_path: Path) -> None:
         """Each query's events go to <dir>/<query_id>.jsonl, after one header line."""
         a = standard_run().events()
