@@ -167,6 +167,13 @@ _ENGINE_FIELDS = frozenset(
 )
 
 
+def _whole_number(name: str, value: object, *, or_none: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            f"{name} is {value!r}; it must be a whole number (an int){', or None' if or_none else ''}"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class RLMConfig:
     """Everything one `RLM` needs. Build it directly, from `RLM(...)`, or from TOML."""
@@ -259,6 +266,13 @@ class RLMConfig:
     first turn: task-specific tips, as the official `user_prologue`."""
 
     def __post_init__(self) -> None:
+        # Whole numbers first: a "2" from an environment variable or 2.5 from arithmetic must
+        # be named here, not fail later as a TypeError in a comparison or run 2.5 turns.
+        for name in ("max_depth", "max_iterations", "output_limit_chars"):
+            _whole_number(name, getattr(self, name))
+        for name in ("max_pending_subcalls", "max_errors", "max_workers"):
+            if getattr(self, name) is not None:
+                _whole_number(name, getattr(self, name), or_none=True)
         if self.max_depth < 1:
             raise ConfigError(
                 f"max_depth is {self.max_depth}; it must be at least 1 (1 = the paper's setting)"

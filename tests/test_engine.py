@@ -676,6 +676,26 @@ class TestErrors:
         with pytest.raises(ConfigError, match="max_iterations is 0"):
             rlm_config(max_iterations=0)
 
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("max_depth", "2"),
+            ("max_depth", True),
+            ("max_iterations", 2.5),
+            ("output_limit_chars", 1e4),
+            ("max_workers", "8"),
+            ("max_errors", 3.0),
+            ("max_pending_subcalls", False),
+        ],
+    )
+    def test_a_count_that_is_not_a_whole_number_is_named(self, field: str, value: Any) -> None:
+        """A "2" from an environment variable or a float from arithmetic: a ConfigError that
+        names the field, where it was a TypeError in a comparison, or 2.5 turns accepted."""
+        with pytest.raises(
+            ConfigError, match=f"{field} is {re.escape(repr(value))}; it must be a whole number"
+        ):
+            rlm_config(**{field: value})
+
     @pytest.mark.asyncio
     async def test_sync_completion_inside_a_running_loop_is_a_config_error(self) -> None:
         """RLM.completion() called from inside an event loop raises ConfigError pointing at
