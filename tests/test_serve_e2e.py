@@ -433,6 +433,50 @@ class TestBadInput:
         with pytest.raises(openai.BadRequestError, match="user message"):
             client.chat.completions.create(model="rlm", messages=[{"role": "system", "content": "x"}])
 
+    def test_a_context_file_that_cannot_be_used_is_the_clients_error(self, server: ServerProcess) -> None:
+        """A chat completion naming a file that does not exist is a 404, and one that is not
+        UTF-8 a 400, each with the file named (they were 500s: the file is read once the
+        query holds a slot, and its failure ended the query as a server error). Streamed,
+        the same error comes as the stream's error event. The SDK raises its own exceptions."""
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.NotFoundError, match="no file 'file-0123456789abcdef'"):
+            client.chat.completions.create(
+                model="rlm",
+                messages=[{"role": "user", "content": "how many?"}],
+                extra_body={"rlm": {"file_id": "file-0123456789abcdef"}},
+            )
+        with _client(server) as c:
+            binary = c.post(
+                "/v1/files", content=bytes(range(256)) * 8, headers={"content-type": "text/plain"}
+            )
+            file_id = binary.json()["id"]
+            ask = {
+                "model": "rlm",
+                "messages": [{"role": "user", "content": "q"}],
+                "rlm": {"file_id": file_id},
+            }
+            r = c.post("/v1/chat/completions", json=ask)
+            assert r.status_code == 400 and _error(r) == {
+                "message": f"file {file_id} is not UTF-8 text",
+                "type": "invalid_request_error",
+                "param": "file_id",
+                "code": None,
+            }
+            r = c.post(
+                "/v1/chat/completions", json={**ask, "stream": True, "rlm": {"file_id": "../etc/passwd"}}
+            )
+            assert r.status_code == 200  # a stream has begun before the query runs
+            events = [json.loads(e["data"]) for e in _sse(r.text) if e.get("data")]
+            assert events[-1] == {
+                "error": {
+                    "message": "no file '../etc/passwd'",
+                    "type": "invalid_request_error",
+                    "param": "file_id",
+                    "code": "not_found",
+                }
+            }
+        _still_serving(server)
+
     def test_body_over_the_limit_is_413(self) -> None:
         """A chat body over max_body_bytes is a 413 that points at /v1/files; a file over
         max_file_bytes is a 413 too (by Content-Length, and while streaming without one)."""

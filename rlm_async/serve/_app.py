@@ -154,6 +154,8 @@ def create_app(service: Service, keys: KeyRing) -> Starlette:
 
     def _completion_response(job: Job, model: str, completion_id: str) -> Response:
         result = job.result
+        if job.refusal is not None:
+            raise job.refusal
         if job.state == "failed" or result is None:
             raise APIError(500 if job.state == "failed" else 499, f"the query did not finish: {job.error}")
         if result["status"] == "error" and result["answer"] is None:
@@ -194,6 +196,12 @@ def create_app(service: Service, keys: KeyRing) -> Starlette:
                 if job.done:
                     break
             result = job.result
+            if job.refusal is not None:
+                refusal = job.refusal
+                yield ServerSentEvent(
+                    data=json.dumps(error_body(refusal.status, refusal.message, param=refusal.param))
+                )
+                return
             if result is None or (result["status"] == "error" and result["answer"] is None):
                 detail = job.error if result is None else f"the model server failed: {result['detail']}"
                 yield ServerSentEvent(data=json.dumps(error_body(500, f"the query did not finish: {detail}")))

@@ -25,6 +25,7 @@ from .. import _events
 from .._result import RLMResult
 from .._types import Usage
 from ._adapter import openai_usage, progress_of, result_summary, usage_of, usage_of_event
+from ._errors import APIError
 
 __all__ = ["Job", "JobState", "JobStore"]
 
@@ -53,6 +54,9 @@ class Job:
         self.result: dict[str, Any] | None = None
         """The result summary once finished: answer, status, detail, ..."""
         self.error: str | None = None
+        self.refusal: APIError | None = None
+        """The client's own error that ended the query before it ran (its context file
+        missing, or not UTF-8): a chat completion answers with its status, not a 500."""
         self.usage = Usage()
         self.feed: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=_MAX_FEED)
         """(sequence, SSE event name, data), the newest `_MAX_FEED`."""
@@ -93,8 +97,9 @@ class Job:
         self.result = result_summary(result)
         self._end("completed")
 
-    def fail(self, error: str) -> None:
+    def fail(self, error: str, *, refusal: APIError | None = None) -> None:
         self.error = error
+        self.refusal = refusal
         self._end("failed")
 
     def cancelled(self, why: str) -> None:

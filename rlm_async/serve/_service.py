@@ -275,8 +275,8 @@ class Service:
                     job.finish(result)
             if not job.done:
                 job.cancelled(job.error or "cancelled")
-        except APIError as exc:
-            job.fail(exc.message)
+        except APIError as exc:  # the request's own fault, found once it ran (its file)
+            job.fail(exc.message, refusal=exc)
         except Exception as exc:
             _log.exception("query failed", job_id=job.id)
             job.fail(f"{type(exc).__name__}: {exc}")
