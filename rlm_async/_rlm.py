@@ -37,7 +37,7 @@ from ._official_prompts import OfficialPrompt
 from ._result import RLMResult
 from ._session import Session
 from ._tools import parse_tools
-from .exceptions import ConfigError
+from .exceptions import ConfigError, ContextTypeError
 from .logger import RLMLogger, RLMMetadata
 from .sandbox import SandboxConfig, WorkerPool, check_isolation
 from .transport import OpenAITransport, Transport, require_api_key
@@ -493,6 +493,10 @@ class RLM:
         bounds them per request); `ledger_parent` puts the query's ledger under another
         ledger of this RLM's governor (a tenant's budget) instead of the process ledger.
         With `persistent=True`, calls go to this event loop's session, one at a time."""
+        if root_prompt is not None and not isinstance(root_prompt, str):
+            raise ContextTypeError(
+                f"root_prompt (the query) is a {type(root_prompt).__name__}; pass a str, or None"
+            )
         run = self._run
         if self.persistent:
             loop = anyio.lowlevel.current_token()

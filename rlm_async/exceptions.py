@@ -36,7 +36,8 @@ class ConfigError(RLMError, ValueError):
 
 
 class ContextTypeError(ConfigError, TypeError):
-    """The context is not a `str`, a `list` of `str`, or a `dict`."""
+    """The context is not a `str`, a `list` of `str`, or a `dict`; or the query
+    (`root_prompt`) is not a `str`."""
 
 
 class MissingAPIKey(ConfigError):

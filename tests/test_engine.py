@@ -652,6 +652,18 @@ class TestErrors:
         assert m.requests == []
 
     @pytest.mark.asyncio
+    async def test_a_query_that_is_not_a_str_is_refused_before_any_call(self) -> None:
+        """`root_prompt` of another type names it (it was `TypeError: object of type 'int'
+        has no len()` from deep in the engine); nothing is sent."""
+        m = Model(["FINAL(x)"])
+        bad: Any = 5
+        with pytest.raises(
+            ContextTypeError, match="root_prompt \\(the query\\) is a int; pass a str, or None"
+        ):
+            await run(m, "the context", bad)
+        assert m.requests == []
+
+    @pytest.mark.asyncio
     async def test_a_worker_that_cannot_start_raises_sandbox_error(self) -> None:
         """A sandbox that cannot run (a missing interpreter) raises SandboxError naming it."""
         m = Model(["FINAL(x)"])
