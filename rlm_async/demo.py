@@ -18,9 +18,10 @@ from ._config import ModelConfig, RLMConfig
 from ._governor import GovernorConfig, ModelPrice
 from ._result import RLMResult
 from ._rlm import RLM
+from .exceptions import ConfigError
 from .sim import KindLatency, LatencyModel, Policies, PolicySpec, SimConfig, SimProcess
 from .sim.bound import critical_path_bound
-from .workloads import Workload, make_workload
+from .workloads import Workload, make_workload, parse_size
 
 __all__ = ["DEMO_PRICES", "DemoReport", "critical_path_bound", "demo_config", "run_demo"]
 
@@ -111,6 +112,16 @@ async def run_demo(
     seed: int = 0,
     event_sinks: Sequence[_events.EventSink] = (),
 ) -> DemoReport:
+    # Checked here, in this process: the simulator's process would refuse them only as it
+    # starts, and its traceback would be all the caller saw.
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ConfigError(f"chunks is {chunks!r}; the demo fans out to at least 1 chunk")
+    try:
+        size = parse_size(tokens)
+    except ValueError as exc:
+        raise ConfigError(f"tokens: {exc}") from None
+    if size < 1:
+        raise ConfigError(f"tokens is {tokens!r}; the demo's context needs at least 1 token (e.g. 1M)")
     workload: Workload = make_workload(task, tokens, seed=seed)
     with SimProcess(sim_config(chunks, seed=seed)) as sim:
         assert sim.base_url is not None

@@ -196,6 +196,24 @@ class TestBadInput:
         line = one_line_error(cli("batch", str(source), "--out", str(out), "--config", str(SIM_TOML)))
         assert f"the directory {out.parent} does not exist; create it first" in line
 
+    @pytest.mark.parametrize(
+        ("option", "value", "said"),
+        [
+            ("--chunks", "0", "chunks is 0; the demo fans out to at least 1 chunk"),
+            (
+                "--tokens",
+                "lots",
+                "tokens: not a size: 'lots' (use e.g. 8k, 128k, 1m, 10m or a number of tokens)",
+            ),
+            ("--tokens", "0", "tokens is '0'; the demo's context needs at least 1 token"),
+        ],
+    )
+    def test_demo_sizes_it_cannot_run(self, option: str, value: str, said: str) -> None:
+        """Named in one line before the simulator starts (a chunk count of 0 was the
+        simulator process's traceback inside an unexpected RuntimeError)."""
+        line = one_line_error(cli("demo", option, value, "--json"))
+        assert line.startswith(f"rlm-async: configuration error: {said}")
+
     def test_debug_shows_the_traceback_and_keeps_the_exit_code(self, tmp_path: Path) -> None:
         """--debug adds the traceback; the one line and exit 2 stay as without it."""
         proc = cli("--debug", "run", "--context", str(tmp_path / "nope.txt"), "--query", "q")
