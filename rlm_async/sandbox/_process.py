@@ -325,11 +325,11 @@ def encode_context(context: Context) -> tuple[str, Blob]:
 
 
 async def encode_context_async(context: Context) -> tuple[str, Blob]:
-    """`encode_context`, off the event loop where it costs work: an ASCII str is encoded
-    where it is (O(1): `str.isascii` reads a flag CPython keeps, and `Utf8Text` then takes
-    its length), anything else in a worker thread (other text is measured by encoding it,
-    a list or dict is dumped as JSON: tens of milliseconds at 40 MB). A query's start was
-    paying a thread round trip for the first case, which is every ASCII context."""
+    """`encode_context` without holding up the event loop: an ASCII str on the loop, where
+    it is O(1) (`str.isascii` reads a flag CPython keeps, and `Utf8Text` then takes its
+    length); anything else in a worker thread (other text is measured by encoding it, a list
+    or dict is dumped as JSON: tens of milliseconds at 40 MB). Every ASCII context used to
+    pay a thread round trip for nothing."""
     if isinstance(context, str) and context.isascii():
         return encode_context(context)
     return await anyio.to_thread.run_sync(encode_context, context)
