@@ -41,7 +41,7 @@ from ._context import Context
 from ._result import RLMResult
 from ._sockets import port_arg
 from ._version import __version__
-from .exceptions import ConfigError, RLMError
+from .exceptions import ConfigError, MissingAPIKey, RLMError
 from .sandbox import ISOLATION_TIERS, SandboxConfig
 from .sandbox import diagnose as diagnose_sandbox
 from .sandbox import render as render_sandbox
@@ -591,7 +591,16 @@ async def _doctor(args: argparse.Namespace) -> int:
     opened: list[Transport] = []
 
     def transport_for(m: Any) -> Transport:
-        opened.append(OpenAITransport(m.base_url, api_key_env=m.api_key_env))
+        try:
+            opened.append(OpenAITransport(m.base_url, api_key_env=m.api_key_env))
+        except MissingAPIKey as exc:
+            if args.config:
+                raise
+            # With no --config this checks OpenAI's defaults, which a first try rarely means.
+            raise CLIError(
+                f"{exc}; or check the bundled simulator and this machine's sandbox with "
+                "`rlm-async doctor --config configs/sim.toml`, or the sandbox alone with `--sandbox`"
+            ) from None
         return opened[-1]
 
     try:

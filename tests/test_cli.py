@@ -214,6 +214,13 @@ class TestBadInput:
         line = one_line_error(cli("demo", option, value, "--json"))
         assert line.startswith(f"rlm-async: configuration error: {said}")
 
+    def test_doctor_with_no_config_and_no_key_points_at_the_simulator(self) -> None:
+        """With no --config, doctor checks OpenAI's defaults; without a key it says which
+        variable to set and how to check the bundled simulator or the sandbox instead."""
+        line = one_line_error(cli("doctor"))
+        assert "OPENAI_API_KEY" in line
+        assert "`rlm-async doctor --config configs/sim.toml`" in line and "`--sandbox`" in line
+
     def test_debug_shows_the_traceback_and_keeps_the_exit_code(self, tmp_path: Path) -> None:
         """--debug adds the traceback; the one line and exit 2 stay as without it."""
         proc = cli("--debug", "run", "--context", str(tmp_path / "nope.txt"), "--query", "q")
