@@ -122,7 +122,7 @@ async def run_demo(
         raise ConfigError(f"tokens: {exc}") from None
     if size < 1:
         raise ConfigError(f"tokens is {tokens!r}; the demo's context needs at least 1 token (e.g. 1M)")
-    workload: Workload = make_workload(task, tokens, seed=seed)
+    workload: Workload = make_workload(task, size, seed=seed)
     with SimProcess(sim_config(chunks, seed=seed)) as sim:
         assert sim.base_url is not None
         async with RLM(config=demo_config(sim.base_url)) as rlm:

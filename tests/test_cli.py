@@ -191,7 +191,7 @@ class TestBadInput:
 
     def test_a_batch_output_in_a_missing_directory(self, tmp_path: Path) -> None:
         source = tmp_path / "in.jsonl"
-        source.write_text('{"id": 1, "query": "q", "context": "c"}\\n')
+        source.write_text('{"id": 1, "query": "q", "context": "c"}\n')
         out = tmp_path / "missing" / "out.jsonl"
         line = one_line_error(cli("batch", str(source), "--out", str(out), "--config", str(SIM_TOML)))
         assert f"the directory {out.parent} does not exist; create it first" in line
