@@ -49,7 +49,8 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
-from ._types import ModelRequest
+from ._prompt_batch import common_prefix_len
+from ._types import ModelRequest, PrefixedMessage
 from .exceptions import ConfigError
 
 __all__ = [
@@ -391,20 +392,21 @@ def _shared_prefix_text(requests: Sequence[ModelRequest]) -> str:
         first = requests[0].messages[k]
         if any(r.messages[k].role != first.role for r in requests):
             break
-        contents = [r.messages[k].content for r in requests]
-        if all(c is first.content or c == first.content for c in contents):
-            parts.append(first.role + first.content)
+        messages = [r.messages[k] for r in requests]
+        head = first.prefix if isinstance(first, PrefixedMessage) else ""
+        prefixed = (
+            [m for m in messages if isinstance(m, PrefixedMessage) and m.prefix is head] if head else []
+        )
+        if head and len(prefixed) == len(messages):
+            # A fan-out's prompts with their prefix held once: compared past it, not joined.
+            contents = [m.rest for m in prefixed]
+        else:
+            head, contents = "", [m.content for m in messages]
+        if all(c is contents[0] or c == contents[0] for c in contents):
+            parts.append(first.role + head + contents[0])
             continue
         lo, hi = min(contents), max(contents)
-        # Binary search on slice equality: C-speed comparisons instead of a char-by-char loop.
-        good, bad = 0, min(len(lo), len(hi)) + 1
-        while bad - good > 1:
-            mid = (good + bad) // 2
-            if lo[:mid] == hi[:mid]:
-                good = mid
-            else:
-                bad = mid
-        parts.append(first.role + lo[:good])
+        parts.append(first.role + head + lo[: common_prefix_len(lo, hi)])
         break
     return "".join(parts)
 

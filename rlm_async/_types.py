@@ -28,6 +28,48 @@ class Message:
     def to_dict(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}
 
+    def chars(self) -> int:
+        """Characters of content (without joining a `PrefixedMessage`'s)."""
+        return len(self.content)
+
+
+class PrefixedMessage(Message):
+    """A message whose content is a prefix shared with other messages and a rest of its own,
+    joined on each read of `content`. A fan-out's sub-call prompts usually repeat the same
+    instructions before each chunk: its requests hold them once (`SharedPrefixPrompts`),
+    for as long as the calls are in flight, and a whole prompt exists only while something
+    reads it (the request body as it is written, a journal key, a token count).
+
+    It is a `Message` to every reader: `content` is a `str`, equality and hash are those of
+    a `Message` with the same role and content, and it pickles as one."""
+
+    __slots__ = ("prefix", "rest")
+    prefix: str
+    rest: str
+
+    def __init__(self, role: Role, prefix: str, rest: str) -> None:
+        object.__setattr__(self, "role", role)
+        object.__setattr__(self, "prefix", prefix)
+        object.__setattr__(self, "rest", rest)
+
+    @property
+    def content(self) -> str:
+        return self.prefix + self.rest
+
+    def chars(self) -> int:
+        return len(self.prefix) + len(self.rest)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return self.role == other.role and self.content == other.content
+
+    def __hash__(self) -> int:
+        return hash((self.role, self.content))
+
+    def __reduce__(self) -> tuple[type[Message], tuple[Role, str]]:
+        return Message, (self.role, self.content)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelRequest:
@@ -44,7 +86,7 @@ class ModelRequest:
     """More body fields sent as they are (`ModelConfig.sampling`); part of the journal key."""
 
     def prompt_chars(self) -> int:
-        return sum(len(m.content) for m in self.messages)
+        return sum(m.chars() for m in self.messages)
 
 
 @dataclass(frozen=True, slots=True)

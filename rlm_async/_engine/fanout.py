@@ -39,10 +39,11 @@ import structlog
 from .._cache import BatchPlan
 from .._config import HedgeConfig, ModelConfig
 from .._gc import long_lived_frozen
+from .._prompt_batch import SharedPrefixPrompts
 from .._prompts import sub_system_prompt
 from .._result import SubCallFailure, SubCallResult
 from .._tree import Node
-from .._types import Message, ModelRequest
+from .._types import Message, ModelRequest, PrefixedMessage
 from ..exceptions import BudgetExceeded, SandboxError, TransportError
 from ..logger import LoggedCall
 from ..sandbox import OnResult, ToolCallError, WorkerRequest
@@ -213,16 +214,19 @@ class SubCallHandler:
 
     async def plain(
         self,
-        prompt: str,
         request: ModelRequest,
         model: ModelConfig,
         hedge: tuple[FanoutHedger, int] | None = None,
         prepared: PreparedCall | None = None,
     ) -> str:
+        """A plain sub-call: `request`'s last message is the prompt. Read only once the call
+        has ended: a shared-prefix prompt is joined for that moment, not held while the
+        call is in flight."""
         started = self._engine.clock()
         completion = await self._calls.call_model(
             self._node, self._depth + 1, "sub", request, model, hedge=hedge, prepared=prepared
         )
+        prompt = request.messages[-1].content
         self._keep(prompt, completion.text)
         if self._observed is not None:
             self._observed.append(
@@ -387,17 +391,16 @@ class _FanOut:
                     await self._gates[i].release()
 
     async def _one(self, i: int) -> None:
-        prompt = self._prompts[i]
         try:
             if self._plan is None:
-                self.results[i] = await self._handler.child(prompt)
+                self.results[i] = await self._handler.child(self._prompts[i])
             else:
                 hedge = None if self._hedger is None else (self._hedger, i)
                 prepared = None
                 if self._prepared:
                     prepared, self._prepared[i] = self._prepared[i], None
                 self.results[i] = await self._handler.plain(
-                    prompt, self._plan.requests[i], self._model, hedge, prepared
+                    self._plan.requests[i], self._model, hedge, prepared
                 )
         except BudgetExceeded as exc:
             self.refused.append(exc)
@@ -462,12 +465,18 @@ class AdmissionRefused(Exception):
 
 def _sub_requests(prompts: Sequence[str], model: ModelConfig, *, system: bool = True) -> list[ModelRequest]:
     """`system`: rlm_async's sub-call system prompt first; without it, the prompt alone as
-    one user message, as the official package sends its plain sub-calls."""
-    return [_sub_request(p, model, system=system) for p in prompts]
+    one user message, as the official package sends its plain sub-calls. Prompts that
+    share a prefix keep it shared in their messages."""
+    if isinstance(prompts, SharedPrefixPrompts):
+        prefix = prompts.prefix
+        return [
+            _sub_request(PrefixedMessage("user", prefix, rest), model, system=system)
+            for rest in prompts.rests
+        ]
+    return [_sub_request(Message("user", p), model, system=system) for p in prompts]
 
 
-def _sub_request(prompt: str, model: ModelConfig, *, system: bool = True) -> ModelRequest:
-    user = Message("user", prompt)
+def _sub_request(user: Message, model: ModelConfig, *, system: bool = True) -> ModelRequest:
     return ModelRequest(
         model=model.model,
         messages=(Message("system", sub_system_prompt()), user) if system else (user,),

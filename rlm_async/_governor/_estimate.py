@@ -58,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .._types import ModelRequest
+from .._types import Message, ModelRequest, PrefixedMessage
 from ..exceptions import ConfigError
 
 __all__ = ["CharsPerTokenEstimator", "TokenEstimator", "TokenizerEstimator", "Utf8BytesEstimator"]
@@ -74,6 +74,13 @@ class TokenEstimator(Protocol):
 def _utf8_len(text: str) -> int:
     # `isascii` is O(1) in CPython (a flag on the string), so the common case costs nothing.
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _message_utf8_len(message: Message) -> int:
+    """A message's UTF-8 bytes; a `PrefixedMessage`'s without joining its two parts."""
+    if isinstance(message, PrefixedMessage):
+        return _utf8_len(message.prefix) + _utf8_len(message.rest)
+    return _utf8_len(message.content)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,7 +102,7 @@ class Utf8BytesEstimator:
             )
 
     def prompt_tokens(self, request: ModelRequest) -> int:
-        body = sum(_utf8_len(m.content) + self.per_message_tokens for m in request.messages)
+        body = sum(_message_utf8_len(m) + self.per_message_tokens for m in request.messages)
         return body + self.per_request_tokens
 
 
@@ -153,5 +160,5 @@ class CharsPerTokenEstimator:
 
     def prompt_tokens(self, request: ModelRequest) -> int:
         per = self.chars_per_token
-        body = sum(math.ceil(len(m.content) / per) + self.per_message_tokens for m in request.messages)
+        body = sum(math.ceil(m.chars() / per) + self.per_message_tokens for m in request.messages)
         return body + self.per_request_tokens

@@ -13,6 +13,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
+from .._prompt_batch import prompt_chars
 from ..exceptions import BudgetExceeded, SandboxError
 from ._channel import Channel, ChannelClosed, ProtocolViolation
 from ._config import RequestHandler, SandboxConfig, ToolCallError, WorkerRequest
@@ -155,7 +156,7 @@ class CellExchange:
         pending = self._pending
         if rid in pending:
             raise ProtocolViolation(f"request id {rid} reused while pending")
-        size = sum(map(len, request.prompts))
+        size = prompt_chars(request.prompts)
         if (
             len(pending) >= _MAX_PENDING_REQUESTS
             or sum(pending.values()) + size > 4 * self._config.max_message_bytes

@@ -3,7 +3,7 @@ of a cell. Re-exported by `rlm_async.sandbox`, the public face."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -173,8 +173,8 @@ class WorkerRequest:
     """A sub-call the code asked for. Untrusted data: sizes are checked, content is not."""
 
     op: Literal["llm_query", "llm_batch", "llm_batch_stream", "rlm_query", "rlm_batch", "tool"]
-    prompts: tuple[str, ...]
-    """The prompts; for "tool", one: the call's arguments as JSON text
+    prompts: Sequence[str]
+    """The prompts (a `SharedPrefixPrompts` where they share a long prefix); for "tool", one: the call's arguments as JSON text
     (`{"args": [...], "kwargs": {...}}`), untrusted."""
     model: str | None
     hedge: bool | None = None

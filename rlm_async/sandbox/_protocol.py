@@ -5,9 +5,11 @@ explained. Everything a worker sends is untrusted; a frame that breaks the proto
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._prompt_batch import SharedPrefixPrompts, shared_prefix_bytes
 from . import _bootstrap as proto
 from ._channel import ProtocolViolation
 from ._config import CellStatus, SandboxConfig, WorkerRequest
@@ -37,10 +39,12 @@ def clean(text: str) -> str:
     return text
 
 
-def _split_prompts(lengths: object, blob: bytearray) -> tuple[str, ...]:
+def _split_prompts(lengths: object, blob: bytearray) -> Sequence[str]:
     """A request's blob cut at `lengths` (bytes), each piece strict UTF-8: the decoder
     refuses lone surrogates and broken sequences, so what `clean` ensures for JSON strings
     holds here without a second pass (an honest worker already sent '?' for a surrogate).
+    A prefix every prompt shares (`shared_prefix_bytes`) is decoded once and kept once
+    (`SharedPrefixPrompts`).
 
     The blob is consumed: cut from its end, each decoded prompt's bytes are dropped, and a
     bytearray hands its memory back each time it shrinks below half. The peak is the prompts
@@ -52,18 +56,26 @@ def _split_prompts(lengths: object, blob: bytearray) -> tuple[str, ...]:
     total = sum(lengths)
     if total != len(blob):
         raise ProtocolViolation(f"request lengths add up to {total:,} bytes but the blob has {len(blob):,}")
+    shared = shared_prefix_bytes(blob, lengths)
+    prefix = _decode(blob, 0, shared, 0, 0) if shared else ""
     prompts = [""] * len(lengths)
     for i in range(len(lengths) - 1, -1, -1):
         start = len(blob) - lengths[i]
-        try:
-            with memoryview(blob) as view:  # released before the cut: a bytearray with a view cannot shrink
-                prompts[i] = str(view[start:], "utf-8")
-        except UnicodeDecodeError as exc:
-            raise ProtocolViolation(
-                f"request prompt {i} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
-            ) from None
+        prompts[i] = _decode(blob, start + shared, len(blob), i, shared)
         del blob[start:]
-    return tuple(prompts)
+    return SharedPrefixPrompts(prefix, tuple(prompts)) if shared else tuple(prompts)
+
+
+def _decode(blob: bytearray, start: int, end: int, index: int, offset: int) -> str:
+    """`blob[start:end]` as strict UTF-8, with no copy of the bytes; prompt `index`, whose
+    bytes from `offset` these are, is a violation if it is not valid UTF-8."""
+    try:
+        with memoryview(blob) as view:  # released before the cut: a bytearray with a view cannot shrink
+            return str(view[start:end], "utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolViolation(
+            f"request prompt {index} is not valid UTF-8 ({exc.reason} at byte {offset + exc.start})"
+        ) from None
 
 
 def parse_request(
