@@ -10,6 +10,7 @@ them and is the only place that knows the TOML layout.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -151,8 +152,33 @@ class ModelConfig:
             raise ConfigError(
                 f"server is {self.server!r}; use 'auto', 'off' or one of {', '.join(SERVER_KINDS)}"
             )
-        if self.context_window is not None and self.context_window < 1:
-            raise ConfigError(f"context_window is {self.context_window}; use a positive number or None")
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"model is {self.model!r}; name the model the endpoint serves")
+        if self.max_tokens is not None:
+            _whole_number("max_tokens", self.max_tokens, or_none=True)
+            if self.max_tokens < 1:
+                raise ConfigError(
+                    f"max_tokens is {self.max_tokens}; use a positive number of tokens, or None"
+                )
+        if self.temperature is not None and not (
+            isinstance(self.temperature, int | float)
+            and not isinstance(self.temperature, bool)
+            and math.isfinite(self.temperature)
+            and self.temperature >= 0
+        ):
+            raise ConfigError(
+                f"temperature is {self.temperature!r}; use a number >= 0 (0 to 2 on OpenAI), or None"
+            )
+        if (
+            isinstance(self.timeout_s, bool)
+            or not isinstance(self.timeout_s, int | float)
+            or not self.timeout_s > 0
+        ):
+            raise ConfigError(f"timeout_s is {self.timeout_s!r}; use a number of seconds > 0")
+        if self.context_window is not None:
+            _whole_number("context_window", self.context_window, or_none=True)
+            if self.context_window < 1:
+                raise ConfigError(f"context_window is {self.context_window}; use a positive number or None")
 
     def cache_settings(self) -> CacheSettings:
         if self.cache is not None:
@@ -430,7 +456,8 @@ def _load(cls: type[T], data: Any, table: str, source: str, readers: Mapping[typ
     }
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ConfigError) as exc:
+        # The dataclass's own check names the field; the file and table say where it is.
         raise ConfigError(f"{source}: [{table}]: {exc}") from None
 
 

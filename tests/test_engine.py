@@ -20,6 +20,7 @@ import anyio
 import pytest
 from conftest import EventLog, NetworkAccessDenied, model, rlm_config, sandbox_config
 
+from rlm_async._config import RLMConfig
 from rlm_async._events import (
     CallFinish,
     CallStart,
@@ -707,6 +708,38 @@ class TestErrors:
             ConfigError, match=f"{field} is {re.escape(repr(value))}; it must be a whole number"
         ):
             rlm_config(**{field: value})
+
+    @pytest.mark.parametrize(
+        ("fields", "match"),
+        [
+            ({"max_tokens": -5}, "max_tokens is -5; use a positive number of tokens, or None"),
+            ({"max_tokens": 0}, "max_tokens is 0; use a positive number"),
+            ({"max_tokens": 2.5}, "max_tokens is 2.5; it must be a whole number"),
+            ({"temperature": -0.1}, r"temperature is -0.1; use a number >= 0"),
+            ({"temperature": float("nan")}, "temperature is nan; use a number >= 0"),
+            ({"temperature": "0.7"}, "temperature is '0.7'; use a number >= 0"),
+            ({"timeout_s": 0}, "timeout_s is 0; use a number of seconds > 0"),
+            ({"timeout_s": float("nan")}, "timeout_s is nan; use a number of seconds > 0"),
+            ({"model": ""}, "model is ''; name the model the endpoint serves"),
+            ({"context_window": 8192.0}, "context_window is 8192.0; it must be a whole number"),
+        ],
+    )
+    def test_a_model_setting_out_of_range_is_named(self, fields: dict[str, Any], match: str) -> None:
+        """A negative max_tokens was sent as it was and reserved as a negative budget (the
+        governor then warned of every call "output_tokens 0 > reserved -5"); a NaN timeout
+        or temperature reached the wire. Each is refused by name."""
+        with pytest.raises(ConfigError, match=match):
+            model("m", **fields)
+
+    def test_a_config_files_error_names_the_file_and_table(self, tmp_path: Any) -> None:
+        """The dataclass's own check names the field; the file and table say where it is."""
+        path = tmp_path / "bad.toml"
+        path.write_text('[rlm]\nmax_depth = "2"\n[root]\nmodel = "m"\nmax_tokens = -5\n', encoding="utf-8")
+        with pytest.raises(ConfigError, match=re.escape(f"{path}: [root]: max_tokens is -5")):
+            RLMConfig.from_toml(path)
+        path.write_text('[rlm]\nmax_depth = "2"\n[root]\nmodel = "m"\n', encoding="utf-8")
+        with pytest.raises(ConfigError, match=re.escape(f"{path}: [rlm]: max_depth is '2'")):
+            RLMConfig.from_toml(path)
 
     @pytest.mark.asyncio
     async def test_sync_completion_inside_a_running_loop_is_a_config_error(self) -> None:
