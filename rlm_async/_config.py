@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ._cache import CacheSettings
+from ._checks import is_number, is_whole_number
 from ._governor import BudgetLimits, EndpointLimits, GovernorConfig, ModelPrice
 from ._official_prompts import OfficialPrompt
 from ._servers import SERVER_KINDS
@@ -161,19 +162,12 @@ class ModelConfig:
                     f"max_tokens is {self.max_tokens}; use a positive number of tokens, or None"
                 )
         if self.temperature is not None and not (
-            isinstance(self.temperature, int | float)
-            and not isinstance(self.temperature, bool)
-            and math.isfinite(self.temperature)
-            and self.temperature >= 0
+            is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0
         ):
             raise ConfigError(
                 f"temperature is {self.temperature!r}; use a number >= 0 (0 to 2 on OpenAI), or None"
             )
-        if (
-            isinstance(self.timeout_s, bool)
-            or not isinstance(self.timeout_s, int | float)
-            or not self.timeout_s > 0
-        ):
+        if not is_number(self.timeout_s) or not self.timeout_s > 0:
             raise ConfigError(f"timeout_s is {self.timeout_s!r}; use a number of seconds > 0")
         if self.context_window is not None:
             _whole_number("context_window", self.context_window, or_none=True)
@@ -194,7 +188,7 @@ _ENGINE_FIELDS = frozenset(
 
 
 def _whole_number(name: str, value: object, *, or_none: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_whole_number(value):
         raise ConfigError(
             f"{name} is {value!r}; it must be a whole number (an int){', or None' if or_none else ''}"
         )

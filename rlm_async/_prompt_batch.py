@@ -88,12 +88,13 @@ def shared_prefix_bytes(blob: bytes | bytearray, lengths: Sequence[int]) -> int:
                 return 0
             prefix = prefix[:good]
         start += length
-    return _char_boundary(prefix, len(prefix))
+    return _char_boundary(prefix)
 
 
-def _char_boundary(data: bytes, n: int) -> int:
-    """The largest cut at or before `n` that splits no UTF-8 sequence of `data` (invalid
-    bytes are left for the strict decode to refuse)."""
+def _char_boundary(data: bytes) -> int:
+    """The longest start of `data` that ends no UTF-8 sequence part-way (invalid bytes are
+    left for the strict decode to refuse)."""
+    n = len(data)
     i = n - 1
     while i > n - 4 and i >= 0 and data[i] & 0xC0 == 0x80:  # continuation bytes: back to the lead
         i -= 1

@@ -17,6 +17,7 @@ from rlm_async._governor import (
     BudgetLedger,
     BudgetLimits,
     Charge,
+    EndpointLimits,
     Governor,
     GovernorConfig,
     ManualClock,
@@ -39,6 +40,34 @@ class TestLimits:
         assert BudgetLimits().unlimited
         with pytest.raises(ConfigError, match=r"BudgetLimits.max_usd is -1"):
             BudgetLimits(max_usd=-1)
+
+    @pytest.mark.parametrize(
+        ("fields", "match"),
+        [
+            ({"max_usd": "5"}, r"BudgetLimits.max_usd is '5'; use a number >= 0"),
+            ({"max_calls": True}, r"BudgetLimits.max_calls is True; use a number >= 0"),
+            ({"max_calls": 2.5}, r"BudgetLimits.max_calls is 2.5; use a whole number \(1_000_000 in TOML\)"),
+            ({"max_total_tokens": 1e6}, r"BudgetLimits.max_total_tokens is 1000000.0; use a whole number"),
+        ],
+    )
+    def test_a_cap_that_is_not_a_number_is_named(self, fields: dict[str, object], match: str) -> None:
+        """A str from a config or an environment variable was a TypeError from a comparison;
+        a bool was taken as 0 or 1; a fraction of a call or a token was accepted."""
+        with pytest.raises(ConfigError, match=match):
+            BudgetLimits(**fields)  # type: ignore[arg-type]
+        assert BudgetLimits(max_usd=2, max_seconds=0.5, max_total_tokens=10).max_usd == 2
+
+    @pytest.mark.parametrize(
+        ("fields", "match"),
+        [
+            ({"requests_per_minute": "60"}, r"EndpointLimits.requests_per_minute is '60'; use a number"),
+            ({"max_concurrency": 2.5}, r"EndpointLimits.max_concurrency is 2.5; use a whole number >= 1"),
+            ({"min_concurrency": True}, r"EndpointLimits.min_concurrency is True; use a whole number >= 1"),
+        ],
+    )
+    def test_a_limit_that_is_not_a_number_is_named(self, fields: dict[str, object], match: str) -> None:
+        with pytest.raises(ConfigError, match=match):
+            EndpointLimits(**fields)  # type: ignore[arg-type]
 
     def test_official_mapping(self) -> None:
         """max_budget -> max_usd, max_tokens -> max_total_tokens, max_timeout -> max_seconds."""

@@ -18,6 +18,7 @@ BOOTSTRAP = PACKAGE / "sandbox" / "_bootstrap.py"
 LAYERS: dict[str, int] = {
     "_types": 0,
     "_text": 0,
+    "_checks": 0,
     "_prompt_batch": 0,
     "_version": 0,
     "exceptions": 0,

@@ -34,6 +34,7 @@ from typing import Protocol
 
 import structlog
 
+from .._checks import is_number, is_whole_number
 from .._events import BudgetRefuse, BudgetReserve, BudgetSettle, emit
 from .._types import Usage
 from ..exceptions import BudgetExceeded, ConfigError
@@ -77,8 +78,14 @@ class BudgetLimits:
             "max_seconds",
         ):
             value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise ConfigError(f"BudgetLimits.{name} is {value}; use a number >= 0, or None for no cap")
+            if value is None:
+                continue
+            if not is_number(value) or not value >= 0:
+                raise ConfigError(f"BudgetLimits.{name} is {value!r}; use a number >= 0, or None for no cap")
+            if name not in ("max_usd", "max_seconds") and not is_whole_number(value):
+                raise ConfigError(
+                    f"BudgetLimits.{name} is {value!r}; use a whole number (1_000_000 in TOML), or None for no cap"
+                )
 
     @classmethod
     def from_official(

@@ -32,6 +32,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from .._checks import is_number, is_whole_number
 from .._descriptors import connection_budget
 from .._events import LimiterResize, LimiterWait, RateLimitPause, emit
 from .._types import Completion, RateLimitInfo
@@ -80,6 +81,19 @@ class EndpointLimits:
     """How long a 429 that names no `retry-after` pauses the endpoint+model."""
 
     def __post_init__(self) -> None:
+        for name in ("max_concurrency", "min_concurrency"):
+            value = getattr(self, name)
+            if value is not None and not is_whole_number(value):
+                raise ConfigError(f"EndpointLimits.{name} is {value!r}; use a whole number >= 1")
+        for name in (
+            "requests_per_minute",
+            "tokens_per_minute",
+            "decrease_factor",
+            "pause_without_retry_after_s",
+        ):
+            value = getattr(self, name)
+            if value is not None and not is_number(value):
+                raise ConfigError(f"EndpointLimits.{name} is {value!r}; use a number")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ConfigError(f"EndpointLimits.max_concurrency is {self.max_concurrency}; use >= 1 or None")
         if self.min_concurrency < 1:
