@@ -62,6 +62,8 @@ class Server:
         )
         self.clients: list[tuple[str, int]] = []
         self.bodies: list[dict[str, Any]] = []
+        self.delay_s = 0.0
+        """How long each reply waits before it is sent."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -76,6 +78,8 @@ class Server:
         body = json.loads(raw)
         self.bodies.append(body)
         status, headers, content = self.reply(body)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         await send(
             {
                 "type": "http.response.start",
@@ -158,6 +162,64 @@ class TestCompletions:
         await t.aclose()
         assert c.rate_limit is not None
         assert (c.rate_limit.remaining_requests, c.rate_limit.reset_tokens_s) == (7, 360.0)
+
+
+class TestDeadlines:
+    """One task keeps the time limit of every request in flight on a transport (no timer
+    per request): what a caller can observe is the same, a `ConnectionFailed` that says
+    the request timed out."""
+
+    @pytest.mark.asyncio
+    async def test_requests_past_their_limit_time_out_and_nothing_is_left(
+        self, server: tuple[Server, str]
+    ) -> None:
+        """30 requests to a server that answers none within the limit: each fails as timed
+        out, and the transport's book of deadlines is empty after."""
+        app, url = server
+        app.delay_s = 2.0
+        transport = OpenAITransport(url, api_key_env=None, timeout_s=0.3)
+        try:
+            results = await asyncio.gather(
+                *(transport.complete(request()) for _ in range(30)), return_exceptions=True
+            )
+        finally:
+            await transport.aclose()
+        assert len(app.bodies) == 30
+        assert all(isinstance(r, ConnectionFailed) and "timed out" in str(r) for r in results), results
+        assert len(transport._deadlines) == 0
+
+    @pytest.mark.asyncio
+    async def test_one_keeper_while_requests_are_in_flight_and_none_after(
+        self, server: tuple[Server, str]
+    ) -> None:
+        """20 requests answered within their limit: one keeper task while they are in
+        flight, whatever their number; it ends once none is left."""
+        app, url = server
+        app.delay_s = 0.2
+        transport = OpenAITransport(url, api_key_env=None, timeout_s=0.8)  # the keeper ticks every 0.1 s
+
+        def keepers() -> list[asyncio.Task[Any]]:
+            return [
+                t
+                for t in asyncio.all_tasks()
+                if t.get_name() == "rlm_async transport deadlines" and not t.done()
+            ]
+
+        try:
+            calls = [asyncio.ensure_future(transport.complete(request())) for _ in range(20)]
+            while len(app.bodies) < 20:  # noqa: ASYNC110 - the server's own count, polled
+                await asyncio.sleep(0.01)
+            during = len(keepers())
+            completions = await asyncio.gather(*calls)
+            for _ in range(100):  # the keeper ends at its next tick with nothing in flight
+                if not keepers():
+                    break
+                await asyncio.sleep(0.02)
+            after = len(keepers())
+        finally:
+            await transport.aclose()
+        assert [c.text for c in completions] == ["hi"] * 20
+        assert (during, after, len(transport._deadlines)) == (1, 0, 0)
 
 
 class TestErrors:
