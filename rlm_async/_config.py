@@ -109,7 +109,8 @@ class ModelConfig:
     temperature-0 call is one answer however often it is asked; a sampled call is replayed
     occurrence by occurrence (see `RLMConfig.journal_reuse_nondeterministic`)."""
     timeout_s: float = 600.0
-    """Per-request HTTP timeout."""
+    """Per-request HTTP timeout: from the request's start (waiting for a connection included)
+    to its whole answer; the transport checks it every eighth of it (at most every second)."""
     prices: ModelPrice | None = None
     """Overrides the price table for this model (e.g. all zero for a self-hosted model)."""
     limits: EndpointLimits = field(default_factory=EndpointLimits)
