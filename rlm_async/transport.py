@@ -316,7 +316,7 @@ class _Deadlines:
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
-        self._tick_s = min(1.0, timeout_s / 8)
+        self._tick_s = min(1.0, max(timeout_s / 8, 0.01))
         self._live: dict[asyncio.Timeout, float] = {}
         """Each request's timeout, with the loop time it expires at."""
         self._keeper: asyncio.Task[None] | None = None
@@ -350,7 +350,10 @@ class _Deadlines:
             now = loop.time()
             for timeout, expiry in list(self._live.items()):
                 if expiry <= now and timeout.when() is None:
-                    timeout.reschedule(now)  # raises TimeoutError in the request's task
+                    try:
+                        timeout.reschedule(now)  # raises TimeoutError in the request's task
+                    except RuntimeError:  # not entered, or already left: nothing to expire
+                        pass
 
 
 class _DirectConnector(aiohttp.TCPConnector):
