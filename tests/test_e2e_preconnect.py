@@ -95,6 +95,10 @@ class Watch:
     def most_between(self, start: float, end: float) -> int:
         return max((n for t, n in self.samples if start <= t <= end), default=0)
 
+    def at(self, when: float) -> int:
+        """The last sample taken at or before `when`."""
+        return max(((t, n) for t, n in self.samples if t <= when), default=(0.0, 0))[1]
+
 
 @dataclass
 class Run:
@@ -158,10 +162,15 @@ class TestFollowersFindTheirConnectionsOpen:
         assert with_preconnect.watch.most_between(warmup.arrival, warmup.finish) >= followers + 1
 
     def test_without_it_the_followers_open_theirs_after(self, without: Run) -> None:
-        """The control: with `_preconnect` a no-op, the same watch sees only the root's and
-        the warm-up's connections while the warm-up is at the server."""
+        """The control: with `_preconnect` a no-op, no follower arrives while the warm-up
+        is at the server, and no connection opens then beyond those already open when it
+        arrived (idle in the pool after the root's calls and the server's identification)
+        and the warm-up's own. (A fixed bound of 3 failed once in a full run on a loaded
+        machine, 7 seen in the window; what was open before it was not recorded.)"""
         warmup = without.warmup
-        assert without.watch.most_between(warmup.arrival, warmup.finish) <= 3
+        assert all(e.arrival >= warmup.finish for e in without.subs if e is not warmup)
+        before = without.watch.at(warmup.arrival)
+        assert without.watch.most_between(warmup.arrival, warmup.finish) <= max(3, before + 1), before
 
     def test_the_followers_take_those_connections_rather_than_open_more(
         self, with_preconnect: Run, without: Run
