@@ -45,7 +45,11 @@ INSTRUCTIONS = "Count the records below whose label is 'abbreviation'. Answer wi
 
 def _frame(prompts: list[str]) -> tuple[dict[str, object], bytearray, list[int]]:
     """A batch request frame of `prompts`, its blob and its lengths."""
-    parts = [p.encode() for p in prompts]
+    return _frame_bytes([p.encode() for p in prompts])
+
+
+def _frame_bytes(parts: list[bytes]) -> tuple[dict[str, object], bytearray, list[int]]:
+    """A batch request frame of prompts given as bytes (valid UTF-8 or not)."""
     lengths = [len(b) for b in parts]
     msg = {"op": "request", "id": 1, "kind": "llm_batch", "model": None, "lengths": lengths}
     return msg, bytearray(b"".join(parts)), lengths
@@ -123,32 +127,18 @@ class TestParsing:
 
     def test_a_bad_byte_after_the_prefix_names_its_prompt_and_offset(self) -> None:
         """Offsets count from the prompt's start, prefix included."""
-        parts = [INSTRUCTIONS.encode() + b"ok", INSTRUCTIONS.encode() + b"a\xff"]
-        msg = {
-            "op": "request",
-            "id": 1,
-            "kind": "llm_batch",
-            "model": None,
-            "lengths": [len(b) for b in parts],
-        }
+        msg, blob, _ = _frame_bytes([INSTRUCTIONS.encode() + b"ok", INSTRUCTIONS.encode() + b"a\xff"])
         with pytest.raises(
             ProtocolViolation,
             match=rf"request prompt 1 is not valid UTF-8 .* at byte {len(INSTRUCTIONS) + 1}",
         ):
-            parse_request(msg, bytearray(b"".join(parts)))
+            parse_request(msg, blob)
 
     def test_a_bad_byte_in_the_prefix_is_refused(self) -> None:
         bad = b"\xff" + INSTRUCTIONS.encode()
-        parts = [bad + b"1", bad + b"2"]
-        msg = {
-            "op": "request",
-            "id": 1,
-            "kind": "llm_batch",
-            "model": None,
-            "lengths": [len(b) for b in parts],
-        }
+        msg, blob, _ = _frame_bytes([bad + b"1", bad + b"2"])
         with pytest.raises(ProtocolViolation, match=r"request prompt 0 is not valid UTF-8 .* at byte 0"):
-            parse_request(msg, bytearray(b"".join(parts)))
+            parse_request(msg, blob)
 
 
 class TestSharedPrefixPrompts:
