@@ -121,7 +121,8 @@ class Transport(ABC):
         """Open up to `n` connections to the server now and leave them idle, for requests
         about to be sent (a fan-out's followers, while their warm-up is in flight); returns
         how many are ready. Sends no request. The default (test doubles, custom wires) opens
-        nothing and returns 0. Cancelled, it keeps what it opened."""
+        nothing and returns 0. Cancelled, it keeps what it opened, and ends promptly: the
+        followers are released only once it has ended, to find those connections."""
         return 0
 
     async def probe(

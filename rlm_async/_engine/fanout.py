@@ -305,6 +305,8 @@ class _FanOut:
         """Followers' calls prepared while their warm-up is in flight, by index."""
         self._preconnecting = anyio.CancelScope()
         """Opening the followers' connections (`_preconnect`), until a warm-up ends."""
+        self._preconnected: anyio.Event | None = None
+        """Set when `_preconnect`, once begun, has ended: its connections are in the pool."""
 
     async def run(self) -> None:
         n = len(self._prompts)
@@ -343,8 +345,12 @@ class _FanOut:
         that their release is sending, not handshakes; stopped when a warm-up ends (the
         followers then open whatever is still missing themselves)."""
         followers = sum(len(gate.followers) for gate in self._gates.values())
-        with self._preconnecting:  # cancelled before it was entered (a warm-up ended first): at once
-            await self._engine.transport_for(self._model).preconnect(followers)
+        self._preconnected = ended = anyio.Event()
+        try:
+            with self._preconnecting:  # cancelled before it was entered (a warm-up ended first): at once
+                await self._engine.transport_for(self._model).preconnect(followers)
+        finally:
+            ended.set()
 
     async def _prepare_followers(self, gate: _Waves) -> None:
         """While a warm-up is in flight, prepare its followers a slice at a time, until the
@@ -388,6 +394,11 @@ class _FanOut:
                 # Shielded: the followers must not stay gated if this task is cancelled
                 # while it releases them (they are then cancelled with it, or go on).
                 with anyio.CancelScope(shield=True):
+                    if self._preconnected is not None:
+                        # The connections opened so far go to the pool as the cancelled
+                        # `_preconnect` ends; released before that, the followers would
+                        # open their own beside them. (Not begun yet: it will end at once.)
+                        await self._preconnected.wait()
                     await self._gates[i].release()
 
     async def _one(self, i: int) -> None:
