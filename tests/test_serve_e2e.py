@@ -227,7 +227,8 @@ def _sse(text: str) -> list[dict[str, str]]:
 class TestJobs:
     def test_job_lifecycle_and_resumable_events(self, server: ServerProcess) -> None:
         """POST gives 202 and an id; GET shows the answer and usage; the events stream has
-        numbered events, and reconnecting with Last-Event-ID resumes after the given one."""
+        numbered events, and reconnecting with Last-Event-ID resumes after the given one
+        (one that is not a number, or past the last event sent, is a 400)."""
         with _client(server) as c:
             r = c.post(
                 "/v1/rlm/jobs", json={"model": "rlm", "context": CONTEXT, "query": "Which orders were paid?"}
@@ -245,6 +246,11 @@ class TestJobs:
                 c.get(f"/v1/rlm/jobs/{job_id}/events", headers={"Last-Event-ID": str(ids[2])}).text
             )
             assert [int(e["id"]) for e in resumed] == ids[3:]
+            for bad in ("abc", "-1", "3.5", str(ids[-1] + 5)):  # not an id, or one never sent
+                r = c.get(f"/v1/rlm/jobs/{job_id}/events", headers={"Last-Event-ID": bad})
+                assert r.status_code == 400, (bad, r.text)
+                assert "Last-Event-ID" in _error(r)["message"], r.text
+            assert c.get(f"/v1/rlm/jobs/{job_id}/events", headers={"Last-Event-ID": ""}).status_code == 200
 
     def test_job_needs_a_context_and_a_query(self, server: ServerProcess) -> None:
         """A job without a context or query is a 400 naming the field."""
@@ -257,7 +263,7 @@ class TestJobs:
 
     def test_file_context_over_the_limit_is_413_and_files_feed_jobs(self, server: ServerProcess) -> None:
         """POST /v1/files streams a body to disk; a job names it by id; a file over the limit
-        is a 413 and the server keeps serving."""
+        is a 413, an empty one a 400, and the server keeps serving."""
         with _client(server) as c:
             r = c.post(
                 "/v1/files?filename=notes.txt",
@@ -274,6 +280,8 @@ class TestJobs:
             assert _wait_job(c, job.json()["id"])["status"] == "ok"
             missing = c.post("/v1/rlm/jobs", json={"model": "rlm", "file_id": "file-0000", "query": "?"})
             assert missing.status_code == 404
+            empty = c.post("/v1/files", content=b"", headers={"content-type": "text/plain"})
+            assert empty.status_code == 400 and "empty" in _error(empty)["message"], empty.text
 
 
 def _memory(pid: int) -> dict[str, int]:

@@ -49,6 +49,19 @@ __all__ = ["create_app"]
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+def _last_event_id(header: str | None) -> int:
+    """The event a reconnecting SSE client last received (0: none, start from the first)."""
+    if not header:
+        return 0
+    if not (header.isascii() and header.isdigit()):
+        raise APIError(
+            400,
+            f"Last-Event-ID must be the id of an event this stream sent (a whole number), not {header[:40]!r}; "
+            "reconnect without it to start from the first event",
+        )
+    return int(header)
+
+
 def _error(exc: APIError) -> JSONResponse:
     return JSONResponse(
         error_body(exc.status, exc.message, param=exc.param, code=exc.code),
@@ -325,8 +338,7 @@ def create_app(service: Service, keys: KeyRing) -> Starlette:
     async def job_events(request: Request, tenant: str) -> Response:
         job_id = request.path_params["job_id"]
         job = service.jobs.get(job_id)
-        last_header = request.headers.get("last-event-id", "0")
-        last = int(last_header) if last_header.isdigit() else 0
+        last = _last_event_id(request.headers.get("last-event-id"))
         if job is None or job.tenant != tenant or job.kind != "job":
             record = await service.job_record(job_id, tenant)  # from the store, or 404
 
@@ -334,6 +346,13 @@ def create_app(service: Service, keys: KeyRing) -> Starlette:
                 yield ServerSentEvent(event="done", data=json.dumps(record))
 
             return EventSourceResponse(replay())
+
+        if last > job.last_event_id:
+            raise APIError(
+                400,
+                f"Last-Event-ID {last} is past the last event this job sent ({job.last_event_id}); "
+                "resume from an id this stream sent, or reconnect without it to start from the first event",
+            )
 
         async def feed() -> AsyncIterator[ServerSentEvent]:
             cursor = last

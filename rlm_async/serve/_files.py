@@ -84,6 +84,12 @@ class FileStore:
                     if size > self.max_bytes:
                         raise APIError(413, f"the file is over the limit of {self.max_bytes:,} bytes")
                     await out.write(piece)
+            if size == 0:
+                raise APIError(
+                    400,
+                    "the file is empty: send the context as the request body "
+                    "(curl --data-binary @FILE, or the bytes as content)",
+                )
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: data.unlink(missing_ok=True))

@@ -68,6 +68,11 @@ class Job:
         self.query_id: str | None = None
         """The engine's id of the query (its trace is `<query_id>.jsonl` under `--trace`)."""
 
+    @property
+    def last_event_id(self) -> int:
+        """The id of the newest event in the feed (0: none yet); SSE ids count up from 1."""
+        return self._seq
+
     # ------------------------------------------------------------------ progress
     def _publish(self, name: str, data: dict[str, Any]) -> None:
         self._seq += 1
