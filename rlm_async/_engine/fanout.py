@@ -394,7 +394,7 @@ class _FanOut:
                 # Shielded: the followers must not stay gated if this task is cancelled
                 # while it releases them (they are then cancelled with it, or go on).
                 with anyio.CancelScope(shield=True):
-                    if self._preconnected is not None:
+                    if self._preconnected is not None and not self._preconnected.is_set():
                         # The connections opened so far go to the pool as the cancelled
                         # `_preconnect` ends; released before that, the followers would
                         # open their own beside them. (Not begun yet: it will end at once.)
