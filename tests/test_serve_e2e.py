@@ -252,6 +252,27 @@ class TestJobs:
                 assert "Last-Event-ID" in _error(r)["message"], r.text
             assert c.get(f"/v1/rlm/jobs/{job_id}/events", headers={"Last-Event-ID": ""}).status_code == 200
 
+    def test_events_dropped_before_the_client_read_them_are_a_gap_event(self) -> None:
+        """With `max_events = 3` a job keeps its newest three events: a client reading from
+        the start gets a `gap` event first, saying how many it missed and the next id it
+        will get, then those three; one resuming inside them gets no gap."""
+        with ServerProcess(config_text(serve="max_events = 3")) as s, _client(s) as c:
+            r = c.post("/v1/rlm/jobs", json={"model": "rlm", "context": CONTEXT, "query": "Which orders?"})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            _wait_job(c, job_id)
+            events = _sse(c.get(f"/v1/rlm/jobs/{job_id}/events").text)
+            gap, kept = events[0], events[1:]
+            assert gap["event"] == "gap" and "id" not in gap
+            ids = [int(e["id"]) for e in kept]
+            assert len(kept) == 3 and ids == list(range(ids[0], ids[0] + 3)) and kept[-1]["event"] == "done"
+            assert json.loads(gap["data"]) == {"missed": ids[0] - 1, "after": 0, "next": ids[0]}
+            assert ids[0] > 1  # a job sends more than three events: some were dropped
+            resumed = _sse(
+                c.get(f"/v1/rlm/jobs/{job_id}/events", headers={"Last-Event-ID": str(ids[0])}).text
+            )
+            assert [e.get("event") for e in resumed] == [e["event"] for e in kept[1:]]
+
     def test_job_needs_a_context_and_a_query(self, server: ServerProcess) -> None:
         """A job without a context or query is a 400 naming the field."""
         with _client(server) as c:

@@ -109,6 +109,8 @@ class TestServeConfig:
             ("max_body_bytes = 0", "[serve] max_body_bytes must be a whole number of bytes >= 1, not 0"),
             ("max_file_bytes = -5", "[serve] max_file_bytes must be a whole number of bytes >= 1, not -5"),
             ("max_file_bytes = 1.5", "[serve] max_file_bytes must be a whole number of bytes >= 1, not 1.5"),
+            ("max_events = 0", "[serve] max_events must be a whole number >= 1 (events kept per job), not 0"),
+            ("max_events = 2.5", "[serve] max_events must be a whole number >= 1"),
             ("grace_s = -1", "[serve] grace_s must be seconds >= 0"),
             ("grace_s = nan", "[serve] grace_s must be seconds >= 0"),
         ],

@@ -358,6 +358,9 @@ def create_app(service: Service, keys: KeyRing) -> Starlette:
             cursor = last
             while True:
                 for seq, name, data in await job.events_after(cursor):
+                    if seq > cursor + 1:  # dropped for newer ones before this client read them
+                        missed = {"missed": seq - cursor - 1, "after": cursor, "next": seq}
+                        yield ServerSentEvent(event="gap", data=json.dumps(missed))
                     cursor = seq
                     yield ServerSentEvent(id=str(seq), event=name, data=json.dumps(data))
                 if job.done and not any(seq > cursor for seq, _, _ in job.feed):

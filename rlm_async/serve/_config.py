@@ -72,6 +72,10 @@ class ServeConfig:
     with `POST /v1/files` instead."""
     max_file_bytes: int = 512 * 1024 * 1024
     """Uploaded files (`POST /v1/files`)."""
+    max_events: int = 10_000
+    """Progress events each job keeps for its events stream (the newest; a few hundred
+    bytes each). A client that resumes, or starts reading, after older ones were dropped
+    gets a `gap` event saying how many it missed."""
     data_dir: str | None = None
     """Uploaded files and the job store; `None`: a fresh temporary directory (nothing
     survives a restart)."""
@@ -106,6 +110,10 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"[serve] {name} must be a whole number of bytes >= 1, not {value!r}")
+        if isinstance(self.max_events, bool) or not isinstance(self.max_events, int) or self.max_events < 1:
+            raise ConfigError(
+                f"[serve] max_events must be a whole number >= 1 (events kept per job), not {self.max_events!r}"
+            )
         if (
             isinstance(self.grace_s, bool)
             or not isinstance(self.grace_s, (int, float))

@@ -238,7 +238,9 @@ class Service:
             if exc.status == 429:
                 self.metrics.http_429_sent += 1
             raise
-        job = Job(kind=kind, tenant=tenant, model=plan.model, progress=progress)
+        job = Job(
+            kind=kind, tenant=tenant, model=plan.model, progress=progress, max_feed=self.config.max_events
+        )
         self.jobs[job.id] = job
         self._tg.start_soon(self._run, job, plan, state)
         return job
