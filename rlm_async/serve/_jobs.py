@@ -31,7 +31,7 @@ __all__ = ["Job", "JobState", "JobStore"]
 
 JobState = Literal["queued", "running", "completed", "cancelled", "failed"]
 _FINISHED = ("completed", "cancelled", "failed")
-_MAX_FEED = 10_000
+_MAX_EVENTS = 10_000
 """Feed entries a job keeps unless told otherwise (`ServeConfig.max_events`)."""
 
 
@@ -46,7 +46,7 @@ class Job:
         model: str,
         job_id: str | None = None,
         progress: bool = True,
-        max_feed: int = _MAX_FEED,
+        max_events: int = _MAX_EVENTS,
     ) -> None:
         self.id = job_id or ("job-" + uuid.uuid4().hex[:24])
         self.kind = kind
@@ -66,8 +66,8 @@ class Job:
         """The client's own error that ended the query before it ran (its context file
         missing, or not UTF-8): a chat completion answers with its status, not a 500."""
         self.usage = Usage()
-        self.feed: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=max_feed)
-        """(sequence, SSE event name, data), the newest `max_feed`: sequences count up from
+        self.feed: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=max_events)
+        """(sequence, SSE event name, data), the newest `max_events`: sequences count up from
         1 with no holes, so a reader that finds one past the next it expected knows how many
         were dropped before it read them."""
         self._seq = 0

@@ -239,7 +239,7 @@ class Service:
                 self.metrics.http_429_sent += 1
             raise
         job = Job(
-            kind=kind, tenant=tenant, model=plan.model, progress=progress, max_feed=self.config.max_events
+            kind=kind, tenant=tenant, model=plan.model, progress=progress, max_events=self.config.max_events
         )
         self.jobs[job.id] = job
         self._tg.start_soon(self._run, job, plan, state)
