@@ -32,6 +32,7 @@ from .._config import RLMConfig, load_dataclass
 from .._sockets import checked_port
 from ..exceptions import ConfigError
 from ._admission import TenantLimits
+from ._jobs import MAX_EVENTS
 
 __all__ = ["RequestLimits", "ServeConfig", "bundled_sim_config", "load_serve_config"]
 
@@ -72,7 +73,7 @@ class ServeConfig:
     with `POST /v1/files` instead."""
     max_file_bytes: int = 512 * 1024 * 1024
     """Uploaded files (`POST /v1/files`)."""
-    max_events: int = 10_000
+    max_events: int = MAX_EVENTS
     """Progress events each job keeps for its events stream (the newest; a few hundred
     bytes each). A client that resumes, or starts reading, after older ones were dropped
     gets a `gap` event saying how many it missed."""

@@ -31,8 +31,8 @@ __all__ = ["Job", "JobState", "JobStore"]
 
 JobState = Literal["queued", "running", "completed", "cancelled", "failed"]
 _FINISHED = ("completed", "cancelled", "failed")
-_MAX_EVENTS = 10_000
-"""Feed entries a job keeps unless told otherwise (`ServeConfig.max_events`)."""
+MAX_EVENTS = 10_000
+"""Feed entries a job keeps unless told otherwise: `ServeConfig.max_events`'s default."""
 
 
 class Job:
@@ -46,7 +46,7 @@ class Job:
         model: str,
         job_id: str | None = None,
         progress: bool = True,
-        max_events: int = _MAX_EVENTS,
+        max_events: int = MAX_EVENTS,
     ) -> None:
         self.id = job_id or ("job-" + uuid.uuid4().hex[:24])
         self.kind = kind
