@@ -1,7 +1,7 @@
 # One file of ~630 lines on purpose: it alone is bind-mounted into the sandbox and run as a script.
 """The REPL worker: runs the model's code cells, inside the sandbox, one process per RLM.
 
-Run as a script (`python -I -S -B bootstrap.py CTL_FD`). It imports only the standard
+Run as a script (`python -I -S -B bootstrap.py CTL_FD NICE`). It imports only the standard
 library and never `rlm_async`: inside the sandbox only this file and the interpreter's own
 install are visible. The engine imports this module too, for the protocol constants below.
 
@@ -919,6 +919,10 @@ def _start_reader(channel: _Channel) -> None:
 
 
 def main(argv: list[str]) -> None:
+    if len(argv) > 2 and int(argv[2]):
+        # Before anything else of the start-up: from here on the worker takes the CPU only
+        # as the engine's loop leaves it. Unprivileged code can raise it, never lower it.
+        os.nice(int(argv[2]))
     sock = socket.socket(fileno=int(argv[1]))
     sock.setblocking(True)
     channel = _Channel(sock, max_message=1 << 30)

@@ -93,6 +93,14 @@ class SandboxConfig:
     """CPU time per worker process over its whole life, all threads together (RLIMIT_CPU;
     rounded up to whole seconds). Bounds busy threads while the wall clock is paused for
     sub-calls. Every process the code forks has its own allowance."""
+    nice: int = 19
+    """How far below the engine's the workers' CPU priority is, 0 to 19: each worker runs
+    at this Unix nice value over the engine's and, where the kernel schedules each session
+    as a group of its own ("autogroup": most machines, but not processes in a container's
+    or a service's own cgroup), its session's group is lowered as much. The code the model
+    writes then gets the CPU the engine's event loop leaves over: a hundred queries' cells
+    starting at once, or a cell that spins, cannot hold up every other query's model calls.
+    The code cannot raise it again. 0: workers compete with the engine as equals."""
     file_size_bytes: int | None = 64 * _MiB
     """Largest file the code may write (RLIMIT_FSIZE); writing past it raises `OSError`."""
     tmp_size_bytes: int | None = 256 * _MiB
@@ -156,6 +164,8 @@ class SandboxConfig:
             raise ConfigError("SandboxConfig.open_files must be at least 16: Python itself needs some")
         if self.max_processes is not None and self.max_processes < 4:
             raise ConfigError("SandboxConfig.max_processes must be at least 4 (the worker uses 2)")
+        if isinstance(self.nice, bool) or not isinstance(self.nice, int) or not 0 <= self.nice <= 19:
+            raise ConfigError(f"SandboxConfig.nice must be a whole number from 0 to 19, not {self.nice!r}")
         if self.output_limit_bytes < 0:
             raise ConfigError("SandboxConfig.output_limit_bytes must be >= 0")
         if self.max_batch_prompts < 1:

@@ -156,10 +156,12 @@ def bwrap_argv(
     seccomp_fd: int | None,
     command: list[str] | None = None,
     info_fd: int | None = None,
+    nice: int = 0,
 ) -> list[str]:
     """The full bwrap command line for one worker (or for `command`, when probing).
     `seccomp_fd` holds the filter from `_seccomp` (passed to the child too); bwrap writes
-    the host pid of its pid namespace's init (`"child-pid"`) to `info_fd`."""
+    the host pid of its pid namespace's init (`"child-pid"`) to `info_fd`; the bootstrap
+    lowers its own priority by `nice`."""
     argv = [
         bwrap,
         "--unshare-pid",
@@ -188,7 +190,7 @@ def bwrap_argv(
     argv.append("--")
     if command is not None:
         return argv + command
-    return [*argv, interp.executable, *PYTHON_FLAGS, SANDBOX_BOOTSTRAP, str(ctl_fd)]
+    return [*argv, interp.executable, *PYTHON_FLAGS, SANDBOX_BOOTSTRAP, str(ctl_fd), str(nice)]
 
 
 def _filesystem_args(interp: Interpreter, *, allow_network: bool, tmp_size_bytes: int | None) -> list[str]:
@@ -220,7 +222,9 @@ def _filesystem_args(interp: Interpreter, *, allow_network: bool, tmp_size_bytes
         if cap is not None:
             argv += ["--size", str(cap)]
         argv += ["--tmpfs", mount]
-    argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
+    # /proc read-only too: the code cannot write its own /proc files, such as its session's
+    # `autogroup`, which would undo the CPU priority the engine gave it (`_priority`).
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/proc", "--remount-ro", "/"]
     return argv
 
 
@@ -229,8 +233,8 @@ def _parents(path: str) -> list[str]:
     return [str(p) for p in reversed(parts) if str(p) != "/"]
 
 
-def plain_argv(interp: Interpreter, ctl_fd: int) -> list[str]:
-    return [interp.executable, *PYTHON_FLAGS, BOOTSTRAP_PATH, str(ctl_fd)]
+def plain_argv(interp: Interpreter, ctl_fd: int, *, nice: int = 0) -> list[str]:
+    return [interp.executable, *PYTHON_FLAGS, BOOTSTRAP_PATH, str(ctl_fd), str(nice)]
 
 
 def plain_env(tmpdir: str) -> dict[str, str]:

@@ -59,6 +59,7 @@ from ._worker import Worker
 __all__ = ["PoolStats", "WorkerPool"]
 
 _MAX_BACKOFF_S = 30.0
+_PRIORITY_TRIES = 10
 _QUIET_TURN_S = 0.002
 """A refill starts only when one turn of the event loop takes less than this."""
 _RECHECK_S = 0.05
@@ -341,6 +342,14 @@ class WorkerPool:
         process = await launch_process(self.config, self.plan, peers=self.peers)
         try:
             failure = await process.come_up()
+            if failure is None:
+                # Unprivileged, the kernel lowers one session group per 100 ms machine-wide:
+                # a refill has the time to wait for its turn (a worker taken meanwhile would
+                # compete with the engine as an equal; see `_priority`).
+                for _ in range(_PRIORITY_TRIES):
+                    if process.lower_priority() != "busy":
+                        break
+                    await self._sleep(0.1)
         except BaseException:
             await _discard(process, "pre-start cancelled")
             raise

@@ -39,6 +39,7 @@ from ._child import ChildProcess, start_child
 from ._config import ReplSetup, SandboxConfig
 from ._isolation import Plan
 from ._output import Capture, drain, drain_now
+from ._priority import Lowered, autogroup_on, lower_session
 
 __all__ = ["StartInterrupted", "WorkerProcess", "launch_process"]
 
@@ -96,8 +97,13 @@ class WorkerProcess:
         self._peers = peers
         self._info_fd = info_fd
         """Under bubblewrap: the read end of its `--info-fd` (the namespace init's host pid)."""
+        self._bubblewrap = info_fd is not None
+        self._init_pid: int | None = None
+        """Under bubblewrap: the namespace init's host pid, once read from `_info_fd`."""
         self._pidfd = pidfd
         """Under bubblewrap: a pidfd of bwrap itself, opened at launch."""
+        self.priority: Lowered | None = None
+        """Its session group lowered below the engine's (`_priority`); None: not tried yet."""
 
     async def come_up(self) -> str | None:
         """Wait for `hello` (within `start_timeout_s`). None when the worker is up, else why
@@ -147,7 +153,38 @@ class WorkerProcess:
         if hello.get("op") != "hello":
             return f"its first frame was {hello.get('op')!r}, not 'hello'"
         self.up = True
+        self.lower_priority()
         return None
+
+    def lower_priority(self) -> Lowered:
+        """Lower the worker's session group below the engine's, where the kernel schedules
+        sessions as groups (see `_priority`); the bootstrap has lowered its own nice value
+        already. Its session exists once it said `hello`. Again after "busy" (the kernel's
+        rate limit for an unprivileged engine), otherwise the first answer stands."""
+        if self.priority not in (None, "busy"):
+            return self.priority
+        nice = self._config.nice
+        if nice == 0 or not autogroup_on():
+            self.priority = "unneeded"
+        elif self._bubblewrap:
+            # The sandbox's init leads the session (bwrap's `--new-session`), checked just
+            # now to be bwrap's live child: its pid is its own (bwrap reaps it only as it
+            # exits itself, and a pid is reused only after that).
+            pinned = self._namespace_init()
+            if pinned is None or pinned < 0:
+                self.priority = "refused"
+            else:
+                try:
+                    assert self._init_pid is not None  # `_namespace_init` read it
+                    self.priority = lower_session(self._init_pid, nice)
+                finally:
+                    os.close(pinned)
+        elif self._proc.returncode is None:
+            # Our own child, not reaped (nothing awaits in between): its pid is its own.
+            self.priority = lower_session(self._proc.pid, nice)
+        else:
+            self.priority = "refused"
+        return self.priority
 
     async def _handshake(self, exchange: Callable[[], Awaitable[str | None]]) -> str | None:
         """Run one start-up exchange within `start_timeout_s`, draining the worker's output
@@ -253,21 +290,9 @@ class WorkerProcess:
         """A pidfd of the sandbox's pid-namespace init, checked to be bwrap's child; -1 when
         that init has exited already (the namespace is empty); None when unknown (not under
         bubblewrap, bwrap reaped or its info not written)."""
-        info_fd, self._info_fd = self._info_fd, None
-        if info_fd is None or self._pidfd is None:
-            if info_fd is not None:
-                os.close(info_fd)
-            return None
-        try:
-            info = os.read(info_fd, 1 << 12)  # written by bwrap at start; non-blocking
-        except OSError:
-            return None
-        finally:
-            os.close(info_fd)
-        found = re.search(rb'"child-pid"\s*:\s*(\d+)', info)
-        if found is None or _exited(self._pidfd):
+        pid = self._read_init_pid()
+        if pid is None or self._pidfd is None or _exited(self._pidfd):
             return None  # bwrap exited (maybe reaped): its pid, and so the check below, mean nothing
-        pid = int(found.group(1))
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
@@ -287,6 +312,22 @@ class WorkerProcess:
             # child re-parented, or the pid is another process's now; the scan decides.
             return -1 if exited else None
         return pidfd
+
+    def _read_init_pid(self) -> int | None:
+        """The namespace init's host pid, read from bwrap's `--info-fd` once it is there
+        (bwrap writes it before the sandbox's command starts, so by `hello` at the latest)."""
+        if self._info_fd is not None:
+            try:
+                info = os.read(self._info_fd, 1 << 12)  # non-blocking
+            except BlockingIOError:
+                return None  # not written yet: read again later
+            except OSError:
+                info = b""
+            os.close(self._info_fd)
+            self._info_fd = None
+            found = re.search(rb'"child-pid"\s*:\s*(\d+)', info)
+            self._init_pid = int(found.group(1)) if found else None
+        return self._init_pid
 
     async def release(self) -> None:
         """Close the channel and the pipes and remove the temp directory, once (after `kill`)."""
@@ -518,6 +559,7 @@ async def _open_process(
                 may_setuid=os.geteuid() == 0,
                 seccomp_fd=seccomp_fd,
                 info_fd=info_w,
+                nice=config.nice,
             )
             if info_w is not None:
                 pass_fds.append(info_w)
@@ -527,7 +569,7 @@ async def _open_process(
             tmpdir = tempfile.mkdtemp(prefix="rlm-worker-")
             if uid is not None:
                 os.chown(tmpdir, uid, uid)
-            argv = launch.plain_argv(plan.interp, ctl_fd)
+            argv = launch.plain_argv(plan.interp, ctl_fd, nice=config.nice)
             env = launch.plain_env(tmpdir)
             cwd = tmpdir
         proc = await start_child(argv, stdout=out_w, stderr=err_w, env=env, cwd=cwd, pass_fds=pass_fds)

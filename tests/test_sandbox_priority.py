@@ -1,0 +1,152 @@
+"""REPL workers run at a lower CPU priority than the engine (`SandboxConfig.nice`): their
+own nice value, which the code cannot take back, and, where the kernel schedules each
+session as a group (autogroup), their session's group. Observed in the kernel's own
+numbers: `os.nice(0)` inside the worker, `/proc/<pid>/autogroup` of its session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from test_sandbox_support import BWRAP_WORKS, LANDLOCK_WORKS, config, open_worker
+
+from rlm_async.exceptions import ConfigError
+from rlm_async.sandbox import SandboxConfig, WorkerRequest, _process
+from rlm_async.sandbox import _pool as pool_module
+from rlm_async.sandbox import _priority as priority
+from rlm_async.sandbox._pool import WorkerPool
+from rlm_async.sandbox._worker import Worker
+
+pytestmark = pytest.mark.anyio
+
+TIERS = [
+    pytest.param(
+        "bubblewrap", marks=pytest.mark.skipif(not BWRAP_WORKS, reason="bubblewrap cannot run here")
+    ),
+    pytest.param("landlock", marks=pytest.mark.skipif(not LANDLOCK_WORKS, reason="no Landlock here")),
+    "none",
+]
+ENGINE_NICE = os.nice(0)
+needs_autogroup = pytest.mark.skipif(
+    not priority.autogroup_on(), reason="the kernel's autogroup is off or missing here"
+)
+
+
+async def refuse(request: WorkerRequest) -> list[str]:
+    raise AssertionError(f"unexpected sub-call {request}")
+
+
+def autogroup_nice(pid: int) -> int:
+    with open(f"/proc/{pid}/autogroup", encoding="ascii") as f:
+        return int(f.read().split()[-1])  # "/autogroup-123 nice 19"
+
+
+async def cell_output(worker: Worker, code: str) -> str:
+    result = await worker.run_cell(code, refuse)
+    assert result.error is None, result.error
+    return result.stdout
+
+
+class TestTheWorkersNice:
+    @pytest.mark.parametrize("isolation", TIERS)
+    async def test_code_runs_below_the_engine(self, isolation: str) -> None:
+        """With the default, the code's own nice value is the engine's plus 19 (capped)."""
+        async with open_worker(isolation=isolation) as worker:
+            out = await cell_output(worker, "import os\nprint(os.nice(0))")
+        assert int(out) == min(19, ENGINE_NICE + 19)
+
+    @pytest.mark.parametrize("isolation", TIERS)
+    async def test_nice_0_keeps_the_engines(self, isolation: str) -> None:
+        async with open_worker(isolation=isolation, nice=0) as worker:
+            out = await cell_output(worker, "import os\nprint(os.nice(0))")
+        assert int(out) == ENGINE_NICE
+
+    @pytest.mark.parametrize(
+        "isolation",
+        [p for p in TIERS if p != "none"],  # "none" as root keeps root, which may renice itself
+    )
+    async def test_the_code_cannot_take_it_back(self, isolation: str) -> None:
+        """Neither its own nice value (that needs CAP_SYS_NICE) nor its session group's (the
+        kernel lets a process set its own group's back to 0: under bubblewrap /proc is
+        read-only, under landlock out of reach)."""
+        code = (
+            "import os\n"
+            "try:\n    os.nice(-1)\n    print('nice lowered')\n"
+            "except PermissionError:\n    print('refused')\n"
+            "try:\n"
+            "    fd = os.open('/proc/self/autogroup', os.O_WRONLY)\n"
+            "    os.write(fd, b'0')\n"
+            "    print('group raised')\n"
+            "except OSError:\n    print('refused')\n"
+            "print(os.nice(0))"
+        )
+        async with open_worker(isolation=isolation, nice=5) as worker:
+            out = await cell_output(worker, code)
+        assert out.split() == ["refused", "refused", str(min(19, ENGINE_NICE + 5))]
+
+    @pytest.mark.parametrize("value", [-1, 20, 1.5, True, "19"])
+    def test_out_of_range_is_refused(self, value: object) -> None:
+        with pytest.raises(ConfigError, match="nice must be a whole number from 0 to 19"):
+            SandboxConfig(nice=value)  # type: ignore[arg-type]
+
+
+@needs_autogroup
+class TestTheSessionGroup:
+    """Where autogroup is on, each worker's session is a scheduling group of its own; its
+    nice value is lowered from the engine (the session's leader: the sandbox's init under
+    bubblewrap, the worker's top process otherwise)."""
+
+    @pytest.mark.parametrize("isolation", TIERS)
+    async def test_a_pooled_workers_session_is_lowered(self, isolation: str) -> None:
+        """A pool's worker (which retries while it waits, past an unprivileged engine's
+        rate limit) is in a session group 19 below the engine's."""
+        async with WorkerPool(config(isolation=isolation), size=1) as pool:
+            await pool.wait_full()
+            worker = await pool.start_worker("")
+            try:
+                if isolation == "landlock":  # the lock-down hides /proc/self/autogroup
+                    seen = autogroup_nice(worker.pid)
+                else:
+                    out = await cell_output(worker, "print(open('/proc/self/autogroup').read())")
+                    seen = int(out.split()[-1])
+            finally:
+                await worker.aclose()
+        assert seen == min(19, priority._own_nice() + 19)
+        assert autogroup_nice(os.getpid()) == priority._own_nice()  # the engine's own is untouched
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="unprivileged, the kernel allows one change per 100 ms")
+    async def test_as_root_every_worker_at_once(self) -> None:
+        """Root has no rate limit: workers started back to back are each lowered."""
+        async with open_worker(isolation="none") as first, open_worker(isolation="none") as second:
+            assert [autogroup_nice(first.pid), autogroup_nice(second.pid)] == [19, 19]
+
+    async def test_nice_0_leaves_the_session_alone(self) -> None:
+        async with open_worker(isolation="none", nice=0) as worker:
+            assert autogroup_nice(worker.pid) == 0
+
+
+class TestThePoolWaitsForItsTurn:
+    async def test_a_busy_answer_is_tried_again(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The kernel's rate limit ("busy") makes a pre-start try again after 0.1 s, until
+        lowered; the worker is handed out only then."""
+        answers: list[priority.Lowered] = ["busy", "busy", "busy"]  # at `hello`, then twice more
+        calls: list[int] = []
+
+        def fake_lower(pid: int, nice: int) -> priority.Lowered:
+            calls.append(pid)
+            return answers.pop(0) if answers else "lowered"
+
+        monkeypatch.setattr(_process, "lower_session", fake_lower)
+        monkeypatch.setattr(_process, "autogroup_on", lambda: True)
+        slept: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            slept.append(seconds)
+
+        async with WorkerPool(config(isolation="none"), size=1, sleep=sleep) as pool:
+            # The first worker is pre-started as the pool opens, before any refill runs.
+            assert calls == [calls[0]] * 4 and slept == [0.1, 0.1]
+            worker = await pool.start_worker("")
+            assert worker.pid == calls[0]
+            await worker.aclose()
+        assert pool_module._PRIORITY_TRIES >= 4
