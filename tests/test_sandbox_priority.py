@@ -11,7 +11,7 @@ import pytest
 from test_sandbox_support import BWRAP_WORKS, LANDLOCK_WORKS, config, open_worker
 
 from rlm_async.exceptions import ConfigError
-from rlm_async.sandbox import SandboxConfig, WorkerRequest, _process
+from rlm_async.sandbox import SandboxConfig, WorkerRequest, _process, diagnose
 from rlm_async.sandbox import _pool as pool_module
 from rlm_async.sandbox import _priority as priority
 from rlm_async.sandbox._pool import WorkerPool
@@ -150,3 +150,17 @@ class TestThePoolWaitsForItsTurn:
             assert worker.pid == calls[0]
             await worker.aclose()
         assert pool_module._PRIORITY_TRIES >= 4
+
+
+class TestTheDoctorSaysSo:
+    async def test_the_check_names_the_nice_value_and_the_session(self) -> None:
+        """`rlm-async doctor --sandbox` reports the nice value the code ran at and whether
+        its session's group was lowered."""
+        found = await diagnose(config())
+        check = found.worker_check or ""
+        assert f"at nice {min(19, ENGINE_NICE + 19)}" in check, check
+        if priority.autogroup_on() and os.geteuid() == 0:
+            assert "its session's scheduling group lowered as much" in check, check
+        found = await diagnose(config(nice=0))
+        assert f"at nice {ENGINE_NICE}" in (found.worker_check or "")
+        assert "scheduling group" not in (found.worker_check or "")

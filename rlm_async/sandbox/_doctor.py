@@ -106,17 +106,36 @@ async def diagnose(config: SandboxConfig) -> Diagnosis:
         raise AssertionError("no sub-calls in the doctor's cell")
 
     try:
-        cell = await worker.run_cell("import os\nprint(os.getuid())", no_calls)
+        cell = await worker.run_cell("import os\nprint(os.getuid(), os.nice(0))", no_calls)
+        lowered = worker.priority
     finally:
         await worker.aclose()
     check = f"worker started and ran a cell in {time.monotonic() - started:.2f} s"
     if cell.status != "ok":
-        check = f"FAILED: the cell ended {cell.status}: {cell.error}"
-    elif cell.stdout.strip() == "0":
-        check += " (as uid 0: the worker could not drop root)"
-    else:
-        check += f" as uid {cell.stdout.strip()}"
+        return Diagnosis(
+            config.isolation,
+            plan.tier,
+            None,
+            tiers,
+            facts,
+            f"FAILED: the cell ended {cell.status}: {cell.error}",
+        )
+    uid, nice = cell.stdout.split()
+    check += " (as uid 0: the worker could not drop root)" if uid == "0" else f" as uid {uid}"
+    check += f", at nice {nice}{_SESSION.get(lowered or 'refused', '')}"
     return Diagnosis(config.isolation, plan.tier, None, tiers, facts, check)
+
+
+_SESSION = {
+    "lowered": ", its session's scheduling group lowered as much (autogroup)",
+    "unneeded": "",
+    "busy": (
+        "; its session's scheduling group was NOT lowered: the kernel allows a process "
+        "without CAP_SYS_ADMIN one change per 100 ms machine-wide (a worker pool retries)"
+    ),
+    "refused": "; its session's scheduling group could NOT be lowered",
+}
+"""How `Worker.priority` reads after the doctor's check (`_priority`)."""
 
 
 def render(d: Diagnosis) -> str:

@@ -19,6 +19,7 @@ from ._channel import Blob, ChannelClosed, ProtocolViolation
 from ._config import WORKER_DEAD_STATUSES, CellResult, ReplSetup, RequestHandler, SandboxConfig
 from ._isolation import Plan, Tier, plan_isolation
 from ._output import Capture, drain, drain_now
+from ._priority import Lowered
 from ._process import StartInterrupted, WorkerProcess, encode_context_async, launch_process
 from ._protocol import Outcome, clean, describe_exit, parse_request
 
@@ -140,6 +141,12 @@ class Worker:
         worker = cls(context, config, plan, setup, peers=peers)
         await worker._load(process, *encoded, time.monotonic(), pooled=True)
         return worker
+
+    @property
+    def priority(self) -> Lowered | None:
+        """Whether its session's scheduling group was lowered below the engine's
+        (`SandboxConfig.nice`; see `_priority`); None before it started."""
+        return None if self._process is None else self._process.priority
 
     @property
     def alive(self) -> bool:
