@@ -91,13 +91,17 @@ def _wait_pool_full(c: httpx.Client, pool: int, timeout_s: float = 120.0) -> flo
 
 
 def _start(
-    config_path: Path, log: Path, trace_dir: Path | None, code: Path | None = None
+    config_path: Path,
+    log: Path,
+    trace_dir: Path | None,
+    code: Path | None = None,
+    python: str = sys.executable,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """The server, from this checkout or from the rlm_async source tree `code` (another
     version's, for an A/B in one run: it runs in that directory, so `-m` imports its
     package first); with `trace_dir`, traced (if that version has `serve --trace`)."""
     env = {k: v for k, v in os.environ.items() if k != "RLM_SERVE_KEYS"}
-    argv = [sys.executable, "-m", "rlm_async.cli", "serve", "--config", str(config_path), "--port", "0"]
+    argv = [python, "-m", "rlm_async.cli", "serve", "--config", str(config_path), "--port", "0"]
     src = code or ROOT
     if trace_dir is not None and "trace_dir" in (src / "rlm_async" / "serve" / "_config.py").read_text():
         argv += ["--trace", str(trace_dir)]
@@ -191,8 +195,9 @@ def run(
     code: Path | None = None,
     profile: Path | None = None,
     trace: bool = True,
+    python: str = sys.executable,
 ) -> dict[str, Any]:
-    """One fresh server, one query alone, then the burst. `sim`: "process" (the simulator
+    """One fresh server (run by `python`), one query alone, then the burst. `sim`: "process" (the simulator
     in a child process of its own, as a model server would be: the server's CPU is then the
     service's own) or "inline" (in the server's process, as `rlm-async serve` runs it with
     no config). `trace`: the server writes a trace per query (`serve --trace`), which the
@@ -201,7 +206,7 @@ def run(
         sim_proc = None
         if sim == "process":
             sim_proc = stack.enter_context(_sim_process(chunks))
-        result = _run(users, tokens, chunks, run_time, workdir, pool, sim_proc, code, profile, trace)
+        result = _run(users, tokens, chunks, run_time, workdir, pool, sim_proc, code, profile, trace, python)
         if sim_proc is not None:
             t0, t1 = result.pop("_burst_window")
             result["simulator"] = sim_pieces(sim_proc.read_log().entries, t0, t1)
@@ -227,12 +232,13 @@ def _run(
     code: Path | None,
     profile: Path | None = None,
     trace: bool = True,
+    python: str = sys.executable,
 ) -> dict[str, Any]:
     sim_url = sim.base_url if sim is not None else None
     config_path = workdir / "serve.toml"
     config_path.write_text(_config(chunks, users, pool, sim_url))
     trace_dir = workdir / "traces" if trace else None
-    proc, root = _start(config_path, workdir / "server.log", trace_dir, code)
+    proc, root = _start(config_path, workdir / "server.log", trace_dir, code, python)
     try:
         workloads = [oolong_counting(tokens, seed=i) for i in range(users + 1)]
         plan = []
@@ -384,16 +390,19 @@ def main(argv: list[str] | None = None) -> int:
         "--code",
         default="here",
         help="comma-separated rlm_async source trees to alternate with each pool size "
-        "('here': this checkout), e.g. here,/tmp/base for an A/B against `git archive BASE`",
+        "('here': this checkout), e.g. here,/tmp/base for an A/B against `git archive BASE`; "
+        "TREE@PYTHON runs that tree's server with another interpreter (whose environment has "
+        "rlm_async's dependencies), e.g. here,here@/tmp/venv312/bin/python",
     )
     args = p.parse_args(argv)
     pools = [int(x) for x in args.pool.split(",")]
-    codes = [None if c == "here" else Path(c).resolve() for c in args.code.split(",")]
+    codes = args.code.split(",")
     load0 = os.getloadavg()
     runs: list[dict[str, Any]] = []
     variants = [(pool, code) for pool in pools for code in codes]
     for rep in range(args.repeat):
         for pool, code in variants:
+            tree, _, python = code.partition("@")
             with tempfile.TemporaryDirectory(prefix="rlm-load-") as tmp:
                 r = run(
                     args.users,
@@ -403,12 +412,13 @@ def main(argv: list[str] | None = None) -> int:
                     Path(tmp),
                     pool,
                     args.sim,
-                    code,
+                    None if tree == "here" else Path(tree).resolve(),
                     Path(args.profile) if args.profile else None,
                     trace=not args.no_trace,
+                    python=python or sys.executable,
                 )
             r["repeat"] = rep
-            r["code"] = "here" if code is None else str(code)
+            r["code"] = code
             runs.append(r)
             print(
                 f"\n### pool={pool} code={r['code']} rep={rep}: ratio {r['ratio']:.2f}, "
@@ -439,8 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     summary: dict[str, Any] = {}
-    for pool, code in variants:
-        label = "here" if code is None else str(code)
+    for pool, label in variants:
         mine = [r for r in runs if r["pool"] == pool and r["code"] == label]
 
         def med(key: str, rows: list[dict[str, Any]] = mine) -> float:
