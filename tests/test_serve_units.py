@@ -8,6 +8,8 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
+import anyio.lowlevel
 import pytest
 from _events_factory import call_finish
 from conftest import open_sim, sim_config
@@ -23,7 +25,7 @@ from rlm_async.serve import KeyRing, load_serve_config
 from rlm_async.serve._admission import Admission
 from rlm_async.serve._errors import APIError
 from rlm_async.serve._files import FileStore
-from rlm_async.serve._jobs import Job
+from rlm_async.serve._jobs import Entry, Gap, Job
 from rlm_async.serve._openai import RESPOND_PROMPT, parse_chat_request
 from rlm_async.serve._otel import SpanSink
 from rlm_async.sim import Policies, PolicySpec, SimConfig
@@ -269,6 +271,48 @@ class TestJobFeed:
         assert job.usage.prompt_tokens == 100 and job.usage.calls == 1
         job.set_running()
         assert [name for _, name, _ in job.feed] == ["status"]
+
+
+class TestFollowingAFeed:
+    """`Job.follow`: what both event streams read (the jobs API's, and a streamed chat
+    completion's progress)."""
+
+    @staticmethod
+    async def _read(job: Job, after: int = 0) -> list[Entry | Gap]:
+        return [item async for item in job.follow(after)]
+
+    @pytest.mark.anyio
+    async def test_a_reader_that_falls_behind_gets_a_gap_then_the_newest(self) -> None:
+        """With room for three, a reader from the start is told how many it missed and the
+        next sequence, then gets the three kept; one that read up to them gets no gap."""
+        job = Job(kind="chat", tenant="t", model="m", max_events=3)
+        for _ in range(5):
+            job.sink(TestJobFeed._call_finish())
+        job.fail("stopped")  # the sixth entry: "done"
+        items = await self._read(job)
+        assert items[0] == Gap(missed=3, after=0, next=4)
+        assert [item[0] for item in items[1:] if not isinstance(item, Gap)] == [4, 5, 6]
+        assert [i[1] for i in items[1:] if not isinstance(i, Gap)] == ["progress", "progress", "done"]
+        assert not any(isinstance(item, Gap) for item in await self._read(job, after=4))
+        assert await self._read(job, after=6) == []
+
+    @pytest.mark.anyio
+    async def test_it_follows_a_running_job_to_its_end(self) -> None:
+        """Entries added while the reader waits reach it, in order, and it stops at `done`."""
+        job = Job(kind="job", tenant="t", model="m")
+        seen: list[Entry | Gap] = []
+
+        async def read() -> None:
+            seen.extend(await self._read(job))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await anyio.lowlevel.checkpoint()
+            job.set_running()
+            await anyio.lowlevel.checkpoint()
+            job.sink(TestJobFeed._call_finish())
+            job.fail("stopped")
+        assert [item[1] for item in seen if not isinstance(item, Gap)] == ["status", "progress", "done"]
 
 
 class TestFileStoreLoad:

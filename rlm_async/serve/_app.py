@@ -31,7 +31,7 @@ from starlette.routing import Route
 from ._adapter import openai_usage
 from ._auth import KeyRing
 from ._errors import APIError, error_body
-from ._jobs import Job
+from ._jobs import Gap, Job
 from ._openai import (
     ChatRequest,
     ContextSpec,
@@ -196,18 +196,19 @@ def create_app(service: Service, keys: KeyRing) -> Starlette:
                 delta={"role": "assistant", "content": ""},
             )
             yield ServerSentEvent(data=json.dumps(first))
-            last = 0
-            while True:
-                for seq, name, data in await job.events_after(last):
-                    last = seq
-                    if name != "progress" or mode == "none":
-                        continue
-                    if mode == "comments":
-                        yield ServerSentEvent(comment="rlm.progress " + json.dumps(data))
-                    else:
-                        yield ServerSentEvent(event="rlm.progress", data=json.dumps(data))
-                if job.done:
-                    break
+            async for item in job.follow():
+                if mode == "none":
+                    continue
+                if isinstance(item, Gap):  # progress dropped before this stream sent it
+                    record: dict[str, Any] = {"kind": "gap", **item.to_dict()}
+                elif item[1] == "progress":
+                    record = item[2]
+                else:
+                    continue
+                if mode == "comments":
+                    yield ServerSentEvent(comment="rlm.progress " + json.dumps(record))
+                else:
+                    yield ServerSentEvent(event="rlm.progress", data=json.dumps(record))
             result = job.result
             if job.refusal is not None:
                 refusal = job.refusal
@@ -355,16 +356,12 @@ def create_app(service: Service, keys: KeyRing) -> Starlette:
             )
 
         async def feed() -> AsyncIterator[ServerSentEvent]:
-            cursor = last
-            while True:
-                for seq, name, data in await job.events_after(cursor):
-                    if seq > cursor + 1:  # dropped for newer ones before this client read them
-                        missed = {"missed": seq - cursor - 1, "after": cursor, "next": seq}
-                        yield ServerSentEvent(event="gap", data=json.dumps(missed))
-                    cursor = seq
+            async for item in job.follow(last):
+                if isinstance(item, Gap):  # dropped for newer ones before this client read them
+                    yield ServerSentEvent(event="gap", data=json.dumps(item.to_dict()))
+                else:
+                    seq, name, data = item
                     yield ServerSentEvent(id=str(seq), event=name, data=json.dumps(data))
-                if job.done and not any(seq > cursor for seq, _, _ in job.feed):
-                    return
 
         return EventSourceResponse(feed(), ping=15)
 

@@ -16,6 +16,8 @@ import sqlite3
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +29,26 @@ from .._types import Usage
 from ._adapter import openai_usage, progress_of, result_summary, usage_of, usage_of_event
 from ._errors import APIError
 
-__all__ = ["Job", "JobState", "JobStore"]
+__all__ = ["Entry", "Gap", "Job", "JobState", "JobStore"]
+
+Entry = tuple[int, str, dict[str, Any]]
+"""One entry of a job's feed: (sequence, SSE event name, data)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Entries a reader never got: dropped for newer ones (`[serve] max_events`) before it
+    read them."""
+
+    missed: int
+    after: int
+    """The last sequence the reader had."""
+    next: int
+    """The sequence it gets next."""
+
+    def to_dict(self) -> dict[str, int]:
+        return {"missed": self.missed, "after": self.after, "next": self.next}
+
 
 JobState = Literal["queued", "running", "completed", "cancelled", "failed"]
 _FINISHED = ("completed", "cancelled", "failed")
@@ -66,7 +87,7 @@ class Job:
         """The client's own error that ended the query before it ran (its context file
         missing, or not UTF-8): a chat completion answers with its status, not a 500."""
         self.usage = Usage()
-        self.feed: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=max_events)
+        self.feed: deque[Entry] = deque(maxlen=max_events)
         """(sequence, SSE event name, data), the newest `max_events`: sequences count up from
         1 with no holes, so a reader that finds one past the next it expected knows how many
         were dropped before it read them."""
@@ -145,7 +166,7 @@ class Job:
         if self.scope is not None:  # else its task sees cancel_requested when it starts
             self.scope.cancel()
 
-    async def events_after(self, last_id: int) -> list[tuple[int, str, dict[str, Any]]]:
+    async def events_after(self, last_id: int) -> list[Entry]:
         """Feed entries after `last_id`, waiting for one if there is none yet (and the job
         is not finished)."""
         while True:
@@ -154,6 +175,21 @@ class Job:
             if fresh or self.done:
                 return fresh
             await changed.wait()
+
+    async def follow(self, after: int = 0) -> AsyncIterator[Entry | Gap]:
+        """Every feed entry after sequence `after`, as it comes, until the job's last; a
+        `Gap` first wherever entries were dropped before this reader got to them (the
+        jobs API's events stream and a streamed chat completion both read it so)."""
+        cursor = after
+        while True:
+            fresh = await self.events_after(cursor)
+            for entry in fresh:
+                if entry[0] > cursor + 1:
+                    yield Gap(missed=entry[0] - cursor - 1, after=cursor, next=entry[0])
+                cursor = entry[0]
+                yield entry
+            if not fresh or (self.done and cursor >= self._seq):  # none fresh: it ended
+                return
 
     # ------------------------------------------------------------------ records
     def to_dict(self) -> dict[str, Any]:
