@@ -98,9 +98,9 @@ class SandboxConfig:
     at this Unix nice value over the engine's and, where the kernel schedules each session
     as a group of its own ("autogroup": most machines, but not processes in a container's
     or a service's own cgroup), its session's group is lowered as much. The code the model
-    writes then gets the CPU the engine's event loop leaves over: a hundred queries' cells
-    starting at once, or a cell that spins, cannot hold up every other query's model calls.
-    The code cannot raise it again. 0: workers compete with the engine as equals."""
+    writes then gets the CPU the engine's event loop leaves over: cells that compute, or
+    spin, cannot hold up every other query's model calls. The code cannot raise it again
+    (in the `none` tier it can). 0: workers compete with the engine as equals."""
     file_size_bytes: int | None = 64 * _MiB
     """Largest file the code may write (RLIMIT_FSIZE); writing past it raises `OSError`."""
     tmp_size_bytes: int | None = 256 * _MiB
