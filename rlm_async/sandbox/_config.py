@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .._checks import is_whole_number
 from ..exceptions import ConfigError
 
 __all__ = [
@@ -164,7 +165,7 @@ class SandboxConfig:
             raise ConfigError("SandboxConfig.open_files must be at least 16: Python itself needs some")
         if self.max_processes is not None and self.max_processes < 4:
             raise ConfigError("SandboxConfig.max_processes must be at least 4 (the worker uses 2)")
-        if isinstance(self.nice, bool) or not isinstance(self.nice, int) or not 0 <= self.nice <= 19:
+        if not is_whole_number(self.nice) or not 0 <= self.nice <= 19:
             raise ConfigError(f"SandboxConfig.nice must be a whole number from 0 to 19, not {self.nice!r}")
         if self.output_limit_bytes < 0:
             raise ConfigError("SandboxConfig.output_limit_bytes must be >= 0")

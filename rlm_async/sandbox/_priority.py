@@ -29,9 +29,10 @@ from typing import Literal
 __all__ = ["Lowered", "autogroup_on", "lower_session"]
 
 Lowered = Literal["lowered", "busy", "unneeded", "refused"]
-"""What `lower_session` did: lowered (or it was already), "busy" (the kernel's rate
-limit: try again in 100 ms), "unneeded" (no autogroup on this kernel, or it is off), or
-"refused" (not permitted, or the process is gone)."""
+"""What lowering a worker's session came to: lowered (or it was already), "busy" (the
+kernel's rate limit: try again in 100 ms), "unneeded" (nice 0, or no autogroup on this
+kernel or it is off: the caller's `autogroup_on` check, made before it looks for the
+session's leader), or "refused" (not permitted, or the process is gone)."""
 
 _ENABLED = "/proc/sys/kernel/sched_autogroup_enabled"
 
@@ -55,11 +56,9 @@ def autogroup_on() -> bool:
 
 
 def lower_session(pid: int, nice: int) -> Lowered:
-    """Set the session group that `pid` leads to `nice` below the engine's own (at most 19).
-    The caller makes sure `pid` is still its worker's: a pid is another process's once
-    reaped."""
-    if nice <= 0 or not autogroup_on():
-        return "unneeded"
+    """Set the session group that `pid` leads to `nice` (> 0) below the engine's own (at
+    most 19). The caller has checked `autogroup_on` and makes sure `pid` is still its
+    worker's: a pid is another process's once reaped."""
     target = min(19, _own_nice() + nice)
     try:
         fd = os.open(f"/proc/{pid}/autogroup", os.O_WRONLY | os.O_CLOEXEC)

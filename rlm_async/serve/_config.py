@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._checks import is_whole_number
 from .._config import RLMConfig, load_dataclass
 from .._sockets import checked_port
 from ..exceptions import ConfigError
@@ -111,7 +112,7 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"[serve] {name} must be a whole number of bytes >= 1, not {value!r}")
-        if isinstance(self.max_events, bool) or not isinstance(self.max_events, int) or self.max_events < 1:
+        if not is_whole_number(self.max_events) or self.max_events < 1:
             raise ConfigError(
                 f"[serve] max_events must be a whole number >= 1 (events kept per job), not {self.max_events!r}"
             )
