@@ -5,6 +5,7 @@ numbers: `os.nice(0)` inside the worker, `/proc/<pid>/autogroup` of its session.
 
 from __future__ import annotations
 
+import io
 import os
 
 import pytest
@@ -39,6 +40,13 @@ async def refuse(request: WorkerRequest) -> list[str]:
 def autogroup_nice(pid: int) -> int:
     with open(f"/proc/{pid}/autogroup", encoding="ascii") as f:
         return int(f.read().split()[-1])  # "/autogroup-123 nice 19"
+
+
+def engine_group() -> str:
+    """The engine's own group as the kernel shows it: empty where the engine never left
+    init's session (the root group, as under CI's runner), which counts as nice 0."""
+    with open("/proc/self/autogroup", encoding="ascii") as f:
+        return f.read()
 
 
 async def cell_output(worker: Worker, code: str) -> str:
@@ -100,6 +108,7 @@ class TestTheSessionGroup:
     async def test_a_pooled_workers_session_is_lowered(self, isolation: str) -> None:
         """A pool's worker (which retries while it waits, past an unprivileged engine's
         rate limit) is in a session group 19 below the engine's."""
+        engines = engine_group()
         async with WorkerPool(config(isolation=isolation), size=1) as pool:
             await pool.wait_full()
             worker = await pool.start_worker("")
@@ -112,7 +121,7 @@ class TestTheSessionGroup:
             finally:
                 await worker.aclose()
         assert seen == min(19, priority._own_nice() + 19)
-        assert autogroup_nice(os.getpid()) == priority._own_nice()  # the engine's own is untouched
+        assert engine_group() == engines  # the engine's own is untouched
 
     @pytest.mark.skipif(os.geteuid() != 0, reason="unprivileged, the kernel allows one change per 100 ms")
     async def test_as_root_every_worker_at_once(self) -> None:
@@ -123,6 +132,17 @@ class TestTheSessionGroup:
     async def test_nice_0_leaves_the_session_alone(self) -> None:
         async with open_worker(isolation="none", nice=0) as worker:
             assert autogroup_nice(worker.pid) == 0
+
+
+class TestTheEnginesOwnGroup:
+    @pytest.mark.parametrize(("shown", "nice"), [("/autogroup-7 nice 3\n", 3), ("", 0)])
+    def test_the_root_group_counts_as_nice_0(
+        self, monkeypatch: pytest.MonkeyPatch, shown: str, nice: int
+    ) -> None:
+        """An engine that never left init's session (CI's runner) is in the root group, whose
+        file reads empty: it weighs as nice 0, and a worker is lowered to 19 from there."""
+        monkeypatch.setattr(priority, "open", lambda *_a, **_k: io.StringIO(shown), raising=False)
+        assert priority._own_nice() == nice
 
 
 class TestThePoolWaitsForItsTurn:

@@ -38,7 +38,9 @@ _ENABLED = "/proc/sys/kernel/sched_autogroup_enabled"
 
 
 def _own_nice() -> int:
-    """The nice value of the engine's own session group (0 where it cannot be read)."""
+    """The nice value of the engine's own session group: 0 where it cannot be read, and
+    where the engine never left init's session (the root group, whose file reads empty,
+    weighs as nice 0)."""
     try:
         with open("/proc/self/autogroup", encoding="ascii") as f:
             return int(f.read().split()[-1])  # "/autogroup-123 nice 0"
