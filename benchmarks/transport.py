@@ -9,8 +9,9 @@ rounds (one warm-up round first), divided by requests; every variant is run `--r
 times, interleaved (A B C A B C ...), and the median is reported, since the machine is shared.
 Each variant runs on the asyncio loop and on uvloop. Writes benchmarks/results/transport.json.
 
-Variants: the product's `OpenAITransport` (aiohttp + orjson) and `OpenAISDKTransport`
-(openai SDK on httpx-aiohttp), and for comparison, defined here only: aiohttp with the
+Variants: the product's `OpenAITransport` on plain HTTP (the lean client, `_wire`) and with
+`wire="aiohttp"` (what `https://` uses), `OpenAISDKTransport` (openai SDK on httpx-aiohttp),
+and for comparison, defined here only: aiohttp with the
 standard `json`, httpx on its own httpcore transport (the wire before, 64 pools), and httpx
 on `httpx-aiohttp`'s transport.
 """
@@ -99,8 +100,15 @@ class StdlibJSONTransport(OpenAITransport):
 
 def variants(base: str) -> list[tuple[str, Callable[[], Transport]]]:
     return [
-        ("OpenAITransport: aiohttp + orjson (now)", lambda: OpenAITransport(base, api_key_env=None)),
-        ("aiohttp + json", lambda: StdlibJSONTransport(base, api_key_env=None)),
+        (
+            "OpenAITransport, plain HTTP: lean client + orjson (now)",
+            lambda: OpenAITransport(base, api_key_env=None),
+        ),
+        (
+            "OpenAITransport, wire=aiohttp: aiohttp + orjson (https:// now)",
+            lambda: OpenAITransport(base, api_key_env=None, wire="aiohttp"),
+        ),
+        ("aiohttp + json", lambda: StdlibJSONTransport(base, api_key_env=None, wire="aiohttp")),
         ("httpx own transport + json, 64 pools (before)", lambda: HttpxTransport(base, shards=64)),
         ("httpx own transport + json, 1 pool", lambda: HttpxTransport(base, shards=1)),
         (

@@ -1,7 +1,9 @@
 """The wire: one abstract method, `complete(request) -> Completion`.
 
 `OpenAITransport` speaks OpenAI-compatible chat completions (OpenAI, vLLM, SGLang,
-llama.cpp's server, Ollama, the bundled simulator) with aiohttp and orjson.
+llama.cpp's server, Ollama, the bundled simulator) with orjson bodies: over `https://` on
+aiohttp, over plain `http://` (a model server on loopback or a private network) on the lean
+client in `_wire`, which sends the same requests for about a third of aiohttp's CPU each.
 `OpenAISDKTransport` does the same through the official `openai` SDK (2.x), whose httpx
 client runs on aiohttp too (`httpx-aiohttp`, the SDK's own `DefaultAioHttpClient`): one
 HTTP stack, aiohttp's, with httpx only as the API the SDK is written against.
@@ -13,6 +15,8 @@ prompts): httpx on its own httpcore transport costs several times what aiohttp d
 its pool scans every connection on every request event (O(N) per event). aiohttp's
 connector keeps its pool in dicts and parses HTTP in C. orjson encodes the 10-50 KB
 request bodies several times faster than `json`. The README's library table has the numbers.
+What aiohttp still costs, its layers around each request, is what `_wire` leaves out where
+TLS, proxies and redirects are not needed (`wire="aiohttp"` keeps aiohttp for those too).
 
 Why the default does not go through the SDK: its parameter transformation and pydantic
 parsing cost more CPU per call than all of the rest of the wire.
@@ -21,10 +25,11 @@ Connections: one pool per transport, as large as the process's descriptor budget
 (`_descriptors.connection_budget`: the soft RLIMIT_NOFILE is raised toward the hard one
 first); requests beyond it wait in the pool for a connection, never fail with EMFILE.
 
-aiohttp is asyncio-only: these transports need anyio's asyncio backend (uvloop included).
-This is the only module that imports `aiohttp`, `httpx` or `openai`, and it translates their
-exceptions into `rlm_async.exceptions` once, here. It never retries: the one retry layer
-lives in the governor, and the SDK's own retries are off (`max_retries=0`).
+aiohttp (and `_wire`) are asyncio-only: these transports need anyio's asyncio backend
+(uvloop included). This is the only module that imports `aiohttp`, `httpx`, `openai` or
+`_wire`, and it translates their exceptions into `rlm_async.exceptions` once, here. It
+never retries: the one retry layer lives in the governor, and the SDK's own retries are
+off (`max_retries=0`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import re
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -52,9 +57,11 @@ from ._descriptors import connection_budget
 from ._text import decode_utf8, scrub
 from ._types import Completion, ModelRequest, RateLimitInfo, Usage
 from ._version import __version__
+from ._wire import HttpPool, WireError, request_head
 from .exceptions import (
     AuthenticationFailed,
     BadRequest,
+    ConfigError,
     ConnectionFailed,
     ContextLengthExceeded,
     MissingAPIKey,
@@ -434,7 +441,9 @@ class OpenAITransport(Transport):
     a server on loopback, or `api_key_env=None`, needs none. `max_connections=None` sizes
     the pool from the process's descriptor budget (`_descriptors.connection_budget`).
     Needs the asyncio backend (aiohttp is asyncio-only); the pool is made on first use, in
-    the running loop.
+    the running loop. `wire`: "auto" sends plain-`http://` requests through the lean client
+    (`_wire`: a third of aiohttp's CPU a request) and `https://` through aiohttp; "aiohttp"
+    sends both through aiohttp.
     """
 
     def __init__(
@@ -447,6 +456,7 @@ class OpenAITransport(Transport):
         max_connections: int | None = None,
         connect_timeout_s: float = 10.0,
         extra_headers: Mapping[str, str] | None = None,
+        wire: Literal["auto", "aiohttp"] = "auto",
     ) -> None:
         self.endpoint = base_url.rstrip("/")
         self._url = self.endpoint + "/chat/completions"
@@ -468,8 +478,27 @@ class OpenAITransport(Transport):
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(connect_timeout_s, timeout_s))
         self._deadlines = _Deadlines(timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self._wire, self._head = self._lean_wire(wire, min(connect_timeout_s, timeout_s))
         self._busy = 0
         """Connections taken now: requests in flight, and connections `preconnect` is opening."""
+
+    def _lean_wire(self, wire: str, connect_timeout_s: float) -> tuple[HttpPool | None, bytes]:
+        """The lean client's pool and request head for an `http://` endpoint (`_wire`: the
+        same requests for several times less CPU each); `https://`, or `wire="aiohttp"`:
+        none, and aiohttp carries the requests."""
+        if wire not in ("auto", "aiohttp"):
+            raise ConfigError(f'wire={wire!r}: use "auto" (the default) or "aiohttp"')
+        url = urlsplit(self._url)
+        if wire == "aiohttp" or url.scheme != "http" or not url.hostname:
+            return None, b""
+        try:
+            port = url.port or 80
+            path = url.path + (f"?{url.query}" if url.query else "")
+            head = request_head("POST", url.hostname, port, path, self._headers)
+        except ValueError as exc:
+            raise ConfigError(f"{self.endpoint}: {exc}; fix base_url or extra_headers") from None
+        pool = HttpPool(url.hostname, port, limit=self.max_connections, connect_timeout_s=connect_timeout_s)
+        return pool, head
 
     def _open(self) -> aiohttp.ClientSession:
         connector = _CONNECTOR(
@@ -494,10 +523,10 @@ class OpenAITransport(Transport):
         return Encoded(encode_body(request))
 
     async def complete_encoded(self, request: ModelRequest, encoded: Encoded) -> Completion:
-        return await self._post(_EncodedOnWrite(request, encoded.take()), request)
+        return await self._post(request, encoded.take())
 
     async def complete(self, request: ModelRequest) -> Completion:
-        return await self._post(_EncodedOnWrite(request), request)
+        return await self._post(request, None)
 
     async def preconnect(self, n: int) -> int:
         """Open up to `n` connections (a few handshakes at a time) and leave them idle in the
@@ -508,6 +537,8 @@ class OpenAITransport(Transport):
         request queues behind it. Cancelled (the followers are due), the connections opened
         so far go to the pool at once. One that fails is left out (the request opens its
         own); a server's idle timeout closes any left unused."""
+        if self._wire is not None:
+            return await self._preconnect_wire(self._wire, n)
         session = self._session or self._open()
         connector = session.connector
         n = min(n, self.max_connections - self._busy)
@@ -548,21 +579,50 @@ class OpenAITransport(Transport):
                 connection.release()  # idle in the pool, kept alive
         return len(held)
 
-    async def _post(self, body: _EncodedOnWrite, request: ModelRequest) -> Completion:
-        session = self._session or self._open()
+    async def _preconnect_wire(self, pool: HttpPool, n: int) -> int:
+        """`preconnect` on the lean client: each connection opened goes idle into the pool at
+        once (a request due meanwhile takes it); the pool's limit bounds them."""
+        idle = pool.idle
+        left = min(n, self.max_connections - self._busy) - idle
+        opened = 0
+
+        async def opener() -> None:
+            nonlocal left, opened
+            while left > 0:
+                left -= 1
+                try:
+                    if not await pool.add_idle():
+                        return  # the pool is at its limit
+                    opened += 1
+                except (WireError, OSError, TimeoutError):
+                    pass  # the request that would have used it opens its own
+
+        if left > 0:
+            async with anyio.create_task_group() as tg:
+                for _ in range(min(-(-left // _PRECONNECTS_PER_OPENER), _PRECONNECTS_AT_ONCE)):
+                    tg.start_soon(opener)
+        return min(n, idle + opened)
+
+    async def _post(self, request: ModelRequest, encoded: bytes | None) -> Completion:
         self._busy += 1
         try:
-            # No redirects: a body sent once cannot be replayed (see `_EncodedOnWrite`), and a
-            # redirected API call is a misconfigured base_url, said so below.
             deadline = self._deadlines.start()
             try:
-                async with deadline, session.post(self._url, data=body, allow_redirects=False) as response:
-                    raw = await response.read()
-                    status, headers = response.status, response.headers
+                async with deadline:
+                    if self._wire is not None:
+                        status, headers, raw = await self._send_lean(self._wire, request, encoded)
+                    else:
+                        status, headers, raw = await self._send_aiohttp(request, encoded)
             finally:
                 self._deadlines.end(deadline)
         except TimeoutError:  # aiohttp's own timeouts derive from it too
             raise ConnectionFailed(f"request to {self.endpoint} timed out") from None
+        except WireError as exc:
+            if exc.refused:
+                raise ConnectionFailed(
+                    f"cannot reach {self.endpoint} ({exc}); check base_url and that the server is running"
+                ) from None
+            raise ConnectionFailed(f"connection to {self.endpoint} failed: {exc}") from None
         except aiohttp.ClientConnectorError as exc:
             raise ConnectionFailed(
                 f"cannot reach {self.endpoint} ({exc}); check base_url and that the server is running"
@@ -593,6 +653,22 @@ class OpenAITransport(Transport):
             raise ServerError(f"malformed response from {self.endpoint}: body is not a JSON object")
         return _parse_completion(data, headers, request.model, self.endpoint)
 
+    async def _send_lean(
+        self, pool: HttpPool, request: ModelRequest, encoded: bytes | None
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        response = await pool.request(self._head, lambda: encoded or encode_body(request))
+        return response.status, response.headers, response.body
+
+    async def _send_aiohttp(
+        self, request: ModelRequest, encoded: bytes | None
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        session = self._session or self._open()
+        # No redirects: a body sent once cannot be replayed (see `_EncodedOnWrite`), and a
+        # redirected API call is a misconfigured base_url, said so by `_post`.
+        body = _EncodedOnWrite(request, encoded)
+        async with session.post(self._url, data=body, allow_redirects=False) as response:
+            return response.status, response.headers, await response.read()
+
     async def probe(
         self, method: str, url: str, body: Mapping[str, Any] | None = None, *, timeout_s: float = 5.0
     ) -> ProbeResponse | None:
@@ -609,6 +685,8 @@ class OpenAITransport(Transport):
 
     async def aclose(self) -> None:
         self._deadlines.close()
+        if self._wire is not None:
+            self._wire.close()
         session, self._session = self._session, None
         if session is not None:
             await session.close()

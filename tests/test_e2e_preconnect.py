@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import anyio
@@ -146,9 +146,8 @@ def stall_preconnect(mp: pytest.MonkeyPatch, after: int) -> Stalled:
     seen = Stalled()
 
     async def stalling_preconnect(self: OpenAITransport, n: int) -> int:
-        connector = (self._session or self._open()).connector
-        assert connector is not None
-        connect = connector.connect
+        opens, name = _connects_of(self)
+        connect = getattr(opens, name)
 
         async def stalling(*args: Any, **kwargs: Any) -> Any:
             if _OPENING.get():  # one of preconnect's openers, not a request
@@ -157,7 +156,7 @@ def stall_preconnect(mp: pytest.MonkeyPatch, after: int) -> Stalled:
                     await anyio.sleep_forever()
             return await connect(*args, **kwargs)
 
-        connector.connect = stalling  # type: ignore[method-assign]
+        setattr(opens, name, stalling)
         token = _OPENING.set(True)
         try:
             return await original(self, n)
@@ -166,7 +165,7 @@ def stall_preconnect(mp: pytest.MonkeyPatch, after: int) -> Stalled:
             raise
         finally:
             _OPENING.reset(token)
-            del connector.connect
+            delattr(opens, name)
 
     mp.setattr(OpenAITransport, "preconnect", stalling_preconnect)
     return seen
@@ -296,14 +295,17 @@ class TestTransportPreconnect:
             finally:
                 await transport.aclose()
 
-    async def test_a_few_connections_take_a_few_openers_many_take_sixteen(self) -> None:
+    @pytest.mark.parametrize("wire", ["auto", "aiohttp"])
+    async def test_a_few_connections_take_a_few_openers_many_take_sixteen(
+        self, wire: Literal["auto", "aiohttp"]
+    ) -> None:
         """An opener task per 8 connections, at most 16: a service's fan-out of 20 opens its
         connections three at a time (each opener a task the busy loop pays for), a wide
-        fan-out's 300 sixteen at a time; all are opened either way."""
+        fan-out's 300 sixteen at a time; all are opened either way, by either client."""
         async with SimServer() as sim:
             assert sim.base_url is not None
-            assert await _preconnect_counted(sim.base_url, 20) == (20, 3)
-            assert await _preconnect_counted(sim.base_url, 300) == (300, 16)
+            assert await _preconnect_counted(sim.base_url, 20, wire) == (20, 3)
+            assert await _preconnect_counted(sim.base_url, 300, wire) == (300, 16)
 
     async def test_never_more_than_the_pool_has_free(self) -> None:
         """With `max_connections=3`, asking for ten opens three: none waits for a slot."""
@@ -341,12 +343,19 @@ def _timeline(run: Run) -> str:
     )
 
 
-async def _preconnect_counted(base_url: str, n: int) -> tuple[int, int]:
+def _connects_of(transport: OpenAITransport) -> tuple[Any, str]:
+    """Where `transport` opens its connections, to wrap: the lean client's pool on plain HTTP
+    (`_wire`), aiohttp's connector with `wire="aiohttp"`."""
+    if transport._wire is not None:
+        return transport._wire, "_connect"
+    return (transport._session or transport._open()).connector, "connect"
+
+
+async def _preconnect_counted(base_url: str, n: int, wire: Literal["auto", "aiohttp"]) -> tuple[int, int]:
     """`preconnect(n)` on a fresh transport: (connections opened, most connects at once)."""
-    transport = OpenAITransport(base_url, api_key_env=None)
-    connector = transport._open().connector
-    assert connector is not None
-    connect, at_once, peak = connector.connect, [0], [0]
+    transport = OpenAITransport(base_url, api_key_env=None, wire=wire)
+    opens, name = _connects_of(transport)
+    connect, at_once, peak = getattr(opens, name), [0], [0]
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
         at_once[0] += 1
@@ -356,7 +365,7 @@ async def _preconnect_counted(base_url: str, n: int) -> tuple[int, int]:
         finally:
             at_once[0] -= 1
 
-    connector.connect = counted  # type: ignore[method-assign]
+    setattr(opens, name, counted)
     try:
         return await transport.preconnect(n), peak[0]
     finally:

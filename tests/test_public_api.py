@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "_sockets": 0,
     "_gc": 0,
     "_loop": 0,
+    "_wire": 0,
     "transport": 1,
     "_governor": 2,
     "_cache": 2,

@@ -116,10 +116,11 @@ def request(text: str = "hello", **kw: Any) -> ModelRequest:
 
 
 TRANSPORTS: list[Callable[[str], Transport]] = [
-    lambda url: OpenAITransport(url, api_key_env=None),
+    lambda url: OpenAITransport(url, api_key_env=None),  # plain HTTP: the lean client (`_wire`)
+    lambda url: OpenAITransport(url, api_key_env=None, wire="aiohttp"),
     lambda url: OpenAISDKTransport(url, api_key_env=None),
 ]
-IDS = ["aiohttp", "sdk"]
+IDS = ["lean", "aiohttp", "sdk"]
 
 
 class TestCompletions:

@@ -1,6 +1,7 @@
-"""The transport's direct connections: a plain-HTTP connection to one address is opened by
-the event loop itself (not aiohappyeyeballs), on asyncio and on uvloop, against the
-simulator in a child process over real loopback HTTP."""
+"""The transport's direct connections on aiohttp (`wire="aiohttp"`; `https://` endpoints
+always): a plain-HTTP connection to one address is opened by the event loop itself (not
+aiohappyeyeballs), on asyncio and on uvloop, against the simulator in a child process over
+real loopback HTTP. Plain HTTP by default goes through the lean client (`test_wire`)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ class TestDirectConnections:
         monkeypatch.setattr(aiohappyeyeballs, "start_connection", spy)
         async with SimProcess() as sim:
             assert sim.base_url is not None
-            transport = OpenAITransport(sim.base_url, api_key_env=None)
+            transport = OpenAITransport(sim.base_url, api_key_env=None, wire="aiohttp")
             texts: dict[int, str] = {}
 
             async def one(i: int) -> None:
@@ -90,7 +91,7 @@ class TestDirectConnections:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        transport = OpenAITransport(f"http://127.0.0.1:{port}/v1", api_key_env=None)
+        transport = OpenAITransport(f"http://127.0.0.1:{port}/v1", api_key_env=None, wire="aiohttp")
         try:
             with pytest.raises(
                 ConnectionFailed, match=rf"cannot reach http://127\.0\.0\.1:{port}/v1 .*check base_url"
