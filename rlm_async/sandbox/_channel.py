@@ -91,6 +91,11 @@ class Channel:
                 self.close()
                 raise ChannelClosed(f"the worker did not read a frame within {ATOMIC_SEND_S} s")
 
+    async def readable(self) -> None:
+        """Until a frame (or the end of the channel) can be read; nothing is read, so a
+        caller may stop waiting at any time."""
+        await anyio.wait_readable(self._sock)
+
     async def _send_blob(self, blob: Blob) -> None:
         if isinstance(blob, Utf8Text):
             for piece in blob.pieces():
