@@ -478,14 +478,17 @@ class OpenAITransport(Transport):
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(connect_timeout_s, timeout_s))
         self._deadlines = _Deadlines(timeout_s)
         self._session: aiohttp.ClientSession | None = None
-        self._wire, self._head = self._lean_wire(wire, min(connect_timeout_s, timeout_s))
+        self._lean, self._head = self._lean_wire(wire, min(connect_timeout_s, timeout_s))
+        """Where plain HTTP goes through `_wire`: the pool's arguments, and the request head."""
+        self._wire: HttpPool | None = None
+        """The lean client's pool, made on first use (as aiohttp's session), gone at `aclose`."""
         self._busy = 0
         """Connections taken now: requests in flight, and connections `preconnect` is opening."""
 
-    def _lean_wire(self, wire: str, connect_timeout_s: float) -> tuple[HttpPool | None, bytes]:
-        """The lean client's pool and request head for an `http://` endpoint (`_wire`: the
-        same requests for several times less CPU each); `https://`, or `wire="aiohttp"`:
-        none, and aiohttp carries the requests."""
+    def _lean_wire(self, wire: str, connect_timeout_s: float) -> tuple[dict[str, Any] | None, bytes]:
+        """The lean client's pool arguments and request head for an `http://` endpoint
+        (`_wire`: the same requests for several times less CPU each); `https://`, or
+        `wire="aiohttp"`: none, and aiohttp carries the requests."""
         if wire not in ("auto", "aiohttp"):
             raise ConfigError(f'wire={wire!r}: use "auto" (the default) or "aiohttp"')
         url = urlsplit(self._url)
@@ -497,8 +500,18 @@ class OpenAITransport(Transport):
             head = request_head("POST", url.hostname, port, path, self._headers)
         except ValueError as exc:
             raise ConfigError(f"{self.endpoint}: {exc}; fix base_url or extra_headers") from None
-        pool = HttpPool(url.hostname, port, limit=self.max_connections, connect_timeout_s=connect_timeout_s)
+        pool = {"host": url.hostname, "port": port, "connect_timeout_s": connect_timeout_s}
         return pool, head
+
+    def _lean_pool(self) -> HttpPool | None:
+        """The lean client's pool where plain HTTP goes through it: made in the running loop
+        on first use, and again after `aclose` (an `RLM` given one transport closes it after
+        each run, and may run again on another loop)."""
+        if self._lean is None:
+            return None
+        if self._wire is None:
+            self._wire = HttpPool(limit=self.max_connections, **self._lean)
+        return self._wire
 
     def _open(self) -> aiohttp.ClientSession:
         connector = _CONNECTOR(
@@ -537,8 +550,9 @@ class OpenAITransport(Transport):
         request queues behind it. Cancelled (the followers are due), the connections opened
         so far go to the pool at once. One that fails is left out (the request opens its
         own); a server's idle timeout closes any left unused."""
-        if self._wire is not None:
-            return await self._preconnect_wire(self._wire, n)
+        pool = self._lean_pool()
+        if pool is not None:
+            return await self._preconnect_wire(pool, n)
         session = self._session or self._open()
         connector = session.connector
         n = min(n, self.max_connections - self._busy)
@@ -609,8 +623,9 @@ class OpenAITransport(Transport):
             deadline = self._deadlines.start()
             try:
                 async with deadline:
-                    if self._wire is not None:
-                        status, headers, raw = await self._send_lean(self._wire, request, encoded)
+                    pool = self._lean_pool()
+                    if pool is not None:
+                        status, headers, raw = await self._send_lean(pool, request, encoded)
                     else:
                         status, headers, raw = await self._send_aiohttp(request, encoded)
             finally:
@@ -685,8 +700,9 @@ class OpenAITransport(Transport):
 
     async def aclose(self) -> None:
         self._deadlines.close()
-        if self._wire is not None:
-            self._wire.close()
+        pool, self._wire = self._wire, None
+        if pool is not None:
+            pool.close()
         session, self._session = self._session, None
         if session is not None:
             await session.close()

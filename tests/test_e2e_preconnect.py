@@ -346,8 +346,9 @@ def _timeline(run: Run) -> str:
 def _connects_of(transport: OpenAITransport) -> tuple[Any, str]:
     """Where `transport` opens its connections, to wrap: the lean client's pool on plain HTTP
     (`_wire`), aiohttp's connector with `wire="aiohttp"`."""
-    if transport._wire is not None:
-        return transport._wire, "_connect"
+    pool = transport._lean_pool()
+    if pool is not None:
+        return pool, "_connect"
     return (transport._session or transport._open()).connector, "connect"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ class Scripted:
 
 
 @asynccontextmanager
-async def scripted(reply: Reply) -> AsyncIterator[Scripted]:
+async def scripted(reply: Reply, port: int = 0) -> AsyncIterator[Scripted]:
     state = Scripted(url="")
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -88,7 +89,7 @@ async def scripted(reply: Reply) -> AsyncIterator[Scripted]:
             state.open_now -= 1
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(handle, "127.0.0.1", port, reuse_address=True)
     state.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
     try:
         yield state
@@ -314,6 +315,33 @@ class TestWhenItBreaks:
     def test_an_unknown_wire_is_refused(self) -> None:
         with pytest.raises(ConfigError, match='use "auto"'):
             OpenAITransport("http://127.0.0.1:9/v1", api_key_env=None, wire="h2")  # type: ignore[arg-type]
+
+
+class TestATransportUsedAgain:
+    def test_closed_then_used_on_another_loop_it_opens_a_new_pool(self) -> None:
+        """An `RLM` given one transport closes it after each run and may run again on a new
+        event loop (`RLM.completion()`): the lean client's pool is made again there, as
+        aiohttp's session is; the old loop's connections are not reused."""
+        served: list[int] = []
+
+        async def serve_and_call(transport: OpenAITransport, port: int) -> str:
+            async def reply(n: int, w: asyncio.StreamWriter) -> None:
+                served.append(n)
+                await writes(w, ok())
+
+            async with scripted(reply, port):
+                try:
+                    return (await transport.complete(ask())).text
+                finally:
+                    await transport.aclose()
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        transport = OpenAITransport(f"http://127.0.0.1:{port}/v1", api_key_env=None)
+        assert asyncio.run(serve_and_call(transport, port)) == "42"
+        assert asyncio.run(serve_and_call(transport, port)) == "42"
+        assert served == [0, 0] and transport._wire is None
 
 
 class TestThePool:
