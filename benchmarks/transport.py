@@ -1,6 +1,6 @@
 """Client CPU per request for the wire options, at hundreds of requests in flight.
 
-    .venv/bin/python benchmarks/transport.py [--in-flight 250] [--rounds 4] [--repeat 3]
+    .venv/bin/python benchmarks/transport.py [--in-flight 250] [--rounds 4] [--repeat 3] [--only NAME] [--out PATH]
 
 The simulator runs in a child process with a fixed one-word answer and no latency, so what
 differs between rows is the client's own work: encoding the request, the HTTP client,
@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=250)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", default="", help="run only the variants whose name contains this")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     print(
         f"{args.in_flight} requests in flight x {args.rounds} rounds x {args.repeat} repeats, "
@@ -158,7 +160,7 @@ def main() -> None:
     samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with SimProcess(config) as sim:
         assert sim.base_url is not None
-        plan = variants(sim.base_url)
+        plan = [(name, make) for name, make in variants(sim.base_url) if args.only in name]
         for _ in range(args.repeat):
             for loop in ("asyncio", "uvloop"):
                 for name, make in plan:
@@ -181,8 +183,8 @@ def main() -> None:
             }
         )
         print(f"{name:<50} {loop:8} {cpu * 1000:8.3f} ms CPU/request   {wall:6.2f} s wall")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
         json.dumps(
             {
                 "benchmark": "transport",
@@ -196,7 +198,7 @@ def main() -> None:
         )
         + "\n"
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 async def _measure_made(make: Callable[[], Transport], in_flight: int, rounds: int) -> tuple[float, float]:

@@ -3,7 +3,7 @@
 `OpenAITransport` speaks OpenAI-compatible chat completions (OpenAI, vLLM, SGLang,
 llama.cpp's server, Ollama, the bundled simulator) with orjson bodies: over `https://` on
 aiohttp, over plain `http://` (a model server on loopback or a private network) on the lean
-client in `_wire`, which sends the same requests for about a third of aiohttp's CPU each.
+client in `_wire`, which sends the same requests for about 40 % less CPU each.
 `OpenAISDKTransport` does the same through the official `openai` SDK (2.x), whose httpx
 client runs on aiohttp too (`httpx-aiohttp`, the SDK's own `DefaultAioHttpClient`): one
 HTTP stack, aiohttp's, with httpx only as the API the SDK is written against.
@@ -442,7 +442,7 @@ class OpenAITransport(Transport):
     the pool from the process's descriptor budget (`_descriptors.connection_budget`).
     Needs the asyncio backend (aiohttp is asyncio-only); the pool is made on first use, in
     the running loop. `wire`: "auto" sends plain-`http://` requests through the lean client
-    (`_wire`: a third of aiohttp's CPU a request) and `https://` through aiohttp; "aiohttp"
+    (`_wire`: about 40 % less CPU a request) and `https://` through aiohttp; "aiohttp"
     sends both through aiohttp.
     """
 
@@ -487,7 +487,7 @@ class OpenAITransport(Transport):
 
     def _lean_wire(self, wire: str, connect_timeout_s: float) -> tuple[dict[str, Any] | None, bytes]:
         """The lean client's pool arguments and request head for an `http://` endpoint
-        (`_wire`: the same requests for several times less CPU each); `https://`, or
+        (`_wire`: the same requests for about 40 % less CPU each); `https://`, or
         `wire="aiohttp"`: none, and aiohttp carries the requests."""
         if wire not in ("auto", "aiohttp"):
             raise ConfigError(f'wire={wire!r}: use "auto" (the default) or "aiohttp"')
