@@ -48,6 +48,22 @@ def session_leader(worker: Worker) -> int:
         return int(f.read().split()[0])
 
 
+def watch_lowering(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """For each worker lowered from now on, whether it had said `hello` by then."""
+    lowered_while_up: list[bool] = []
+    original = _process.WorkerProcess.lower_priority
+
+    def watched(self: _process.WorkerProcess) -> priority.Lowered:
+        before = self.priority
+        answer = original(self)
+        if answer == "lowered" and before != "lowered":
+            lowered_while_up.append(self.up)
+        return answer
+
+    monkeypatch.setattr(_process.WorkerProcess, "lower_priority", watched)
+    return lowered_while_up
+
+
 def engine_group() -> str:
     """The engine's own group as the kernel shows it: empty where the engine never left
     init's session (the root group, as under CI's runner), which counts as nice 0."""
@@ -132,26 +148,28 @@ class TestTheSessionGroup:
     @needs_autogroup
     @pytest.mark.skipif(os.geteuid() != 0, reason="unprivileged, the kernel allows one change per 100 ms")
     @pytest.mark.parametrize("isolation", TIERS)
-    async def test_lowered_before_the_interpreter_is_up(
+    async def test_a_pre_start_is_lowered_before_its_interpreter_is_up(
         self, isolation: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """The session is lowered as soon as it exists, not at `hello`: the interpreter's
-        start-up (a pool's refill) runs below the workers serving queries, not beside the
-        engine."""
-        lowered_while_up: list[bool] = []
-        original = _process.WorkerProcess.lower_priority
-
-        def watched(self: _process.WorkerProcess) -> priority.Lowered:
-            before = self.priority
-            answer = original(self)
-            if answer == "lowered" and before != "lowered":
-                lowered_while_up.append(self.up)
-            return answer
-
-        monkeypatch.setattr(_process.WorkerProcess, "lower_priority", watched)
+        """A pool's pre-start (no query waits for it) is lowered as soon as its session
+        exists: its interpreter's start-up runs below the workers serving queries, not
+        beside the engine. One started on demand, which a query waits for, is lowered at
+        `hello`: its start-up keeps the engine's priority."""
+        lowered_while_up = watch_lowering(monkeypatch)
+        async with WorkerPool(config(isolation=isolation), size=1) as pool:
+            await pool.wait_full()
+            worker = await pool.start_worker("")
+            try:
+                leader = worker.pid if isolation != "bubblewrap" else session_leader(worker)
+                assert autogroup_nice(leader) == 19
+            finally:
+                await worker.aclose()
+        assert lowered_while_up[0] is False
+        lowered_while_up.clear()
         async with open_worker(isolation=isolation) as worker:
-            assert autogroup_nice(worker.pid if isolation != "bubblewrap" else session_leader(worker)) == 19
-        assert lowered_while_up == [False]
+            leader = worker.pid if isolation != "bubblewrap" else session_leader(worker)
+            assert autogroup_nice(leader) == 19
+        assert lowered_while_up == [True]
 
     @pytest.mark.skipif(os.geteuid() != 0, reason="unprivileged, the kernel allows one change per 100 ms")
     async def test_as_root_every_worker_at_once(self) -> None:

@@ -14,9 +14,9 @@ group as a whole.
 
 The kernel lets a process without CAP_SYS_ADMIN make that change once per 100 ms machine
 wide (EAGAIN otherwise). An engine running as root lowers every worker at once; an
-unprivileged one as often as the kernel allows: each worker tries from the moment its
-session exists until it is up (`_process`), and a pool's pre-started worker again while it
-waits idle (`_pool`). In a container, where the processes sit in the container's cgroup
+unprivileged one as often as the kernel allows: a pool's pre-started worker tries from the
+moment its session exists until it is up (`_process`) and again while it waits idle
+(`_pool`); one started on demand, which a query waits for, tries once it is up. In a container, where the processes sit in the container's cgroup
 and autogroup does not apply, the workers' own nice value is what the scheduler weighs, and
 it needs no privilege.
 """

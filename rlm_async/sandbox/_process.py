@@ -12,6 +12,7 @@ engine's uid has then, see `_process_limit`) go with `init`, after the worker's 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import math
 import os
@@ -106,9 +107,10 @@ class WorkerProcess:
         """Its session group lowered below the engine's (`_priority`); None: not tried yet."""
 
     async def come_up(self) -> str | None:
-        """Wait for `hello` (within `start_timeout_s`). None when the worker is up, else why
-        not (see `start_error`)."""
-        return await self._handshake(self._hello)
+        """Wait for `hello` (within `start_timeout_s`), a pool's pre-start: its session is
+        lowered as soon as it exists (`_lower_as_the_session_begins`). None when the worker
+        is up, else why not (see `start_error`)."""
+        return await self._handshake(functools.partial(self._hello, early=True))
 
     async def load_context(
         self, kind: str, blob: Blob, setup: ReplSetup | None = None, *, peers: int | None = None
@@ -148,8 +150,11 @@ class WorkerProcess:
 
         return await self._handshake(exchange)
 
-    async def _hello(self) -> str | None:
-        await self._lower_as_the_session_begins()
+    async def _hello(self, *, early: bool = False) -> str | None:
+        """Read `hello`, and lower the worker's session then (`early`: from the moment it
+        exists, for a start no query waits for)."""
+        if early:
+            await self._lower_as_the_session_begins()
         hello, _ = await self.channel.receive()
         if hello.get("op") != "hello":
             return f"its first frame was {hello.get('op')!r}, not 'hello'"
@@ -158,11 +163,15 @@ class WorkerProcess:
         return None
 
     async def _lower_as_the_session_begins(self) -> None:
-        """Lower the worker's session group as soon as the session exists, not at `hello`:
-        the interpreter's start-up (tens of milliseconds of CPU) would otherwise run in a
-        group as heavy as the engine's, above the workers already serving queries at nice
-        19. A pool's refill, started while a core was idle, took the CPU from a burst's
+        """Lower a pre-started worker's session group as soon as the session exists, not at
+        `hello`: its interpreter's start-up (tens of milliseconds of CPU) would otherwise run
+        in a group as heavy as the engine's, above the workers already serving queries at
+        nice 19. A pool's refill, started while a core was idle, took the CPU from a burst's
         hundred workers that way: their fan-out cells took 353 ms (median) instead of 3.
+        Not for a worker started on demand: a query waits for that one, and at the lowest
+        priority its start-up could starve behind any busy process (a batch's worker, so
+        lowered, missed its 30 s start timeout beside a spinning process).
+
         Outside bubblewrap the session began before `exec`; under it, once the sandbox's
         init has called `setsid`, shortly after bwrap names it on `--info-fd`. Returns as
         the worker's first frame arrives (read then by `_hello`, which tries once more)."""
