@@ -16,9 +16,9 @@ The kernel lets a process without CAP_SYS_ADMIN make that change once per 100 ms
 wide (EAGAIN otherwise). An engine running as root lowers every worker at once; an
 unprivileged one as often as the kernel allows: a pool's pre-started worker tries from the
 moment its session exists until it is up (`_process`) and again while it waits idle
-(`_pool`); one started on demand, which a query waits for, tries once it is up. In a container, where the processes sit in the container's cgroup
-and autogroup does not apply, the workers' own nice value is what the scheduler weighs, and
-it needs no privilege.
+(`_pool`); one started on demand, which a query waits for, tries once it is up. In a
+container, where the processes sit in the container's cgroup and autogroup does not apply,
+the workers' own nice value is what the scheduler weighs, and it needs no privilege.
 """
 
 from __future__ import annotations

@@ -197,8 +197,8 @@ class WorkerProcess:
     def lower_priority(self) -> Lowered:
         """Lower the worker's session group below the engine's, where the kernel schedules
         sessions as groups (see `_priority`); the bootstrap lowers its own nice value. Tried
-        as soon as the session exists (`_lower_as_the_session_begins`), and at `hello`, when
-        it surely does. Again after "busy" (the kernel's rate limit for an unprivileged
+        at `hello`, when the session surely exists, and for a pool's pre-start as soon as it
+        does (`_lower_as_the_session_begins`). Again after "busy" (the kernel's rate limit for an unprivileged
         engine), otherwise the first answer stands."""
         if self.priority not in (None, "busy"):
             return self.priority
