@@ -536,7 +536,7 @@ class OpenAITransport(Transport):
         return Encoded(encode_body(request))
 
     async def complete_encoded(self, request: ModelRequest, encoded: Encoded) -> Completion:
-        return await self._post(request, encoded.take())
+        return await self._post(request, encoded)
 
     async def complete(self, request: ModelRequest) -> Completion:
         return await self._post(request, None)
@@ -617,7 +617,9 @@ class OpenAITransport(Transport):
                     tg.start_soon(opener)
         return min(n, idle + opened)
 
-    async def _post(self, request: ModelRequest, encoded: bytes | None) -> Completion:
+    async def _post(self, request: ModelRequest, encoded: Encoded | None) -> Completion:
+        """Send `request` (its body made ahead in `encoded`, taken from it as it is written,
+        so that no frame here holds it while the answer is awaited)."""
         self._busy += 1
         try:
             deadline = self._deadlines.start()
@@ -669,18 +671,22 @@ class OpenAITransport(Transport):
         return _parse_completion(data, headers, request.model, self.endpoint)
 
     async def _send_lean(
-        self, pool: HttpPool, request: ModelRequest, encoded: bytes | None
+        self, pool: HttpPool, request: ModelRequest, encoded: Encoded | None
     ) -> tuple[int, Mapping[str, str], bytes]:
-        response = await pool.request(self._head, lambda: encoded or encode_body(request))
+        def body() -> bytes:
+            made = encoded.take() if encoded is not None else None
+            return made if made is not None else encode_body(request)
+
+        response = await pool.request(self._head, body)
         return response.status, response.headers, response.body
 
     async def _send_aiohttp(
-        self, request: ModelRequest, encoded: bytes | None
+        self, request: ModelRequest, encoded: Encoded | None
     ) -> tuple[int, Mapping[str, str], bytes]:
         session = self._session or self._open()
         # No redirects: a body sent once cannot be replayed (see `_EncodedOnWrite`), and a
         # redirected API call is a misconfigured base_url, said so by `_post`.
-        body = _EncodedOnWrite(request, encoded)
+        body = _EncodedOnWrite(request, encoded.take() if encoded is not None else None)
         async with session.post(self._url, data=body, allow_redirects=False) as response:
             return response.status, response.headers, await response.read()
 
