@@ -7,11 +7,14 @@ connections accepted, requests read, ends seen."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import socket
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import pytest
 
@@ -394,6 +397,40 @@ class TestThePool:
             finally:
                 await transport.aclose()
         assert server.connections == 1
+
+    async def test_the_body_is_let_go_of_once_written(self) -> None:
+        """While the answer is awaited, nothing holds the request's body (at a fan-out of
+        5,000, bodies held to their answers put 20 MB on the peak)."""
+
+        class Body(bytearray):  # bytes-like, and unlike a bytes subclass, can be watched
+            pass
+
+        release = asyncio.Event()
+        bodies: list[weakref.ref[Body]] = []
+
+        async def reply(n: int, w: asyncio.StreamWriter) -> None:
+            await release.wait()
+            await writes(w, ok())
+
+        def make() -> bytes:
+            body = Body(b'{"model": "m"}')
+            bodies.append(weakref.ref(body))
+            return cast(bytes, body)
+
+        async with scripted(reply) as server:
+            host, port = server.url.split("/")[2].split(":")
+            pool = HttpPool(host, int(port), limit=1, connect_timeout_s=5)
+            head = request_head("POST", host, int(port), "/v1/chat/completions", {})
+            try:
+                call = asyncio.get_running_loop().create_task(pool.request(head, make))
+                await server.a_request.wait()
+                gc.collect()
+                assert bodies and bodies[0]() is None
+                release.set()
+                assert (await call).status == 200
+            finally:
+                release.set()
+                pool.close()
 
     async def test_the_body_is_made_only_once_a_connection_is_held(self) -> None:
         """A call that waits for a connection holds no body yet (memory, at a fan-out of
