@@ -237,6 +237,14 @@ class WorkerPool:
         while self._idle:  # nothing awaits between taking a process and adopting it
             process = self._idle.popleft()
             self._want_more()
+            if process.exited:
+                # Its top process died while it waited (under bubblewrap the sandbox goes
+                # down after it, and for a moment can still answer: adopted then, it was
+                # handed out dying).
+                self._discarded += 1
+                self._last_error = "a pre-started worker exited while it waited"
+                await _discard(process, "exited while idle")
+                continue
             try:
                 worker = await Worker.adopt(process, context, encoded, self.config, plan, setup, peers=peers)
             except SandboxError as exc:

@@ -106,6 +106,12 @@ class WorkerProcess:
         self.priority: Lowered | None = None
         """Its session group lowered below the engine's (`_priority`); None: not tried yet."""
 
+    @property
+    def exited(self) -> bool:
+        """Its top process (bwrap, the landlock tier's supervisor, or the interpreter) has
+        exited: what ran under it is gone or going."""
+        return self._proc.returncode is not None
+
     async def come_up(self) -> str | None:
         """Wait for `hello` (within `start_timeout_s`), a pool's pre-start: its session is
         lowered as soon as it exists (`_lower_as_the_session_begins`). None when the worker
