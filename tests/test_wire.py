@@ -112,6 +112,20 @@ async def writes(writer: asyncio.StreamWriter, *parts: bytes, close: bool = Fals
         writer.close()
 
 
+async def one_call_answered_with(*parts: bytes) -> str:
+    """The text of one call to a server that answers it with `parts`, written as they are."""
+
+    async def reply(n: int, w: asyncio.StreamWriter) -> None:
+        await writes(w, *parts)
+
+    async with scripted(reply) as server:
+        transport = OpenAITransport(server.url, api_key_env=None)
+        try:
+            return (await transport.complete(ask())).text
+        finally:
+            await transport.aclose()
+
+
 class TestWhatTheServerSends:
     async def test_a_content_length_answer_and_the_request_as_sent(self) -> None:
         """The request goes out as one HTTP/1.1 POST with the exact content-length and the
@@ -168,57 +182,22 @@ class TestWhatTheServerSends:
         assert server.connections == 2
 
     async def test_a_gzip_answer_is_decoded(self) -> None:
-        async def reply(n: int, w: asyncio.StreamWriter) -> None:
-            await writes(w, ok(gzip.compress(ANSWER), "content-encoding: gzip"))
-
-        async with scripted(reply) as server:
-            transport = OpenAITransport(server.url, api_key_env=None)
-            try:
-                assert (await transport.complete(ask())).text == "42"
-            finally:
-                await transport.aclose()
+        assert await one_call_answered_with(ok(gzip.compress(ANSWER), "content-encoding: gzip")) == "42"
 
     async def test_an_encoding_it_cannot_decode_is_named(self) -> None:
-        async def reply(n: int, w: asyncio.StreamWriter) -> None:
-            await writes(w, ok(b"\x00\x01", "content-encoding: br"))
-
-        async with scripted(reply) as server:
-            transport = OpenAITransport(server.url, api_key_env=None)
-            try:
-                with pytest.raises(ConnectionFailed, match="content-encoding 'br'"):
-                    await transport.complete(ask())
-            finally:
-                await transport.aclose()
+        with pytest.raises(ConnectionFailed, match="content-encoding 'br'"):
+            await one_call_answered_with(ok(b"\x00\x01", "content-encoding: br"))
 
     async def test_an_informational_answer_before_the_real_one(self) -> None:
-        async def reply(n: int, w: asyncio.StreamWriter) -> None:
-            await writes(w, b"HTTP/1.1 100 Continue\r\n\r\n", ok())
-
-        async with scripted(reply) as server:
-            transport = OpenAITransport(server.url, api_key_env=None)
-            try:
-                assert (await transport.complete(ask())).text == "42"
-            finally:
-                await transport.aclose()
+        assert await one_call_answered_with(b"HTTP/1.1 100 Continue\r\n\r\n", ok()) == "42"
 
     async def test_an_error_status_keeps_its_headers(self) -> None:
         """A 429's retry-after reaches the governor through the same translation as aiohttp's."""
 
-        async def reply(n: int, w: asyncio.StreamWriter) -> None:
-            body = b'{"error":{"message":"slow down"}}'
-            await writes(
-                w,
-                b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\ncontent-length: %d\r\n\r\n%s"
-                % (len(body), body),
-            )
-
-        async with scripted(reply) as server:
-            transport = OpenAITransport(server.url, api_key_env=None)
-            try:
-                with pytest.raises(Exception, match="rate limited") as caught:
-                    await transport.complete(ask())
-            finally:
-                await transport.aclose()
+        body = b'{"error":{"message":"slow down"}}'
+        head = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\ncontent-length: %d\r\n\r\n" % len(body)
+        with pytest.raises(Exception, match="rate limited") as caught:
+            await one_call_answered_with(head + body)
         assert getattr(caught.value, "retry_after", None) == 7.0
 
 
