@@ -41,11 +41,13 @@ from ._ratelimit import RateLimiter
 from ._tokens import CHARS_PER_TOKEN, count_tokens, serialize_messages
 from .policies import Policy, PolicyRequest, make_policy
 
-__all__ = ["SimApp"]
+__all__ = ["Draft", "Headers", "Reply", "SimApp"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+"""A request's headers as ASGI gives them: (lower-case name, value) pairs."""
 
 _JSON = (b"content-type", b"application/json")
 _MARKER_CHARS = 80  # how much of a system prompt identifies it
@@ -53,7 +55,7 @@ _TO_UNIT = 2.0**-53  # a 53-bit integer times this: a float in [0, 1)
 
 
 @dataclass(slots=True)
-class _Draft:
+class Draft:
     """A log entry being filled in while its request is handled."""
 
     id: str
@@ -104,6 +106,18 @@ class _Draft:
             body_sha256=self.body_sha256,
             body=self.body,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A chat completion's response, to be written by whatever serves the HTTP."""
+
+    status: int
+    headers: Headers
+    """Content type and length included."""
+    body: bytes
+    drop: bool = False
+    """An injected fault: send the head and half the body, then close the connection."""
 
 
 class _Refused(Exception):
@@ -194,7 +208,7 @@ class SimApp:
         if path == "/v1/chat/completions" and method == "POST":
             await self._chat(scope, receive, send)
             return
-        if path.startswith("/v1/") and not self._authorized(scope):
+        if path.startswith("/v1/") and not self._authorized(scope["headers"]):
             await _send_json(send, 401, _auth_error().body)
             return
         if method == "GET" and path == "/v1/models":
@@ -221,11 +235,7 @@ class SimApp:
             await _send_json(send, 404, body)
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        arrival = self._clock()
-        seq = self._seq
-        self._seq += 1
-        self.in_flight += 1
-        draft = _Draft(id=f"chatcmpl-sim-{seq:06d}", seq=seq, arrival=arrival, in_flight=self.in_flight)
+        draft = self.open_request()
         try:
             with anyio.CancelScope() as whole:
                 # Registered before the body is read, so shutdown cancels every request.
@@ -234,30 +244,51 @@ class SimApp:
                     body = await _read_body(receive)
                     if body is None:  # the client left before sending its body
                         return
-                    digest = hashlib.sha256(body).digest()
-                    draft.body_sha256 = digest.hex()
                     # A plain asyncio task, not an anyio task group: the group's entry, spawn
                     # and cancelling exit cost about 0.12 ms a request, a third of the app's
                     # CPU in a fan-out. The watcher cancels `whole`, which ends the request
                     # as the group's scope did.
                     watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, whole))
                     try:
-                        await self._handle(scope, body, digest, send, draft)
-                    except _Refused as refused:
-                        draft.done(refused.status, refused.outcome)
-                        self._finish(draft)
-                        await _send_json(send, refused.status, refused.body, refused.headers, draft.id)
-                    except Exception:
-                        draft.outcome = "internal_error"  # a bug here; the ASGI server answers 500
-                        raise
+                        reply = await self.respond(draft, scope["headers"], body)
                     finally:
                         watcher.cancel()
+                    await _send_reply(send, reply)
                 finally:
                     self._active.discard(whole)
         finally:
             self._finish(draft)
 
-    def _finish(self, draft: _Draft) -> None:
+    def open_request(self) -> Draft:
+        """Count a chat completion in as it arrives (before its body is read): its log entry
+        in the making, which `respond` fills in and logs."""
+        seq = self._seq
+        self._seq += 1
+        self.in_flight += 1
+        return Draft(id=f"chatcmpl-sim-{seq:06d}", seq=seq, arrival=self._clock(), in_flight=self.in_flight)
+
+    async def respond(self, draft: Draft, headers: Headers, body: bytes) -> Reply:
+        """The answer to one chat completion (`headers` as ASGI gives them: lower-case
+        names), whatever serves the HTTP: this ASGI app, or the simulator process's own
+        front (`_front`). The request is logged before this returns, so a client holding
+        the response finds its log entry. Cancelled (the client left, or shutdown), it is
+        logged as "cancelled"; an unexpected error is logged as "internal_error" and raised
+        (the server answers 500)."""
+        try:
+            digest = hashlib.sha256(body).digest()
+            draft.body_sha256 = digest.hex()
+            try:
+                return await self._handle(headers, body, digest, draft)
+            except _Refused as refused:
+                draft.done(refused.status, refused.outcome)
+                return _json_reply(refused.status, refused.body, refused.headers, draft.id)
+            except Exception:
+                draft.outcome = "internal_error"  # a bug here; the server answers 500
+                raise
+        finally:
+            self._finish(draft)
+
+    def _finish(self, draft: Draft) -> None:
         """Log the request and count it out, once. Called just before the response is sent,
         so a client holding a response can rely on its log entry being there."""
         if not draft.logged:
@@ -271,9 +302,9 @@ class SimApp:
 
     # ------------------------------------------------------------ the pipeline
 
-    async def _handle(self, scope: Scope, body: bytes, digest: bytes, send: Send, draft: _Draft) -> None:
+    async def _handle(self, headers_in: Headers, body: bytes, digest: bytes, draft: Draft) -> Reply:
         cfg = self.config
-        if not self._authorized(scope):
+        if not self._authorized(headers_in):
             raise _auth_error()
         request = _parse_body(body)
         if cfg.record_bodies:
@@ -411,26 +442,13 @@ class SimApp:
         headers = {**headers, "openai-processing-ms": str(service_ms)}
         if fault == "drop":
             # Headers and half the body, then the connection closes: the client sees a
-            # connection error mid-response. Returning here without finishing the body makes
-            # the ASGI server close the connection.
+            # connection error mid-response.
             draft.done(0, "drop")
-            self._finish(draft)
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": _headers(headers, len(payload), draft.id),
-                }
-            )
-            await send(
-                {"type": "http.response.body", "body": payload[: len(payload) // 2], "more_body": True}
-            )
-            return
+            return Reply(200, _headers(headers, len(payload), draft.id), payload, drop=True)
         if fault == "malformed":
             payload = payload[: len(payload) // 2]
         draft.done(200, fault if fault in ("malformed", "slow") else "ok")
-        self._finish(draft)
-        await _send(send, 200, payload, _headers(headers, len(payload), draft.id))
+        return Reply(200, _headers(headers, len(payload), draft.id), payload)
 
     # ------------------------------------------------------------ helpers
 
@@ -464,11 +482,11 @@ class SimApp:
     async def _sleep_until(self, deadline: float) -> None:
         await self._sleep(max(0.0, deadline - self._clock()))
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _authorized(self, headers: Headers) -> bool:
         key = self.config.api_key
         if key is None:
             return True
-        for name, value in scope["headers"]:
+        for name, value in headers:
             if name == b"authorization":
                 return bool(value[:7].lower() == b"bearer " and value[7:] == key.encode())
         return False
@@ -636,6 +654,22 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
         headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _json_reply(status: int, obj: Any, extra: dict[str, str], request_id: str | None) -> Reply:
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    return Reply(status, _headers(extra, len(body), request_id), body)
+
+
+async def _send_reply(send: Send, reply: Reply) -> None:
+    await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+    if reply.drop:
+        # Returning without finishing the body makes the ASGI server close the connection.
+        await send(
+            {"type": "http.response.body", "body": reply.body[: len(reply.body) // 2], "more_body": True}
+        )
+        return
+    await send({"type": "http.response.body", "body": reply.body})
 
 
 async def _send_json(
