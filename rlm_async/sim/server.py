@@ -1,16 +1,17 @@
 """Running the simulator: in the current event loop (`SimServer`), in its own process
 (`SimProcess`), or as a blocking program (`serve`, `main` behind `rlm-async sim`).
 
-The HTTP server is uvicorn, serving the raw ASGI app in `_app`. Uvicorn because it is a
-well-kept server that runs inside an existing asyncio loop (tests share one loop with the
-engine under test) and can be handed an already-bound socket (port 0, read back before the
-first request). In the current event loop (`SimServer`) it uses its pure-Python h11 parser.
+In the current event loop (`SimServer`) the HTTP server is uvicorn with its pure-Python h11
+parser, serving the raw ASGI app in `_app`: a well-kept server that runs as a guest inside
+an existing asyncio loop (tests share one loop with the engine under test) and can be
+handed an already-bound socket (port 0, read back before the first request).
+
 In a process of its own (`SimProcess`, `serve`), where the simulator stands in for a
-provider's machines in the fan-out benchmarks, it runs on uvloop with the httptools parser
-when both are installed (the `sim` extra, part of `dev`): measured with
-`benchmarks/sim_cpu.py`, that cuts the simulator's CPU per request in a 5,000-way fan-out of
-13 KB bodies from about 0.75 to 0.57 ms, which the benchmark's two cores share with the
-engine. Without them it falls back to asyncio and h11.
+provider's machines in the benchmarks and shares their cores with the engine, it serves
+with its own HTTP/1.1 front (`_front`: httptools, chat completions answered without an
+ASGI layer) on uvloop where it is installed: measured with `benchmarks/sim_cpu.py`, the
+front cut its CPU per request about in half again (docs/benchmarks.md, "The simulator's
+own HTTP front").
 
 `SimServer` needs the asyncio backend (uvicorn is asyncio-only). Uvicorn runs each
 connection in a task of its own, outside any task group of ours; `SimServer` therefore
@@ -48,6 +49,7 @@ import uvicorn
 from .._sockets import listen_socket, port_arg
 from ._app import SimApp
 from ._config import LatencyModel, PolicySpec, SimConfig
+from ._front import serve_until_signalled
 from ._log import RequestLog
 from ._prefix_cache import PrefixCache
 from .policies import policy_names
@@ -78,10 +80,10 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _uvicorn_config(app: SimApp, *, http: str = "h11") -> uvicorn.Config:
+def _uvicorn_config(app: SimApp) -> uvicorn.Config:
     return uvicorn.Config(
         app,
-        http=http,
+        http="h11",
         lifespan="off",
         ws="none",
         log_config=None,
@@ -96,16 +98,13 @@ def _uvicorn_config(app: SimApp, *, http: str = "h11") -> uvicorn.Config:
 
 
 class _Server(uvicorn.Server):
-    """Uvicorn, told when it is listening, cancelling our requests at shutdown, and (when
-    it is a guest in someone else's loop) leaving signal handling to the host program."""
+    """Uvicorn as a guest in the host's loop: told when it is listening, cancelling our
+    requests at shutdown, and leaving signal handling to the host program."""
 
-    def __init__(
-        self, app: SimApp, *, on_started: Callable[[], None], own_signals: bool, http: str = "h11"
-    ) -> None:
-        super().__init__(_uvicorn_config(app, http=http))
+    def __init__(self, app: SimApp, *, on_started: Callable[[], None]) -> None:
+        super().__init__(_uvicorn_config(app))
         self._app = app
         self._on_started = on_started
-        self._own_signals = own_signals
         self._exit = anyio.Event()
 
     def request_exit(self) -> None:
@@ -113,20 +112,13 @@ class _Server(uvicorn.Server):
         self._exit.set()
 
     async def main_loop(self) -> None:
-        if self._own_signals:  # signal handlers only set should_exit, which uvicorn polls for
-            await super().main_loop()
-            return
-        # A guest in the host's loop: wait for request_exit() instead of polling every 0.1 s.
+        # Wait for request_exit() instead of polling every 0.1 s, as uvicorn's own loop does.
         await self.on_tick(0)
         await self._exit.wait()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
-        if self._own_signals:
-            with super().capture_signals():
-                yield
-        else:
-            yield
+        yield  # the host program's signals are its own
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -185,7 +177,7 @@ class SimServer:
         sock = _bind(_LOOPBACK, self._requested_port)
         self.port = sock.getsockname()[1]
         started = anyio.Event()
-        self._server = _Server(self.app, on_started=started.set, own_signals=False)
+        self._server = _Server(self.app, on_started=started.set)
         logging.getLogger("uvicorn.error").addFilter(self._filter)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
@@ -226,13 +218,11 @@ def serve(
 ) -> None:
     """Run the simulator until SIGINT/SIGTERM (blocking). `on_ready(base_url)` is called
     once it listens."""
-    fast = _installed("uvloop") and _installed("httptools")
-    anyio.run(_serve, config or SimConfig(), host, port, on_ready, fast, backend_options={"use_uvloop": fast})
+    options = {"use_uvloop": _installed("uvloop")}
+    anyio.run(_serve, config or SimConfig(), host, port, on_ready, backend_options=options)
 
 
-async def _serve(
-    config: SimConfig, host: str, port: int, on_ready: Callable[[str], None] | None, fast: bool
-) -> None:
+async def _serve(config: SimConfig, host: str, port: int, on_ready: Callable[[str], None] | None) -> None:
     app = SimApp(config)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
@@ -242,10 +232,8 @@ async def _serve(
         if on_ready is not None:
             on_ready(f"http://{host}:{bound}/v1")
 
-    logging.getLogger("uvicorn.error").addFilter(_QuietDeliberateAborts())
-    server = _Server(app, on_started=started, own_signals=True, http="httptools" if fast else "h11")
     try:
-        await server.serve([sock])
+        await serve_until_signalled(app, sock, started)
     finally:
         app.close()
 
