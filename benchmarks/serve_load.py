@@ -178,10 +178,11 @@ def profile_summary(path: Path, top: int = 25) -> str:
     return "\n".join(lines)
 
 
-def _sim_process(chunks: int) -> SimProcess:
+def _sim_process(chunks: int, code: Path | None = None) -> SimProcess:
     """The simulator configs/sim.toml describes (its [sim] table, `chunks` replaced), in a
-    child process of its own."""
-    return SimProcess(_sim_config(chunks))
+    child process of its own, run from the source tree `code` (default: this checkout), as
+    the server is: an A/B of two trees compares their simulators too."""
+    return SimProcess(_sim_config(chunks), source=code)
 
 
 def run(
@@ -205,7 +206,7 @@ def run(
     with contextlib.ExitStack() as stack:
         sim_proc = None
         if sim == "process":
-            sim_proc = stack.enter_context(_sim_process(chunks))
+            sim_proc = stack.enter_context(_sim_process(chunks, code))
         result = _run(users, tokens, chunks, run_time, workdir, pool, sim_proc, code, profile, trace, python)
         if sim_proc is not None:
             t0, t1 = result.pop("_burst_window")
@@ -391,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         default="here",
         help="comma-separated rlm_async source trees to alternate with each pool size "
         "('here': this checkout), e.g. here,/tmp/base for an A/B against `git archive BASE`; "
+        "the server and the simulator's process run from that tree; "
         "TREE@PYTHON runs that tree's server with another interpreter (whose environment has "
         "rlm_async's dependencies), e.g. here,here@/tmp/venv312/bin/python",
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import anyio
 import pytest
 from conftest import descriptors_above_1023
 
+import rlm_async
 from rlm_async._types import Message, ModelRequest
 from rlm_async.exceptions import ConnectionFailed
 from rlm_async.sim import Faults, KindLatency, LatencyModel, SimConfig, SimProcess
@@ -37,6 +41,30 @@ class TestSimProcess:
         assert entry.finish is not None and entry.start is not None
         assert entry.outcome == "ok" and entry.finish - entry.start >= 0.049
         assert (tmp_path / "log.jsonl").exists()
+
+    def test_runs_the_simulator_of_the_source_tree_it_is_given(self, tmp_path: Path) -> None:
+        """`source`: the tree whose `rlm_async` the child imports (a benchmark's A/B of two
+        versions). A copy of this package that names itself otherwise in its answers'
+        `system_fingerprint` answers so; a directory without the package is refused before
+        anything starts."""
+        own = Path(rlm_async.__file__).resolve().parent
+        shutil.copytree(own, tmp_path / "rlm_async", ignore=shutil.ignore_patterns("__pycache__"))
+        app = tmp_path / "rlm_async" / "sim" / "_app.py"
+        marked = app.read_text().replace(
+            '"system_fingerprint": "rlm-async-sim"', '"system_fingerprint": "the-copy"'
+        )
+        assert marked != app.read_text()
+        app.write_text(marked)
+        body = json.dumps({"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        with SimProcess(SimConfig(), source=tmp_path) as sim:
+            assert sim.base_url is not None
+            asked = urllib.request.Request(
+                sim.base_url + "/chat/completions", data=body, headers={"content-type": "application/json"}
+            )
+            with urllib.request.urlopen(asked, timeout=10) as response:  # loopback
+                assert json.loads(response.read())["system_fingerprint"] == "the-copy"
+        with pytest.raises(ValueError, match="no rlm_async/sim package"):
+            SimProcess(source=tmp_path / "rlm_async")
 
     def test_sync_context_manager_and_temporary_log(self) -> None:
         """Used synchronously without a log path, the log is kept in memory after the temp dir goes."""

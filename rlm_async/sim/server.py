@@ -269,11 +269,18 @@ class SimProcess:
         log_path: str | Path | None = None,
         startup_timeout_s: float = 60.0,
         python: str = sys.executable,
+        source: str | Path | None = None,
     ) -> None:
+        """`python`: the interpreter the child runs. `source`: the directory holding the
+        `rlm_async` package the child imports (default: this one's); a benchmark comparing
+        two versions of the simulator runs each from its own tree."""
         self.config = config or SimConfig()
         self._log_path = Path(log_path) if log_path is not None else None
         self._startup_timeout_s = startup_timeout_s
         self._python = python
+        self._source = Path(source) if source is not None else Path(__file__).resolve().parents[2]
+        if not (self._source / "rlm_async" / "sim").is_dir():
+            raise ValueError(f"source={source!r}: no rlm_async/sim package under it")
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: Path | None = None
         self._final_log: RequestLog | None = None
@@ -318,12 +325,12 @@ class SimProcess:
         config_path.write_text(json.dumps(self.config.to_dict()), encoding="utf-8")
         stderr_path = self._tmp / "stderr.txt"
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(self._source) + os.pathsep + env.get("PYTHONPATH", "")
         with open(stderr_path, "wb") as stderr:
             self._proc = subprocess.Popen(
                 [
                     self._python,
+                    "-P",  # not the working directory first: `source`'s package, by PYTHONPATH
                     "-m",
                     "rlm_async.sim",
                     "--config-json",
