@@ -3,10 +3,10 @@ with no ASGI layer in their way.
 
 In a benchmark the simulator stands in for a provider's machines but shares the cores with
 the engine under test, so every millisecond of its CPU is one the engine does not get. A
-service burst of 100 queries sends it 2,000 sub-calls within half a second, and it read
-them more slowly than they came: a request waited in its socket for up to a second before
-the simulator parsed it (`benchmarks/serve_load.py`, the simulator's arrivals against the
-engine's sends). Behind uvicorn, each chat completion cost an ASGI task and scope, its
+service burst of 100 queries sends it 2,000 sub-calls within about a second, and it read
+them more slowly than they came: counting sends and arrivals in order, a request waited up
+to about half a second in its socket before the simulator parsed it
+(`benchmarks/results/serve_load_sends_vs_arrivals.json`). Behind uvicorn, each chat completion cost an ASGI task and scope, its
 messages, an anyio cancel scope and a disconnect-watcher task besides the simulator's own
 work; here it costs one asyncio task around `SimApp.respond` and the parser's callbacks
 (`benchmarks/sim_cpu.py` has the figures).
