@@ -32,6 +32,10 @@ class Message:
         """Characters of content (without joining a `PrefixedMessage`'s)."""
         return len(self.content)
 
+    def head(self, n: int) -> str:
+        """The first `n` characters of content (without joining a `PrefixedMessage`'s)."""
+        return self.content[:n]
+
 
 class PrefixedMessage(Message):
     """A message whose content is a prefix shared with other messages and a rest of its own,
@@ -58,6 +62,10 @@ class PrefixedMessage(Message):
 
     def chars(self) -> int:
         return len(self.prefix) + len(self.rest)
+
+    def head(self, n: int) -> str:
+        prefix = self.prefix
+        return prefix[:n] if len(prefix) >= n else prefix + self.rest[: n - len(prefix)]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):

@@ -169,6 +169,9 @@ class TestPrefixedMessage:
     def test_it_reads_compares_and_pickles_as_a_message(self) -> None:
         prefixed, plain = self.pair()
         assert prefixed.content == plain.content and prefixed.chars() == plain.chars()
+        cut = len(prefixed.prefix)
+        for n in (0, 1, cut - 1, cut, cut + 3, cut + 100):
+            assert prefixed.head(n) == plain.head(n) == plain.content[:n]
         assert prefixed == plain and plain == prefixed and hash(prefixed) == hash(plain)
         assert prefixed != Message("assistant", plain.content) and prefixed.to_dict() == plain.to_dict()
         back = pickle.loads(pickle.dumps(prefixed))
