@@ -111,6 +111,16 @@ class TestRequests:
         assert ids == sorted(ids) and len(set(ids)) == 3
         assert [e.outcome for e in front.app.log] == ["ok"] * 3
 
+    async def test_hundreds_pipelined_in_one_write_are_all_answered_in_order(self, front: Front) -> None:
+        """More than the front parses ahead (it stops reading past 64 waiting, and goes on
+        as it answers them): all 300 answered, in the order sent."""
+        async with await front.connect() as stream:
+            buffer = bytearray()
+            await stream.send(request() * 300)
+            ids = [json.loads((await read_response(stream, buffer))[2])["id"] for _ in range(300)]
+        assert ids == sorted(ids) and len(set(ids)) == 300
+        assert len(front.app.log) == 300
+
     async def test_expect_100_continue_is_answered_before_the_body(self, front: Front) -> None:
         """The client waits for `100 Continue` before it sends the body (as curl does)."""
         head = request(extra=b"expect: 100-continue\r\n").partition(b"\r\n\r\n")[0] + b"\r\n\r\n"

@@ -49,6 +49,10 @@ KEEP_ALIVE_S = 120.0
 closed under it turns into a spurious error on its next request."""
 
 _CHAT = b"/v1/chat/completions"
+_PIPELINED = 64
+"""Requests a connection may have parsed and waiting behind the one in progress; reading
+pauses beyond it, so a client that pipelines without end fills its own socket, not our
+memory."""
 
 
 class FrontServer:
@@ -187,6 +191,8 @@ class _Connection(asyncio.Protocol):
             self._begin(request)
         else:
             self._waiting.append(request)  # pipelined: answered after the one in progress
+            if len(self._waiting) == _PIPELINED and self._transport is not None:
+                self._transport.pause_reading()
 
     # ------------------------------------------------------------ answering
     def _begin(self, request: _Request) -> None:
@@ -286,6 +292,8 @@ class _Connection(asyncio.Protocol):
         if not keep_alive:
             transport.close()
         elif self._waiting:
+            if len(self._waiting) == _PIPELINED:
+                transport.resume_reading()
             self._begin(self._waiting.popleft())
         else:
             self._arm_idle()
