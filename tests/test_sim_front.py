@@ -180,6 +180,8 @@ class TestRefusals:
             assert await closed(stream)
 
     async def test_a_body_over_the_limit_is_a_413_by_length_or_as_it_arrives(self) -> None:
+        """Refused by its declared length (before a `100 Continue` is sent for it) or, sent
+        chunked, as it passes the limit; the app never sees it."""
         async with serving(SimConfig(), max_body=1000) as front:
             async with await front.connect() as stream:
                 await stream.send(request())  # content-length 2,000+
@@ -189,6 +191,11 @@ class TestRefusals:
             head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
             async with await front.connect() as stream:
                 await stream.send(head + b"%x\r\n%s\r\n" % (len(BODY), BODY))
+                status, _, _ = await read_response(stream, bytearray())
+                assert status.startswith(b"HTTP/1.1 413")
+            expecting = request(extra=b"expect: 100-continue\r\n").partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+            async with await front.connect() as stream:
+                await stream.send(expecting)  # no 100 Continue for a body already too large
                 status, _, _ = await read_response(stream, bytearray())
                 assert status.startswith(b"HTTP/1.1 413")
             assert len(front.app.log) == 0

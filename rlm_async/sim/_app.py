@@ -3,7 +3,9 @@
 A raw ASGI callable rather than a framework: per-request overhead is what benchmarks
 subtract from the latency model's lower bound, so the hot path is a dict lookup on the
 path, `json.loads`, the policy, `json.dumps` and two `send` calls — no routing layer, no
-validation models.
+validation models. A chat completion's pipeline (`respond`) returns its `Reply` rather
+than sending it, so the simulator process's own HTTP front (`_front`) drives it without
+ASGI at all.
 
 Order of checks for `POST /v1/chat/completions` (each answers as OpenAI would):
 auth (401) -> JSON body (400) -> model (404) -> context window (400) -> RPM/TPM (429)
@@ -260,8 +262,8 @@ class SimApp:
             self._finish(draft)
 
     def open_request(self) -> Draft:
-        """Count a chat completion in as it arrives (before its body is read): its log entry
-        in the making, which `respond` fills in and logs."""
+        """Count a chat completion in as it arrives (the ASGI entry: before its body is read;
+        the front: once it is): its log entry in the making, which `respond` fills in and logs."""
         seq = self._seq
         self._seq += 1
         self.in_flight += 1

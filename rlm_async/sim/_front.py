@@ -80,11 +80,15 @@ class FrontServer:
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
+        answering = [c.task for c in self._connections if c.task is not None and not c.task.done()]
         for connection in list(self._connections):
             connection.abort()
+        for task in answering:
+            task.cancel()
+        # Until each cancelled request has logged itself ("cancelled") and counted itself out.
+        await asyncio.gather(*answering, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
-        await asyncio.sleep(0)  # the cancelled requests log themselves
 
 
 class _Request:
@@ -110,7 +114,8 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._waiting: deque[_Request] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+        """The request being answered."""
         self._idle: asyncio.TimerHandle | None = None
         self._lost: asyncio.Future[None] | None = None
         """Set when the connection closes: what a non-chat request's ASGI `receive` awaits."""
@@ -127,8 +132,8 @@ class _Connection(asyncio.Protocol):
         self._server._connections.discard(self)
         if self._idle is not None:
             self._idle.cancel()
-        if self._task is not None:
-            self._task.cancel()  # the app logs it as cancelled
+        if self.task is not None:
+            self.task.cancel()  # the app logs it as cancelled
         self._waiting.clear()
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
@@ -169,11 +174,13 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        expects = False
         for name, value in self._headers:
             if name == b"content-length" and value.strip().isdigit() and int(value) > self._server.max_body:
-                raise _TooLarge
-            if name == b"expect" and value.strip().lower() == b"100-continue" and self._transport is not None:
-                self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                raise _TooLarge  # refused before the client sends it
+            expects = expects or (name == b"expect" and value.strip().lower() == b"100-continue")
+        if expects and self._transport is not None:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -187,7 +194,7 @@ class _Connection(asyncio.Protocol):
             self._parser.get_method(), self._url, self._headers, body, self._parser.should_keep_alive()
         )
         self._body = []
-        if self._task is None:
+        if self.task is None:
             self._begin(request)
         else:
             self._waiting.append(request)  # pipelined: answered after the one in progress
@@ -200,9 +207,9 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         if request.method == b"POST" and path == _CHAT:
             draft = self._server.app.open_request()
-            self._task = loop.create_task(self._chat(request, draft))
+            self.task = loop.create_task(self._chat(request, draft))
         else:
-            self._task = loop.create_task(self._asgi(request))
+            self.task = loop.create_task(self._asgi(request))
 
     async def _chat(self, request: _Request, draft: Draft) -> None:
         try:
@@ -288,7 +295,7 @@ class _Connection(asyncio.Protocol):
             transport.close()
             return
         transport.write(b"".join(head) + body)
-        self._task = None
+        self.task = None
         if not keep_alive:
             transport.close()
         elif self._waiting:
@@ -300,8 +307,8 @@ class _Connection(asyncio.Protocol):
 
     def _refuse(self, status: int, message: str) -> None:
         """An error response, then the connection closes (the request stream is out of step)."""
-        if self._task is not None and not self._task.done() and self._task is not asyncio.current_task():
-            self._task.cancel()
+        if self.task is not None and not self.task.done() and self.task is not asyncio.current_task():
+            self.task.cancel()
         self._waiting.clear()
         body = (
             b'{"error":{"message":"'
