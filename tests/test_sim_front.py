@@ -176,7 +176,22 @@ class TestRefusals:
         async with await front.connect() as stream:
             await stream.send(b"NOT HTTP AT ALL\r\n\r\n")
             status, _, body = await read_response(stream, bytearray())
-            assert status.startswith(b"HTTP/1.1 400") and b"malformed HTTP request" in body
+            assert status.startswith(b"HTTP/1.1 400")
+            error = json.loads(body)["error"]
+            assert error["type"] == "invalid_request_error" and "malformed HTTP request" in error["message"]
+            assert await closed(stream)
+
+    async def test_a_bug_in_the_app_is_a_500_and_the_connection_closes(
+        self, front: Front, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        async def broken(*args: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(front.app, "respond", broken)
+        async with await front.connect() as stream:
+            await stream.send(request())
+            status, _, body = await read_response(stream, bytearray())
+            assert status.startswith(b"HTTP/1.1 500") and json.loads(body)["error"]["type"] == "server_error"
             assert await closed(stream)
 
     async def test_a_body_over_the_limit_is_a_413_by_length_or_as_it_arrives(self) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import sys
@@ -310,11 +311,9 @@ class _Connection(asyncio.Protocol):
         if self.task is not None and not self.task.done() and self.task is not asyncio.current_task():
             self.task.cancel()
         self._waiting.clear()
-        body = (
-            b'{"error":{"message":"'
-            + message.replace("\\", "\\\\").replace('"', '\\"').encode()
-            + b'","type":"invalid_request_error"}}'
-        )
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        error = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+        body = json.dumps(error, separators=(",", ":")).encode()
         self._write(status, [(b"content-type", b"application/json")], body, keep_alive=False)
 
     def _arm_idle(self) -> None:
