@@ -43,7 +43,7 @@ from ._ratelimit import RateLimiter
 from ._tokens import CHARS_PER_TOKEN, count_tokens, serialize_messages
 from .policies import Policy, PolicyRequest, make_policy
 
-__all__ = ["Draft", "Headers", "Reply", "SimApp"]
+__all__ = ["Draft", "Headers", "Reply", "SimApp", "error_reply"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -141,6 +141,16 @@ class _Refused(Exception):
         self.outcome = outcome
         self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
         self.headers = headers or {}
+
+    def reply(self, request_id: str | None = None) -> Reply:
+        return _json_reply(self.status, self.body, self.headers, request_id)
+
+
+def error_reply(status: int, message: str) -> Reply:
+    """An OpenAI-style error response of the server's own (bad HTTP, a bug), for a server
+    driving `respond`: "server_error" from 500, else "invalid_request_error"."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return _Refused(status, kind, message, type_=kind).reply()
 
 
 class SimApp:
@@ -283,7 +293,7 @@ class SimApp:
                 return await self._handle(headers, body, digest, draft)
             except _Refused as refused:
                 draft.done(refused.status, refused.outcome)
-                return _json_reply(refused.status, refused.body, refused.headers, draft.id)
+                return refused.reply(draft.id)
             except Exception:
                 draft.outcome = "internal_error"  # a bug here; the server answers 500
                 raise

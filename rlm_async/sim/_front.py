@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import socket
 import sys
@@ -38,7 +37,7 @@ from urllib.parse import unquote
 
 import httptools
 
-from ._app import Draft, Headers, SimApp
+from ._app import Draft, Headers, SimApp, error_reply
 
 __all__ = ["MAX_BODY", "FrontServer"]
 
@@ -311,10 +310,8 @@ class _Connection(asyncio.Protocol):
         if self.task is not None and not self.task.done() and self.task is not asyncio.current_task():
             self.task.cancel()
         self._waiting.clear()
-        kind = "server_error" if status >= 500 else "invalid_request_error"
-        error = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-        body = json.dumps(error, separators=(",", ":")).encode()
-        self._write(status, [(b"content-type", b"application/json")], body, keep_alive=False)
+        reply = error_reply(status, message)
+        self._write(reply.status, reply.headers, reply.body, keep_alive=False)
 
     def _arm_idle(self) -> None:
         transport = self._transport
