@@ -343,45 +343,44 @@ _ORDER = (
 )
 
 
-def format_table(alone: dict[str, float] | None, burst: dict[str, float], cpu: dict[str, Any] | None) -> str:
-    """The table `serve_load.py` prints: per-query medians, alone and in the burst."""
+def format_table(
+    alone: dict[str, float] | None,
+    burst: dict[str, float],
+    cpu: dict[str, Any] | None,
+    last: dict[str, float] | None = None,
+) -> str:
+    """The table `serve_load.py` prints: per-query medians, alone and in the burst, and the
+    pieces of the burst's last query to finish (the one that sets the aggregate wall)."""
+
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.3f}"
+
     lines = [
-        "where a query's time went (medians; model = the simulator's latency model)",
-        "| piece | alone s | burst s | burst - alone s |",
-        "|---|---:|---:|---:|",
+        "where a query's time went (medians; model = the simulator's latency model; last = the burst's",
+        "last query to finish)",
+        "| piece | alone s | burst s | burst - alone s | last s |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for key, label in _ORDER:
-        a = (alone or {}).get(key)
-        b = burst.get(key)
+
+    def row(label: str, key: str, extra: str = "") -> None:
+        a, b = (alone or {}).get(key), burst.get(key)
         if b is None:
-            continue
+            return
+        diff = "" if a is None else f"{b - a:+.3f}"
+        lines.append(f"| {label} | {fmt(a)} | {b:.3f}{extra} | {diff} | {fmt((last or {}).get(key))} |")
+
+    for key, label in _ORDER:
         extra = ""
         if key == "root_calls_s":
             extra = f" (model {burst.get('root_calls_model_s', 0.0):.3f})"
         if key == "fanout_cells_s":
             extra = f" (bound {burst.get('fanout_bound_s', 0.0):.3f})"
-        lines.append(
-            f"| {label} | {'' if a is None else f'{a:.3f}'} | {b:.3f}{extra} "
-            f"| {'' if a is None else f'{b - a:+.3f}'} |"
-        )
+        row(label, key, extra)
         if key == "fanout_cells_s":
             for fkey, flabel in _FAN:
-                fa, fb = (alone or {}).get(fkey), burst.get(fkey)
-                if fb is None:
-                    continue
                 model = _FAN_MODEL.get(fkey)
-                fextra = f" (model {burst.get(model, 0.0):.3f})" if model else ""
-                lines.append(
-                    f"| &nbsp;&nbsp;{flabel} | {'' if fa is None else f'{fa:.3f}'} | {fb:.3f}{fextra} "
-                    f"| {'' if fa is None else f'{fb - fa:+.3f}'} |"
-                )
-    if "client_wall_s" in burst:
-        a = (alone or {}).get("client_wall_s")
-        b = burst["client_wall_s"]
-        lines.append(
-            f"| **query wall at the client** | {'' if a is None else f'{a:.3f}'} | "
-            f"{b:.3f} | {'' if a is None else f'{b - a:+.3f}'} |"
-        )
+                row(f"&nbsp;&nbsp;{flabel}", fkey, f" (model {burst.get(model, 0.0):.3f})" if model else "")
+    row("**query wall at the client**", "client_wall_s")
     if cpu is not None:
         wall, avail, busy = cpu["wall_s"], cpu["available_cpu_s"], cpu["machine_busy_cpu_s"]
         lines += [

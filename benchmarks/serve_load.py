@@ -21,8 +21,9 @@ load average before and after. The summary gives medians over repeats. Exit 1 on
 error or wrong answer.
 
 The server writes a trace per query (`serve --trace`), which the breakdown of each query's
-time is read from; that costs it about 1 ms of CPU per query. `--no-trace` runs it as it
-is deployed by default, untraced, with no breakdown.
+time is read from (medians over the burst, and the pieces of its last query to finish, the
+one that sets the aggregate wall); that costs it about 1 ms of CPU per query. `--no-trace`
+runs it as it is deployed by default, untraced, with no breakdown.
 """
 
 from __future__ import annotations
@@ -324,6 +325,14 @@ def _run(
         and trace_dir is not None
         and (p := query_pieces(trace_dir / f"{r['query_id']}.jsonl", sim_cfg, r)) is not None
     ]
+    # The query whose answer came back last sets the aggregate wall: its pieces beside the
+    # medians say whether the burst's tail is one slow piece or a late start.
+    last = max(records, key=lambda r: r["finished"]) if records else None
+    last_pieces = (
+        query_pieces(trace_dir / f"{last['query_id']}.jsonl", sim_cfg, last)
+        if last is not None and last.get("query_id") and trace_dir is not None
+        else None
+    )
     ok = [r for r in records if r.get("status_code") == 200]
     aggregate = (max(r["finished"] for r in records) - min(r["started"] for r in records)) if records else 0.0
     walls = [r["finished"] - r["started"] for r in records]
@@ -350,6 +359,10 @@ def _run(
         "cpu_burst": cpu_report,
         "pieces_alone": alone_pieces,
         "pieces_burst_median": medians(burst_rows) if burst_rows else None,
+        "pieces_burst_last": last_pieces,
+        "client_send_spread_s": (max(r["started"] for r in records) - min(r["started"] for r in records))
+        if records
+        else None,
         "pieces_traced": len(burst_rows),
         "server_traced": trace_dir is not None,
         "_burst_window": (burst0, burst1),
@@ -427,7 +440,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"load {r['loadavg_at_burst'][0]:.1f}"
             )
             if r["pieces_burst_median"] is not None:
-                print(format_table(r["pieces_alone"], r["pieces_burst_median"], r["cpu_burst"]))
+                print(
+                    format_table(
+                        r["pieces_alone"], r["pieces_burst_median"], r["cpu_burst"], r["pieces_burst_last"]
+                    )
+                )
+                print(
+                    f"locust's users began their requests within {r['client_send_spread_s']:.3f} s "
+                    "(stamped before locust builds and sends each)"
+                )
             if args.profile:
                 for path in sorted(Path(args.profile).glob(f"*-pool{pool}-*.txt")):
                     print(profile_summary(path))

@@ -49,6 +49,11 @@ def test_locust_load_runs_clean() -> None:
     burst = result["pieces_burst_median"]
     assert burst["root_turns"] == 2 and burst["fanout_bound_s"] > 0, burst
     assert result["pieces_alone"]["root_turns"] == 2
+    # The last query to finish (the one that sets the aggregate wall) is broken down too:
+    # it ran within the aggregate wall (the two are read from different clocks: 10 ms slack).
+    last = result["pieces_burst_last"]
+    assert last["root_turns"] == 2 and 0 < last["client_wall_s"] <= result["aggregate_wall_s"] + 0.01, last
+    assert 0 <= result["client_send_spread_s"] <= result["aggregate_wall_s"], result
     assert result["cpu_burst"]["cpu_s"]["server"] > 0 and result["cpu_burst"]["cpu_s"]["simulator"] > 0
     assert result["simulator"]["sub"]["requests"] == 8 * 4, result["simulator"]
 
