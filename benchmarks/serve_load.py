@@ -81,6 +81,38 @@ def _metric(text: str, name: str) -> float | None:
     return None
 
 
+def _loop_lag(text: str) -> dict[str, float] | None:
+    """The server's `rlm_event_loop_lag_seconds` histogram from a scrape: cumulative counts by
+    bucket bound (`le`), with `sum` and `count`; None from a server without it."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("rlm_event_loop_lag_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[le] = float(line.split()[-1])
+        elif line.startswith(("rlm_event_loop_lag_seconds_sum ", "rlm_event_loop_lag_seconds_count ")):
+            out[line.split()[0].rsplit("_", 1)[1]] = float(line.split()[-1])
+    return out or None
+
+
+def _lag_over_burst(
+    before: dict[str, float] | None, after: dict[str, float] | None
+) -> dict[str, float] | None:
+    """The probe's wake-ups during the burst: how many, how many over 10 and 50 ms late,
+    their lateness summed (about the time the loop ran behind), and the bucket bound the
+    latest one was under."""
+    if before is None or after is None:
+        return None
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    bounds = sorted((float(k), v) for k, v in delta.items() if k not in ("sum", "count", "+Inf"))
+    return {
+        "latest_at_most_s": next((b for b, n in bounds if n == delta["+Inf"]), float("inf")),
+        "wakeups": delta["count"],
+        "late_over_10ms": delta["+Inf"] - delta["0.01"],
+        "late_over_50ms": delta["+Inf"] - delta["0.05"],
+        "lag_sum_s": round(delta["sum"], 3),
+    }
+
+
 def _wait_pool_full(c: httpx.Client, pool: int, timeout_s: float = 120.0) -> float:
     """Seconds until the server reports `pool` idle pre-started workers."""
     t0 = time.monotonic()
@@ -274,6 +306,7 @@ def _run(
             }
             single_ok = str(alone["truth"]) in r.json()["choices"][0]["message"]["content"]
             pool_wait_s = _wait_pool_full(c, pool)  # refilled after the query alone
+            lag_before = _loop_lag(c.get("/metrics").text)
         load_burst = os.getloadavg()
         plan_path, out_path = workdir / "plan.json", workdir / "results.jsonl"
         plan_path.write_text(json.dumps(plan))
@@ -368,6 +401,7 @@ def _run(
         "_burst_window": (burst0, burst1),
         "locust_exit": lp_proc.returncode,
         "locust_stderr_tail": lp_err.decode(errors="replace")[-1500:],
+        "loop_lag_burst": _lag_over_burst(lag_before, _loop_lag(metrics)),
         "metrics_429_sent": next(
             (line.split()[-1] for line in metrics.splitlines() if line.startswith("rlm_http_429_sent_total")),
             None,
@@ -458,6 +492,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"median {sp['lag_median_ms']:.0f} ms (max {sp['lag_max_ms']:.0f}), arrival -> service "
                     f"median {sp['arrival_to_service_median_ms']:.0f} ms (max {sp['arrival_to_service_max_ms']:.0f}), "
                     f"most in flight {sp['in_flight_max']}"
+                )
+            if (lag := r["loop_lag_burst"]) is not None:
+                print(
+                    f"server event loop in the burst (a probe every 50 ms): {lag['wakeups']:.0f} wake-ups, "
+                    f"{lag['late_over_10ms']:.0f} over 10 ms late, {lag['late_over_50ms']:.0f} over 50 ms, "
+                    f"{lag['lag_sum_s']:.2f} s late in all, the latest at most {lag['latest_at_most_s']:g} s"
                 )
             print()
             print(

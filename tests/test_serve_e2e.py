@@ -790,7 +790,7 @@ class TestShutdown:
 class TestOperations:
     def test_metrics_and_healthz(self, server: ServerProcess) -> None:
         """/metrics is Prometheus text with queries by status, sub-calls, tokens, dollars,
-        in flight, queue depth, 429s both ways and the sandbox tier."""
+        in flight, queue depth, 429s both ways, the sandbox tier and the event loop's lag."""
         with _client(server) as c:
             c.post(
                 "/v1/chat/completions",
@@ -813,6 +813,14 @@ class TestOperations:
             assert f"# TYPE {name} " in text, name
         assert 'rlm_queries_total{status="ok",tenant="local"}' in text
         assert 'rlm_sandbox_workers_total{tier="' in text
+        # The lag probe has been waking every 50 ms since the server started: its histogram
+        # counts every wake-up in +Inf.
+        assert "# TYPE rlm_event_loop_lag_seconds histogram" in text
+        samples = dict(
+            line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("rlm_event_loop_lag")
+        )
+        count = int(samples["rlm_event_loop_lag_seconds_count"])
+        assert count > 0 and int(samples['rlm_event_loop_lag_seconds_bucket{le="+Inf"}']) == count, samples
 
     def test_each_query_is_traced_under_the_id_its_answer_names(self) -> None:
         """With `[serve] trace_dir`, a chat completion's `rlm.query_id` and a job's

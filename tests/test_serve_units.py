@@ -1,10 +1,12 @@
 """The service's parts on their own: OpenAI messages -> context and query, bearer keys,
 the bounded queue, per-request limits through the engine, and OpenTelemetry spans (GenAI
-semantic conventions) read with the SDK's in-memory exporter, and the file store's load."""
+semantic conventions) read with the SDK's in-memory exporter, the file store's load, and the
+event loop's lag probe."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from rlm_async.serve._admission import Admission
 from rlm_async.serve._errors import APIError
 from rlm_async.serve._files import FileStore
 from rlm_async.serve._jobs import Entry, Gap, Job
+from rlm_async.serve._loop_lag import LoopLag
+from rlm_async.serve._metrics import Metrics
 from rlm_async.serve._openai import RESPOND_PROMPT, parse_chat_request
 from rlm_async.serve._otel import SpanSink
 from rlm_async.sim import Policies, PolicySpec, SimConfig
@@ -358,3 +362,65 @@ class TestFileStoreLoad:
         number = await self._saved(store, b"42")
         with pytest.raises(APIError, match="holds a JSON int; use a list, an object or a string"):
             await store.load(number, tenant="alice", fmt="json")
+
+
+class TestLoopLag:
+    """`rlm_event_loop_lag_seconds`: how late the service's loop wakes from its probe sleep."""
+
+    @pytest.mark.anyio
+    async def test_each_wake_up_lands_in_its_bucket(self) -> None:
+        """Driven by a fake clock: sleeps of 50 ms that took 50, 53, 120 and 700 ms."""
+        now = [0.0]
+        took = iter([0.05, 0.053, 0.12, 0.7])
+
+        async def sleep(seconds: float) -> None:
+            assert seconds == 0.05
+            try:
+                now[0] += next(took)
+            except StopIteration:
+                raise anyio.get_cancelled_exc_class() from None
+            await anyio.lowlevel.checkpoint()
+
+        lag = LoopLag(0.05, clock=lambda: now[0], sleep=sleep)
+        with pytest.raises(anyio.get_cancelled_exc_class()):
+            await lag.watch()
+        assert lag.count == 4 and lag.sum_s == pytest.approx(0.003 + 0.07 + 0.65)
+        buckets = dict(lag.cumulative())
+        # On time (0 s), 3 ms, 70 ms, 650 ms late: at most 1 ms, 5 ms, 100 ms, 1 s.
+        assert buckets["0.001"] == 1 and buckets["0.005"] == 2 and buckets["0.05"] == 2
+        assert buckets["0.1"] == 3 and buckets["0.5"] == 3 and buckets["1.0"] == 4 and buckets["+Inf"] == 4
+
+    @pytest.mark.anyio
+    async def test_a_blocked_loop_shows_as_lag(self) -> None:
+        """On the real clock: code that holds the loop for 0.3 s makes the probe's wake-up
+        at least 0.25 s late (its 50 ms sleep began before the block)."""
+        lag = LoopLag(0.05)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lag.watch)
+            await anyio.sleep(0.01)  # the probe is asleep
+            time.sleep(0.3)  # noqa: ASYNC251 -- the point: nothing else runs meanwhile
+            await anyio.sleep(0.12)  # the probe wakes, records, sleeps and wakes again
+            tg.cancel_scope.cancel()
+        assert lag.count >= 1 and lag.count == sum(lag.counts)
+        late = dict(lag.cumulative())
+        assert late["+Inf"] - late["0.25"] >= 1, lag.counts  # one wake-up over 0.25 s late
+
+    def test_metrics_render_it_as_a_prometheus_histogram(self) -> None:
+        metrics = Metrics()
+        assert "rlm_event_loop_lag_seconds" not in metrics.render()  # no probe, no family
+        metrics.loop_lag = lag = LoopLag(0.05)
+        for seconds in (0.0, 0.02, 3.0):
+            lag.record(seconds)
+        lines = metrics.render().splitlines()
+        assert "# TYPE rlm_event_loop_lag_seconds histogram" in lines
+        assert 'rlm_event_loop_lag_seconds_bucket{le="0.001"} 1' in lines
+        assert 'rlm_event_loop_lag_seconds_bucket{le="0.025"} 2' in lines
+        assert 'rlm_event_loop_lag_seconds_bucket{le="2.5"} 2' in lines
+        assert 'rlm_event_loop_lag_seconds_bucket{le="+Inf"} 3' in lines
+        assert (
+            "rlm_event_loop_lag_seconds_sum 3.02" in lines and "rlm_event_loop_lag_seconds_count 3" in lines
+        )
+
+    def test_a_probe_interval_must_be_positive(self) -> None:
+        with pytest.raises(ValueError, match="interval_s must be > 0"):
+            LoopLag(0.0)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from .. import _events
 from ._adapter import event_fields
+from ._loop_lag import LoopLag
 
 __all__ = ["Metrics"]
 
@@ -41,6 +42,7 @@ class Metrics:
         self.sandbox_tiers: Counter[str] = Counter()
         self.pooled_workers = 0
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.loop_lag: LoopLag | None = None
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help_text, read)
@@ -119,4 +121,14 @@ class Metrics:
         )
         for name, (help_text, read) in self.gauges.items():
             family(name, "gauge", help_text, {(): read()})
+        if (lag := self.loop_lag) is not None:
+            name = "rlm_event_loop_lag_seconds"
+            out.append(
+                f"# HELP {name} How late the service's event loop woke from a {lag.interval_s:g} s sleep: "
+                "past a few ms, every request and model call waits as long."
+            )
+            out.append(f"# TYPE {name} histogram")
+            out += [f'{name}_bucket{{le="{le}"}} {n}' for le, n in lag.cumulative()]
+            out.append(f"{name}_sum {_number(lag.sum_s)}")
+            out.append(f"{name}_count {lag.count}")
         return "\n".join(out) + "\n"

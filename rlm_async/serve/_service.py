@@ -33,6 +33,7 @@ from ._config import ServeConfig
 from ._errors import APIError
 from ._files import FileStore
 from ._jobs import Job, JobStore
+from ._loop_lag import LoopLag
 from ._metrics import Metrics
 from ._openai import ContextSpec, RLMOptions
 
@@ -136,6 +137,8 @@ class Service:
             lambda: sum(p.stats().misses for p in self._pools()),
         )
         self._tg = await stack.enter_async_context(anyio.create_task_group())
+        self.metrics.loop_lag = lag = LoopLag()
+        self._tg.start_soon(lag.watch)
         return self
 
     def _pools(self) -> list[WorkerPool]:
