@@ -113,6 +113,33 @@ def _lag_over_burst(
     }
 
 
+def _gc_counts(text: str) -> dict[str, float] | None:
+    """The server's garbage collector counters from a scrape, `collections_<g>` and
+    `seconds_<g>` by generation; None from a server without them."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for name, key in (("rlm_gc_collections_total", "collections"), ("rlm_gc_seconds_total", "seconds")):
+            if line.startswith(name + '{generation="'):
+                generation = line.split('"', 2)[1]
+                out[f"{key}_{generation}"] = float(line.split()[-1])
+    return out or None
+
+
+def _gc_over_burst(
+    before: dict[str, float] | None, after: dict[str, float] | None
+) -> dict[str, float] | None:
+    """Collections in the server during the burst (and the scrape after it): full ones, and
+    the seconds its loop stood still for them and for all."""
+    if before is None or after is None:
+        return None
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    return {
+        "full_collections": delta["collections_2"],
+        "full_collections_s": round(delta["seconds_2"], 3),
+        "all_collections_s": round(sum(v for k, v in delta.items() if k.startswith("seconds_")), 3),
+    }
+
+
 def _wait_pool_full(c: httpx.Client, pool: int, timeout_s: float = 120.0) -> float:
     """Seconds until the server reports `pool` idle pre-started workers."""
     t0 = time.monotonic()
@@ -306,7 +333,8 @@ def _run(
             }
             single_ok = str(alone["truth"]) in r.json()["choices"][0]["message"]["content"]
             pool_wait_s = _wait_pool_full(c, pool)  # refilled after the query alone
-            lag_before = _loop_lag(c.get("/metrics").text)
+            scrape = c.get("/metrics").text
+            lag_before, gc_before = _loop_lag(scrape), _gc_counts(scrape)
         load_burst = os.getloadavg()
         plan_path, out_path = workdir / "plan.json", workdir / "results.jsonl"
         plan_path.write_text(json.dumps(plan))
@@ -338,6 +366,7 @@ def _run(
             [json.loads(line) for line in out_path.read_text().splitlines()] if out_path.exists() else []
         )
         with httpx.Client(base_url=root, timeout=10) as c:
+            scraped_at = time.monotonic()
             metrics = c.get("/metrics").text
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -402,6 +431,10 @@ def _run(
         "locust_exit": lp_proc.returncode,
         "locust_stderr_tail": lp_err.decode(errors="replace")[-1500:],
         "loop_lag_burst": _lag_over_burst(lag_before, _loop_lag(metrics)),
+        "gc_burst": _gc_over_burst(gc_before, _gc_counts(metrics)),
+        "scrape_after_last_answer_s": round(scraped_at - max(r["finished_mono"] for r in records), 3)
+        if records
+        else None,
         "metrics_429_sent": next(
             (line.split()[-1] for line in metrics.splitlines() if line.startswith("rlm_http_429_sent_total")),
             None,
@@ -498,6 +531,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"server event loop in the burst (a probe every 50 ms): {lag['wakeups']:.0f} wake-ups, "
                     f"{lag['late_over_10ms']:.0f} over 10 ms late, {lag['late_over_50ms']:.0f} over 50 ms, "
                     f"{lag['lag_sum_s']:.2f} s late in all, the latest at most {lag['latest_at_most_s']:g} s"
+                )
+            if (gcb := r["gc_burst"]) is not None:
+                print(
+                    f"server garbage collection in the burst: {gcb['full_collections']:.0f} full "
+                    f"({1000 * gcb['full_collections_s']:.0f} ms), {1000 * gcb['all_collections_s']:.0f} ms in all "
+                    f"(these and the loop's figures: until a scrape {r['scrape_after_last_answer_s']:.2f} s "
+                    "after the last answer)"
                 )
             print()
             print(

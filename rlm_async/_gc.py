@@ -1,4 +1,4 @@
-"""Keep the garbage collector out of a wide fan-out.
+"""Keep the garbage collector out of fan-outs.
 
 A fan-out of thousands creates hundreds of tracked objects per sub-call (tasks, frames,
 futures, the HTTP client's request and connection objects) that all live until that
@@ -15,11 +15,18 @@ fanning out 20 sub-calls, holds 2,000 sub-calls in flight when their fan-outs la
 Measured in `benchmarks/serve_load.py` (100 users, `gc.callbacks` in the server): from the
 moment they land to the last answer, the collector took 0.34 s of the server's event loop
 (four full collections of up to 90 ms each), about a third of its CPU in that window; with
-the pause below, 0.004-0.007 s. So what counts is the sub-calls in flight in the process's
-fan-outs together, not one fan-out's width.
+a pause while the fan-outs together held 256 sub-calls or more, 0.004-0.007 s.
 
-`long_lived_frozen()` therefore, while the fan-outs running in the process hold
-`MIN_PROMPTS` sub-calls or more between them:
+And what a collection costs is the process's heap, not the fan-out's width: a full one
+walks every tracked object. With that threshold of 256, a full collection of the ~100,000
+objects the server and its hundred queries held ran in every burst measured (seven of
+seven), 50-71 ms of the event loop each; in the four whose timing was logged, just as the
+fan-outs began, before the thirteenth brought the pause. Pausing costs next to nothing
+(freezing and unfreezing splice lists; they do not walk objects), so there is no
+threshold: pausing from the first fan-out, none ran until after the burst's last answer
+(two bursts).
+
+`long_lived_frozen()` therefore, while any fan-out runs in the process:
 
 * moves the objects alive when the pause starts into the permanent generation
   (`gc.freeze()`), so that a collection that does run (see below) walks only what was made
@@ -27,7 +34,7 @@ fan-outs together, not one fan-out's width.
   too) into the oldest generation (`gc.freeze()`, `gc.unfreeze()`), where only a full
   collection walks it;
 * turns automatic collection off (`gc.disable()`), and back on when the pause ends: when
-  the fan-outs still running hold fewer than `MIN_PROMPTS` sub-calls.
+  the last fan-out running ends.
 
 Garbage in reference cycles made meanwhile (an exception's traceback, say) waits until
 then. So that a process whose fan-outs overlap without end (a busy service, a batch) never
@@ -45,11 +52,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["MAX_PAUSE_S", "MIN_PROMPTS", "long_lived_frozen"]
-
-MIN_PROMPTS = 256
-"""Fewer sub-calls in flight in fan-outs (one or many) are left alone: their collections
-are cheap."""
+__all__ = ["MAX_PAUSE_S", "long_lived_frozen"]
 
 MAX_PAUSE_S = 30.0
 """The longest automatic collection stays off while fan-outs keep overlapping."""
@@ -65,10 +68,11 @@ _paused_at = 0.0
 @contextmanager
 def long_lived_frozen(prompts: int, *, clock: Callable[[], float] = time.monotonic) -> Iterator[None]:
     """Count a fan-out of `prompts` sub-calls in while it runs; freeze the current heap and
-    pause automatic collection while the fan-outs running hold `MIN_PROMPTS` or more."""
+    pause automatic collection while any fan-out holds sub-calls (one of none changes
+    nothing)."""
     global _in_flight
     _in_flight += prompts
-    if not _paused and _in_flight >= MIN_PROMPTS:
+    if not _paused and _in_flight > 0:
         _pause(clock)
     elif _paused:
         _collect_if_paused_too_long(clock)
@@ -77,7 +81,7 @@ def long_lived_frozen(prompts: int, *, clock: Callable[[], float] = time.monoton
     finally:
         _in_flight -= prompts
         if _paused:
-            if _in_flight < MIN_PROMPTS:
+            if _in_flight == 0:
                 _resume()
             else:
                 _collect_if_paused_too_long(clock)

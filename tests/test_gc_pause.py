@@ -1,12 +1,22 @@
-"""The collector settings a wide fan-out changes are restored, however fan-outs overlap."""
+"""The collector settings a fan-out changes are restored, however fan-outs overlap."""
 
 from __future__ import annotations
 
 import gc
 import weakref
 
+import pytest
+from conftest import open_sim, sim_config
+
 from rlm_async import _gc
-from rlm_async._gc import MAX_PAUSE_S, MIN_PROMPTS, long_lived_frozen
+from rlm_async._events import CallStart, Event
+from rlm_async._gc import MAX_PAUSE_S, long_lived_frozen
+from rlm_async._rlm import RLM
+from rlm_async.sim import Policies, PolicySpec, SimConfig
+from rlm_async.workloads import oolong_counting
+
+WIDTH = 20
+"""A service query's fan-out (`configs/sim.toml`'s chunks)."""
 
 
 class TestLongLivedFrozen:
@@ -15,7 +25,7 @@ class TestLongLivedFrozen:
         ends, then leave the collector and the freeze as found."""
         assert gc.isenabled()
         frozen = gc.get_freeze_count()
-        first, second = long_lived_frozen(MIN_PROMPTS), long_lived_frozen(MIN_PROMPTS)
+        first, second = long_lived_frozen(WIDTH), long_lived_frozen(WIDTH)
         first.__enter__()
         assert not gc.isenabled()
         second.__enter__()
@@ -24,49 +34,41 @@ class TestLongLivedFrozen:
         second.__exit__(None, None, None)
         assert gc.isenabled() and gc.get_freeze_count() == frozen
 
-    def test_narrow_fan_outs_are_left_alone(self) -> None:
-        """Below MIN_PROMPTS nothing changes."""
-        with long_lived_frozen(MIN_PROMPTS - 1):
+    def test_a_fan_out_of_nothing_changes_nothing(self) -> None:
+        with long_lived_frozen(0):
             assert gc.isenabled()
+        assert _gc._in_flight == 0
 
-    def test_many_narrow_fan_outs_together_pause_collection(self) -> None:
-        """A service's concurrent queries: fan-outs of 20 sub-calls each pause collection
-        once together they hold MIN_PROMPTS in flight, and it resumes (the freeze undone)
-        when those still running hold fewer."""
+    def test_the_first_fan_out_pauses_and_the_last_resumes(self) -> None:
+        """A service's concurrent queries: collection pauses as the first fan-out starts,
+        however narrow (a full collection walks the whole heap, whatever the fan-out's
+        width), and resumes, the freeze undone, only when the last one ends."""
         assert gc.isenabled()
         frozen = gc.get_freeze_count()
-        width = 20
-        fan_outs = [long_lived_frozen(width) for _ in range(-(-MIN_PROMPTS // width))]
-        for k, fan_out in enumerate(fan_outs, start=1):
+        fan_outs = [long_lived_frozen(width) for width in (1, WIDTH, WIDTH)]
+        for fan_out in fan_outs:
             fan_out.__enter__()
-            assert gc.isenabled() == (k * width < MIN_PROMPTS), k
-        fan_outs[0].__exit__(None, None, None)  # still >= MIN_PROMPTS only if one was spare
-        assert gc.isenabled() == ((len(fan_outs) - 1) * width < MIN_PROMPTS)
-        for fan_out in fan_outs[1:]:
+            assert not gc.isenabled()
+        for fan_out in fan_outs[:-1]:
             fan_out.__exit__(None, None, None)
+            assert not gc.isenabled()  # one still running
+        fan_outs[-1].__exit__(None, None, None)
         assert gc.isenabled() and gc.get_freeze_count() == frozen
         assert _gc._in_flight == 0
 
-    def test_collection_pauses_again_when_fan_outs_pile_up_again(self) -> None:
-        """Below the threshold the pause ends even with fan-outs still running; rising past
-        it again starts a new one."""
-        small, wide = long_lived_frozen(10), long_lived_frozen(MIN_PROMPTS)
-        small.__enter__()
-        wide.__enter__()
-        assert not gc.isenabled()
-        wide.__exit__(None, None, None)
-        assert gc.isenabled()  # 10 left in flight
-        with long_lived_frozen(MIN_PROMPTS - 10):
+    def test_collection_pauses_again_when_a_fan_out_starts_again(self) -> None:
+        with long_lived_frozen(WIDTH):
             assert not gc.isenabled()
         assert gc.isenabled()
-        small.__exit__(None, None, None)
-        assert _gc._in_flight == 0
+        with long_lived_frozen(WIDTH):
+            assert not gc.isenabled()
+        assert gc.isenabled() and _gc._in_flight == 0
 
     def test_a_collector_disabled_by_the_process_stays_disabled(self) -> None:
         """A process that turned collection off itself finds it off after a fan-out."""
         gc.disable()
         try:
-            with long_lived_frozen(MIN_PROMPTS):
+            with long_lived_frozen(WIDTH):
                 assert not gc.isenabled()
             assert not gc.isenabled()
         finally:
@@ -85,7 +87,7 @@ class TestLongLivedFrozen:
             def __init__(self) -> None:
                 self.me = self
 
-        outer = long_lived_frozen(MIN_PROMPTS, clock=clock)
+        outer = long_lived_frozen(WIDTH, clock=clock)
         outer.__enter__()
         try:
             aged = Cycle()
@@ -94,13 +96,37 @@ class TestLongLivedFrozen:
             del aged  # garbage only a full collection can free
             young_ref = weakref.ref(Cycle())  # garbage any collection frees
             now[0] = MAX_PAUSE_S - 1
-            with long_lived_frozen(MIN_PROMPTS, clock=clock):
+            with long_lived_frozen(WIDTH, clock=clock):
                 assert young_ref() is not None and aged_ref() is not None  # too early: nothing ran
             now[0] = MAX_PAUSE_S + 1
-            with long_lived_frozen(MIN_PROMPTS, clock=clock):
+            with long_lived_frozen(WIDTH, clock=clock):
                 assert young_ref() is None and aged_ref() is None
                 assert not gc.isenabled()
             assert _gc._paused_at == MAX_PAUSE_S + 1
         finally:
             outer.__exit__(None, None, None)
         assert gc.isenabled()
+
+
+@pytest.mark.e2e
+class TestThroughTheEngine:
+    @pytest.mark.asyncio
+    async def test_a_narrow_fan_out_runs_with_the_collector_paused(self) -> None:
+        """A query whose one fan-out has 4 sub-calls, against the simulator over HTTP: the
+        collector is off as each sub-call starts and back on once the query is done, the
+        freeze undone."""
+        w = oolong_counting("16k", seed=3)
+        frozen = gc.get_freeze_count()
+        seen: list[bool] = []
+
+        def sink(event: Event) -> None:
+            if isinstance(event, CallStart) and event.call_kind == "sub":
+                seen.append(gc.isenabled())
+
+        policies = Policies(root=PolicySpec(name="rlm", options={"chunks": 4}))
+        async with open_sim(SimConfig(policies=policies)) as sim:
+            async with RLM(config=sim_config(sim), event_sinks=[sink]) as rlm:
+                result = await rlm.acompletion(w.context, w.query)
+        assert result.status == "ok" and w.score(result.response), result.response
+        assert seen == [False] * 4, seen
+        assert gc.isenabled() and gc.get_freeze_count() == frozen and _gc._in_flight == 0

@@ -790,7 +790,8 @@ class TestShutdown:
 class TestOperations:
     def test_metrics_and_healthz(self, server: ServerProcess) -> None:
         """/metrics is Prometheus text with queries by status, sub-calls, tokens, dollars,
-        in flight, queue depth, 429s both ways, the sandbox tier and the event loop's lag."""
+        in flight, queue depth, 429s both ways, the sandbox tier, the event loop's lag and the
+        garbage collector's collections."""
         with _client(server) as c:
             c.post(
                 "/v1/chat/completions",
@@ -821,6 +822,12 @@ class TestOperations:
         )
         count = int(samples["rlm_event_loop_lag_seconds_count"])
         assert count > 0 and int(samples['rlm_event_loop_lag_seconds_bucket{le="+Inf"}']) == count, samples
+        # The collector's counters, by generation; a query's objects made the young one run.
+        assert 'rlm_gc_seconds_total{generation="2"} ' in text
+        young = next(
+            line for line in text.splitlines() if line.startswith('rlm_gc_collections_total{generation="0"}')
+        )
+        assert int(young.split()[-1]) > 0, young
 
     def test_each_query_is_traced_under_the_id_its_answer_names(self) -> None:
         """With `[serve] trace_dir`, a chat completion's `rlm.query_id` and a job's

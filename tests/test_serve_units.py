@@ -1,10 +1,11 @@
 """The service's parts on their own: OpenAI messages -> context and query, bearer keys,
 the bounded queue, per-request limits through the engine, and OpenTelemetry spans (GenAI
 semantic conventions) read with the SDK's in-memory exporter, the file store's load, and the
-event loop's lag probe."""
+event loop's lag probe and garbage collection counters."""
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from rlm_async.serve import KeyRing, load_serve_config
 from rlm_async.serve._admission import Admission
 from rlm_async.serve._errors import APIError
 from rlm_async.serve._files import FileStore
+from rlm_async.serve._gc_times import GcTimes
 from rlm_async.serve._jobs import Entry, Gap, Job
 from rlm_async.serve._loop_lag import LoopLag
 from rlm_async.serve._metrics import Metrics
@@ -424,3 +426,44 @@ class TestLoopLag:
     def test_a_probe_interval_must_be_positive(self) -> None:
         with pytest.raises(ValueError, match="interval_s must be > 0"):
             LoopLag(0.0)
+
+
+class TestGcTimes:
+    """`rlm_gc_collections_total` and `rlm_gc_seconds_total`, from `gc.callbacks`."""
+
+    def test_each_collection_is_counted_with_its_time(self) -> None:
+        now = [10.0]
+        times = GcTimes(clock=lambda: now[0])
+        times("start", {"generation": 2})
+        now[0] += 0.06
+        times("stop", {"generation": 2, "collected": 5, "uncollectable": 0})
+        times("start", {"generation": 0})
+        now[0] += 0.001
+        times("stop", {"generation": 0, "collected": 0, "uncollectable": 0})
+        assert times.collections == [1, 0, 1]
+        assert times.seconds[2] == pytest.approx(0.06) and times.seconds[0] == pytest.approx(0.001)
+
+    def test_installed_it_sees_real_collections_and_removed_it_stops(self) -> None:
+        times = GcTimes()
+        times.install()
+        try:
+            times.install()  # once only
+            assert gc.callbacks.count(times) == 1
+            gc.collect()
+            assert times.collections[2] >= 1 and times.seconds[2] > 0
+        finally:
+            times.remove()
+        seen = list(times.collections)
+        gc.collect()
+        assert times.collections == seen and times not in gc.callbacks
+
+    def test_metrics_render_them_by_generation(self) -> None:
+        metrics = Metrics()
+        assert "rlm_gc_" not in metrics.render()
+        metrics.gc_times = times = GcTimes()
+        times.collections = [7, 2, 1]
+        times.seconds = [0.01, 0.005, 0.07]
+        lines = metrics.render().splitlines()
+        assert "# TYPE rlm_gc_collections_total counter" in lines
+        assert 'rlm_gc_collections_total{generation="2"} 1' in lines
+        assert 'rlm_gc_seconds_total{generation="2"} 0.07' in lines

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from .. import _events
 from ._adapter import event_fields
+from ._gc_times import GcTimes
 from ._loop_lag import LoopLag
 
 __all__ = ["Metrics"]
@@ -43,6 +44,7 @@ class Metrics:
         self.pooled_workers = 0
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self.loop_lag: LoopLag | None = None
+        self.gc_times: GcTimes | None = None
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help_text, read)
@@ -131,4 +133,17 @@ class Metrics:
             out += [f'{name}_bucket{{le="{le}"}} {n}' for le, n in lag.cumulative()]
             out.append(f"{name}_sum {_number(lag.sum_s)}")
             out.append(f"{name}_count {lag.count}")
+        if (times := self.gc_times) is not None:
+            family(
+                "rlm_gc_collections_total",
+                "counter",
+                "Garbage collections of this process, by generation (2: full).",
+                {(("generation", str(g)),): n for g, n in enumerate(times.collections)},
+            )
+            family(
+                "rlm_gc_seconds_total",
+                "counter",
+                "Seconds the process spent collecting garbage (its event loop stopped), by generation.",
+                {(("generation", str(g)),): secs for g, secs in enumerate(times.seconds)},
+            )
         return "\n".join(out) + "\n"

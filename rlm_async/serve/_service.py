@@ -32,6 +32,7 @@ from ._admission import Admission, Tenants, TenantState
 from ._config import ServeConfig
 from ._errors import APIError
 from ._files import FileStore
+from ._gc_times import GcTimes
 from ._jobs import Job, JobStore
 from ._loop_lag import LoopLag
 from ._metrics import Metrics
@@ -139,6 +140,9 @@ class Service:
         self._tg = await stack.enter_async_context(anyio.create_task_group())
         self.metrics.loop_lag = lag = LoopLag()
         self._tg.start_soon(lag.watch)
+        self.metrics.gc_times = gc_times = GcTimes()
+        gc_times.install()
+        stack.callback(gc_times.remove)
         return self
 
     def _pools(self) -> list[WorkerPool]:
