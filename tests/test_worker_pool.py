@@ -238,6 +238,39 @@ class TestRefill:
                 await pool.wait_full()
             assert pool.stats().prestarted == 2
 
+    async def test_while_queries_run_the_pool_refills_only_its_reserve(self) -> None:
+        """A pool of 12 (its reserve: 1) with its cores idle throughout (injected readings):
+        one worker taken leaves 11 up, and nothing is refilled while it runs; all taken,
+        one is refilled (the reserve) and no more while they run; once every worker handed
+        out has ended, the pool fills to 12."""
+        idle = [0.0]
+
+        def cpu_idle() -> float:
+            idle[0] += 2.0  # both cores idle between any two reads
+            return idle[0]
+
+        async with WorkerPool(config(), size=12, cpu_idle=cpu_idle) as pool:
+            assert pool.reserve == 1
+            with anyio.fail_after(120):
+                await pool.wait_full()
+            first = await pool.start_worker("x")
+            await anyio.sleep(0.5)  # ten looks at the cores, all idle
+            # (`prestarted` counts refills: not the first worker, which entering started.)
+            assert pool.stats().idle == 11 and pool.stats().prestarted == 11, pool.stats()
+            rest = [await pool.start_worker("x") for _ in range(11)]
+            for _ in range(1200):  # up to a minute for the reserve's pre-start
+                if pool.stats().idle:
+                    break
+                await anyio.sleep(0.05)
+            await anyio.sleep(0.5)
+            assert pool.stats().idle == 1 and pool.stats().starting == 0, pool.stats()
+            assert pool.stats().prestarted == 12
+            for worker in (first, *rest):
+                await worker.aclose()
+            with anyio.fail_after(120):
+                await pool.wait_full()
+            assert pool.stats().prestarted == 23 and pool.stats().misses == 0
+
 
 class TestLifeCycle:
     async def test_nothing_is_left_after_shutdown(self) -> None:

@@ -4,7 +4,7 @@ Starting a worker (the sandbox, a Python interpreter, the bootstrap's imports) i
 what a query waits for before its first cell can run, and when a hundred queries arrive
 together, a hundred start-ups share the same cores. The pool keeps `size` workers launched
 and up (each said `hello`), with no context yet, and refills in the background as they are
-taken:
+taken, mostly once the queries it served have ended (see `_may_refill`):
 
     async with WorkerPool(SandboxConfig(), size=16) as pool:
         worker = await pool.start_worker(context)   # a pre-started one, or one started now
@@ -64,8 +64,12 @@ _QUIET_TURN_S = 0.002
 """A refill starts only when one turn of the event loop takes less than this."""
 _RECHECK_S = 0.05
 _IDLE_CORES = 1.0
-"""While workers it handed out still run, a refill starts only when at least this many
-cores of the machine were idle over the last `_RECHECK_S` or more (`/proc/stat`)."""
+"""While workers it handed out still run, a refill (up to the reserve) starts only when at
+least this many cores of the machine were idle over the last `_RECHECK_S` or more
+(`/proc/stat`)."""
+_RESERVE_SHARE = 0.1
+"""While workers it handed out still run, the pool refills only up to this share of its
+size (at least one worker): `WorkerPool.reserve`."""
 
 
 def _cpu_idle_s() -> float | None:
@@ -127,6 +131,9 @@ class WorkerPool:
         self.config = config
         """The sandbox configuration every worker of the pool is launched with."""
         self.size = size
+        self.reserve = max(1, int(size * _RESERVE_SHARE))
+        """Workers (up or starting) the pool keeps while those it handed out still run: the
+        rest of `size` is refilled once they have all ended. See `_may_refill`."""
         self.peers = peers
         """How many workers its user may keep alive at once (`RLMConfig.max_workers`), as
         `start_worker` takes it: sizes a worker's process cap where workers share the
@@ -307,32 +314,44 @@ class WorkerPool:
                 filled.set()
 
     async def _until_quiet(self) -> None:
-        """Wait until the event loop has little else to do and, while workers this pool
-        handed out still run, until the machine has a core idle. A refill is work no query
-        waits for: started while a burst of queries keeps the loop or the cores busy, it
-        would take CPU from them (launching from this process, the interpreter start-up
-        beside it) and turn the latency the pool saved into latency of another kind.
-
-        The loop alone was not enough: a burst of a hundred queries leaves the engine's
-        loop mostly waiting on sockets while their fan-outs (the engine, the model server,
-        the workers' code) keep both cores busy, and refills started then took about a
-        third of the workers' CPU in the burst (`benchmarks/serve_load.py`). With nothing
-        handed out running, a refill does not wait for idle cores (another program's load
-        must not keep the pool empty for ever). Under load that never eases, the pool stays
-        empty and queries start their workers on demand, as without a pool."""
+        """Wait until the event loop has little else to do and `_may_refill` says yes."""
         while True:
             before = self._clock()
             await anyio.lowlevel.checkpoint()  # back after every callback that was ready to run
-            if self._clock() - before < _QUIET_TURN_S and self._cores_idle():
+            if self._clock() - before < _QUIET_TURN_S and self._may_refill():
                 return
             await self._sleep(_RECHECK_S)
 
-    def _cores_idle(self) -> bool:
-        """True when nothing handed out runs, or the machine had `_IDLE_CORES` idle since
-        the last look (at least `_RECHECK_S` ago; the first look only marks the time)."""
+    def _may_refill(self) -> bool:
+        """Whether a refill may start now. A refill is work no query waits for: started
+        while queries run, it takes CPU from them (launching from this process, the
+        interpreter's start-up beside it) and turns the latency the pool saved into latency
+        of another kind. So:
+
+        * nothing handed out runs: yes (another program's load must not keep the pool
+          empty for ever);
+        * workers handed out still run: only while the pool holds fewer than `reserve`
+          workers, up or starting, and only when the machine has `_IDLE_CORES` idle since
+          the last look (at least `_RECHECK_S` ago; the first look only marks the time).
+
+        The reserve keeps a pool under steady load from running dry (each query that
+        arrives finds a worker while refills keep up with the reserve), and the rest of
+        `size` waits for the queries running to end. Gating on idle cores alone was not
+        enough: a burst of 100 queries through the service leaves a core idle through its
+        root turns, and the refills started then (40-50 in a burst, each interpreter's
+        start-up about 30 ms of CPU) were still starting as the queries' fan-out cells ran,
+        as heavy as the workers running them (both in session groups at nice 19). Without
+        them, in `benchmarks/serve_load.py`, the workers' CPU in a burst fell from 1.6-1.7 to
+        0.4-0.45 s, the server's from 12-15 to 11-12 ms a query, and the ratio to one query
+        alone from 1.18-1.22 to 1.13-1.14 (four alternated rounds each). Under load that
+        never eases and leaves no core idle, the reserve empties too and queries start
+        their workers on demand, as without a pool."""
         if not self.in_use():
             self._idle_mark = None
             return True
+        if len(self._idle) + self._starting >= self.reserve:
+            self._idle_mark = None
+            return False
         now, idle = self._clock(), self._cpu_idle()
         if idle is None:
             return True  # no /proc/stat: the loop's turn is the only signal
