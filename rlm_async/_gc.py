@@ -19,12 +19,13 @@ a pause while the fan-outs together held 256 sub-calls or more, 0.004-0.007 s.
 
 And what a collection costs is the process's heap, not the fan-out's width: a full one
 walks every tracked object. With that threshold of 256, a full collection of the ~100,000
-objects the server and its hundred queries held ran in every burst measured (seven of
-seven), 50-71 ms of the event loop each; in the four whose timing was logged, just as the
+objects the server and its hundred queries held ran in every burst measured (eleven of
+eleven), 50-75 ms of the event loop each; in the four whose timing was logged, just as the
 fan-outs began, before the thirteenth brought the pause. Pausing costs next to nothing
 (freezing and unfreezing splice lists; they do not walk objects), so there is no
 threshold: pausing from the first fan-out, none ran until after the burst's last answer
-(two bursts).
+(six bursts; four of them alternated with the threshold, `benchmarks/serve_load.py`'s
+`gc_burst`: the collector's time in a burst 86-100 ms before, 18-21 after).
 
 `long_lived_frozen()` therefore, while any fan-out runs in the process:
 

@@ -7,9 +7,9 @@ in its socket. `watch` sleeps `interval_s` over and over and records by how much
 wake-up came late, in a histogram `/metrics` exposes as `rlm_event_loop_lag_seconds`.
 
 A burst of 100 queries whose fan-outs land together showed it (`benchmarks/serve_load.py`,
-a probe every 5 ms): the loop ran on time through the queries' root turns and 40-60 ms late
-for about 0.7 s while their 2,000 sub-calls were sent and answered; the CPU the engine
-spends per sub-call, not the model server, set how long that lasted.
+a probe every 5 ms): the loop ran on time through the queries' root turns and up to 40-60
+ms late for about 0.7 s while their 2,000 sub-calls were sent and answered (a full garbage
+collection and the worker pool's refills among it then; see `rlm_async._gc` and the pool).
 """
 
 from __future__ import annotations
