@@ -67,6 +67,12 @@ def test_untraced_the_server_writes_no_traces_and_gives_no_breakdown() -> None:
     assert result["errors"] == 0 and result["correct"] == 4, result
     assert result["server_traced"] is False and result["pieces_traced"] == 0
     assert result["pieces_burst_median"] is None and result["pieces_alone"] is None
+    # The server's own figures over the burst, read from /metrics before and after it: the
+    # loop-lag probe woke during it, and the collector's counters moved or not, never back.
+    lag, gc_burst = result["loop_lag_burst"], result["gc_burst"]
+    assert lag["wakeups"] > 0 and 0 <= lag["late_over_50ms"] <= lag["late_over_10ms"] <= lag["wakeups"], lag
+    assert gc_burst["full_collections"] >= 0 and gc_burst["all_collections_s"] >= 0, gc_burst
+    assert result["scrape_after_last_answer_s"] >= 0, result
 
 
 def test_profile_summary_sums_py_spy_stacks_by_function(tmp_path: Path) -> None:

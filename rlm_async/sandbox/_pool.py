@@ -340,11 +340,11 @@ class WorkerPool:
         enough: a burst of 100 queries through the service leaves a core idle through its
         root turns, and the refills started then (40-50 in a burst, each interpreter's
         start-up about 30 ms of CPU) were still starting as the queries' fan-out cells ran,
-        as heavy as the workers running them (both in session groups at nice 19). Without
-        them, in `benchmarks/serve_load.py`, the workers' CPU in a burst fell from 1.6-1.7 to
-        0.4-0.45 s, the server's from 12-15 to 11-12 ms a query, and the ratio to one query
-        alone from 1.18-1.22 to 1.13-1.14 (four alternated rounds each). Under load that
-        never eases and leaves no core idle, the reserve empties too and queries start
+        as heavy as the workers running them (both in session groups at nice 19). With the
+        reserve, in `benchmarks/serve_load.py` (five alternated rounds each): 12-13 worker
+        processes born in a burst against 39-45, the workers' CPU in it 0.67-0.77 s against
+        1.54-2.30, the ratio to one query alone 1.17 against 1.22 (medians). Under load
+        that never eases and leaves no core idle, the reserve empties too and queries start
         their workers on demand, as without a pool."""
         if not self.in_use():
             self._idle_mark = None

@@ -3,7 +3,7 @@
 
 A collection stops the whole process, so the service's one event loop with it: a full one
 walks every tracked object, tens of milliseconds in a server holding a hundred queries
-(`rlm_async._gc` measured 50-71 ms). These counters say how often that happens and for how
+(`rlm_async._gc` measured 50-75 ms). These counters say how often that happens and for how
 long, beside `rlm_event_loop_lag_seconds`, which says how late the loop ran for any reason.
 Read through `gc.callbacks`, which CPython calls around every collection, automatic or not.
 """
