@@ -653,7 +653,7 @@ def _completion_json(
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
-def _headers(extra: dict[str, str], length: int, request_id: str | None) -> list[tuple[bytes, bytes]]:
+def _headers(extra: dict[str, str], length: int, request_id: str | None) -> Headers:
     out = [_JSON, (b"content-length", str(length).encode())]
     if request_id is not None:
         out.append((b"x-request-id", request_id.encode()))
@@ -661,7 +661,7 @@ def _headers(extra: dict[str, str], length: int, request_id: str | None) -> list
     return out
 
 
-async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+async def _send(send: Send, status: int, body: bytes, headers: Headers) -> None:
     if not any(k == b"content-length" for k, _ in headers):
         headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -674,14 +674,12 @@ def _json_reply(status: int, obj: Any, extra: dict[str, str], request_id: str | 
 
 
 async def _send_reply(send: Send, reply: Reply) -> None:
-    await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
-    if reply.drop:
-        # Returning without finishing the body makes the ASGI server close the connection.
-        await send(
-            {"type": "http.response.body", "body": reply.body[: len(reply.body) // 2], "more_body": True}
-        )
+    if not reply.drop:
+        await _send(send, reply.status, reply.body, reply.headers)
         return
-    await send({"type": "http.response.body", "body": reply.body})
+    await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+    # Returning without finishing the body makes the ASGI server close the connection.
+    await send({"type": "http.response.body", "body": reply.body[: len(reply.body) // 2], "more_body": True})
 
 
 async def _send_json(
@@ -691,8 +689,7 @@ async def _send_json(
     extra: dict[str, str] | None = None,
     request_id: str | None = None,
 ) -> None:
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    await _send(send, status, body, _headers(extra or {}, len(body), request_id))
+    await _send_reply(send, _json_reply(status, obj, extra or {}, request_id))
 
 
 async def _read_body(receive: Receive) -> bytes | None:

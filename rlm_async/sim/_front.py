@@ -56,7 +56,7 @@ memory."""
 
 
 class FrontServer:
-    """Serve `app` on a listening socket until `stop()`:
+    """Serve `app` on a listening socket until `aclose()`:
 
     front = FrontServer(app)
     await front.start(sock)
